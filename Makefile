@@ -1,0 +1,22 @@
+# Two entry points for a fresh machine: `make demo` (the whole pipeline, miniature) and `make test`.
+# Each creates the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The development and CI machines keep this torch build on disk; override on a cluster.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $@
+
+.PHONY: install test demo
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+demo: $(VENV)/.installed
+	$(PY) -m lvm.demo --out demo_out

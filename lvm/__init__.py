@@ -1,0 +1,1 @@
+"""LVM: Large Vision Models trained on visual sentences, pixels only."""
