@@ -1,0 +1,263 @@
+"""The LVM: a LLaMA-style decoder over visual tokens, in one file.
+
+Token embedding -> pre-norm blocks (RMSNorm, rotary attention through torch's
+scaled_dot_product_attention, SwiGLU MLP) -> RMSNorm -> untied head. No biases,
+no dropout by default. Module names mirror Hugging Face Llama's structure, so
+import and export (`lvm.hf`) are a key rename with no reshaping.
+
+Two optional attention modes share the one attention code path:
+- a static KV cache (`setup_cache`) for generation: prefill once, then one
+  token per step, with shapes that never change (friendly to torch.compile and
+  CUDA graphs);
+- document masking (`doc_ids`) so packed sentences cannot attend across their
+  boundaries. The release trained without it; it is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lvm.vocab import BOS_ID, CONTEXT_LENGTH, VOCAB_SIZE
+
+# The paper's sizes (hidden / MLP / layers / heads), the released 7B, and a CPU-sized one.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(dim=128, mlp_dim=352, n_layers=4, n_heads=4),
+    "300m": dict(dim=1024, mlp_dim=2688, n_layers=22, n_heads=8),
+    "600m": dict(dim=1536, mlp_dim=4096, n_layers=22, n_heads=16),
+    "1b": dict(dim=2048, mlp_dim=5504, n_layers=22, n_heads=16),
+    "3b": dict(dim=3200, mlp_dim=8640, n_layers=26, n_heads=32),
+    "7b": dict(dim=4096, mlp_dim=11008, n_layers=32, n_heads=32),
+}
+
+
+@dataclass
+class LVMConfig:
+    """Shape and numerics of an LVM. `LVMConfig.from_name("1b")` gives a paper size."""
+
+    dim: int = 128
+    mlp_dim: int = 352
+    n_layers: int = 4
+    n_heads: int = 4
+    vocab_size: int = VOCAB_SIZE
+    max_seq_len: int = CONTEXT_LENGTH
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    dropout: float = 0.0
+    init_std: float = 0.02
+    # Prompts start with BOS for models trained on our sentences; the released
+    # LVM-7B trained without one, so its import sets this to None.
+    bos_id: int | None = BOS_ID
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "mlp_dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"LVMConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(
+                f"LVMConfig.dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LVMConfig.dropout must be in [0, 1), got {self.dropout}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> LVMConfig:
+        if name not in SIZES:
+            raise ValueError(f"unknown LVM size {name!r}; choose one of {', '.join(SIZES)}")
+        return cls(**{**SIZES[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict) -> LVMConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def num_params(self) -> int:
+        """Parameter count from the shape alone (embedding and head untied)."""
+        per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.mlp_dim + 2 * self.dim
+        return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N for the weights plus 12 * layers * dim * seq for attention."""
+        seq_len = seq_len or self.max_seq_len
+        return 6.0 * self.num_params() + 12.0 * self.n_layers * self.dim * seq_len
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_seq_len, head_dim] in Hugging Face Llama's half-split layout."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, T, D] by position; cos/sin are [T, D] (or [B, 1, T, D])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static key/value cache [B, H, max_len, D]: written in place at the given positions."""
+
+    def __init__(self, batch_size: int, max_len: int, n_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch_size, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LVMConfig) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = (p(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LVMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the unit FSDP wraps and activation checkpointing recomputes."""
+
+    def __init__(self, cfg: LVMConfig) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, cos, sin, mask, input_pos) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, input_pos))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class LVM(nn.Module):
+    """Next-token predictor over visual tokens: tokens [B, T] -> logits [B, T, vocab]."""
+
+    def __init__(self, cfg: LVMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.cache_len = 0
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * layers)
+        so the residual stream's variance does not grow with depth (GPT-2 / Llama practice)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for generation of up to `max_len` positions."""
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's context of {self.cfg.max_seq_len} tokens")
+        weight = self.head.weight
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(
+                batch_size, max_len, self.cfg.n_heads, self.cfg.head_dim, dtype or weight.dtype, weight.device
+            )
+        self.cache_len = max_len
+
+    def clear_cache(self) -> None:
+        for block in self.layers:
+            block.attn.kv_cache = None
+        self.cache_len = 0
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits for every position.
+
+        tokens: [B, T] ids. input_pos: [T] absolute positions, required with a KV
+        cache (prefill: arange(T); decoding: the current position). doc_ids: [B, T]
+        sentence index per token; attention is then restricted to the same sentence.
+        """
+        T = tokens.shape[1]
+        if input_pos is None:
+            if self.cache_len:
+                raise ValueError("input_pos is required while a KV cache is set up")
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model's context of {self.cfg.max_seq_len}")
+            input_pos = torch.arange(T, device=tokens.device)
+            mask = None
+            if doc_ids is not None:
+                causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+                mask = (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
+        else:
+            if not self.cache_len:
+                raise ValueError("input_pos given but no KV cache is set up; call setup_cache first")
+            # Query at position p sees cached keys 0..p.
+            mask = torch.arange(self.cache_len, device=tokens.device)[None, :] <= input_pos[:, None]
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, input_pos if self.cache_len else None)
+        return self.head(self.norm(x))

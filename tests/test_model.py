@@ -1,0 +1,93 @@
+"""The LVM model: sizes, shapes, causality, KV cache and document masking."""
+
+import pytest
+import torch
+
+from lvm.model import LVM, LVMConfig
+from lvm.vocab import VOCAB_SIZE
+
+# Paper/release parameter counts (REFERENCE.md), within 0.5%.
+EXPECTED_PARAMS = {"300m": 291e6, "600m": 648e6, "1b": 1147e6, "3b": 3275e6, "7b": 6544e6}
+
+
+@pytest.mark.parametrize("name,expected", EXPECTED_PARAMS.items())
+def test_named_sizes_have_paper_parameter_counts(name, expected):
+    cfg = LVMConfig.from_name(name)
+    assert cfg.vocab_size == VOCAB_SIZE == 8292
+    assert abs(cfg.num_params() - expected) / expected < 0.005
+    with torch.device("meta"):  # counts the real modules without allocating them
+        model = LVM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_flops_per_token_match_reference():
+    # REFERENCE.md: ~2.9 GFLOP (300M) and ~9.1 GFLOP (1B) per training token at seq 4096.
+    assert LVMConfig.from_name("300m").flops_per_token(4096) / 1e9 == pytest.approx(2.9, abs=0.1)
+    assert LVMConfig.from_name("1b").flops_per_token(4096) / 1e9 == pytest.approx(9.1, abs=0.1)
+
+
+def test_invalid_config_names_the_field():
+    with pytest.raises(ValueError, match="LVMConfig.dim"):
+        LVMConfig(dim=130, n_heads=4)
+    with pytest.raises(ValueError, match="unknown LVM size 'huge'"):
+        LVMConfig.from_name("huge")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=64)).eval()
+
+
+def test_forward_shape(model):
+    tokens = torch.randint(0, 8192, (2, 10))
+    assert model(tokens).shape == (2, 10, VOCAB_SIZE)
+
+
+def test_future_tokens_never_change_earlier_logits(model):
+    tokens = torch.randint(0, 8192, (1, 16))
+    changed = tokens.clone()
+    changed[0, 9:] = torch.randint(0, 8192, (7,))
+    a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_kv_cache_prefill_and_decode_equal_full_forward(model):
+    tokens = torch.randint(0, 8192, (2, 20))
+    full = model(tokens)
+    model.setup_cache(batch_size=2, max_len=32)
+    try:
+        prefill = model(tokens[:, :12], input_pos=torch.arange(12))
+        steps = [model(tokens[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(12, 20)]
+    finally:
+        model.clear_cache()
+    torch.testing.assert_close(prefill, full[:, :12], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 12:], atol=1e-5, rtol=1e-4)
+
+
+def test_document_mask_isolates_packed_sentences(model):
+    # RoPE is relative, so a sentence packed after another scores exactly as it does alone.
+    first, second = torch.randint(0, 8192, (1, 7)), torch.randint(0, 8192, (1, 9))
+    packed = torch.cat([first, second], 1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9])
+    out = model(packed, doc_ids=doc_ids)
+    torch.testing.assert_close(out[:, :7], model(first), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out[:, 7:], model(second), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(model(packed)[:, 7:], model(second), atol=1e-3)
+
+
+def test_errors_are_clear(model):
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="no KV cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), input_pos=torch.arange(2))
+
+
+def test_residual_projections_are_scaled_at_init():
+    torch.manual_seed(0)
+    model = LVM(LVMConfig(dim=256, mlp_dim=512, n_layers=8, n_heads=4, max_seq_len=16))
+    q_std = model.layers[0].attn.q_proj.weight.std().item()
+    o_std = model.layers[0].attn.o_proj.weight.std().item()
+    assert q_std == pytest.approx(0.02, rel=0.05)
+    assert o_std == pytest.approx(0.02 / 4, rel=0.05)  # 0.02 / sqrt(2 * 8)
