@@ -1,0 +1,37 @@
+"""Fixtures shared by the whole suite.
+
+`tiny_tokenizer_dir` / `tiny_tokenizer`: a randomly initialised (seed 0) VQGAN with
+the architecture of configs/vqgan_tiny.yaml: 64x64 images, f=16, 16 tokens per
+image, 8192 codes. Stages downstream of the tokenizer test against it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import tokenizer
+
+TINY_CONFIG_YAML = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
+
+
+def tiny_vqgan_config() -> tokenizer.VQGANConfig:
+    """The tokenizer section of configs/vqgan_tiny.yaml as a VQGANConfig."""
+    section = OmegaConf.to_container(OmegaConf.load(TINY_CONFIG_YAML).model.init_args.tokenizer)
+    return tokenizer.VQGANConfig(**section)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Directory with config.json + model.safetensors of the tiny random tokenizer (same weights every run)."""
+    torch.manual_seed(0)
+    return tokenizer.VQTokenizer(tiny_vqgan_config()).save(tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir: Path) -> tokenizer.VQTokenizer:
+    """The tiny tokenizer loaded through `tokenizer.load`, on CPU, eval mode."""
+    return tokenizer.load(tiny_tokenizer_dir)

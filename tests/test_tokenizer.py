@@ -1,0 +1,119 @@
+"""Public tokenizer API: shapes, dtypes, determinism, image modes, save/load, load errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tokenizer
+
+
+def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def test_facts_and_shapes(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    tok = tiny_tokenizer
+    assert (tok.image_size, tok.tokens_per_image, tok.codebook_size) == (64, 16, 8192)
+    images = [Image.fromarray(_photo(90, 50)), torch.from_numpy(_photo(33, 47)).permute(2, 0, 1)]
+    tokens = tok.encode(images)
+    assert tokens.dtype == torch.int64 and tokens.shape == (2, 16)
+    assert int(tokens.min()) >= 0 and int(tokens.max()) < 8192
+    decoded = tok.decode(tokens)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (2, 3, 64, 64)
+
+
+def test_encode_equals_preprocess_then_encode_pixels(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    batch = torch.from_numpy(np.stack([_photo(64, 64, s) for s in range(3)])).permute(0, 3, 1, 2)
+    pixels = torch.stack([tiny_tokenizer.preprocess(image) for image in batch])
+    assert pixels.dtype == torch.float32 and pixels.shape == (3, 3, 64, 64)
+    assert float(pixels.min()) >= 0.0 and float(pixels.max()) <= 1.0  # the tiny model takes [0, 1]
+    assert torch.equal(tiny_tokenizer.encode(batch), tiny_tokenizer.encode_pixels(pixels))
+
+
+def test_deterministic_across_loads(tiny_tokenizer_dir: Path) -> None:
+    image = Image.fromarray(_photo(120, 80))
+    first = tokenizer.load(tiny_tokenizer_dir).encode([image])
+    second = tokenizer.load(tiny_tokenizer_dir).encode([image, image])
+    assert torch.equal(first[0], second[0]) and torch.equal(second[0], second[1])
+
+
+def test_image_modes_convert_cleanly(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    gray = np.linspace(0, 255, 48 * 40, dtype=np.float64).reshape(40, 48).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    reference = tiny_tokenizer.preprocess(Image.fromarray(rgb))
+    png16 = io.BytesIO()
+    Image.fromarray(gray.astype(np.uint16) * 257).save(png16, format="PNG")  # a real 16-bit grayscale PNG
+    variants = {
+        "L": Image.fromarray(gray),
+        "P": Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=256),
+        "RGBA opaque": Image.fromarray(np.dstack([rgb, np.full_like(gray, 255)])),
+        "16-bit PNG": Image.open(png16),
+        "uint16 array": gray.astype(np.uint16) * 257,
+        "HxW uint8 array": gray,
+        "uint8 tensor 1ch": torch.from_numpy(gray)[None],
+    }
+    for name, image in variants.items():
+        x = tiny_tokenizer.preprocess(image)
+        assert x.shape == (3, 64, 64), name
+        assert torch.allclose(x, reference, atol=0.02), name
+
+
+def test_transparent_pixels_become_white(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # black, fully transparent
+    assert torch.allclose(tiny_tokenizer.preprocess(Image.fromarray(rgba)), torch.ones(3, 64, 64))
+
+
+def test_decode_clamps_out_of_range_ids(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    tokens = torch.tensor([[8191] * 16, [9000] * 16, [-5] * 16, [0] * 16])
+    decoded = tiny_tokenizer.decode(tokens)
+    assert torch.equal(decoded[0], decoded[1]) and torch.equal(decoded[2], decoded[3])
+
+
+def test_unsupported_image_input_is_a_clear_error(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    with pytest.raises(TypeError, match="unsupported image array dtype float64"):
+        tiny_tokenizer.preprocess(np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match="expected 1 to 4 channels"):
+        tiny_tokenizer.preprocess(torch.zeros(5, 8, 8, dtype=torch.uint8))
+
+
+def test_save_load_round_trip_is_exact(tiny_tokenizer: tokenizer.VQTokenizer, tmp_path: Path) -> None:
+    tiny_tokenizer.save(tmp_path / "copy")
+    copy = tokenizer.load(tmp_path / "copy")
+    assert copy.config == tiny_tokenizer.config
+    for (name, a), (_, b) in zip(tiny_tokenizer.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_load_errors_are_one_line_and_name_the_path(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
+    cases = {}
+    cases[tmp_path / "missing"] = "no such file or directory"
+    (tmp_path / "empty").mkdir()
+    cases[tmp_path / "empty"] = "no config.json"
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    cases[corrupt] = "corrupt or not a PyTorch checkpoint"
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_bytes((tiny_tokenizer_dir / "config.json").read_bytes())
+    (truncated / "model.safetensors").write_bytes((tiny_tokenizer_dir / "model.safetensors").read_bytes()[:1000])
+    cases[truncated / "model.safetensors"] = "corrupt safetensors file"
+    for path, problem in cases.items():
+        with pytest.raises(tokenizer.TokenizerLoadError) as info:
+            tokenizer.load(path if path.name != "model.safetensors" else path.parent)
+        message = str(info.value)
+        assert message.startswith(f"{path}: {problem}") and "\n" not in message, message
+
+
+def test_wrong_architecture_is_refused(tmp_path: Path, tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    tiny_tokenizer.save(tmp_path)
+    config_file = tmp_path / "config.json"
+    config_file.write_text(config_file.read_text().replace('"num_res_blocks": 1', '"num_res_blocks": 2'))
+    with pytest.raises(tokenizer.TokenizerLoadError, match="state dict does not match the config: .* missing"):
+        tokenizer.load(tmp_path)

@@ -1,0 +1,86 @@
+"""The one description of a VQGAN: architecture plus the preprocessing it expects.
+
+A single dataclass covers the released LVM tokenizer (open-muse `VQGANModel`),
+taming-transformers VQGANs and the models this project trains, so that every
+loader converts into it and every consumer reads the same fields. It is saved as
+JSON next to the weights; the preprocessing policy travels with the weights so
+no caller re-implements it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ResizeMode = Literal["stretch", "center_crop"]
+
+
+@dataclass
+class VQGANConfig:
+    """Architecture, quantizer and preprocessing of one VQGAN.
+
+    Defaults are the released LVM tokenizer (f=16, 8192 codes, 256 tokens per
+    256x256 image). Attention and GroupNorm(32) need channel counts divisible by 32.
+    """
+
+    resolution: int = 256  # square input side; tokens_per_image = (resolution // 2**(len(channel_mult)-1))**2
+    in_channels: int = 3
+    hidden_channels: int = 128
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4, 6])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)  # feature-map sides that get an AttnBlock
+    mid_attention: bool = False  # attention between the two mid ResnetBlocks (taming: on; LVM release: off)
+    z_channels: int = 64
+    embed_dim: int = 64  # code dimension (LlamaGen's l2-normalised recipe uses 8)
+    codebook_size: int = 8192
+    l2_normalized_codes: bool = False  # LlamaGen: cosine-similarity lookup, keeps codebook usage high
+    commitment_cost: float = 0.25
+    dropout: float = 0.0
+    # Preprocessing policy, part of the checkpoint:
+    value_range: tuple[float, float] = (0.0, 1.0)  # open-muse/LVM: [0, 1]; taming: [-1, 1]
+    resize: ResizeMode = "stretch"  # LVM: straight to SxS (no crop); taming: shorter side to S + centre crop
+
+    def __post_init__(self) -> None:
+        self.channel_mult = [int(m) for m in self.channel_mult]
+        self.attn_resolutions = [int(r) for r in self.attn_resolutions]
+        self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
+        for mult in self.channel_mult:
+            if (self.hidden_channels * mult) % 32:
+                raise ValueError(
+                    f"hidden_channels * channel_mult must be divisible by 32 (GroupNorm(32)); "
+                    f"got {self.hidden_channels} * {mult}"
+                )
+        if self.resolution % self.downsample_factor:
+            raise ValueError(f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}")
+        if self.resize not in ("stretch", "center_crop"):
+            raise ValueError(f"resize must be 'stretch' or 'center_crop', got {self.resize!r}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per token side (16 for five levels)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        """Tokens per image side."""
+        return self.resolution // self.downsample_factor
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.grid_size**2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (lists, not tuples) for config.json and checkpoints."""
+        data = dataclasses.asdict(self)
+        data["value_range"] = list(self.value_range)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "VQGANConfig":
+        """Inverse of `to_dict`; unknown keys are an error so typos do not pass silently."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VQGAN config keys: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,240 @@
+"""`tokenizer.load`: one entry point for every VQGAN checkpoint a user may bring.
+
+Supported, detected from what is on disk:
+  * a directory written by `VQTokenizer.save` (config.json with "format": "lvm-vqgan" + model.safetensors);
+  * a Lightning `.ckpt` written by `lightning fit` with `tokenizer.training.VQGANTraining`
+    (EMA weights preferred when the run kept them);
+  * an open-muse `VQGANModel` directory (config.json + pytorch_model.bin or *.safetensors),
+    the format of the released LVM tokenizer;
+  * a taming-transformers `.ckpt` with its yaml (beside it, in the run's configs/ folder, or `config=`).
+Every failure is a `TokenizerLoadError` whose message names the path and the problem.
+Pickles are read with `weights_only=True`; state dicts must match the architecture
+exactly (no missing or unexpected keys) so a wrong config can never load silently.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from tokenizer.config import VQGANConfig
+from tokenizer.model import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, VQTokenizer
+
+LIGHTNING_KEY = "lvm_tokenizer"  # checkpoint entry written by VQGANTraining.on_save_checkpoint
+OPEN_MUSE_WEIGHTS = ("pytorch_model.safetensors", "model.safetensors", "pytorch_model.bin")
+
+
+class TokenizerLoadError(Exception):
+    """A checkpoint that cannot be loaded; str() is '<path>: <problem>' on one line."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None) -> VQTokenizer:
+    """Load any supported tokenizer checkpoint, in eval mode on `device`.
+
+    `config` is only for taming `.ckpt` files whose yaml is not beside them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise TokenizerLoadError(path, "no such file or directory")
+    if path.is_dir():
+        cfg, state = _read_directory(path)
+    else:
+        cfg, state = _read_ckpt(path, None if config is None else Path(config))
+    model = build(cfg, state, path)
+    return model.to(device).eval()
+
+
+def build(cfg: VQGANConfig, state: dict[str, Tensor], path: str | Path) -> VQTokenizer:
+    """Instantiate `cfg` (on the meta device: no wasted random init) and assign `state`, exactly."""
+    with torch.device("meta"):
+        model = VQTokenizer(cfg)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise TokenizerLoadError(path, f"state dict does not match the config: {_key_summary(missing, unexpected)}")
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise TokenizerLoadError(path, f"{key} has shape {tuple(state[key].shape)}, the config needs {tuple(tensor.shape)}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    return model
+
+
+def _key_summary(missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+    return "; ".join(parts)
+
+
+# -- directories ---------------------------------------------------------------
+def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise TokenizerLoadError(path, f"no {CONFIG_NAME} (expected a tokenizer directory saved by this project or open-muse)")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TokenizerLoadError(config_file, f"not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise TokenizerLoadError(config_file, "expected a JSON object")
+    if meta.get("format") == FORMAT_NAME:
+        cfg = _config(config_file, VQGANConfig.from_dict, meta.get("config", {}))
+        return cfg, _read_safetensors(path / WEIGHTS_NAME)
+    cfg = _config(config_file, open_muse_config, meta)
+    for name in OPEN_MUSE_WEIGHTS:
+        if (path / name).is_file():
+            weights = path / name
+            state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
+            return cfg, state
+    raise TokenizerLoadError(path, f"no weights file (looked for {', '.join(OPEN_MUSE_WEIGHTS)})")
+
+
+def _config(path: Path, make: Callable[[Any], VQGANConfig], data: Any) -> VQGANConfig:
+    try:
+        return make(data)
+    except (TypeError, ValueError, KeyError) as err:
+        raise TokenizerLoadError(path, f"invalid tokenizer config: {err}") from None
+
+
+def open_muse_config(cfg: dict[str, Any]) -> VQGANConfig:
+    """open-muse `VQGANModel` config.json -> VQGANConfig (missing keys take VQGANModel's defaults)."""
+    for option in ("decoder_res_blocks", "extra_mid_res_blocks", "decoder_hidden_channels", "decoder_channel_mult"):
+        if cfg.get(option) is not None:
+            raise ValueError(f"open-muse option {option}={cfg[option]!r} is not supported (only symmetric VQGANs)")
+    if not cfg.get("resample_with_conv", True):
+        raise ValueError("resample_with_conv=false is not supported")
+    num_res_blocks = int(cfg.get("num_res_blocks", 2))
+    attn_resolutions = list(cfg.get("attn_resolutions", [16]))
+    if num_res_blocks == 1 and attn_resolutions:
+        # open-muse applies encoder attention only when a level has more than one block: its
+        # weights would exist but be skipped; refuse rather than compute different tokens.
+        raise ValueError("num_res_blocks=1 with attn_resolutions is computed differently by open-muse")
+    return VQGANConfig(
+        resolution=int(cfg.get("resolution", 256)),
+        in_channels=int(cfg.get("num_channels", 3)),
+        hidden_channels=int(cfg.get("hidden_channels", 128)),
+        channel_mult=list(cfg.get("channel_mult", [1, 1, 2, 2, 4])),
+        num_res_blocks=num_res_blocks,
+        attn_resolutions=attn_resolutions,
+        mid_attention=not cfg.get("no_attn_mid_block", False),
+        z_channels=int(cfg.get("z_channels", 256)),
+        embed_dim=int(cfg.get("quantized_embed_dim", 256)),
+        codebook_size=int(cfg.get("num_embeddings", 1024)),
+        commitment_cost=float(cfg.get("commitment_cost", 0.25)),
+        dropout=float(cfg.get("dropout", 0.0)),
+        value_range=(0.0, 1.0),
+        resize="stretch",
+    )
+
+
+# -- .ckpt files ---------------------------------------------------------------
+def _read_ckpt(path: Path, config: Path | None) -> tuple[VQGANConfig, dict[str, Tensor]]:
+    ckpt = _torch_load(path)
+    if LIGHTNING_KEY in ckpt:  # written by `lightning fit` with VQGANTraining
+        entry = ckpt[LIGHTNING_KEY]
+        cfg = _config(path, VQGANConfig.from_dict, entry.get("config"))
+        prefix = entry["prefix"]
+        state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+        return cfg, state
+    if "state_dict" not in ckpt:
+        raise TokenizerLoadError(path, "not a tokenizer checkpoint (no 'state_dict' entry)")
+    yaml_path = config or _find_taming_yaml(path)
+    cfg = _config(yaml_path, taming_config, _read_yaml(yaml_path))
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}  # discriminator + LPIPS
+    return cfg, state
+
+
+def _find_taming_yaml(ckpt: Path) -> Path:
+    """taming keeps `<run>/checkpoints/last.ckpt` and `<run>/configs/*-project.yaml`; releases put a yaml beside."""
+    candidates = [ckpt.with_suffix(".yaml")]
+    candidates += sorted(ckpt.parent.glob("*.yaml")) + sorted((ckpt.parent.parent / "configs").glob("*project.yaml"))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise TokenizerLoadError(ckpt, "taming checkpoint without its yaml (put it beside the .ckpt or pass config=PATH)")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TokenizerLoadError(path, "no such config file")
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+    except Exception as err:  # omegaconf/yaml raise many types for a malformed file
+        raise TokenizerLoadError(path, f"not a readable yaml file ({type(err).__name__})") from None
+
+
+def taming_config(data: dict[str, Any]) -> VQGANConfig:
+    """taming-transformers yaml (`model.params` with ddconfig, n_embed, embed_dim) -> VQGANConfig."""
+    model = data.get("model", data)
+    target = model.get("target", "taming.models.vqgan.VQModel")
+    if target.rsplit(".", 1)[-1] != "VQModel":
+        raise ValueError(f"only taming.models.vqgan.VQModel is supported, not {target}")
+    params = model["params"]
+    dd = params["ddconfig"]
+    if dd.get("double_z", False):
+        raise ValueError("ddconfig.double_z=true is a VAE, not a VQGAN")
+    if int(dd.get("out_ch", dd["in_channels"])) != int(dd["in_channels"]):
+        raise ValueError("ddconfig.out_ch must equal in_channels")
+    if not dd.get("resamp_with_conv", True):
+        raise ValueError("resamp_with_conv=false is not supported")
+    return VQGANConfig(
+        resolution=int(dd["resolution"]),
+        in_channels=int(dd["in_channels"]),
+        hidden_channels=int(dd["ch"]),
+        channel_mult=list(dd["ch_mult"]),
+        num_res_blocks=int(dd["num_res_blocks"]),
+        attn_resolutions=list(dd["attn_resolutions"]),
+        mid_attention=True,  # taming's Encoder/Decoder always have mid.attn_1
+        z_channels=int(dd["z_channels"]),
+        embed_dim=int(params["embed_dim"]),
+        codebook_size=int(params["n_embed"]),
+        dropout=float(dd.get("dropout", 0.0)),
+        value_range=(-1.0, 1.0),
+        resize="center_crop",
+    )
+
+
+# -- raw readers -----------------------------------------------------------------
+def _torch_load(path: Path) -> dict[str, Any]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if unsafe is None:
+            raise TokenizerLoadError(path, "corrupt or not a PyTorch checkpoint (unpickling failed)") from None
+        raise TokenizerLoadError(
+            path,
+            f"refused by torch.load(weights_only=True): it pickles {unsafe.group(1)}; "
+            "re-save only its state_dict from a trusted environment",
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise TokenizerLoadError(path, f"corrupt or not a PyTorch checkpoint ({type(err).__name__})") from None
+    if not isinstance(obj, dict):
+        raise TokenizerLoadError(path, f"expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def _read_safetensors(path: Path) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise TokenizerLoadError(path, "no such weights file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TokenizerLoadError(path, f"corrupt safetensors file ({err})") from None

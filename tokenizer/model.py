@@ -1,0 +1,229 @@
+"""VQGAN encoder/decoder built from taming-transformers' blocks, and the tokenizer around them.
+
+Module names follow taming's `Encoder`/`Decoder` and open-muse's `VQGANModel`
+(`encoder.down.{i}.block.{j}`, `decoder.up.{i}.upsample.conv`, `quantize.embedding.weight`,
+...), so released state dicts load without renaming. Taming's own `Encoder`/`Decoder`
+cannot be used as they are: their mid-block attention cannot be switched off (the
+LVM release has none) and their encoder output is doubled for VAEs; hence these
+thin compositions of taming's `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsample`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from taming.modules.diffusionmodules.model import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
+from torch import Tensor, nn
+
+from tokenizer.config import VQGANConfig
+from tokenizer.preprocess import ImageLike, from_value_range, preprocess_image
+from tokenizer.quantizer import QuantizerOutput, VectorQuantizer
+
+FORMAT_NAME = "lvm-vqgan"  # marks config.json files written by `VQTokenizer.save`
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _resnet(in_ch: int, out_ch: int, dropout: float) -> ResnetBlock:
+    return ResnetBlock(in_channels=in_ch, out_channels=out_ch, dropout=dropout, temb_channels=0)
+
+
+def _mid_block(channels: int, cfg: VQGANConfig) -> nn.Module:
+    mid = nn.Module()
+    mid.block_1 = _resnet(channels, channels, cfg.dropout)
+    if cfg.mid_attention:
+        mid.attn_1 = AttnBlock(channels)
+    mid.block_2 = _resnet(channels, channels, cfg.dropout)
+    return mid
+
+
+def _run_mid(mid: nn.Module, h: Tensor) -> Tensor:
+    h = mid.block_1(h, None)
+    if hasattr(mid, "attn_1"):
+        h = mid.attn_1(h)
+    return mid.block_2(h, None)
+
+
+def _run_level(level: nn.Module, h: Tensor) -> Tensor:
+    """Residual blocks of one resolution, each followed by its attention block when present."""
+    for i, block in enumerate(level.block):
+        h = block(h, None)
+        if len(level.attn) > 0:
+            h = level.attn[i](h)
+    return h
+
+
+class Encoder(nn.Module):
+    """Image [B, in_channels, S, S] -> latent [B, z_channels, S/f, S/f]."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        ch, mults = cfg.hidden_channels, cfg.channel_mult
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        in_mults = (1, *mults)
+        res = cfg.resolution
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(mults):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            block_in = ch * in_mults[i]
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(_resnet(block_in, ch * mult, cfg.dropout))
+                block_in = ch * mult
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != len(mults) - 1:
+                level.downsample = Downsample(block_in, with_conv=True)
+                res //= 2
+            self.down.append(level)
+        self.mid = _mid_block(block_in, cfg)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            h = _run_level(level, h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = _run_mid(self.mid, h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent [B, z_channels, S/f, S/f] -> image [B, in_channels, S, S]; `up` is indexed like the encoder's `down`."""
+
+    def __init__(self, cfg: VQGANConfig) -> None:
+        super().__init__()
+        ch, mults = cfg.hidden_channels, cfg.channel_mult
+        block_in = ch * mults[-1]
+        res = cfg.grid_size
+        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
+        self.mid = _mid_block(block_in, cfg)
+        levels: list[nn.Module] = []
+        for i in reversed(range(len(mults))):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(_resnet(block_in, ch * mults[i], cfg.dropout))
+                block_in = ch * mults[i]
+                if res in cfg.attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != 0:
+                level.upsample = Upsample(block_in, with_conv=True)
+                res *= 2
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = _run_mid(self.mid, self.conv_in(z))
+        for level in reversed(self.up):
+            h = _run_level(level, h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class VQOutput(NamedTuple):
+    reconstruction: Tensor  # [B, C, S, S] in the model's value range (unclamped)
+    quantized: QuantizerOutput
+
+
+class VQTokenizer(nn.Module):
+    """A VQGAN plus its preprocessing policy: images <-> LongTensor[B, tokens_per_image].
+
+    `forward` is the training path (reconstruction + VQ loss); `encode`/`decode`
+    are the inference API every other stage uses. Construct from a `VQGANConfig`,
+    or load any supported checkpoint with `tokenizer.load`.
+    """
+
+    def __init__(self, config: VQGANConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
+        self.quantize = VectorQuantizer(
+            config.codebook_size, config.embed_dim, config.commitment_cost, config.l2_normalized_codes
+        )
+
+    # -- facts callers need -------------------------------------------------
+    @property
+    def image_size(self) -> int:
+        return self.config.resolution
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.config.tokens_per_image
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.quant_conv.weight.device
+
+    # -- training path ------------------------------------------------------
+    def forward(self, x: Tensor) -> VQOutput:
+        """Reconstruct `x` (model value range) through the quantizer, with gradients."""
+        quantized = self.quantize(self.quant_conv(self.encoder(x)))
+        return VQOutput(self.decoder(self.post_quant_conv(quantized.z_q)), quantized)
+
+    def decode_latents(self, z_q: Tensor) -> Tensor:
+        """Quantized latents [B, embed_dim, h, w] -> image in the model's value range (unclamped)."""
+        return self.decoder(self.post_quant_conv(z_q.to(self.post_quant_conv.weight.dtype)))
+
+    # -- inference API ------------------------------------------------------
+    def preprocess(self, image: ImageLike) -> Tensor:
+        """Any image (PIL, numpy, uint8 tensor; any size or mode) -> FloatTensor[3, S, S] in the model's range."""
+        return preprocess_image(image, self.config.resolution, self.config.resize, self.config.value_range)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: Tensor) -> Tensor:
+        """Preprocessed batch [B, 3, S, S] -> LongTensor[B, tokens_per_image].
+
+        Runs in the module's dtype, or under whatever autocast the caller opened
+        (bf16 on CUDA for throughput); the nearest-code search is always float32.
+        """
+        weight = self.encoder.conv_in.weight
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format  # follow the module
+        x = pixels.to(device=weight.device, dtype=weight.dtype, memory_format=memory_format)
+        return self.quantize.codes(self.quant_conv(self.encoder(x)))
+
+    def encode(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
+        """Images (a list of any supported image, or uint8 Tensor[B, C, H, W]) -> LongTensor[B, tokens_per_image]."""
+        return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))
+
+    @torch.no_grad()
+    def decode_pixels(self, tokens: Tensor) -> Tensor:
+        """LongTensor[B, N] -> FloatTensor[B, 3, S, S] in [0, 1] (clamped)."""
+        tokens = tokens.to(self.device).long().clamp(0, self.codebook_size - 1)
+        side = int(round(tokens.shape[1] ** 0.5))
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"expected a square number of tokens per image, got {tokens.shape[1]}")
+        image = self.decode_latents(self.quantize.lookup(tokens, (side, side)))
+        return from_value_range(image.float(), self.config.value_range).clamp(0, 1)
+
+    def decode(self, tokens: Tensor) -> Tensor:
+        """LongTensor[B, N] -> uint8 Tensor[B, 3, S, S]; ids outside the codebook are clamped into it first."""
+        return (self.decode_pixels(tokens) * 255).round().to(torch.uint8)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` (float32), readable by `tokenizer.load`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT_NAME, "version": 1, "config": self.config.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
+        return directory

@@ -1,0 +1,101 @@
+"""Image -> model input: one conversion for every image a user can hand the tokenizer.
+
+Callers pass PIL images, numpy arrays or uint8 tensors of any size and mode; this
+module turns them into RGB float tensors with the resize policy and value range
+of the loaded checkpoint. Transparent images are composited over white (dropping
+alpha would expose whatever colour hides under transparent pixels), grayscale is
+replicated to RGB, 16-bit images keep their precision until the final resize.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+ImageLike = Union[Image.Image, np.ndarray, Tensor]
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG 16-bit grayscale opens as one of these
+
+
+def _pil_to_array(image: Image.Image) -> np.ndarray:
+    """PIL image -> HxWxC float32 in [0, 1], C in {1, 2, 3, 4} (alpha last)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)[..., None]
+    if image.mode == "F":
+        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)[..., None]
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha and image.mode not in ("RGBA", "LA"):
+        image = image.convert("RGBA")  # palette/premultiplied alpha -> straight RGBA
+    elif image.mode not in ("RGB", "L", "RGBA", "LA"):
+        image = image.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV, P without transparency
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return array if array.ndim == 3 else array[..., None]
+
+
+def _array_to_float(array: np.ndarray) -> np.ndarray:
+    """HxW or HxWxC uint8/uint16 array -> HxWxC float32 in [0, 1]."""
+    if array.dtype == np.uint8:
+        scale = 255.0
+    elif array.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        raise TypeError(f"unsupported image array dtype {array.dtype} (expected uint8 or uint16)")
+    array = array.astype(np.float32) / scale
+    return array if array.ndim == 3 else array[..., None]
+
+
+def to_rgb_float(image: ImageLike) -> Tensor:
+    """Any supported image -> FloatTensor[3, H, W] in [0, 1], alpha composited over white."""
+    if isinstance(image, Image.Image):
+        x = torch.from_numpy(np.ascontiguousarray(_pil_to_array(image))).permute(2, 0, 1)
+    elif isinstance(image, np.ndarray):
+        if image.ndim not in (2, 3):
+            raise ValueError(f"expected an HxW or HxWxC image array, got shape {image.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(_array_to_float(image))).permute(2, 0, 1)
+    elif isinstance(image, Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3:
+            raise ValueError(f"expected a uint8 Tensor[C, H, W], got {image.dtype} of shape {tuple(image.shape)}")
+        x = image.cpu().float() / 255.0
+    else:
+        raise TypeError(f"unsupported image type {type(image).__name__}")
+    channels = x.shape[0]
+    if channels not in (1, 2, 3, 4):
+        raise ValueError(f"expected 1 to 4 channels (L, LA, RGB, RGBA), got {channels}")
+    if channels in (2, 4):  # composite over white: c * a + 1 * (1 - a)
+        alpha = x[-1:]
+        x = x[:-1] * alpha + (1.0 - alpha)
+    return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+
+
+def to_value_range(x01: Tensor, value_range: tuple[float, float]) -> Tensor:
+    """Map [0, 1] pixels to the model's input range."""
+    low, high = value_range
+    return x01 * (high - low) + low
+
+
+def from_value_range(x: Tensor, value_range: tuple[float, float]) -> Tensor:
+    """Inverse of `to_value_range` (no clamping)."""
+    low, high = value_range
+    return (x - low) / (high - low)
+
+
+def resize_square(x: Tensor, size: int, mode: str) -> Tensor:
+    """[C, H, W] -> [C, size, size]: 'stretch' straight to the square, 'center_crop' keeps the aspect ratio."""
+    if x.shape[-2:] == (size, size):
+        return x
+    if mode == "stretch":
+        return TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side -> size
+    return TF.center_crop(x, [size, size])
+
+
+def preprocess_image(image: ImageLike, size: int, resize: str, value_range: tuple[float, float]) -> Tensor:
+    """The tokenizer's input for one image: FloatTensor[3, size, size] in `value_range`."""
+    x = resize_square(to_rgb_float(image), size, resize).clamp(0.0, 1.0)  # bicubic overshoots
+    return to_value_range(x, value_range).contiguous()

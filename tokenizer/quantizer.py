@@ -1,0 +1,88 @@
+"""Nearest-code vector quantizer: the discrete bottleneck that turns latents into tokens.
+
+Two lookups share one module: the plain Euclidean nearest code that the released
+taming / open-muse / LVM checkpoints were trained with, and LlamaGen's variant
+that l2-normalises latents and codes (cosine lookup), which keeps codebook usage
+high with low-dimensional codes. Distances are always computed in float32 with
+autocast off, so tokens do not depend on the encoder's compute dtype downstream
+of the latent, and ties resolve the same way as the original code (argmin takes
+the first minimum).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class QuantizerOutput(NamedTuple):
+    z_q: Tensor  # [B, C, h, w], straight-through estimator (gradients flow to the encoder)
+    indices: Tensor  # [B, h*w] int64, row-major over the code grid
+    loss: Tensor  # codebook + beta * commitment, scalar
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook of `codebook_size` vectors of size `embed_dim` (`embedding.weight` as in taming/open-muse)."""
+
+    def __init__(self, codebook_size: int, embed_dim: int, commitment_cost: float = 0.25, l2_normalized: bool = False) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.embed_dim = embed_dim
+        self.commitment_cost = commitment_cost
+        self.l2_normalized = l2_normalized
+        self.embedding = nn.Embedding(codebook_size, embed_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # taming's init
+
+    def _codebook(self) -> Tensor:
+        weight = self.embedding.weight.float()
+        return F.normalize(weight, dim=-1) if self.l2_normalized else weight
+
+    def _flatten(self, z: Tensor) -> Tensor:
+        """[B, C, h, w] -> [B*h*w, C] in float32 (normalised for the cosine variant)."""
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+        return F.normalize(flat, dim=-1) if self.l2_normalized else flat
+
+    def _nearest(self, flat: Tensor, codebook: Tensor) -> Tensor:
+        # ||z||^2 + ||e||^2 - 2 z.e in one addmm, the same arithmetic as open-muse's VQGANModel.
+        distances = torch.addmm(
+            flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1)[None, :], flat, codebook.t(), alpha=-2.0
+        )
+        return distances.argmin(dim=1)
+
+    def codes(self, z: Tensor) -> Tensor:
+        """Nearest code of each latent position: [B, C, h, w] -> LongTensor[B, h*w]."""
+        with torch.autocast(z.device.type, enabled=False):
+            return self._nearest(self._flatten(z), self._codebook()).view(z.shape[0], -1)
+
+    def lookup(self, indices: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Code vectors for token ids: LongTensor[B, h*w] -> [B, C, h, w] (float32)."""
+        vectors = F.embedding(indices, self._codebook())  # [B, h*w, C]
+        return vectors.view(indices.shape[0], grid[0], grid[1], self.embed_dim).permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        """Quantize for training: straight-through z_q, token ids and the VQ loss.
+
+        loss = ||sg[z] - e||^2 (moves codes) + beta * ||z - sg[e]||^2 (commits the encoder),
+        the VQ-VAE formulation LlamaGen uses (taming weights the two terms the other way round).
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            flat = self._flatten(z)
+            codebook = self._codebook()
+            indices = self._nearest(flat.detach(), codebook.detach())
+            quantized = F.embedding(indices, codebook)
+            loss = F.mse_loss(quantized, flat.detach()) + self.commitment_cost * F.mse_loss(flat, quantized.detach())
+            quantized = flat + (quantized - flat).detach()
+        b, _, h, w = z.shape
+        z_q = quantized.view(b, h, w, self.embed_dim).permute(0, 3, 1, 2).contiguous()
+        return QuantizerOutput(z_q, indices.view(b, -1), loss)
+
+
+def codebook_stats(counts: Tensor) -> tuple[float, float]:
+    """Usage (fraction of codes used at least once) and perplexity (exp entropy) of a code histogram."""
+    counts = counts.float()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum()
+    return (counts > 0).float().mean().item(), entropy.exp().item()
