@@ -1,0 +1,150 @@
+"""Generation with the model's static KV cache: prefill once, then one token per step.
+
+`Sampling` is the next-token rule (greedy, temperature, top-k, top-p; only VQ code
+ids can be drawn), `Decoder` runs a model over its KV cache and remembers what the
+cache holds, so a rollout that appends frames feeds only the new tokens and
+re-prefills only when the context window slides. `rollout` predicts whole frames.
+
+Top-k/top-p are written out here (a few tensor ops) rather than taken from
+`transformers`' logits processors, which would make generation depend on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lvm.model import LVM
+from lvm.vocab import CODEBOOK_SIZE
+
+# The release prompted with at most 15 context frames (16-image sentences minus the target).
+MAX_CONTEXT_FRAMES = 15
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Next-token rule. Defaults are the released LVM-7B recipe (temperature 1, top-k 50, top-p 1);
+    temperature 0 means greedy."""
+
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+GREEDY = Sampling(temperature=0.0, top_k=None)
+
+
+def sample(
+    logits: torch.Tensor,
+    sampling: Sampling,
+    num_codes: int = CODEBOOK_SIZE,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token [B] from logits [B, V]. Ids >= num_codes (BOS/EOS/PAD/reserved) are never drawn."""
+    logits = logits[:, :num_codes].float()
+    if sampling.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < num_codes:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the mass before it already reaches top_p; the most likely one always stays.
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+class Decoder:
+    """A model with a static KV cache of `max_len` positions for `batch_size` rows.
+
+    `compile=True` runs the one-token decode step through `torch.compile` with
+    mode "reduce-overhead" (CUDA graphs on GPU); its shapes never change, so it
+    compiles once. Prefill stays eager because its length varies.
+    Use as a context manager so the cache is freed.
+    """
+
+    def __init__(self, model: LVM, batch_size: int, max_len: int, compile: bool = False) -> None:
+        self.model = model
+        model.setup_cache(batch_size, max_len)
+        self.step = torch.compile(model, mode="reduce-overhead", fullgraph=True) if compile else model
+        self.cached = torch.empty(batch_size, 0, dtype=torch.long, device=model.head.weight.device)
+
+    def __enter__(self) -> Decoder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.clear_cache()
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        num_tokens: int,
+        sampling: Sampling = GREEDY,
+        num_codes: int = CODEBOOK_SIZE,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Tokens [B, num_tokens] continuing prompt [B, T]. Only the part of the prompt that the cache
+        does not already hold at the same positions is fed (always at least its last token)."""
+        T = prompt.shape[1]
+        if T + num_tokens - 1 > self.model.cache_len:
+            raise ValueError(f"prompt of {T} + {num_tokens} new tokens exceeds the cache of {self.model.cache_len}")
+        start = self._reusable(prompt)
+        pos = torch.arange(start, T, device=prompt.device)
+        logits = self.model(prompt[:, start:], input_pos=pos)[:, -1]
+        out = []
+        for i in range(num_tokens):
+            out.append(sample(logits, sampling, num_codes, generator))
+            if i + 1 < num_tokens:
+                pos = torch.tensor([T + i], device=prompt.device)
+                logits = self.step(out[-1][:, None], input_pos=pos)[:, -1]
+        new = torch.stack(out, 1)
+        self.cached = torch.cat([prompt, new[:, :-1]], 1)  # the last token was sampled, never fed
+        return new
+
+    def _reusable(self, prompt: torch.Tensor) -> int:
+        n = min(self.cached.shape[1], prompt.shape[1] - 1)
+        return n if n > 0 and torch.equal(self.cached[:, :n], prompt[:, :n]) else 0
+
+
+def context_frames(model: LVM, tokens_per_image: int) -> int:
+    """How many context frames a prompt may hold: 15 (the release), or fewer if the model's context
+    cannot fit them plus the frame being generated (and BOS when the model uses one)."""
+    prefix = int(model.cfg.bos_id is not None)
+    return min(MAX_CONTEXT_FRAMES, (model.cfg.max_seq_len - prefix) // tokens_per_image - 1)
+
+
+def rollout(
+    model: LVM,
+    frames: torch.Tensor,
+    num_frames: int,
+    sampling: Sampling = GREEDY,
+    num_codes: int = CODEBOOK_SIZE,
+    generator: torch.Generator | None = None,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Predict `num_frames` frames after frames [B, F, T]: each is generated from the last
+    `context_frames` frames (prefixed with BOS when the model uses one). Returns [B, num_frames, T]."""
+    B, F, T = frames.shape
+    window = context_frames(model, T)
+    if F > window:
+        raise ValueError(f"{F} context frames given; the model's context fits at most {window}")
+    bos = [] if model.cfg.bos_id is None else [torch.full((B, 1), model.cfg.bos_id, device=frames.device)]
+    with Decoder(model, B, len(bos) + (window + 1) * T, compile=compile) as decoder:
+        for _ in range(num_frames):
+            prompt = torch.cat([*bos, frames[:, -window:].reshape(B, -1)], 1)
+            new = decoder.generate(prompt, T, sampling, num_codes, generator)
+            frames = torch.cat([frames, new[:, None]], 1)
+    return frames[:, F:]

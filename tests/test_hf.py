@@ -1,0 +1,158 @@
+"""Hugging Face interop: round trips with equal logits, parity with transformers, token-for-token generate."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.generate import GREEDY, Decoder
+from lvm.hf import config_from_hf, config_to_hf, save_hf
+from lvm.model import LVM, LVMConfig
+from lvm.vocab import BOS_ID, CODEBOOK_SIZE, VOCAB_SIZE
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128)
+
+
+def save_ckpt(model: LVM, path) -> None:
+    """A checkpoint in the training contract's shape: Lightning `state_dict` with `model.*` + `lvm_config`."""
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "lvm_config": model.cfg.to_dict(), "epoch": 0}, path)
+
+
+@pytest.fixture(scope="module")
+def ours():
+    torch.manual_seed(0)
+    model = LVM(LVMConfig(**TINY)).eval()
+    with torch.no_grad():  # non-trivial norms, so a mixed-up norm weight would show
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(ours, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    save_ckpt(ours, out / "last.ckpt")
+    subprocess.run(
+        [sys.executable, "-m", "lvm.export", "--ckpt", str(out / "last.ckpt"), "--to-hf", str(out / "hf"),
+         "--max-shard-size", "300KB"],
+        check=True, capture_output=True,
+    )
+    return out / "hf"
+
+
+def hf_model(path):
+    return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_export_writes_sharded_llama_dir(exported):
+    assert len(list(exported.glob("*.safetensors"))) > 1
+    assert (exported / "model.safetensors.index.json").is_file()
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen["suppress_tokens"] == list(range(CODEBOOK_SIZE, VOCAB_SIZE))
+    assert gen["max_new_tokens"] == 256
+
+
+def test_transformers_logits_equal_ours(ours, exported):
+    tokens = torch.randint(0, CODEBOOK_SIZE, (2, 40))
+    with torch.no_grad():
+        theirs = hf_model(exported)(tokens).logits
+    torch.testing.assert_close(theirs, ours(tokens), atol=1e-5, rtol=1e-4)
+
+
+def test_round_trip_ours_hf_ours(ours, exported):
+    back = load_lvm(exported)
+    assert back.cfg == ours.cfg  # including bos_id 8192, carried by bos_token_id
+    tokens = torch.randint(0, CODEBOOK_SIZE, (1, 30))
+    torch.testing.assert_close(back(tokens), ours(tokens), atol=0, rtol=0)
+
+
+def test_transformers_model_imports_with_equal_logits(tmp_path):
+    # HF -> ours: a LlamaForCausalLM made by transformers, shaped like the released LVM-7B (bos 1, pad 8192).
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=VOCAB_SIZE, max_position_embeddings=128, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        pad_token_id=8192, tie_word_embeddings=False,
+    )
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path, max_shard_size="300KB")
+    model = load_lvm(tmp_path)
+    assert model.cfg.bos_id is None and model.cfg.vocab_size == VOCAB_SIZE and model.cfg.max_seq_len == 128
+    tokens = torch.randint(0, CODEBOOK_SIZE, (2, 33))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), theirs(tokens).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_transformers_generate_equals_ours_token_for_token(ours, exported):
+    prompt = torch.cat([torch.full((2, 1), BOS_ID), torch.randint(0, CODEBOOK_SIZE, (2, 16))], 1)
+    with Decoder(ours, batch_size=2, max_len=64) as decoder:
+        mine = decoder.generate(prompt, 32, GREEDY)
+    # generation_config.json suppresses the special ids, as our sampler does.
+    theirs = hf_model(exported).generate(prompt, max_new_tokens=32, do_sample=False)
+    assert torch.equal(theirs[:, prompt.shape[1]:], mine)
+
+
+def test_export_in_bfloat16_keeps_dtype(ours, exported, tmp_path):
+    save_hf(load_lvm(exported, dtype=torch.bfloat16), tmp_path / "bf16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert load_lvm(tmp_path / "bf16").head.weight.dtype == torch.bfloat16
+
+
+BASE = config_to_hf(LVMConfig(**TINY), torch.float32)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"num_key_value_heads": 2}, "grouped-query attention"),
+        ({"tie_word_embeddings": True}, "tied embeddings"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling"),
+        ({"attention_bias": True}, "biases"),
+        ({"model_type": "mistral"}, "model_type 'mistral'"),
+    ],
+)
+def test_unsupported_hf_configs_are_named(tmp_path, change, message):
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, **change}))
+    with pytest.raises(CheckpointError, match=f"config.json: unsupported config: {message}"):
+        load_lvm(tmp_path)
+
+
+def test_rope_theta_read_from_transformers_5_layout():
+    hf = {k: v for k, v in BASE.items() if k not in ("rope_theta", "rope_scaling")}
+    assert config_from_hf({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
+
+
+def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
+    with pytest.raises(CheckpointError, match=r"nope\.ckpt: no such file or directory"):
+        load_lvm(tmp_path / "nope.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"junk\.ckpt: not a readable PyTorch checkpoint"):
+        load_lvm(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an LVM training checkpoint"):
+        load_lvm(tmp_path / "other.ckpt")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(BASE))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_lvm(tmp_path / "hf")
+    state = {f"model.{k}": v for k, v in ours.state_dict().items() if k != "norm.weight"}
+    torch.save({"state_dict": state, "lvm_config": ours.cfg.to_dict()}, tmp_path / "partial.ckpt")
+    with pytest.raises(CheckpointError, match="partial.ckpt: missing weights: norm.weight"):
+        load_lvm(tmp_path / "partial.ckpt")
+
+
+def test_export_cli_error_is_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "lvm.export", "--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path / 'x.ckpt'}: no such file or directory\n"
