@@ -1,0 +1,15 @@
+"""Turn images, img2dataset tar shards and videos into token shards (`python -m lvm.tokenize`).
+
+Modules, in the order data flows through them:
+`sources` (inputs -> deterministic output units), `decode` (unit -> decoded pictures or
+skip records), `derive` (pure pixel functions: gray, masked, label palette),
+`writer` (atomic output shard + report, resume check), `pipeline` (DataLoader workers,
+batched encoding, ranks, progress). The format written is documented in docs/FORMATS.md.
+"""
+
+
+class TokenizeError(Exception):
+    """A problem with the user's inputs or options, printed as one line by the CLI (exit 2)."""
+
+
+__all__ = ["TokenizeError"]

@@ -1,0 +1,74 @@
+"""`python -m lvm.tokenize`: images, img2dataset tar shards and videos -> token shards.
+
+    python -m lvm.tokenize --shards 'laion/{00000..01023}.tar' --out tokens/ --tokenizer lvm-vqgan/
+    torchrun --nproc-per-node 8 -m lvm.tokenize --shards laion/ --out tokens/ --tokenizer lvm-vqgan/
+
+See docs/tokenize.md. Exit codes: 0 done, 2 bad input or options (one line: `error: <file>: <problem>`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lvm.tokenize import TokenizeError
+from lvm.tokenize.derive import VARIANTS
+from lvm.tokenize.pipeline import Job, Options, run
+
+
+def _variants(text: str) -> tuple[str, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    return tuple(v for v in VARIANTS if v in names)
+
+
+def parse_args(argv: list[str] | None = None) -> Job:
+    """Command line -> Job."""
+    p = argparse.ArgumentParser(prog="python -m lvm.tokenize", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shards", nargs="+", required=True, metavar="SRC",
+                   help="folders, globs or brace patterns ('laion/{00000..01023}.tar') of img2dataset tars, "
+                        "image folders (recursive) and video files")
+    p.add_argument("--out", type=Path, required=True, help="output folder of token shards (created)")
+    p.add_argument("--tokenizer", required=True, help="anything tokenizer.load reads (checkpoint or folder)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (derived variants ride along)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes per rank; each reads whole shards (default: min(8, cores))")
+    p.add_argument("--video-stride", type=int, default=1, help="keep frames 0, k, 2k, ... of every video")
+    p.add_argument("--derive", type=_variants, default=(), metavar="gray,masked",
+                   help="also tokenize derived images: gray (colorization input), masked (inpainting input)")
+    p.add_argument("--label-palette", action="store_true",
+                   help="inputs are single-channel segmentation label maps: colour them through the fixed "
+                        "256-entry palette before tokenizing")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inpainting masks (each drawn from seed + key)")
+    p.add_argument("--images-per-shard", type=int, default=1000, help="images of a folder per output shard")
+    p.add_argument("--videos-per-shard", type=int, default=8, help="video files per output shard")
+    p.add_argument("--max-shards", type=int, default=None,
+                   help="stop after this many shards (per rank); rerunning the command continues")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    a = p.parse_args(argv)
+    options = Options(derive=a.derive, video_stride=a.video_stride, label_palette=a.label_palette, seed=a.seed)
+    return Job(
+        shards=a.shards, out=a.out, tokenizer=a.tokenizer, options=options, batch_size=a.batch_size,
+        workers=a.workers, images_per_shard=a.images_per_shard, videos_per_shard=a.videos_per_shard,
+        max_shards=a.max_shards, device=a.device,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; print the summary line, or one `error:` line and return 2."""
+    job = parse_args(argv)
+    try:
+        summary = run(job)
+    except TokenizeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(summary.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

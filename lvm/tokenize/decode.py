@@ -1,0 +1,207 @@
+"""Read a unit's inputs into decoded pictures, or skip records for the inputs that fail.
+
+Runs in DataLoader worker processes. Every failure of a single input (zero-byte file, corrupt or
+truncated image, truncated tar, unreadable video) becomes a `Skip` with a reason from `REASONS`,
+so the job continues and the report can count it; nothing here raises for bad data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+from torch import Tensor
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+
+from lvm.tokenize.derive import colour_labels, label_palette
+from lvm.tokenize.sources import IMAGE_SUFFIXES, Unit
+from tokenizer.preprocess import to_rgb_float
+
+REASONS = (
+    "empty_file",  # a zero-byte image, tar, video or tar member
+    "unreadable_file",  # the file cannot be opened or read (permissions, vanished, I/O error)
+    "corrupt_image",  # PIL cannot decode it completely (truncated, garbage, unsupported)
+    "not_label_map",  # --label-palette was given but the image has several distinct channels
+    "no_image",  # a tar sample with no image member
+    "duplicate_key",  # a key already written to this shard (x.jpg and x.png in one folder, a repeated tar key)
+    "corrupt_tar",  # the tar ends early or is not a tar; the samples before the damage are kept
+    "unreadable_video",  # PyAV cannot open the file or it has no video frames
+    "corrupt_video",  # decoding stopped part-way; the frames before the damage are kept
+)
+_IMAGE_EXTS = tuple(sorted(s[1:] for s in IMAGE_SUFFIXES))  # tar member suffixes, without the dot
+_DROPPED_META = frozenset({"exif"})  # bulky source json fields not worth copying into every token sample
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+PALETTE = label_palette()
+
+
+@dataclass
+class Picture:
+    """A decoded image as FloatTensor[3, H, W] in [0, 1] at its original size (label maps already coloured)."""
+
+    key: str
+    pixels: Tensor
+    meta: dict
+
+
+@dataclass
+class Skip:
+    """An input left out, and why."""
+
+    item: str
+    reason: str
+    detail: str = ""
+
+
+def _detail(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".splitlines()[0]
+    return text[:200]
+
+
+def to_labels(img: Image.Image) -> np.ndarray | None:
+    """A single-channel label image -> label indices uint8 [H, W] (16-bit labels modulo 256).
+
+    Palette ("P") images give their indices, not their colours; an RGB image whose three channels
+    are equal counts as single-channel. Returns None for a real colour image.
+    """
+    if img.mode in ("L", "P", "1"):
+        return np.asarray(img, dtype=np.uint8)
+    if img.mode in _SIXTEEN_BIT:
+        return (np.asarray(img, dtype=np.int64) % 256).astype(np.uint8)
+    rgb = np.asarray(img.convert("RGB"))
+    if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 0] == rgb[:, :, 2]).all():
+        return np.ascontiguousarray(rgb[:, :, 0])
+    return None
+
+
+def decode_image(data: bytes, name: str, key: str, meta: dict, labels: bool) -> Picture | Skip:
+    """Decode image bytes completely (truncation is detected here, not later) and orient them as viewers do."""
+    if not data:
+        return Skip(name, "empty_file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            indices = to_labels(img) if labels else None
+            if labels and indices is None:
+                return Skip(name, "not_label_map", f"mode {img.mode} with distinct channels")
+            # The tokenizer's own conversion (16-bit, alpha over white, palette modes): one implementation.
+            pixels = to_rgb_float(img if indices is None else colour_labels(indices, PALETTE))
+    except Exception as error:  # PIL raises a dozen types for corrupt data (OSError, SyntaxError, ValueError, ...)
+        return Skip(name, "corrupt_image", _detail(error))
+    return Picture(key, pixels, {**meta, "width": pixels.shape[2], "height": pixels.shape[1]})
+
+
+def _safe_key(rel: str) -> str:
+    """A relative path without suffix whose file-name part has no dots (webdataset splits keys at the first dot)."""
+    path = PurePosixPath(rel)
+    return str(path.with_name(path.stem.replace(".", "_")))
+
+
+def _tar_sample(path: str, sample: dict, labels: bool) -> Picture | Skip:
+    key = sample["__key__"]
+    ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        return Skip(f"{path}:{key}", "no_image", "members: " + ",".join(k for k in sample if not k.startswith("__")))
+    meta = {"source": path, "key": key}
+    try:
+        source_json = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        source_json = {}
+    if isinstance(source_json, dict):
+        kept = {k: v for k, v in source_json.items() if k not in _DROPPED_META}
+        if "txt" in sample:
+            kept.setdefault("caption", sample["txt"].decode("utf-8", "replace"))
+        if kept:
+            meta["meta"] = kept
+    return decode_image(sample[ext], f"{path}:{key}.{ext}", key, meta, labels)
+
+
+def read_tar(path: str, labels: bool) -> Iterator[Picture | Skip]:
+    """The samples of an img2dataset-layout tar, in tar order; a damaged tar keeps what precedes the damage."""
+    try:
+        stream = open(path, "rb")
+    except OSError as error:
+        yield Skip(path, "unreadable_file", _detail(error))
+        return
+    if os.fstat(stream.fileno()).st_size == 0:
+        stream.close()
+        yield Skip(path, "empty_file")
+        return
+    with stream:
+        members = ({**member, "__url__": path} for member in tar_file_iterator(stream))
+        try:
+            for sample in group_by_keys(members, keys=base_plus_ext):
+                yield _tar_sample(path, sample, labels)
+        except (tarfile.TarError, OSError, ValueError, EOFError) as error:
+            yield Skip(path, "corrupt_tar", _detail(error))
+
+
+def read_image_file(path: str, rel: str, labels: bool) -> Picture | Skip:
+    """One image of a folder; its json names its relative path and folder so builders can group and pair."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as error:
+        return Skip(path, "unreadable_file", _detail(error))
+    parent = str(PurePosixPath(rel).parent)
+    meta = {"source": path, "key": _safe_key(rel), "path": rel, "folder": "" if parent == "." else parent}
+    return decode_image(data, path, meta["key"], meta, labels)
+
+
+def read_video(path: str, rel: str, stride: int) -> Iterator[Picture | Skip]:
+    """Every `stride`-th frame of a video (frame 0, stride, 2*stride, ...) as RGB, decoded with PyAV."""
+    video = _safe_key(rel)
+    try:
+        if os.path.getsize(path) == 0:
+            yield Skip(path, "empty_file")
+            return
+        container = av.open(path)
+        stream = container.streams.video[0]
+    except (av.FFmpegError, IndexError, OSError) as error:
+        yield Skip(path, "unreadable_video", _detail(error))
+        return
+    index = 0
+    with container:
+        fps = float(stream.average_rate) if stream.average_rate else None
+        try:
+            for frame in container.decode(stream):
+                if index % stride == 0:
+                    pixels = to_rgb_float(frame.to_ndarray(format="rgb24"))
+                    meta = {
+                        "source": path,
+                        "key": video,
+                        "video": video,
+                        "frame": index,
+                        "fps": fps,
+                        "time": None if frame.time is None else round(float(frame.time), 6),
+                        "width": pixels.shape[2],
+                        "height": pixels.shape[1],
+                    }
+                    yield Picture(f"{video}/{index:06d}", pixels, meta)
+                index += 1
+        except (av.FFmpegError, OSError) as error:
+            yield Skip(f"{path}#frame={index}", "corrupt_video", _detail(error))
+            return
+    if index == 0:
+        yield Skip(path, "unreadable_video", "no video frames")
+
+
+def read_unit(unit: Unit, video_stride: int, labels: bool) -> Iterator[Picture | Skip]:
+    """Everything in a unit, in a fixed order (tar order, or sorted relative paths)."""
+    for item in unit.items:
+        if unit.kind == "tar":
+            yield from read_tar(item.path, labels)
+        elif unit.kind == "images":
+            yield read_image_file(item.path, item.rel, labels)
+        elif labels:
+            yield Skip(item.path, "not_label_map", "videos cannot be label maps")
+        else:
+            yield from read_video(item.path, item.rel, video_stride)

@@ -1,0 +1,71 @@
+"""Pure pixel functions that make the derived images the sentence builders pair with the originals.
+
+Gray and masked work on FloatTensor[3, H, W] in [0, 1] at the image's original size, before the
+tokenizer's resize and value-range mapping, so "zeroed" means black for every tokenizer. Randomness comes from Python's `random`
+seeded by strings, whose streams are stable across Python and NumPy versions, so a mask or a
+palette drawn today is drawn identically years later. The release recipes are in
+/work/shared/REFERENCE.md (colorization, inpainting, segmentation palette).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import Tensor
+
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # R, G, B
+HOLE_PROBABILITY = 0.3  # otherwise patches
+HOLE_SIDE = (0.1, 0.5)  # side of the square hole, as a fraction of the image side
+PATCH_GRID = 8  # 8x8 patches: 32x32 pixels each in the tokenizer's 256x256 view
+PATCH_FRACTION = (0.1, 0.5)  # fraction of the 64 patches zeroed
+PALETTE_SEED = "lvm-segmentation-palette-v1"
+VARIANTS = ("gray", "masked")
+
+
+def gray(rgb: Tensor) -> Tensor:
+    """Colorization input: 0.2989 R + 0.587 G + 0.114 B, replicated to 3 channels."""
+    luma = torch.tensordot(torch.tensor(GRAY_WEIGHTS, dtype=rgb.dtype), rgb, dims=1)
+    return luma.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def mask_params(key: str, seed: int) -> dict:
+    """The inpainting mask of one sample, drawn from (seed, key) only, in resolution-free units.
+
+    With probability 0.3 a square hole: side `side` and top-left corner (`x`, `y`) as fractions of
+    the image width and height (square in the tokenizer's square view). Otherwise `patches`: the
+    indices (row-major) of the zeroed cells of a `grid` x `grid` partition of the image.
+    """
+    rng = random.Random(f"{seed}:{key}")
+    if rng.random() < HOLE_PROBABILITY:
+        side = round(rng.uniform(*HOLE_SIDE), 6)
+        return {"kind": "hole", "side": side, "x": round(rng.uniform(0.0, 1.0 - side), 6), "y": round(rng.uniform(0.0, 1.0 - side), 6)}
+    cells = PATCH_GRID * PATCH_GRID
+    count = max(1, round(rng.uniform(*PATCH_FRACTION) * cells))
+    return {"kind": "patches", "grid": PATCH_GRID, "patches": sorted(rng.sample(range(cells), count))}
+
+
+def apply_mask(rgb: Tensor, params: dict) -> Tensor:
+    """A copy of [C, H, W] pixels with the pixels under the mask set to 0 (black)."""
+    out = rgb.clone()
+    height, width = rgb.shape[-2:]
+    if params["kind"] == "hole":
+        x, y, side = params["x"], params["y"], params["side"]
+        out[:, round(y * height) : round((y + side) * height), round(x * width) : round((x + side) * width)] = 0
+        return out
+    grid = params["grid"]
+    for cell in params["patches"]:
+        row, col = divmod(cell, grid)
+        out[:, row * height // grid : (row + 1) * height // grid, col * width // grid : (col + 1) * width // grid] = 0
+    return out
+
+
+def label_palette() -> np.ndarray:
+    """The fixed 256-entry colour table [256, 3] uint8 for segmentation label maps."""
+    return np.frombuffer(random.Random(PALETTE_SEED).randbytes(256 * 3), dtype=np.uint8).reshape(256, 3).copy()
+
+
+def colour_labels(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Label indices uint8 [H, W] -> RGB uint8 [H, W, 3] through the palette."""
+    return palette[labels]

@@ -1,0 +1,259 @@
+"""The tokenize job: ranks split the units, DataLoader workers decode, the main process encodes and writes.
+
+Parallelism is per unit: worker w of a rank reads units w, w + W, ... from start to end and cuts
+each into batches of at most `batch_size` images that never span two units. A unit's tokens
+therefore depend only on its own inputs, the batch size and the device, never on which other
+units ran beside it, so a resumed run writes exactly the bytes an uninterrupted run would.
+Workers hold no model (only the cheap preprocessing); the model stays in the main process on
+`cuda:LOCAL_RANK` (bf16 autocast, channels_last) or the CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+import tokenizer
+from lvm.tokenize import TokenizeError
+from lvm.tokenize.decode import Picture, Skip, read_unit
+from lvm.tokenize.derive import PALETTE_SEED, VARIANTS, apply_mask, gray, mask_params
+from lvm.tokenize.progress import Progress, Summary
+from lvm.tokenize.sources import Unit, find_units
+from lvm.tokenize.writer import ShardWriter, shard_state
+from tokenizer.preprocess import resize_square, to_value_range
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything besides the inputs that decides what a shard contains (part of its fingerprint)."""
+
+    derive: tuple[str, ...] = ()  # subset of VARIANTS, in VARIANTS order
+    video_stride: int = 1
+    label_palette: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    """One `python -m lvm.tokenize` invocation."""
+
+    shards: list[str]
+    out: Path
+    tokenizer: str
+    options: Options = field(default_factory=Options)
+    batch_size: int = 64
+    workers: int = 8
+    images_per_shard: int = 1000
+    videos_per_shard: int = 8
+    max_shards: int | None = None  # stop after this many shards (this rank); a rerun continues
+    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
+
+
+@dataclass(frozen=True)
+class Resize:
+    """The tokenizer's preprocessing after colour conversion, as a small picklable callable for workers.
+
+    These are `tokenizer.preprocess.preprocess_image`'s last steps; the tokenize step converts colours
+    itself first (`to_rgb_float`) because the derived images are made in between.
+    """
+
+    size: int
+    mode: str
+    value_range: tuple[float, float]
+
+    def __call__(self, x01: Tensor) -> Tensor:
+        return to_value_range(resize_square(x01, self.size, self.mode).clamp(0.0, 1.0), self.value_range).contiguous()
+
+
+@dataclass
+class Batch:
+    """Up to batch_size images of one unit, in unit order, and the inputs skipped since the last batch."""
+
+    unit: int
+    keys: list[str]
+    metas: list[bytes]
+    pixels: Tensor  # [(1 + len(derive)) * B, 3, S, S]: the B originals, then B of each derived variant
+    skips: list[Skip]
+    last: bool  # the unit's final batch: commit the shard after it
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True) so host->GPU copies run asynchronously."""
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+class UnitBatches(IterableDataset):
+    """Batches of preprocessed images (and derived variants), unit after unit, split over workers."""
+
+    def __init__(self, units: list[Unit], options: Options, resize: Resize, batch_size: int) -> None:
+        self.units, self.options, self.resize, self.batch_size = units, options, resize, batch_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(worker, len(self.units), workers):
+            yield from self._unit_batches(index)
+
+    def _unit_batches(self, index: int):
+        seen: set[str] = set()
+        rows: list[tuple[str, bytes, list[Tensor]]] = []
+        skips: list[Skip] = []
+        for entry in read_unit(self.units[index], self.options.video_stride, self.options.label_palette):
+            if isinstance(entry, Skip):
+                skips.append(entry)
+            elif entry.key in seen:
+                skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
+            else:
+                seen.add(entry.key)
+                rows.append(self._prepare(entry))
+                if len(rows) == self.batch_size:
+                    yield self._batch(index, rows, skips, last=False)
+                    rows, skips = [], []
+        yield self._batch(index, rows, skips, last=True)
+
+    def _prepare(self, picture: Picture) -> tuple[str, bytes, list[Tensor]]:
+        meta = dict(picture.meta)
+        images = [picture.pixels]
+        if "gray" in self.options.derive:
+            images.append(gray(picture.pixels))
+        if "masked" in self.options.derive:
+            meta["mask"] = mask_params(picture.key, self.options.seed)
+            images.append(apply_mask(picture.pixels, meta["mask"]))
+        if self.options.label_palette:
+            meta["label_palette"] = PALETTE_SEED
+        meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+        return picture.key, meta_json, [self.resize(image) for image in images]
+
+    def _batch(self, index: int, rows: list, skips: list[Skip], last: bool) -> Batch:
+        variants = 1 + len(self.options.derive)
+        if rows:
+            pixels = torch.stack([row[2][v] for v in range(variants) for row in rows])
+        else:
+            pixels = torch.empty(0, 3, self.resize.size, self.resize.size)
+        return Batch(index, [r[0] for r in rows], [r[1] for r in rows], pixels, skips, last)
+
+
+def ranks_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM; (0, 1, 0) alone."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def _device(requested: str | None, local_rank: int) -> torch.device:
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def _load_tokenizer(path: str, device: torch.device) -> tokenizer.VQTokenizer:
+    try:
+        tok = tokenizer.load(path, device=device)
+    except tokenizer.TokenizerLoadError as error:
+        raise TokenizeError(str(error)) from None
+    if tok.codebook_size > np.iinfo(np.uint16).max + 1:
+        raise TokenizeError(f"{path}: {tok.codebook_size} codes do not fit the uint16 token format")
+    return tok
+
+
+def _tokenizer_identity(tok: tokenizer.VQTokenizer) -> dict:
+    """Config plus a digest of the weights: a shard made by another tokenizer is never taken as done."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in tok.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return {"config": tok.config.to_dict(), "weights": digest.hexdigest()}
+
+
+class Encoder:
+    """Batched encoding on the tokenizer's device: bf16 autocast and channels_last on CUDA."""
+
+    def __init__(self, tok: tokenizer.VQTokenizer) -> None:
+        self.tok = tok
+        self.cuda = tok.device.type == "cuda"
+        if self.cuda:
+            tok.to(memory_format=torch.channels_last)  # encode_pixels follows the module's memory format
+
+    def __call__(self, pixels: Tensor) -> np.ndarray:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
+            codes = self.tok.encode_pixels(pixels.to(self.tok.device, non_blocking=True))
+        return codes.cpu().numpy().astype(np.uint16)
+
+
+def _log(prefix: str, message: str) -> None:
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
+def run(job: Job) -> Summary:
+    """Tokenize this rank's share of the units; every input or option problem raises TokenizeError first."""
+    rank, world, local_rank = ranks_from_env()
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    if job.batch_size < 1 or job.workers < 0 or job.options.video_stride < 1:
+        raise TokenizeError("--batch-size and --video-stride must be at least 1, --workers at least 0")
+    units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard)
+    if missing:
+        _log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
+    if job.out.exists() and not job.out.is_dir():
+        raise TokenizeError(f"{job.out}: --out exists and is not a folder")
+    tok = _load_tokenizer(job.tokenizer, _device(job.device, local_rank))
+    settings = json.dumps({"options": asdict(job.options), "tokenizer": _tokenizer_identity(tok)}, sort_keys=True)
+
+    mine = units[rank::world]  # split before checking what is done, so every rank sees the same split
+    fingerprints = [hashlib.sha1(f"{settings}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine]
+    states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
+    todo = [i for i, state in enumerate(states) if state != "done"][: job.max_shards]
+    stale = sum(states[i] == "stale" for i in todo)
+    _log(
+        prefix,
+        f"tokenize: {len(units)} shards in all, {len(mine)} for this rank, {states.count('done')} already complete"
+        f"{f', {stale} made with other settings or inputs (redone)' if stale else ''}; doing {len(todo)} now with "
+        f"{tok.tokens_per_image} tokens per image on {tok.device}, {job.workers} workers",
+    )
+
+    summary = Summary(shards_already_done=states.count("done"))
+    encode = Encoder(tok)
+    resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range)
+    todo_units = [mine[i] for i in todo]
+    dataset = UnitBatches(todo_units, job.options, resize, job.batch_size)
+    loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda)
+    progress = Progress(len(todo_units), prefix)
+    writers: dict[int, ShardWriter] = {}
+    variants = ("", *job.options.derive)
+    for batch in loader:
+        unit = todo_units[batch.unit]
+        if batch.unit not in writers:
+            writers[batch.unit] = ShardWriter(
+                job.out, unit.name, [item.path for item in unit.items], fingerprints[todo[batch.unit]]
+            )
+        writer = writers[batch.unit]
+        if batch.keys:
+            codes = encode(batch.pixels).reshape(len(variants), len(batch.keys), -1)
+            for row, (key, meta) in enumerate(zip(batch.keys, batch.metas)):
+                writer.add(key, meta, {variant: codes[v, row] for v, variant in enumerate(variants)})
+            summary.images += len(batch.keys)
+            summary.derived += len(batch.keys) * (len(variants) - 1)
+            summary.tokens += codes.size
+        for skip in batch.skips:
+            writer.skip(skip)
+            summary.skipped[skip.reason] += 1
+        if batch.last:
+            writers.pop(batch.unit).commit()
+            summary.shards_written += 1
+        progress.update(images=len(batch.keys), shards=int(batch.last))
+    summary.wall_s = progress.elapsed()
+    return summary

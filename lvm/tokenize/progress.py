@@ -1,0 +1,71 @@
+"""Progress lines while a tokenize job runs, and its one-line summary.
+
+Plain log lines rather than a redrawn bar: jobs run for days under SLURM or torchrun, where
+logs are files and every rank writes its own lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TextIO
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class Summary:
+    """What a run did (this rank only)."""
+
+    images: int = 0  # samples written (original images or video frames)
+    derived: int = 0  # derived token arrays written (gray, masked)
+    tokens: int = 0  # tokens written, derived ones included
+    shards_written: int = 0
+    shards_already_done: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        """The final one-line summary."""
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
+        rate = self.images / self.wall_s if self.wall_s > 0 else 0.0
+        return (
+            f"tokenize: {self.images:,} images tokenized (+{self.derived:,} derived) in {self.shards_written} shards "
+            f"({self.shards_already_done} already complete); skipped {skipped:,}{': ' + reasons if reasons else ''}; "
+            f"{self.tokens:,} tokens written; wall {_clock(self.wall_s)} ({rate:.1f} images/s)"
+        )
+
+
+class Progress:
+    """Prints `shards done/total | images | images/s | ETA` at most every `every_s` seconds."""
+
+    def __init__(self, total_shards: int, prefix: str = "", every_s: float = 10.0, stream: TextIO = sys.stderr) -> None:
+        self.total, self.prefix, self.every_s, self.stream = total_shards, prefix, every_s, stream
+        self.start = self.last = time.monotonic()
+        self.shards = 0
+        self.images = 0
+
+    def update(self, images: int = 0, shards: int = 0) -> None:
+        """Record work done; print when the interval has passed or the last shard is finished."""
+        self.images += images
+        self.shards += shards
+        now = time.monotonic()
+        if now - self.last >= self.every_s or (shards and self.shards == self.total):
+            self.last = now
+            elapsed = now - self.start
+            eta = _clock(elapsed / self.shards * (self.total - self.shards)) if self.shards else "?"
+            print(
+                f"{self.prefix}shards {self.shards}/{self.total} | {self.images:,} images | "
+                f"{self.images / max(elapsed, 1e-9):.1f} images/s | ETA {eta}",
+                file=self.stream,
+                flush=True,
+            )
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start

@@ -1,0 +1,152 @@
+"""Enumerate the inputs of `--shards` into a deterministic list of output units.
+
+A unit is the work behind exactly one output shard. The mapping input -> unit -> output name
+depends only on the input file names, never on timing or worker counts, so that ranks split
+the list without talking to each other and a rerun recognises the shards it already wrote:
+
+- each input tar is one unit, named by its path relative to its root (`laion/00012.tar` ->
+  `00012.tar`);
+- the images under a root are sorted by relative path and cut into units of
+  `images_per_shard`, named `<root>-img-000000`, `<root>-img-000001`, ...;
+- the videos under a root likewise, `videos_per_shard` at a time: `<root>-vid-000000`, ...
+
+The root of a spec is the folder it names, or the folder before its first wildcard or brace.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from lvm.tokenize import TokenizeError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+TAR_SUFFIX = ".tar"
+KINDS = ("tar", "images", "videos")
+_MAGIC = re.compile(r"[{*?\[]")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input file: where it is, and its path relative to its root (keys come from it)."""
+
+    path: str
+    rel: str
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The inputs of one output shard."""
+
+    name: str  # output shard path relative to --out, without ".tar"
+    kind: str  # one of KINDS
+    items: tuple[Item, ...]
+
+    def inputs_digest(self) -> str:
+        """A digest of the unit's input names: a rerun redoes a shard whose inputs changed."""
+        text = "\n".join([self.kind, *(f"{i.path}\t{i.rel}" for i in self.items)])
+        return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _kind_of(path: str) -> str | None:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == TAR_SUFFIX:
+        return "tar"
+    if suffix in IMAGE_SUFFIXES:
+        return "images"
+    if suffix in VIDEO_SUFFIXES:
+        return "videos"
+    return None
+
+
+def _root_of(spec: str) -> str:
+    """The folder part of a spec before its first wildcard or brace (the spec itself for a folder)."""
+    magic = _MAGIC.search(spec)
+    if magic is None:
+        return spec if os.path.isdir(spec) else (os.path.dirname(spec) or ".")
+    return os.path.dirname(spec[: magic.start()]) or "."
+
+
+def _walk(folder: str) -> list[str]:
+    """Every non-hidden file under a folder, recursively, in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
+    return found
+
+
+def _expand(spec: str) -> tuple[list[str], list[str]]:
+    """All existing paths a spec names (brace pattern, then glob), and the brace-named paths that are missing."""
+    paths, missing = [], []
+    for pattern in braceexpand(spec):
+        if glob.has_magic(pattern):
+            paths.extend(sorted(glob.glob(pattern, recursive=True)))
+        elif os.path.exists(pattern):
+            paths.append(pattern)
+        elif pattern == spec:
+            raise TokenizeError(f"{spec}: no such file or directory")
+        else:
+            missing.append(pattern)
+    return paths, missing
+
+
+def _group(root: str, items: list[Item], kind: str, per_shard: int) -> list[Unit]:
+    label = "img" if kind == "images" else "vid"
+    base = Path(root).resolve().name or "root"
+    items = sorted(set(items), key=lambda i: i.rel)
+    return [
+        Unit(f"{base}-{label}-{n:06d}", kind, tuple(items[start : start + per_shard]))
+        for n, start in enumerate(range(0, len(items), per_shard))
+    ]
+
+
+def find_units(
+    specs: list[str], images_per_shard: int = 1000, videos_per_shard: int = 8
+) -> tuple[list[Unit], list[str]]:
+    """Units for all specs, sorted by name, and the brace-named paths that do not exist.
+
+    Raises TokenizeError when a spec names no input at all or two inputs would write the same
+    output shard.
+    """
+    if images_per_shard < 1 or videos_per_shard < 1:
+        raise TokenizeError("--images-per-shard and --videos-per-shard must be at least 1")
+    units: list[Unit] = []
+    grouped: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    all_missing: list[str] = []
+    for spec in specs:
+        root = _root_of(spec)
+        paths, missing = _expand(spec)
+        all_missing.extend(missing)
+        files = [f for p in paths for f in (_walk(p) if os.path.isdir(p) else [p])]
+        found = 0
+        for path in files:
+            kind = _kind_of(path)
+            if kind is None:
+                continue
+            found += 1
+            item = Item(path, Path(os.path.relpath(path, root)).as_posix())
+            if kind == "tar":
+                units.append(Unit(item.rel[: -len(TAR_SUFFIX)], "tar", (item,)))
+            else:
+                grouped[(os.path.realpath(root), kind)].append(item)
+        if not found:
+            raise TokenizeError(f"{spec}: matches no tar shard, image or video file")
+    for (root, kind), items in sorted(grouped.items()):
+        units.extend(_group(root, items, kind, images_per_shard if kind == "images" else videos_per_shard))
+    units = sorted(set(units), key=lambda u: u.name)
+    for a, b in zip(units, units[1:]):
+        if a.name == b.name:
+            raise TokenizeError(
+                f"{a.items[0].path}: writes the same output shard {a.name}.tar as {b.items[0].path}; "
+                "give their common parent folder as --shards, or tokenize them into different --out folders"
+            )
+    return units, all_missing

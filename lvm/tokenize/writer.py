@@ -1,0 +1,115 @@
+"""One output token shard: written under a temporary name, made visible by one atomic rename.
+
+Completion protocol (what makes kill -9 safe): samples stream into `<name>.tar.tmp`; on commit
+the report `<name>.report.json` is written (temporary name, rename), then the tar is renamed to
+`<name>.tar`. A shard is complete exactly when `<name>.tar` exists and its report carries the
+fingerprint of the current inputs and settings; anything else (a leftover `.tmp`, a report
+without its tar, a shard made with other settings) is redone from scratch by the next run.
+Readers that glob `*.tar` therefore never see a partial shard.
+
+Bytes are reproducible: members in sample order with fixed mtime, owner and mode, and the
+report holds no timestamps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from webdataset import TarWriter
+
+from lvm.tokenize.decode import Skip
+
+MAX_LISTED_SKIPS = 1000  # the report counts every skip but lists only the first ones
+
+
+def shard_paths(out: Path, name: str) -> tuple[Path, Path]:
+    """The tar and report paths of shard `name` under `out`."""
+    return out / f"{name}.tar", out / f"{name}.report.json"
+
+
+def shard_state(out: Path, name: str, fingerprint: str) -> str:
+    """'done' (complete, same inputs and settings), 'stale' (complete but made differently) or 'missing'."""
+    tar, report = shard_paths(out, name)
+    if not tar.exists():
+        return "missing"
+    try:
+        made_with = json.loads(report.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "stale"
+    return "done" if made_with == fingerprint else "stale"
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The .npy file of an array (numpy's own format, so any reader can np.load it)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    os.replace(tmp, final)
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut, not only the file contents
+    finally:
+        os.close(dir_fd)
+
+
+class ShardWriter:
+    """Streams samples of one unit into its temporary tar and commits tar + report at the end."""
+
+    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str) -> None:
+        self.tar_path, self.report_path = shard_paths(out, name)
+        self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_path = self.tar_path.with_name(self.tar_path.name + ".tmp")
+        self._file = open(self.tmp_path, "wb")  # truncates whatever a killed run left here
+        self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self.name, self.inputs, self.fingerprint = name, inputs, fingerprint
+        self.images = 0
+        self.tokens = 0
+        self.skipped: Counter[str] = Counter()
+        self.skipped_items: list[dict] = []
+
+    def add(self, key: str, meta_json: bytes, tokens: dict[str, np.ndarray]) -> None:
+        """One sample: its json and one uint16 token array per variant ('' is the original image)."""
+        sample = {"__key__": key, "json": meta_json}
+        for variant, codes in tokens.items():
+            sample[f"{variant}.tokens.npy" if variant else "tokens.npy"] = npy_bytes(codes)
+            self.tokens += codes.size
+        self._tar.write(sample)
+        self.images += 1
+
+    def skip(self, skip: Skip) -> None:
+        """Count a left-out input and list it in the report (the first MAX_LISTED_SKIPS)."""
+        self.skipped[skip.reason] += 1
+        if len(self.skipped_items) < MAX_LISTED_SKIPS:
+            self.skipped_items.append({"item": skip.item, "reason": skip.reason, "detail": skip.detail})
+
+    def commit(self) -> None:
+        """Flush to disk, write the report, then rename the tar into place (the completion point)."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        report = {
+            "shard": self.tar_path.name,
+            "inputs": self.inputs,
+            "fingerprint": self.fingerprint,
+            "images": self.images,
+            "tokens": self.tokens,
+            "skipped": dict(sorted(self.skipped.items())),
+            "skipped_items": self.skipped_items,
+        }
+        report_tmp = self.report_path.with_name(self.report_path.name + ".tmp")
+        with open(report_tmp, "w") as f:
+            json.dump(report, f, indent=1, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(report_tmp, self.report_path)
+        _replace(self.tmp_path, self.tar_path)
