@@ -1,0 +1,229 @@
+"""`python -m lvm.prompt`: show the model a few images and let it continue.
+
+    python -m lvm.prompt --frames seq/*.png --model M --tokenizer T --out pred.png
+    python -m lvm.prompt --frames seq/ --num-frames 8 ... --out rollout.png      # video rollout + GIF
+    python -m lvm.prompt --pairs a.png a_ann.png b.png b_ann.png c.png ...       # analogy: c -> c'
+    python -m lvm.prompt --frames clips/*/ --candidates 4 ...                     # batched prompts
+
+`--frames` takes image files (one prompt, naturally sorted: 2.png before 10.png)
+or directories (one prompt each). `--pairs` keeps the order given. See docs/inference.md.
+`predict_frames` is the importable core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+
+import tokenizer
+from lvm import metrics
+from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.generate import Sampling, context_frames, rollout
+from lvm.model import LVM
+from lvm.vocab import NUM_RESERVED
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+class PromptError(Exception):
+    """Bad prompt input; the message is `<file or option>: <problem>`."""
+
+    def __init__(self, where: str | Path, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+
+
+def natural_key(path: Path) -> list:
+    """Sort key under which frame_2 comes before frame_10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path]]:
+    """Files -> one prompt (naturally sorted if `sort`); directories -> one prompt per directory."""
+    items = [Path(p) for p in paths]
+    for p in items:
+        if not p.exists():
+            raise PromptError(p, "no such file or directory")
+    if all(p.is_dir() for p in items):
+        prompts = []
+        for d in items:
+            frames = sorted((f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+            if not frames:
+                raise PromptError(d, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            prompts.append(frames)
+        return prompts
+    if any(p.is_dir() for p in items):
+        raise PromptError(option, "give either image files (one prompt) or directories (one prompt each), not both")
+    return [sorted(items, key=natural_key) if sort else items]
+
+
+def read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise PromptError(path, f"not a readable image ({e})") from e
+
+
+def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str | Path) -> None:
+    """The tokenizer's codes must be exactly the model's code ids (its vocabulary minus the reserved ids)."""
+    codes = model.cfg.vocab_size - NUM_RESERVED
+    if tok.codebook_size != codes:
+        raise PromptError(
+            tokenizer_path,
+            f"codebook of {tok.codebook_size} codes does not match the model's {codes} code ids "
+            f"(vocabulary {model.cfg.vocab_size} = codes + {NUM_RESERVED} reserved)",
+        )
+
+
+def check_fits(model: LVM, tok: tokenizer.VQTokenizer, num_frames: int, option: str) -> None:
+    fit = context_frames(model, tok.tokens_per_image)
+    if num_frames > fit:
+        raise PromptError(
+            option,
+            f"{num_frames} frames given, but at most {fit} fit as context (model context "
+            f"{model.cfg.max_seq_len} tokens, {tok.tokens_per_image} tokens per image, one frame left to generate)",
+        )
+
+
+def predict_frames(
+    model: LVM,
+    tok: tokenizer.VQTokenizer,
+    prompts: list[list[Image.Image]],
+    num_frames: int = 1,
+    candidates: int = 1,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    compile: bool = False,
+) -> torch.Tensor:
+    """Continue each prompt (equal frame counts) by `num_frames` frames, `candidates` samples each.
+    Returns uint8 images [P, candidates, num_frames, 3, S, S]."""
+    P, F, T = len(prompts), len(prompts[0]), tok.tokens_per_image
+    frames = tok.encode([image for prompt in prompts for image in prompt]).to(model.head.weight.device)
+    frames = frames.view(P, 1, F, T).expand(P, candidates, F, T).reshape(P * candidates, F, T)
+    generator = torch.Generator(frames.device).manual_seed(seed)
+    new = rollout(model, frames, num_frames, sampling, tok.codebook_size, generator, compile)
+    images = tok.decode(new.reshape(-1, T))
+    return images.view(P, candidates, num_frames, *images.shape[1:]).cpu()
+
+
+def grid(rows: list[list[list[Image.Image]]], size: int, pad: int = 2, gap: int = 12) -> Image.Image:
+    """Rows of sections (context | prediction | ground truth), tiles `size` square, sections `gap` apart."""
+    widths = [len(section) * (size + pad) for section in rows[0]]
+    sheet = Image.new("RGB", (sum(widths) + gap * (len(widths) - 1), len(rows) * (size + pad)), "white")
+    for r, row in enumerate(rows):
+        x = 0
+        for section, width in zip(row, widths):
+            for i, tile in enumerate(section):
+                sheet.paste(tile.resize((size, size), Image.BICUBIC), (x + i * (size + pad), r * (size + pad)))
+            x += width + gap
+    return sheet
+
+
+def output_path(out: Path, index: tuple[int, int, int], counts: tuple[int, int, int], suffix: str = ".png") -> Path:
+    """`out` itself for a single image, else `<stem>_p<prompt>_c<candidate>_f<frame>` with only the parts that vary."""
+    parts = [f"{tag}{i}" for tag, i, n in zip("pcf", index, counts) if n > 1 and i >= 0]
+    return out.with_name("_".join([out.stem, *parts]) + suffix) if parts else out.with_suffix(suffix)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Generate the next frame(s) for visual prompts.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--frames", nargs="+", help="frames of one prompt (naturally sorted), or directories (one prompt each)")
+    src.add_argument("--pairs", nargs="+", help="analogy prompt in order: a a' [b b' ...] query")
+    p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
+    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (anything tokenizer.load reads)")
+    p.add_argument("--out", required=True, type=Path, help="output PNG; more images get _p/_c/_f suffixes")
+    p.add_argument("--num-frames", type=int, default=1, help="frames to generate; the context slides over the last 15")
+    p.add_argument("--candidates", type=int, default=1, help="samples per prompt")
+    p.add_argument("--ground-truth", nargs="+", help="true next frames (files, or directories matching --frames)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=50, help="0 disables")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    option = "--frames" if args.frames else "--pairs"
+    prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
+    if args.pairs and len(prompts[0]) % 2 == 0:
+        raise PromptError("--pairs", f"needs example pairs then one query image (an odd count), got {len(prompts[0])}")
+    if len({len(p) for p in prompts}) > 1:
+        raise PromptError(option, f"batched prompts need equal frame counts, got {[len(p) for p in prompts]}")
+    truth = resolve_prompts(args.ground_truth, "--ground-truth", sort=True) if args.ground_truth else None
+    if truth and (len(truth) != len(prompts) or any(len(t) != args.num_frames for t in truth)):
+        raise PromptError("--ground-truth", f"need {args.num_frames} frame(s) for each of the {len(prompts)} prompt(s)")
+    images = [[read_image(f) for f in prompt] for prompt in prompts]
+    truth_images = [[read_image(f) for f in frames] for frames in truth] if truth else None
+    try:
+        sampling = Sampling(0.0, None) if args.greedy else Sampling(args.temperature, args.top_k or None, args.top_p)
+    except ValueError as e:
+        raise PromptError("sampling", str(e)) from e
+
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tok = tokenizer.load(args.tokenizer, device=args.device)
+    model = load_lvm(args.model, device=args.device, dtype=dtype)
+    check_compatible(model, tok, args.tokenizer)
+    check_fits(model, tok, len(images[0]), option)
+
+    start = time.perf_counter()
+    preds = predict_frames(model, tok, images, args.num_frames, args.candidates, sampling, args.seed, args.compile)
+    seconds = time.perf_counter() - start
+    write_outputs(args.out, images, preds, truth_images, tok.image_size)
+    P, C, N = preds.shape[:3]
+    print(
+        f"{P * C * N} frame(s) ({P} prompt(s) x {C} candidate(s) x {N}) in {seconds:.1f}s: "
+        f"{seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
+    )
+    if truth_images:
+        size = (tok.image_size, tok.image_size)
+        target = torch.stack([torch.stack([pil_to_tensor(t.resize(size, Image.BICUBIC)) for t in f]) for f in truth_images])
+        mse = metrics.pixel_mse(preds.flatten(0, 2), target[:, None].expand_as(preds).flatten(0, 2))
+        print(f"vs ground truth: MSE {mse.mean():.4f}, PSNR {metrics.psnr(mse).mean():.2f} dB (mean over {mse.numel()})")
+
+
+def write_outputs(
+    out: Path,
+    context: list[list[Image.Image]],
+    preds: torch.Tensor,
+    truth: list[list[Image.Image]] | None,
+    size: int,
+) -> None:
+    """Predicted PNGs, one grid PNG (a row per prompt and candidate), and a GIF per rollout."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    P, C, N = preds.shape[:3]
+    rows = []
+    for p in range(P):
+        for c in range(C):
+            frames = [to_pil_image(preds[p, c, f]) for f in range(N)]
+            for f, image in enumerate(frames):
+                image.save(output_path(out, (p, c, f), (P, C, N)))
+            if N > 1:
+                shown = [image.resize((size, size), Image.BICUBIC) for image in context[p]] + frames
+                shown[0].save(output_path(out, (p, c, -1), (P, C, N), ".gif"), save_all=True,
+                              append_images=shown[1:], duration=250, loop=0)
+            rows.append([context[p], frames, *([truth[p]] if truth else [])])
+    grid(rows, size).save(out.with_name(f"{out.stem}_grid.png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except (PromptError, CheckpointError, tokenizer.TokenizerLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

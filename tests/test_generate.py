@@ -1,0 +1,122 @@
+"""KV-cache generation equals full recomputation; the sampler only draws codes and honours top-k/top-p."""
+
+import pytest
+import torch
+
+from lvm.generate import GREEDY, Decoder, Sampling, context_frames, rollout, sample
+from lvm.model import LVM, LVMConfig
+from lvm.vocab import BOS_ID, CODEBOOK_SIZE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny decode steps are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=96)).eval()
+
+
+@torch.no_grad()
+def recompute(model: LVM, prompt: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Greedy decoding the slow way: a full forward over the whole sequence for every token."""
+    seq = prompt
+    for _ in range(num_tokens):
+        nxt = model(seq)[:, -1, :CODEBOOK_SIZE].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    return seq[:, prompt.shape[1]:]
+
+
+def test_cached_greedy_equals_recomputation(model):
+    prompt = torch.randint(0, CODEBOOK_SIZE, (2, 20))
+    with Decoder(model, batch_size=2, max_len=64) as decoder:
+        cached = decoder.generate(prompt, 40)
+    assert torch.equal(cached, recompute(model, prompt, 40))
+    assert model.cache_len == 0  # the context manager freed the cache
+
+
+def test_rollout_with_sliding_window_equals_recomputation(model):
+    # 8 tokens per "frame": 96-token context fits BOS + 10 frames + 1 generated -> window 10.
+    T = 8
+    assert context_frames(model, T) == 10
+    frames = torch.randint(0, CODEBOOK_SIZE, (2, 9, T))
+    out = rollout(model, frames, num_frames=4, sampling=GREEDY)
+    expected, seq = [], frames
+    for _ in range(4):
+        prompt = torch.cat([torch.full((2, 1), BOS_ID), seq[:, -10:].reshape(2, -1)], 1)
+        expected.append(recompute(model, prompt, T))
+        seq = torch.cat([seq, expected[-1][:, None]], 1)
+    assert torch.equal(out, torch.stack(expected, 1))
+
+
+def test_decoder_feeds_only_new_tokens(model):
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, args: fed.append(args[0].shape[1]))
+    try:
+        prompt = torch.randint(0, CODEBOOK_SIZE, (1, 10))
+        with Decoder(model, 1, 64) as decoder:
+            first = decoder.generate(prompt, 5)
+            decoder.generate(torch.cat([prompt, first, first], 1), 3)  # extends what the cache holds
+            decoder.generate(prompt[:, 1:], 2)  # a different prefix: prefill from scratch
+    finally:
+        hook.remove()
+    # prefill 10 + 4 steps; then the unfed last token + 5 new = 6, + 2 steps; then 9 + 1 step.
+    assert fed == [10, 1, 1, 1, 1, 6, 1, 1, 9, 1]
+
+
+def test_bos_is_omitted_for_models_without_one(model):
+    no_bos = LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None})).eval()
+    no_bos.load_state_dict(model.state_dict())
+    frames = torch.randint(0, CODEBOOK_SIZE, (1, 2, 8))
+    assert context_frames(no_bos, 8) == 11
+    assert torch.equal(rollout(no_bos, frames, 1)[:, 0], recompute(no_bos, frames.reshape(1, -1), 8))
+
+
+def test_too_many_context_frames_says_how_many_fit(model):
+    with pytest.raises(ValueError, match="11 context frames given; the model's context fits at most 10"):
+        rollout(model, torch.zeros(1, 11, 8, dtype=torch.long), 1)
+
+
+def test_only_codes_are_sampled():
+    logits = torch.zeros(64, 8292)
+    logits[:, CODEBOOK_SIZE:] = 100.0  # specials would win everything if allowed
+    logits[:, 7] = 1.0
+    assert (sample(logits, GREEDY) == 7).all()
+    drawn = sample(logits, Sampling(temperature=1.0, top_k=None), generator=torch.Generator().manual_seed(0))
+    assert (drawn < CODEBOOK_SIZE).all()
+    assert (sample(logits, GREEDY, num_codes=5) < 5).all()
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
+    logits = probs.log().expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    top2 = sample(logits, Sampling(top_k=2), num_codes=4, generator=g)
+    assert set(top2.tolist()) == {1, 2}
+    # top_p 0.7: 0.5 alone is short of it, 0.5 + 0.3 reaches it -> {1, 2}; top_p 0.5 -> {1}.
+    assert set(sample(logits, Sampling(top_k=None, top_p=0.7), num_codes=4, generator=g).tolist()) == {1, 2}
+    assert set(sample(logits, Sampling(top_k=None, top_p=0.5), num_codes=4, generator=g).tolist()) == {1}
+    everything = sample(logits, Sampling(top_k=None), num_codes=4, generator=g)
+    assert set(everything.tolist()) == {0, 1, 2, 3}
+    assert (everything == 1).float().mean().item() == pytest.approx(0.5, abs=0.05)
+
+
+def test_seeded_sampling_is_reproducible_and_candidates_differ(model):
+    frames = torch.randint(0, CODEBOOK_SIZE, (1, 2, 8)).expand(3, 2, 8)
+    a = rollout(model, frames, 1, Sampling(), generator=torch.Generator().manual_seed(1))
+    b = rollout(model, frames, 1, Sampling(), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert not torch.equal(a[0], a[1])
+
+
+def test_invalid_sampling_is_rejected():
+    with pytest.raises(ValueError, match="top_p must be in"):
+        Sampling(top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        Sampling(temperature=-1.0)

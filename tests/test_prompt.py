@@ -1,0 +1,145 @@
+"""`python -m lvm.prompt` end to end on a random tiny LVM and the tiny tokenizer fixture (64x64, 16 tokens)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+from lvm.generate import GREEDY, rollout
+from lvm.model import LVM, LVMConfig
+from lvm.prompt import main, natural_key
+
+S = 64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny decode steps are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lvm_ckpt(tmp_path_factory):
+    """A random tiny LVM saved as a training checkpoint; its 128-token context fits BOS + 6 frames + 1."""
+    torch.manual_seed(0)
+    model = LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128))
+    path = tmp_path_factory.mktemp("lvm") / "tiny.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "lvm_config": model.cfg.to_dict()}, path)
+    return path, model.eval()
+
+
+def write_frames(folder, names, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    paths = []
+    for name in names:  # odd sizes: the tokenizer resizes to 64x64
+        pixels = torch.randint(0, 256, (3, 48, 80), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def prompt(args, capsys):
+    main([str(a) for a in args])
+    return capsys.readouterr()
+
+
+def test_natural_sort():
+    names = ["f10.png", "f2.png", "f1.png", "F3.png"]
+    assert [p.name for p in sorted(map(Path, names), key=natural_key)] == [
+        "f1.png", "f2.png", "F3.png", "f10.png"]
+
+
+def test_next_frame_is_the_greedy_rollout_of_naturally_sorted_frames(tmp_path, lvm_ckpt, tiny_tokenizer_dir, tiny_tokenizer, capsys):
+    ckpt, model = lvm_ckpt
+    paths = write_frames(tmp_path / "seq", ["frame_10.png", "frame_2.png", "frame_1.png"])
+    out = tmp_path / "out" / "pred.png"
+    prompt(["--frames", *paths, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", out, "--greedy"], capsys)
+    pred = Image.open(out)
+    assert pred.size == (S, S) and pred.mode == "RGB"
+    # grid: 3 context + 1 prediction tiles of 64 + 2 px padding, 12 px between sections, one row.
+    assert Image.open(tmp_path / "out" / "pred_grid.png").size == (4 * (S + 2) + 12, S + 2)
+    ordered = [Image.open(p).convert("RGB") for p in (paths[2], paths[1], paths[0])]
+    tokens = tiny_tokenizer.encode(ordered)[None]
+    expected = tiny_tokenizer.decode(rollout(model, tokens, 1, GREEDY)[0])[0]
+    assert torch.equal(pil_to_tensor(pred), expected)
+
+
+def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+    ckpt, _ = lvm_ckpt
+    frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(5)])
+    truth = write_frames(tmp_path / "gt", [f"{i}.png" for i in range(3)], seed=1)
+    out = tmp_path / "roll.png"
+    printed = prompt(["--frames", *frames, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", out,
+                      "--num-frames", 3, "--candidates", 2, "--top-k", 100, "--seed", 3, "--ground-truth", *truth], capsys)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    expected = [f"roll_c{c}_f{f}.png" for c in range(2) for f in range(3)] + ["roll_c0.gif", "roll_c1.gif", "roll_grid.png"]
+    assert names == sorted(expected)
+    gif = Image.open(tmp_path / "roll_c0.gif")
+    assert gif.n_frames == 5 + 3 and gif.size == (S, S)
+    # rows: 2 candidates; sections: 5 context | 3 predictions | 3 ground truth
+    assert Image.open(tmp_path / "roll_grid.png").size == (11 * (S + 2) + 2 * 12, 2 * (S + 2))
+    assert "6 frame(s) (1 prompt(s) x 2 candidate(s) x 3)" in printed.out
+    assert "vs ground truth: MSE 0." in printed.out and "(mean over 6)" in printed.out
+    # the context slid past the 6 frames that fit (5 given + 3 generated) without error; candidates differ
+    assert Image.open(tmp_path / "roll_c0_f0.png").tobytes() != Image.open(tmp_path / "roll_c1_f0.png").tobytes()
+
+
+def test_batched_prompts_from_directories_and_pairs(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+    ckpt, _ = lvm_ckpt
+    write_frames(tmp_path / "a", ["1.png", "2.png"])
+    write_frames(tmp_path / "b", ["1.png", "2.png"], seed=2)
+    out = tmp_path / "batch" / "p.png"
+    prompt(["--frames", tmp_path / "a", tmp_path / "b", "--model", ckpt, "--tokenizer", tiny_tokenizer_dir,
+            "--out", out, "--greedy"], capsys)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p_grid.png", "p_p0.png", "p_p1.png"]
+    pairs = write_frames(tmp_path / "pairs", ["a.png", "a_ann.png", "b.png", "b_ann.png", "c.png"])
+    printed = prompt(["--pairs", *pairs, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir,
+                      "--out", tmp_path / "c_ann.png"], capsys)
+    assert Image.open(tmp_path / "c_ann.png").size == (S, S)
+    assert "1 frame(s)" in printed.out
+
+
+def run_error(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    return err.strip()
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+    ckpt, _ = lvm_ckpt
+    frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(7)])
+    common = ["--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", tmp_path / "o.png"]
+    missing = tmp_path / "nope.png"
+    assert run_error(["--frames", missing, *common], capsys) == f"error: {missing}: no such file or directory"
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    assert run_error(["--frames", tmp_path / "bad.png", *common], capsys).startswith(
+        f"error: {tmp_path / 'bad.png'}: not a readable image")
+    assert run_error(["--frames", *frames, *common], capsys) == (
+        "error: --frames: 7 frames given, but at most 6 fit as context "
+        "(model context 128 tokens, 16 tokens per image, one frame left to generate)")
+    assert run_error(["--pairs", *frames[:4], *common], capsys) == (
+        "error: --pairs: needs example pairs then one query image (an odd count), got 4")
+    assert run_error(["--frames", frames[0], "--model", tmp_path / "x.ckpt", *common[2:]], capsys) == (
+        f"error: {tmp_path / 'x.ckpt'}: no such file or directory")
+    assert run_error(["--frames", frames[0], "--model", ckpt, "--tokenizer", tmp_path, "--out", tmp_path / "o.png"],
+                     capsys).startswith(f"error: {tmp_path}: ")
+
+
+def test_tokenizer_codebook_must_match_the_model(tmp_path, tiny_tokenizer_dir, capsys):
+    small = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=1124, max_seq_len=64))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in small.state_dict().items()},
+                "lvm_config": small.cfg.to_dict()}, tmp_path / "small.ckpt")
+    frame = write_frames(tmp_path / "seq", ["0.png"])[0]
+    err = run_error(["--frames", frame, "--model", tmp_path / "small.ckpt", "--tokenizer", tiny_tokenizer_dir,
+                     "--out", tmp_path / "o.png"], capsys)
+    assert err == (f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not match the model's 1024 code ids "
+                   "(vocabulary 1124 = codes + 100 reserved)")
