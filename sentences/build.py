@@ -1,0 +1,283 @@
+"""``python -m sentences.build --spec mix.yaml --out sentences/``: token shards to shuffled sentence shards.
+
+The build loads every source's token shards, draws each source's passes with its builder (``sentences.kinds``),
+shuffles all sentences together and writes them as ``sentences-NNNNNN.tar`` shards plus ``index.json``
+(sentence and token counts per shard, kind and source; the packed stream reads it to split work evenly).
+
+Deterministic: the same spec and inputs give byte-identical shards. Each shard is written under a temporary
+name and renamed when complete, and ``spec.json`` records the spec and inputs, so rerunning a killed build
+keeps the finished shards and writes only the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from sentences.errors import SentenceError
+from sentences.kinds import KINDS, Builder, Sentence
+from sentences.shards import atomic_tar
+from sentences.spec import MixSpec, SourceSpec, load_spec
+from sentences.tokens import ORIGINAL, TokenSet, check_same_length, load_token_set
+
+SHARD_NAME = "sentences-{:06d}.tar"
+
+
+@dataclass
+class Source:
+    """A source of the spec, loaded: its builder and what was counted while loading and drawing."""
+
+    spec: SourceSpec
+    builder: Builder  # its ``notes`` count the loaded images it could not use
+    epochs: float = 0.0
+    sentences: int = 0
+    tokens: int = 0
+
+
+@dataclass
+class Planned:
+    """One sentence of the mixture before it is written: where it comes from and its images."""
+
+    source: Source
+    epoch: int
+    index: int
+    images: Sentence
+
+    @property
+    def key(self) -> str:
+        return f"{self.source.spec.name}-{self.epoch:03d}-{self.index:08d}"
+
+
+@dataclass
+class Summary:
+    """What a build wrote; also saved as ``index.json``."""
+
+    shards: dict[str, dict] = field(default_factory=dict)
+    kinds: dict[str, dict] = field(default_factory=dict)
+    sources: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, dict] = field(default_factory=dict)  # per token shard set: samples not loaded, by reason
+    resumed_shards: int = 0
+
+
+def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
+    """Load every source's token sets and make its builder.
+
+    Returns the sources, the tokens per image, and per token shard set the samples skipped, by reason.
+
+    Shards used by several sources with the same variants (a LAION set drawn as single, colorization and
+    inpainting sentences) are loaded once and shared.
+    """
+    loaded: dict[tuple, tuple[TokenSet, Counter]] = {}
+
+    def load(name: str, paths: list[str], variants: tuple[str, ...]) -> TokenSet:
+        key = (name, tuple(paths), variants)
+        if key not in loaded:
+            skipped: Counter = Counter()
+            loaded[key] = load_token_set(name, paths, variants, skipped), skipped
+        return loaded[key][0]
+
+    sources = []
+    for src in spec.sources:
+        kind = KINDS[src.kind]
+        images = load("image", src.shards, kind.variants)
+        annotations = {task: load(task, paths, (ORIGINAL,)) for task, paths in src.annotations.items()}
+        sources.append(Source(src, kind(images, annotations, src.options, Counter())))
+    sets = [s for s, _ in loaded.values()]
+    tokens_per_image = check_same_length(sets)
+    for i, src in enumerate(spec.sources):
+        images = KINDS[src.kind].images_per_sentence(src.options, len(src.annotations))
+        if images * tokens_per_image > spec.window:
+            raise SentenceError(
+                f"{spec.path}: sources[{i}] ({src.kind}): sentences of {images} images x {tokens_per_image} tokens "
+                f"exceed the window of {spec.window} tokens (at most {spec.window // tokens_per_image} images fit)"
+            )
+    skipped = {f"{s.shards[0]} ({len(s.shards)} shards, {'+'.join(v)})": dict(c) for (_, _, v), (s, c) in loaded.items()}
+    return sources, tokens_per_image, {label: counts for label, counts in skipped.items() if counts}
+
+
+def _rng(seed: int, name: str, *stream: int) -> np.random.Generator:
+    """Generator for one source and pass; keyed by the source's name so adding a source changes no other."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode()), *stream])
+
+
+def plan(spec: MixSpec, sources: list[Source], tokens_per_image: int) -> list[Planned]:
+    """Every sentence of the mixture, in a seeded shuffled order."""
+    planned: list[Planned] = []
+    total_weight = sum(s.spec.weight or 0.0 for s in sources)
+    for src in sources:
+        name = src.spec.name
+        first = src.builder.draw(_rng(spec.seed, name, 0))
+        if spec.tokens is None:
+            src.epochs = src.spec.epochs
+        else:
+            pass_tokens = sum(len(s) * tokens_per_image + 2 for s in first) or 1
+            src.epochs = src.spec.weight / total_weight * spec.tokens / pass_tokens
+        for epoch in range(math.ceil(src.epochs)):
+            sentences = first if epoch == 0 else src.builder.draw(_rng(spec.seed, name, epoch))
+            keep = range(len(sentences))
+            if src.epochs - epoch < 1:  # a fractional last pass: a random part of it
+                count = round((src.epochs - epoch) * len(sentences))
+                keep = np.sort(_rng(spec.seed, name, epoch, 1).choice(len(sentences), count, replace=False))
+            planned += [Planned(src, epoch, int(i), sentences[i]) for i in keep]
+    order = np.random.default_rng(spec.seed).permutation(len(planned))
+    return [planned[i] for i in order]
+
+
+def assemble(item: Planned) -> tuple[np.ndarray, dict]:
+    """``[BOS, image tokens..., EOS]`` as uint16 and the sentence json; every id is checked once more here."""
+    tokens = np.concatenate(
+        [[BOS_ID], *(images.tokens[variant][row] for images, variant, row in item.images), [EOS_ID]]
+    ).astype(np.uint16)
+    inner = tokens[1:-1]
+    if inner.size and int(inner.max()) >= CODEBOOK_SIZE:
+        raise SentenceError(f"{item.key}: image token id {int(inner.max())} outside the codebook")
+    info = {
+        "kind": item.source.spec.kind,
+        "source": item.source.spec.name,
+        "epoch": item.epoch,
+        "images": [images.provenance(row, variant) for images, variant, row in item.images],
+    }
+    return tokens, info
+
+
+def _fingerprint(spec: MixSpec) -> str:
+    """Hash of the spec and the input shards (paths and sizes): what decides the output bytes."""
+    inputs = sorted({p for s in spec.sources for p in [*s.shards, *(q for v in s.annotations.values() for q in v)]})
+    payload = json.dumps({"spec": spec.to_json(), "inputs": [(p, os.path.getsize(p)) for p in inputs]})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _prepare_out(spec: MixSpec, out: Path) -> None:
+    """Claim ``out`` for this spec, or check that an earlier run of the same spec and inputs owns it."""
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"fingerprint": _fingerprint(spec), "spec": spec.to_json()}
+    marker = out / "spec.json"
+    if marker.exists():
+        if json.loads(marker.read_text()).get("fingerprint") != record["fingerprint"]:
+            raise SentenceError(f"{out}: holds a build of another spec or other inputs; remove it or choose another --out")
+    elif any(out.glob("sentences-*.tar")):
+        raise SentenceError(f"{out}: holds sentence shards without spec.json; remove them or choose another --out")
+    else:
+        _write_json(marker, record)
+    for tmp in out.glob("*.tmp"):  # left by a killed run
+        tmp.unlink()
+
+
+def write_shards(spec: MixSpec, planned: list[Planned], out: Path, tokens_per_image: int) -> Summary:
+    """Write the planned sentences into shards (skipping shards a previous run completed) and ``index.json``."""
+    summary = Summary(kinds={s.kind: {"sentences": 0, "tokens": 0} for s in spec.sources})
+    per = spec.sentences_per_shard
+    bar = tqdm(total=len(planned), desc="write", unit="sentence", dynamic_ncols=True)
+    for k in range(math.ceil(len(planned) / per)):
+        items = planned[k * per : (k + 1) * per]
+        path = out / SHARD_NAME.format(k)
+        if path.exists():
+            summary.resumed_shards += 1
+        else:
+            with atomic_tar(path) as tar:
+                for item in items:
+                    tokens, info = assemble(item)
+                    tar.write({"__key__": item.key, "tokens.npy": tokens, "json": info})
+        shard_tokens = sum(len(item.images) * tokens_per_image + 2 for item in items)
+        summary.shards[path.name] = {"sentences": len(items), "tokens": shard_tokens, "bytes": path.stat().st_size}
+        bar.update(len(items))
+    bar.close()
+    for item in planned:
+        n = len(item.images) * tokens_per_image + 2
+        kind = summary.kinds[item.source.spec.kind]
+        kind["sentences"] += 1
+        kind["tokens"] += n
+        item.source.sentences += 1
+        item.source.tokens += n
+    return summary
+
+
+def build(spec: MixSpec, out: str | Path) -> Summary:
+    """Run a whole build (resuming one that was interrupted); returns what ``index.json`` records."""
+    out = Path(out)
+    _prepare_out(spec, out)
+    sources, tokens_per_image, skipped = load_sources(spec)
+    planned = plan(spec, sources, tokens_per_image)
+    summary = write_shards(spec, planned, out, tokens_per_image)
+    summary.skipped = skipped
+    for src in sources:
+        summary.sources[src.spec.name] = {
+            "kind": src.spec.kind,
+            "epochs": round(src.epochs, 4),
+            "sentences": src.sentences,
+            "tokens": src.tokens,
+            "unused": dict(src.builder.notes),
+        }
+    _write_json(
+        out / "index.json",
+        {
+            "format": "lvm-sentences/1",
+            "tokens_per_image": tokens_per_image,
+            "seed": spec.seed,
+            "window": spec.window,
+            "shards": summary.shards,
+            "kinds": summary.kinds,
+            "sources": summary.sources,
+            "skipped": summary.skipped,
+        },
+    )
+    return summary
+
+
+def _report(summary: Summary, out: str, seconds: float) -> str:
+    """The per-source and per-kind table, then the one-line summary."""
+    lines = [f"{'source':<16}{'kind':<14}{'epochs':>8}{'sentences':>12}{'tokens':>15}  unused images"]
+    for name, s in summary.sources.items():
+        notes = "; ".join(f"{n} {r}" for r, n in s["unused"].items()) or "-"
+        lines.append(f"{name:<16}{s['kind']:<14}{s['epochs']:>8.2f}{s['sentences']:>12,}{s['tokens']:>15,}  {notes}")
+    for kind, k in summary.kinds.items():
+        lines.append(f"{'[' + kind + ']':<30}{'':>8}{k['sentences']:>12,}{k['tokens']:>15,}")
+    sentences = sum(k["sentences"] for k in summary.kinds.values())
+    tokens = sum(k["tokens"] for k in summary.kinds.values())
+    for label, counts in summary.skipped.items():
+        lines.append(f"skipped in {label}: " + "; ".join(f"{n} {reason}" for reason, n in counts.items()))
+    skipped = sum(sum(counts.values()) for counts in summary.skipped.values())
+    resumed = f" ({summary.resumed_shards} already done)" if summary.resumed_shards else ""
+    lines.append(
+        f"built {sentences:,} sentences ({tokens:,} tokens, {len(summary.kinds)} kinds) into "
+        f"{len(summary.shards)} shards{resumed} in {out} in {seconds:.1f} s; skipped {skipped:,} samples"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sentences.build", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help="mixing spec (YAML), see docs/sentences.md")
+    parser.add_argument("--out", required=True, help="output folder for sentence shards and index.json")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        summary = build(load_spec(args.spec), args.out)
+    except SentenceError as exn:
+        print(f"error: {exn}", file=sys.stderr)
+        return 2
+    print(_report(summary, args.out, time.perf_counter() - start))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""One builder per kind of visual sentence.
+
+A builder is made once per source (grouping videos, pairing sets by key, pooling categories) and then draws one
+pass over the source per call to ``draw`` with the pass's random generator, so every epoch gets new random
+starts, new pairings and new task orders. A sentence is a tuple of image references; ``sentences.build`` turns
+it into ``[BOS, image tokens..., EOS]``. docs/sentences.md shows each kind's layout.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from typing import ClassVar
+
+import numpy as np
+
+from sentences.errors import SentenceError
+from sentences.tokens import ORIGINAL, TokenSet
+
+Ref = tuple[TokenSet, str, int]
+"""One image of a sentence: the set it comes from, the token variant, the row in the set."""
+Sentence = tuple[Ref, ...]
+
+
+def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
+    """``order`` cut into runs of ``size``; the last run may be shorter, so no image is left out of a pass."""
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+class Builder:
+    """Draws the sentences of one source. Subclasses set the class attributes and ``draw``.
+
+    ``options`` lists the kind's options with their defaults (the spec may set any of them); ``variants`` are the
+    token variants every source image must have; ``annotations`` is the allowed number of annotation sets.
+    """
+
+    options: ClassVar[dict[str, object]] = {}
+    variants: ClassVar[tuple[str, ...]] = (ORIGINAL,)
+    annotations: ClassVar[tuple[int, int | None]] = (0, 0)
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        """``notes`` counts, by reason, the images this source cannot use (reported in the build summary)."""
+        self.images = images
+        self.sets = {"image": images, **annotations}
+        self.opt = {**self.options, **options}
+        self.notes = notes
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        """The most images one sentence can hold with these options (checked against the window)."""
+        raise NotImplementedError
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        """The sentences of one pass over the source."""
+        raise NotImplementedError
+
+
+class Single(Builder):
+    """``[image]``: every image on its own."""
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return 1
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        return [((self.images, ORIGINAL, int(row)),) for row in rng.permutation(len(self.images))]
+
+
+class Video(Builder):
+    """``[f_s, f_s+k, f_s+2k, ...]``: up to ``frames`` frames of one video at stride ``k``, random start ``s``.
+
+    Frames are grouped by the json field ``group_by`` and ordered by ``order_by``; the stride counts stored
+    frames (the tokenize step may already have kept every n-th frame). Each pass draws one clip per video and per
+    stride in ``strides``; a video too short for ``frames`` frames at a stride gives a shorter clip, and one too
+    short for two frames gives none (counted).
+    """
+
+    options = {"frames": 16, "strides": [8], "group_by": "video", "order_by": "frame"}
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        super().__init__(images, annotations, options, notes)
+        group_by, order_by = self.opt["group_by"], self.opt["order_by"]
+        groups: dict[str, list[tuple[object, int]]] = defaultdict(list)
+        for row, meta in enumerate(images.meta):
+            if group_by not in meta or order_by not in meta:
+                notes[f"images without '{group_by}' and '{order_by}' in their json"] += 1
+                continue
+            groups[str(meta[group_by])].append((meta[order_by], row))
+        try:
+            self.groups = [np.array([row for _, row in sorted(members)]) for members in groups.values()]
+        except TypeError as exn:
+            raise SentenceError(f"{images.shards[0]}: json field '{order_by}' cannot order frames ({exn})") from None
+        for stride in self.opt["strides"]:
+            if short := sum(len(rows) <= stride for rows in self.groups):
+                notes[f"groups too short for 2 frames at stride {stride}"] += short
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return options["frames"]
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        sentences = []
+        for rows in self.groups:
+            for stride in self.opt["strides"]:
+                n = min(self.opt["frames"], (len(rows) - 1) // stride + 1)
+                if n < 2:
+                    continue
+                start = int(rng.integers(0, len(rows) - (n - 1) * stride))
+                clip = rows[start : start + (n - 1) * stride + 1 : stride]
+                sentences.append(tuple((self.images, ORIGINAL, int(row)) for row in clip))
+        return sentences
+
+
+class MultiView(Video):
+    """``[v1, v2, ...]``: views of one object or scene, grouped and drawn like video frames."""
+
+    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "key"}
+
+
+class Pairs(Builder):
+    """``[x1, y1, x2, y2, ...]``: an image then its annotation for one task, ``pairs`` pairs, paired by key."""
+
+    options = {"pairs": 8}
+    annotations = (1, 1)
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        super().__init__(images, annotations, options, notes)
+        self.rows = _join(list(self.sets.values()), notes)
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return 2 * options["pairs"]
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        sets = list(self.sets.values())
+        return [
+            tuple((sets[j], ORIGINAL, int(self.rows[i, j])) for i in chunk for j in range(len(sets)))
+            for chunk in _chunks(rng.permutation(len(self.rows)), self.opt["pairs"])
+        ]
+
+
+class MultiTask(Builder):
+    """``[a_t1, a_t2, ..., b_t1, b_t2, ...]``: ``shots`` images, each followed by its other annotations.
+
+    The image and its annotation sets (paired by key) are the tasks; their order is permuted per sentence and
+    kept across the shots of that sentence, so the sentence reads as an analogy: the first shots show the
+    mapping, the last asks for it.
+    """
+
+    options = {"shots": 3}
+    annotations = (1, None)
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        super().__init__(images, annotations, options, notes)
+        self.rows = _join(list(self.sets.values()), notes)
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return options["shots"] * (1 + n_annotations)
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        sets = list(self.sets.values())
+        sentences = []
+        for chunk in _chunks(rng.permutation(len(self.rows)), self.opt["shots"]):
+            tasks = rng.permutation(len(sets))
+            sentences.append(tuple((sets[j], ORIGINAL, int(self.rows[i, j])) for i in chunk for j in tasks))
+        return sentences
+
+
+class Colorization(Builder):
+    """``[gray1, color1, gray2, color2, ...]``: ``pairs`` images, each as its gray variant then itself.
+
+    The gray variant is made from pixels (luma 0.2989 R + 0.587 G + 0.114 B) and tokenized by the tokenize
+    step, stored as ``<key>.gray.tokens.npy``.
+    """
+
+    options = {"pairs": 8}
+    derived: ClassVar[str] = "gray"
+    variants = (ORIGINAL, "gray")
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return 2 * options["pairs"]
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        return [
+            tuple(ref for row in chunk for ref in ((self.images, self.derived, int(row)), (self.images, ORIGINAL, int(row))))
+            for chunk in _chunks(rng.permutation(len(self.images)), self.opt["pairs"])
+        ]
+
+
+class Inpainting(Colorization):
+    """``[masked1, image1, masked2, image2, ...]``: like colorization with the masked variant.
+
+    The masked variant (a square hole or dropped patches, parameters in the image's json) is made from pixels
+    and tokenized by the tokenize step, stored as ``<key>.masked.tokens.npy``.
+    """
+
+    derived = "masked"
+    variants = (ORIGINAL, "masked")
+
+
+class Category(Builder):
+    """``[c1 x images, c2 x images, ...]``: ``images`` images of each of ``categories`` different categories.
+
+    The category is the json field ``field`` (``folder`` for images from class folders, or a label field kept
+    from the source json). Each pass shuffles every category and picks categories with probability proportional
+    to the images they have left, so all categories run out at about the same time; the images of categories
+    left without enough partners at the end of a pass are not used in that pass.
+    """
+
+    options = {"field": "folder", "categories": 4, "images": 4}
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        super().__init__(images, annotations, options, notes)
+        pools: dict[str, list[int]] = defaultdict(list)
+        for row, meta in enumerate(images.meta):
+            if self.opt["field"] in meta:
+                pools[str(meta[self.opt["field"]])].append(row)
+            else:
+                notes[f"images without '{self.opt['field']}' in their json"] += 1
+        self.pools = [np.array(rows) for rows in pools.values() if len(rows) >= self.opt["images"]]
+        if small := len(pools) - len(self.pools):
+            notes[f"categories with fewer than {self.opt['images']} images"] += small
+        if len(self.pools) < self.opt["categories"]:
+            raise SentenceError(
+                f"{images.shards[0]}: {len(self.pools)} categories ('{self.opt['field']}') have at least "
+                f"{self.opt['images']} images, {self.opt['categories']} needed per sentence"
+            )
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return options["categories"] * options["images"]
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        k, n = self.opt["images"], self.opt["categories"]
+        pools = [rng.permutation(rows) for rows in self.pools]
+        left = np.array([len(rows) for rows in pools])
+        sentences = []
+        while len(eligible := np.flatnonzero(left >= k)) >= n:
+            weights = left[eligible] / left[eligible].sum()
+            sentence = []
+            for c in rng.choice(eligible, size=n, replace=False, p=weights):
+                taken = pools[c][len(pools[c]) - left[c] :][:k]
+                left[c] -= k
+                sentence += [(self.images, ORIGINAL, int(row)) for row in taken]
+            sentences.append(tuple(sentence))
+        self.notes["images left over at the end of a pass (summed over passes)"] += int(left.sum())
+        return sentences
+
+
+KINDS: dict[str, type[Builder]] = {
+    "single": Single,
+    "video": Video,
+    "multiview": MultiView,
+    "pairs": Pairs,
+    "multitask": MultiTask,
+    "colorization": Colorization,
+    "inpainting": Inpainting,
+    "category": Category,
+}
+
+
+def _join(sets: list[TokenSet], notes: Counter) -> np.ndarray:
+    """Rows ``[n, len(sets)]`` of the keys found in every set (the first set is the source images)."""
+    lookups = [s.rows_by_key() for s in sets]
+    joined = [[lk[key] for lk in lookups] for key in sets[0].keys if all(key in lk for lk in lookups)]
+    for s, lookup in zip(sets, lookups):
+        if unpaired := len(lookup) - len(joined):
+            notes[f"{s.name} images without a partner in every set"] += unpaired
+    if not joined:
+        names = ", ".join(f"{s.name} ({s.shards[0]})" for s in sets)
+        raise SentenceError(f"{sets[0].shards[0]}: no key is shared by all of {names}")
+    return np.array(joined, dtype=np.int64)
