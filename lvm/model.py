@@ -82,6 +82,12 @@ class LVMConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @property
+    def residual_init_std(self) -> float:
+        """Init std of the projections that write into the residual stream (o_proj, down_proj):
+        scaled by 1/sqrt(2 * layers) so the stream's variance does not grow with depth (GPT-2 / Llama)."""
+        return self.init_std / math.sqrt(2 * self.n_layers)
+
     def num_params(self) -> int:
         """Parameter count from the shape alone (embedding and head untied)."""
         per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.mlp_dim + 2 * self.dim
@@ -108,6 +114,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """Bias-free nn.Linear whose own reset_parameters draws N(0, std).
+
+    Each layer carries its init (rather than one pass over the whole model) because
+    FSDP materialises a model built on the meta device by calling reset_parameters()
+    on every module that owns tensors, one wrapped Block at a time; eager
+    construction and sharded initialisation then give the same distribution.
+    """
+
+    def __init__(self, in_features: int, out_features: int, std: float) -> None:
+        self.std = std  # read by reset_parameters(), which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding initialised N(0, std) by its own reset_parameters (see `Linear`)."""
+
+    def __init__(self, num_embeddings: int, dim: int, std: float) -> None:
+        self.std = std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+
+
 class KVCache(nn.Module):
     """Static key/value cache [B, H, max_len, D]: written in place at the given positions."""
 
@@ -127,10 +161,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: LVMConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
-        self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.dim, cfg.init_std)
+        self.k_proj = Linear(cfg.dim, cfg.dim, cfg.init_std)
+        self.v_proj = Linear(cfg.dim, cfg.dim, cfg.init_std)
+        self.o_proj = Linear(cfg.dim, cfg.dim, cfg.residual_init_std)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -160,9 +194,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LVMConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.mlp_dim, cfg.init_std)
+        self.up_proj = Linear(cfg.dim, cfg.mlp_dim, cfg.init_std)
+        self.down_proj = Linear(cfg.mlp_dim, cfg.dim, cfg.residual_init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -190,27 +224,26 @@ class LVM(nn.Module):
     def __init__(self, cfg: LVMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed = Embedding(cfg.vocab_size, cfg.dim, cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim, dtype=torch.float32), persistent=False)
         self.cache_len = 0
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) everywhere; residual output projections scaled by 1/sqrt(2 * layers)
-        so the residual stream's variance does not grow with depth (GPT-2 / Llama practice)."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, mean=0.0, std=std)
+        """Fill the RoPE tables, the only tensors the LVM module owns directly.
+
+        Weights are initialised by their own layers (`Linear`, `Embedding`, RMSNorm's ones)
+        when constructed, and again when FSDP materialises a meta-device model: FSDP calls
+        this method on the LVM for its buffers, so it must not touch the layers' weights.
+        """
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache for generation of up to `max_len` positions."""
