@@ -113,7 +113,7 @@ class Video(Builder):
 class MultiView(Video):
     """``[v1, v2, ...]``: views of one object or scene, grouped and drawn like video frames."""
 
-    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "key"}
+    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "path"}
 
 
 class Pairs(Builder):

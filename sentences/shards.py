@@ -15,7 +15,7 @@ from sentences.errors import SentenceError
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard paths named by ``spec``: a folder (its ``*.tar``), a glob, a brace pattern, or a list of those.
+    """Shard paths named by ``spec``: a folder (its ``*.tar``, recursively), a glob, a brace pattern, or a list.
 
     Order is kept as given and each folder or glob is sorted, so the same spec always lists the same shards in
     the same order (the builders and the stream derive their randomness from positions in this list).
@@ -25,7 +25,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     for pattern in patterns:
         for item in expand_urls(str(pattern)):
             if os.path.isdir(item):
-                found = sorted(glob.glob(os.path.join(item, "*.tar")))
+                found = sorted(glob.glob(os.path.join(item, "**", "*.tar"), recursive=True))
             elif glob.has_magic(item):
                 found = sorted(p for p in glob.glob(item) if p.endswith(".tar"))
             else:

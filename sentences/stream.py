@@ -1,0 +1,228 @@
+"""The training stream: sentence shards packed into windows of ``seq_len + 1`` tokens, split over ranks and workers.
+
+How an epoch is laid out (all of it follows from ``seed`` and the epoch, nothing from timing):
+
+1. The shard list is shuffled with ``(seed, epoch)``. Its sentences, in that order, form one token stream whose
+   length is known from ``index.json`` (written by ``sentences.build``; shards from other tools are counted by
+   reading them once).
+2. The stream is cut into ``readers = world_size x num_workers`` equal spans of ``batches x batch_size x
+   (seq_len + 1)`` tokens, one per (rank, worker), so every reader yields the same number of batches and DDP
+   ranks never wait on each other. Less than one global batch is left out at the end of the epoch. A sentence
+   crossing a span boundary is split between the two readers; each reads only the shards its span touches.
+3. Each reader shuffles its sentences in a buffer seeded by ``(seed, epoch, reader)``, packs them back to back
+   and cuts windows of ``seq_len + 1`` tokens: ``input_ids = window[:-1]``, ``labels = window[1:]``. As in the
+   release, nothing is masked at sentence boundaries (EOS predicts the next BOS); ``doc_ids`` lets the model
+   mask attention across sentences if it wants.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import IterableDataset, get_worker_info
+
+from lvm.vocab import VOCAB_SIZE
+from sentences.errors import SentenceError
+from sentences.shards import expand_shards, iter_samples
+
+SHUFFLE_BUFFER = 4096
+"""Sentences a reader holds to shuffle (at most ~32 MB at 16 images of 256 tokens); the build already shuffled
+the mixture across shards, so this only has to break up the order within a reader's shards."""
+
+
+def read_sentences(path: str) -> Iterator[np.ndarray]:
+    """The token arrays of a sentence shard in order, every id checked against the vocabulary."""
+    for sample in iter_samples(path):
+        key = sample["__key__"]
+        if "tokens.npy" not in sample:
+            raise SentenceError(f"{path}: sentence '{key}' has no tokens.npy")
+        try:
+            tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        except ValueError as exn:
+            raise SentenceError(f"{path}: sentence '{key}': unreadable tokens.npy ({exn})") from None
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise SentenceError(f"{path}: sentence '{key}': expected 1-D integer tokens, got {tokens.dtype} {tokens.shape}")
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE):
+            bad = int(tokens.max()) if tokens.max() >= VOCAB_SIZE else int(tokens.min())
+            raise SentenceError(f"{path}: sentence '{key}': token id {bad} outside the vocabulary [0, {VOCAB_SIZE})")
+        yield tokens
+
+
+def shard_tokens(paths: list[str]) -> np.ndarray:
+    """Tokens in each shard: from the ``index.json`` beside it when it lists the shard at its current size,
+    otherwise by reading the shard."""
+    indexes: dict[str, dict] = {}
+    counts = []
+    for path in paths:
+        folder = os.path.dirname(path)
+        if folder not in indexes:
+            index_path = os.path.join(folder, "index.json")
+            try:
+                with open(index_path) as f:
+                    indexes[folder] = json.load(f).get("shards", {})
+            except FileNotFoundError:
+                indexes[folder] = {}
+            except (OSError, ValueError, AttributeError) as exn:
+                raise SentenceError(f"{index_path}: unreadable ({exn})") from None
+        entry = indexes[folder].get(os.path.basename(path))
+        if isinstance(entry, dict) and entry.get("bytes") == os.path.getsize(path) and "tokens" in entry:
+            counts.append(int(entry["tokens"]))
+        else:
+            counts.append(sum(len(tokens) for tokens in read_sentences(path)))
+    return np.array(counts, dtype=np.int64)
+
+
+class PackedStream(IterableDataset):
+    """Sentence shards as ready batches of packed windows; see the module docstring for the epoch layout.
+
+    Use it with ``DataLoader(stream, batch_size=None, num_workers=W)``. Each item is a dict of LongTensors
+    ``input_ids`` and ``labels`` [batch_size, seq_len] (plus ``doc_ids``, equal within one sentence and
+    counting from 0 in each row, when ``doc_ids=True``).
+
+    Epochs: call ``set_epoch(e)`` before iterating epoch ``e`` (each iteration yields one epoch; the DataLoader
+    must not use ``persistent_workers``, which would keep workers with a stale epoch). Every (rank, worker)
+    yields ``batches_per_epoch(W)`` batches.
+
+    Exact resume: the consumer counts the batches it has taken from this rank's DataLoader in the current epoch
+    (``n``) and saves ``{"epoch": e, "batches_consumed": n}``; after ``load_state_dict`` the next iteration
+    yields batch ``n`` of epoch ``e`` first, then the same batches in the same order as the uninterrupted run.
+    The DataLoader hands batches out round-robin (batch ``i`` from worker ``i % W``), so worker ``w`` takes the
+    part of worker ``(w + n) % W`` and skips the batches that part already produced (re-reading them, which
+    costs time proportional to ``n``). Batches prefetched but not consumed are simply produced again. This
+    needs the same shards, seed, ``world_size`` and ``num_workers`` as the run that saved the state.
+    """
+
+    def __init__(
+        self,
+        shards: str | list[str],
+        seq_len: int = 4096,
+        batch_size: int = 1,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        doc_ids: bool = False,
+    ) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise SentenceError(f"{shards}: seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+        self.shards = expand_shards(shards)
+        self.tokens = shard_tokens(self.shards)
+        self.seq_len, self.batch_size, self.seed, self.doc_ids = seq_len, batch_size, seed, doc_ids
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.batches_consumed = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its first batch at the next iteration."""
+        self.epoch, self.batches_consumed = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume after ``state["batches_consumed"]`` batches of ``state["epoch"]`` on this rank."""
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+
+    def _rank_world(self) -> tuple[int, int]:
+        """Rank and world size: as given, else from torch.distributed when it is initialised, else 0 and 1."""
+        initialised = dist.is_available() and dist.is_initialized()
+        rank = self.rank if self.rank is not None else (dist.get_rank() if initialised else 0)
+        world = self.world_size if self.world_size is not None else (dist.get_world_size() if initialised else 1)
+        if not 0 <= rank < world:
+            raise SentenceError(f"{self.shards[0]}: rank {rank} outside world size {world}")
+        return rank, world
+
+    def batches_per_epoch(self, num_workers: int = 0) -> int:
+        """Batches each rank's DataLoader yields per epoch with ``num_workers`` workers."""
+        _, world = self._rank_world()
+        per_reader = int(self.tokens.sum()) // (world * max(1, num_workers) * self.batch_size * (self.seq_len + 1))
+        return per_reader * max(1, num_workers)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        rank, world = self._rank_world()
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        consumed = self.batches_consumed
+        part = (worker + consumed) % workers  # the part whose next batch is this worker's turn in the round-robin
+        reader, readers = rank * workers + part, world * workers
+        batch_tokens = self.batch_size * (self.seq_len + 1)
+        batches = int(self.tokens.sum()) // (readers * batch_tokens)
+        if batches == 0:
+            raise SentenceError(
+                f"{self.shards[0]}: {int(self.tokens.sum())} tokens in {len(self.shards)} shards cannot give one batch "
+                f"of {self.batch_size} x {self.seq_len + 1} tokens to each of {readers} readers (ranks x workers)"
+            )
+        span = batches * batch_tokens
+        pieces = self._span(reader * span, (reader + 1) * span)
+        shuffled = _shuffle(pieces, np.random.default_rng([self.seed, self.epoch, reader]))
+        skip = max(0, -(-(consumed - part) // workers))  # batches i < consumed with i % workers == part
+        for i, (tokens, docs) in enumerate(_pack(shuffled, batch_tokens, self.doc_ids)):
+            if i >= skip:
+                yield self._batch(tokens, docs)
+
+    def _span(self, start: int, end: int) -> Iterator[np.ndarray]:
+        """The sentences (cut at the ends) between token offsets ``start`` and ``end`` of this epoch's stream."""
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        offsets = np.concatenate([[0], np.cumsum(self.tokens[order])])
+        for shard, first, last in zip(order, offsets[:-1], offsets[1:]):
+            if last <= start or first >= end:
+                continue
+            position = int(first)
+            for tokens in read_sentences(self.shards[shard]):
+                begin, position = position, position + len(tokens)
+                if position > start:
+                    yield tokens[max(start - begin, 0) : min(end, position) - begin]
+                if position >= end:
+                    break
+            else:
+                if position == last:
+                    continue
+                raise SentenceError(
+                    f"{self.shards[shard]}: holds {position - first} tokens, expected {self.tokens[shard]} "
+                    "(index.json out of date?)"
+                )
+
+    def _batch(self, tokens: np.ndarray, docs: np.ndarray | None) -> dict[str, torch.Tensor]:
+        windows = torch.from_numpy(tokens.astype(np.int64)).view(self.batch_size, self.seq_len + 1)
+        batch = {"input_ids": windows[:, :-1].contiguous(), "labels": windows[:, 1:].contiguous()}
+        if docs is not None:
+            rows = torch.from_numpy(docs).view(self.batch_size, self.seq_len + 1)[:, :-1]
+            batch["doc_ids"] = (rows - rows[:, :1]).contiguous()
+        return batch
+
+
+def _shuffle(items: Iterable[np.ndarray], rng: np.random.Generator) -> Iterator[np.ndarray]:
+    """Buffer shuffle: hold SHUFFLE_BUFFER items, emit a random one for each new one, then the rest permuted."""
+    buffer: list[np.ndarray] = []
+    for item in items:
+        if len(buffer) < SHUFFLE_BUFFER:
+            buffer.append(item)
+            continue
+        i = int(rng.integers(SHUFFLE_BUFFER))
+        yield buffer[i]
+        buffer[i] = item
+    for i in rng.permutation(len(buffer)):
+        yield buffer[i]
+
+
+def _pack(pieces: Iterable[np.ndarray], size: int, with_docs: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Pieces back to back, cut into runs of exactly ``size`` tokens (plus each token's piece number)."""
+    parts: list[np.ndarray] = []
+    docs: list[np.ndarray] = []
+    have = 0
+    for number, piece in enumerate(pieces):
+        while len(piece):
+            take = min(size - have, len(piece))
+            parts.append(piece[:take])
+            if with_docs:
+                docs.append(np.full(take, number, dtype=np.int64))
+            have += take
+            piece = piece[take:]
+            if have == size:
+                yield np.concatenate(parts), (np.concatenate(docs) if with_docs else None)
+                parts, docs, have = [], [], 0
