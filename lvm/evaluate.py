@@ -1,0 +1,302 @@
+"""`python -m lvm.evaluate`: how good is an LVM, with baselines that give the numbers meaning.
+
+    python -m lvm.evaluate --model M --sentences val/ --tokenizer T --out eval/
+
+Reads sentence shards (docs/FORMATS.md) and reports, as the release does:
+- perplexity of each sentence's last image given the images before it (as many as
+  fit the context), over that image's tokens with a log-softmax over the whole
+  vocabulary: the mean of per-example perplexities and exp(mean NLL), overall and
+  by sentence kind;
+- for video sentences, the last frame's perplexity against 1..15 context frames
+  (table + PNG plot, drawn with matplotlib);
+- baselines: the unigram perplexity of the evaluation tokens and, with a tokenizer,
+  the pixel MSE of copying the last context frame, beside the model's own greedy
+  next-frame MSE/PSNR (both against the tokenizer's decoding of the true tokens).
+The functions are importable (`read_sentences`, `target_nlls`, `perplexity_by_kind`,
+`perplexity_vs_context`, `unigram_perplexity`, `pixel_metrics`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+import tokenizer
+from lvm import metrics
+from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
+from lvm.model import LVM
+from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+
+
+class EvaluationError(Exception):
+    """Unusable evaluation input; the message is `<path>: <problem>`."""
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+
+
+@dataclass
+class Sentence:
+    key: str
+    kind: str
+    images: torch.Tensor  # [n_images, tokens_per_image] code ids
+
+
+def read_sentences(
+    shards: list[str | Path], tokens_per_image: int, limit: int | None = None
+) -> tuple[list[Sentence], Counter]:
+    """Sentences with at least two images from sentence shards, and a count of skipped items by reason."""
+    skipped: Counter = Counter()
+
+    def on_error(e: Exception) -> bool:
+        skipped[f"unreadable tar ({type(e).__name__})"] += 1
+        return True
+
+    sentences = []
+    for shard in shards:
+        for sample in wds.tarfile_samples([{"url": str(shard)}], handler=on_error):
+            sentence = _parse(sample, tokens_per_image, skipped)
+            if sentence is not None:
+                sentences.append(sentence)
+                if len(sentences) == limit:
+                    return sentences, skipped
+    return sentences, skipped
+
+
+def _parse(sample: dict, T: int, skipped: Counter) -> Sentence | None:
+    if "tokens.npy" not in sample or "json" not in sample:
+        skipped["missing tokens.npy or json"] += 1
+        return None
+    try:
+        tokens = np.load(io.BytesIO(sample["tokens.npy"]))
+        kind = str(json.loads(sample["json"]).get("kind", "unknown"))
+    except (ValueError, OSError) as e:
+        skipped[f"undecodable member ({type(e).__name__})"] += 1
+        return None
+    if tokens.ndim != 1 or len(tokens) < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID or (len(tokens) - 2) % T:
+        skipped[f"not [BOS, k x {T} tokens, EOS]"] += 1
+        return None
+    images = torch.from_numpy(tokens[1:-1].astype(np.int64)).view(-1, T)
+    if len(images) < 2 or images.max() >= CODEBOOK_SIZE:
+        skipped["fewer than 2 images" if len(images) < 2 else "id outside the codebook"] += 1
+        return None
+    return Sentence(sample["__key__"], kind, images)
+
+
+def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """(indices, stacked batch) over items grouped by shape, so every batch is one dense tensor."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        groups[tuple(item.shape)].append(i)
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            yield chunk, torch.stack([items[i] for i in chunk])
+
+
+@torch.inference_mode()
+def target_nlls(
+    model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """Per-sentence mean NLL [N] (nats) of the last image given the `num_context` images before it
+    (default: all that fit the model's context); BOS is prepended when the model uses one."""
+    T = sentences[0].images.shape[1]
+    fit = context_frames(model, T)
+    k = fit if num_context is None else num_context
+    frames = [s.images[-1 - min(k, fit, len(s.images) - 1) :] for s in sentences]
+    device = model.head.weight.device
+    out = torch.empty(len(sentences), dtype=torch.float64)
+    bar = tqdm(total=len(sentences), desc="perplexity", unit="sentence", disable=not progress)
+    for indices, batch in _batches(frames, batch_size):
+        tokens = batch.flatten(1).to(device)
+        if model.cfg.bos_id is not None:
+            tokens = torch.cat([torch.full_like(tokens[:, :1], model.cfg.bos_id), tokens], 1)
+        logits = model(tokens)[:, -T - 1 : -1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, -T:], reduction="none")
+        out[indices] = nll.mean(1).double().cpu()
+        bar.update(len(indices))
+    bar.close()
+    return out
+
+
+def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict:
+    """{"all": summary, kind: summary, ...} of the last image's perplexity given all context that fits."""
+    nlls = target_nlls(model, sentences, batch_size=batch_size, progress=progress)
+    kinds = [s.kind for s in sentences]
+    report = {"all": metrics.perplexities(nlls)}
+    for kind in sorted(set(kinds)):
+        report[kind] = metrics.perplexities(nlls[[k == kind for k in kinds]])
+    return report
+
+
+def perplexity_vs_context(
+    model: LVM, sentences: list[Sentence], max_frames: int = MAX_CONTEXT_FRAMES, batch_size: int = 8
+) -> dict[int, dict]:
+    """Last-frame perplexity given 1..K context frames, K = min(max_frames, what fits, shortest sentence - 1),
+    so every k is measured on the same sentences and the same target frames."""
+    if not sentences:
+        return {}
+    K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
+    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size)) for k in range(1, K + 1)}
+
+
+def unigram_perplexity(sentences: list[Sentence], codebook_size: int = CODEBOOK_SIZE) -> dict:
+    """Perplexity of each last image under code frequencies counted over all evaluation images (add-one
+    smoothed): the score of a model that ignores context, fitted on the evaluation set itself (optimistic)."""
+    counts = torch.ones(codebook_size, dtype=torch.float64)
+    for s in sentences:
+        counts += torch.bincount(s.images.flatten(), minlength=codebook_size).double()
+    logp = (counts / counts.sum()).log()
+    return metrics.perplexities(torch.stack([-logp[s.images[-1]].mean() for s in sentences]))
+
+
+@torch.inference_mode()
+def pixel_metrics(
+    model: LVM, tok: tokenizer.VQTokenizer, sentences: list[Sentence], batch_size: int = 8
+) -> dict[str, float]:
+    """Greedy next-frame MSE/PSNR of the model and of copying the last context frame, both against the
+    tokenizer's decoding of the true last frame (the best any token model can reach), on [0, 1] pixels."""
+    T, fit = tok.tokens_per_image, context_frames(model, tok.tokens_per_image)
+    device = model.head.weight.device
+    contexts = [s.images[-1 - min(fit, len(s.images) - 1) : -1] for s in sentences]
+    model_mse, copy_mse = torch.empty(len(sentences), dtype=torch.float64), torch.empty(len(sentences), dtype=torch.float64)
+    for indices, frames in _batches(contexts, batch_size):
+        predicted = rollout(model, frames.to(device), 1, GREEDY, tok.codebook_size)[:, 0]
+        truth = tok.decode(torch.stack([sentences[i].images[-1] for i in indices]))
+        model_mse[indices] = metrics.pixel_mse(tok.decode(predicted), truth).cpu()
+        copy_mse[indices] = metrics.pixel_mse(tok.decode(frames[:, -1]), truth).cpu()
+    return {
+        "count": len(sentences),
+        "model_mse": model_mse.mean().item(),
+        "model_psnr": metrics.psnr(model_mse).mean().item(),
+        "copy_last_mse": copy_mse.mean().item(),
+        "copy_last_psnr": metrics.psnr(copy_mse).mean().item(),
+    }
+
+
+def plot_vs_context(curve: dict[int, dict], unigram: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    ks = list(curve)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(ks, [curve[k]["mean_perplexity"] for k in ks], "o-", label="mean per-example perplexity")
+    ax.plot(ks, [curve[k]["perplexity_of_mean_nll"] for k in ks], "s--", label="exp(mean NLL)")
+    ax.axhline(unigram, color="gray", linestyle=":", label="unigram baseline")
+    ax.set(xlabel="context frames", ylabel="perplexity of the last frame", title=title, xticks=ks)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    def row(name: str, s: dict) -> str:
+        return f"| {name} | {s['count']} | {s['mean_perplexity']:.2f} | {s['perplexity_of_mean_nll']:.2f} |"
+
+    head = "| {} | sentences | mean per-example perplexity | exp(mean NLL) |\n| --- | ---: | ---: | ---: |"
+    lines = [f"# Evaluation of {report['model']}", "",
+             f"{report['sentences']} sentences, {report['tokens_per_image']} tokens per image; "
+             f"skipped: {report['skipped'] or 'none'}", "",
+             "## Perplexity of the last image given the images before it", "", head.format("kind")]
+    lines += [row(k, s) for k, s in report["perplexity"].items()]
+    lines.append(row("unigram baseline", report["unigram"]))
+    if report["vs_context"]:
+        lines += ["", "## Video: last-frame perplexity against context frames", "", head.format("context frames")]
+        lines += [row(str(k), s) for k, s in report["vs_context"].items()]
+    if report.get("pixels"):
+        p = report["pixels"]
+        lines += ["", f"## Next-frame pixels (greedy, {p['count']} sentences, vs decoded true tokens)", "",
+                  "| predictor | MSE | PSNR (dB) |", "| --- | ---: | ---: |",
+                  f"| model | {p['model_mse']:.4f} | {p['model_psnr']:.2f} |",
+                  f"| copy last frame | {p['copy_last_mse']:.4f} | {p['copy_last_psnr']:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m lvm.evaluate", description="Perplexity and pixel metrics of an LVM.")
+    p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
+    p.add_argument("--sentences", required=True, nargs="+", help="sentence shards (.tar) or directories of them")
+    p.add_argument("--out", required=True, type=Path, help="directory for report.json, report.md and the plot")
+    p.add_argument("--tokenizer", help="enables pixel metrics (and sets tokens per image)")
+    p.add_argument("--tokens-per-image", type=int, default=256, help="used when no --tokenizer is given")
+    p.add_argument("--max-sentences", type=int, help="evaluate the first N readable sentences")
+    p.add_argument("--pixel-sentences", type=int, default=16, help="sentences to generate for pixel metrics")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32")
+    return p.parse_args(argv)
+
+
+def shard_paths(items: list[str]) -> list[Path]:
+    paths = []
+    for item in map(Path, items):
+        if not item.exists():
+            raise EvaluationError(item, "no such file or directory")
+        found = sorted(item.glob("*.tar")) if item.is_dir() else [item]
+        if not found:
+            raise EvaluationError(item, "no .tar shards")
+        paths += found
+    return paths
+
+
+def run(args: argparse.Namespace) -> dict:
+    shards = shard_paths(args.sentences)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    tok = tokenizer.load(args.tokenizer, device=args.device) if args.tokenizer else None
+    T = tok.tokens_per_image if tok else args.tokens_per_image
+    model = load_lvm(args.model, device=args.device, dtype=dtype)
+    sentences, skipped = read_sentences(shards, T, args.max_sentences)
+    if not sentences:
+        raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
+    video = [s for s in sentences if s.kind == "video"]
+    report = {
+        "model": str(args.model),
+        "sentences": len(sentences),
+        "tokens_per_image": T,
+        "skipped": dict(skipped),
+        "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
+        "unigram": unigram_perplexity(sentences),
+        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size),
+    }
+    if tok:
+        report["pixels"] = pixel_metrics(model, tok, sentences[: args.pixel_sentences], args.batch_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / "report.md").write_text(markdown(report))
+    if report["vs_context"]:
+        plot_vs_context(report["vs_context"], report["unigram"]["mean_perplexity"],
+                        args.out / "perplexity_vs_context.png", f"{Path(args.model).name}: video, last frame")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        report = run(args)
+    except (EvaluationError, CheckpointError, tokenizer.TokenizerLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(markdown(report))
+    all_ = report["perplexity"]["all"]
+    print(f"evaluated {all_['count']} sentences: perplexity {all_['mean_perplexity']:.2f} "
+          f"(unigram {report['unigram']['mean_perplexity']:.2f}); wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`lvm.evaluate` numbers on a tiny model equal a direct computation; the CLI writes its report and plot."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from lvm.evaluate import (
+    main,
+    perplexity_by_kind,
+    perplexity_vs_context,
+    pixel_metrics,
+    read_sentences,
+    target_nlls,
+    unigram_perplexity,
+)
+from lvm.model import LVM, LVMConfig
+from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+
+T = 16  # tokens per image of the tiny tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny forwards are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128)).eval()  # fits 6 context frames
+
+
+def sentence(n_images: int, g: torch.Generator) -> np.ndarray:
+    images = torch.randint(0, CODEBOOK_SIZE, (n_images * T,), generator=g)
+    return np.concatenate([[BOS_ID], images.numpy(), [EOS_ID]]).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two shards: 3 video sentences of 8 frames, 2 pairs sentences of 4 images, and 3 broken items."""
+    out = tmp_path_factory.mktemp("sentences")
+    g = torch.Generator().manual_seed(0)
+    with wds.TarWriter(str(out / "sentences-000000.tar")) as tar:
+        for i in range(3):
+            tar.write({"__key__": f"v{i}", "tokens.npy": sentence(8, g), "json": {"kind": "video"}})
+        tar.write({"__key__": "short", "tokens.npy": sentence(1, g), "json": {"kind": "video"}})
+        tar.write({"__key__": "ragged", "tokens.npy": sentence(2, g)[:-3], "json": {"kind": "pairs"}})
+    with wds.TarWriter(str(out / "sentences-000001.tar")) as tar:
+        for i in range(2):
+            tar.write({"__key__": f"p{i}", "tokens.npy": sentence(4, g), "json": {"kind": "pairs"}})
+        tar.write({"__key__": "nojson", "tokens.npy": sentence(2, g)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def sentences(shards):
+    return read_sentences(sorted(shards.glob("*.tar")), T)
+
+
+@torch.no_grad()
+def direct_nll(model: LVM, images: torch.Tensor) -> float:
+    """Mean NLL of the last image given the others, written out by hand."""
+    tokens = torch.cat([torch.tensor([BOS_ID]), images.flatten()])[None]
+    logp = torch.log_softmax(model(tokens)[0].double(), -1)
+    targets = tokens[0, -T:]
+    return -logp[-T - 1 : -1].gather(1, targets[:, None]).mean().item()
+
+
+def test_reading_skips_and_counts_broken_items(sentences):
+    found, skipped = sentences
+    assert [s.key for s in found] == ["v0", "v1", "v2", "p0", "p1"]
+    assert [s.kind for s in found] == ["video"] * 3 + ["pairs"] * 2
+    assert found[0].images.shape == (8, T)
+    assert skipped == {"fewer than 2 images": 1, f"not [BOS, k x {T} tokens, EOS]": 1, "missing tokens.npy or json": 1}
+
+
+def test_perplexity_matches_direct_computation(model, sentences):
+    found, _ = sentences
+    # video sentences have 8 images but 6 context frames fit: the last 7 images are used.
+    nlls = [direct_nll(model, s.images[-7:]) for s in found[:3]] + [direct_nll(model, s.images) for s in found[3:]]
+    torch.testing.assert_close(target_nlls(model, found, batch_size=2), torch.tensor(nlls, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    report = perplexity_by_kind(model, found, batch_size=2)
+    assert report["all"]["count"] == 5 and report["video"]["count"] == 3 and report["pairs"]["count"] == 2
+    assert report["all"]["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls)))
+    assert report["all"]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(nlls)))
+    assert report["pairs"]["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls[3:])))
+
+
+def test_perplexity_vs_context_frames(model, sentences):
+    video = sentences[0][:3]
+    curve = perplexity_vs_context(model, video, batch_size=3)
+    assert list(curve) == [1, 2, 3, 4, 5, 6]  # what fits, not 15
+    for k in (1, 4):
+        expected = [direct_nll(model, s.images[-1 - k :]) for s in video]
+        assert curve[k]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
+    assert list(perplexity_vs_context(model, video, max_frames=3)) == [1, 2, 3]
+
+
+def test_unigram_baseline(sentences):
+    found, _ = sentences
+    counts = np.ones(CODEBOOK_SIZE)
+    for s in found:
+        np.add.at(counts, s.images.flatten().numpy(), 1)
+    p = counts / counts.sum()
+    nlls = [-np.log(p[s.images[-1].numpy()]).mean() for s in found]
+    assert unigram_perplexity(found)["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls)))
+
+
+def test_pixel_metrics_match_direct_computation(model, sentences, tiny_tokenizer):
+    found = sentences[0][3:]  # the pairs sentences: 3 context images each
+    result = pixel_metrics(model, tiny_tokenizer, found)
+    truth = tiny_tokenizer.decode(torch.stack([s.images[-1] for s in found])).double() / 255
+    copy = tiny_tokenizer.decode(torch.stack([s.images[-2] for s in found])).double() / 255
+    copy_mse = (copy - truth).square().flatten(1).mean(1)
+    assert result["copy_last_mse"] == pytest.approx(copy_mse.mean().item())
+    assert result["copy_last_psnr"] == pytest.approx((-10 * copy_mse.log10()).mean().item())
+    with torch.no_grad():  # greedy next frame by full recomputation
+        seq = torch.cat([torch.full((2, 1), BOS_ID), torch.stack([s.images[:-1].flatten() for s in found])], 1)
+        for _ in range(T):
+            seq = torch.cat([seq, model(seq)[:, -1, :CODEBOOK_SIZE].argmax(-1, keepdim=True)], 1)
+    predicted = tiny_tokenizer.decode(seq[:, -T:]).double() / 255
+    assert result["model_mse"] == pytest.approx((predicted - truth).square().flatten(1).mean(1).mean().item())
+
+
+def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir, capsys):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    out = tmp_path / "eval"
+    main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--tokenizer", str(tiny_tokenizer_dir),
+          "--out", str(out)])
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["sentences"] == 5 and report["pixels"]["count"] == 5
+    assert list(report["vs_context"]) == ["1", "2", "3", "4", "5", "6"]
+    assert "| unigram baseline | 5 |" in (out / "report.md").read_text()
+    assert "| copy last frame |" in printed and "evaluated 5 sentences: perplexity" in printed
+    plot = Image.open(out / "perplexity_vs_context.png")
+    assert plot.format == "PNG" and plot.size == (720, 480)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "m.ckpt", "--sentences", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no such file or directory\n"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        main(["--model", "m.ckpt", "--sentences", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .tar shards\n"
