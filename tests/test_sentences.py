@@ -1,0 +1,341 @@
+"""Visual sentences built from tiny token shards: every kind's layout, the mixing spec, the build CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+import yaml
+
+from lvm.tokenize.derive import apply_mask, gray, mask_params
+from lvm.vocab import BOS_ID, EOS_ID
+from sentences import build as build_module
+from sentences.build import build, main
+from sentences.errors import SentenceError
+from sentences.spec import load_spec
+
+N = 16  # tokens per image of the tiny tokenizer
+IMAGES = 24  # images 0..23: image i holds codes i*N .. i*N+N-1
+GRAY, MASKED, DEPTH, NORMALS = 2000, 3000, 4000, 5000  # code offsets of the derived images and annotations
+VIDEO = 6000  # frame f of video v holds codes VIDEO + (v*20 + f)*N ...
+
+
+def codes(first: int) -> np.ndarray:
+    return np.arange(first, first + N, dtype=np.uint16)
+
+
+def write_tokens(path: Path, samples: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as tar:
+        for sample in samples:
+            tar.write(sample)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Token shards: images (with gray and masked variants), depth and normals sets, and videos."""
+    root = tmp_path_factory.mktemp("tokens")
+    images = [
+        {
+            "__key__": f"img{i:03d}",
+            "tokens.npy": codes(i * N),
+            "gray.tokens.npy": codes(GRAY + i * N),
+            "masked.tokens.npy": codes(MASKED + i * N),
+            "json": {"key": f"img{i:03d}", "folder": f"cat{i % 4}", "path": f"cat{i % 4}/{i:03d}.jpg"},
+        }
+        for i in range(IMAGES)
+    ]
+    write_tokens(root / "images" / "a.tar", images[:12])
+    write_tokens(root / "images" / "b.tar", images[12:])
+    # depth is missing for image 23; normals come in another order and split differently
+    write_tokens(root / "depth" / "0.tar", [{"__key__": f"img{i:03d}", "tokens.npy": codes(DEPTH + i * N)} for i in range(23)])
+    write_tokens(root / "normals" / "0.tar", [{"__key__": f"img{i:03d}", "tokens.npy": codes(NORMALS + i * N)} for i in reversed(range(IMAGES))])
+    frames = [(v, f) for v in range(3) for f in range((20, 20, 1)[v])]  # video 2 has one frame: too short
+    rng = np.random.default_rng(0)
+    write_tokens(
+        root / "videos" / "0.tar",
+        [
+            {"__key__": f"v{v}_{f:03d}", "tokens.npy": codes(VIDEO + (v * 20 + f) * N), "json": {"video": f"v{v}.mp4", "frame": f * 2, "fps": 30.0}}
+            for v, f in (frames[i] for i in rng.permutation(len(frames)))  # stored out of order
+        ],
+    )
+    return root
+
+
+def image_of(tokens: np.ndarray) -> int:
+    """The code offset identifying one image slot (its first code)."""
+    assert np.array_equal(tokens, codes(int(tokens[0]))), "image slot is not one whole image"
+    return int(tokens[0])
+
+
+def run_build(tmp_path: Path, sources: list[dict], **top) -> tuple[dict, list[tuple[str, list[int], dict]]]:
+    """Build a spec; returns index.json and every sentence as (key, image offsets, json)."""
+    spec_path = tmp_path / "mix.yaml"
+    spec_path.write_text(yaml.safe_dump({"seed": 3, "window": 16 * N, "sentences_per_shard": 7, **top, "sources": sources}))
+    out = tmp_path / "out"
+    build(load_spec(spec_path), out)
+    sentences = []
+    for shard in sorted(out.glob("sentences-*.tar")):
+        for sample in wds.tarfile_samples([{"url": str(shard)}]):
+            t = np.load(io.BytesIO(sample["tokens.npy"]))
+            assert t.dtype == np.uint16 and t[0] == BOS_ID and t[-1] == EOS_ID
+            assert (len(t) - 2) % N == 0 and not np.isin(t[1:-1], [BOS_ID, EOS_ID]).any()
+            info = json.loads(sample["json"])
+            slots = [image_of(t[1 + j * N : 1 + (j + 1) * N]) for j in range((len(t) - 2) // N)]
+            assert len(info["images"]) == len(slots)
+            sentences.append((sample["__key__"], slots, info))
+    return json.loads((out / "index.json").read_text()), sentences
+
+
+def test_single_images_each_once_with_bos_eos(tmp_path: Path, tokens: Path) -> None:
+    index, sentences = run_build(tmp_path, [{"name": "one", "kind": "single", "shards": str(tokens / "images")}])
+    assert sorted(s[0] for _, s, _ in sentences) == [i * N for i in range(IMAGES)]
+    assert index["kinds"]["single"] == {"sentences": IMAGES, "tokens": IMAGES * (N + 2)}
+    _, slots, info = sentences[0]
+    assert info["kind"] == "single" and info["images"][0]["key"] == f"img{slots[0] // N:03d}"
+    assert info["images"][0]["meta"]["folder"] == f"cat{slots[0] // N % 4}"
+
+
+def test_video_clips_are_consecutive_frames_at_each_stride(tmp_path: Path, tokens: Path) -> None:
+    index, sentences = run_build(
+        tmp_path, [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "frames": 6, "strides": [1, 3], "epochs": 3}]
+    )
+    starts = {1: set(), 3: set()}
+    for _, slots, info in sentences:
+        frames = [(s - VIDEO) // N for s in slots]
+        video, first = divmod(frames[0], 20)
+        steps = np.diff(frames)
+        assert len(frames) == 6 and len(set(steps)) == 1 and steps[0] in (1, 3)
+        assert all(f // 20 == video for f in frames)  # one video, in frame order
+        assert [m["meta"]["frame"] for m in info["images"]] == [2 * (f % 20) for f in frames]
+        starts[int(steps[0])].add((video, first))
+    assert len(sentences) == 2 * 2 * 3  # 2 usable videos x 2 strides x 3 epochs; video 2 is too short
+    assert len(starts[1]) > 2 and len(starts[3]) > 2  # random starts differ between epochs
+    assert index["sources"]["vid"]["unused"] == {"groups too short for 2 frames at stride 1": 1, "groups too short for 2 frames at stride 3": 1}
+
+
+def test_pairs_follow_keys_and_reshuffle_over_epochs(tmp_path: Path, tokens: Path) -> None:
+    index, sentences = run_build(
+        tmp_path,
+        [{"name": "depth", "kind": "pairs", "shards": str(tokens / "images"), "annotations": {"depth": str(tokens / "depth")}, "pairs": 4, "epochs": 2}],
+    )
+    groups = {0: set(), 1: set()}
+    for _, slots, info in sentences:
+        assert len(slots) in (8, 2 * (23 % 4))  # 23 keys in 4-pair sentences: the last one is shorter
+        for x, y in zip(slots[0::2], slots[1::2]):
+            assert x < GRAY and y == DEPTH + x  # [x1, y1, x2, y2, ...] paired by key
+        assert [m["set"] for m in info["images"]] == ["image", "depth"] * (len(slots) // 2)
+        assert [m["key"] for m in info["images"]][0::2] == [m["key"] for m in info["images"]][1::2]
+        groups[info["epoch"]].add(frozenset(slots[0::2]))
+    assert sum(len(s) for _, s, _ in sentences) == 2 * 2 * 23  # image 23 has no depth
+    assert groups[0] != groups[1]
+    assert index["sources"]["depth"]["unused"] == {"image images without a partner in every set": 1}
+
+
+@pytest.mark.parametrize(("kind", "offset", "variant"), [("colorization", GRAY, "gray"), ("inpainting", MASKED, "masked")])
+def test_derived_pairs_put_the_derived_image_first(tmp_path: Path, tokens: Path, kind: str, offset: int, variant: str) -> None:
+    _, sentences = run_build(tmp_path, [{"name": kind, "kind": kind, "shards": str(tokens / "images")}])
+    seen = []
+    for _, slots, info in sentences:
+        assert len(slots) == 16 or len(slots) == 2 * (IMAGES % 8)
+        for derived, original in zip(slots[0::2], slots[1::2]):
+            assert derived == offset + original
+            seen.append(original)
+        assert [m["variant"] for m in info["images"]] == [variant, "original"] * (len(slots) // 2)
+    assert sorted(seen) == [i * N for i in range(IMAGES)]
+
+
+def test_category_groups_k_images_of_n_different_categories(tmp_path: Path, tokens: Path) -> None:
+    index, sentences = run_build(
+        tmp_path, [{"name": "cat", "kind": "category", "shards": str(tokens / "images"), "categories": 2, "images": 3}]
+    )
+    used = []
+    for _, slots, info in sentences:
+        cats = [s // N % 4 for s in slots]
+        assert len(slots) == 6 and len(set(cats[:3])) == 1 and len(set(cats[3:])) == 1 and cats[0] != cats[3]
+        assert [m["meta"]["folder"] for m in info["images"]] == [f"cat{c}" for c in cats]
+        used += slots
+    assert len(used) == len(set(used)) == 24  # 4 categories x 6 images: all used, none twice
+
+
+def test_multitask_permutes_task_order_per_sentence_across_three_shots(tmp_path: Path, tokens: Path) -> None:
+    annotations = {"depth": str(tokens / "depth"), "normals": str(tokens / "normals")}
+    _, sentences = run_build(
+        tmp_path, [{"name": "mt", "kind": "multitask", "shards": str(tokens / "images"), "annotations": annotations, "epochs": 3}]
+    )
+    orders = set()
+    for _, slots, info in sentences:
+        sets = [m["set"] for m in info["images"]]
+        shots = len(slots) // 3  # 23 keys: 7 sentences of 3 shots and one of 2
+        assert shots in (3, 2) and sets == sets[:3] * shots and sorted(sets[:3]) == ["depth", "image", "normals"]
+        for shot in range(shots):
+            keys = {m["key"] for m in info["images"][3 * shot : 3 * shot + 3]}
+            assert len(keys) == 1  # one image and its own annotations
+            base = {"image": 0, "depth": DEPTH, "normals": NORMALS}
+            image = {slots[3 * shot + j] - base[sets[j]] for j in range(3)}
+            assert len(image) == 1
+        orders.add(tuple(sets[:3]))
+    assert len(orders) > 2
+    assert len(sentences) == 3 * (23 // 3 + 1)  # 23 keys in all three sets, 3 shots, shorter last sentence
+
+
+def test_multiview_groups_by_folder_in_path_order(tmp_path: Path, tokens: Path) -> None:
+    _, sentences = run_build(tmp_path, [{"name": "mv", "kind": "multiview", "shards": str(tokens / "images"), "frames": 4}])
+    assert len(sentences) == 4  # one clip per folder per pass
+    for _, slots, info in sentences:
+        assert len(slots) == 4 and len({s // N % 4 for s in slots}) == 1 and slots == sorted(slots)
+        assert [m["meta"]["path"] for m in info["images"]] == sorted(m["meta"]["path"] for m in info["images"])
+
+
+def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path: Path, tiny_tokenizer) -> None:
+    """Token shards made like the tokenize step makes them: the slots must be the intended pictures' tokens."""
+    torch.manual_seed(0)
+    pixels = torch.rand(5, 3, 64, 64)
+    as_uint8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
+    grays = torch.stack([gray(p) for p in pixels])
+    masks = [mask_params(f"k{i}", 0) for i in range(5)]
+    masked = torch.stack([apply_mask(p, m) for p, m in zip(pixels, masks)])
+    assert torch.equal(grays[:, 0], grays[:, 1]) and torch.equal(grays[:, 0], grays[:, 2])  # really gray
+    enc = {name: tiny_tokenizer.encode(as_uint8(x)).numpy().astype(np.uint16) for name, x in [("color", pixels), ("gray", grays), ("masked", masked)]}
+    write_tokens(
+        tmp_path / "tok" / "0.tar",
+        [
+            {"__key__": f"k{i}", "tokens.npy": enc["color"][i], "gray.tokens.npy": enc["gray"][i], "masked.tokens.npy": enc["masked"][i], "json": {"mask": masks[i]}}
+            for i in range(5)
+        ],
+    )
+    spec = {"seed": 0, "window": 16 * tiny_tokenizer.tokens_per_image, "sources": [
+        {"name": "c", "kind": "colorization", "shards": str(tmp_path / "tok"), "pairs": 5},
+        {"name": "i", "kind": "inpainting", "shards": str(tmp_path / "tok"), "pairs": 5},
+    ]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
+    build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
+    n = tiny_tokenizer.tokens_per_image
+    for sample in wds.tarfile_samples([{"url": str(tmp_path / "out" / "sentences-000000.tar")}]):
+        t = np.load(io.BytesIO(sample["tokens.npy"]))
+        info = json.loads(sample["json"])
+        derived = "gray" if info["kind"] == "colorization" else "masked"
+        for j, image in enumerate(info["images"]):
+            i = int(image["key"][1:])
+            expected = enc[derived if j % 2 == 0 else "color"][i]
+            assert np.array_equal(t[1 + j * n : 1 + (j + 1) * n], expected)
+            if j % 2 == 0:
+                assert image["meta"]["mask"] == masks[i]
+        slots = torch.from_numpy(t[1:-1].astype(np.int64)).view(-1, n)
+        pictures = tiny_tokenizer.decode(slots)
+        intended = tiny_tokenizer.decode(torch.from_numpy(np.stack([enc[derived if j % 2 == 0 else "color"][int(m["key"][1:])] for j, m in enumerate(info["images"])]).astype(np.int64)))
+        assert torch.equal(pictures, intended)
+
+
+def test_build_is_deterministic_and_resumes_after_a_kill(tmp_path: Path, tokens: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = {"seed": 5, "window": 16 * N, "sentences_per_shard": 5, "sources": [
+        {"name": "one", "kind": "single", "shards": str(tokens / "images"), "epochs": 1.5},
+        {"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "strides": [1, 2]},
+        {"name": "col", "kind": "colorization", "shards": str(tokens / "images"), "pairs": 2},
+    ]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "a")]) == 0
+
+    real = build_module.atomic_tar
+    calls = []
+
+    def dies_on_third_shard(path):
+        calls.append(path)
+        if len(calls) == 3:
+            Path(str(path) + ".tmp").write_bytes(b"half a shard")
+            raise KeyboardInterrupt  # killed mid-write
+        return real(path)
+
+    monkeypatch.setattr(build_module, "atomic_tar", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")])
+    assert len(list((tmp_path / "b").glob("sentences-*.tar"))) == 2 and not (tmp_path / "b" / "index.json").exists()
+    monkeypatch.setattr(build_module, "atomic_tar", real)
+    assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")]) == 0
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and not any(f.endswith(".tmp") for f in files)
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    index = json.loads((tmp_path / "a" / "index.json").read_text())
+    assert index["sources"]["one"] == {"kind": "single", "epochs": 1.5, "sentences": 36, "tokens": 36 * (N + 2), "unused": {}}
+    assert index["kinds"]["video"]["sentences"] == 4 and index["kinds"]["colorization"]["sentences"] == 12
+    assert sum(s["sentences"] for s in index["shards"].values()) == 52 == sum(k["sentences"] for k in index["kinds"].values())
+
+
+def test_tokens_mode_weights_set_each_sources_share(tmp_path: Path, tokens: Path) -> None:
+    index, _ = run_build(
+        tmp_path,
+        [{"name": "one", "kind": "single", "shards": str(tokens / "images"), "weight": 1},
+         {"name": "col", "kind": "colorization", "shards": str(tokens / "images"), "weight": 3}],
+        tokens=4000,
+    )
+    single, color = index["kinds"]["single"]["tokens"], index["kinds"]["colorization"]["tokens"]
+    assert abs(single - 1000) <= N + 2 and abs(color - 3000) <= 16 * N + 2
+    assert index["sources"]["one"]["epochs"] == pytest.approx(1000 / (IMAGES * (N + 2)), abs=1e-3)
+
+
+def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(tmp_path: Path, tokens: Path, capsys: pytest.CaptureFixture) -> None:
+    write_tokens(tmp_path / "bad" / "0.tar", [
+        {"__key__": "good", "tokens.npy": codes(0)},
+        {"__key__": "broken", "tokens.npy": b"not an npy file"},
+        {"__key__": "nogray", "json": {}},
+    ])
+    spec = {"sources": [{"name": "bad", "kind": "single", "shards": str(tmp_path / "bad")},
+                        {"name": "vid", "kind": "video", "shards": str(tokens / "videos")}]}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("[single]") and line.split()[1:] == ["1", "18"] for line in out)
+    assert any(line.startswith("[video]") and line.split()[1:] == ["2", "100"] for line in out)
+    assert any("1 unreadable tokens.npy; 1 missing tokens.npy" in line for line in out)
+    assert out[-1].startswith("built 3 sentences (118 tokens, 2 kinds) into 1 shards in ") and out[-1].endswith("; skipped 2 samples")
+
+
+BAD_SPECS = [
+    ({"sources": [{"name": "a", "kind": "vidoe", "shards": "{tok}/videos"}]}, "sources[0].kind: unknown kind 'vidoe' (one of: single, video,"),
+    ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "stride": 2}]}, "sources[0].stride: unknown field for kind video"),
+    ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 0}]}, "sources[0].frames: expected a positive integer, got 0"),
+    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/nothing"}]}, "sources[0].shards: {tok}/nothing: no .tar shards found"),
+    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "weight": 2}]}, "sources[0].weight: needs a total 'tokens'"),
+    ({"sources": [{"name": "a", "kind": "pairs", "shards": "{tok}/images"}]}, "sources[0].annotations: kind pairs takes exactly 1 annotation sets, got 0"),
+    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images"}, {"name": "a", "kind": "single", "shards": "{tok}/images"}]}, "sources[1].name: 'a' used twice"),
+    ({"seed": 1, "source": []}, "source: unknown field"),
+    ({"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
+     "sources[0] (colorization): sentences of 16 images x 16 tokens exceed the window of 64 tokens (at most 4 images fit)"),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), BAD_SPECS, ids=[m.split(":")[0] for _, m in BAD_SPECS])
+def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, capsys, spec: dict, message: str) -> None:
+    path = tmp_path / "mix.yaml"
+    path.write_text(yaml.safe_dump(spec).replace("{tok}", str(tokens)))
+    assert main(["--spec", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {path}: {message.replace('{tok}', str(tokens))}")
+    assert not list((tmp_path / "out").glob("sentences-*.tar")) if (tmp_path / "out").exists() else True
+
+
+@pytest.mark.parametrize(
+    ("sample", "message"),
+    [
+        ({"__key__": "x", "tokens.npy": np.arange(8, dtype=np.uint16)}, "sample 'x': tokens.npy: 8 tokens, but the other images have 16"),
+        ({"__key__": "x", "tokens.npy": np.full(N, 8192, dtype=np.uint16)}, "sample 'x': tokens.npy: token id 8192 outside the codebook [0, 8192)"),
+    ],
+)
+def test_wrong_tokens_are_an_error_naming_shard_and_sample(tmp_path: Path, sample: dict, message: str) -> None:
+    write_tokens(tmp_path / "tok" / "0.tar", [{"__key__": "a", "tokens.npy": codes(0)}, sample])
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({"sources": [{"name": "a", "kind": "single", "shards": str(tmp_path / "tok")}]}))
+    with pytest.raises(SentenceError, match="^" + str(tmp_path / "tok" / "0.tar") + ": " + message.replace("[", r"\[").replace(")", r"\)")):
+        build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
+
+
+def test_another_spec_cannot_reuse_an_output_folder(tmp_path: Path, tokens: Path) -> None:
+    run_build(tmp_path, [{"name": "one", "kind": "single", "shards": str(tokens / "images")}])
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({"seed": 4, "sources": [{"name": "one", "kind": "single", "shards": str(tokens / "images")}]}))
+    with pytest.raises(SentenceError, match="holds a build of another spec or other inputs"):
+        build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
