@@ -1,0 +1,143 @@
+"""The packed training stream: no token lost or repeated across ranks and workers, seeding, exact resume."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+from lvm.vocab import BOS_ID, EOS_ID
+from sentences.errors import SentenceError
+from sentences.stream import PackedStream
+
+SEQ, BATCH = 31, 2
+
+
+def write_sentences(folder: Path, sentences: list[np.ndarray], per_shard: int, index: bool = True) -> None:
+    """Sentence shards as sentences.build writes them (with index.json unless ``index`` is False)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = {}
+    for k, start in enumerate(range(0, len(sentences), per_shard)):
+        path = folder / f"sentences-{k:06d}.tar"
+        chunk = sentences[start : start + per_shard]
+        with wds.TarWriter(str(path)) as tar:
+            for i, tokens in enumerate(chunk):
+                tar.write({"__key__": f"s{start + i:05d}", "tokens.npy": tokens, "json": {"kind": "test"}})
+        shards[path.name] = {"sentences": len(chunk), "tokens": sum(map(len, chunk)), "bytes": path.stat().st_size}
+    if index:
+        (folder / "index.json").write_text(json.dumps({"shards": shards}))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Counter]:
+    """60 sentences of 10..150 codes, every code used once, in 9 shards of uneven size; and all their tokens."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 150, size=60)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    sentences = [np.concatenate([[BOS_ID], np.arange(a, b), [EOS_ID]]).astype(np.uint16) for a, b in zip(starts[:-1], starts[1:])]
+    folder = tmp_path_factory.mktemp("sentences")
+    write_sentences(folder, sentences, per_shard=7)
+    return folder, Counter(np.concatenate(sentences).tolist())
+
+
+def epoch(stream: PackedStream, workers: int) -> list[dict[str, torch.Tensor]]:
+    return list(DataLoader(stream, batch_size=None, num_workers=workers))
+
+
+def windows(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The seq_len + 1 token windows the batches were cut from, checking labels are inputs shifted by one."""
+    rows = []
+    for b in batches:
+        assert b["input_ids"].shape == b["labels"].shape == (BATCH, SEQ) and b["input_ids"].dtype == torch.long
+        assert torch.equal(b["labels"][:, :-1], b["input_ids"][:, 1:])
+        rows.append(torch.cat([b["input_ids"], b["labels"][:, -1:]], dim=1))
+    return torch.cat(rows)
+
+
+def test_two_ranks_two_workers_cover_the_epoch_once(shards: tuple[Path, Counter]) -> None:
+    folder, everything = shards
+    per_rank = [epoch(PackedStream(str(folder), SEQ, BATCH, seed=1, rank=r, world_size=2, doc_ids=True), 2) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == PackedStream(str(folder), SEQ, BATCH, rank=0, world_size=2).batches_per_epoch(2)
+    seen = Counter(torch.cat([windows(b) for b in per_rank]).flatten().tolist())
+    codes = {t: n for t, n in seen.items() if t < BOS_ID}
+    assert all(n == 1 for n in codes.values())  # no code twice
+    assert not seen - everything  # nothing that is not in the data
+    lost = sum((everything - seen).values())
+    assert 0 <= lost < 2 * 2 * BATCH * (SEQ + 1)  # only the tail that cannot fill one batch on every reader
+    # batches alternate between the two workers of a rank: worker 0's first batch differs from worker 1's
+    assert not torch.equal(per_rank[0][0]["input_ids"], per_rank[0][1]["input_ids"])
+
+
+def test_doc_ids_change_exactly_at_sentence_starts(shards: tuple[Path, Counter]) -> None:
+    folder, _ = shards
+    batches = epoch(PackedStream(str(folder), SEQ, BATCH, seed=2, doc_ids=True), 0)
+    cut_starts = 0
+    for b in batches:
+        ids, docs = b["input_ids"], b["doc_ids"]
+        assert docs.shape == ids.shape and (docs[:, 0] == 0).all()
+        step = docs[:, 1:] - docs[:, :-1]
+        assert ((step == 0) | (step == 1)).all()
+        starts = step == 1
+        assert (starts >= (ids[:, 1:] == BOS_ID)).all()  # every sentence start is a new document
+        cut_starts += int((starts & (ids[:, 1:] != BOS_ID)).sum())
+    assert cut_starts == 0  # one reader: no sentence split between readers
+    assert "doc_ids" not in epoch(PackedStream(str(folder), SEQ, BATCH, seed=2), 0)[0]
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_differs(shards: tuple[Path, Counter]) -> None:
+    folder, _ = shards
+    first = windows(epoch(PackedStream(str(folder), SEQ, BATCH, seed=7), 2))
+    assert torch.equal(first, windows(epoch(PackedStream(str(folder), SEQ, BATCH, seed=7), 2)))
+    assert not torch.equal(first, windows(epoch(PackedStream(str(folder), SEQ, BATCH, seed=8), 2)))
+    stream = PackedStream(str(folder), SEQ, BATCH, seed=7)
+    stream.set_epoch(1)
+    assert not torch.equal(first, windows(epoch(stream, 2)))
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
+@pytest.mark.parametrize(("workers", "consumed"), [(2, 3), (2, 4), (3, 5), (0, 6)])
+def test_resume_mid_epoch_continues_exactly(shards: tuple[Path, Counter], workers: int, consumed: int) -> None:
+    folder, _ = shards
+    stream = PackedStream(str(folder), SEQ, BATCH, seed=3, rank=1, world_size=2)
+    stream.set_epoch(2)
+    full = epoch(stream, workers)
+    interrupted = PackedStream(str(folder), SEQ, BATCH, seed=3, rank=1, world_size=2)
+    interrupted.set_epoch(2)
+    loader = iter(DataLoader(interrupted, batch_size=None, num_workers=workers))
+    taken = [next(loader) for _ in range(consumed)]
+    del loader  # killed with batches in flight
+    state = {"epoch": 2, "batches_consumed": consumed}
+    resumed = PackedStream(str(folder), SEQ, BATCH, seed=3, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == state
+    rest = epoch(resumed, workers)
+    assert torch.equal(windows(taken + rest), windows(full))
+
+
+def test_shards_without_index_are_counted_by_reading(tmp_path: Path, shards: tuple[Path, Counter]) -> None:
+    folder, _ = shards
+    with_index = PackedStream(str(folder), SEQ, BATCH, seed=4)
+    (tmp_path / "plain").mkdir()
+    for shard in folder.glob("*.tar"):
+        (tmp_path / "plain" / shard.name).write_bytes(shard.read_bytes())
+    plain = PackedStream(str(tmp_path / "plain"), SEQ, BATCH, seed=4)
+    assert np.array_equal(plain.tokens, with_index.tokens)
+    assert torch.equal(windows(epoch(plain, 0)), windows(epoch(with_index, 0)))
+
+
+def test_out_of_vocabulary_id_is_an_error_naming_the_shard(tmp_path: Path) -> None:
+    write_sentences(tmp_path, [np.array([BOS_ID, 1, 2, 9000, EOS_ID], dtype=np.uint16)] * 20, per_shard=20)
+    with pytest.raises(SentenceError, match=r"sentences-000000.tar: sentence 's00000': token id 9000 outside the vocabulary \[0, 8292\)"):
+        list(PackedStream(str(tmp_path), seq_len=3))
+
+
+def test_too_little_data_for_every_reader_is_an_error(shards: tuple[Path, Counter]) -> None:
+    folder, _ = shards
+    with pytest.raises(SentenceError, match="cannot give one batch of 64 x 4097 tokens to each of 1 readers"):
+        list(PackedStream(str(folder), seq_len=4096, batch_size=64))
