@@ -102,14 +102,14 @@ class Decoder:
         if T + num_tokens - 1 > self.model.cache_len:
             raise ValueError(f"prompt of {T} + {num_tokens} new tokens exceeds the cache of {self.model.cache_len}")
         start = self._reusable(prompt)
-        pos = torch.arange(start, T, device=prompt.device)
-        logits = self.model(prompt[:, start:], input_pos=pos)[:, -1]
+        # All positions made on the device up front: no host-to-device copy (and sync) inside the loop.
+        positions = torch.arange(T + num_tokens - 1, device=prompt.device)
+        logits = self.model(prompt[:, start:], input_pos=positions[start:T])[:, -1]
         out = []
         for i in range(num_tokens):
             out.append(sample(logits, sampling, num_codes, generator))
             if i + 1 < num_tokens:
-                pos = torch.tensor([T + i], device=prompt.device)
-                logits = self.step(out[-1][:, None], input_pos=pos)[:, -1]
+                logits = self.step(out[-1][:, None], input_pos=positions[T + i : T + i + 1])[:, -1]
         new = torch.stack(out, 1)
         self.cached = torch.cat([prompt, new[:, :-1]], 1)  # the last token was sampled, never fed
         return new

@@ -95,7 +95,9 @@ def test_transformers_generate_equals_ours_token_for_token(ours, exported):
     with Decoder(ours, batch_size=2, max_len=64) as decoder:
         mine = decoder.generate(prompt, 32, GREEDY)
     # generation_config.json suppresses the special ids, as our sampler does.
-    theirs = hf_model(exported).generate(prompt, max_new_tokens=32, do_sample=False)
+    hf = hf_model(exported)
+    assert hf.generation_config.suppress_tokens == list(range(CODEBOOK_SIZE, VOCAB_SIZE))
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False)
     assert torch.equal(theirs[:, prompt.shape[1]:], mine)
 
 
