@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -135,13 +136,27 @@ def read_tar(path: str, labels: bool) -> Iterator[Picture | Skip]:
         stream.close()
         yield Skip(path, "empty_file")
         return
+    errors: list[BaseException] = []
     with stream:
-        members = ({**member, "__url__": path} for member in tar_file_iterator(stream))
         try:
-            for sample in group_by_keys(members, keys=base_plus_ext):
+            for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext):
                 yield _tar_sample(path, sample, labels)
-        except (tarfile.TarError, OSError, ValueError, EOFError) as error:
-            yield Skip(path, "corrupt_tar", _detail(error))
+        except ValueError as error:  # a repeated member name inside one sample
+            errors.append(error)
+    if errors:
+        yield Skip(path, "corrupt_tar", _detail(errors[0]))
+
+
+def _tar_members(stream: BinaryIO, path: str, errors: list[BaseException]) -> Iterator[dict]:
+    """The complete members of a tar; damage ends the stream quietly (recorded in `errors`).
+
+    Ending quietly lets group_by_keys still emit the sample before the damage, which is complete.
+    """
+    try:
+        for member in tar_file_iterator(stream):
+            yield {**member, "__url__": path}
+    except (tarfile.TarError, OSError, EOFError) as error:
+        errors.append(error)
 
 
 def read_image_file(path: str, rel: str, labels: bool) -> Picture | Skip:

@@ -51,8 +51,9 @@ class Unit:
     items: tuple[Item, ...]
 
     def inputs_digest(self) -> str:
-        """A digest of the unit's input names: a rerun redoes a shard whose inputs changed."""
-        text = "\n".join([self.kind, *(f"{i.path}\t{i.rel}" for i in self.items)])
+        """A digest of which inputs the unit holds (relative paths, so a rerun from another working
+        folder or mount point still recognises its shards); a rerun redoes a shard whose inputs changed."""
+        text = "\n".join([self.kind, *(item.rel for item in self.items)])
         return hashlib.sha1(text.encode()).hexdigest()
 
 

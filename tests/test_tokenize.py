@@ -1,0 +1,359 @@
+"""`python -m lvm.tokenize`: img2dataset tars, image folders, videos -> token shards.
+
+Everything runs on the tiny tokenizer (64x64 images, 16 tokens); most runs are in-process with
+`--workers 0`, and the byte-equality tests also run with worker processes and a real kill -9.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvm.tokenize.__main__ import main
+from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
+from lvm.tokenize.writer import ShardWriter
+from tokenizer.preprocess import resize_square, to_rgb_float, to_value_range
+
+RNG = np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The test machine's 2 cores are shared: one intra-op thread avoids oversubscription (~5x faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _png(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(height: int, width: int) -> bytes:
+    buffer = io.BytesIO()
+    smooth = np.linspace(0, 255, height * width * 3).reshape(height, width, 3)
+    noise = RNG.integers(0, 60, (height, width, 3))
+    Image.fromarray(np.clip(smooth + noise, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _img2dataset_shard(path: Path, shard: int, count: int) -> None:
+    members = []
+    for i in range(count):
+        key = f"{shard:05d}{i:04d}"
+        meta = {"key": key, "url": f"https://example.com/{key}.jpg", "caption": f"photo {key}", "exif": "{...}",
+                "original_width": 640, "original_height": 480}
+        members += [(f"{key}.jpg", _jpeg(40 + 3 * i, 56)), (f"{key}.json", json.dumps(meta).encode()),
+                    (f"{key}.txt", f"photo {key}".encode())]
+    _write_tar(path, members)
+
+
+def _video(path: Path, frames: int, codec: str = "mpeg4") -> None:
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            pixels = np.zeros((48, 64, 3), np.uint8)
+            pixels[:, : 6 * (i + 1)] = (255, 40 * (i % 6), 0)  # a bar that grows frame by frame
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """laion/ (3 img2dataset tars), photos/ (mixed modes and sizes, nested), clips/ (2 videos)."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "laion").mkdir()
+    for shard in range(3):
+        _img2dataset_shard(root / "laion" / f"{shard:05d}.tar", shard, 3)
+    photos = root / "photos"
+    (photos / "cats").mkdir(parents=True)
+    (photos / "dogs").mkdir()
+    (photos / "cats" / "rgba.png").write_bytes(_png(RNG.integers(0, 255, (30, 50, 4), dtype=np.uint8)))
+    (photos / "cats" / "gray.png").write_bytes(_png(RNG.integers(0, 255, (64, 64), dtype=np.uint8)))
+    (photos / "dogs" / "deep.png").write_bytes(_png((RNG.integers(0, 65535, (33, 17))).astype(np.uint16)))
+    (photos / "dogs" / "thin.jpg").write_bytes(_jpeg(3, 301))
+    (photos / "dogs" / "tiny.webp").write_bytes(_png(RNG.integers(0, 255, (1, 1, 3), dtype=np.uint8)))
+    (photos / "top.v2.jpg").write_bytes(_jpeg(64, 64))  # a dot in the stem: key top_v2
+    (photos / "notes.txt").write_text("not an image")  # ignored
+    (root / "clips").mkdir()
+    _video(root / "clips" / "a.mp4", 5)
+    _video(root / "clips" / "b.mkv", 3, codec="ffv1")
+    return root
+
+
+def _run(tokenizer_dir: Path, out: Path, *shards: str | Path, extra: tuple[str, ...] = ()) -> int:
+    args = ["--shards", *map(str, shards), "--out", str(out), "--tokenizer", str(tokenizer_dir)]
+    return main([*args, "--workers", "0", "--batch-size", "2", *extra])
+
+
+def _samples(tar_path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(tar_path) as tar:
+        for member in tar.getmembers():
+            key, suffix = member.name.split(".", 1) if "/" not in member.name else (
+                member.name.rsplit("/", 1)[0] + "/" + member.name.rsplit("/", 1)[1].split(".", 1)[0],
+                member.name.rsplit("/", 1)[1].split(".", 1)[1],
+            )
+            samples.setdefault(key, {})[suffix] = tar.extractfile(member).read()
+    return samples
+
+
+def _tokens(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data))
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _all_inputs(inputs: Path) -> list[Path]:
+    return [inputs / "laion", inputs / "photos", inputs / "clips"]
+
+
+REFERENCE_OPTIONS = ("--derive", "gray,masked", "--video-stride", "2", "--images-per-shard", "4")
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: Path, tiny_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted run over everything, with both derived variants."""
+    out = tmp_path_factory.mktemp("reference")
+    assert _run(tiny_tokenizer_dir, out, *_all_inputs(inputs), extra=REFERENCE_OPTIONS) == 0
+    return out
+
+
+def test_img2dataset_shards_give_one_token_shard_each(inputs, reference, tiny_tokenizer):
+    for shard in range(3):
+        samples = _samples(reference / f"{shard:05d}.tar")
+        with tarfile.open(inputs / "laion" / f"{shard:05d}.tar") as tar:
+            images = [Image.open(io.BytesIO(tar.extractfile(f"{key}.jpg").read())) for key in samples]
+        assert list(samples) == [f"{shard:05d}{i:04d}" for i in range(3)]
+        expected = np.concatenate([tiny_tokenizer.encode(images[:2]).numpy(), tiny_tokenizer.encode(images[2:]).numpy()])
+        for row, (key, sample) in enumerate(samples.items()):
+            assert set(sample) == {"tokens.npy", "gray.tokens.npy", "masked.tokens.npy", "json"}
+            tokens = _tokens(sample["tokens.npy"])
+            assert tokens.dtype == np.uint16 and tokens.shape == (16,)
+            assert np.array_equal(tokens, expected[row])  # the tokenizer's own tokens, batched as the run batched
+            meta = json.loads(sample["json"])
+            assert meta["source"] == str(inputs / "laion" / f"{shard:05d}.tar") and meta["key"] == key
+            assert (meta["width"], meta["height"]) == (56, 40 + 3 * row)
+            assert meta["meta"]["url"] == f"https://example.com/{key}.jpg" and meta["meta"]["original_width"] == 640
+            assert "exif" not in meta["meta"] and meta["mask"] == mask_params(key, 0)
+        report = json.loads((reference / f"{shard:05d}.report.json").read_text())
+        assert (report["images"], report["skipped"], report["tokens"]) == (3, {}, 3 * 3 * 16)
+
+
+def test_derived_variants_are_the_tokens_of_the_derived_pixels(inputs, reference, tiny_tokenizer):
+    sample = _samples(reference / "00001.tar")["000010002"]
+    with tarfile.open(inputs / "laion" / "00001.tar") as tar:
+        x01 = to_rgb_float(Image.open(io.BytesIO(tar.extractfile("000010002.jpg").read())))
+    masked = apply_mask(x01, mask_params("000010002", 0))
+    assert json.loads(sample["json"])["mask"] == mask_params("000010002", 0)
+    # Derived at the original size in [0, 1], then the tokenizer's own resize and value range.
+    pixels = torch.stack([to_value_range(resize_square(x, 64, "stretch").clamp(0, 1), (0.0, 1.0)) for x in (gray(x01), masked)])
+    expected = tiny_tokenizer.encode_pixels(pixels).numpy()
+    assert np.array_equal(_tokens(sample["gray.tokens.npy"]), expected[0])
+    assert np.array_equal(_tokens(sample["masked.tokens.npy"]), expected[1])
+    assert not np.array_equal(_tokens(sample["gray.tokens.npy"]), _tokens(sample["tokens.npy"]))
+
+
+def test_folder_of_mixed_images(reference):
+    shards = sorted(p.name for p in reference.glob("photos-img-*.tar"))
+    assert shards == ["photos-img-000000.tar", "photos-img-000001.tar"]  # 6 images, 4 per shard, sorted paths
+    samples = {**_samples(reference / shards[0]), **_samples(reference / shards[1])}
+    assert list(samples) == ["cats/gray", "cats/rgba", "dogs/deep", "dogs/thin", "dogs/tiny", "top_v2"]
+    metas = {key: json.loads(s["json"]) for key, s in samples.items()}
+    assert (metas["dogs/deep"]["width"], metas["dogs/deep"]["height"]) == (17, 33)
+    assert (metas["dogs/thin"]["width"], metas["dogs/thin"]["height"]) == (301, 3)
+    assert metas["dogs/tiny"]["path"] == "dogs/tiny.webp" and metas["dogs/tiny"]["folder"] == "dogs"
+    assert metas["top_v2"]["path"] == "top.v2.jpg" and metas["top_v2"]["folder"] == ""
+    for sample in samples.values():
+        tokens = _tokens(sample["tokens.npy"])
+        assert tokens.dtype == np.uint16 and tokens.shape == (16,) and tokens.max() < 8192
+
+
+def test_video_frames_at_a_stride(inputs, reference):
+    samples = _samples(reference / "clips-vid-000000.tar")
+    assert list(samples) == ["a/000000", "a/000002", "a/000004", "b/000000", "b/000002"]
+    meta = json.loads(samples["a/000004"]["json"])
+    assert (meta["video"], meta["frame"], meta["fps"], meta["time"]) == ("a", 4, 10.0, 0.4)
+    assert (meta["width"], meta["height"], meta["source"]) == (64, 48, str(inputs / "clips" / "a.mp4"))
+    frames = [_tokens(samples[f"a/{i:06d}"]["tokens.npy"]).tobytes() for i in (0, 2, 4)]
+    assert len(set(frames)) == 3  # the frames differ, so do their tokens
+
+
+def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenizer_dir, capsys):
+    good, bad_jpeg = _jpeg(32, 32), _jpeg(64, 64)[:200]
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_tar(src / "a.tar", [("k1.jpg", good), ("k2.jpg", bad_jpeg), ("k3.jpg", b""), ("k4.json", b"{}"),
+                               ("k5.jpg", good), ("k6.jpg", good)])
+    with tarfile.open(src / "a.tar") as tar:
+        cut = tar.getmember("k5.jpg").offset_data + 100
+    (src / "b.tar").write_bytes((src / "a.tar").read_bytes()[:cut])  # cut inside k5: k1..k4 survive
+    (src / "c.tar").write_bytes(b"")
+    (src / "d.tar").write_bytes(b"this is no tar file at all" * 40)
+    (src / "img").mkdir()
+    (src / "img" / "ok.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (src / "img" / "garbage.png").write_bytes(b"\x89PNG not really")
+    (src / "img" / "empty.jpg").write_bytes(b"")
+    (src / "vid").mkdir()
+    (src / "vid" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x17" * 500)
+    (src / "vid" / "empty.avi").write_bytes(b"")
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, src, extra=("--images-per-shard", "10")) == 0
+    summary = capsys.readouterr().out.strip()
+    assert summary.startswith("tokenize: 5 images tokenized (+0 derived) in 6 shards (0 already complete); skipped 13: "
+                              "corrupt_image 3, corrupt_tar 2, empty_file 5, no_image 2, unreadable_video 1; "
+                              "80 tokens written; wall ")
+    reports = {p.name: json.loads(p.read_text()) for p in out.glob("*.report.json")}
+    a = reports["a.report.json"]
+    assert (a["images"], a["skipped"]) == (3, {"corrupt_image": 1, "empty_file": 1, "no_image": 1})
+    assert [(s["item"].split(":")[-1], s["reason"]) for s in a["skipped_items"]] == [
+        ("k2.jpg", "corrupt_image"), ("k3.jpg", "empty_file"), ("k4", "no_image")]
+    assert (reports["b.report.json"]["images"], reports["b.report.json"]["skipped"]) == (
+        1, {"corrupt_image": 1, "corrupt_tar": 1, "empty_file": 1, "no_image": 1})
+    assert reports["c.report.json"]["skipped"] == {"empty_file": 1}
+    assert reports["d.report.json"]["skipped"] == {"corrupt_tar": 1}
+    assert reports["src-img-000000.report.json"]["skipped"] == {"corrupt_image": 1, "empty_file": 1}
+    assert reports["src-vid-000000.report.json"]["skipped"] == {"empty_file": 1, "unreadable_video": 1}
+    assert list(_samples(out / "b.tar")) == ["k1"] and _samples(out / "c.tar") == {}
+
+
+@pytest.mark.parametrize(
+    "shards,message",
+    [
+        (["{src}/none/{{0..3}}.tar"], "error: {src}/none/{{0..3}}.tar: matches no tar shard, image or video file"),
+        (["{src}/missing.tar"], "error: {src}/missing.tar: no such file or directory"),
+        (["{src}/notes"], "error: {src}/notes: matches no tar shard, image or video file"),
+    ],
+)
+def test_empty_shards_fail_with_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys, shards, message):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("x")
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, *[s.format(src=tmp_path) for s in shards]) == 2
+    assert capsys.readouterr().err.strip() == message.format(src=tmp_path)
+    assert not out.exists()
+
+
+def test_wrong_tokenizer_fails_with_one_line_before_any_work(inputs, tmp_path, capsys):
+    (tmp_path / "tok").mkdir()
+    assert _run(tmp_path / "nope", tmp_path / "out", inputs / "laion") == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such file or directory"
+    assert _run(tmp_path / "tok", tmp_path / "out", inputs / "laion") == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {tmp_path / 'tok'}: no config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_maps_are_coloured_through_the_palette(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    labels = (np.arange(48 * 40).reshape(48, 40) // 97 % 7).astype(np.uint8)
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "x.png").write_bytes(_png(labels))
+    (tmp_path / "seg" / "colour.png").write_bytes(_png(RNG.integers(0, 255, (8, 8, 3), dtype=np.uint8)))
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "seg", extra=("--label-palette",)) == 0
+    samples = _samples(tmp_path / "out" / "seg-img-000000.tar")
+    assert list(samples) == ["x"]
+    expected = tiny_tokenizer.encode([colour_labels(labels, label_palette())]).numpy()[0]
+    assert np.array_equal(_tokens(samples["x"]["tokens.npy"]), expected)
+    assert json.loads(samples["x"]["json"])["label_palette"] == "lvm-segmentation-palette-v1"
+    report = json.loads((tmp_path / "out" / "seg-img-000000.report.json").read_text())
+    assert report["skipped"] == {"not_label_map": 1}
+
+
+def test_same_inputs_give_byte_identical_shards_with_worker_processes(inputs, reference, tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--shards", *map(str, _all_inputs(inputs)), "--out", str(out), "--tokenizer", str(tiny_tokenizer_dir)]
+    assert main([*args, "--workers", "2", "--batch-size", "2", *REFERENCE_OPTIONS]) == 0
+    assert _tree(out) == _tree(reference)  # tars and reports, byte for byte
+
+
+def test_crash_mid_shard_then_rerun_equals_an_uninterrupted_run(inputs, reference, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    add = ShardWriter.add
+
+    def crash_on_the_fifth_image(self, *args, **kwargs):
+        crash_on_the_fifth_image.calls += 1
+        if crash_on_the_fifth_image.calls == 5:  # second shard, second image: one shard done, one half-written
+            raise KeyboardInterrupt
+        return add(self, *args, **kwargs)
+
+    crash_on_the_fifth_image.calls = 0
+    monkeypatch.setattr(ShardWriter, "add", crash_on_the_fifth_image)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_tokenizer_dir, out, *_all_inputs(inputs), extra=REFERENCE_OPTIONS)
+    monkeypatch.setattr(ShardWriter, "add", add)
+    assert sorted(p.name for p in out.iterdir()) == ["00000.report.json", "00000.tar", "00001.tar.tmp"]
+    # A crash between the report's rename and the tar's: a report without its tar must be redone too.
+    (out / "00002.report.json").write_text((reference / "00002.report.json").read_text())
+    assert _run(tiny_tokenizer_dir, out, *_all_inputs(inputs), extra=REFERENCE_OPTIONS) == 0
+    assert _tree(out) == _tree(reference)  # no duplicate, no gap, no leftover temporary file
+
+
+def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(inputs, reference, tiny_tokenizer_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["--shards", *map(str, _all_inputs(inputs)), "--out", str(out), "--tokenizer", str(tiny_tokenizer_dir),
+            "--workers", "1", "--batch-size", "2", *REFERENCE_OPTIONS]
+    process = subprocess.Popen([sys.executable, "-m", "lvm.tokenize", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not any(out.glob("*.tar*")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # kill as soon as the first shard is being written (or later, on a slow machine)
+    assert process.poll() is None, "the job ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert main([*args, "--workers", "0"]) == 0
+    assert _tree(out) == _tree(reference)
+
+
+def test_ranks_split_the_shards_and_a_stopped_rank_resumes(inputs, reference, tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    written = []
+    for rank, extra in ((0, ()), (1, ("--max-shards", "1")), (1, ())):  # rank 1 stops after one shard, then reruns
+        monkeypatch.setenv("RANK", str(rank))
+        assert _run(tiny_tokenizer_dir, out, *_all_inputs(inputs), extra=(*REFERENCE_OPTIONS, *extra)) == 0
+        written.append({p.name for p in out.glob("*.tar")} - set().union(*written))
+    assert written == [{"00000.tar", "00002.tar", "photos-img-000000.tar"}, {"00001.tar"},
+                       {"clips-vid-000000.tar", "photos-img-000001.tar"}]
+    assert "in 2 shards (1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert _tree(out) == _tree(reference)
+
+
+def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, inputs / "laion") == 0
+    assert "gray.tokens.npy" not in _samples(out / "00000.tar")["000000000"]
+    capsys.readouterr()
+    assert _run(tiny_tokenizer_dir, out, inputs / "laion", extra=REFERENCE_OPTIONS) == 0
+    captured = capsys.readouterr()
+    assert "3 made with other settings or inputs (redone)" in captured.err
+    assert "in 3 shards (0 already complete)" in captured.out
+    for shard in ("00000", "00001", "00002"):
+        assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
