@@ -266,7 +266,7 @@ def _join(sets: list[TokenSet], notes: Counter) -> np.ndarray:
     joined = [[lk[key] for lk in lookups] for key in sets[0].keys if all(key in lk for lk in lookups)]
     for s, lookup in zip(sets, lookups):
         if unpaired := len(lookup) - len(joined):
-            notes[f"{s.name} images without a partner in every set"] += unpaired
+            notes[f"{s.name} samples without a partner in every set"] += unpaired
     if not joined:
         names = ", ".join(f"{s.name} ({s.shards[0]})" for s in sets)
         raise SentenceError(f"{sets[0].shards[0]}: no key is shared by all of {names}")

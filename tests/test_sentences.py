@@ -134,7 +134,7 @@ def test_pairs_follow_keys_and_reshuffle_over_epochs(tmp_path: Path, tokens: Pat
         groups[info["epoch"]].add(frozenset(slots[0::2]))
     assert sum(len(s) for _, s, _ in sentences) == 2 * 2 * 23  # image 23 has no depth
     assert groups[0] != groups[1]
-    assert index["sources"]["depth"]["unused"] == {"image images without a partner in every set": 1}
+    assert index["sources"]["depth"]["unused"] == {"image samples without a partner in every set": 1}
 
 
 @pytest.mark.parametrize(("kind", "offset", "variant"), [("colorization", GRAY, "gray"), ("inpainting", MASKED, "masked")])
@@ -193,7 +193,8 @@ def test_multiview_groups_by_folder_in_path_order(tmp_path: Path, tokens: Path) 
 
 
 def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path: Path, tiny_tokenizer) -> None:
-    """Token shards made like the tokenize step makes them: the slots must be the intended pictures' tokens."""
+    """Token shards made as the tokenize step makes them (lvm.tokenize.derive on pixels, then the tokenizer):
+    each slot must hold the tokens of the intended picture: gray, masked or the original, of the right key."""
     torch.manual_seed(0)
     pixels = torch.rand(5, 3, 64, 64)
     as_uint8 = lambda x: (x * 255).round().to(torch.uint8)  # noqa: E731
@@ -226,10 +227,9 @@ def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path:
             assert np.array_equal(t[1 + j * n : 1 + (j + 1) * n], expected)
             if j % 2 == 0:
                 assert image["meta"]["mask"] == masks[i]
-        slots = torch.from_numpy(t[1:-1].astype(np.int64)).view(-1, n)
-        pictures = tiny_tokenizer.decode(slots)
-        intended = tiny_tokenizer.decode(torch.from_numpy(np.stack([enc[derived if j % 2 == 0 else "color"][int(m["key"][1:])] for j, m in enumerate(info["images"])]).astype(np.int64)))
-        assert torch.equal(pictures, intended)
+        assert len(info["images"]) == 10 and len(t) == 10 * n + 2
+    # a random tiny tokenizer cannot reconstruct, so "decodes to the intended picture" is checked as
+    # "holds exactly the tokens of the intended picture" (decoding is a function of the tokens)
 
 
 def test_build_is_deterministic_and_resumes_after_a_kill(tmp_path: Path, tokens: Path, monkeypatch: pytest.MonkeyPatch) -> None:

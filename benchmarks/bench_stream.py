@@ -1,0 +1,93 @@
+"""Packed tokens/s from sentences.stream.PackedStream through a DataLoader, against what training consumes.
+
+    python benchmarks/bench_stream.py                       # synthetic shards, 2 workers, seq_len 4096
+    python benchmarks/bench_stream.py --shards sentences/   # your own sentence shards
+
+Synthetic shards mimic a built mixture: sentences of 1, 2, 6, 8 and 16 images of 256 tokens plus BOS/EOS,
+1000 per shard, with index.json. The figure is input tokens delivered per second over one epoch, counted from
+the first batch (worker start-up is reported separately). The anchor is ~50,000 tokens/s, what one GPU
+consumes training the 1B model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lvm.vocab import BOS_ID, EOS_ID, TOKENS_PER_IMAGE
+from sentences.shards import atomic_tar
+from sentences.stream import PackedStream
+
+GPU_TOKENS_PER_S = 50_000  # one GPU training the 1B model (issue 4)
+
+
+def write_synthetic(folder: Path, tokens: int, per_shard: int = 1000, seed: int = 0) -> None:
+    """Sentence shards holding about ``tokens`` tokens, plus the index.json the stream reads."""
+    rng = np.random.default_rng(seed)
+    shards, written, k = {}, 0, 0
+    while written < tokens:
+        path = folder / f"sentences-{k:06d}.tar"
+        lengths = rng.choice([1, 2, 6, 8, 16], size=per_shard) * TOKENS_PER_IMAGE + 2
+        with atomic_tar(path) as tar:
+            for i, n in enumerate(lengths):
+                body = rng.integers(0, 8192, n - 2, dtype=np.uint16)
+                tar.write({"__key__": f"s{k:06d}{i:04d}", "tokens.npy": np.concatenate([[BOS_ID], body, [EOS_ID]]).astype(np.uint16), "json": {"kind": "synthetic"}})
+        shards[path.name] = {"sentences": per_shard, "tokens": int(lengths.sum()), "bytes": path.stat().st_size}
+        written += int(lengths.sum())
+        k += 1
+    (folder / "index.json").write_text(json.dumps({"shards": shards}))
+
+
+def measure(shards: str, seq_len: int, batch_size: int, workers: int) -> dict:
+    stream = PackedStream(shards, seq_len=seq_len, batch_size=batch_size, seed=0)
+    start = time.perf_counter()
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=workers))
+    first = next(loader)
+    ready = time.perf_counter()
+    batches = 1 + sum(1 for _ in loader)
+    end = time.perf_counter()
+    per_batch = first["input_ids"].numel()
+    return {
+        "batches": batches,
+        "tokens": batches * per_batch,
+        "startup_s": ready - start,
+        "tokens_per_s": (batches - 1) * per_batch / (end - ready),
+        "overall_tokens_per_s": batches * per_batch / (end - start),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shards", help="sentence shards to read (default: synthetic, written to a temp folder)")
+    parser.add_argument("--tokens", type=int, default=30_000_000, help="size of the synthetic data")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            write_synthetic(Path(tmp), args.tokens)
+            shards = tmp
+        result = measure(shards, args.seq_len, args.batch_size, args.workers)
+    rate = result["tokens_per_s"]
+    print(
+        f"packed stream: {rate:,.0f} tokens/s ({rate / GPU_TOKENS_PER_S:.0f}x the ~{GPU_TOKENS_PER_S:,} tokens/s one GPU "
+        f"consumes training the 1B model); {result['batches']} batches of {args.batch_size} x {args.seq_len}, "
+        f"{args.workers} workers, start-up {result['startup_s']:.2f} s "
+        f"({result['overall_tokens_per_s']:,.0f} tokens/s counting it)"
+    )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
