@@ -1,0 +1,155 @@
+"""Lightning plug-ins for LVM training runs: throughput/MFU, preemption, atomic checkpoints, image samples.
+
+All are named by `class_path` in configs/lvm_*.yaml (see docs/training.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torchvision
+from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lvm.generate import Decoder, Sampling
+from lvm.vocab import BOS_ID
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].shape[0]
+
+
+def _tokens(batch: dict[str, torch.Tensor]) -> int:
+    return batch["input_ids"].numel()
+
+
+class TokenThroughput(ThroughputMonitor):
+    """Lightning's ThroughputMonitor for token batches, averaged over the last `window_size` batches.
+
+    Logs `train/items_per_sec` (tokens/s over all devices), `train/device/items_per_sec`,
+    `train/device/flops_per_sec` and, on GPUs Lightning knows, `train/device/mfu`: FLOPs from
+    `LVMConfig.flops_per_token` (6N + attention) against the device's peak for the training precision.
+    """
+
+    def __init__(self, window_size: int = 20) -> None:
+        super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
+
+
+class StopOnSigterm(Callback):
+    """Turns SIGTERM (preemption, `scancel`, a job time limit) into a resumable stop after the current
+    optimizer step.
+
+    Lightning records SIGTERM but, in a single process, acts on it only at the end of an epoch, which a
+    packed stream may not reach for days (with several processes it raises at the next batch itself).
+    This raises Lightning's own `SIGTERMException` once the step is complete, so that
+    `ModelCheckpoint(save_on_exception=True)` writes a checkpoint `--ckpt_path last` resumes exactly.
+    """
+
+    def __init__(self) -> None:
+        self._step_at_start = 0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.received_sigterm and trainer.global_step > self._step_at_start:
+            raise SIGTERMException()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to `<path>.tmp` beside the target, fsyncs it, then renames it over the target.
+
+    A kill during the write leaves the previous checkpoint untouched. Lightning's default serialises the
+    whole checkpoint into memory first and stages it in the system temp directory, which doubles host
+    memory for multi-GB checkpoints and is not atomic when that directory is on another filesystem.
+    Remote paths (`s3://...`) keep Lightning's default.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+class SampleImages(Callback):
+    """Every `every_n_steps` optimizer steps, continues a sentence of the current batch by one image and
+    writes `[context images | sampled image | true image]` as a PNG under `<log dir>/samples/`.
+
+    Does nothing without a `tokenizer` (anything `tokenizer.load` accepts). Runs on rank 0 with the
+    model's KV cache (lvm.generate); skipped under FSDP, whose sharded weights only run inside its forward.
+
+    Args:
+        tokenizer: tokenizer checkpoint or directory used to decode the tokens to pixels.
+        every_n_steps: optimizer steps between samples.
+        context_images: images of the sentence given as the prompt (after its BOS).
+        temperature, top_k: the sampling rule (lvm.generate.Sampling).
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | None = None,
+        every_n_steps: int = 1000,
+        context_images: int = 1,
+        temperature: float = 1.0,
+        top_k: int | None = 50,
+    ) -> None:
+        self.tokenizer_path, self.every_n_steps, self.context_images = tokenizer, every_n_steps, context_images
+        self.sampling = Sampling(temperature=temperature, top_k=top_k)
+        self._tokenizer = None
+        self._last_step = -1
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self.tokenizer_path is None or step == self._last_step or step % self.every_n_steps:
+            return
+        self._last_step = step
+        if isinstance(trainer.strategy, FSDPStrategy):
+            rank_zero_warn("SampleImages: skipped under FSDP (sharded weights)")
+            self.tokenizer_path = None
+            return
+        if self._tokenizer is None:
+            import tokenizer  # only runs that sample need the VQGAN
+
+            self._tokenizer = tokenizer.load(self.tokenizer_path)
+        images = self.sample(pl_module.model, batch["input_ids"][0], trainer.precision_plugin.forward_context())
+        if images is None:
+            return
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step:08d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torchvision.io.write_png(torchvision.utils.make_grid(images, nrow=len(images)), str(out))
+
+    @torch.no_grad()
+    def sample(self, model: torch.nn.Module, row: torch.Tensor, autocast: Any) -> torch.Tensor | None:
+        """Decoded images uint8 [context_images + 2, 3, S, S] for the first sentence of `row` that holds
+        BOS + context + one more image, or None if the row has none."""
+        n = self._tokenizer.tokens_per_image
+        need = 1 + (self.context_images + 1) * n
+        starts = [int(p) for p in (row == BOS_ID).nonzero().flatten() if p + need <= len(row)]
+        if not starts:
+            return None
+        sentence = row[starts[0] : starts[0] + need]
+        prompt = sentence[: need - n][None]
+        was_training = model.training
+        model.eval()
+        try:
+            with autocast, Decoder(model, batch_size=1, max_len=need) as decoder:
+                sampled = decoder.generate(prompt, n, self.sampling)
+        finally:
+            model.train(was_training)
+        codes = torch.cat([sentence[1:].view(-1, n)[:-1], sampled, sentence[-n:][None]])
+        return self._tokenizer.decode(codes.cpu()).cpu()

@@ -1,0 +1,128 @@
+"""LVMDataModule: the packed sentence stream (`sentences.stream.PackedStream`) for Lightning, resumable exactly.
+
+Exact resume works by counting: the datamodule counts the training batches this rank has consumed in the
+current epoch, Lightning stores that count with every checkpoint (`state_dict`) and restores it before the
+dataloader is iterated (`load_state_dict`), and the stream then starts at the next batch. Batches that were
+prefetched but not yet trained are produced again, so a resumed run neither repeats nor skips a batch. This
+needs the same shards, seed, `num_workers` and number of devices as the run that saved the checkpoint.
+
+One Lightning epoch is one pass of the stream (the stream's epochs reshuffle with `(seed, epoch)`); runs are
+bounded by `trainer.max_steps`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from lvm.errors import ConfigError
+from sentences.shards import expand_shards
+from sentences.stream import PackedStream
+
+
+# val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
+# Lightning still warns that the list is empty.
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+
+
+class _PositionedLoader(DataLoader):
+    """A DataLoader that puts its stream at the right (epoch, batch) each time it is iterated.
+
+    Lightning iterates the train loader once per epoch, and the workers receive a copy of the stream at that
+    moment, so `__iter__` is the one place where both a new epoch and a restored position reach the workers.
+    """
+
+    def __init__(self, stream: PackedStream, position: Callable[[], dict], **kwargs) -> None:
+        super().__init__(stream, batch_size=None, **kwargs)
+        self._position = position
+
+    def __iter__(self) -> Iterator:
+        self.dataset.load_state_dict(self._position())
+        return super().__iter__()
+
+
+class LVMDataModule(L.LightningDataModule):
+    """Packed visual sentences for training (and optionally validation).
+
+    Args:
+        train_shards: sentence shards (`python -m sentences.build` output): a folder, a glob, a brace
+            pattern (`sent/{00000..00999}.tar`) or a list of these.
+        val_shards: held-out sentence shards for `val/loss`; none by default.
+        seq_len: tokens per training row (the model's context, 4096 in the paper).
+        batch_size: rows per device per micro-batch; tokens per optimizer step =
+            batch_size x seq_len x trainer.accumulate_grad_batches x devices x num_nodes.
+        num_workers: dataloader processes per device (part of the resume position: keep it when resuming).
+        seed: shuffling seed of the stream.
+        doc_ids: also emit sentence ids so the model masks attention across packed sentences
+            (the release did not; off by default).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | list[str],
+        val_shards: str | list[str] | None = None,
+        seq_len: int = 4096,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        seed: int = 0,
+        doc_ids: bool = False,
+    ) -> None:
+        super().__init__()
+        for field, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if value < low:
+                raise ConfigError(f"data.{field}: must be >= {low}, got {value}")
+        for field, shards in (("train_shards", train_shards), ("val_shards", val_shards)):
+            if shards is not None:
+                try:  # lists the files only; nothing is read before training starts
+                    expand_shards(shards)
+                except ValueError as e:
+                    raise ConfigError(f"data.{field}: {e}") from None
+        self.save_hyperparameters()
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.seed, self.doc_ids = seed, doc_ids
+        self.epoch, self.batches_consumed = 0, 0
+
+    def _stream(self, shards: str | list[str]) -> PackedStream:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (None, None)
+        return PackedStream(shards, self.seq_len, self.batch_size, self.seed, rank, world, self.doc_ids)
+
+    def _loader(self, stream: PackedStream, position: Callable[[], dict]) -> DataLoader:
+        return _PositionedLoader(
+            stream,
+            position,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,  # workers must see each epoch's new position
+        )
+
+    def _train_position(self) -> dict:
+        """Called when the train loader is iterated: a new Lightning epoch starts the stream's next epoch."""
+        current = self.trainer.current_epoch if self.trainer else self.epoch
+        if current != self.epoch:
+            self.epoch, self.batches_consumed = current, 0
+        return self.state_dict()
+
+    def train_dataloader(self) -> DataLoader:
+        # Built here, not in setup(), so that config checks in the module's setup() run before any shard is read.
+        return self._loader(self._stream(self.train_shards), self._train_position)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_shards is None:
+            return []
+        return self._loader(self._stream(self.val_shards), lambda: {"epoch": 0, "batches_consumed": 0})
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is None or self.trainer.training:
+            self.batches_consumed += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])

@@ -1,0 +1,245 @@
+"""LVMModule: next-token training of the LVM on Lightning, with the paper's recipe as defaults.
+
+    lightning fit -c configs/lvm_300m.yaml           # train (see docs/training.md)
+    python -m lvm.train -c configs/lvm_3b.yaml       # dry run: parse the config, report the run's size
+
+The network is built in `configure_model()`, so FSDP materialises it shard by shard (on the meta device
+first); the module itself only holds the `LVMConfig`, which is why constructing it for a 3B config is
+instant. Checkpoints keep the network at `model.*` and the shape at `checkpoint["lvm_config"]`, which is
+all `lvm.checkpoint.load_lvm` needs to rebuild the model without Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from contextlib import nullcontext
+from dataclasses import fields
+from functools import partial
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.optim.lr_scheduler import LambdaLR
+
+from lvm.errors import ConfigError, NonFiniteLossError
+from lvm.model import LVM, SIZES, LVMConfig
+
+SizeName = Literal[tuple(SIZES)]  # the CLI rejects an unknown size with the list of choices
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LVMModule(L.LightningModule):
+    """Trains an LVM of a named size by next-token prediction on packed visual sentences.
+
+    Args:
+        size: one of the paper's sizes (300m, 600m, 1b, 3b), the released 7b, or tiny (CPU).
+        overrides: LVMConfig fields to change from the named size, e.g. `{max_seq_len: 1024, dropout: 0.1}`.
+        lr: peak learning rate (after warmup).
+        min_lr: learning rate at the end of the cosine decay (`trainer.max_steps`).
+        warmup_steps: optimizer steps of linear warmup from ~0 to `lr`.
+        betas, eps, weight_decay: AdamW's.
+        decay_norms_and_embeddings: also decay RMSNorm weights and the token embedding (the release
+            decayed every parameter; the default exempts them, as most LLaMA-style recipes do).
+        compile: `torch.compile` each transformer block (keeps state-dict keys unchanged).
+        on_nonfinite_loss: `stop` raises at the first NaN/Inf loss, naming the step; `skip` drops that
+            batch (no backward, no update from it) and counts it in `train/skipped_batches`.
+    """
+
+    def __init__(
+        self,
+        size: SizeName = "tiny",
+        overrides: dict[str, Any] | None = None,
+        lr: float = 3e-4,
+        min_lr: float = 3e-5,
+        warmup_steps: int = 2000,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        decay_norms_and_embeddings: bool = False,
+        compile: bool = False,
+        on_nonfinite_loss: Literal["stop", "skip"] = "stop",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = _lvm_config(size, overrides or {})
+        checks = (
+            ("lr", lr > 0, "must be > 0"),
+            ("min_lr", 0 <= min_lr <= lr, f"must be in [0, lr={lr}]"),
+            ("warmup_steps", warmup_steps >= 0, "must be >= 0"),
+            ("betas", all(0 <= b < 1 for b in betas), "must be in [0, 1)"),
+            ("eps", eps > 0, "must be > 0"),
+            ("weight_decay", weight_decay >= 0, "must be >= 0"),
+            ("on_nonfinite_loss", on_nonfinite_loss in ("stop", "skip"), "must be 'stop' or 'skip'"),
+        )
+        for field, ok, problem in checks:
+            if not ok:
+                raise ConfigError(f"model.{field}: {problem}, got {self.hparams[field]!r}")
+        self.model: LVM | None = None
+        self.flops_per_batch = 0.0  # read by ThroughputMonitor for tokens/s and MFU
+        self.skipped_batches = 0
+        rank_zero_info(
+            f"LVM {size}: {self.cfg.num_params():,} parameters, "
+            f"{self.cfg.flops_per_token() / 1e9:.3g} GFLOP per training token at seq {self.cfg.max_seq_len}"
+        )
+
+    # -- construction ---------------------------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        """Cross-checks with the trainer and data, before the network is built or any data is read."""
+        trainer = self.trainer
+        if stage == "fit":
+            if trainer.max_steps is None or trainer.max_steps <= 0:
+                raise ConfigError("trainer.max_steps: must be set (> 0); the cosine schedule decays over it")
+            if self.hparams.warmup_steps >= trainer.max_steps:
+                raise ConfigError(
+                    f"model.warmup_steps: {self.hparams.warmup_steps} must be below trainer.max_steps ({trainer.max_steps})"
+                )
+            if trainer.gradient_clip_algorithm not in (None, "norm"):
+                raise ConfigError("trainer.gradient_clip_algorithm: only 'norm' (global norm clipping) is supported")
+        seq_len = getattr(trainer.datamodule, "seq_len", None)
+        if seq_len is not None and seq_len > self.cfg.max_seq_len:
+            raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context (max_seq_len {self.cfg.max_seq_len})")
+
+    def configure_model(self) -> None:
+        if self.model is not None:  # already built (a second fit, or a model loaded by the user)
+            return
+        # Under FSDP build on the meta device: FSDP then materialises and initialises one Block at a time
+        # on its GPU (each layer's reset_parameters), so no rank ever holds the full fp32 model.
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        with torch.device("meta") if sharded else nullcontext():
+            self.model = LVM(self.cfg)
+        if self.hparams.compile:
+            for block in self.model.layers:  # in place: state-dict keys stay `model.layers.N.*`
+                block.compile()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lvm_config"] = self.cfg.to_dict()
+
+    # -- steps ----------------------------------------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(tokens, input_pos=input_pos, doc_ids=doc_ids)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        tokens = batch["input_ids"]
+        self.flops_per_batch = self.cfg.flops_per_token(tokens.shape[1]) * tokens.numel()
+        loss = self._loss(batch)
+        # Decided across ranks: one rank skipping a backward that the others run would hang DDP/FSDP.
+        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
+            if self.hparams.on_nonfinite_loss == "stop":
+                raise NonFiniteLossError(
+                    f"loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch}); "
+                    "lower model.lr, or set model.on_nonfinite_loss=skip to drop such batches"
+                )
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/ppl", loss.detach().exp())
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        loss = self._loss(batch)
+        self.log("val/loss", loss, sync_dist=True, prog_bar=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)
+
+    # -- optimisation ---------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for module in self.model.modules():
+            exempt = isinstance(module, (nn.RMSNorm, nn.Embedding)) and not hp.decay_norms_and_embeddings
+            (no_decay if exempt else decay).extend(module.parameters(recurse=False))
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = next(self.model.parameters()).is_cuda  # one fused kernel per step on GPU
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        schedule = partial(
+            warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=self.trainer.max_steps, min_ratio=hp.min_lr / hp.lr
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm (`trainer.gradient_clip_val`) and log that norm every step.
+
+        Replaces Lightning's clipping because that one refuses FSDP and does not return the norm.
+        """
+        max_norm = float("inf") if gradient_clip_val is None else float(gradient_clip_val)
+        wrapped = self.trainer.strategy.model
+        if isinstance(wrapped, FullyShardedDataParallel):
+            norm = wrapped.clip_grad_norm_(max_norm)  # reduces the norm over all shards
+        else:
+            norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.log("train/grad_norm", norm)
+
+
+def _lvm_config(size: str, overrides: dict[str, Any]) -> LVMConfig:
+    known = {f.name for f in fields(LVMConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ConfigError(f"model.overrides: unknown LVMConfig field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return LVMConfig.from_name(size, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"model.{'size' if 'unknown LVM size' in str(e) else 'overrides'}: {e}") from None
+
+
+class _DryRunCLI(LightningCLI):
+    """Parses a config exactly as `lightning fit` does, then builds only the LightningModule, which holds
+    the model's shape but no weights: no Trainer, device, or data is touched."""
+
+    def instantiate_classes(self) -> None:
+        module, _, name = self.config["model"].class_path.rpartition(".")
+        self.model = getattr(importlib.import_module(module), name)(**self.config["model"].init_args.as_dict())
+
+
+def summary(cli: LightningCLI) -> str:
+    """What a config trains: model shape, parameters, FLOPs and tokens per optimizer step, schedule, strategy."""
+    model, cfg = cli.model, cli.model.cfg
+    trainer, data = cli.config["trainer"], cli.config["data"].init_args
+    hp = model.hparams
+    devices = trainer.devices if isinstance(trainer.devices, int) else None
+    per_device = data.batch_size * data.seq_len * trainer.accumulate_grad_batches
+    strategy = trainer.strategy if isinstance(trainer.strategy, str) else trainer.strategy.class_path.rpartition(".")[2]
+    lines = [
+        f"model      {hp.size}: dim {cfg.dim}, mlp {cfg.mlp_dim}, layers {cfg.n_layers}, heads {cfg.n_heads}, "
+        f"vocab {cfg.vocab_size}, context {cfg.max_seq_len}",
+        f"parameters {cfg.num_params():,} ({cfg.num_params() / 1e9:.3f} B)",
+        f"flops      {cfg.flops_per_token(data.seq_len) / 1e9:.2f} GFLOP per training token at seq {data.seq_len}",
+        f"tokens     {per_device:,} per optimizer step per device (batch {data.batch_size} x seq {data.seq_len} x "
+        f"accumulation {trainer.accumulate_grad_batches})"
+        + (f"; {per_device * devices * trainer.num_nodes:,} on {devices * trainer.num_nodes} devices" if devices else ""),
+        f"schedule   AdamW lr {hp.lr:g} -> {hp.min_lr:g}, warmup {hp.warmup_steps}, {trainer.max_steps} steps, "
+        f"weight decay {hp.weight_decay:g}, clip {trainer.gradient_clip_val}",
+        f"trainer    {strategy}, precision {trainer.precision}, {trainer.num_nodes} node(s) x {trainer.devices} device(s)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lvm.train -c CONFIG [--model.size 1b ...]`: print the summary of a training config."""
+    cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv)
+    print(summary(cli))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

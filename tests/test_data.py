@@ -1,0 +1,87 @@
+"""LVMDataModule: config checks, batch counting, and exact resume of the packed stream with workers.
+
+`write_sentence_shards` (also used by tests/test_train.py) writes tiny learnable sentence shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from lvm.data import LVMDataModule
+from lvm.errors import ConfigError
+from lvm.vocab import BOS_ID, EOS_ID
+
+
+def write_sentence_shards(out: Path, shards: int = 4, sentences: int = 60, images: int = 2, tokens_per_image: int = 16) -> Path:
+    """Sentence shards of `[BOS, img, img, ..., EOS]` where each image counts up from a random code
+    (mod 64): the next token is almost always predictable, so a tiny model's loss falls quickly."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        with wds.TarWriter(str(out / f"{s:05d}.tar")) as writer:
+            for i in range(sentences):
+                image = (rng.integers(64) + np.arange(tokens_per_image)) % 64
+                tokens = np.concatenate([[BOS_ID], np.tile(image, images), [EOS_ID]]).astype(np.uint16)
+                buf = io.BytesIO()
+                np.save(buf, tokens)
+                writer.write({"__key__": f"{s:05d}_{i:06d}", "tokens.npy": buf.getvalue(), "json": json.dumps({"kind": "test"}).encode()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_sentence_shards(tmp_path_factory.mktemp("sentences"))
+
+
+def test_invalid_settings_name_the_field(shards, tmp_path):
+    with pytest.raises(ConfigError, match=r"^data\.train_shards: .*no \.tar shards found"):
+        LVMDataModule(train_shards=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"^data\.val_shards: "):
+        LVMDataModule(train_shards=str(shards), val_shards=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: must be >= 1, got 0"):
+        LVMDataModule(train_shards=str(shards), batch_size=0)
+
+
+def _take(loader, dm: LVMDataModule, n: int) -> list[torch.Tensor]:
+    """The next n batches, counted as the training loop counts them."""
+    out = []
+    for batch in loader:
+        out.append(dm.on_before_batch_transfer(batch, 0)["input_ids"])
+        if len(out) == n:
+            break
+    return out
+
+
+def test_resume_continues_exactly_after_the_consumed_batches(shards):
+    kwargs = dict(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=2)
+    dm = LVMDataModule(**kwargs)
+    reference = _take(dm.train_dataloader(), dm, 9)
+    assert reference[0].shape == (2, 32) and dm.state_dict() == {"epoch": 0, "batches_consumed": 9}
+
+    first = LVMDataModule(**kwargs)
+    _take(first.train_dataloader(), first, 4)  # the workers prefetched more than these 4
+    resumed = LVMDataModule(**kwargs)
+    resumed.load_state_dict(first.state_dict())
+    rest = _take(resumed.train_dataloader(), resumed, 5)
+    for a, b in zip(reference[4:], rest, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert resumed.state_dict() == {"epoch": 0, "batches_consumed": 9}
+
+
+def test_labels_are_inputs_shifted_by_one(shards):
+    dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=0, doc_ids=True)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels", "doc_ids"}
+    torch.testing.assert_close(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
+    assert (batch["input_ids"] < 8194).all()
+
+
+def test_no_val_shards_means_no_validation(shards):
+    assert LVMDataModule(train_shards=str(shards)).val_dataloader() == []
