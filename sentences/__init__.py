@@ -1,0 +1,5 @@
+"""Visual sentences: token shards -> sentence shards (``python -m sentences.build``) -> packed training batches.
+
+``sentences.stream.PackedStream`` is the training stream; ``sentences.kinds`` has one builder per kind of
+sentence; docs/sentences.md is the user guide and docs/FORMATS.md the shard formats.
+"""

@@ -12,7 +12,8 @@ A YAML file (documented with a full example in docs/sentences.md)::
 How much of a source goes into the mixture is given either per source as ``epochs`` (passes over it, each
 freshly drawn; a fraction takes a random part of one more pass), or as a total ``tokens`` for the mixture
 with a ``weight`` per source (its share of the tokens; its epochs follow from its size). Every problem is
-reported as one line naming the field, before any data is read.
+reported as one line naming the field, before any data is read (except sentences too long for the window,
+which needs the tokens per image: ``sentences.build`` checks it right after loading, before writing).
 """
 
 from __future__ import annotations
