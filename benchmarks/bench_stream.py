@@ -38,8 +38,8 @@ def write_synthetic(folder: Path, tokens: int, per_shard: int = 1000, seed: int 
         lengths = rng.choice([1, 2, 6, 8, 16], size=per_shard) * TOKENS_PER_IMAGE + 2
         with atomic_tar(path) as tar:
             for i, n in enumerate(lengths):
-                body = rng.integers(0, 8192, n - 2, dtype=np.uint16)
-                tar.write({"__key__": f"s{k:06d}{i:04d}", "tokens.npy": np.concatenate([[BOS_ID], body, [EOS_ID]]).astype(np.uint16), "json": {"kind": "synthetic"}})
+                tokens = np.concatenate([[BOS_ID], rng.integers(0, 8192, n - 2), [EOS_ID]]).astype(np.uint16)
+                tar.write({"__key__": f"s{k:06d}{i:04d}", "tokens.npy": tokens, "json": {"kind": "synthetic"}})
         shards[path.name] = {"sentences": per_shard, "tokens": int(lengths.sum()), "bytes": path.stat().st_size}
         written += int(lengths.sum())
         k += 1
@@ -81,8 +81,8 @@ def main() -> None:
         result = measure(shards, args.seq_len, args.batch_size, args.workers)
     rate = result["tokens_per_s"]
     print(
-        f"packed stream: {rate:,.0f} tokens/s ({rate / GPU_TOKENS_PER_S:.0f}x the ~{GPU_TOKENS_PER_S:,} tokens/s one GPU "
-        f"consumes training the 1B model); {result['batches']} batches of {args.batch_size} x {args.seq_len}, "
+        f"packed stream: {rate:,.0f} tokens/s ({rate / GPU_TOKENS_PER_S:.0f}x the ~{GPU_TOKENS_PER_S:,} tokens/s "
+        f"one GPU consumes training the 1B model); {result['batches']} batches of {args.batch_size} x {args.seq_len}, "
         f"{args.workers} workers, start-up {result['startup_s']:.2f} s "
         f"({result['overall_tokens_per_s']:,.0f} tokens/s counting it)"
     )

@@ -104,8 +104,12 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
                 f"{spec.path}: sources[{i}] ({src.kind}): sentences of {images} images x {tokens_per_image} tokens "
                 f"exceed the window of {spec.window} tokens (at most {spec.window // tokens_per_image} images fit)"
             )
-    skipped = {f"{s.shards[0]} ({len(s.shards)} shards, {'+'.join(v)})": dict(c) for (_, _, v), (s, c) in loaded.items()}
-    return sources, tokens_per_image, {label: counts for label, counts in skipped.items() if counts}
+    skipped = {
+        f"{s.shards[0]} ({len(s.shards)} shards, {'+'.join(variants)})": dict(counts)
+        for (_, _, variants), (s, counts) in loaded.items()
+        if counts
+    }
+    return sources, tokens_per_image, skipped
 
 
 def _rng(seed: int, name: str, *stream: int) -> np.random.Generator:
@@ -173,7 +177,9 @@ def _prepare_out(spec: MixSpec, out: Path) -> None:
     marker = out / "spec.json"
     if marker.exists():
         if json.loads(marker.read_text()).get("fingerprint") != record["fingerprint"]:
-            raise SentenceError(f"{out}: holds a build of another spec or other inputs; remove it or choose another --out")
+            raise SentenceError(
+                f"{out}: holds a build of another spec or other inputs; remove it or choose another --out"
+            )
     elif any(out.glob("sentences-*.tar")):
         raise SentenceError(f"{out}: holds sentence shards without spec.json; remove them or choose another --out")
     else:

@@ -182,10 +182,9 @@ class Colorization(Builder):
         return 2 * options["pairs"]
 
     def draw(self, rng: np.random.Generator) -> list[Sentence]:
-        return [
-            tuple(ref for row in chunk for ref in ((self.images, self.derived, int(row)), (self.images, ORIGINAL, int(row))))
-            for chunk in _chunks(rng.permutation(len(self.images)), self.opt["pairs"])
-        ]
+        pairs = _chunks(rng.permutation(len(self.images)), self.opt["pairs"])
+        variants = (self.derived, ORIGINAL)
+        return [tuple((self.images, v, int(row)) for row in chunk for v in variants) for chunk in pairs]
 
 
 class Inpainting(Colorization):

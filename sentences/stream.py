@@ -47,7 +47,9 @@ def read_sentences(path: str) -> Iterator[np.ndarray]:
         except ValueError as exn:
             raise SentenceError(f"{path}: sentence '{key}': unreadable tokens.npy ({exn})") from None
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise SentenceError(f"{path}: sentence '{key}': expected 1-D integer tokens, got {tokens.dtype} {tokens.shape}")
+            raise SentenceError(
+                f"{path}: sentence '{key}': expected 1-D integer tokens, got {tokens.dtype} {tokens.shape}"
+            )
         if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE):
             bad = int(tokens.max()) if tokens.max() >= VOCAB_SIZE else int(tokens.min())
             raise SentenceError(f"{path}: sentence '{key}': token id {bad} outside the vocabulary [0, {VOCAB_SIZE})")

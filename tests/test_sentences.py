@@ -53,14 +53,23 @@ def tokens(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tokens(root / "images" / "a.tar", images[:12])
     write_tokens(root / "images" / "b.tar", images[12:])
     # depth is missing for image 23; normals come in another order and split differently
-    write_tokens(root / "depth" / "0.tar", [{"__key__": f"img{i:03d}", "tokens.npy": codes(DEPTH + i * N)} for i in range(23)])
-    write_tokens(root / "normals" / "0.tar", [{"__key__": f"img{i:03d}", "tokens.npy": codes(NORMALS + i * N)} for i in reversed(range(IMAGES))])
+    write_tokens(
+        root / "depth" / "0.tar", [{"__key__": f"img{i:03d}", "tokens.npy": codes(DEPTH + i * N)} for i in range(23)]
+    )
+    write_tokens(
+        root / "normals" / "0.tar",
+        [{"__key__": f"img{i:03d}", "tokens.npy": codes(NORMALS + i * N)} for i in reversed(range(IMAGES))],
+    )
     frames = [(v, f) for v in range(3) for f in range((20, 20, 1)[v])]  # video 2 has one frame: too short
     rng = np.random.default_rng(0)
     write_tokens(
         root / "videos" / "0.tar",
         [
-            {"__key__": f"v{v}_{f:03d}", "tokens.npy": codes(VIDEO + (v * 20 + f) * N), "json": {"video": f"v{v}.mp4", "frame": f * 2, "fps": 30.0}}
+            {
+                "__key__": f"v{v}_{f:03d}",
+                "tokens.npy": codes(VIDEO + (v * 20 + f) * N),
+                "json": {"video": f"v{v}.mp4", "frame": f * 2, "fps": 30.0},
+            }
             for v, f in (frames[i] for i in rng.permutation(len(frames)))  # stored out of order
         ],
     )
@@ -76,7 +85,9 @@ def image_of(tokens: np.ndarray) -> int:
 def run_build(tmp_path: Path, sources: list[dict], **top) -> tuple[dict, list[tuple[str, list[int], dict]]]:
     """Build a spec; returns index.json and every sentence as (key, image offsets, json)."""
     spec_path = tmp_path / "mix.yaml"
-    spec_path.write_text(yaml.safe_dump({"seed": 3, "window": 16 * N, "sentences_per_shard": 7, **top, "sources": sources}))
+    spec_path.write_text(
+        yaml.safe_dump({"seed": 3, "window": 16 * N, "sentences_per_shard": 7, **top, "sources": sources})
+    )
     out = tmp_path / "out"
     build(load_spec(spec_path), out)
     sentences = []
@@ -103,7 +114,17 @@ def test_single_images_each_once_with_bos_eos(tmp_path: Path, tokens: Path) -> N
 
 def test_video_clips_are_consecutive_frames_at_each_stride(tmp_path: Path, tokens: Path) -> None:
     index, sentences = run_build(
-        tmp_path, [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "frames": 6, "strides": [1, 3], "epochs": 3}]
+        tmp_path,
+        [
+            {
+                "name": "vid",
+                "kind": "video",
+                "shards": str(tokens / "videos"),
+                "frames": 6,
+                "strides": [1, 3],
+                "epochs": 3,
+            }
+        ],
     )
     starts = {1: set(), 3: set()}
     for _, slots, info in sentences:
@@ -116,13 +137,25 @@ def test_video_clips_are_consecutive_frames_at_each_stride(tmp_path: Path, token
         starts[int(steps[0])].add((video, first))
     assert len(sentences) == 2 * 2 * 3  # 2 usable videos x 2 strides x 3 epochs; video 2 is too short
     assert len(starts[1]) > 2 and len(starts[3]) > 2  # random starts differ between epochs
-    assert index["sources"]["vid"]["unused"] == {"groups too short for 2 frames at stride 1": 1, "groups too short for 2 frames at stride 3": 1}
+    assert index["sources"]["vid"]["unused"] == {
+        "groups too short for 2 frames at stride 1": 1,
+        "groups too short for 2 frames at stride 3": 1,
+    }
 
 
 def test_pairs_follow_keys_and_reshuffle_over_epochs(tmp_path: Path, tokens: Path) -> None:
     index, sentences = run_build(
         tmp_path,
-        [{"name": "depth", "kind": "pairs", "shards": str(tokens / "images"), "annotations": {"depth": str(tokens / "depth")}, "pairs": 4, "epochs": 2}],
+        [
+            {
+                "name": "depth",
+                "kind": "pairs",
+                "shards": str(tokens / "images"),
+                "annotations": {"depth": str(tokens / "depth")},
+                "pairs": 4,
+                "epochs": 2,
+            }
+        ],
     )
     groups = {0: set(), 1: set()}
     for _, slots, info in sentences:
@@ -137,8 +170,12 @@ def test_pairs_follow_keys_and_reshuffle_over_epochs(tmp_path: Path, tokens: Pat
     assert index["sources"]["depth"]["unused"] == {"image samples without a partner in every set": 1}
 
 
-@pytest.mark.parametrize(("kind", "offset", "variant"), [("colorization", GRAY, "gray"), ("inpainting", MASKED, "masked")])
-def test_derived_pairs_put_the_derived_image_first(tmp_path: Path, tokens: Path, kind: str, offset: int, variant: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "offset", "variant"), [("colorization", GRAY, "gray"), ("inpainting", MASKED, "masked")]
+)
+def test_derived_pairs_put_the_derived_image_first(
+    tmp_path: Path, tokens: Path, kind: str, offset: int, variant: str
+) -> None:
     _, sentences = run_build(tmp_path, [{"name": kind, "kind": kind, "shards": str(tokens / "images")}])
     seen = []
     for _, slots, info in sentences:
@@ -166,7 +203,16 @@ def test_category_groups_k_images_of_n_different_categories(tmp_path: Path, toke
 def test_multitask_permutes_task_order_per_sentence_across_three_shots(tmp_path: Path, tokens: Path) -> None:
     annotations = {"depth": str(tokens / "depth"), "normals": str(tokens / "normals")}
     _, sentences = run_build(
-        tmp_path, [{"name": "mt", "kind": "multitask", "shards": str(tokens / "images"), "annotations": annotations, "epochs": 3}]
+        tmp_path,
+        [
+            {
+                "name": "mt",
+                "kind": "multitask",
+                "shards": str(tokens / "images"),
+                "annotations": annotations,
+                "epochs": 3,
+            }
+        ],
     )
     orders = set()
     for _, slots, info in sentences:
@@ -185,7 +231,9 @@ def test_multitask_permutes_task_order_per_sentence_across_three_shots(tmp_path:
 
 
 def test_multiview_groups_by_folder_in_path_order(tmp_path: Path, tokens: Path) -> None:
-    _, sentences = run_build(tmp_path, [{"name": "mv", "kind": "multiview", "shards": str(tokens / "images"), "frames": 4}])
+    _, sentences = run_build(
+        tmp_path, [{"name": "mv", "kind": "multiview", "shards": str(tokens / "images"), "frames": 4}]
+    )
     assert len(sentences) == 4  # one clip per folder per pass
     for _, slots, info in sentences:
         assert len(slots) == 4 and len({s // N % 4 for s in slots}) == 1 and slots == sorted(slots)
@@ -202,18 +250,31 @@ def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path:
     masks = [mask_params(f"k{i}", 0) for i in range(5)]
     masked = torch.stack([apply_mask(p, m) for p, m in zip(pixels, masks)])
     assert torch.equal(grays[:, 0], grays[:, 1]) and torch.equal(grays[:, 0], grays[:, 2])  # really gray
-    enc = {name: tiny_tokenizer.encode(as_uint8(x)).numpy().astype(np.uint16) for name, x in [("color", pixels), ("gray", grays), ("masked", masked)]}
+    enc = {
+        name: tiny_tokenizer.encode(as_uint8(x)).numpy().astype(np.uint16)
+        for name, x in [("color", pixels), ("gray", grays), ("masked", masked)]
+    }
     write_tokens(
         tmp_path / "tok" / "0.tar",
         [
-            {"__key__": f"k{i}", "tokens.npy": enc["color"][i], "gray.tokens.npy": enc["gray"][i], "masked.tokens.npy": enc["masked"][i], "json": {"mask": masks[i]}}
+            {
+                "__key__": f"k{i}",
+                "tokens.npy": enc["color"][i],
+                "gray.tokens.npy": enc["gray"][i],
+                "masked.tokens.npy": enc["masked"][i],
+                "json": {"mask": masks[i]},
+            }
             for i in range(5)
         ],
     )
-    spec = {"seed": 0, "window": 16 * tiny_tokenizer.tokens_per_image, "sources": [
-        {"name": "c", "kind": "colorization", "shards": str(tmp_path / "tok"), "pairs": 5},
-        {"name": "i", "kind": "inpainting", "shards": str(tmp_path / "tok"), "pairs": 5},
-    ]}
+    spec = {
+        "seed": 0,
+        "window": 16 * tiny_tokenizer.tokens_per_image,
+        "sources": [
+            {"name": "c", "kind": "colorization", "shards": str(tmp_path / "tok"), "pairs": 5},
+            {"name": "i", "kind": "inpainting", "shards": str(tmp_path / "tok"), "pairs": 5},
+        ],
+    }
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
     build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
     n = tiny_tokenizer.tokens_per_image
@@ -232,12 +293,19 @@ def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path:
     # "holds exactly the tokens of the intended picture" (decoding is a function of the tokens)
 
 
-def test_build_is_deterministic_and_resumes_after_a_kill(tmp_path: Path, tokens: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = {"seed": 5, "window": 16 * N, "sentences_per_shard": 5, "sources": [
-        {"name": "one", "kind": "single", "shards": str(tokens / "images"), "epochs": 1.5},
-        {"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "strides": [1, 2]},
-        {"name": "col", "kind": "colorization", "shards": str(tokens / "images"), "pairs": 2},
-    ]}
+def test_build_is_deterministic_and_resumes_after_a_kill(
+    tmp_path: Path, tokens: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = {
+        "seed": 5,
+        "window": 16 * N,
+        "sentences_per_shard": 5,
+        "sources": [
+            {"name": "one", "kind": "single", "shards": str(tokens / "images"), "epochs": 1.5},
+            {"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "strides": [1, 2]},
+            {"name": "col", "kind": "colorization", "shards": str(tokens / "images"), "pairs": 2},
+        ],
+    }
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "a")]) == 0
 
@@ -262,16 +330,28 @@ def test_build_is_deterministic_and_resumes_after_a_kill(tmp_path: Path, tokens:
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     index = json.loads((tmp_path / "a" / "index.json").read_text())
-    assert index["sources"]["one"] == {"kind": "single", "epochs": 1.5, "sentences": 36, "tokens": 36 * (N + 2), "unused": {}}
+    assert index["sources"]["one"] == {
+        "kind": "single",
+        "epochs": 1.5,
+        "sentences": 36,
+        "tokens": 36 * (N + 2),
+        "unused": {},
+    }
     assert index["kinds"]["video"]["sentences"] == 4 and index["kinds"]["colorization"]["sentences"] == 12
-    assert sum(s["sentences"] for s in index["shards"].values()) == 52 == sum(k["sentences"] for k in index["kinds"].values())
+    assert (
+        sum(s["sentences"] for s in index["shards"].values())
+        == 52
+        == sum(k["sentences"] for k in index["kinds"].values())
+    )
 
 
 def test_tokens_mode_weights_set_each_sources_share(tmp_path: Path, tokens: Path) -> None:
     index, _ = run_build(
         tmp_path,
-        [{"name": "one", "kind": "single", "shards": str(tokens / "images"), "weight": 1},
-         {"name": "col", "kind": "colorization", "shards": str(tokens / "images"), "weight": 3}],
+        [
+            {"name": "one", "kind": "single", "shards": str(tokens / "images"), "weight": 1},
+            {"name": "col", "kind": "colorization", "shards": str(tokens / "images"), "weight": 3},
+        ],
         tokens=4000,
     )
     single, color = index["kinds"]["single"]["tokens"], index["kinds"]["colorization"]["tokens"]
@@ -279,34 +359,74 @@ def test_tokens_mode_weights_set_each_sources_share(tmp_path: Path, tokens: Path
     assert index["sources"]["one"]["epochs"] == pytest.approx(1000 / (IMAGES * (N + 2)), abs=1e-3)
 
 
-def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(tmp_path: Path, tokens: Path, capsys: pytest.CaptureFixture) -> None:
-    write_tokens(tmp_path / "bad" / "0.tar", [
-        {"__key__": "good", "tokens.npy": codes(0)},
-        {"__key__": "broken", "tokens.npy": b"not an npy file"},
-        {"__key__": "nogray", "json": {}},
-    ])
-    spec = {"sources": [{"name": "bad", "kind": "single", "shards": str(tmp_path / "bad")},
-                        {"name": "vid", "kind": "video", "shards": str(tokens / "videos")}]}
+def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
+    tmp_path: Path, tokens: Path, capsys: pytest.CaptureFixture
+) -> None:
+    write_tokens(
+        tmp_path / "bad" / "0.tar",
+        [
+            {"__key__": "good", "tokens.npy": codes(0)},
+            {"__key__": "broken", "tokens.npy": b"not an npy file"},
+            {"__key__": "nogray", "json": {}},
+        ],
+    )
+    spec = {
+        "sources": [
+            {"name": "bad", "kind": "single", "shards": str(tmp_path / "bad")},
+            {"name": "vid", "kind": "video", "shards": str(tokens / "videos")},
+        ]
+    }
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("[single]") and line.split()[1:] == ["1", "18"] for line in out)
     assert any(line.startswith("[video]") and line.split()[1:] == ["2", "100"] for line in out)
     assert any("1 unreadable tokens.npy; 1 missing tokens.npy" in line for line in out)
-    assert out[-1].startswith("built 3 sentences (118 tokens, 2 kinds) into 1 shards in ") and out[-1].endswith("; skipped 2 samples")
+    assert out[-1].startswith("built 3 sentences (118 tokens, 2 kinds) into 1 shards in ") and out[-1].endswith(
+        "; skipped 2 samples"
+    )
 
 
 BAD_SPECS = [
-    ({"sources": [{"name": "a", "kind": "vidoe", "shards": "{tok}/videos"}]}, "sources[0].kind: unknown kind 'vidoe' (one of: single, video,"),
-    ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "stride": 2}]}, "sources[0].stride: unknown field for kind video"),
-    ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 0}]}, "sources[0].frames: expected a positive integer, got 0"),
-    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/nothing"}]}, "sources[0].shards: {tok}/nothing: no .tar shards found"),
-    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "weight": 2}]}, "sources[0].weight: needs a total 'tokens'"),
-    ({"sources": [{"name": "a", "kind": "pairs", "shards": "{tok}/images"}]}, "sources[0].annotations: kind pairs takes exactly 1 annotation sets, got 0"),
-    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images"}, {"name": "a", "kind": "single", "shards": "{tok}/images"}]}, "sources[1].name: 'a' used twice"),
+    (
+        {"sources": [{"name": "a", "kind": "vidoe", "shards": "{tok}/videos"}]},
+        "sources[0].kind: unknown kind 'vidoe' (one of: single, video,",
+    ),
+    (
+        {"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "stride": 2}]},
+        "sources[0].stride: unknown field for kind video",
+    ),
+    (
+        {"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 0}]},
+        "sources[0].frames: expected a positive integer, got 0",
+    ),
+    (
+        {"sources": [{"name": "a", "kind": "single", "shards": "{tok}/nothing"}]},
+        "sources[0].shards: {tok}/nothing: no .tar shards found",
+    ),
+    (
+        {"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "weight": 2}]},
+        "sources[0].weight: needs a total 'tokens'",
+    ),
+    (
+        {"sources": [{"name": "a", "kind": "pairs", "shards": "{tok}/images"}]},
+        "sources[0].annotations: kind pairs takes exactly 1 annotation sets, got 0",
+    ),
+    (
+        {
+            "sources": [
+                {"name": "a", "kind": "single", "shards": "{tok}/images"},
+                {"name": "a", "kind": "single", "shards": "{tok}/images"},
+            ]
+        },
+        "sources[1].name: 'a' used twice",
+    ),
     ({"seed": 1, "source": []}, "source: unknown field"),
-    ({"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
-     "sources[0] (colorization): sentences of 16 images x 16 tokens exceed the window of 64 tokens (at most 4 images fit)"),
+    (
+        {"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
+        "sources[0] (colorization): sentences of 16 images x 16 tokens exceed the window of 64 tokens "
+        "(at most 4 images fit)",
+    ),
 ]
 
 
@@ -323,19 +443,32 @@ def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, cap
 @pytest.mark.parametrize(
     ("sample", "message"),
     [
-        ({"__key__": "x", "tokens.npy": np.arange(8, dtype=np.uint16)}, "sample 'x': tokens.npy: 8 tokens, but the other images have 16"),
-        ({"__key__": "x", "tokens.npy": np.full(N, 8192, dtype=np.uint16)}, "sample 'x': tokens.npy: token id 8192 outside the codebook [0, 8192)"),
+        (
+            {"__key__": "x", "tokens.npy": np.arange(8, dtype=np.uint16)},
+            "sample 'x': tokens.npy: 8 tokens, but the other images have 16",
+        ),
+        (
+            {"__key__": "x", "tokens.npy": np.full(N, 8192, dtype=np.uint16)},
+            "sample 'x': tokens.npy: token id 8192 outside the codebook [0, 8192)",
+        ),
     ],
 )
 def test_wrong_tokens_are_an_error_naming_shard_and_sample(tmp_path: Path, sample: dict, message: str) -> None:
     write_tokens(tmp_path / "tok" / "0.tar", [{"__key__": "a", "tokens.npy": codes(0)}, sample])
-    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({"sources": [{"name": "a", "kind": "single", "shards": str(tmp_path / "tok")}]}))
-    with pytest.raises(SentenceError, match="^" + str(tmp_path / "tok" / "0.tar") + ": " + message.replace("[", r"\[").replace(")", r"\)")):
+    (tmp_path / "mix.yaml").write_text(
+        yaml.safe_dump({"sources": [{"name": "a", "kind": "single", "shards": str(tmp_path / "tok")}]})
+    )
+    with pytest.raises(
+        SentenceError,
+        match="^" + str(tmp_path / "tok" / "0.tar") + ": " + message.replace("[", r"\[").replace(")", r"\)"),
+    ):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
 
 
 def test_another_spec_cannot_reuse_an_output_folder(tmp_path: Path, tokens: Path) -> None:
     run_build(tmp_path, [{"name": "one", "kind": "single", "shards": str(tokens / "images")}])
-    (tmp_path / "mix.yaml").write_text(yaml.safe_dump({"seed": 4, "sources": [{"name": "one", "kind": "single", "shards": str(tokens / "images")}]}))
+    (tmp_path / "mix.yaml").write_text(
+        yaml.safe_dump({"seed": 4, "sources": [{"name": "one", "kind": "single", "shards": str(tokens / "images")}]})
+    )
     with pytest.raises(SentenceError, match="holds a build of another spec or other inputs"):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")

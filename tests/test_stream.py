@@ -40,7 +40,9 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Counter]:
     rng = np.random.default_rng(0)
     lengths = rng.integers(10, 150, size=60)
     starts = np.concatenate([[0], np.cumsum(lengths)])
-    sentences = [np.concatenate([[BOS_ID], np.arange(a, b), [EOS_ID]]).astype(np.uint16) for a, b in zip(starts[:-1], starts[1:])]
+    sentences = [
+        np.concatenate([[BOS_ID], np.arange(a, b), [EOS_ID]]).astype(np.uint16) for a, b in zip(starts[:-1], starts[1:])
+    ]
     folder = tmp_path_factory.mktemp("sentences")
     write_sentences(folder, sentences, per_shard=7)
     return folder, Counter(np.concatenate(sentences).tolist())
@@ -62,8 +64,14 @@ def windows(batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
 
 def test_two_ranks_two_workers_cover_the_epoch_once(shards: tuple[Path, Counter]) -> None:
     folder, everything = shards
-    per_rank = [epoch(PackedStream(str(folder), SEQ, BATCH, seed=1, rank=r, world_size=2, doc_ids=True), 2) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1]) == PackedStream(str(folder), SEQ, BATCH, rank=0, world_size=2).batches_per_epoch(2)
+    per_rank = [
+        epoch(PackedStream(str(folder), SEQ, BATCH, seed=1, rank=r, world_size=2, doc_ids=True), 2) for r in range(2)
+    ]
+    assert (
+        len(per_rank[0])
+        == len(per_rank[1])
+        == PackedStream(str(folder), SEQ, BATCH, rank=0, world_size=2).batches_per_epoch(2)
+    )
     seen = Counter(torch.cat([windows(b) for b in per_rank]).flatten().tolist())
     codes = {t: n for t, n in seen.items() if t < BOS_ID}
     assert all(n == 1 for n in codes.values())  # no code twice
@@ -133,7 +141,10 @@ def test_shards_without_index_are_counted_by_reading(tmp_path: Path, shards: tup
 
 def test_out_of_vocabulary_id_is_an_error_naming_the_shard(tmp_path: Path) -> None:
     write_sentences(tmp_path, [np.array([BOS_ID, 1, 2, 9000, EOS_ID], dtype=np.uint16)] * 20, per_shard=20)
-    with pytest.raises(SentenceError, match=r"sentences-000000.tar: sentence 's00000': token id 9000 outside the vocabulary \[0, 8292\)"):
+    with pytest.raises(
+        SentenceError,
+        match=r"sentences-000000.tar: sentence 's00000': token id 9000 outside the vocabulary \[0, 8292\)",
+    ):
         list(PackedStream(str(tmp_path), seq_len=3))
 
 
