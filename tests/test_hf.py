@@ -1,13 +1,12 @@
 """Hugging Face interop: round trips with equal logits, parity with transformers, token-for-token generate."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.export import main as export_main
 from lvm.generate import GREEDY, Decoder
 from lvm.hf import config_from_hf, config_to_hf, save_hf
 from lvm.model import LVM, LVMConfig
@@ -16,6 +15,15 @@ from lvm.vocab import BOS_ID, CODEBOOK_SIZE, VOCAB_SIZE
 transformers = pytest.importorskip("transformers")
 
 TINY = dict(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny decode steps are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def save_ckpt(model: LVM, path) -> None:
@@ -39,11 +47,7 @@ def ours():
 def exported(ours, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     save_ckpt(ours, out / "last.ckpt")
-    subprocess.run(
-        [sys.executable, "-m", "lvm.export", "--ckpt", str(out / "last.ckpt"), "--to-hf", str(out / "hf"),
-         "--max-shard-size", "300KB"],
-        check=True, capture_output=True,
-    )
+    export_main(["--ckpt", str(out / "last.ckpt"), "--to-hf", str(out / "hf"), "--max-shard-size", "300KB"])
     return out / "hf"
 
 
@@ -151,10 +155,8 @@ def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
         load_lvm(tmp_path / "partial.ckpt")
 
 
-def test_export_cli_error_is_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "lvm.export", "--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o")],
-        capture_output=True, text=True,
-    )
-    assert result.returncode == 2
-    assert result.stderr == f"error: {tmp_path / 'x.ckpt'}: no such file or directory\n"
+def test_export_cli_error_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'x.ckpt'}: no such file or directory\n"
