@@ -25,7 +25,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 import tokenizer
 from lvm import metrics
 from lvm.checkpoint import CheckpointError, load_lvm
-from lvm.generate import Sampling, context_frames, rollout
+from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
 from lvm.vocab import NUM_RESERVED
 
@@ -83,6 +83,7 @@ def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str
 
 
 def check_fits(model: LVM, tok: tokenizer.VQTokenizer, num_frames: int, option: str) -> None:
+    """Refuse prompts longer than the context, saying how many frames would fit."""
     fit = context_frames(model, tok.tokens_per_image)
     if num_frames > fit:
         raise PromptError(
@@ -167,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
     images = [[read_image(f) for f in prompt] for prompt in prompts]
     truth_images = [[read_image(f) for f in frames] for frames in truth] if truth else None
     try:
-        sampling = Sampling(0.0, None) if args.greedy else Sampling(args.temperature, args.top_k or None, args.top_p)
+        sampling = GREEDY if args.greedy else Sampling(args.temperature, args.top_k or None, args.top_p)
     except ValueError as e:
         raise PromptError("sampling", str(e)) from e
 

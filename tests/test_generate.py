@@ -120,3 +120,17 @@ def test_invalid_sampling_is_rejected():
         Sampling(top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         Sampling(temperature=-1.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_decode_step_on_cuda_equals_eager(model):
+    """CUDA graphs through torch.compile; the CPU counterpart is test_cached_greedy_equals_recomputation."""
+    gpu = LVM(model.cfg).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, CODEBOOK_SIZE, (2, 20), device="cuda")
+    with Decoder(gpu, 2, 64) as decoder:
+        eager = decoder.generate(prompt, 40)
+    with Decoder(gpu, 2, 64, compile=True) as decoder:
+        compiled = decoder.generate(prompt, 40)
+    assert torch.equal(compiled, eager)

@@ -8,7 +8,7 @@ import torch
 from lvm.checkpoint import CheckpointError, load_lvm
 from lvm.export import main as export_main
 from lvm.generate import GREEDY, Decoder
-from lvm.hf import config_from_hf, config_to_hf, save_hf
+from lvm.hf import config_from_hf, config_to_hf, hf_name, save_hf
 from lvm.model import LVM, LVMConfig
 from lvm.vocab import BOS_ID, CODEBOOK_SIZE, VOCAB_SIZE
 
@@ -92,6 +92,18 @@ def test_transformers_model_imports_with_equal_logits(tmp_path):
     tokens = torch.randint(0, CODEBOOK_SIZE, (2, 33))
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), theirs(tokens).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_pytorch_bin_shards_of_old_transformers_load(ours, exported, tmp_path):
+    # transformers < 4.31 wrote pytorch_model-*.bin shards that also hold RoPE inv_freq buffers.
+    state = {hf_name(k): v for k, v in ours.state_dict().items()}
+    names = sorted(state)
+    torch.save({k: state[k] for k in names[:10]}, tmp_path / "pytorch_model-00001-of-00002.bin")
+    rest = {k: state[k] for k in names[10:]} | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}
+    torch.save(rest, tmp_path / "pytorch_model-00002-of-00002.bin")
+    (tmp_path / "config.json").write_text((exported / "config.json").read_text())
+    tokens = torch.randint(0, CODEBOOK_SIZE, (1, 12))
+    torch.testing.assert_close(load_lvm(tmp_path)(tokens), ours(tokens), atol=0, rtol=0)
 
 
 def test_transformers_generate_equals_ours_token_for_token(ours, exported):
