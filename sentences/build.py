@@ -261,11 +261,12 @@ def _report(summary: Summary, out: str, seconds: float) -> str:
     tokens = sum(k["tokens"] for k in summary.kinds.values())
     for label, counts in summary.skipped.items():
         lines.append(f"skipped in {label}: " + "; ".join(f"{n} {reason}" for reason, n in counts.items()))
-    skipped = sum(sum(counts.values()) for counts in summary.skipped.values())
+    skipped = sum((Counter(counts) for counts in summary.skipped.values()), Counter())
     resumed = f" ({summary.resumed_shards} already done)" if summary.resumed_shards else ""
     lines.append(
         f"built {sentences:,} sentences ({tokens:,} tokens, {len(summary.kinds)} kinds) into "
-        f"{len(summary.shards)} shards{resumed} in {out} in {seconds:.1f} s; skipped {skipped:,} samples"
+        f"{len(summary.shards)} shards{resumed} in {out} in {seconds:.1f} s; skipped: "
+        + (", ".join(f"{n:,} {reason}" for reason, n in skipped.items()) or "nothing")
     )
     return "\n".join(lines)
 

@@ -89,12 +89,9 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
     rows: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     length: int | None = None
 
-    def unreadable_tar(exn: Exception) -> bool:
-        skipped["unreadable tar data"] += 1
-        return True
-
     for index, path in enumerate(tqdm(paths, desc=f"load {name}", unit="shard", leave=False)):
-        for sample in iter_samples(path, on_error=unreadable_tar):
+        errors: list[Exception] = []  # a damaged tar ends its shard; webdataset may report it more than once
+        for sample in iter_samples(path, on_error=lambda exn: not errors.append(exn)):
             key = sample["__key__"]
             arrays = {}
             for variant in variants:
@@ -130,6 +127,8 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
                 shard_of.append(index)
                 for variant, array in arrays.items():
                     rows[variant].append(array)
+        if errors:
+            skipped["damaged tar shards (rest of the shard lost)"] += 1
     if not keys:
         raise SentenceError(f"{paths[0]}: no usable samples in the {name} shards ({dict(skipped) or 'empty'})")
     return TokenSet(

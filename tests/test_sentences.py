@@ -370,6 +370,11 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
             {"__key__": "nogray", "json": {}},
         ],
     )
+    # a tar cut inside the tokens of its third sample (samples of 4096 bytes, the tokens' data 3584 bytes in)
+    write_tokens(
+        tmp_path / "bad" / "1.tar", [{"__key__": f"t{i}", "tokens.npy": codes(N), "json": {}} for i in range(3)]
+    )
+    (tmp_path / "bad" / "1.tar").write_bytes((tmp_path / "bad" / "1.tar").read_bytes()[: 2 * 4096 + 3584 + 80])
     spec = {
         "sources": [
             {"name": "bad", "kind": "single", "shards": str(tmp_path / "bad")},
@@ -379,11 +384,16 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert any(line.startswith("[single]") and line.split()[1:] == ["1", "18"] for line in out)
+    assert any(line.startswith("[single]") and line.split()[1:] == ["3", "54"] for line in out)
     assert any(line.startswith("[video]") and line.split()[1:] == ["2", "100"] for line in out)
-    assert any("1 unreadable tokens.npy; 1 missing tokens.npy" in line for line in out)
-    assert out[-1].startswith("built 3 sentences (118 tokens, 2 kinds) into 1 shards in ") and out[-1].endswith(
-        "; skipped 2 samples"
+    skipped = f"skipped in {tmp_path / 'bad' / '0.tar'} (2 shards, original): "
+    # the cut sample arrives without its tokens: counted as missing them, and its shard as damaged
+    assert (
+        skipped + "1 unreadable tokens.npy; 2 missing tokens.npy; 1 damaged tar shards (rest of the shard lost)" in out
+    )
+    assert out[-1].startswith("built 5 sentences (154 tokens, 2 kinds) into 1 shards in ")
+    assert out[-1].endswith(
+        "; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, 1 damaged tar shards (rest of the shard lost)"
     )
 
 
