@@ -98,7 +98,8 @@ def throughput(args: argparse.Namespace) -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     cache_len = int(model.cfg.bos_id is not None) + (window + 1) * T
     cache_bytes = 2 * model.cfg.n_layers * cache_len * model.cfg.dim * torch.finfo(dtype).bits // 8
-    print(f"{args.size} ({weight_bytes / 1e9:.2f} GB weights, {dtype}) on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}; "
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{args.size} ({weight_bytes / 1e9:.2f} GB weights, {dtype}) on {name}; "
           f"measured copy bandwidth {bw / 1e9:.0f} GB/s; {window} context frames x {T} tokens; compile={args.compile}")
     for batch in args.batch_sizes:
         frames = torch.randint(0, CODEBOOK_SIZE, (batch, window, T), device=device)

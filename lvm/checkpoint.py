@@ -108,7 +108,8 @@ def _materialize(
         if name not in expected:
             raise CheckpointError(path, f"unexpected weight {name!r} for this config")
         if tensor.shape != expected[name].shape:
-            raise CheckpointError(path, f"{name}: shape {tuple(tensor.shape)} != {tuple(expected[name].shape)} expected from the config")
+            want = tuple(expected[name].shape)
+            raise CheckpointError(path, f"{name}: shape {tuple(tensor.shape)} != {want} expected from the config")
         # assign=True adopts the (converted) tensor instead of copying into a meta one.
         model.load_state_dict({name: tensor.to(device=device, dtype=dtype or tensor.dtype)}, strict=False, assign=True)
     missing = [n for n, p in model.named_parameters() if p.is_meta]

@@ -171,7 +171,7 @@ def pixel_metrics(
     T, fit = tok.tokens_per_image, context_frames(model, tok.tokens_per_image)
     device = model.head.weight.device
     contexts = [s.images[-1 - min(fit, len(s.images) - 1) : -1] for s in sentences]
-    model_mse, copy_mse = torch.empty(len(sentences), dtype=torch.float64), torch.empty(len(sentences), dtype=torch.float64)
+    model_mse, copy_mse = (torch.empty(len(sentences), dtype=torch.float64) for _ in range(2))
     for indices, frames in _batches(contexts, batch_size):
         predicted = rollout(model, frames.to(device), 1, GREEDY, tok.codebook_size)[:, 0]
         truth = tok.decode(torch.stack([sentences[i].images[-1] for i in indices]))
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pixel-sentences", type=int, default=16, help="sentences to generate for pixel metrics")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, or float32")
     return p.parse_args(argv)
 
 

@@ -89,13 +89,13 @@ def config_from_hf(hf: dict) -> LVMConfig:
     """
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"unsupported config: model_type {hf.get('model_type')!r} (expected 'llama')")
-    heads = hf["num_attention_heads"]
+    heads, kv_heads, dim = hf["num_attention_heads"], hf.get("num_key_value_heads"), hf["hidden_size"]
     checks = [
-        (hf.get("num_key_value_heads", heads) != heads, f"grouped-query attention (num_key_value_heads {hf.get('num_key_value_heads')} != num_attention_heads {heads})"),
+        (kv_heads not in (None, heads), f"grouped-query attention ({kv_heads} key/value heads for {heads} heads)"),
         (hf.get("tie_word_embeddings", False), "tied embeddings (tie_word_embeddings true)"),
         (hf.get("attention_bias", False) or hf.get("mlp_bias", False), "biases (attention_bias/mlp_bias true)"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (expected 'silu')"),
-        (hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"], f"head_dim {hf.get('head_dim')} * heads != hidden_size"),
+        (hf.get("head_dim", dim // heads) * heads != dim, f"head_dim {hf.get('head_dim')} x {heads} heads != {dim}"),
     ]
     for failed, what in checks:
         if failed:

@@ -134,9 +134,9 @@ def output_path(out: Path, index: tuple[int, int, int], counts: tuple[int, int, 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Generate the next frame(s) for visual prompts.")
+    p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Continue visual prompts.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--frames", nargs="+", help="frames of one prompt (naturally sorted), or directories (one prompt each)")
+    src.add_argument("--frames", nargs="+", help="one prompt's frames (natural order), or directories (a prompt each)")
     src.add_argument("--pairs", nargs="+", help="analogy prompt in order: a a' [b b' ...] query")
     p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (anything tokenizer.load reads)")
@@ -150,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, or float32")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     return p.parse_args(argv)
 
@@ -188,10 +188,16 @@ def run(args: argparse.Namespace) -> None:
         f"{seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
     )
     if truth_images:
-        size = (tok.image_size, tok.image_size)
-        target = torch.stack([torch.stack([pil_to_tensor(t.resize(size, Image.BICUBIC)) for t in f]) for f in truth_images])
-        mse = metrics.pixel_mse(preds.flatten(0, 2), target[:, None].expand_as(preds).flatten(0, 2))
-        print(f"vs ground truth: MSE {mse.mean():.4f}, PSNR {metrics.psnr(mse).mean():.2f} dB (mean over {mse.numel()})")
+        mse = ground_truth_mse(preds, truth_images)
+        psnr = metrics.psnr(mse).mean()
+        print(f"vs ground truth: MSE {mse.mean():.4f}, PSNR {psnr:.2f} dB (mean over {mse.numel()})")
+
+
+def ground_truth_mse(preds: torch.Tensor, truth: list[list[Image.Image]]) -> torch.Tensor:
+    """Per-image MSE of predictions [P, C, N, 3, S, S] against each prompt's true frames resized to S."""
+    size = preds.shape[-2:][::-1]
+    target = torch.stack([torch.stack([pil_to_tensor(t.resize(size, Image.BICUBIC)) for t in f]) for f in truth])
+    return metrics.pixel_mse(preds.flatten(0, 2), target[:, None].expand_as(preds).flatten(0, 2))
 
 
 def write_outputs(

@@ -87,7 +87,8 @@ def test_perplexity_matches_direct_computation(model, sentences):
     found, _ = sentences
     # video sentences have 8 images but 6 context frames fit: the last 7 images are used.
     nlls = [direct_nll(model, s.images[-7:]) for s in found[:3]] + [direct_nll(model, s.images) for s in found[3:]]
-    torch.testing.assert_close(target_nlls(model, found, batch_size=2), torch.tensor(nlls, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    expected = torch.tensor(nlls, dtype=torch.float64)
+    torch.testing.assert_close(target_nlls(model, found, batch_size=2), expected, rtol=1e-5, atol=1e-5)
     report = perplexity_by_kind(model, found, batch_size=2)
     assert report["all"]["count"] == 5 and report["video"]["count"] == 3 and report["pairs"]["count"] == 2
     assert report["all"]["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls)))

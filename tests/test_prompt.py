@@ -56,7 +56,9 @@ def test_natural_sort():
         "f1.png", "f2.png", "F3.png", "f10.png"]
 
 
-def test_next_frame_is_the_greedy_rollout_of_naturally_sorted_frames(tmp_path, lvm_ckpt, tiny_tokenizer_dir, tiny_tokenizer, capsys):
+def test_next_frame_is_the_greedy_rollout_of_naturally_sorted_frames(
+    tmp_path, lvm_ckpt, tiny_tokenizer_dir, tiny_tokenizer, capsys
+):
     ckpt, model = lvm_ckpt
     paths = write_frames(tmp_path / "seq", ["frame_10.png", "frame_2.png", "frame_1.png"])
     out = tmp_path / "out" / "pred.png"
@@ -76,10 +78,12 @@ def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokeni
     frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(5)])
     truth = write_frames(tmp_path / "gt", [f"{i}.png" for i in range(3)], seed=1)
     out = tmp_path / "roll.png"
-    printed = prompt(["--frames", *frames, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", out,
-                      "--num-frames", 3, "--candidates", 2, "--top-k", 100, "--seed", 3, "--ground-truth", *truth], capsys)
+    options = ["--num-frames", 3, "--candidates", 2, "--top-k", 100, "--seed", 3, "--ground-truth", *truth]
+    printed = prompt(["--frames", *frames, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", out, *options],
+                     capsys)
     names = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
-    expected = [f"roll_c{c}_f{f}.png" for c in range(2) for f in range(3)] + ["roll_c0.gif", "roll_c1.gif", "roll_grid.png"]
+    expected = [f"roll_c{c}_f{f}.png" for c in range(2) for f in range(3)]
+    expected += ["roll_c0.gif", "roll_c1.gif", "roll_grid.png"]
     assert names == sorted(expected)
     gif = Image.open(tmp_path / "roll_c0.gif")
     assert gif.n_frames == 5 + 3 and gif.size == (S, S)
