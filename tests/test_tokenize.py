@@ -20,7 +20,7 @@ import av
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from lvm.tokenize.__main__ import main
 from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
@@ -357,3 +357,24 @@ def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_d
     assert "in 3 shards (0 already complete)" in captured.out
     for shard in ("00000", "00001", "00002"):
         assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
+
+
+def test_jpeg_draft_decodes_large_jpegs_smaller_and_keeps_the_displayed_size(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    (tmp_path / "big").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 128 wide, 256 high
+    buffer = io.BytesIO()
+    Image.fromarray(RNG.integers(0, 255, (128, 256, 3), dtype=np.uint8)).save(buffer, "JPEG", exif=exif)
+    (tmp_path / "big" / "r.jpg").write_bytes(buffer.getvalue())
+    for extra in ((), ("--jpeg-draft",)):
+        out = tmp_path / f"out{len(extra)}"
+        assert _run(tiny_tokenizer_dir, out, tmp_path / "big", extra=extra) == 0
+        sample = _samples(out / "big-img-000000.tar")["r"]
+        meta = json.loads(sample["json"])
+        assert (meta["width"], meta["height"]) == (128, 256)
+        image = Image.open(io.BytesIO(buffer.getvalue()))
+        if extra:
+            image.draft(None, (64, 64))  # libjpeg decodes at 1/2 scale: 128x64 before rotation
+            assert image.size == (128, 64)
+        expected = tiny_tokenizer.encode([ImageOps.exif_transpose(image)]).numpy()[0]
+        assert np.array_equal(_tokens(sample["tokens.npy"]), expected)

@@ -18,7 +18,7 @@ from pathlib import PurePosixPath
 
 import av
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
@@ -41,6 +41,16 @@ _IMAGE_EXTS = tuple(sorted(s[1:] for s in IMAGE_SUFFIXES))  # tar member suffixe
 _DROPPED_META = frozenset({"exif"})  # bulky source json fields not worth copying into every token sample
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PALETTE = label_palette()
+_TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How inputs become pixels."""
+
+    video_stride: int = 1  # keep frames 0, k, 2k, ...
+    labels: bool = False  # inputs are single-channel label maps, coloured through the fixed palette
+    draft: int | None = None  # decode JPEGs at 1/2, 1/4 or 1/8 scale while both sides stay >= draft px
 
 
 @dataclass
@@ -82,22 +92,30 @@ def to_labels(img: Image.Image) -> np.ndarray | None:
     return None
 
 
-def decode_image(data: bytes, name: str, key: str, meta: dict, labels: bool) -> Picture | Skip:
-    """Decode image bytes completely (truncation is detected here, not later) and orient them as viewers do."""
+def decode_image(data: bytes, name: str, key: str, meta: dict, opts: DecodeOptions) -> Picture | Skip:
+    """Decode image bytes completely (truncation is detected here, not later) and orient them as viewers do.
+
+    The json keeps the original size (as displayed), also when `opts.draft` decoded a JPEG smaller.
+    """
     if not data:
         return Skip(name, "empty_file")
     try:
         with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING:
+                width, height = height, width
+            if opts.draft and not opts.labels:
+                img.draft(None, (opts.draft, opts.draft))  # JPEG DCT scaling; a no-op for other formats
             img.load()
             img = ImageOps.exif_transpose(img)
-            indices = to_labels(img) if labels else None
-            if labels and indices is None:
+            indices = to_labels(img) if opts.labels else None
+            if opts.labels and indices is None:
                 return Skip(name, "not_label_map", f"mode {img.mode} with distinct channels")
             # The tokenizer's own conversion (16-bit, alpha over white, palette modes): one implementation.
             pixels = to_rgb_float(img if indices is None else colour_labels(indices, PALETTE))
     except Exception as error:  # PIL raises a dozen types for corrupt data (OSError, SyntaxError, ValueError, ...)
         return Skip(name, "corrupt_image", _detail(error))
-    return Picture(key, pixels, {**meta, "width": pixels.shape[2], "height": pixels.shape[1]})
+    return Picture(key, pixels, {**meta, "width": width, "height": height})
 
 
 def _safe_key(rel: str) -> str:
@@ -106,7 +124,7 @@ def _safe_key(rel: str) -> str:
     return str(path.with_name(path.stem.replace(".", "_")))
 
 
-def _tar_sample(path: str, sample: dict, labels: bool) -> Picture | Skip:
+def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Picture | Skip:
     key = sample["__key__"]
     ext = next((e for e in _IMAGE_EXTS if e in sample), None)
     if ext is None:
@@ -122,10 +140,10 @@ def _tar_sample(path: str, sample: dict, labels: bool) -> Picture | Skip:
             kept.setdefault("caption", sample["txt"].decode("utf-8", "replace"))
         if kept:
             meta["meta"] = kept
-    return decode_image(sample[ext], f"{path}:{key}.{ext}", key, meta, labels)
+    return decode_image(sample[ext], f"{path}:{key}.{ext}", key, meta, opts)
 
 
-def read_tar(path: str, labels: bool) -> Iterator[Picture | Skip]:
+def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
     """The samples of an img2dataset-layout tar, in tar order; a damaged tar keeps what precedes the damage."""
     try:
         stream = open(path, "rb")
@@ -140,7 +158,7 @@ def read_tar(path: str, labels: bool) -> Iterator[Picture | Skip]:
     with stream:
         try:
             for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext):
-                yield _tar_sample(path, sample, labels)
+                yield _tar_sample(path, sample, opts)
         except ValueError as error:  # a repeated member name inside one sample
             errors.append(error)
     if errors:
@@ -159,7 +177,7 @@ def _tar_members(stream: BinaryIO, path: str, errors: list[BaseException]) -> It
         errors.append(error)
 
 
-def read_image_file(path: str, rel: str, labels: bool) -> Picture | Skip:
+def read_image_file(path: str, rel: str, opts: DecodeOptions) -> Picture | Skip:
     """One image of a folder; its json names its relative path and folder so builders can group and pair."""
     try:
         with open(path, "rb") as f:
@@ -168,7 +186,7 @@ def read_image_file(path: str, rel: str, labels: bool) -> Picture | Skip:
         return Skip(path, "unreadable_file", _detail(error))
     parent = str(PurePosixPath(rel).parent)
     meta = {"source": path, "key": _safe_key(rel), "path": rel, "folder": "" if parent == "." else parent}
-    return decode_image(data, path, meta["key"], meta, labels)
+    return decode_image(data, path, meta["key"], meta, opts)
 
 
 def read_video(path: str, rel: str, stride: int) -> Iterator[Picture | Skip]:
@@ -209,14 +227,14 @@ def read_video(path: str, rel: str, stride: int) -> Iterator[Picture | Skip]:
         yield Skip(path, "unreadable_video", "no video frames")
 
 
-def read_unit(unit: Unit, video_stride: int, labels: bool) -> Iterator[Picture | Skip]:
+def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:
     """Everything in a unit, in a fixed order (tar order, or sorted relative paths)."""
     for item in unit.items:
         if unit.kind == "tar":
-            yield from read_tar(item.path, labels)
+            yield from read_tar(item.path, opts)
         elif unit.kind == "images":
-            yield read_image_file(item.path, item.rel, labels)
-        elif labels:
+            yield read_image_file(item.path, item.rel, opts)
+        elif opts.labels:
             yield Skip(item.path, "not_label_map", "videos cannot be label maps")
         else:
-            yield from read_video(item.path, item.rel, video_stride)
+            yield from read_video(item.path, item.rel, opts.video_stride)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import tokenizer
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import Picture, Skip, read_unit
+from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_unit
 from lvm.tokenize.derive import PALETTE_SEED, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary
 from lvm.tokenize.sources import Unit, find_units
@@ -40,6 +40,7 @@ class Options:
     video_stride: int = 1
     label_palette: bool = False
     seed: int = 0
+    jpeg_draft: bool = False  # decode large JPEGs at reduced scale (faster, slightly different pixels)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class UnitBatches(IterableDataset):
 
     def __init__(self, units: list[Unit], options: Options, resize: Resize, batch_size: int) -> None:
         self.units, self.options, self.resize, self.batch_size = units, options, resize, batch_size
+        self.decode = DecodeOptions(options.video_stride, options.label_palette, resize.size if options.jpeg_draft else None)
 
     def __iter__(self):
         info = get_worker_info()
@@ -107,7 +109,7 @@ class UnitBatches(IterableDataset):
         seen: set[str] = set()
         rows: list[tuple[str, bytes, list[Tensor]]] = []
         skips: list[Skip] = []
-        for entry in read_unit(self.units[index], self.options.video_stride, self.options.label_palette):
+        for entry in read_unit(self.units[index], self.decode):
             if isinstance(entry, Skip):
                 skips.append(entry)
             elif entry.key in seen:
