@@ -29,6 +29,7 @@ from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
 from lvm.vocab import NUM_RESERVED
 
+CHUNK = 16  # images per tokenizer call
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -106,12 +107,14 @@ def predict_frames(
     """Continue each prompt (equal frame counts) by `num_frames` frames, `candidates` samples each.
     Returns uint8 images [P, candidates, num_frames, 3, S, S]."""
     P, F, T = len(prompts), len(prompts[0]), tok.tokens_per_image
-    frames = tok.encode([image for prompt in prompts for image in prompt]).to(model.head.weight.device)
-    frames = frames.view(P, 1, F, T).expand(P, candidates, F, T).reshape(P * candidates, F, T)
+    flat = [image for prompt in prompts for image in prompt]
+    # The VQGAN's activations at full resolution are large: encode and decode a chunk at a time.
+    frames = torch.cat([tok.encode(flat[i : i + CHUNK]) for i in range(0, len(flat), CHUNK)])
+    frames = frames.to(model.head.weight.device).view(P, 1, F, T).expand(P, candidates, F, T).reshape(-1, F, T)
     generator = torch.Generator(frames.device).manual_seed(seed)
-    new = rollout(model, frames, num_frames, sampling, tok.codebook_size, generator, compile)
-    images = tok.decode(new.reshape(-1, T))
-    return images.view(P, candidates, num_frames, *images.shape[1:]).cpu()
+    new = rollout(model, frames, num_frames, sampling, tok.codebook_size, generator, compile).reshape(-1, T)
+    images = torch.cat([tok.decode(new[i : i + CHUNK]).cpu() for i in range(0, len(new), CHUNK)])
+    return images.view(P, candidates, num_frames, *images.shape[1:])
 
 
 def grid(rows: list[list[list[Image.Image]]], size: int, pad: int = 2, gap: int = 12) -> Image.Image:
@@ -157,6 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     option = "--frames" if args.frames else "--pairs"
+    for name in ("num_frames", "candidates"):
+        if getattr(args, name) < 1:
+            raise PromptError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(args, name)}")
     prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
     if args.pairs and len(prompts[0]) % 2 == 0:
         raise PromptError("--pairs", f"needs example pairs then one query image (an odd count), got {len(prompts[0])}")
