@@ -142,14 +142,19 @@ def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 
 
 
 def perplexity_vs_context(
-    model: LVM, sentences: list[Sentence], max_frames: int = MAX_CONTEXT_FRAMES, batch_size: int = 8
+    model: LVM,
+    sentences: list[Sentence],
+    max_frames: int = MAX_CONTEXT_FRAMES,
+    batch_size: int = 8,
+    progress: bool = False,
 ) -> dict[int, dict]:
     """Last-frame perplexity given 1..K context frames, K = min(max_frames, what fits, shortest sentence - 1),
     so every k is measured on the same sentences and the same target frames."""
     if not sentences:
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
-    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size)) for k in range(1, K + 1)}
+    ks = tqdm(range(1, K + 1), desc="context frames", disable=not progress)
+    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size)) for k in ks}
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int = CODEBOOK_SIZE) -> dict:
@@ -272,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
         "skipped": dict(skipped),
         "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
         "unigram": unigram_perplexity(sentences),
-        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size),
+        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True),
     }
     if tok:
         report["pixels"] = pixel_metrics(model, tok, sentences[: args.pixel_sentences], args.batch_size)
