@@ -1,5 +1,6 @@
 """`python -m lvm.prompt` end to end on a random tiny LVM and the tiny tokenizer fixture (64x64, 16 tokens)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from lvm.generate import GREEDY, rollout
+from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
 from lvm.prompt import main, natural_key
 
@@ -108,6 +110,23 @@ def test_batched_prompts_from_directories_and_pairs(tmp_path, lvm_ckpt, tiny_tok
                       "--out", tmp_path / "c_ann.png"], capsys)
     assert Image.open(tmp_path / "c_ann.png").size == (S, S)
     assert "1 frame(s)" in printed.out
+
+
+def test_hugging_face_directory_follows_the_release_recipe(tmp_path, tiny_tokenizer_dir, tiny_tokenizer, capsys):
+    # An HF Llama dir whose bos_token_id is a code id (1), like the released LVM-7B: prompted without BOS.
+    torch.manual_seed(0)
+    released = LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128, bos_id=None)).eval()
+    save_hf(released, tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "bos_token_id": 1, "pad_token_id": 8192}))
+    frames = write_frames(tmp_path / "seq", ["0.png", "1.png"])
+    prompt(["--frames", *frames, "--model", tmp_path / "hf", "--tokenizer", tiny_tokenizer_dir,
+            "--out", tmp_path / "p.png", "--greedy"], capsys)
+    tokens = tiny_tokenizer.encode([Image.open(f).convert("RGB") for f in frames]).view(1, -1)
+    with torch.no_grad():  # greedy by full recomputation, no BOS in front
+        for _ in range(16):
+            tokens = torch.cat([tokens, released(tokens)[:, -1, :8192].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(pil_to_tensor(Image.open(tmp_path / "p.png")), tiny_tokenizer.decode(tokens[:, -16:])[0])
 
 
 def run_error(args, capsys):
