@@ -163,8 +163,8 @@ def test_img2dataset_shards_give_one_token_shard_each(inputs, reference, tiny_to
             meta = json.loads(sample["json"])
             assert meta["source"] == str(inputs / "laion" / f"{shard:05d}.tar") and meta["key"] == key
             assert (meta["width"], meta["height"]) == (56, 40 + 3 * row)
-            assert meta["meta"]["url"] == f"https://example.com/{key}.jpg" and meta["meta"]["original_width"] == 640
-            assert "exif" not in meta["meta"] and meta["mask"] == mask_params(key, 0)
+            assert meta["url"] == f"https://example.com/{key}.jpg" and meta["original_width"] == 640
+            assert meta["caption"] == f"photo {key}" and "exif" not in meta and meta["mask"] == mask_params(key, 0)
         report = json.loads((reference / f"{shard:05d}.report.json").read_text())
         assert (report["images"], report["skipped"], report["tokens"]) == (3, {}, 3 * 3 * 16)
 

@@ -129,17 +129,16 @@ def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Picture | Skip:
     ext = next((e for e in _IMAGE_EXTS if e in sample), None)
     if ext is None:
         return Skip(f"{path}:{key}", "no_image", "members: " + ",".join(k for k in sample if not k.startswith("__")))
-    meta = {"source": path, "key": key}
     try:
         source_json = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError:
         source_json = {}
-    if isinstance(source_json, dict):
-        kept = {k: v for k, v in source_json.items() if k not in _DROPPED_META}
-        if "txt" in sample:
-            kept.setdefault("caption", sample["txt"].decode("utf-8", "replace"))
-        if kept:
-            meta["meta"] = kept
+    # Source fields (url, caption, label, ...) stay top-level so builders can group by any of them;
+    # ours (source, key, width, height) win a name clash.
+    meta = {k: v for k, v in source_json.items() if k not in _DROPPED_META} if isinstance(source_json, dict) else {}
+    if "txt" in sample:
+        meta.setdefault("caption", sample["txt"].decode("utf-8", "replace"))
+    meta.update(source=path, key=key)
     return decode_image(sample[ext], f"{path}:{key}.{ext}", key, meta, opts)
 
 
