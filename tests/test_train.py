@@ -1,0 +1,279 @@
+"""LVM training: the tiny config learns, SIGTERM + `--ckpt_path last` resumes the same loss curve, DDP on
+2 CPU processes, NaN handling, config errors before any data is read, FSDP-style init, the 3B dry run.
+
+Models are tiny and single-threaded: on a shared 2-core machine, extra threads only contend.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from lvm import cli as lvm_cli
+from lvm import train
+from lvm.callbacks import AtomicCheckpointIO, SampleImages
+from lvm.data import LVMDataModule
+from lvm.errors import ConfigError, NonFiniteLossError
+from lvm.model import LVM, Linear, LVMConfig
+from lvm.train import LVMModule, warmup_cosine
+from test_data import write_sentence_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "lvm_tiny.yaml")
+MINI = dict(dim=32, mlp_dim=64, n_layers=2, n_heads=2, max_seq_len=64)  # a test-sized "tiny"
+# The tiny config with test-sized model and batches (1 optimizer step = 2 rows of 32 tokens).
+FAST = ["--model.overrides", str(MINI), "--model.lr", "3e-3", "--model.warmup_steps", "10",
+        "--data.seq_len", "32", "--data.batch_size", "2", "--trainer.log_every_n_steps", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def cli_argv(monkeypatch):
+    """In-process CLIs get their arguments from `args`; pytest's own must not look like extra ones."""
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_sentence_shards(tmp_path_factory.mktemp("sentences"))
+
+
+def tiny_cli(shards: Path, *args: str) -> LightningCLI:
+    """configs/lvm_tiny.yaml parsed and instantiated as `lightning fit` does, without running."""
+    return LightningCLI(
+        subclass_mode_model=True, subclass_mode_data=True, run=False,
+        args=["-c", TINY, "--data.train_shards", str(shards), *FAST, *args],
+    )
+
+
+def logged(run_dir: Path, version: int = 0, key: str = "train/loss") -> dict[int, float]:
+    """{step: value} from one CSV log of a run directory (each fit, resumed or not, writes a new version)."""
+    rows = csv.DictReader((run_dir / f"runs/lvm_tiny/logs/version_{version}/metrics.csv").open())
+    return {int(row["step"]): float(row[key]) for row in rows if row.get(key)}
+
+
+def enter(run_dir: Path, monkeypatch) -> None:
+    """Work in a fresh directory: the config writes everything under runs/lvm_tiny/ there."""
+    run_dir.mkdir()
+    monkeypatch.chdir(run_dir)
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM after optimizer step `step`, as a scheduler preempting the job would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards, tmp_path, monkeypatch):
+    # Uninterrupted reference: 200 steps (the stream's epoch ends after 122, so the run crosses it).
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "200")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    reference = logged(tmp_path / "a")
+    assert sorted(reference) == list(range(200))
+    first, last = sum(reference[s] for s in range(10)) / 10, sum(reference[s] for s in range(190, 200)) / 10
+    assert first > 8.0 and last < 2.5, (first, last)  # ln(8292) = 9.0 at init
+
+    # Same run, preempted: SIGTERM after step 70 stops it after that step with a checkpoint ...
+    enter(tmp_path / "b", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "200")
+    cli.trainer.callbacks.append(SigtermAt(70))
+    with pytest.raises(SystemExit):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    stopped = cli.trainer.global_step
+    assert 70 <= stopped < 200
+    assert torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)["global_step"] == stopped
+    assert logged(tmp_path / "b", version=0) == {s: reference[s] for s in range(stopped)}
+
+    # ... and `--ckpt_path last` continues with exactly the losses of the uninterrupted run.
+    cli = tiny_cli(shards, "--trainer.max_steps", "200")
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
+    resumed = logged(tmp_path / "b", version=1)
+    assert sorted(resumed) == list(range(stopped, 200))  # it continued; it did not start again
+    for step in resumed:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    ckpt = torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["lvm_config"] == LVMConfig.from_name("tiny", **MINI).to_dict()
+    assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
+
+
+def test_ddp_with_two_cpu_processes(shards, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lvm.cli", "fit", "-c", TINY, "--data.train_shards", str(shards), *FAST,
+           "--trainer.max_steps", "12", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--model.warmup_steps", "2", "--data.num_workers", "1"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 12
+    assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # per rank; the ranks read disjoint data
+    losses = logged(tmp_path)
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses.values())
+
+
+def quick_trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class NaNAtStep3(LVMModule):
+    def _loss(self, batch):
+        loss = super()._loss(batch)
+        return loss * float("nan") if self.global_step == 3 else loss
+
+
+def test_nonfinite_loss_stops_naming_the_step(shards):
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 3 \(batch 3 of epoch 0\)"):
+        quick_trainer().fit(NaNAtStep3(overrides=MINI, warmup_steps=1), dm)
+
+
+def test_nonfinite_loss_can_skip_the_batch(shards):
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    module = NaNAtStep3(overrides=MINI, warmup_steps=1, on_nonfinite_loss="skip")
+    quick_trainer().fit(module, dm)
+    assert module.skipped_batches == 1 and dm.batches_consumed == 6
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_invalid_settings_name_the_field():
+    with pytest.raises(ConfigError, match=r"^model\.size: unknown LVM size 'huge'"):
+        LVMModule(size="huge")
+    with pytest.raises(ConfigError, match=r"^model\.overrides: unknown LVMConfig field\(s\) width"):
+        LVMModule(overrides={"width": 3})
+    with pytest.raises(ConfigError, match=r"^model\.overrides: LVMConfig\.dim \(130\)"):
+        LVMModule(overrides={"dim": 130})
+    with pytest.raises(ConfigError, match=r"^model\.lr: must be > 0, got -1\.0"):
+        LVMModule(lr=-1.0)
+
+
+def test_config_errors_come_before_any_data_is_read(tmp_path):
+    # A shard that fails if anything opens it: the errors below must come first.
+    (tmp_path / "00000.tar").write_bytes(b"not a tar")
+    dm = LVMDataModule(str(tmp_path), seq_len=32, batch_size=2, num_workers=0)
+    with pytest.raises(ConfigError, match=r"^model\.warmup_steps: 10 must be below trainer\.max_steps \(6\)"):
+        quick_trainer().fit(LVMModule(overrides=MINI, warmup_steps=10), dm)
+    with pytest.raises(ConfigError, match=r"^data\.seq_len: 32 exceeds the model's context \(max_seq_len 16\)"):
+        quick_trainer().fit(LVMModule(overrides={**MINI, "max_seq_len": 16}, warmup_steps=1), dm)
+    with pytest.raises(ConfigError, match=r"^trainer\.max_steps: must be set"):
+        quick_trainer(max_steps=-1, max_epochs=1).fit(LVMModule(overrides=MINI), dm)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+    lr = [warmup_cosine(s, warmup_steps=10, max_steps=110, min_ratio=0.2) for s in range(120)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[10] == 1.0
+    assert lr[60] == pytest.approx(0.6)  # half way through the cosine: (1 + 0.2) / 2
+    assert lr[110] == lr[119] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_weight_decay_groups(decay_all):
+    module = LVMModule(overrides=MINI, weight_decay=0.1, decay_norms_and_embeddings=decay_all)
+    module.configure_model()
+    module.trainer = quick_trainer()
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    expected = set() if decay_all else {"embed.weight", "norm.weight"} | {
+        f"layers.{i}.{n}_norm.weight" for i in range(2) for n in ("attn", "mlp")}
+    assert exempt == expected
+
+
+def test_meta_materialisation_initialises_like_eager_construction():
+    # What FSDP does with a model built on the meta device: per module that owns tensors,
+    # allocate them and call that module's reset_parameters().
+    cfg = LVMConfig(dim=128, mlp_dim=256, n_layers=8, n_heads=4, max_seq_len=32)
+    with torch.device("meta"):
+        model = LVM(cfg)
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            module.to_empty(device="cpu", recurse=False)
+            module.reset_parameters()
+    eager = LVM(cfg)
+    torch.testing.assert_close(model.rope_cos, eager.rope_cos)
+    assert isinstance(model.head, Linear)
+    assert model.layers[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].mlp.down_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+    assert model.embed.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert (model.norm.weight == 1).all()
+
+
+def test_atomic_checkpoint_io_leaves_the_previous_checkpoint_on_failure(tmp_path, monkeypatch):
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpt" / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+    assert torch.load(path) == {"step": 1} and not path.with_name("last.ckpt.tmp").exists()
+
+    def killed(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1}
+
+
+def test_sample_images_decodes_a_continuation(tiny_tokenizer_dir, shards):
+    callback = SampleImages(tokenizer=str(tiny_tokenizer_dir), every_n_steps=1, context_images=1)
+    import tokenizer
+
+    callback._tokenizer = tokenizer.load(tiny_tokenizer_dir)
+    batch = next(iter(LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0).train_dataloader()))
+    images = callback.sample(LVM(LVMConfig(**MINI)), batch["input_ids"][0], torch.autocast("cpu", enabled=False))
+    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8  # context | sampled | true
+
+
+@pytest.mark.parametrize("size", ["tiny", "300m", "600m", "1b", "3b"])
+def test_configs_parse(size, capsys):
+    with pytest.raises(SystemExit) as done:
+        lvm_cli.main(["fit", "-c", str(ROOT / f"configs/lvm_{size}.yaml"), "--print_config"])
+    assert done.value.code == 0
+    assert f"size: {size}" in capsys.readouterr().out
+
+
+def test_3b_dry_run_reports_parameters_without_allocating(capsys):
+    train.main(["-c", str(ROOT / "configs/lvm_3b.yaml")])
+    out = capsys.readouterr().out
+    assert f"parameters {LVMConfig.from_name('3b').num_params():,} (3.275 B)" in out
+    assert "65,536 per optimizer step per device" in out and "524,288 on 8 devices" in out
+    assert "FSDPStrategy" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fsdp_trains_on_one_gpu(shards):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lvm.model import Block
+
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    module = LVMModule(overrides=MINI, warmup_steps=1)
+    strategy = FSDPStrategy(auto_wrap_policy={Block}, activation_checkpointing_policy={Block})
+    quick_trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed", gradient_clip_val=1.0).fit(module, dm)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
