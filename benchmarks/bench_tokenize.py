@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import tarfile
 import tempfile
@@ -94,7 +95,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, help="default: 16 GPU, 2 CPU")
     parser.add_argument("--derive", default="", help="e.g. gray,masked: each image then costs 3 encodes")
     parser.add_argument("--jpeg-draft", action="store_true", help="as `python -m lvm.tokenize --jpeg-draft`")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads of the main process (default: torch's)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads of the main process (default: as the tokenize job sets them)")
     args = parser.parse_args()
     gpu = args.gpu
     if gpu and not torch.cuda.is_available():
@@ -105,6 +107,7 @@ def main() -> None:
     workers = args.workers if args.workers is not None else (16 if gpu else 2)
     derive = tuple(v for v in ("gray", "masked") if v in args.derive.split(","))
     if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the tokenize job then leaves the setting alone
         torch.set_num_threads(args.threads)
     device = "cuda" if gpu else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,10 +115,12 @@ def main() -> None:
         tok_path = make_tokenizer(gpu, tmp_path)
         per_tar = max(1, min(500, images // (2 * max(workers, 1))))
         shards = args.shards or str(make_shards(tmp_path, images, side, per_tar))
-        anchor = encoder_only(tok_path, device, batch_size, 1 + len(derive), seconds=10 if gpu else 5)
-        job = Job(shards=[shards], out=tmp_path / "tokens", tokenizer=str(tok_path), options=Options(derive=derive, jpeg_draft=args.jpeg_draft),
+        options = Options(derive=derive, jpeg_draft=args.jpeg_draft)
+        job = Job(shards=[shards], out=tmp_path / "tokens", tokenizer=str(tok_path), options=options,
                   batch_size=batch_size, workers=workers, device=device)
         summary = run(job)
+        # After the job: on CPU it has set the torch threads the anchor must use too.
+        anchor = encoder_only(tok_path, device, batch_size, 1 + len(derive), seconds=10 if gpu else 5)
     pipeline = summary.images / summary.wall_s
     name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"device: {name}; tokenizer: {'released-LVM-shaped' if gpu else 'tiny'}; batch {batch_size}; "

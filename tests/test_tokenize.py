@@ -32,11 +32,19 @@ RNG = np.random.default_rng(0)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
-    """The test machine's 2 cores are shared: one intra-op thread avoids oversubscription (~5x faster here)."""
-    threads = torch.get_num_threads()
+    """The test machine's 2 cores are shared: one intra-op thread avoids oversubscription (~5x faster here).
+
+    OMP_NUM_THREADS also tells the tokenize job (and its kill -9 subprocess) to keep its hands off the setting.
+    """
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
@@ -321,7 +329,7 @@ def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(inputs, ref
     args = ["--shards", *map(str, _all_inputs(inputs)), "--out", str(out), "--tokenizer", str(tiny_tokenizer_dir),
             "--workers", "1", "--batch-size", "2", *REFERENCE_OPTIONS]
     process = subprocess.Popen([sys.executable, "-m", "lvm.tokenize", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                               stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while not any(out.glob("*.tar*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # kill as soon as the first shard is being written (or later, on a slow machine)
