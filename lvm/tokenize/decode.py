@@ -12,9 +12,9 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator
-from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -55,7 +55,7 @@ class DecodeOptions:
 
 @dataclass
 class Picture:
-    """A decoded image as FloatTensor[3, H, W] in [0, 1] at its original size (label maps already coloured)."""
+    """A decoded image as FloatTensor[3, H, W] in [0, 1], not yet resized (label maps already coloured)."""
 
     key: str
     pixels: Tensor
@@ -67,8 +67,12 @@ class Skip:
     """An input left out, and why."""
 
     item: str
-    reason: str
+    reason: str  # one of REASONS
     detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown skip reason {self.reason!r}")  # reports and docs list REASONS only
 
 
 def _detail(error: BaseException) -> str:

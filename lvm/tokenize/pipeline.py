@@ -36,11 +36,19 @@ from tokenizer.preprocess import resize_square, to_value_range
 class Options:
     """Everything besides the inputs that decides what a shard contains (part of its fingerprint)."""
 
-    derive: tuple[str, ...] = ()  # subset of VARIANTS, in VARIANTS order
+    derive: tuple[str, ...] = ()  # subset of VARIANTS; stored in VARIANTS order whatever order is given
     video_stride: int = 1
     label_palette: bool = False
     seed: int = 0
     jpeg_draft: bool = False  # decode large JPEGs at reduced scale (faster, slightly different pixels)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.derive) - set(VARIANTS))
+        if unknown:
+            raise TokenizeError(f"unknown derived variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+        if self.video_stride < 1:
+            raise TokenizeError("--video-stride must be at least 1")
+        object.__setattr__(self, "derive", tuple(v for v in VARIANTS if v in self.derive))
 
 
 @dataclass
@@ -125,11 +133,12 @@ class UnitBatches(IterableDataset):
     def _prepare(self, picture: Picture) -> tuple[str, bytes, list[Tensor]]:
         meta = dict(picture.meta)
         images = [picture.pixels]
-        if "gray" in self.options.derive:
-            images.append(gray(picture.pixels))
-        if "masked" in self.options.derive:
-            meta["mask"] = mask_params(picture.key, self.options.seed)
-            images.append(apply_mask(picture.pixels, meta["mask"]))
+        for variant in self.options.derive:  # the order of the stacked batch, which `run` relies on
+            if variant == "gray":
+                images.append(gray(picture.pixels))
+            else:
+                meta["mask"] = mask_params(picture.key, self.options.seed)
+                images.append(apply_mask(picture.pixels, meta["mask"]))
         if self.options.label_palette:
             meta["label_palette"] = PALETTE_SEED
         meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
@@ -201,20 +210,18 @@ def _log(prefix: str, message: str) -> None:
     print(f"{prefix}{message}", file=sys.stderr, flush=True)
 
 
-def run(job: Job) -> Summary:
-    """Tokenize this rank's share of the units; every input or option problem raises TokenizeError first."""
-    rank, world, local_rank = ranks_from_env()
-    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
-    if job.batch_size < 1 or job.workers < 0 or job.options.video_stride < 1:
-        raise TokenizeError("--batch-size and --video-stride must be at least 1, --workers at least 0")
-    units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard)
-    if missing:
-        _log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
-    if job.out.exists() and not job.out.is_dir():
-        raise TokenizeError(f"{job.out}: --out exists and is not a folder")
-    tok = _load_tokenizer(job.tokenizer, _device(job.device, local_rank))
-    settings = json.dumps({"options": asdict(job.options), "tokenizer": _tokenizer_identity(tok)}, sort_keys=True)
+@dataclass
+class Plan:
+    """This rank's shards still to write, with their fingerprints."""
 
+    units: list[Unit]
+    fingerprints: list[str]
+    already_done: int
+
+
+def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, world: int, prefix: str) -> Plan:
+    """This rank's share of the units, leaving out the shards already complete."""
+    settings = json.dumps({"options": asdict(job.options), "tokenizer": _tokenizer_identity(tok)}, sort_keys=True)
     mine = units[rank::world]  # split before checking what is done, so every rank sees the same split
     fingerprints = [hashlib.sha1(f"{settings}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine]
     states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
@@ -226,25 +233,37 @@ def run(job: Job) -> Summary:
         f"{f', {stale} made with other settings or inputs (redone)' if stale else ''}; doing {len(todo)} now with "
         f"{tok.tokens_per_image} tokens per image on {tok.device}, {job.workers} workers",
     )
+    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"))
 
+
+def run(job: Job) -> Summary:
+    """Tokenize this rank's share of the units; every input or option problem raises TokenizeError first."""
+    rank, world, local_rank = ranks_from_env()
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    if job.batch_size < 1 or job.workers < 0:
+        raise TokenizeError("--batch-size must be at least 1, --workers at least 0")
+    if job.out.exists() and not job.out.is_dir():
+        raise TokenizeError(f"{job.out}: --out exists and is not a folder")
+    units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard)
+    if missing:
+        _log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
+    tok = _load_tokenizer(job.tokenizer, _device(job.device, local_rank))
+    todo = plan(job, units, tok, rank, world, prefix)
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the decoding workers their cores: oversubscribed, a 2-core machine encodes 3x slower.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
-    summary = Summary(shards_already_done=states.count("done"))
+    summary = Summary(shards_already_done=todo.already_done)
     encode = Encoder(tok)
     resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range)
-    todo_units = [mine[i] for i in todo]
-    dataset = UnitBatches(todo_units, job.options, resize, job.batch_size)
+    dataset = UnitBatches(todo.units, job.options, resize, job.batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda)
-    progress = Progress(len(todo_units), prefix)
-    writers: dict[int, ShardWriter] = {}
+    progress = Progress(len(todo.units), prefix)
+    writers: dict[int, ShardWriter] = {}  # one open shard per worker at most
     variants = ("", *job.options.derive)
     for batch in loader:
-        unit = todo_units[batch.unit]
         if batch.unit not in writers:
-            writers[batch.unit] = ShardWriter(
-                job.out, unit.name, [item.path for item in unit.items], fingerprints[todo[batch.unit]]
-            )
+            unit = todo.units[batch.unit]
+            writers[batch.unit] = ShardWriter(job.out, unit.name, [i.path for i in unit.items], todo.fingerprints[batch.unit])
         writer = writers[batch.unit]
         if batch.keys:
             codes = encode(batch.pixels).reshape(len(variants), len(batch.keys), -1)
