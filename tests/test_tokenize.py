@@ -22,8 +22,11 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from lvm.tokenize import TokenizeError
 from lvm.tokenize.__main__ import main
 from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
+from lvm.tokenize.pipeline import Options
+from lvm.tokenize.sources import find_units
 from lvm.tokenize.writer import ShardWriter
 from tokenizer.preprocess import resize_square, to_rgb_float, to_value_range
 
@@ -386,3 +389,36 @@ def test_jpeg_draft_decodes_large_jpegs_smaller_and_keeps_the_displayed_size(tmp
             assert image.size == (128, 64)
         expected = tiny_tokenizer.encode([ImageOps.exif_transpose(image)]).numpy()[0]
         assert np.array_equal(_tokens(sample["tokens.npy"]), expected)
+
+
+def test_units_are_named_from_file_names_alone(inputs, tmp_path):
+    brace, missing = find_units([f"{inputs}/laion/{{00000..00004}}.tar"])
+    assert [u.name for u in brace] == ["00000", "00001", "00002"]
+    assert missing == [f"{inputs}/laion/00003.tar", f"{inputs}/laion/00004.tar"]
+    assert find_units([f"{inputs}/laion/*.tar"])[0] == brace == find_units([str(inputs / "laion")])[0]
+    nested = find_units([f"{inputs}/*"], images_per_shard=4, videos_per_shard=1)[0]
+    root = inputs.name  # images and videos of the root `inputs`, tars by their path below it
+    assert [u.name for u in nested] == [f"{root}-img-000000", f"{root}-img-000001", f"{root}-vid-000000",
+                                        f"{root}-vid-000001", "laion/00000", "laion/00001", "laion/00002"]
+    assert [i.rel for i in nested[1].items] == ["photos/dogs/tiny.webp", "photos/top.v2.jpg"]
+    for folder in ("a/x", "b/x"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "1.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    with pytest.raises(TokenizeError, match=r"1.png: writes the same output shard x-img-000000.tar as .*b/x/1.png"):
+        find_units([str(tmp_path / "a" / "x"), str(tmp_path / "b" / "x")])
+
+
+def test_options_normalise_and_validate_derived_variants():
+    assert Options(derive=("masked", "gray")).derive == ("gray", "masked")
+    with pytest.raises(TokenizeError, match="unknown derived variant depth"):
+        Options(derive=("depth",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_encoding_is_deterministic(inputs, tiny_tokenizer_dir, tmp_path):
+    for out in ("a", "b"):
+        assert _run(tiny_tokenizer_dir, tmp_path / out, *_all_inputs(inputs), extra=(*REFERENCE_OPTIONS, "--device", "cuda")) == 0
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+    tokens = _tokens(_samples(tmp_path / "a" / "00000.tar")["000000000"]["tokens.npy"])
+    assert tokens.dtype == np.uint16 and tokens.shape == (16,) and tokens.max() < 8192
