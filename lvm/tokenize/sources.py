@@ -143,7 +143,7 @@ def find_units(
             raise TokenizeError(f"{spec}: matches no tar shard, image or video file")
     for (root, kind), items in sorted(grouped.items()):
         units.extend(_group(root, items, kind, images_per_shard if kind == "images" else videos_per_shard))
-    units = sorted(set(units), key=lambda u: u.name)
+    units = sorted(set(units), key=lambda u: (u.name, u.items[0].path))
     for a, b in zip(units, units[1:]):
         if a.name == b.name:
             raise TokenizeError(
