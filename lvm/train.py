@@ -171,8 +171,8 @@ class LVMModule(L.LightningModule):
             exempt = isinstance(module, (nn.RMSNorm, nn.Embedding)) and not hp.decay_norms_and_embeddings
             (no_decay if exempt else decay).extend(module.parameters(recurse=False))
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = next(self.model.parameters()).is_cuda  # one fused kernel per step on GPU
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
+        # The fused kernel (CPU and GPU) updates all parameters in one pass instead of a loop over tensors.
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)
         schedule = partial(
             warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=self.trainer.max_steps, min_ratio=hp.min_lr / hp.lr
         )

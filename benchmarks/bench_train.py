@@ -1,0 +1,161 @@
+"""Training speed: tokens/s of a full optimizer step, ours against `transformers`, and MFU on a GPU.
+
+    python benchmarks/bench_train.py                        # CPU: tiny config, ours vs LlamaForCausalLM
+    python benchmarks/bench_train.py --gpu [--compile]      # GPU: 300m and 1b at seq 4096, bf16, tokens/s and MFU
+
+CPU mode trains the tiny config's shape (batch 8 x seq 256, fp32) with the same weights, loss
+(cross-entropy over all positions) and AdamW in the same plain loop for both models, alternating
+them `--repeats` times so that both see the same machine load, and reports the median. The
+`lightning` row is the real training path (LVMModule + Trainer: NaN check, clipping, logging),
+i.e. what `lightning fit` gets.
+
+GPU mode runs that Lightning path for each size on one GPU with synthetic tokens and reports
+tokens/s and MFU = tokens/s x LVMConfig.flops_per_token(seq) / the device's peak bf16 FLOP/s
+(Lightning's table of devices).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.fabric.utilities.throughput import get_available_flops
+from torch.utils.data import DataLoader, IterableDataset
+
+from lvm.hf import config_to_hf, hf_name
+from lvm.model import LVM, LVMConfig
+from lvm.train import LVMModule
+from lvm.vocab import CODEBOOK_SIZE
+
+
+class RandomTokens(IterableDataset):
+    """Endless batches of random codes: the model's speed does not depend on the values."""
+
+    def __init__(self, batch: int, seq: int) -> None:
+        self.batch, self.seq = batch, seq
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            window = torch.randint(0, CODEBOOK_SIZE, (self.batch, self.seq + 1), generator=g)
+            yield {"input_ids": window[:, :-1], "labels": window[:, 1:]}
+
+
+class StepTimer(L.Callback):
+    """Wall time of the optimizer steps after `warmup` (compilation, allocator warm-up)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, 0.0, 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, pl_module, *_) -> None:
+        if trainer.global_step == self.warmup:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, *_) -> None:
+        self._sync(pl_module)
+        self.end = time.perf_counter()
+
+
+def lightning_tokens_per_sec(size: str, batch: int, seq: int, steps: int, warmup: int, gpu: bool, compile: bool, overrides: dict | None = None) -> float:
+    """Tokens/s of `steps` optimizer steps of the real training path after `warmup` steps."""
+    L.seed_everything(0, verbose=False)
+    module = LVMModule(size=size, overrides=overrides, warmup_steps=1, compile=compile)
+    timer = StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
+        max_steps=warmup + steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+    )
+    trainer.fit(module, DataLoader(RandomTokens(batch, seq), batch_size=None, pin_memory=gpu))
+    return steps * batch * seq / (timer.end - timer.start)
+
+
+def loop_tokens_per_sec(model: torch.nn.Module, logits_of, x: torch.Tensor, steps: int) -> float:
+    """Tokens/s of `steps` plain training steps (forward, loss, backward, AdamW)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    inputs, labels = x[:, :-1], x[:, 1:]
+
+    def step() -> None:
+        loss = F.cross_entropy(logits_of(inputs).flatten(0, 1), labels.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * inputs.numel() / (time.perf_counter() - start)
+
+
+def cpu(args: argparse.Namespace) -> None:
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    cfg = LVMConfig.from_name("tiny", max_seq_len=args.seq)
+    torch.manual_seed(0)
+    ours = LVM(cfg)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg, torch.float32), attn_implementation="sdpa"))
+    hf.load_state_dict({hf_name(k): v.clone() for k, v in ours.state_dict().items()})
+    x = torch.randint(0, CODEBOOK_SIZE, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # same weights, same logits: the comparison is of the same computation
+        torch.testing.assert_close(ours(x[:, :-1]), hf(x[:, :-1]).logits, atol=1e-4, rtol=1e-4)
+    rates = {"lvm (plain loop)": [], "transformers LlamaForCausalLM": [], "lvm (lightning fit path)": []}
+    for _ in range(args.repeats):
+        rates["lvm (plain loop)"].append(loop_tokens_per_sec(ours, ours, x, args.steps))
+        rates["transformers LlamaForCausalLM"].append(loop_tokens_per_sec(hf, lambda t: hf(t).logits, x, args.steps))
+        rates["lvm (lightning fit path)"].append(
+            lightning_tokens_per_sec("tiny", args.batch, args.seq, args.steps, 2, False, False, {"max_seq_len": args.seq})
+        )
+    print(f"tiny ({cfg.num_params():,} params), batch {args.batch} x seq {args.seq}, fp32, "
+          f"{args.threads} thread(s), median of {args.repeats}:")
+    reference = statistics.median(rates["transformers LlamaForCausalLM"])
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"  {name:32s} {rate:10,.0f} tokens/s  ({rate / reference:.2f}x transformers)")
+
+
+def gpu(args: argparse.Namespace) -> None:
+    device = torch.device("cuda")
+    peak = get_available_flops(device, torch.bfloat16)
+    print(f"{torch.cuda.get_device_name(device)}, bf16, seq {args.seq}, compile={args.compile}, "
+          f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown")
+    for size, batch in zip(args.sizes, args.batches):
+        rate = lightning_tokens_per_sec(size, batch, args.seq, args.steps, args.warmup, True, args.compile)
+        flops = LVMConfig.from_name(size).flops_per_token(args.seq)
+        mfu = f"{rate * flops / peak:.1%}" if peak else "n/a"
+        print(f"  {size:5s} batch {batch:2d}: {rate:10,.0f} tokens/s  MFU {mfu}  "
+              f"(peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)")
+        torch.cuda.reset_peak_memory_stats()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="GPU mode: sizes at seq 4096, bf16")
+    parser.add_argument("--compile", action="store_true", help="GPU mode: torch.compile each block")
+    parser.add_argument("--sizes", nargs="+", default=["300m", "1b"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 4], help="GPU mode: rows per step, per size")
+    parser.add_argument("--seq", type=int, default=None, help="default: 256 on CPU, 4096 on GPU")
+    parser.add_argument("--batch", type=int, default=8, help="CPU mode: rows per step")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 CPU, 30 GPU)")
+    parser.add_argument("--warmup", type=int, default=10, help="GPU mode: untimed steps first")
+    parser.add_argument("--repeats", type=int, default=3, help="CPU mode: alternations of the models")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU mode: torch threads")
+    args = parser.parse_args()
+    args.seq = args.seq or (4096 if args.gpu else 256)
+    args.steps = args.steps or (30 if args.gpu else 10)
+    gpu(args) if args.gpu else cpu(args)
+
+
+if __name__ == "__main__":
+    main()
