@@ -187,7 +187,7 @@ def _tokenizer_identity(tok: tokenizer.VQTokenizer) -> dict:
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in tok.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return {"config": tok.config.to_dict(), "weights": digest.hexdigest()}
 
 
