@@ -35,6 +35,9 @@ class VectorQuantizer(nn.Module):
         self.l2_normalized = l2_normalized
         self.embedding = nn.Embedding(codebook_size, embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)  # taming's init
+        if l2_normalized:  # LlamaGen: start on the unit sphere, else tiny norms make every update a jump
+            with torch.no_grad():
+                self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
 
     def _codebook(self) -> Tensor:
         weight = self.embedding.weight.float()

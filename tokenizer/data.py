@@ -1,0 +1,125 @@
+"""Training images for the VQGAN: a folder of image files or webdataset shards.
+
+Batches are FloatTensor[B, 3, S, S] in [0, 1]; the LightningModule maps them to its
+checkpoint's value range. Training crops: shorter side to S, random SxS crop,
+random horizontal flip; validation: shorter side to S, centre crop. Unreadable
+images are skipped with a warning naming the file and never stop a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import torch
+import webdataset as wds
+from lightning.pytorch import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torchvision.transforms import v2
+
+from tokenizer.preprocess import to_rgb_float
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+WDS_IMAGE_KEYS = "jpg;jpeg;png;webp"
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Image files under `root`, recursively, in a stable order."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
+    crop = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()]) if train else v2.CenterCrop(size)
+    resize = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return lambda image: crop(resize(to_rgb_float(image))).clamp(0.0, 1.0)
+
+
+class ImageFolder(Dataset):
+    """Every image file under a folder; a corrupt file yields None (dropped by `collate_skipping_none`)."""
+
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.files = image_files(root)
+        if not self.files:
+            raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor | None:
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                return self.transform(image)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            log.warning("skipping unreadable image %s: %s", path, err)
+            return None
+
+
+def collate_skipping_none(items: list[Tensor | None]) -> Tensor:
+    return default_collate([item for item in items if item is not None])
+
+
+def webdataset_images(urls: str, transform: Callable[[Image.Image], Tensor], train: bool) -> IterableDataset:
+    """Images from webdataset shards (brace patterns allowed); bad samples are warned about and skipped."""
+    dataset = wds.WebDataset(
+        urls,
+        shardshuffle=100 if train else False,
+        nodesplitter=wds.split_by_node,
+        handler=wds.warn_and_continue,
+        empty_check=False,
+    )
+    if train:
+        dataset = dataset.shuffle(1000)
+    return (
+        dataset.decode("pil", handler=wds.warn_and_continue)
+        .to_tuple(WDS_IMAGE_KEYS, handler=wds.warn_and_continue)
+        .map_tuple(transform, handler=wds.warn_and_continue)
+        .map(lambda sample: sample[0])
+    )
+
+
+class ImageDataModule(LightningDataModule):
+    """`train`/`val`: a folder of images, or webdataset shard URLs (anything containing '.tar')."""
+
+    def __init__(
+        self,
+        train: str,
+        val: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 16,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__()
+        self.train, self.val = train, val
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+
+    def _dataset(self, source: str, train: bool) -> Dataset | IterableDataset:
+        transform = make_transform(self.image_size, train)
+        if ".tar" in source:
+            return webdataset_images(source, transform, train)
+        return ImageFolder(source, transform)
+
+    def _loader(self, source: str, train: bool) -> DataLoader:
+        dataset = self._dataset(source, train)
+        is_map = isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and is_map,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=collate_skipping_none,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val, train=False) if self.val else []

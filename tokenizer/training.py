@@ -1,0 +1,207 @@
+"""VQGAN training as a LightningModule: `lightning fit -c configs/vqgan_*.yaml`.
+
+Generator objective: L1 or L2 reconstruction + LPIPS (when its weights are on disk)
++ VQ loss, and after `disc_start` steps a PatchGAN hinge loss scaled by taming's
+adaptive weight (ratio of the reconstruction and GAN gradient norms at the
+decoder's last layer). The discriminator is taming's `NLayerDiscriminator`.
+
+Manual optimisation with ONE AdamW holding two parameter groups (generator,
+discriminator): the discriminator is frozen while the generator loss backpropagates,
+then its own hinge loss fills its gradients and a single step updates both. This
+is the usual alternating GAN update, but Lightning counts one optimizer step per
+batch, so `max_steps`, `disc_start` and logging intervals all count batches (with
+two optimizers `global_step` would advance twice per batch once the GAN starts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_only
+from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel
+from torchmetrics.functional.image import peak_signal_noise_ratio
+
+from tokenizer.config import VQGANConfig
+from tokenizer.loading import LIGHTNING_KEY
+from tokenizer.lpips import LPIPS, load_lpips
+from tokenizer.model import VQTokenizer
+from tokenizer.preprocess import from_value_range, to_value_range
+from tokenizer.quantizer import codebook_stats
+
+
+def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    """Discriminator hinge loss (taming's `hinge_d_loss`, whose module cannot be imported without `requests`)."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor | int], None]:
+    """`AveragedModel` update with decay min(decay, (1 + n) / (10 + n)) after n updates.
+
+    torch's `get_ema_multi_avg_fn` uses a fixed decay, which keeps a short run's EMA
+    close to the random initialisation; the warm-up (as in timm / LlamaGen) fixes that.
+    """
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor | int) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        torch._foreach_lerp_(averaged, current, weight)
+
+    return update
+
+
+class VQGANTraining(LightningModule):
+    """Trains a `VQTokenizer`; batches are FloatTensor[B, 3, S, S] in [0, 1] (see `tokenizer.data`).
+
+    Checkpoints carry the tokenizer config, so `tokenizer.load(path.ckpt)` reads them
+    (EMA weights when `ema_decay` is set).
+    """
+
+    def __init__(
+        self,
+        tokenizer: VQGANConfig | None = None,
+        learning_rate: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        reconstruction: Literal["l1", "l2"] = "l1",
+        lpips_weight: float = 1.0,
+        lpips_vgg16: str | None = None,
+        lpips_linear: str | None = None,
+        disc_start: int = 20000,
+        disc_weight: float = 0.5,
+        disc_channels: int = 64,
+        disc_layers: int = 3,
+        ema_decay: float | None = None,
+        image_log_every_n_steps: int = 1000,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = tokenizer or VQGANConfig()
+        self.learning_rate, self.betas, self.weight_decay, self.grad_clip = learning_rate, tuple(betas), weight_decay, grad_clip
+        self.reconstruction = reconstruction
+        self.disc_start, self.disc_weight = disc_start, disc_weight
+        self.image_log_every_n_steps = image_log_every_n_steps
+        self.tokenizer = VQTokenizer(self.config)
+        self.discriminator = NLayerDiscriminator(self.config.in_channels, disc_channels, disc_layers).apply(weights_init)
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = AveragedModel(self.tokenizer, multi_avg_fn=ema_with_warmup(ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+        # Held in a tuple, not as a submodule: frozen VGG weights do not belong in every checkpoint.
+        lpips = load_lpips(lpips_vgg16, lpips_linear) if lpips_weight > 0 else None
+        self._lpips: tuple[LPIPS, ...] = (lpips,) if lpips is not None else ()
+        self.lpips_weight = lpips_weight
+        self.register_buffer("_code_counts", torch.zeros(self.config.codebook_size, dtype=torch.long), persistent=False)
+
+    # -- losses ---------------------------------------------------------------------
+    def _rec_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
+        return F.l1_loss(xrec, x) if self.reconstruction == "l1" else F.mse_loss(xrec, x)
+
+    def _perceptual(self, x: Tensor, xrec: Tensor) -> Tensor | None:
+        if not self._lpips:
+            return None
+        lpips = self._lpips[0].to(x.device)
+        to_pm1 = lambda t: from_value_range(t, self.config.value_range) * 2 - 1  # noqa: E731 - LPIPS takes [-1, 1]
+        return lpips(to_pm1(x), to_pm1(xrec)).mean()
+
+    def _adaptive_weight(self, nll: Tensor, g_loss: Tensor) -> Tensor:
+        """taming's balance: ||d nll / d last|| / ||d g_loss / d last||, clamped, times disc_weight."""
+        last = self.tokenizer.decoder.conv_out.weight
+        nll_grad = torch.autograd.grad(nll, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach() * self.disc_weight
+
+    # -- steps ----------------------------------------------------------------------
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x = to_value_range(batch, self.config.value_range)
+        xrec, quantized = self.tokenizer(x)
+        rec_loss = self._rec_loss(x, xrec)
+        nll = rec_loss
+        perceptual = self._perceptual(x, xrec)
+        if perceptual is not None:
+            nll = nll + self.lpips_weight * perceptual
+        loss = nll + quantized.loss
+        logs: dict[str, Any] = {"rec_loss": rec_loss, "vq_loss": quantized.loss}
+        gan = self.global_step >= self.disc_start
+        if gan:
+            self.discriminator.requires_grad_(False)
+            g_loss = -self.discriminator(xrec).mean()
+            d_weight = self._adaptive_weight(nll, g_loss)
+            loss = loss + d_weight * g_loss
+            logs.update(g_loss=g_loss, d_weight=d_weight)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if gan:
+            self.discriminator.requires_grad_(True)
+            logits_real, logits_fake = self.discriminator(x.detach()), self.discriminator(xrec.detach())
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            self.manual_backward(d_loss)
+            logs.update(d_loss=d_loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
+        if self.grad_clip is not None:
+            for group in opt.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], self.grad_clip)
+        opt.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.tokenizer)
+        if perceptual is not None:
+            logs["lpips"] = perceptual
+        counts = torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
+        logs["codebook_usage"], logs["perplexity"] = codebook_stats(counts)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])
+        if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
+            self._log_grid(batch, from_value_range(xrec.detach(), self.config.value_range), "train")
+
+    def _eval_model(self) -> VQTokenizer:
+        return self.ema.module if self.ema is not None else self.tokenizer
+
+    def on_validation_epoch_start(self) -> None:
+        self._code_counts.zero_()
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        x = to_value_range(batch, self.config.value_range)
+        xrec, quantized = self._eval_model()(x)
+        rec01 = from_value_range(xrec, self.config.value_range).clamp(0, 1)
+        self._code_counts += torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
+        self.log("val/rec_loss", self._rec_loss(x, xrec), batch_size=x.shape[0])
+        self.log("val/psnr", peak_signal_noise_ratio(rec01.float(), batch.float(), data_range=1.0), batch_size=x.shape[0])
+        if batch_idx == 0:
+            self._log_grid(batch, rec01, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        usage, perplexity = codebook_stats(self.trainer.strategy.reduce(self._code_counts, reduce_op="sum"))
+        self.log_dict({"val/codebook_usage": usage, "val/perplexity": perplexity})
+
+    @rank_zero_only
+    def _log_grid(self, images: Tensor, reconstructions: Tensor, split: str) -> None:
+        """Inputs (top row) over reconstructions, as a PNG in the run's log dir (and TensorBoard if used)."""
+        n = min(8, images.shape[0])
+        grid = torchvision.utils.make_grid(torch.cat([images[:n], reconstructions[:n].clamp(0, 1)]).float().cpu(), nrow=n)
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image(grid, out_dir / f"{split}_step{self.global_step:07d}.png")
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_image"):
+            experiment.add_image(f"{split}/reconstructions", grid, self.global_step)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(
+            [{"params": list(self.tokenizer.parameters())}, {"params": list(self.discriminator.parameters())}],
+            lr=self.learning_rate,
+            betas=self.betas,
+            weight_decay=self.weight_decay,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record what `tokenizer.load` needs: the architecture and which weights to export."""
+        prefix = "ema.module." if self.ema is not None else "tokenizer."
+        checkpoint[LIGHTNING_KEY] = {"config": self.config.to_dict(), "prefix": prefix}
