@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.derive import VARIANTS
-from lvm.tokenize.pipeline import Job, Options, run
+from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
 
 
 def _variants(text: str) -> tuple[str, ...]:
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     except TokenizeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(summary.line(), flush=True)
+    rank, world, _ = ranks_from_env()
+    print(f"[rank {rank}/{world}] " * (world > 1) + summary.line(), flush=True)  # each rank sums up its own share
     return 0
 
 
