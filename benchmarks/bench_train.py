@@ -128,8 +128,8 @@ def cpu(args: argparse.Namespace) -> None:
 def gpu(args: argparse.Namespace) -> None:
     device = torch.device("cuda")
     peak = get_available_flops(device, torch.bfloat16)
-    print(f"{torch.cuda.get_device_name(device)}, bf16, seq {args.seq}, compile={args.compile}, "
-          f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown")
+    peak_text = f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown to Lightning: no MFU"
+    print(f"{torch.cuda.get_device_name(device)}, bf16, seq {args.seq}, compile={args.compile}, {peak_text}")
     for size, batch in zip(args.sizes, args.batches):
         rate = lightning_tokens_per_sec(size, batch, args.seq, args.steps, args.warmup, True, args.compile)
         flops = LVMConfig.from_name(size).flops_per_token(args.seq)

@@ -33,8 +33,8 @@ def _tokens(batch: dict[str, torch.Tensor]) -> int:
 class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor for token batches, averaged over the last `window_size` batches.
 
-    Logs `train/items_per_sec` (tokens/s over all devices), `train/device/items_per_sec`,
-    `train/device/flops_per_sec` and, on GPUs Lightning knows, `train/device/mfu`: FLOPs from
+    Logs `train/device/items_per_sec` (tokens/s per device; `train/items_per_sec` over all devices when
+    there are several), `train/device/flops_per_sec` and, on GPUs Lightning knows, `train/device/mfu`: FLOPs from
     `LVMConfig.flops_per_token` (6N + attention) against the device's peak for the training precision.
     """
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torchvision
 from lightning.pytorch.cli import LightningCLI
 
 from lvm import cli as lvm_cli
@@ -95,6 +96,8 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert sorted(reference) == list(range(200))
     first, last = sum(reference[s] for s in range(10)) / 10, sum(reference[s] for s in range(190, 200)) / 10
     assert first > 8.0 and last < 2.5, (first, last)  # ln(8292) = 9.0 at init
+    for key in ("train/grad_norm", "train/ppl", "train/device/items_per_sec", "lr-AdamW/pg1"):  # tokens/s, lr, grad norm
+        assert logged(tmp_path / "a", key=key), key
 
     # Same run, preempted: SIGTERM after step 70 stops it after that step with a checkpoint ...
     enter(tmp_path / "b", monkeypatch)
@@ -128,7 +131,7 @@ def test_ddp_with_two_cpu_processes(shards, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(tmp_path / "runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 12
-    assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # per rank; the ranks read disjoint data
+    assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # each rank's count (they move in lockstep)
     losses = logged(tmp_path)
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses.values())
 
@@ -248,6 +251,14 @@ def test_sample_images_decodes_a_continuation(tiny_tokenizer_dir, shards):
     batch = next(iter(LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0).train_dataloader()))
     images = callback.sample(LVM(LVMConfig(**MINI)), batch["input_ids"][0], torch.autocast("cpu", enabled=False))
     assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8  # context | sampled | true
+
+
+def test_sample_images_writes_a_png_during_training(tiny_tokenizer_dir, shards, tmp_path):
+    dm = LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0)
+    callback = SampleImages(tokenizer=str(tiny_tokenizer_dir), every_n_steps=3)
+    quick_trainer(max_steps=3, default_root_dir=tmp_path, callbacks=[callback]).fit(LVMModule(overrides=MINI, warmup_steps=1), dm)
+    image = torchvision.io.read_image(str(tmp_path / "samples/step_00000003.png"))
+    assert image.shape == (3, 64 + 4, 3 * 64 + 8)  # context | sampled | true, 2-pixel grid padding
 
 
 @pytest.mark.parametrize("size", ["tiny", "300m", "600m", "1b", "3b"])
