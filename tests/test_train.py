@@ -269,6 +269,22 @@ def test_configs_parse(size, capsys):
     assert f"size: {size}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("size", ["1b", "3b"])
+def test_fsdp_configs_wrap_and_recompute_each_block(size):
+    import yaml
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lvm.model import Block
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(FSDPStrategy, "strategy")
+    section = yaml.safe_load((ROOT / f"configs/lvm_{size}.yaml").read_text())["trainer"]["strategy"]
+    assert section["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    strategy = parser.instantiate(parser.parse_object({"strategy": section["init_args"]})).strategy
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Block}
+
+
 def test_3b_dry_run_reports_parameters_without_allocating(capsys):
     train.main(["-c", str(ROOT / "configs/lvm_3b.yaml")])
     out = capsys.readouterr().out
