@@ -17,7 +17,7 @@ import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from tokenizer.preprocess import to_rgb_float
@@ -39,7 +39,8 @@ def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
 
 
 class ImageFolder(Dataset):
-    """Every image file under a folder; a corrupt file yields None (dropped by `collate_skipping_none`)."""
+    """Every image file under a folder; an unreadable file is warned about and replaced by the next readable one,
+    so batches keep their size."""
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor]) -> None:
         self.files = image_files(root)
@@ -50,18 +51,15 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Tensor | None:
-        path = self.files[index]
-        try:
-            with Image.open(path) as image:
-                return self.transform(image)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
-            log.warning("skipping unreadable image %s: %s", path, err)
-            return None
-
-
-def collate_skipping_none(items: list[Tensor | None]) -> Tensor:
-    return default_collate([item for item in items if item is not None])
+    def __getitem__(self, index: int) -> Tensor:
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                with Image.open(path) as image:
+                    return self.transform(image)
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+                log.warning("skipping unreadable image %s: %s", path, err)
+        raise RuntimeError(f"no readable image among the {len(self.files)} files of the dataset")
 
 
 def webdataset_images(urls: str, transform: Callable[[Image.Image], Tensor], train: bool) -> IterableDataset:
@@ -113,7 +111,6 @@ class ImageDataModule(LightningDataModule):
             shuffle=train and is_map,
             drop_last=train,
             num_workers=self.num_workers,
-            collate_fn=collate_skipping_none,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )

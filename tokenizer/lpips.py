@@ -47,13 +47,12 @@ class LPIPS(nn.Module):
     def load_weights(self, vgg16: Path, linear: Path) -> "LPIPS":
         vgg_state = torch.load(vgg16, map_location="cpu", weights_only=True)
         lin_state = torch.load(linear, map_location="cpu", weights_only=True)
-        index = {tap_start + j: (s, j) for s, tap_start in enumerate((0, *_TAPS[:-1])) for j in range(_TAPS[s] - tap_start)}
         state = {}
-        for key, value in vgg_state.items():
+        for key, value in vgg_state.items():  # features.{i}.weight -> slices.{slice of i}.{i}.weight
             parts = key.split(".")
             if parts[0] == "features" and int(parts[1]) < _TAPS[-1]:
-                s, j = index[int(parts[1])]
-                state[f"slices.{s}.{j}.{parts[2]}"] = value
+                s = next(k for k, end in enumerate(_TAPS) if int(parts[1]) < end)
+                state[f"slices.{s}.{parts[1]}.{parts[2]}"] = value
         for k in range(len(_CHANNELS)):
             state[f"lins.{k}.weight"] = lin_state[f"lin{k}.model.1.weight"]
         self.load_state_dict(state, strict=True)
