@@ -1,0 +1,14 @@
+"""The `lightning` console script prints project errors as one line."""
+
+import pytest
+
+from lvm.cli import main
+
+
+def test_invalid_config_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/lvm_tiny.yaml", "--model.lr", "-1", "--data.train_shards", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: model.lr: must be > 0, got -1.0"
+    assert not any("Traceback" in line for line in err)
