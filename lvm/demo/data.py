@@ -74,7 +74,13 @@ def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
 def prepare(out: Path, crops_per_photo: int = 48, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
     """Write photos, crops, clips and tokenizer-training frames under `out`; return counts."""
     rng = random.Random(seed)
-    dirs = {name: out / name for name in ("photos_train", "photos_heldout", "video_train", "video_heldout", "frames_train")}
+    dirs = {
+        "photos_train": out / "images" / "train" / "photos",  # tokenizer training and photo sentences
+        "frames_train": out / "images" / "train" / "frames",  # tokenizer training only
+        "photos_heldout": out / "images" / "heldout" / "photos",
+        "video_train": out / "video" / "train",
+        "video_heldout": out / "video" / "heldout",
+    }
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     for name in TRAIN_PHOTOS:
