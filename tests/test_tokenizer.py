@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 import tokenizer
+
+F16_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_f16_8192.yaml"
 
 
 def _photo(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -117,3 +120,16 @@ def test_wrong_architecture_is_refused(tmp_path: Path, tiny_tokenizer: tokenizer
     config_file.write_text(config_file.read_text().replace('"num_res_blocks": 1', '"num_res_blocks": 2'))
     with pytest.raises(tokenizer.TokenizerLoadError, match="state dict does not match the config: .* missing"):
         tokenizer.load(tmp_path)
+
+
+@pytest.mark.slow
+def test_f16_8192_config_gives_256_tokens_and_back(one_thread: None) -> None:
+    """configs/vqgan_f16_8192.yaml (the released LVM shape, random weights): 256x256 -> 256 codes -> 256x256."""
+    section = OmegaConf.to_container(OmegaConf.load(F16_CONFIG).model.init_args.tokenizer)
+    torch.manual_seed(0)
+    tok = tokenizer.VQTokenizer(tokenizer.VQGANConfig(**section)).eval()
+    assert 140e6 < sum(p.numel() for p in tok.parameters()) < 150e6
+    tokens = tok.encode([Image.fromarray(_photo(256, 256))])
+    assert tokens.shape == (1, 256) and tokens.dtype == torch.int64
+    assert 0 <= int(tokens.min()) and int(tokens.max()) < 8192
+    assert tok.decode(tokens).shape == (1, 3, 256, 256)
