@@ -4,6 +4,7 @@
 the architecture of configs/vqgan_tiny.yaml: 64x64 images, f=16, 16 tokens per
 image, 8192 codes. Stages downstream of the tokenizer test against it.
 `one_thread`: run a compute-heavy test with one intra-op thread.
+`fake_lpips_weights`: (vgg16, linear) files in the formats LPIPS reads, random values.
 """
 
 from __future__ import annotations
@@ -48,3 +49,17 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fake_lpips_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Random VGG16 features (torchvision's key layout) and LPIPS heads (`lin{k}.model.1.weight`)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    out = tmp_path_factory.mktemp("lpips")
+    torch.manual_seed(0)
+    features = make_layers(cfgs["D"])
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, out / "vgg16.pth")
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(heads, out / "vgg.pth")
+    return out / "vgg16.pth", out / "vgg.pth"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchvision.models.vgg import cfgs, make_layers
 
 from tokenizer.data import ImageDataModule
 from tokenizer.evaluate import main as evaluate_main
@@ -45,13 +44,8 @@ def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -
         assert train_batch.shape == (3, 3, 32, 32)
 
 
-def test_lpips_from_local_files(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    features = make_layers(cfgs["D"])
-    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, tmp_path / "vgg16.pth")
-    channels = (64, 128, 256, 512, 512)
-    torch.save({f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate(channels)}, tmp_path / "vgg.pth")
-    lpips = load_lpips(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
+def test_lpips_from_local_files(fake_lpips_weights: tuple[Path, Path]) -> None:
+    lpips = load_lpips(*fake_lpips_weights)
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
     distance = lpips(x, y)

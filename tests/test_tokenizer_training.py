@@ -7,11 +7,14 @@ from pathlib import Path
 
 import torch
 
+from conftest import tiny_vqgan_config
+from lightning.pytorch import Trainer
+
 import tokenizer
 from lvm.cli import main as lightning_cli
-from tokenizer.data import ImageFolder, make_transform
+from tokenizer.data import ImageDataModule, ImageFolder, make_transform
 from tokenizer.synthetic import write_images
-from tokenizer.training import ema_with_warmup
+from tokenizer.training import VQGANTraining, ema_with_warmup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
 
@@ -55,6 +58,28 @@ def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path, one
     assert trained_l1 < 0.6 * untrained_l1, (trained_l1, untrained_l1)
     tokens = trained.encode(list(images.mul(255).round().to(torch.uint8)))
     assert tokens.shape == (4, 16) and trained.decode(tokens).shape == (4, 3, 64, 64)
+
+
+def test_all_loss_terms_and_ema_train(
+    tmp_path: Path, one_thread: None, fake_lpips_weights: tuple[Path, Path]
+) -> None:
+    """Two batches with every loss term on (LPIPS from local files, GAN from step 0, EMA)."""
+    write_images(tmp_path / "train", 4, size=64, seed=0)
+    module = VQGANTraining(
+        tiny_vqgan_config(), lpips_weight=1.0, lpips_vgg16=str(fake_lpips_weights[0]),
+        lpips_linear=str(fake_lpips_weights[1]), disc_start=0, disc_channels=8, disc_layers=1, ema_decay=0.9,
+    )
+    data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
+    disc_before = [p.detach().clone() for p in module.discriminator.parameters()]
+    trainer = Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    metrics = trainer.callback_metrics
+    for name in ("train/lpips", "train/g_loss", "train/d_loss", "train/d_weight", "train/rec_loss"):
+        assert torch.isfinite(metrics[name]), name
+    assert float(metrics["train/lpips"]) > 0 and float(metrics["train/d_weight"]) > 0
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
+    assert not any(key.startswith(("_lpips", "lpips")) for key in module.state_dict())  # VGG stays out of checkpoints
+    assert int(module.ema.n_averaged) == 2
 
 
 def test_ema_warmup_tracks_early_weights() -> None:
