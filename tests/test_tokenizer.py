@@ -107,9 +107,16 @@ def test_load_errors_are_one_line_and_name_the_path(tmp_path: Path, tiny_tokeniz
     (truncated / "config.json").write_bytes((tiny_tokenizer_dir / "config.json").read_bytes())
     (truncated / "model.safetensors").write_bytes((tiny_tokenizer_dir / "model.safetensors").read_bytes()[:1000])
     cases[truncated / "model.safetensors"] = "corrupt safetensors file"
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.embed.weight": torch.zeros(2, 2)}}, other)
+    cases[other] = "not a VQGAN checkpoint (no state_dict with quantize.embedding.weight)"
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 64}')
+    cases[llama / "config.json"] = "neither a tokenizer saved by this project nor an open-muse VQGANModel config"
     for path, problem in cases.items():
         with pytest.raises(tokenizer.TokenizerLoadError) as info:
-            tokenizer.load(path if path.name != "model.safetensors" else path.parent)
+            tokenizer.load(path if path.name not in ("model.safetensors", "config.json") else path.parent)
         message = str(info.value)
         assert message.startswith(f"{path}: {problem}") and "\n" not in message, message
 

@@ -97,6 +97,8 @@ def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     if meta.get("format") == FORMAT_NAME:
         cfg = _config(config_file, VQGANConfig.from_dict, meta.get("config", {}))
         return cfg, _read_safetensors(path / WEIGHTS_NAME)
+    if meta.get("_class_name") != "VQGANModel" and not {"hidden_channels", "num_embeddings"} <= set(meta):
+        raise TokenizerLoadError(config_file, "neither a tokenizer saved by this project nor an open-muse VQGANModel config")
     cfg = _config(config_file, open_muse_config, meta)
     for name in OPEN_MUSE_WEIGHTS:
         if (path / name).is_file():
@@ -153,8 +155,8 @@ def _read_ckpt(path: Path, config: Path | None) -> tuple[VQGANConfig, dict[str, 
         prefix = entry["prefix"]
         state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
         return cfg, state
-    if "state_dict" not in ckpt:
-        raise TokenizerLoadError(path, "not a tokenizer checkpoint (no 'state_dict' entry)")
+    if "quantize.embedding.weight" not in ckpt.get("state_dict", {}):
+        raise TokenizerLoadError(path, "not a VQGAN checkpoint (no state_dict with quantize.embedding.weight)")
     yaml_path = config or _find_taming_yaml(path)
     cfg = _config(yaml_path, taming_config, _read_yaml(yaml_path))
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}  # discriminator + LPIPS
