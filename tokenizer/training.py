@@ -5,12 +5,14 @@ Generator objective: L1 or L2 reconstruction + LPIPS (when its weights are on di
 adaptive weight (ratio of the reconstruction and GAN gradient norms at the
 decoder's last layer). The discriminator is taming's `NLayerDiscriminator`.
 
-Manual optimisation with ONE AdamW holding two parameter groups (generator,
-discriminator): the discriminator is frozen while the generator loss backpropagates,
-then its own hinge loss fills its gradients and a single step updates both. This
-is the usual alternating GAN update, but Lightning counts one optimizer step per
-batch, so `max_steps`, `disc_start` and logging intervals all count batches (with
-two optimizers `global_step` would advance twice per batch once the GAN starts).
+Manual optimisation of generator and discriminator with ONE AdamW holding two
+parameter groups and ONE backward pass per batch: the generator's GAN term sees the
+discriminator's weights detached (`torch.func.functional_call`), the discriminator's
+hinge loss sees detached images, so a single backward fills each group with exactly
+its own gradients. That is the usual alternating GAN update, but it keeps DDP's one
+backward per forward, and Lightning counts one optimizer step per batch, so
+`max_steps`, `disc_start` and logging intervals all count batches (with two
+optimizers `global_step` would advance twice per batch once the GAN starts).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_only
 from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from torch import Tensor
+from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
@@ -131,21 +134,17 @@ class VQGANTraining(LightningModule):
             nll = nll + self.lpips_weight * perceptual
         loss = nll + quantized.loss
         logs: dict[str, Any] = {"rec_loss": rec_loss, "vq_loss": quantized.loss}
-        gan = self.global_step >= self.disc_start
-        if gan:
-            self.discriminator.requires_grad_(False)
-            g_loss = -self.discriminator(xrec).mean()
+        if self.global_step >= self.disc_start:
+            frozen = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+            g_loss = -functional_call(self.discriminator, frozen, (xrec,)).mean()  # reaches the generator only
             d_weight = self._adaptive_weight(nll, g_loss)
-            loss = loss + d_weight * g_loss
-            logs.update(g_loss=g_loss, d_weight=d_weight)
+            logits_real, logits_fake = self.discriminator(x.detach()), self.discriminator(xrec.detach())
+            d_loss = hinge_d_loss(logits_real, logits_fake)  # reaches the discriminator only
+            loss = loss + d_weight * g_loss + d_loss
+            logs.update(g_loss=g_loss, d_weight=d_weight, d_loss=d_loss)
+            logs.update(logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if gan:
-            self.discriminator.requires_grad_(True)
-            logits_real, logits_fake = self.discriminator(x.detach()), self.discriminator(xrec.detach())
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-            self.manual_backward(d_loss)
-            logs.update(d_loss=d_loss, logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         if self.grad_clip is not None:
             for group in opt.param_groups:
                 torch.nn.utils.clip_grad_norm_(group["params"], self.grad_clip)
@@ -157,7 +156,7 @@ class VQGANTraining(LightningModule):
         counts = torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
         logs["codebook_usage"], logs["perplexity"] = codebook_stats(counts)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])  # generator + discriminator
         if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
             self._log_grid(batch, from_value_range(xrec.detach(), self.config.value_range), "train")
 
