@@ -140,3 +140,19 @@ def test_f16_8192_config_gives_256_tokens_and_back(one_thread: None) -> None:
     assert tokens.shape == (1, 256) and tokens.dtype == torch.int64
     assert 0 <= int(tokens.min()) and int(tokens.max()) < 8192
     assert tok.decode(tokens).shape == (1, 3, 256, 256)
+
+
+def test_restart_moves_dead_codes_onto_batch_latents():
+    from tokenizer.quantizer import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=16, embed_dim=4)
+    latents = torch.randn(3, 4)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[2, 5]] = True
+    before = vq.embedding.weight.clone()
+    assert vq.restart(dead, latents) == 2
+    after = vq.embedding.weight
+    assert torch.equal(after[~dead], before[~dead])
+    for code in (2, 5):  # each moved next to one of the latents
+        assert (after[code] - latents).norm(dim=1).min() < 0.1

@@ -22,6 +22,7 @@ class QuantizerOutput(NamedTuple):
     z_q: Tensor  # [B, C, h, w], straight-through estimator (gradients flow to the encoder)
     indices: Tensor  # [B, h*w] int64, row-major over the code grid
     loss: Tensor  # codebook + beta * commitment, scalar
+    latents: Tensor  # [B*h*w, C] float32 latents as looked up (normalised for the cosine variant), detached
 
 
 class VectorQuantizer(nn.Module):
@@ -80,7 +81,23 @@ class VectorQuantizer(nn.Module):
             quantized = flat + (quantized - flat).detach()
         b, _, h, w = z.shape
         z_q = quantized.view(b, h, w, self.embed_dim).permute(0, 3, 1, 2).contiguous()
-        return QuantizerOutput(z_q, indices.view(b, -1), loss)
+        return QuantizerOutput(z_q, indices.view(b, -1), loss, flat.detach())
+
+    @torch.no_grad()
+    def restart(self, dead: Tensor, latents: Tensor, generator: torch.Generator | None = None) -> int:
+        """Move the codes flagged in `dead` [codebook_size] onto random `latents` [N, C] of the current batch.
+
+        Codebook restarts (Jukebox; `threshold_ema_dead_code` in vector-quantize-pytorch): a code no latent
+        picks gets no gradient and stays dead, which is how short or small runs collapse onto a few codes.
+        Returns the number of codes moved.
+        """
+        index = dead.nonzero().squeeze(1)
+        if index.numel():
+            pick = torch.randint(0, latents.shape[0], (index.numel(),), device=latents.device, generator=generator)
+            # A little noise so codes restarted onto the same latent do not tie forever.
+            noise = torch.randn(index.numel(), latents.shape[1], device=latents.device, generator=generator)
+            self.embedding.weight[index] = (latents[pick] + 0.01 * latents.std() * noise).to(self.embedding.weight.dtype)
+        return int(index.numel())
 
 
 def codebook_stats(counts: Tensor) -> tuple[float, float]:

@@ -60,6 +60,10 @@ def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tenso
     return update
 
 
+USAGE_DECAY = 0.99  # running usage averages over ~100 steps
+DEAD_CODE_USAGE = 1e-3  # a code picked less than once per ~1000 steps is dead
+
+
 class VQGANTraining(LightningModule):
     """Trains a `VQTokenizer`; batches are FloatTensor[B, 3, S, S] in [0, 1] (see `tokenizer.data`).
 
@@ -84,6 +88,7 @@ class VQGANTraining(LightningModule):
         disc_layers: int = 3,
         ema_decay: float | None = None,
         image_log_every_n_steps: int = 1000,
+        restart_dead_codes: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -103,6 +108,11 @@ class VQGANTraining(LightningModule):
         self._lpips: tuple[LPIPS, ...] = (lpips,) if lpips is not None else ()
         self.lpips_weight = lpips_weight
         self.register_buffer("_code_counts", torch.zeros(self.config.codebook_size, dtype=torch.long), persistent=False)
+        # Running code usage (EMA of per-step counts) for `restart_dead_codes`: codes whose usage falls
+        # below DEAD_CODE_USAGE are moved onto latents of the batch after the optimizer step.
+        self.restart_dead_codes = restart_dead_codes
+        # Starting at zero makes the first step a data-dependent codebook init.
+        self.register_buffer("_code_usage", torch.zeros(self.config.codebook_size), persistent=False)
 
     # -- losses ---------------------------------------------------------------------
     def _rec_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
@@ -155,6 +165,11 @@ class VQGANTraining(LightningModule):
             logs["lpips"] = perceptual
         counts = torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
         logs["codebook_usage"], logs["perplexity"] = codebook_stats(counts)
+        if self.restart_dead_codes:
+            self._code_usage.mul_(USAGE_DECAY).add_(counts.float(), alpha=1 - USAGE_DECAY)
+            dead = self._code_usage < DEAD_CODE_USAGE
+            logs["restarted_codes"] = float(self.tokenizer.quantize.restart(dead, quantized.latents))
+            self._code_usage[dead] = 10 * DEAD_CODE_USAGE  # ~230 steps to be picked before judged again
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])  # generator + discriminator
         if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:

@@ -100,8 +100,8 @@ def main() -> None:
     if OUT.exists():
         shutil.rmtree(OUT)  # the miniature always starts from scratch
     logs, specs = OUT / "logs", OUT / "specs"
-    logs.mkdir(parents=True)
-    specs.mkdir()
+    for folder in (logs, specs, OUT / "report"):
+        folder.mkdir(parents=True)
     for name, spec in sentence_specs().items():
         (specs / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     start = time.time()
