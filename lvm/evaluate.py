@@ -173,7 +173,7 @@ def pixel_metrics(
 ) -> dict[str, float]:
     """Greedy next-frame MSE/PSNR of the model and of copying the last context frame, both against the
     tokenizer's decoding of the true last frame (the best any token model can reach), on [0, 1] pixels."""
-    T, fit = tok.tokens_per_image, context_frames(model, tok.tokens_per_image)
+    fit = context_frames(model, tok.tokens_per_image)
     device = model.head.weight.device
     contexts = [s.images[-1 - min(fit, len(s.images) - 1) : -1] for s in sentences]
     model_mse, copy_mse = (torch.empty(len(sentences), dtype=torch.float64) for _ in range(2))

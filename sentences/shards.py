@@ -57,7 +57,7 @@ def atomic_tar(path: str | Path) -> Iterator[wds.TarWriter]:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as stream:
-        writer = wds.TarWriter(stream, mtime=0.0)
+        writer = wds.TarWriter(stream, mtime=0)  # an int: a float mtime adds a 1 KB pax header per member
         yield writer
         writer.close()
         stream.flush()

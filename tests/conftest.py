@@ -3,12 +3,13 @@
 `tiny_tokenizer_dir` / `tiny_tokenizer`: a randomly initialised (seed 0) VQGAN with
 the architecture of configs/vqgan_tiny.yaml: 64x64 images, f=16, 16 tokens per
 image, 8192 codes. Stages downstream of the tokenizer test against it.
-`one_thread`: run a compute-heavy test with one intra-op thread.
+`one_thread` (autouse, session): one intra-op thread for the whole suite.
 `fake_lpips_weights`: (vgg16, linear) files in the formats LPIPS reads, random values.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -40,15 +41,23 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path) -> tokenizer.VQTokenizer:
     return tokenizer.load(tiny_tokenizer_dir)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_thread() -> Iterator[None]:
-    """One intra-op thread for the test. On a shared 2-core machine, OpenMP threads spinning
-    against other jobs made a tiny VQGAN training step 10x slower (measured 0.25 s with one
-    thread vs 2-8 s with two); on an idle machine it costs little at these sizes."""
-    threads = torch.get_num_threads()
+    """One intra-op thread for the whole suite, in-process and in subprocesses (OMP_NUM_THREADS).
+
+    The tests' tensors are tiny, so a second thread only adds contention: on a shared 2-core machine
+    OpenMP threads spinning against other jobs made a tiny VQGAN step 10x slower (0.25 s vs 2-8 s)
+    and tiny decode steps ~12x slower.
+    """
+    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(threads)
+    if env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="session")

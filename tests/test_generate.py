@@ -8,15 +8,6 @@ from lvm.model import LVM, LVMConfig
 from lvm.vocab import BOS_ID, CODEBOOK_SIZE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny decode steps are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -17,15 +17,6 @@ transformers = pytest.importorskip("transformers")
 TINY = dict(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny decode steps are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_ckpt(model: LVM, path) -> None:
     """A checkpoint in the training contract's shape: Lightning `state_dict` with `model.*` + `lvm_config`."""
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pytest
-import torch
 import webdataset as wds
 import yaml
 
@@ -32,14 +30,6 @@ from sentences.spec import load_spec
 TOKENS_PER_IMAGE = 4  # short "images": the copying that context enables is learned in few steps
 PALETTE, FRAMES, CHANGED = 8, 16, 0.6
 CODES = np.arange(0, 8192, 32)  # 256 codes in use, as a real tokenizer uses part of its codebook
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def write_clips(path: Path, clips: int, seed: int) -> None:

@@ -16,15 +16,6 @@ from lvm.prompt import main, natural_key
 S = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny decode steps are overhead-bound: a second intra-op thread only adds contention on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def lvm_ckpt(tmp_path_factory):
     """A random tiny LVM saved as a training checkpoint; its 128-token context fits BOS + 6 frames + 1."""

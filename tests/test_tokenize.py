@@ -33,23 +33,6 @@ from tokenizer.preprocess import resize_square, to_rgb_float, to_value_range
 RNG = np.random.default_rng(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The test machine's 2 cores are shared: one intra-op thread avoids oversubscription (~5x faster here).
-
-    OMP_NUM_THREADS also tells the tokenize job (and its kill -9 subprocess) to keep its hands off the setting.
-    """
-    threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(threads)
-    if env is None:
-        del os.environ["OMP_NUM_THREADS"]
-    else:
-        os.environ["OMP_NUM_THREADS"] = env
-
-
 def _png(array: np.ndarray, mode: str | None = None) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array, mode=mode).save(buffer, "PNG")

@@ -130,7 +130,7 @@ def test_wrong_architecture_is_refused(tmp_path: Path, tiny_tokenizer: tokenizer
 
 
 @pytest.mark.slow
-def test_f16_8192_config_gives_256_tokens_and_back(one_thread: None) -> None:
+def test_f16_8192_config_gives_256_tokens_and_back() -> None:
     """configs/vqgan_f16_8192.yaml (the released LVM shape, random weights): 256x256 -> 256 codes -> 256x256."""
     section = OmegaConf.to_container(OmegaConf.load(F16_CONFIG).model.init_args.tokenizer)
     torch.manual_seed(0)

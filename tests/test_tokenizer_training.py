@@ -24,7 +24,7 @@ def _l1(model: tokenizer.VQTokenizer, images: torch.Tensor) -> float:
         return float((model(images).reconstruction - images).abs().mean())
 
 
-def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path, one_thread: None) -> None:
+def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path) -> None:
     write_images(tmp_path / "train", 16, size=64, seed=0)
     write_images(tmp_path / "val", 4, size=64, seed=1)
     lightning_cli(
@@ -61,7 +61,7 @@ def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path, one
 
 
 def test_all_loss_terms_and_ema_train(
-    tmp_path: Path, one_thread: None, fake_lpips_weights: tuple[Path, Path]
+    tmp_path: Path, fake_lpips_weights: tuple[Path, Path]
 ) -> None:
     """Two batches with every loss term on (LPIPS from local files, GAN from step 0, EMA)."""
     write_images(tmp_path / "train", 4, size=64, seed=0)

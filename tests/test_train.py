@@ -38,14 +38,6 @@ FAST = ["--model.overrides", str(MINI), "--model.lr", "3e-3", "--model.warmup_st
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def cli_argv(monkeypatch):
     """In-process CLIs get their arguments from `args`; pytest's own must not look like extra ones."""
     monkeypatch.setattr(sys, "argv", ["lightning"])
