@@ -48,13 +48,16 @@ def video_prediction(model, tok, prompts: Path) -> list[dict]:
     rows = []
     for clip in sorted(p for p in (prompts / "video").iterdir()):
         context = sorted((clip / "context").glob("*.png"))
-        truth = resized(sorted((clip / "truth").glob("*.png"))[:1], tok)
+        truth_file = sorted((clip / "truth").glob("*.png"))[0]
+        truth = resized([truth_file], tok)
         pred = predict_frames(model, tok, [[Image.open(p) for p in context]], sampling=GREEDY)[0, 0]
+        through_tokens = tok.decode(tok.encode([Image.open(context[-1]), Image.open(truth_file)]))
         rows.append({
             "clip": clip.name,
             "mse_prediction": pixel_mse(pred, truth).item(),
             "mse_copy_last": pixel_mse(resized(context[-1:], tok), truth).item(),
-            "mse_tokenizer": pixel_mse(tok.decode(tok.encode([Image.open(sorted((clip / "truth").glob("*.png"))[0])])), truth).item(),
+            "mse_copy_last_tokens": pixel_mse(through_tokens[:1], truth).item(),
+            "mse_tokenizer": pixel_mse(through_tokens[1:], truth).item(),
         })
     return rows
 
@@ -171,16 +174,19 @@ def markdown(f: dict) -> str:
         "",
         "## Next frame of held-out video (greedy, 8 context frames)",
         "",
-        "Pixel MSE against the true next frame; copying the last context frame is the baseline, and the",
-        "tokenizer's own reconstruction of the truth is the best any prediction through these tokens can do.",
+        "Pixel MSE against the true next frame. Baselines: copying the last context frame's pixels, and copying",
+        "its tokens (decoded), the same bottleneck the model predicts through; the tokenizer's reconstruction of",
+        "the truth is the best any prediction through these tokens can do.",
         "",
-        "| clip | prediction | copy last frame | tokenizer bound | beats copy? |",
-        "| --- | ---: | ---: | ---: | --- |",
-        *[f"| {r['clip']} | {r['mse_prediction']:.4f} | {r['mse_copy_last']:.4f} | {r['mse_tokenizer']:.4f} | "
-          f"{verdict(r['mse_prediction'] < r['mse_copy_last'])} |" for r in f["video"]],
+        "| clip | prediction | copy last frame (pixels) | copy last frame (tokens) | tokenizer bound | beats copying? (pixels / tokens) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+        *[f"| {r['clip']} | {r['mse_prediction']:.4f} | {r['mse_copy_last']:.4f} | {r['mse_copy_last_tokens']:.4f} | "
+          f"{r['mse_tokenizer']:.4f} | {verdict(r['mse_prediction'] < r['mse_copy_last'])} / "
+          f"{verdict(r['mse_prediction'] < r['mse_copy_last_tokens'])} |" for r in f["video"]],
         "",
-        "Where the prediction loses to copying, the tokenizer bound says why: a miniature tokenizer trained for",
-        "minutes cannot reproduce a frame as well as the frame itself, so copying pixels starts ahead.",
+        "Copying pixels starts ahead of any token model by the tokenizer's error (compare the bound): a miniature",
+        "tokenizer trained for minutes loses more to quantization than consecutive frames differ, so the fair",
+        "test of the LVM is the token-copy column.",
         "",
         "![video rollout](video_bikes_grid.png)  ",
         "Context | 4 predicted frames | ground truth (`lvm.prompt`, held-out bikes clip; GIF: video_bikes.gif).",
