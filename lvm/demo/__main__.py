@@ -52,7 +52,9 @@ def commands() -> list[tuple[str, list[str]]]:
     """(step name, argv) in order; `python` and `lightning` are this environment's."""
     py, lightning = [sys.executable], [str(Path(sys.executable).parent / "lightning")]
     data, tokens, prompts, rep = OUT / "data", OUT / "tokens", OUT / "data" / "prompts", OUT / "report"
-    tokenize = py + ["-m", "lvm.tokenize", "--tokenizer", str(TOKENIZER), "--workers", "1"]
+    # --workers 0: on 2 cores, decoding these small frames inline and giving both cores to the encoder
+    # tokenizes ~1.6x faster than a decoding worker beside a 1-thread encoder.
+    tokenize = py + ["-m", "lvm.tokenize", "--tokenizer", str(TOKENIZER), "--workers", "0"]
     steps = [
         ("data", py + ["-m", "lvm.demo.data", "--out", str(data)]),
         ("tokenizer", lightning + ["fit", "-c", str(CONFIGS / "vqgan.yaml")]),
