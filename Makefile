@@ -19,4 +19,4 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
-	$(PY) -m lvm.demo --out demo_out
+	$(PY) -m lvm.demo

@@ -1,6 +1,7 @@
 """The miniature's own code: the extra training views of a clip, and the report's verdicts."""
 
 import numpy as np
+import pytest
 
 from lvm.demo import report
 from lvm.demo.data import views
@@ -30,7 +31,16 @@ def test_report_states_verdicts_as_they_come_out():
     }
     text = report.markdown(figures)
     assert "| **total** | **3** |" in text
+    assert "codebook usage 10.0% (~819 of 8192 codes)" in text
     assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
     assert "Below the unigram perplexity with 15 frames: **no**" in text
     assert "| bikes | 0.0200 | 0.0100 | 0.0300 | 0.0100 | **no** / yes |" in text
     assert "| inpainting | chelsea | 0.0300 | 0.0500 | 0.0200 | 0.0100 | yes / **no** |" in text
+
+
+def test_demo_takes_no_options(capsys):
+    from lvm.demo.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--out", "elsewhere"])  # paths are fixed: a flag that would be ignored is refused instead
+    assert exit_info.value.code == 2 and "unrecognized arguments: --out elsewhere" in capsys.readouterr().err

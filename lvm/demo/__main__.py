@@ -7,6 +7,7 @@ Every step is an ordinary command: copy one from the log to swap in your own dat
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -100,7 +101,10 @@ def run_step(name: str, argv: list[str], logs: Path) -> float:
     return elapsed
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # No options: every path is fixed (demo_out/ in the working directory) so the printed commands can be
+    # copied as they are; --help says what the command does.
+    argparse.ArgumentParser(prog="python -m lvm.demo", description=__doc__.splitlines()[0]).parse_args(argv)
     if OUT.exists():
         shutil.rmtree(OUT)  # the miniature always starts from scratch
     logs, specs = OUT / "logs", OUT / "specs"

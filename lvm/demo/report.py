@@ -24,6 +24,7 @@ from lvm.checkpoint import load_lvm  # noqa: E402
 from lvm.generate import GREEDY  # noqa: E402
 from lvm.metrics import pixel_mse  # noqa: E402
 from lvm.prompt import grid, predict_frames  # noqa: E402
+from lvm.vocab import CODEBOOK_SIZE  # noqa: E402
 
 
 def resized(paths: list[Path], tok: tokenizer.VQTokenizer) -> torch.Tensor:
@@ -148,7 +149,8 @@ def markdown(f: dict) -> str:
         "## Tokenizer (128x128 -> 64 tokens)",
         "",
         f"Held-out frames: PSNR {tok.get('psnr', float('nan')):.2f} dB, SSIM {tok.get('ssim', float('nan')):.3f}, "
-        f"codebook usage {tok.get('codebook_usage', float('nan')):.1%}. ",
+        f"codebook usage {tok.get('codebook_usage', float('nan')):.1%} "
+        f"(~{round(tok.get('codebook_usage', 0.0) * CODEBOOK_SIZE)} of {CODEBOOK_SIZE} codes).",
         "",
         "![reconstructions](reconstructions.png)  ",
         "Top: held-out frames and photos. Bottom: decoded from their tokens.",
@@ -168,6 +170,7 @@ def markdown(f: dict) -> str:
         "| perplexity | " + " | ".join(f"{ctx[k]:.1f}" for k in sorted(ctx)) + " |",
         "",
         f"Unigram perplexity of the same tokens (code frequencies counted on them, add-one smoothed): {f['unigram']:.1f}.",
+        "Perplexities count only the codes the tokenizer uses: compare them with this baseline, never across tokenizers.",
         "",
         f"- Falls from 1 to {min(8, k_max)} context frames: {verdict(ctx[min(8, k_max)] < ctx[1])} "
         f"({ctx[1]:.1f} -> {ctx[min(8, k_max)]:.1f}).",
