@@ -12,9 +12,9 @@ from lightning.pytorch.cli import LightningCLI
 from lvm.checkpoint import CheckpointError
 from lvm.errors import ConfigError, NonFiniteLossError
 from sentences.errors import SentenceError
-from tokenizer import TokenizerLoadError
+from tokenizer import TokenizerLoadError, VQGANConfigError
 
-USER_ERRORS = (ConfigError, NonFiniteLossError, SentenceError, CheckpointError, TokenizerLoadError)
+USER_ERRORS = (ConfigError, NonFiniteLossError, SentenceError, CheckpointError, TokenizerLoadError, VQGANConfigError)
 
 
 def user_error(exc: BaseException) -> BaseException | None:

@@ -12,3 +12,13 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: model.lr: must be > 0, got -1.0"
     assert not any("Traceback" in line for line in err)
+
+
+def test_impossible_tokenizer_architecture_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/demo/vqgan.yaml", "--model.tokenizer.hidden_channels", "16",
+              "--data.train", str(tmp_path), "--data.val", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: VQGANConfig: hidden_channels * channel_mult must be divisible by 32 (GroupNorm(32)); got 16 * 1"
+    assert not any("Traceback" in line for line in err)

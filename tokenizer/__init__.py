@@ -8,8 +8,8 @@
 See docs/tokenizer.md.
 """
 
-from tokenizer.config import VQGANConfig
+from tokenizer.config import VQGANConfig, VQGANConfigError
 from tokenizer.loading import TokenizerLoadError, load
 from tokenizer.model import VQTokenizer
 
-__all__ = ["VQGANConfig", "VQTokenizer", "TokenizerLoadError", "load"]
+__all__ = ["VQGANConfig", "VQGANConfigError", "VQTokenizer", "TokenizerLoadError", "load"]

@@ -16,6 +16,10 @@ from typing import Any, Literal
 ResizeMode = Literal["stretch", "center_crop"]
 
 
+class VQGANConfigError(ValueError):
+    """An impossible tokenizer architecture; the message names the fields (the `lightning` CLI prints it as one line)."""
+
+
 @dataclass
 class VQGANConfig:
     """Architecture, quantizer and preprocessing of one VQGAN.
@@ -47,14 +51,14 @@ class VQGANConfig:
         self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
         for mult in self.channel_mult:
             if (self.hidden_channels * mult) % 32:
-                raise ValueError(
-                    f"hidden_channels * channel_mult must be divisible by 32 (GroupNorm(32)); "
+                raise VQGANConfigError(
+                    f"VQGANConfig: hidden_channels * channel_mult must be divisible by 32 (GroupNorm(32)); "
                     f"got {self.hidden_channels} * {mult}"
                 )
         if self.resolution % self.downsample_factor:
-            raise ValueError(f"resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}")
+            raise VQGANConfigError(f"VQGANConfig: resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}")
         if self.resize not in ("stretch", "center_crop"):
-            raise ValueError(f"resize must be 'stretch' or 'center_crop', got {self.resize!r}")
+            raise VQGANConfigError(f"VQGANConfig: resize must be 'stretch' or 'center_crop', got {self.resize!r}")
 
     @property
     def downsample_factor(self) -> int:
@@ -82,5 +86,5 @@ class VQGANConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown VQGAN config keys: {', '.join(unknown)}")
+            raise VQGANConfigError(f"unknown VQGAN config keys: {', '.join(unknown)}")
         return cls(**data)
