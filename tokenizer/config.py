@@ -10,6 +10,7 @@ no caller re-implements it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,15 @@ class VQGANConfig:
     embed_dim: int = 64  # code dimension (LlamaGen's l2-normalised recipe uses 8)
     codebook_size: int = 8192
     l2_normalized_codes: bool = False  # LlamaGen: cosine-similarity lookup, keeps codebook usage high
+    # Finite scalar quantization (Mentzer et al. 2023) instead of a learned codebook: each of the
+    # len(fsq_levels) latent channels is rounded to one of L_i levels and the code is their mixed-radix
+    # number, so prod(fsq_levels) == codebook_size ([8, 8, 8, 4, 4] = 8192). No codebook means nothing to
+    # collapse: short CPU runs keep hundreds of codes in use where a codebook keeps a handful.
+    fsq_levels: list[int] = field(default_factory=list)
+    # Space-to-depth stem: the encoder sees pixel_unshuffle(x, patch_size) and the decoder ends in
+    # pixel_shuffle, so f = patch_size * 2**(len(channel_mult)-1) with fewer convolutions at full
+    # resolution (the CPU miniature uses 4: f=16 at ~1/4 of the cost). 1 = the released architecture.
+    patch_size: int = 1
     commitment_cost: float = 0.25
     dropout: float = 0.0
     # Preprocessing policy, part of the checkpoint:
@@ -48,6 +58,7 @@ class VQGANConfig:
     def __post_init__(self) -> None:
         self.channel_mult = [int(m) for m in self.channel_mult]
         self.attn_resolutions = [int(r) for r in self.attn_resolutions]
+        self.fsq_levels = [int(level) for level in self.fsq_levels]
         self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
         for mult in self.channel_mult:
             if (self.hidden_channels * mult) % 32:
@@ -57,13 +68,22 @@ class VQGANConfig:
                 )
         if self.resolution % self.downsample_factor:
             raise VQGANConfigError(f"VQGANConfig: resolution {self.resolution} is not divisible by the downsampling factor {self.downsample_factor}")
+        if self.fsq_levels:
+            if math.prod(self.fsq_levels) != self.codebook_size or self.embed_dim != len(self.fsq_levels):
+                raise VQGANConfigError(
+                    f"VQGANConfig: fsq_levels {self.fsq_levels} need codebook_size = their product "
+                    f"({math.prod(self.fsq_levels)}) and embed_dim = their count ({len(self.fsq_levels)}); "
+                    f"got codebook_size {self.codebook_size}, embed_dim {self.embed_dim}"
+                )
+            if min(self.fsq_levels) < 2:
+                raise VQGANConfigError(f"VQGANConfig: every fsq level must be >= 2, got {self.fsq_levels}")
         if self.resize not in ("stretch", "center_crop"):
             raise VQGANConfigError(f"VQGANConfig: resize must be 'stretch' or 'center_crop', got {self.resize!r}")
 
     @property
     def downsample_factor(self) -> int:
-        """Pixels per token side (16 for five levels)."""
-        return 2 ** (len(self.channel_mult) - 1)
+        """Pixels per token side (16 for five levels, or a 4x4 stem and three)."""
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
     @property
     def grid_size(self) -> int:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from tokenizer.config import VQGANConfig
 from tokenizer.preprocess import ImageLike, from_value_range, preprocess_image
-from tokenizer.quantizer import QuantizerOutput, VectorQuantizer
+from tokenizer.quantizer import FiniteScalarQuantizer, QuantizerOutput, VectorQuantizer
 
 FORMAT_NAME = "lvm-vqgan"  # marks config.json files written by `VQTokenizer.save`
 WEIGHTS_NAME = "model.safetensors"
@@ -64,9 +64,10 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig) -> None:
         super().__init__()
         ch, mults = cfg.hidden_channels, cfg.channel_mult
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.patch_size = cfg.patch_size
+        self.conv_in = nn.Conv2d(cfg.in_channels * cfg.patch_size**2, ch, 3, padding=1)
         in_mults = (1, *mults)
-        res = cfg.resolution
+        res = cfg.resolution // cfg.patch_size
         self.down = nn.ModuleList()
         for i, mult in enumerate(mults):
             level = nn.Module()
@@ -86,7 +87,7 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch_size) if self.patch_size > 1 else x)
         for level in self.down:
             h = _run_level(level, h)
             if hasattr(level, "downsample"):
@@ -120,7 +121,8 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
+        self.patch_size = cfg.patch_size
+        self.conv_out = nn.Conv2d(block_in, cfg.in_channels * cfg.patch_size**2, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
@@ -128,7 +130,8 @@ class Decoder(nn.Module):
             h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(h, self.patch_size) if self.patch_size > 1 else h
 
 
 class VQOutput(NamedTuple):
@@ -151,8 +154,10 @@ class VQTokenizer(nn.Module):
         self.decoder = Decoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
-        self.quantize = VectorQuantizer(
-            config.codebook_size, config.embed_dim, config.commitment_cost, config.l2_normalized_codes
+        self.quantize: VectorQuantizer | FiniteScalarQuantizer = (
+            FiniteScalarQuantizer(config.fsq_levels)
+            if config.fsq_levels
+            else VectorQuantizer(config.codebook_size, config.embed_dim, config.commitment_cost, config.l2_normalized_codes)
         )
 
     # -- facts callers need -------------------------------------------------

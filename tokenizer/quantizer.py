@@ -1,5 +1,7 @@
 """Nearest-code vector quantizer: the discrete bottleneck that turns latents into tokens.
 
+`FiniteScalarQuantizer` (at the end) is the codebook-free alternative with the same interface.
+
 Two lookups share one module: the plain Euclidean nearest code that the released
 taming / open-muse / LVM checkpoints were trained with, and LlamaGen's variant
 that l2-normalises latents and codes (cosine lookup), which keeps codebook usage
@@ -11,6 +13,7 @@ the first minimum).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -106,3 +109,55 @@ def codebook_stats(counts: Tensor) -> tuple[float, float]:
     probs = counts / counts.sum().clamp_min(1)
     entropy = -(probs * torch.log(probs.clamp_min(1e-10))).sum()
     return (counts > 0).float().mean().item(), entropy.exp().item()
+
+
+class FiniteScalarQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023, "FSQ: VQ-VAE made simple"): no codebook.
+
+    Channel i of the latent is squashed into (-(L_i-1)/2, (L_i-1)/2) by a shifted tanh and rounded
+    (straight-through), giving one of L_i levels; the token is the mixed-radix number of the levels
+    (channel 0 least significant). There is no codebook to learn or collapse and no VQ loss. Written
+    here rather than taken from vector-quantize-pytorch: it is twenty lines and must match our
+    `codes`/`lookup`/`forward` interface and float32 rule.
+    """
+
+    def __init__(self, levels: list[int]) -> None:
+        super().__init__()
+        self.levels = list(levels)
+        self.codebook_size = math.prod(levels)
+        self.embed_dim = len(levels)
+        self._radix = [math.prod(levels[:i]) for i in range(len(levels))]
+
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        # Made per call, not buffers: loaders build modules on the meta device, where buffers stay empty.
+        return torch.tensor(self.levels, dtype=torch.float32, device=device), torch.tensor(self._radix, device=device)
+
+    def _rounded(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """[B, C, h, w] -> (levels with straight-through gradients, [B*h*w, C] float32 in -L/2..L/2; integer ids)."""
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+        levels, radix = self._constants(z.device)
+        half_range = (levels - 1) * (1 + 1e-3) / 2  # a hair wider so the extreme levels are reachable
+        offset = (levels % 2 == 0).float() * 0.5  # even L: levels sit at half-integers, shifted onto integers
+        bounded = torch.tanh(flat + torch.atanh(offset / half_range)) * half_range - offset
+        rounded = bounded.round()
+        ids = ((rounded + levels // 2).long() * radix).sum(1)
+        return bounded + (rounded - bounded).detach(), ids
+
+    def _to_grid(self, flat: Tensor, b: int, h: int, w: int) -> Tensor:
+        """[B*h*w, C] levels -> [B, C, h, w] in [-1, 1] (divided by L // 2, as in the paper)."""
+        return (flat / (self._constants(flat.device)[0] // 2)).view(b, h, w, self.embed_dim).permute(0, 3, 1, 2).contiguous()
+
+    def codes(self, z: Tensor) -> Tensor:
+        with torch.autocast(z.device.type, enabled=False):
+            return self._rounded(z)[1].view(z.shape[0], -1)
+
+    def lookup(self, indices: Tensor, grid: tuple[int, int]) -> Tensor:
+        levels, radix = self._constants(indices.device)
+        digits = (indices.reshape(-1, 1) // radix) % levels.long() - levels.long() // 2
+        return self._to_grid(digits.float(), indices.shape[0], grid[0], grid[1])
+
+    def forward(self, z: Tensor) -> QuantizerOutput:
+        with torch.autocast(z.device.type, enabled=False):
+            flat, ids = self._rounded(z)
+        b, _, h, w = z.shape
+        return QuantizerOutput(self._to_grid(flat, b, h, w), ids.view(b, -1), flat.new_zeros(()), flat.detach())

@@ -31,7 +31,7 @@ from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from tokenizer.config import VQGANConfig
+from tokenizer.config import VQGANConfig, VQGANConfigError
 from tokenizer.loading import LIGHTNING_KEY
 from tokenizer.lpips import LPIPS, load_lpips
 from tokenizer.model import VQTokenizer
@@ -93,6 +93,8 @@ class VQGANTraining(LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.config = tokenizer or VQGANConfig()
+        if restart_dead_codes and self.config.fsq_levels:
+            raise VQGANConfigError("VQGANTraining: restart_dead_codes needs a codebook; an fsq_levels tokenizer has none")
         self.learning_rate, self.betas, self.weight_decay, self.grad_clip = learning_rate, tuple(betas), weight_decay, grad_clip
         self.reconstruction = reconstruction
         self.disc_start, self.disc_weight = disc_start, disc_weight
