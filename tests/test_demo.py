@@ -1,10 +1,13 @@
-"""The miniature's own code: the extra training views of a clip, and the report's verdicts."""
+"""The miniature's own code: the extra training views of a clip, pans over photos, and the report's verdicts."""
+
+import random
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from lvm.demo import report
-from lvm.demo.data import views
+from lvm.demo.data import pans, views
 
 
 def test_views_mirror_and_crop_the_same_footage():
@@ -16,6 +19,19 @@ def test_views_mirror_and_crop_the_same_footage():
         assert np.array_equal(out["top-left"][i], frame[:108, :108])
         assert np.array_equal(out["bottom-right-mirror"][i], frame[36:, 148:][:, ::-1])
         assert all(len(v) == 3 for v in out.values())
+
+
+def test_pans_glide_a_window_across_the_photo():
+    # A horizontal gradient: a window moving by d photo pixels shifts every column's value by d.
+    photo = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8)[None, :, None], (200, 1, 3)))
+    clips = pans(photo, count=5, rng=random.Random(0), frames=24, size=32)
+    assert len(clips) == 5
+    for clip in clips:
+        assert len(clip) == 24 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in clip)
+        centre = np.array([float(f[:, 8:24].mean()) for f in clip])  # away from the resampling edges
+        steps = np.diff(centre)
+        assert np.all(np.abs(steps) < 20) and abs(centre[-1] - centre[0]) > 0  # moves, slowly, in one line
+        assert np.all(np.sign(steps[np.abs(steps) > 0.5]) == np.sign(centre[-1] - centre[0]))
 
 
 def test_report_states_verdicts_as_they_come_out():

@@ -35,6 +35,7 @@ def sentence_specs() -> dict[str, dict]:
         "sources": [
             {"name": "video", "kind": "video", "shards": str(tokens / "video_train"), "strides": [1, 2, 3], "epochs": 20},
             {"name": "video-views", "kind": "video", "shards": str(tokens / "video_views"), "strides": [1, 2, 3], "epochs": 20},
+            {"name": "photo-pans", "kind": "video", "shards": str(tokens / "video_pans"), "strides": [1], "epochs": 6},
             {"name": "photo-color", "kind": "colorization", "shards": str(tokens / "photos_train"), "epochs": 6},
             {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "epochs": 6},
             {"name": "frame-color", "kind": "colorization", "shards": str(tokens / "video_train"), "epochs": 3},
@@ -62,6 +63,7 @@ def commands() -> list[tuple[str, list[str]]]:
         ("tokenizer-eval", py + ["-m", "tokenizer.evaluate", "--tokenizer", str(TOKENIZER), "--images", str(data / "prompts" / "video"), "--json", str(rep / "tokenizer.json")]),
         ("tokenize-video-train", tokenize + ["--shards", str(data / "video" / "train"), "--out", str(tokens / "video_train"), "--derive", "gray,masked"]),
         ("tokenize-video-views", tokenize + ["--shards", str(data / "video" / "train_views"), "--out", str(tokens / "video_views")]),
+        ("tokenize-photo-pans", tokenize + ["--shards", str(data / "video" / "train_pans"), "--out", str(tokens / "video_pans")]),
         ("tokenize-video-heldout", tokenize + ["--shards", str(data / "video" / "heldout"), "--out", str(tokens / "video_heldout")]),
         ("tokenize-photos", tokenize + ["--shards", str(data / "images" / "train" / "photos"), "--out", str(tokens / "photos_train"), "--derive", "gray,masked"]),
         ("sentences-train", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "train.yaml"), "--out", str(OUT / "sentences" / "train")]),

@@ -6,7 +6,9 @@ split off here, before any model sees data: two whole photos, and the last quart
 of every video. Three clips are too few for the LVM to learn anything but their frames
 by heart, so the training part of each clip also yields three more views of the same
 footage (mirrored, and two mirrored/unmirrored corner crops): distinct token sequences
-that reward predicting a frame from the previous ones over memorising it.
+that reward predicting a frame from the previous ones over memorising it. Slow camera pans across
+the training photos add many more distinct clips of real images (`pans`), so that reading the previous
+frame pays better than remembering clips.
 
     python -m lvm.demo.data --out demo_out/data
 """
@@ -79,6 +81,27 @@ def views(frames: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
     }
 
 
+def pans(photo: Image.Image, count: int, rng: random.Random, frames: int = 24, size: int = 128) -> list[list[np.ndarray]]:
+    """`count` clips of a square window (40-80% of the short side) gliding in a straight line across a still
+    photo at 0.5-3 pixels per frame of the `size`-pixel output: camera motion, with real image content."""
+    w, h = photo.size
+    clips = []
+    for _ in range(count):
+        side = min(w, h) * rng.uniform(0.4, 0.8)
+        speed = rng.uniform(0.5, 3.0) * side / size  # photo pixels per frame
+        angle = rng.uniform(0, 2 * np.pi)
+        travel_x, travel_y = (frames - 1) * speed * np.cos(angle), (frames - 1) * speed * np.sin(angle)
+        fit = min(1.0, (w - side) / max(abs(travel_x), 1e-9), (h - side) / max(abs(travel_y), 1e-9))
+        dx, dy = fit * travel_x / (frames - 1), fit * travel_y / (frames - 1)  # slowed down if the photo is too small
+        x0 = rng.uniform(max(0.0, -fit * travel_x), min(w - side, w - side - fit * travel_x))
+        y0 = rng.uniform(max(0.0, -fit * travel_y), min(h - side, h - side - fit * travel_y))
+        clips.append([
+            np.asarray(photo.resize((size, size), Image.BICUBIC, box=(max(0.0, x), max(0.0, y), min(w, x + side), min(h, y + side))))
+            for x, y in ((x0 + i * dx, y0 + i * dy) for i in range(frames))  # clamped: float error at the edges
+        ])
+    return clips
+
+
 def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
     """Encode frames as a near-lossless H.264 clip."""
     with av.open(str(path), "w") as container:
@@ -132,7 +155,7 @@ def write_prompts(out: Path, video_frames: dict[str, list[np.ndarray]], rng: ran
             truth.save(folder / "truth.png")
 
 
-def prepare(out: Path, crops_per_photo: int = 32, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
+def prepare(out: Path, crops_per_photo: int = 32, pans_per_photo: int = 8, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
     """Write photos, crops, clips and tokenizer-training frames under `out`; return counts."""
     rng = random.Random(seed)
     dirs = {
@@ -141,6 +164,7 @@ def prepare(out: Path, crops_per_photo: int = 32, frame_stride: int = 2, seed: i
         "photos_heldout": out / "images" / "heldout" / "photos",
         "video_train": out / "video" / "train",
         "video_views": out / "video" / "train_views",  # extra views of the training footage (LVM only)
+        "video_pans": out / "video" / "train_pans",  # camera pans across the training photos (LVM only)
         "video_heldout": out / "video" / "heldout",
     }
     for d in dirs.values():
@@ -149,6 +173,8 @@ def prepare(out: Path, crops_per_photo: int = 32, frame_stride: int = 2, seed: i
         photo = Image.open(PHOTO_DIR / name).convert("RGB")
         for i, crop in enumerate(random_crops(photo, crops_per_photo, rng)):
             crop.save(dirs["photos_train"] / f"{Path(name).stem}_{i:03d}.png")
+        for i, clip in enumerate(pans(photo, pans_per_photo, rng)):
+            write_clip(clip, 25.0, dirs["video_pans"] / f"{Path(name).stem}-pan{i}.mp4")
     for name in HELDOUT_PHOTOS:
         Image.open(PHOTO_DIR / name).convert("RGB").save(dirs["photos_heldout"] / f"{Path(name).stem}.png")
     heldout_frames = {}
