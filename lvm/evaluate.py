@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from tqdm import tqdm
 import tokenizer
 from lvm import metrics
 from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.errors import exit_on
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
 from lvm.model import LVM
 from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
@@ -290,13 +290,10 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+@exit_on(EvaluationError, CheckpointError, tokenizer.TokenizerLoadError)
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        report = run(args)
-    except (EvaluationError, CheckpointError, tokenizer.TokenizerLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = run(args)
     print(markdown(report))
     all_ = report["perplexity"]["all"]
     print(f"evaluated {all_['count']} sentences: perplexity {all_['mean_perplexity']:.2f} "

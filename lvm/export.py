@@ -8,16 +8,17 @@ suppresses the special ids, as our sampler does).
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
 from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.errors import exit_on
 from lvm.hf import save_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+@exit_on(CheckpointError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lvm.export", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="our Lightning .ckpt (or an HF Llama directory to re-export)")
@@ -26,11 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens-per-image", type=int, default=256, help="max_new_tokens in generation_config.json")
     parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB")
     args = parser.parse_args(argv)
-    try:
-        model = load_lvm(args.ckpt, dtype=DTYPES.get(args.dtype))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    model = load_lvm(args.ckpt, dtype=DTYPES.get(args.dtype))
     out = save_hf(model, args.to_hf, tokens_per_image=args.tokens_per_image, max_shard_size=args.max_shard_size)
     print(f"wrote {out} ({model.cfg.num_params() / 1e6:.1f}M parameters, {model.head.weight.dtype})")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 import tokenizer
 from lvm import metrics
 from lvm.checkpoint import CheckpointError, load_lvm
+from lvm.errors import exit_on
 from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
 from lvm.vocab import NUM_RESERVED
@@ -230,12 +230,9 @@ def write_outputs(
     grid(rows, size).save(out.with_name(f"{out.stem}_grid.png"))
 
 
+@exit_on(PromptError, CheckpointError, tokenizer.TokenizerLoadError)
 def main(argv: list[str] | None = None) -> None:
-    try:
-        run(parse_args(argv))
-    except (PromptError, CheckpointError, tokenizer.TokenizerLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":

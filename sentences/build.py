@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lvm.errors import exit_on
 from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
 from sentences.kinds import KINDS, Builder, Sentence
@@ -271,17 +272,14 @@ def _report(summary: Summary, out: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
+@exit_on(SentenceError)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sentences.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="mixing spec (YAML), see docs/sentences.md")
     parser.add_argument("--out", required=True, help="output folder for sentence shards and index.json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        summary = build(load_spec(args.spec), args.out)
-    except SentenceError as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+    summary = build(load_spec(args.spec), args.out)
     print(_report(summary, args.out, time.perf_counter() - start))
     return 0
 

@@ -444,7 +444,9 @@ BAD_SPECS = [
 def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, capsys, spec: dict, message: str) -> None:
     path = tmp_path / "mix.yaml"
     path.write_text(yaml.safe_dump(spec).replace("{tok}", str(tokens)))
-    assert main(["--spec", str(path), "--out", str(tmp_path / "out")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--spec", str(path), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {path}: {message.replace('{tok}', str(tokens))}")
     assert not list((tmp_path / "out").glob("sentences-*.tar")) if (tmp_path / "out").exists() else True

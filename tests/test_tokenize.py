@@ -103,8 +103,12 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(tokenizer_dir: Path, out: Path, *shards: str | Path, extra: tuple[str, ...] = ()) -> int:
+    """The command's exit status."""
     args = ["--shards", *map(str, shards), "--out", str(out), "--tokenizer", str(tokenizer_dir)]
-    return main([*args, "--workers", "0", "--batch-size", "2", *extra])
+    try:
+        return main([*args, "--workers", "0", "--batch-size", "2", *extra])
+    except SystemExit as exit_:
+        return int(exit_.code)
 
 
 def _samples(tar_path: Path) -> dict[str, dict[str, bytes]]:

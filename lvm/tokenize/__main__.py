@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from lvm.errors import exit_on
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
@@ -62,14 +63,11 @@ def parse_args(argv: list[str] | None = None) -> Job:
     )
 
 
+@exit_on(TokenizeError)
 def main(argv: list[str] | None = None) -> int:
-    """Run the job; print the summary line, or one `error:` line and return 2."""
+    """Run the job; print the summary line (or one `error:` line and exit 2)."""
     job = parse_args(argv)
-    try:
-        summary = run(job)
-    except TokenizeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    summary = run(job)
     rank, world, _ = ranks_from_env()
     print(f"[rank {rank}/{world}] " * (world > 1) + summary.line(), flush=True)  # each rank sums up its own share
     return 0
