@@ -155,7 +155,7 @@ def write_prompts(out: Path, video_frames: dict[str, list[np.ndarray]], rng: ran
             truth.save(folder / "truth.png")
 
 
-def prepare(out: Path, crops_per_photo: int = 32, pans_per_photo: int = 16, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
+def prepare(out: Path, crops_per_photo: int = 32, pans_per_photo: int = 8, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
     """Write photos, crops, clips and tokenizer-training frames under `out`; return counts."""
     rng = random.Random(seed)
     dirs = {
