@@ -1,5 +1,8 @@
 """The LVM model: sizes, shapes, causality, KV cache and document masking."""
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +21,32 @@ def test_named_sizes_have_paper_parameter_counts(name, expected):
     with torch.device("meta"):  # counts the real modules without allocating them
         model = LVM(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _millions(text: str) -> tuple[float, int]:
+    """'2.9M' / '1,147M' / '3275M' -> (value in millions, decimals shown)."""
+    number = re.match(r"([\d,]+(?:\.(\d+))?)M", text.strip())
+    assert number, text
+    return float(number[1].replace(",", "")), len(number[2] or "")
+
+
+def test_docs_size_tables_match_the_model():
+    """README's size table and docs/training.md's config table, row by row, against LVMConfig."""
+    readme = re.findall(r"^\| (\w+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \| ([\d.,]+M)", (ROOT / "README.md").read_text(), re.M)
+    assert {row[0] for row in readme} == {"tiny", "300m", "600m", "1b", "3b", "7b"}
+    configs = re.findall(r"^\| `lvm_(\w+)\.yaml` \| (\d+)/(\d+)/(\d+)/(\d+)[^|]*\| ([\d.,]+M)",
+                         (ROOT / "docs" / "training.md").read_text(), re.M)
+    assert {row[0] for row in configs} == {"tiny", "300m", "600m", "1b", "3b"}
+    for name, dim, mlp_dim, n_layers, n_heads, params in readme + configs:
+        cfg = LVMConfig.from_name(name)
+        assert (cfg.dim, cfg.mlp_dim, cfg.n_layers, cfg.n_heads) == tuple(map(int, (dim, mlp_dim, n_layers, n_heads))), name
+        value, decimals = _millions(params)
+        assert value == round(cfg.num_params() / 1e6, decimals), (name, params, cfg.num_params())
+    yaml_comment = (ROOT / "configs" / "lvm_tiny.yaml").read_text().splitlines()[0]
+    assert f"~{round(LVMConfig.from_name('tiny').num_params() / 1e6, 1)}M parameters" in yaml_comment
 
 
 def test_flops_per_token_match_reference():
