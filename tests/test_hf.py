@@ -125,6 +125,8 @@ BASE = config_to_hf(LVMConfig(**TINY), torch.float32)
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling"),
         ({"attention_bias": True}, "biases"),
+        ({"mlp_bias": True}, "biases"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"model_type": "mistral"}, "model_type 'mistral'"),
     ],
 )
