@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import sys
 import tarfile
+import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from tokenizer.data import ImageDataModule
 from tokenizer.evaluate import main as evaluate_main
@@ -44,13 +50,38 @@ def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -
         assert train_batch.shape == (3, 3, 32, 32)
 
 
-def test_lpips_from_local_files(fake_lpips_weights: tuple[Path, Path]) -> None:
+def _taming_lpips(vgg16: Path, linear: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:
+    """taming-transformers' LPIPS with the same weights, its downloads bypassed (and `requests` not needed)."""
+    from torchvision.models.vgg import cfgs, make_layers
+
+    fake_util = types.ModuleType("taming.util")
+    fake_util.get_ckpt_path = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, "taming.util", fake_util)
+    from taming.modules.losses import lpips as taming_lpips
+
+    features_only = lambda pretrained: types.SimpleNamespace(features=make_layers(cfgs["D"]))  # noqa: E731
+    monkeypatch.setattr(taming_lpips.models, "vgg16", features_only)
+    monkeypatch.setattr(taming_lpips.LPIPS, "load_from_pretrained", lambda self: None)
+    model = taming_lpips.LPIPS().eval()
+    slice_of = {i: s for s, (a, b) in enumerate([(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)], 1) for i in range(a, b)}
+    state = {f"net.slice{slice_of[int(k.split('.')[1])]}.{k.split('.', 1)[1]}": v
+             for k, v in torch.load(vgg16, weights_only=True).items() if int(k.split(".")[1]) < 30}
+    state.update(torch.load(linear, weights_only=True))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("scaling_layer.") for k in missing), (missing, unexpected)
+    return model
+
+
+def test_lpips_from_local_files_equals_taming(fake_lpips_weights: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     lpips = load_lpips(*fake_lpips_weights)
+    torch.manual_seed(0)
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(lpips(x, x), torch.zeros(2), atol=1e-6)
     distance = lpips(x, y)
     assert distance.shape == (2,) and bool((distance > 0).all())
-    assert torch.allclose(distance, lpips(y, x), rtol=1e-5)
+    with torch.no_grad():
+        reference = _taming_lpips(*fake_lpips_weights, monkeypatch)(x, y).flatten()
+    torch.testing.assert_close(distance, reference, rtol=1e-5, atol=1e-7)
 
 
 def test_lpips_absent_warns_and_returns_none(tmp_path: Path) -> None:
@@ -58,17 +89,55 @@ def test_lpips_absent_warns_and_returns_none(tmp_path: Path) -> None:
         assert load_lpips(tmp_path / "none.pth", tmp_path / "none2.pth") is None
 
 
-def test_evaluate_cli(tiny_tokenizer_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    write_images(tmp_path / "images", 5, size=40, seed=3)
+def _ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004; data range 1, Gaussian window sigma 1.5 truncated at 11 px) of two [3, H, W]
+    images, averaged over the whole image with mirrored borders, the convention the command reports
+    (torchmetrics'; scikit-image instead leaves the 5-pixel border out)."""
+    blur = lambda a: gaussian_filter(a, sigma=(0, 1.5, 1.5), truncate=3.5, mode="mirror")  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    return float(np.mean((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+
+
+def _reference_quality(tok, files: list[Path], batch_size: int) -> tuple[list[float], list[float], np.ndarray]:
+    """Per-image PSNR and SSIM computed by hand (numpy, scipy), and all tokens.
+
+    Encoded in the batches the command uses, so that near-tie codes cannot differ.
+    """
+    low, high = tok.config.value_range
+    psnr, ssim, tokens = [], [], []
+    for start in range(0, len(files), batch_size):
+        pixels = torch.stack([tok.preprocess(Image.open(f)) for f in files[start : start + batch_size]])
+        codes = tok.encode_pixels(pixels)
+        tokens.append(codes.numpy())
+        for x, y in zip(((pixels - low) / (high - low)).clamp(0, 1).double().numpy(), tok.decode_pixels(codes).double().numpy()):
+            psnr.append(10 * math.log10(1.0 / float(np.mean((x - y) ** 2))))
+            ssim.append(_ssim(x, y))
+    return psnr, ssim, np.concatenate(tokens)
+
+
+def test_evaluate_cli(tiny_tokenizer_dir: Path, tiny_tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    files = write_images(tmp_path / "images", 5, size=40, seed=3)
     (tmp_path / "images" / "zz_corrupt.png").write_bytes(b"oops")
     out = tmp_path / "result.json"
-    code = evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / "images"), "--num-workers", "0", "--json", str(out)])
+    code = evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / "images"), "--num-workers", "0",
+                          "--batch-size", "2", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["images"] == 5 and result["skipped"] == [str(tmp_path / "images" / "zz_corrupt.png")]
-    assert 0 < result["psnr"] < 60 and -1 <= result["ssim"] <= 1 and 0 < result["codebook_usage"] <= 80 / 8192
+    # The mean over images (batches of 2, 2, 1: not the mean of batch means), against independent formulas.
+    psnr, ssim, tokens = _reference_quality(tiny_tokenizer, files, batch_size=2)
+    assert result["psnr"] == pytest.approx(sum(psnr) / 5, abs=1e-3)
+    assert result["ssim"] == pytest.approx(sum(ssim) / 5, abs=1e-4)
+    _, counts = np.unique(tokens, return_counts=True)  # the hand-made histogram of all 5 x 16 tokens
+    probs = counts / counts.sum()
+    assert result["codebook_usage"] == pytest.approx(len(counts) / 8192, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(-(probs * np.log(probs)).sum()), rel=1e-5)
     summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert summary.startswith("5 images: PSNR ") and summary.endswith("1 skipped")
+    assert summary == (f"5 images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, codebook usage "
+                       f"{100 * result['codebook_usage']:.2f}% (perplexity {result['perplexity']:.1f}), "
+                       f"rFID skipped ({result['rfid_skipped']}), 1 skipped")
 
 
 def test_evaluate_cli_bad_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
