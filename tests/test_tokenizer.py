@@ -62,10 +62,23 @@ def test_image_modes_convert_cleanly(tiny_tokenizer: tokenizer.VQTokenizer) -> N
         "HxW uint8 array": gray,
         "uint8 tensor 1ch": torch.from_numpy(gray)[None],
     }
+    lossy = {"P": 1 / 255, "16-bit PNG": 1e-6, "uint16 array": 1e-6}  # an adaptive palette; x * 257 / 65535 in float32
     for name, image in variants.items():
         x = tiny_tokenizer.preprocess(image)
         assert x.shape == (3, 64, 64), name
-        assert torch.allclose(x, reference, atol=0.02), name
+        torch.testing.assert_close(x, reference, rtol=0, atol=lossy.get(name, 0), msg=name)
+
+
+def test_sixteen_bit_images_keep_their_low_bytes(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    deep = np.random.default_rng(0).integers(0, 65536, (64, 64), dtype=np.uint16)  # the model's size: no resize
+    expected = torch.from_numpy(deep.astype(np.float32) / 65535).expand(3, -1, -1)
+    truncated = torch.from_numpy((deep >> 8).astype(np.float32) / 255).expand(3, -1, -1)
+    assert (expected - truncated).abs().max() > 1 / 300  # what an 8-bit regression would lose
+    png16 = io.BytesIO()
+    Image.fromarray(deep).save(png16, format="PNG")
+    variants = {"16-bit PNG": Image.open(png16), "uint16 array": deep, "uint16 HxWx3 array": np.dstack([deep] * 3)}
+    for name, image in variants.items():
+        assert torch.equal(tiny_tokenizer.preprocess(image), expected), name
 
 
 def test_transparent_pixels_become_white(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
