@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -83,23 +84,39 @@ def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokeni
     # rows: 2 candidates; sections: 5 context | 3 predictions | 3 ground truth
     assert Image.open(tmp_path / "roll_grid.png").size == (11 * (S + 2) + 2 * 12, 2 * (S + 2))
     assert "6 frame(s) (1 prompt(s) x 2 candidate(s) x 3)" in printed.out
-    assert "vs ground truth: MSE 0." in printed.out and "(mean over 6)" in printed.out
+    # per predicted frame against its true frame resized (bicubic) to 64x64, on [0, 1] intensities
+    true = [np.asarray(Image.open(t).convert("RGB").resize((S, S), Image.BICUBIC), np.float64) / 255 for t in truth]
+    mse = np.array([((np.asarray(Image.open(tmp_path / f"roll_c{c}_f{f}.png"), np.float64) / 255 - true[f]) ** 2).mean()
+                    for c in range(2) for f in range(3)])
+    assert f"vs ground truth: MSE {mse.mean():.4f}, PSNR {(-10 * np.log10(mse)).mean():.2f} dB (mean over 6)" in printed.out
     # the context slid past the 6 frames that fit (5 given + 3 generated) without error; candidates differ
     assert Image.open(tmp_path / "roll_c0_f0.png").tobytes() != Image.open(tmp_path / "roll_c1_f0.png").tobytes()
 
 
-def test_batched_prompts_from_directories_and_pairs(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
-    ckpt, _ = lvm_ckpt
-    write_frames(tmp_path / "a", ["1.png", "2.png"])
-    write_frames(tmp_path / "b", ["1.png", "2.png"], seed=2)
+def _greedy_next_frames(model, tok, prompts: list[list[Path]]) -> torch.Tensor:
+    """uint8 [P, 3, S, S]: the greedy next frame of each prompt (frames in the order given), batched as the
+    command batches them (float sums, hence near-tie codes, depend on the batch)."""
+    tokens = tok.encode([Image.open(f).convert("RGB") for frames in prompts for f in frames])
+    tokens = tokens.view(len(prompts), len(prompts[0]), -1)
+    return tok.decode(rollout(model, tokens, 1, GREEDY).view(len(prompts), -1))
+
+
+def test_batched_prompts_from_directories_and_pairs(tmp_path, lvm_ckpt, tiny_tokenizer_dir, tiny_tokenizer, capsys):
+    ckpt, model = lvm_ckpt
+    a = write_frames(tmp_path / "a", ["1.png", "2.png"])
+    b = write_frames(tmp_path / "b", ["1.png", "2.png"], seed=2)
     out = tmp_path / "batch" / "p.png"
     prompt(["--frames", tmp_path / "a", tmp_path / "b", "--model", ckpt, "--tokenizer", tiny_tokenizer_dir,
             "--out", out, "--greedy"], capsys)
     assert sorted(p.name for p in out.parent.iterdir()) == ["p_grid.png", "p_p0.png", "p_p1.png"]
-    pairs = write_frames(tmp_path / "pairs", ["a.png", "a_ann.png", "b.png", "b_ann.png", "c.png"])
+    expected = _greedy_next_frames(model, tiny_tokenizer, [a, b])
+    for p, name in enumerate(("p_p0.png", "p_p1.png")):  # each prompt's own continuation
+        assert torch.equal(pil_to_tensor(Image.open(out.parent / name)), expected[p]), name
+    # Pairs keep the order given (example, its annotation, ..., query), never sorted by name.
+    pairs = write_frames(tmp_path / "pairs", ["z.png", "z_ann.png", "b.png", "b_ann.png", "m.png"])
     printed = prompt(["--pairs", *pairs, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir,
-                      "--out", tmp_path / "c_ann.png"], capsys)
-    assert Image.open(tmp_path / "c_ann.png").size == (S, S)
+                      "--out", tmp_path / "m_ann.png", "--greedy"], capsys)
+    assert torch.equal(pil_to_tensor(Image.open(tmp_path / "m_ann.png")), _greedy_next_frames(model, tiny_tokenizer, [pairs])[0])
     assert "1 frame(s)" in printed.out
 
 
