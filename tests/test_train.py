@@ -7,6 +7,7 @@ Models are tiny and single-threaded: on a shared 2-core machine, extra threads o
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ from lvm.data import LVMDataModule
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, Linear, LVMConfig
 from lvm.train import LVMModule, warmup_cosine
+from lvm.vocab import BOS_ID, CODEBOOK_SIZE
 from test_data import write_sentence_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,22 +237,43 @@ def test_atomic_checkpoint_io_leaves_the_previous_checkpoint_on_failure(tmp_path
     assert torch.load(path) == {"step": 1}
 
 
-def test_sample_images_decodes_a_continuation(tiny_tokenizer_dir, shards):
-    callback = SampleImages(tokenizer=str(tiny_tokenizer_dir), every_n_steps=1, context_images=1)
-    import tokenizer
+def _first_sentence(row: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens from a BOS of `row` that fit in it."""
+    start = next(int(p) for p in (row == BOS_ID).nonzero().flatten() if p + length <= len(row))
+    return row[start : start + length]
 
-    callback._tokenizer = tokenizer.load(tiny_tokenizer_dir)
+
+def _greedy(model: LVM, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """n greedy codes after prompt [T], by full recomputation (no KV cache), special ids never chosen."""
+    tokens = prompt[None]
+    with torch.no_grad():
+        for _ in range(n):
+            tokens = torch.cat([tokens, model(tokens)[:, -1, :CODEBOOK_SIZE].argmax(-1, keepdim=True)], 1)
+    return tokens[0, -n:]
+
+
+def test_sample_images_decodes_a_continuation(tiny_tokenizer, shards):
+    callback = SampleImages(tokenizer="unused", every_n_steps=1, context_images=1, temperature=0.0, top_k=None)
+    callback._tokenizer = tiny_tokenizer
     batch = next(iter(LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0).train_dataloader()))
-    images = callback.sample(LVM(LVMConfig(**MINI)), batch["input_ids"][0], torch.autocast("cpu", enabled=False))
-    assert images.shape == (3, 3, 64, 64) and images.dtype == torch.uint8  # context | sampled | true
+    torch.manual_seed(0)
+    model = LVM(LVMConfig(**MINI))
+    images = callback.sample(model, batch["input_ids"][0], torch.autocast("cpu", enabled=False))
+    sentence = _first_sentence(batch["input_ids"][0], 1 + 2 * 16)  # BOS, context image, true next image
+    expected = torch.stack([sentence[1:17], _greedy(model.eval(), sentence[:17], 16), sentence[17:]])
+    assert torch.equal(images, tiny_tokenizer.decode(expected))  # context | sampled | true
 
 
-def test_sample_images_writes_a_png_during_training(tiny_tokenizer_dir, shards, tmp_path):
+def test_sample_images_writes_a_png_during_training(tiny_tokenizer_dir, tiny_tokenizer, shards, tmp_path):
     dm = LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0)
     callback = SampleImages(tokenizer=str(tiny_tokenizer_dir), every_n_steps=3)
     quick_trainer(max_steps=3, default_root_dir=tmp_path, callbacks=[callback]).fit(LVMModule(overrides=MINI, warmup_steps=1), dm)
     image = torchvision.io.read_image(str(tmp_path / "samples/step_00000003.png"))
     assert image.shape == (3, 64 + 4, 3 * 64 + 8)  # context | sampled | true, 2-pixel grid padding
+    third_batch = list(itertools.islice(LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0).train_dataloader(), 3))[-1]
+    sentence = _first_sentence(third_batch["input_ids"][0], 1 + 2 * 16)  # the batch of step 3
+    context, true = tiny_tokenizer.decode(torch.stack([sentence[1:17], sentence[17:]]))
+    assert torch.equal(image[:, 2:66, 2:66], context) and torch.equal(image[:, 2:66, 134:198], true)
 
 
 @pytest.mark.parametrize("size", ["tiny", "300m", "600m", "1b", "3b"])
