@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_vqgan_config
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 import tokenizer
 from lvm.cli import main as lightning_cli
@@ -60,6 +63,14 @@ def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path) -> 
     assert tokens.shape == (4, 16) and trained.decode(tokens).shape == (4, 3, 64, 64)
 
 
+class _FirstBatch(Callback):
+    """Keeps a copy of the first training batch."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.batch = batch.detach().clone()
+
+
 def test_all_loss_terms_and_ema_train(
     tmp_path: Path, fake_lpips_weights: tuple[Path, Path]
 ) -> None:
@@ -71,12 +82,28 @@ def test_all_loss_terms_and_ema_train(
     )
     data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
     disc_before = [p.detach().clone() for p in module.discriminator.parameters()]
-    trainer = Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False)
+    initial = copy.deepcopy(module)
+    logged, log_dict = [], module.log_dict
+    module.log_dict = lambda values, **kwargs: (logged.append({k: float(v) for k, v in values.items()}), log_dict(values, **kwargs))
+    first_batch = _FirstBatch()
+    trainer = Trainer(fast_dev_run=2, accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[first_batch])
     trainer.fit(module, data)
     metrics = trainer.callback_metrics
     for name in ("train/lpips", "train/g_loss", "train/d_loss", "train/d_weight", "train/rec_loss"):
         assert torch.isfinite(metrics[name]), name
-    assert float(metrics["train/lpips"]) > 0 and float(metrics["train/d_weight"]) > 0
+    assert float(metrics["train/lpips"]) > 0
+    # Step 0's adaptive weight by hand: gradient norms at the decoder's last layer by separate backward passes.
+    x = first_batch.batch  # [0, 1] is the tiny model's range
+    xrec, _ = initial.tokenizer(x)
+    last = initial.tokenizer.decoder.conv_out.weight
+    lpips = initial._lpips[0](x * 2 - 1, xrec * 2 - 1).mean()
+    (F.l1_loss(xrec, x) + 1.0 * lpips).backward(retain_graph=True)
+    nll_norm, last.grad = last.grad.norm(), None
+    (-initial.discriminator(xrec).mean()).backward()
+    expected = min(float(nll_norm / (last.grad.norm() + 1e-4)), 1e4) * 0.5  # taming's clamp, disc_weight 0.5
+    assert logged[0]["train/d_weight"] == pytest.approx(expected, rel=1e-4)
+    assert logged[0]["train/lpips"] == pytest.approx(float(lpips), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
     assert not any(key.startswith(("_lpips", "lpips")) for key in module.state_dict())  # VGG stays out of checkpoints
     assert int(module.ema.n_averaged) == 2
