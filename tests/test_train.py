@@ -29,6 +29,7 @@ from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, Linear, LVMConfig
 from lvm.train import LVMModule, warmup_cosine
 from lvm.vocab import BOS_ID, CODEBOOK_SIZE
+from sentences.stream import PackedStream
 from test_data import write_sentence_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,18 +117,62 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
 
 
-def test_ddp_with_two_cpu_processes(shards, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+class RecordBatches(L.Callback):
+    """Saves each rank's input_ids per optimizer step to `out`, and a checkpoint `out/step_<save_at>.ckpt` after
+    step `save_at` (mid-run: not the last). Named by class_path in the DDP subprocesses."""
+
+    def __init__(self, out: str, save_at: int | None = None) -> None:
+        self.out, self.save_at = Path(out), save_at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(batch["input_ids"].cpu(), self.out / f"rank{trainer.global_rank}_step{trainer.global_step:03d}.pt")
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        if trainer.global_step == self.save_at:
+            trainer.save_checkpoint(self.out / f"step_{self.save_at}.ckpt")
+
+
+def _ddp_fit(shards: Path, run_dir: Path, record: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     cmd = [sys.executable, "-m", "lvm.cli", "fit", "-c", TINY, "--data.train_shards", str(shards), *FAST,
            "--trainer.max_steps", "12", "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--model.warmup_steps", "2", "--data.num_workers", "1"]
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+           "--model.warmup_steps", "2", "--data.num_workers", "1",
+           "--trainer.callbacks+=test_train.RecordBatches", f"--trainer.callbacks.out={record}", *args]
+    run_dir.mkdir(exist_ok=True)
+    return subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _recorded(record: Path, rank: int) -> dict[int, torch.Tensor]:
+    return {int(p.stem.split("step")[1]): torch.load(p) for p in sorted(record.glob(f"rank{rank}_step*.pt"))}
+
+
+def test_ddp_with_two_cpu_processes_splits_the_stream_and_resumes(shards, tmp_path):
+    done = _ddp_fit(shards, tmp_path / "a", tmp_path / "a_batches", "--trainer.callbacks.save_at=6")
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 12
     assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # each rank's count (they move in lockstep)
-    losses = logged(tmp_path)
-    assert len(losses) == 12 and all(math.isfinite(v) for v in losses.values())
+    reference = logged(tmp_path / "a")
+    assert sorted(reference) == list(range(12)) and all(math.isfinite(v) for v in reference.values())
+    # Each rank trains on its own part of the stream, exactly PackedStream(rank=r, world_size=2)'s batches.
+    batches = [_recorded(tmp_path / "a_batches", rank) for rank in (0, 1)]
+    for rank in (0, 1):
+        expected = itertools.islice(PackedStream(str(shards), 32, 2, seed=0, rank=rank, world_size=2), 12)
+        assert sorted(batches[rank]) == list(range(12))
+        assert all(torch.equal(batches[rank][step], b["input_ids"]) for step, b in enumerate(expected)), rank
+    assert not any(torch.equal(batches[0][step], batches[1][step]) for step in range(12))
+
+    # Resumed from the checkpoint after step 6 in a new run: the same batches on each rank, the same losses.
+    done = _ddp_fit(shards, tmp_path / "b", tmp_path / "b_batches", "--ckpt_path", str(tmp_path / "a_batches/step_6.ckpt"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = logged(tmp_path / "b")
+    assert sorted(resumed) == list(range(6, 12))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    for rank in (0, 1):
+        again = _recorded(tmp_path / "b_batches", rank)
+        assert sorted(again) == list(range(6, 12)) and all(torch.equal(again[s], batches[rank][s]) for s in again)
 
 
 def quick_trainer(**kwargs) -> L.Trainer:
