@@ -218,7 +218,8 @@ def _torch_load(path: Path) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        # torch words it "Unsupported global: GLOBAL x.y" or, for modules it blocks (os, sys, ...), "unsupported GLOBAL x.y"
+        unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
         if unsafe is None:
             raise TokenizerLoadError(path, "corrupt or not a PyTorch checkpoint (unpickling failed)") from None
         raise TokenizerLoadError(
