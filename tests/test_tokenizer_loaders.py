@@ -7,7 +7,9 @@ published architecture (open-muse `modeling_taming_vqgan.py`), independently of
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -258,3 +260,47 @@ def test_taming_yaml_passed_explicitly_or_missing(tmp_path: Path) -> None:
         tokenizer.load(moved)
     (project,) = (tmp_path / "configs").glob("*.yaml")
     assert tokenizer.load(moved, config=project).tokens_per_image == 64
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"target": "taming.models.vqgan.GumbelVQ"}, "only taming.models.vqgan.VQModel is supported, not taming.models.vqgan.GumbelVQ"),
+        ({"target": "taming.models.vqgan.EMAVQ"}, "only taming.models.vqgan.VQModel is supported, not taming.models.vqgan.EMAVQ"),
+        ({"ddconfig": {**TAMING_DDCONFIG, "double_z": True}}, "ddconfig.double_z=true is a VAE, not a VQGAN"),
+    ],
+)
+def test_taming_models_other_than_a_vqgan_are_refused(tmp_path: Path, change: dict, problem: str) -> None:
+    ckpt, _ = _taming_run(tmp_path)
+    (project,) = (tmp_path / "configs").glob("*.yaml")
+    model = yaml.safe_load(project.read_text())["model"]
+    model.update({k: v for k, v in change.items() if k == "target"})
+    model["params"].update({k: v for k, v in change.items() if k != "target"})
+    project.write_text(yaml.safe_dump({"model": model}))
+    with pytest.raises(tokenizer.TokenizerLoadError) as info:
+        tokenizer.load(ckpt)
+    assert str(info.value) == f"{project}: invalid tokenizer config: {problem}"
+
+
+class _RunsCodeWhenUnpickled:
+    """What a malicious checkpoint holds: unpickling it calls os.makedirs(marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (str(self.marker),)
+
+
+@pytest.mark.parametrize("pickled", ["os.makedirs", "argparse.Namespace"])  # torch words the two refusals differently
+def test_checkpoints_that_pickle_other_objects_are_refused_unrun(tmp_path: Path, pickled: str) -> None:
+    ckpt, _ = _taming_run(tmp_path)
+    checkpoint = torch.load(ckpt, weights_only=True)
+    marker = tmp_path / "code_ran"
+    extra = _RunsCodeWhenUnpickled(marker) if pickled == "os.makedirs" else argparse.Namespace(lr=1e-4)
+    torch.save({**checkpoint, "hyper_parameters": extra}, ckpt)
+    with pytest.raises(tokenizer.TokenizerLoadError) as info:
+        tokenizer.load(ckpt)
+    assert str(info.value) == (f"{ckpt}: refused by torch.load(weights_only=True): it pickles {pickled}; "
+                               "re-save only its state_dict from a trusted environment")
+    assert not marker.exists()
