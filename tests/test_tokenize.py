@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from lvm.tokenize import TokenizeError
+from lvm.tokenize import pipeline
 from lvm.tokenize.__main__ import main
 from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
 from lvm.tokenize.pipeline import Options
@@ -66,9 +67,11 @@ def _img2dataset_shard(path: Path, shard: int, count: int) -> None:
     _write_tar(path, members)
 
 
-def _video(path: Path, frames: int, codec: str = "mpeg4") -> None:
+def _video(path: Path, frames: int, codec: str = "mpeg4", options: dict | None = None, title: str | None = None) -> None:
     with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=10)
+        if title is not None:
+            container.metadata["title"] = title
+        stream = container.add_stream(codec, rate=10, options=options)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for i in range(frames):
             pixels = np.zeros((48, 64, 3), np.uint8)
@@ -259,6 +262,45 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
     assert reports["src-img-000000.report.json"]["skipped"] == {"corrupt_image": 1, "empty_file": 1}
     assert reports["src-vid-000000.report.json"]["skipped"] == {"empty_file": 1, "unreadable_video": 1}
     assert list(_samples(out / "b.tar")) == ["k1"] and _samples(out / "c.tar") == {}
+
+
+def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    _write_tar(src / "a.tar", [("k1.jpg", _jpeg(32, 32)), ("k2.jpg", _jpeg(32, 32)), ("k1.jpg", _jpeg(32, 32))])
+    (src / "img").mkdir()
+    for name in ("x.v2.png", "x_v2.png", "y.png", "z.png"):  # x.v2 and x_v2 both have the key x_v2
+        (src / "img" / name).write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (src / "vid").mkdir()
+    _video(src / "vid" / "cut.mkv", 6, codec="ffv1", options={"slicecrc": "1", "level": "3"})
+    data = bytearray((src / "vid" / "cut.mkv").read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 40] = b"\xff" * 40  # damage in the 2nd frame's checksummed slices
+    (src / "vid" / "cut.mkv").write_bytes(bytes(data))
+    _video(src / "vid" / "latin.mkv", 2, codec="ffv1", title="TITLE_PLACEHOLDER")  # metadata that is not UTF-8
+    latin = (src / "vid" / "latin.mkv").read_bytes()
+    (src / "vid" / "latin.mkv").write_bytes(latin.replace(b"TITLE_PLACEHOLDER", "Caf\xe9 \xe0 Gen\xe8ve....".encode("latin-1")))
+    find_units_ = pipeline.find_units
+
+    def listed_then_unreadable(*args, **kwargs):  # z.png turns into a folder between listing and reading
+        units = find_units_(*args, **kwargs)
+        (src / "img" / "z.png").unlink()
+        (src / "img" / "z.png").mkdir()
+        return units
+
+    monkeypatch.setattr(pipeline, "find_units", listed_then_unreadable)
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, src) == 0
+    reports = {p.name: json.loads(p.read_text()) for p in out.glob("*.report.json")}
+    assert (reports["a.report.json"]["images"], reports["a.report.json"]["skipped"]) == (2, {"duplicate_key": 1})
+    assert list(_samples(out / "a.tar")) == ["k1", "k2"]  # the first k1 is kept
+    images = reports["src-img-000000.report.json"]
+    assert (images["images"], images["skipped"]) == (2, {"duplicate_key": 1, "unreadable_file": 1})
+    assert [(s["item"], s["reason"]) for s in images["skipped_items"]] == [
+        (f"{src}/img/x_v2.png:img/x_v2", "duplicate_key"), (str(src / "img" / "z.png"), "unreadable_file")]
+    videos = reports["src-vid-000000.report.json"]
+    assert videos["skipped"] == {"corrupt_video": 1}
+    assert [s["item"] for s in videos["skipped_items"]] == [f"{src}/vid/cut.mkv#frame=1"]
+    assert list(_samples(out / "src-vid-000000.tar")) == ["vid/cut/000000", "vid/latin/000000", "vid/latin/000001"]
 
 
 @pytest.mark.parametrize(
