@@ -199,7 +199,7 @@ def read_video(path: str, rel: str, stride: int) -> Iterator[Picture | Skip]:
         if os.path.getsize(path) == 0:
             yield Skip(path, "empty_file")
             return
-        container = av.open(path)
+        container = av.open(path, metadata_errors="replace")  # a non-UTF-8 title must not stop the job
         stream = container.streams.video[0]
     except (av.FFmpegError, IndexError, OSError) as error:
         yield Skip(path, "unreadable_video", _detail(error))
