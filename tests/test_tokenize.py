@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+import tokenizer
 from lvm.tokenize import TokenizeError
 from lvm.tokenize import pipeline
 from lvm.tokenize.__main__ import main
@@ -414,6 +415,36 @@ def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_d
     assert "in 3 shards (0 already complete)" in captured.out
     for shard in ("00000", "00001", "00002"):
         assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
+
+
+def test_a_tokenizer_with_other_weights_redoes_complete_shards(inputs, tiny_tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    tiny_tokenizer.save(tmp_path / "tok")
+    assert _run(tmp_path / "tok", out, inputs / "laion") == 0
+    before = _tokens(_samples(out / "00000.tar")["000000000"]["tokens.npy"])
+    retrained = tokenizer.load(tmp_path / "tok")
+    with torch.no_grad():  # same config, other weights: code i moves to index i + 1
+        retrained.quantize.embedding.weight.copy_(retrained.quantize.embedding.weight.roll(1, 0))
+    retrained.save(tmp_path / "tok")
+    capsys.readouterr()
+    assert _run(tmp_path / "tok", out, inputs / "laion") == 0
+    assert "3 made with other settings or inputs (redone)" in capsys.readouterr().err
+    assert np.array_equal(_tokens(_samples(out / "00000.tar")["000000000"]["tokens.npy"]), (before + 1) % 8192)
+
+
+def test_ranks_come_from_torchrun_else_slurm(inputs, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
+        monkeypatch.delenv(name, raising=False)
+    assert pipeline.ranks_from_env() == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    assert pipeline.ranks_from_env() == (1, 2, 1)
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", inputs / "laion") == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00001.tar"]  # task 1 of 2: the middle shard
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert pipeline.ranks_from_env() == (0, 3, 0)  # torchrun's variables win
 
 
 def test_jpeg_draft_decodes_large_jpegs_smaller_and_keeps_the_displayed_size(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
