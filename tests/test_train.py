@@ -201,6 +201,26 @@ def test_nonfinite_loss_can_skip_the_batch(shards):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_nan_stop_checkpoints_the_last_good_state_and_skips_are_logged(shards, tmp_path, monkeypatch):
+    # configs/lvm_tiny.yaml as is (ModelCheckpoint with save_on_exception), the loss NaN at step 3.
+    enter(tmp_path / "stop", monkeypatch)
+    cli = tiny_cli(shards, "--model", "test_train.NaNAtStep3", "--model.warmup_steps", "1", "--trainer.max_steps", "6")
+    with pytest.raises(NonFiniteLossError):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(tmp_path / "stop/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 4}
+    good = {f"model.{k}": v for k, v in cli.model.model.state_dict().items()}  # after step 3's update, before the NaN
+    assert all(torch.isfinite(v).all() for v in good.values())
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in good.items())
+
+    enter(tmp_path / "skip", monkeypatch)
+    cli = tiny_cli(shards, "--model", "test_train.NaNAtStep3", "--model.warmup_steps", "1", "--trainer.max_steps", "6",
+                   "--model.on_nonfinite_loss", "skip")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    skipped = logged(tmp_path / "skip", key="train/skipped_batches")
+    assert min(skipped) == 3 and set(skipped.values()) == {1.0}  # from the skipped step on
+
+
 def test_invalid_settings_name_the_field():
     with pytest.raises(ConfigError, match=r"^model\.size: unknown LVM size 'huge'"):
         LVMModule(size="huge")
