@@ -117,6 +117,36 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
 
 
+def test_resume_from_a_periodic_checkpoint_with_gradient_accumulation_and_validation(shards, tmp_path, monkeypatch):
+    val = write_sentence_shards(tmp_path / "val", shards=1)
+    args = ("--trainer.max_steps", "16", "--trainer.accumulate_grad_batches", "2", "--data.val_shards", str(val),
+            "--trainer.val_check_interval", "16")  # batches: validation after steps 8 and 16
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, *args)
+    cli.trainer.checkpoint_callback._every_n_train_steps = 8  # periodic checkpoints at steps 8 and 16
+    cli.trainer.fit(cli.model, cli.datamodule)
+    reference = logged(tmp_path / "a")
+    assert sorted(reference) == list(range(16))
+    # val/loss after the last step: the mean loss of the final model over the whole validation stream
+    val_loss = logged(tmp_path / "a", key="val/loss")
+    assert sorted(val_loss) == [7, 15]
+    model = cli.model.model.eval()
+    loader = torch.utils.data.DataLoader(PackedStream(str(val), 32, 2, seed=0, rank=0, world_size=1), batch_size=None, num_workers=2)
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(b["input_ids"]).flatten(0, 1), b["labels"].flatten()) for b in loader]
+    assert val_loss[15] == pytest.approx(float(torch.stack(losses).mean()), rel=1e-5)
+
+    # A new run from the periodic checkpoint (not `last`) continues with exactly the same losses.
+    enter(tmp_path / "b", monkeypatch)
+    cli = tiny_cli(shards, *args)
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(tmp_path / "a/runs/lvm_tiny/checkpoints/step=00000008.ckpt"))
+    resumed = logged(tmp_path / "b")
+    assert sorted(resumed) == list(range(8, 16))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    assert logged(tmp_path / "b", key="val/loss")[15] == pytest.approx(val_loss[15], rel=1e-5)
+
+
 class RecordBatches(L.Callback):
     """Saves each rank's input_ids per optimizer step to `out`, and a checkpoint `out/step_<save_at>.ckpt` after
     step `save_at` (mid-run: not the last). Named by class_path in the DDP subprocesses."""
