@@ -374,15 +374,23 @@ def test_crash_mid_shard_then_rerun_equals_an_uninterrupted_run(inputs, referenc
     assert _tree(out) == _tree(reference)  # no duplicate, no gap, no leftover temporary file
 
 
-def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(inputs, reference, tiny_tokenizer_dir, tmp_path):
+KILL_MOMENTS = {  # kill -9 as soon as (or later, on a slow machine) the output folder holds ...
+    "first shard being written": lambda out: any(out.glob("*.tar*")),
+    "one shard committed": lambda out: any(out.glob("*.report.json")),
+    "three shards committed": lambda out: len(list(out.glob("*.report.json"))) >= 3,
+}
+
+
+@pytest.mark.parametrize("moment", list(KILL_MOMENTS))
+def test_kill_9_at_any_moment_then_rerun_equals_an_uninterrupted_run(inputs, reference, tiny_tokenizer_dir, tmp_path, moment):
     out = tmp_path / "out"
     args = ["--shards", *map(str, _all_inputs(inputs)), "--out", str(out), "--tokenizer", str(tiny_tokenizer_dir),
             "--workers", "1", "--batch-size", "2", *REFERENCE_OPTIONS]
     process = subprocess.Popen([sys.executable, "-m", "lvm.tokenize", *args], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
-    while not any(out.glob("*.tar*")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)  # kill as soon as the first shard is being written (or later, on a slow machine)
+    while not KILL_MOMENTS[moment](out) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert process.poll() is None, "the job ended before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
