@@ -116,3 +116,36 @@ def test_ema_warmup_tracks_early_weights() -> None:
     averaged = [torch.zeros(3)]
     ema_with_warmup(0.5)(averaged, current, 10_000)  # decay capped at 0.5
     assert torch.allclose(averaged[0], torch.full((3,), 0.5))
+
+
+class _StateAtStart(Callback):
+    """Keeps a copy of the module's state when training (re)starts."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.step = trainer.global_step
+
+
+def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    write_images(tmp_path / "train", 4, size=64, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
+    options = dict(lpips_weight=0.0, disc_start=2, disc_channels=8, disc_layers=1, ema_decay=0.9)
+    quiet = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False)
+    torch.manual_seed(0)
+    first = VQGANTraining(tiny_vqgan_config(), **options)
+    trainer = Trainer(max_steps=4, default_root_dir=tmp_path / "run", **quiet)
+    trainer.fit(first, data)
+    trainer.save_checkpoint(tmp_path / "step4.ckpt")
+
+    torch.manual_seed(1)  # other initial weights: everything must come from the checkpoint
+    resumed, at_start = VQGANTraining(tiny_vqgan_config(), **options), _StateAtStart()
+    trainer = Trainer(max_steps=6, default_root_dir=tmp_path / "run2", callbacks=[at_start], **quiet)
+    trainer.fit(resumed, data, ckpt_path=tmp_path / "step4.ckpt")
+    assert at_start.step == 4 and trainer.global_step == 6
+    final = first.state_dict()  # generator, discriminator and EMA weights (and the EMA's count) as saved
+    assert set(at_start.state) == set(final) and all(torch.equal(at_start.state[k], v) for k, v in final.items())
+    assert int(resumed.ema.n_averaged) == 6
+    optimizer = trainer.optimizers[0]
+    assert {int(optimizer.state[p]["step"]) for p in resumed.tokenizer.parameters()} == {6}
+    assert {int(optimizer.state[p]["step"]) for p in resumed.discriminator.parameters()} == {4}  # GAN from step 2
+    assert tokenizer.load(tmp_path / "step4.ckpt").config == first.config
