@@ -45,8 +45,10 @@ def test_docs_size_tables_match_the_model():
         assert (cfg.dim, cfg.mlp_dim, cfg.n_layers, cfg.n_heads) == tuple(map(int, (dim, mlp_dim, n_layers, n_heads))), name
         value, decimals = _millions(params)
         assert value == round(cfg.num_params() / 1e6, decimals), (name, params, cfg.num_params())
-    yaml_comment = (ROOT / "configs" / "lvm_tiny.yaml").read_text().splitlines()[0]
-    assert f"~{round(LVMConfig.from_name('tiny').num_params() / 1e6, 1)}M parameters" in yaml_comment
+    for name in ("tiny", "300m", "600m", "1b", "3b"):  # each config's first line states its size
+        first_line = (ROOT / "configs" / f"lvm_{name}.yaml").read_text().splitlines()[0]
+        value, decimals = _millions(re.search(r"([\d.,]+M) parameters", first_line)[1])
+        assert value == round(LVMConfig.from_name(name).num_params() / 1e6, decimals), (name, first_line)
 
 
 def test_flops_per_token_match_reference():
