@@ -14,8 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,demo]"
 	touch $@
 
-.PHONY: install test demo
+.PHONY: install lint test demo
 install: $(VENV)/.installed
+
+# ruff comes with the test extra; its rules are in pyproject.toml.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -22,7 +22,6 @@ The functions are importable (`read_sentences`, `target_nlls`, `perplexity_by_ki
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -31,26 +30,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 import tokenizer
+from common.errors import UserError, exit_on
+from common.options import add_device_arg, add_dtype_arg, torch_dtype
+from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
-from lvm.checkpoint import CheckpointError, load_lvm
-from lvm.errors import exit_on
+from lvm.checkpoint import load_lvm
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
 from lvm.model import LVM
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from sentences import formats
 
 PAIR_KINDS = ("pairs", "colorization", "inpainting")  # sentences [x1, y1, ..., xn, yn] (sentences/kinds.py)
 MAX_EXAMPLE_PAIRS = 7  # the release's 8-pair sentences: 7 examples, then the query and its answer
 
 
-class EvaluationError(Exception):
-    """Unusable evaluation input; the message is `<path>: <problem>`."""
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
+class EvaluationError(UserError):
+    """Unusable evaluation input: `EvaluationError(path, problem)`."""
 
 
 @dataclass
@@ -63,17 +60,13 @@ class Sentence:
 def read_sentences(
     shards: list[str | Path], tokens_per_image: int, limit: int | None = None
 ) -> tuple[list[Sentence], Counter]:
-    """Sentences with at least two images from sentence shards, and a count of skipped items by reason."""
+    """Sentences with at least two images from sentence shards (read with `sentences.formats`), and a count
+    of skipped items by reason."""
     skipped: Counter = Counter()
-
-    def on_error(e: Exception) -> bool:
-        skipped[f"unreadable tar ({type(e).__name__})"] += 1
-        return True
-
     sentences = []
     for shard in shards:
-        for sample in wds.tarfile_samples([{"url": str(shard)}], handler=on_error):
-            sentence = _parse(sample, tokens_per_image, skipped)
+        for key, tokens, info in formats.read_sentences(str(shard), skipped):
+            sentence = _parse(key, tokens, info, tokens_per_image, skipped)
             if sentence is not None:
                 sentences.append(sentence)
                 if len(sentences) == limit:
@@ -81,24 +74,24 @@ def read_sentences(
     return sentences, skipped
 
 
-def _parse(sample: dict, T: int, skipped: Counter) -> Sentence | None:
-    if "tokens.npy" not in sample or "json" not in sample:
+def _parse(key: str, tokens: np.ndarray, info: bytes | None, T: int, skipped: Counter) -> Sentence | None:
+    """A sentence of whole images, [BOS, k x T codes, EOS] with k >= 2, and its kind (from its json)."""
+    if info is None:
         skipped["missing tokens.npy or json"] += 1
         return None
     try:
-        tokens = np.load(io.BytesIO(sample["tokens.npy"]))
-        kind = str(json.loads(sample["json"]).get("kind", "unknown"))
-    except (ValueError, OSError) as e:
+        kind = str(json.loads(info).get("kind", "unknown"))
+    except (ValueError, AttributeError) as e:
         skipped[f"undecodable member ({type(e).__name__})"] += 1
         return None
-    if tokens.ndim != 1 or len(tokens) < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID or (len(tokens) - 2) % T:
+    if len(tokens) < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID or (len(tokens) - 2) % T:
         skipped[f"not [BOS, k x {T} tokens, EOS]"] += 1
         return None
     images = torch.from_numpy(tokens[1:-1].astype(np.int64)).view(-1, T)
     if len(images) < 2 or images.max() >= CODEBOOK_SIZE:
         skipped["fewer than 2 images" if len(images) < 2 else "id outside the codebook"] += 1
         return None
-    return Sentence(sample["__key__"], kind, images)
+    return Sentence(key, kind, images)
 
 
 def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -268,36 +261,24 @@ def markdown(report: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lvm.evaluate", description="Perplexity and pixel metrics of an LVM.")
     p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
-    p.add_argument("--sentences", required=True, nargs="+", help="sentence shards (.tar) or directories of them")
+    p.add_argument("--sentences", required=True, nargs="+",
+                   help="sentence shards: folders, globs or brace patterns ('sent/sentences-{000000..000009}.tar')")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, report.md and the plot")
     p.add_argument("--tokenizer", help="enables pixel metrics (and sets tokens per image)")
     p.add_argument("--tokens-per-image", type=int, default=256, help="used when no --tokenizer is given")
     p.add_argument("--max-sentences", type=int, help="evaluate the first N readable sentences")
     p.add_argument("--pixel-sentences", type=int, default=16, help="sentences to generate for pixel metrics")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, or float32")
+    add_device_arg(p)
+    add_dtype_arg(p)
     return p.parse_args(argv)
 
 
-def shard_paths(items: list[str]) -> list[Path]:
-    paths = []
-    for item in map(Path, items):
-        if not item.exists():
-            raise EvaluationError(item, "no such file or directory")
-        found = sorted(item.glob("*.tar")) if item.is_dir() else [item]
-        if not found:
-            raise EvaluationError(item, "no .tar shards")
-        paths += found
-    return paths
-
-
 def run(args: argparse.Namespace) -> dict:
-    shards = shard_paths(args.sentences)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    shards = formats.expand_shards(args.sentences)
     tok = tokenizer.load(args.tokenizer, device=args.device) if args.tokenizer else None
     T = tok.tokens_per_image if tok else args.tokens_per_image
-    model = load_lvm(args.model, device=args.device, dtype=dtype)
+    model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     sentences, skipped = read_sentences(shards, T, args.max_sentences)
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
@@ -329,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
-@exit_on(EvaluationError, CheckpointError, tokenizer.TokenizerLoadError)
+@exit_on
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)

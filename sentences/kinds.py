@@ -14,7 +14,8 @@ from typing import ClassVar
 import numpy as np
 
 from sentences.errors import SentenceError
-from sentences.tokens import ORIGINAL, TokenSet
+from sentences.formats import ORIGINAL
+from sentences.tokens import TokenSet
 
 Ref = tuple[TokenSet, str, int]
 """One image of a sentence: the set it comes from, the token variant, the row in the set."""

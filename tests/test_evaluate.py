@@ -9,19 +9,21 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm.evaluate import (
     main,
+    parse_args,
     perplexity_by_kind,
     perplexity_vs_context,
     perplexity_vs_pairs,
     pixel_metrics,
     Sentence,
     read_sentences,
+    run,
     target_nlls,
     unigram_perplexity,
 )
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 
 T = 16  # tokens per image of the tiny tokenizer
 
@@ -167,8 +169,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "m.ckpt", "--sentences", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no such file or directory\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no .tar shards found (no such file or directory)\n"
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         main(["--model", "m.ckpt", "--sentences", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
-    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .tar shards\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .tar shards found\n"
+
+
+@pytest.mark.parametrize("pattern", ["{}/*.tar", "{}/sentences-{{000000..000001}}.tar"])
+def test_cli_takes_the_shard_patterns_training_takes(tmp_path, shards, model, pattern):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    args = ["--model", str(tmp_path / "m.ckpt"), "--tokens-per-image", str(T), "--out", str(tmp_path / "eval")]
+    report = run(parse_args([*args, "--sentences", pattern.format(shards)]))
+    assert report["sentences"] == 5 and report["skipped"] == {
+        "fewer than 2 images": 1, f"not [BOS, k x {T} tokens, EOS]": 1, "missing tokens.npy or json": 1}

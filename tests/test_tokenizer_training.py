@@ -6,11 +6,10 @@ import csv
 from pathlib import Path
 
 import torch
-
-from conftest import tiny_vqgan_config
 from lightning.pytorch import Trainer
 
 import tokenizer
+from conftest import tiny_vqgan_config
 from lvm.cli import main as lightning_cli
 from tokenizer.data import ImageDataModule, ImageFolder, make_transform
 from tokenizer.synthetic import write_images

@@ -297,6 +297,7 @@ def test_fsdp_configs_wrap_and_recompute_each_block(size):
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
+
     from lvm.model import Block
 
     parser = ArgumentParser()
@@ -320,6 +321,7 @@ def test_3b_dry_run_reports_parameters_without_allocating(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fsdp_trains_on_one_gpu(shards):
     from lightning.pytorch.strategies import FSDPStrategy
+
     from lvm.model import Block
 
     dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)

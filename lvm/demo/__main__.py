@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,7 @@ import yaml
 from lvm.demo import report
 
 OUT = Path("demo_out")
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+CONFIGS = resources.files("lvm.demo") / "configs"  # package data, so installed copies find them too
 TOKENIZER = OUT / "vqgan" / "checkpoints" / "last.ckpt"
 LVM = OUT / "lvm" / "checkpoints" / "last.ckpt"
 WINDOW = 1024  # 16 images of 64 tokens: the longest sentence the miniature builds

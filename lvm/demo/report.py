@@ -19,12 +19,12 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenizer  # noqa: E402
-from tokenizer.preprocess import from_value_range  # noqa: E402
+from common.vocab import CODEBOOK_SIZE  # noqa: E402
 from lvm.checkpoint import load_lvm  # noqa: E402
 from lvm.generate import GREEDY  # noqa: E402
 from lvm.metrics import pixel_mse  # noqa: E402
 from lvm.prompt import grid, predict_frames  # noqa: E402
-from lvm.vocab import CODEBOOK_SIZE  # noqa: E402
+from tokenizer.preprocess import from_value_range  # noqa: E402
 
 
 def resized(paths: list[Path], tok: tokenizer.VQTokenizer) -> torch.Tensor:

@@ -8,7 +8,10 @@ batched encoding, ranks, progress). The format written is documented in docs/FOR
 """
 
 
-class TokenizeError(Exception):
+from common.errors import UserError
+
+
+class TokenizeError(UserError):
     """A problem with the user's inputs or options, printed as one line by the CLI (exit 2)."""
 
 

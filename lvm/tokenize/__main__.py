@@ -13,8 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from lvm.errors import exit_on
-from lvm.tokenize import TokenizeError
+from common.errors import exit_on
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
 
@@ -63,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     )
 
 
-@exit_on(TokenizeError)
+@exit_on
 def main(argv: list[str] | None = None) -> int:
     """Run the job; print the summary line (or one `error:` line and exit 2)."""
     job = parse_args(argv)

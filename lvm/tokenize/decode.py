@@ -22,8 +22,9 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
+from common.files import IMAGE_SUFFIXES
 from lvm.tokenize.derive import colour_labels, label_palette
-from lvm.tokenize.sources import IMAGE_SUFFIXES, Unit
+from lvm.tokenize.sources import Unit
 from tokenizer.preprocess import to_rgb_float
 
 REASONS = (

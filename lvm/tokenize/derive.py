@@ -3,8 +3,9 @@
 Gray and masked work on FloatTensor[3, H, W] in [0, 1] at the image's original size, before the
 tokenizer's resize and value-range mapping, so "zeroed" means black for every tokenizer. Randomness comes from Python's `random`
 seeded by strings, whose streams are stable across Python and NumPy versions, so a mask or a
-palette drawn today is drawn identically years later. The release recipes are in
-/work/shared/REFERENCE.md (colorization, inpainting, segmentation palette).
+palette drawn today is drawn identically years later. The recipes are the paper's (Bai et al., 2023,
+"Sequential Modeling Enables Scalable Learning for Large Vision Models", Sec. 3 and appendix: colorization,
+inpainting, segmentation palette).
 """
 
 from __future__ import annotations

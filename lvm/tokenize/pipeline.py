@@ -29,6 +29,7 @@ from lvm.tokenize.derive import PALETTE_SEED, VARIANTS, apply_mask, gray, mask_p
 from lvm.tokenize.progress import Progress, Summary
 from lvm.tokenize.sources import Unit, find_units
 from lvm.tokenize.writer import ShardWriter, shard_state
+from sentences.formats import ORIGINAL
 from tokenizer.preprocess import resize_square, to_value_range
 
 
@@ -259,7 +260,7 @@ def run(job: Job) -> Summary:
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda)
     progress = Progress(len(todo.units), prefix)
     writers: dict[int, ShardWriter] = {}  # one open shard per worker at most
-    variants = ("", *job.options.derive)
+    variants = (ORIGINAL, *job.options.derive)
     for batch in loader:
         if batch.unit not in writers:
             unit = todo.units[batch.unit]

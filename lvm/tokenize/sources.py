@@ -23,11 +23,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from braceexpand import braceexpand
-
+from common.files import IMAGE_SUFFIXES
 from lvm.tokenize import TokenizeError
+from sentences.formats import expand_pattern
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 TAR_SUFFIX = ".tar"
 KINDS = ("tar", "images", "videos")
@@ -88,15 +87,13 @@ def _walk(folder: str) -> list[str]:
 def _expand(spec: str) -> tuple[list[str], list[str]]:
     """All existing paths a spec names (brace pattern, then glob), and the brace-named paths that are missing."""
     paths, missing = [], []
-    for pattern in braceexpand(spec):
-        if glob.has_magic(pattern):
-            paths.extend(sorted(glob.glob(pattern, recursive=True)))
-        elif os.path.exists(pattern):
-            paths.append(pattern)
-        elif pattern == spec:
-            raise TokenizeError(f"{spec}: no such file or directory")
-        else:
-            missing.append(pattern)
+    for name, found in expand_pattern(spec):
+        paths.extend(found)
+        if found or glob.has_magic(name):
+            continue
+        if name == spec:
+            raise TokenizeError(spec, "no such file or directory")
+        missing.append(name)
     return paths, missing
 
 
