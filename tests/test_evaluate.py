@@ -11,13 +11,13 @@ from PIL import Image
 
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm.evaluate import (
+    Sentence,
     main,
     parse_args,
     perplexity_by_kind,
     perplexity_vs_context,
     perplexity_vs_pairs,
     pixel_metrics,
-    Sentence,
     read_sentences,
     run,
     target_nlls,
