@@ -224,10 +224,9 @@ def _units(job: Job, prefix: str) -> list[Unit]:
     if missing:
         _log(prefix, f"warning: {len(missing)} paths named by --images do not exist (first: {missing[0]})")
     out = job.out.resolve()
-    for unit in units:
-        for item in unit.items:
-            if out in Path(item.path).resolve().parents:
-                raise AnnotateError(f"{job.out}: --out is inside the inputs ({item.path}); its outputs would be read as images")
+    for spec in job.images:
+        if os.path.isdir(spec) and (out == Path(spec).resolve() or Path(spec).resolve() in out.parents):
+            raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
     videos = [u for u in units if u.kind == "videos"]
     if videos:
         _log(prefix, f"warning: {sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)")
@@ -252,7 +251,8 @@ def run(job: Job) -> Summary:
     _log(
         prefix,
         f"annotate: {len(units)} units in all, {len(units[rank::world])} for this rank; {done} task outputs already "
-        f"complete; doing {len(works)} units now ({', '.join(job.tasks)}) on {device}, {job.workers} workers",
+        f"complete; doing {len(works)} units now ({', '.join(t for t in job.tasks if any(t in w.tasks for w in works)) or '-'}) "
+        f"on {device}, {job.workers} workers",
     )
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))  # leave the workers their cores
