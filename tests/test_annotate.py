@@ -261,3 +261,36 @@ def test_out_inside_the_inputs_is_refused(tmp_path, capsys):
     (tmp_path / "p" / "coffee.png").write_bytes(_png_of("coffee"))
     assert _run("--images", tmp_path / "p", "--out", tmp_path / "p" / "annot", "--tasks", "edges") == 2
     assert "--out is inside the input folder" in capsys.readouterr().err and not (tmp_path / "p" / "annot").exists()
+
+
+def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    """seq/<name>/*.png -> frames numbered in natural name order -> [BOS, consecutive frames at one stride, EOS]."""
+    rng = np.random.default_rng(0)
+    frames, counts = {}, {"walk": 12, "pan": 9}
+    for name, count in counts.items():
+        (tmp_path / "seq" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "seq" / name / f"f{i}.png")  # f10 after f9: natural order
+            frames[(name, i)] = tiny_tokenizer.encode([pixels]).numpy()[0]
+    assert tokenize(["--shards", str(tmp_path / "seq"), "--out", str(tmp_path / "tokens"), "--frame-folders",
+                     "--tokenizer", str(tiny_tokenizer_dir), "--workers", "0", "--images-per-shard", "7"]) == 0
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(yaml.safe_dump({"window": 16 * 16, "sources": [
+        {"name": "seq", "kind": "sequence", "shards": str(tmp_path / "tokens"), "frames": 4, "epochs": 20}]}))
+    summary = build(load_spec(spec), tmp_path / "sentences")
+    assert summary.sources["seq"]["sentences"] == 20 * 2  # one clip per sequence and pass
+    strides = set()
+    for sample in wds.tarfile_samples([{"url": str(p)} for p in sorted((tmp_path / "sentences").glob("*.tar"))]):
+        tokens, info = np.load(io.BytesIO(sample["tokens.npy"])), json.loads(sample["json"])
+        metas = [image["meta"] for image in info["images"]]
+        assert info["kind"] == "sequence" and tokens[0] == 8192 and tokens[-1] == 8193 and len(tokens) == 2 + 16 * len(metas)
+        assert len({m["video"] for m in metas}) == 1
+        indices = [m["frame"] for m in metas]
+        assert all(m["path"] == f"{m['video']}/f{m['frame']}.png" for m in metas)
+        (step,) = {b - a for a, b in zip(indices, indices[1:])}
+        assert step in {1, 2, 3, 4} and len(metas) == min(4, (counts[metas[0]["video"]] - 1) // step + 1)
+        strides.add(step)
+        expected = np.concatenate([frames[(m["video"], m["frame"])] for m in metas])
+        assert np.array_equal(tokens[1:-1], expected)
+    assert strides == {1, 2, 3, 4}  # one random stride per clip, the release's range [1, 4]
