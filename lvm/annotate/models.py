@@ -37,7 +37,10 @@ class Model:
 
 
 def _auto_classes(role: str) -> list:
-    import transformers
+    try:
+        import transformers
+    except ImportError:
+        raise AnnotateError(f"--{role}-model needs transformers: pip install -e '.[annotate]'") from None
 
     names = {
         "depth": ["AutoModelForDepthEstimation"],
@@ -54,12 +57,13 @@ def load(role: str, name: str, device: torch.device) -> Model:
     """The model and image processor of a local folder or hub id (hub ids go through the Hugging Face cache,
     so HF_HUB_OFFLINE=1 works with models downloaded before); one-line AnnotateError when it cannot be loaded."""
     # The shared --model/--tokenizer resolver (issue 14) belongs here, mapping `name` to a folder first.
+    classes = _auto_classes(role)
     from transformers import AutoImageProcessor
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     errors = []
-    for auto in _auto_classes(role):
+    for auto in classes:
         try:
             model = auto.from_pretrained(name)
             break
