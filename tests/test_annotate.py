@@ -173,6 +173,31 @@ def test_depth_and_segmentation_come_from_the_local_models(annotated, models):
         assert np.array_equal(np.asarray(seg.convert("RGB")), palette[labels])  # the shared palette
 
 
+def test_a_normals_model_replaces_normals_from_depth(photos, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Tipsv2DptForNormalEstimation"):
+        pytest.skip(f"transformers {transformers.__version__} has no normal-estimation models")
+    from transformers import (AutoImageProcessor, AutoModelForNormalEstimation, Tipsv2DptConfig,
+                              Tipsv2DptForNormalEstimation, Tipsv2DptImageProcessor)
+
+    torch.manual_seed(0)
+    backbone = {"model_type": "tipsv2_vision_model", "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
+                "image_size": 28, "patch_size": 14, "out_indices": [1, 2, 3, 4], "reshape_hidden_states": False}
+    Tipsv2DptForNormalEstimation(Tipsv2DptConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 8, 8],
+                                                 fusion_hidden_size=8)).save_pretrained(tmp_path / "normals")
+    Tipsv2DptImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "normals")
+    assert _run("--images", photos, "--out", tmp_path / "annot", "--tasks", "normals", "--normals-model", tmp_path / "normals") == 0
+    model = AutoModelForNormalEstimation.from_pretrained(tmp_path / "normals").eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "normals")
+    for name in ["astronaut", "cat/coffee"]:
+        rgb = _working(name)
+        with torch.no_grad():
+            outputs = model(**processor(images=[_square(rgb)], return_tensors="pt"))
+        normals = F.normalize(processor.post_process_normal_estimation(outputs, target_sizes=[rgb.shape[:2]])[0]["normals"], dim=0)
+        written = np.asarray(Image.open(tmp_path / "annot" / "normals" / f"{name}.png")).astype(int)
+        assert np.abs(written - encode_normals(normals).astype(int)).max() <= 1
+
+
 def test_a_batch_gives_what_single_images_give(photos, models, annotated, tmp_path):
     out = tmp_path / "one"
     assert _run("--images", photos, "--out", out, "--tasks", "depth,segmentation", "--batch-size", "1",
