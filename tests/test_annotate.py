@@ -208,6 +208,23 @@ def test_a_batch_gives_what_single_images_give(photos, models, annotated, tmp_pa
         assert (out / "segmentation" / f"{name}.png").read_bytes() == (annotated / "segmentation" / f"{name}.png").read_bytes()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_maps(photos, models, annotated, tmp_path):
+    """GPU counterpart of the tests above (float32 with TF32 matmuls on CUDA): the same maps up to rounding."""
+    out = tmp_path / "cuda"
+    assert main(["--images", str(photos), "--out", str(out), "--tasks", "edges,depth,normals,segmentation",
+                 "--depth-model", str(models["depth"]), "--seg-model", str(models["seg"]), "--device", "cuda",
+                 "--batch-size", "3", "--workers", "1"]) == 0
+    for name in PHOTOS:
+        assert (out / "edges" / f"{name}.png").read_bytes() == (annotated / "edges" / f"{name}.png").read_bytes()
+        for task, tolerance in [("depth", 700), ("normals", 8)]:
+            cuda, cpu = (np.asarray(Image.open(root / task / f"{name}.png")).astype(int) for root in (out, annotated))
+            assert np.percentile(np.abs(cuda - cpu), 99) <= tolerance
+        cuda, cpu = (np.asarray(Image.open(root / "segmentation" / f"{name}.png")) for root in (out, annotated))
+        assert (cuda == cpu).mean() > 0.99
+
+
 def test_rerun_keeps_complete_outputs_and_redoes_partial_ones(photos, tmp_path, capsys):
     out = tmp_path / "annot"
     assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2") == 0
