@@ -9,6 +9,7 @@ final name.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,13 @@ IMAGE_SUFFIXES = frozenset(
 )
 """Image files every command reads from folders: the formats Pillow decodes that vision datasets use
 (camera frames often come as PGM/PPM, microscopy and remote sensing as TIFF)."""
+
+
+def natural_key(name: str | Path) -> list:
+    """Sort key of a file name that orders its digit runs as numbers (frame2 before frame10), case-blind;
+    a path sorts by its name. Tuples keep digit and text runs comparable with each other."""
+    name = name.name if isinstance(name, Path) else name
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
 
 
 def tmp_path(path: str | Path) -> Path:

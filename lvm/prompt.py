@@ -13,7 +13,6 @@ or directories (one prompt each). `--pairs` keeps the order given. See docs/infe
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 import tokenizer
 from common.errors import UserError, exit_on
-from common.files import IMAGE_SUFFIXES
+from common.files import IMAGE_SUFFIXES, natural_key
 from common.options import add_device_arg, add_dtype_arg, torch_dtype
 from common.vocab import NUM_RESERVED
 from lvm import metrics
@@ -36,11 +35,6 @@ CHUNK = 16  # images per tokenizer call
 
 class PromptError(UserError):
     """Bad prompt input: `PromptError(file or option, problem)`."""
-
-
-def natural_key(path: Path) -> list:
-    """Sort key under which frame_2 comes before frame_10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
 def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path]]:

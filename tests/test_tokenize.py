@@ -22,9 +22,10 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.__main__ import main
-from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
+from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
 from lvm.tokenize.writer import ShardWriter

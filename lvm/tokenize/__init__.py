@@ -2,7 +2,7 @@
 
 Modules, in the order data flows through them:
 `sources` (inputs -> deterministic output units), `decode` (unit -> decoded pictures or
-skip records), `derive` (pure pixel functions: gray, masked, label palette),
+skip records), `derive` (pure pixel functions: gray, masked; label colours come from `lvm.palette`),
 `writer` (atomic output shard + report, resume check), `pipeline` (DataLoader workers,
 batched encoding, ranks, progress). The format written is documented in docs/FORMATS.md.
 """

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank; each reads whole shards (default: min(8, cores))")
     p.add_argument("--video-stride", type=int, default=1, help="keep frames 0, k, 2k, ... of every video")
+    p.add_argument("--frame-folders", action="store_true",
+                   help="every image folder is a sequence of frames (seq/<name>/*.png): record the folder as `video` "
+                        "and the position in natural file-name order as `frame`, for video and sequence sentences")
     p.add_argument("--derive", type=_variants, default=(), metavar="gray,masked",
                    help="also tokenize derived images: gray (colorization input), masked (inpainting input)")
     p.add_argument("--label-palette", action="store_true",
@@ -58,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     return Job(
         shards=a.shards, out=a.out, tokenizer=a.tokenizer, options=options, batch_size=a.batch_size,
         workers=a.workers, images_per_shard=a.images_per_shard, videos_per_shard=a.videos_per_shard,
+        frame_folders=a.frame_folders,
         max_shards=a.max_shards, device=a.device,
     )
 
