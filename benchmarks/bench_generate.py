@@ -22,10 +22,10 @@ import time
 
 import torch
 
+from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm.generate import GREEDY, Decoder, context_frames, rollout
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE
 
 
 def sync(device: torch.device) -> None:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lvm.vocab import BOS_ID, EOS_ID, TOKENS_PER_IMAGE
-from sentences.shards import atomic_tar
+from common.vocab import BOS_ID, EOS_ID, TOKENS_PER_IMAGE
+from sentences.formats import tar_writer
 from sentences.stream import PackedStream
 
 GPU_TOKENS_PER_S = 50_000  # one GPU training the 1B model (issue 4)
@@ -36,7 +36,7 @@ def write_synthetic(folder: Path, tokens: int, per_shard: int = 1000, seed: int 
     while written < tokens:
         path = folder / f"sentences-{k:06d}.tar"
         lengths = rng.choice([1, 2, 6, 8, 16], size=per_shard) * TOKENS_PER_IMAGE + 2
-        with atomic_tar(path) as tar:
+        with tar_writer(path) as tar:
             for i, n in enumerate(lengths):
                 tokens = np.concatenate([[BOS_ID], rng.integers(0, 8192, n - 2), [EOS_ID]]).astype(np.uint16)
                 tar.write({"__key__": f"s{k:06d}{i:04d}", "tokens.npy": tokens, "json": {"kind": "synthetic"}})

@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import skimage
 import torch
 from omegaconf import OmegaConf
@@ -43,7 +42,7 @@ def make_tokenizer(gpu: bool, folder: Path) -> Path:
     """A random-weight tokenizer saved for `tokenizer.load`: the released LVM shape on GPU, the tiny one on CPU."""
     torch.manual_seed(0)
     if gpu:
-        config = tokenizer.VQGANConfig()  # defaults = the released LVM tokenizer (REFERENCE.md)
+        config = tokenizer.VQGANConfig()  # defaults = the released LVM tokenizer
     else:
         config = tokenizer.VQGANConfig(**OmegaConf.to_container(OmegaConf.load(TINY_CONFIG).model.init_args.tokenizer))
     return tokenizer.VQTokenizer(config).save(folder / "tokenizer")

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import get_available_flops
 from torch.utils.data import DataLoader, IterableDataset
 
+from common.vocab import CODEBOOK_SIZE
 from lvm.hf import config_to_hf, hf_name
 from lvm.model import LVM, LVMConfig
 from lvm.train import LVMModule
-from lvm.vocab import CODEBOOK_SIZE
 
 
 class RandomTokens(IterableDataset):

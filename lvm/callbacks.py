@@ -5,7 +5,6 @@ All are named by `class_path` in configs/lvm_*.yaml (see docs/training.md).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from common.files import atomic_write
+from common.vocab import BOS_ID
 from lvm.generate import Decoder, Sampling
-from lvm.vocab import BOS_ID
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> int:
@@ -64,7 +64,8 @@ class StopOnSigterm(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to `<path>.tmp` beside the target, fsyncs it, then renames it over the target.
+    """Writes a checkpoint with `common.files.atomic_write`: `<path>.tmp` beside the target, fsynced, then
+    renamed over the target.
 
     A kill during the write leaves the previous checkpoint untouched. Lightning's default serialises the
     whole checkpoint into memory first and stages it in the system temp directory, which doubles host
@@ -77,12 +78,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
 
 class SampleImages(Callback):

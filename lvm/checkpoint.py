@@ -19,15 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from common.errors import UserError
 from lvm import hf
 from lvm.model import LVM, LVMConfig, rope_tables
 
 
-class CheckpointError(Exception):
-    """A model file or directory that cannot be loaded; the message is `<path>: <problem>`."""
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
+class CheckpointError(UserError):
+    """A model file or directory that cannot be loaded: `CheckpointError(path, problem)`."""
 
 
 def load_lvm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LVM:

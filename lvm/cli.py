@@ -2,26 +2,22 @@
 
 `lightning fit -c configs/lvm_tiny.yaml` trains whatever `model:` and `data:`
 name by `class_path`, so the VQGAN and the LVM share one entry point. Errors the
-project raises for bad settings or bad data are printed as one line, not a traceback.
+project raises for bad settings or bad data (`common.errors.UserError`) are printed
+as one line, not a traceback.
 """
 
 import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from lvm.checkpoint import CheckpointError
-from lvm.errors import ConfigError, NonFiniteLossError
-from sentences.errors import SentenceError
-from tokenizer import TokenizerLoadError, VQGANConfigError
-
-USER_ERRORS = (ConfigError, NonFiniteLossError, SentenceError, CheckpointError, TokenizerLoadError, VQGANConfigError)
+from common.errors import UserError
 
 
-def user_error(exc: BaseException) -> BaseException | None:
+def user_error(exc: BaseException) -> UserError | None:
     """The project error behind `exc`, if any: jsonargparse re-raises errors from a class's
     __init__ as its own ValueError, with ours as the cause."""
     while exc is not None:
-        if isinstance(exc, USER_ERRORS):
+        if isinstance(exc, UserError):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None

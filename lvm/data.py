@@ -20,9 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lvm.errors import ConfigError
-from sentences.shards import expand_shards
+from sentences.formats import expand_shards
 from sentences.stream import PackedStream
-
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
 # Lightning still warns that the list is empty.

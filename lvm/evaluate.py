@@ -7,19 +7,21 @@ Reads sentence shards (docs/FORMATS.md) and reports, as the release does:
   fit the context), over that image's tokens with a log-softmax over the whole
   vocabulary: the mean of per-example perplexities and exp(mean NLL), overall and
   by sentence kind;
-- for video sentences, the last frame's perplexity against 1..15 context frames
-  (table + PNG plot, drawn with matplotlib);
+- for video sentences, the last frame's perplexity against 0..15 context frames
+  (0: the frame after BOS alone, what the model knows without context);
+- for pairs sentences (pairs, colorization, inpainting: [x1, y1, ..., xn, yn]), the
+  answer's perplexity against 0..7 example pairs before the query, the paper's
+  measure of in-context analogy (table + PNG plot per kind);
 - baselines: the unigram perplexity of the evaluation tokens and, with a tokenizer,
   the pixel MSE of copying the last context frame, beside the model's own greedy
   next-frame MSE/PSNR (both against the tokenizer's decoding of the true tokens).
 The functions are importable (`read_sentences`, `target_nlls`, `perplexity_by_kind`,
-`perplexity_vs_context`, `unigram_perplexity`, `pixel_metrics`).
+`perplexity_vs_context`, `perplexity_vs_pairs`, `unigram_perplexity`, `pixel_metrics`).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -28,23 +30,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
 import tokenizer
+from common.errors import UserError, exit_on
+from common.options import add_device_arg, add_dtype_arg, torch_dtype
+from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
-from lvm.checkpoint import CheckpointError, load_lvm
-from lvm.errors import exit_on
+from lvm.checkpoint import load_lvm
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
 from lvm.model import LVM
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from sentences import formats
+
+PAIR_KINDS = ("pairs", "colorization", "inpainting")  # sentences [x1, y1, ..., xn, yn] (sentences/kinds.py)
+MAX_EXAMPLE_PAIRS = 7  # the release's 8-pair sentences: 7 examples, then the query and its answer
 
 
-class EvaluationError(Exception):
-    """Unusable evaluation input; the message is `<path>: <problem>`."""
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
+class EvaluationError(UserError):
+    """Unusable evaluation input: `EvaluationError(path, problem)`."""
 
 
 @dataclass
@@ -57,17 +60,13 @@ class Sentence:
 def read_sentences(
     shards: list[str | Path], tokens_per_image: int, limit: int | None = None
 ) -> tuple[list[Sentence], Counter]:
-    """Sentences with at least two images from sentence shards, and a count of skipped items by reason."""
+    """Sentences with at least two images from sentence shards (read with `sentences.formats`), and a count
+    of skipped items by reason."""
     skipped: Counter = Counter()
-
-    def on_error(e: Exception) -> bool:
-        skipped[f"unreadable tar ({type(e).__name__})"] += 1
-        return True
-
     sentences = []
     for shard in shards:
-        for sample in wds.tarfile_samples([{"url": str(shard)}], handler=on_error):
-            sentence = _parse(sample, tokens_per_image, skipped)
+        for key, tokens, info in formats.read_sentences(str(shard), skipped):
+            sentence = _parse(key, tokens, info, tokens_per_image, skipped)
             if sentence is not None:
                 sentences.append(sentence)
                 if len(sentences) == limit:
@@ -75,24 +74,24 @@ def read_sentences(
     return sentences, skipped
 
 
-def _parse(sample: dict, T: int, skipped: Counter) -> Sentence | None:
-    if "tokens.npy" not in sample or "json" not in sample:
+def _parse(key: str, tokens: np.ndarray, info: bytes | None, T: int, skipped: Counter) -> Sentence | None:
+    """A sentence of whole images, [BOS, k x T codes, EOS] with k >= 2, and its kind (from its json)."""
+    if info is None:
         skipped["missing tokens.npy or json"] += 1
         return None
     try:
-        tokens = np.load(io.BytesIO(sample["tokens.npy"]))
-        kind = str(json.loads(sample["json"]).get("kind", "unknown"))
-    except (ValueError, OSError) as e:
+        kind = str(json.loads(info).get("kind", "unknown"))
+    except (ValueError, AttributeError) as e:
         skipped[f"undecodable member ({type(e).__name__})"] += 1
         return None
-    if tokens.ndim != 1 or len(tokens) < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID or (len(tokens) - 2) % T:
+    if len(tokens) < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID or (len(tokens) - 2) % T:
         skipped[f"not [BOS, k x {T} tokens, EOS]"] += 1
         return None
     images = torch.from_numpy(tokens[1:-1].astype(np.int64)).view(-1, T)
     if len(images) < 2 or images.max() >= CODEBOOK_SIZE:
         skipped["fewer than 2 images" if len(images) < 2 else "id outside the codebook"] += 1
         return None
-    return Sentence(sample["__key__"], kind, images)
+    return Sentence(key, kind, images)
 
 
 def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -148,13 +147,34 @@ def perplexity_vs_context(
     batch_size: int = 8,
     progress: bool = False,
 ) -> dict[int, dict]:
-    """Last-frame perplexity given 1..K context frames, K = min(max_frames, what fits, shortest sentence - 1),
-    so every k is measured on the same sentences and the same target frames."""
+    """Last-frame perplexity given 0..K context frames, K = min(max_frames, what fits, shortest sentence - 1),
+    so every k is measured on the same sentences and the same target frames. k = 0 (the frame after BOS
+    alone) is the no-context baseline; it is left out for models without BOS (the released LVM), which
+    cannot score an image's first token without a token before it."""
     if not sentences:
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
-    ks = tqdm(range(1, K + 1), desc="context frames", disable=not progress)
-    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size)) for k in ks}
+    ks = range(0 if model.cfg.bos_id is not None else 1, K + 1)
+    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size))
+            for k in tqdm(ks, desc="context frames", disable=not progress)}
+
+
+def perplexity_vs_pairs(
+    model: LVM,
+    sentences: list[Sentence],
+    max_pairs: int = MAX_EXAMPLE_PAIRS,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[int, dict]:
+    """Perplexity of the answer (each pairs sentence's last image) given the query and the n example pairs
+    before it, n = 0..K (K = min(max_pairs, what fits, shortest sentence's pairs - 1)): the paper's in-context
+    analogy measure. Sentences must be [x1, y1, ..., xn, yn]; n = 0 scores the answer given the query alone."""
+    if not sentences:
+        return {}
+    T = sentences[0].images.shape[1]
+    K = min(max_pairs, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
+    return {n: metrics.perplexities(target_nlls(model, sentences, 2 * n + 1, batch_size))
+            for n in tqdm(range(K + 1), desc="example pairs", disable=not progress)}
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int = CODEBOOK_SIZE) -> dict:
@@ -191,7 +211,8 @@ def pixel_metrics(
     }
 
 
-def plot_vs_context(curve: dict[int, dict], unigram: float, path: Path, title: str) -> None:
+def plot_curve(curve: dict[int, dict], unigram: float, path: Path, xlabel: str, title: str) -> None:
+    """Perplexity (mean per-example and exp(mean NLL)) against the amount of context, with the unigram line."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -202,7 +223,7 @@ def plot_vs_context(curve: dict[int, dict], unigram: float, path: Path, title: s
     ax.plot(ks, [curve[k]["mean_perplexity"] for k in ks], "o-", label="mean per-example perplexity")
     ax.plot(ks, [curve[k]["perplexity_of_mean_nll"] for k in ks], "s--", label="exp(mean NLL)")
     ax.axhline(unigram, color="gray", linestyle=":", label="unigram baseline")
-    ax.set(xlabel="context frames", ylabel="perplexity of the last frame", title=title, xticks=ks)
+    ax.set(xlabel=xlabel, ylabel="perplexity (log scale)", title=title, xticks=ks, yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -224,6 +245,10 @@ def markdown(report: dict) -> str:
     if report["vs_context"]:
         lines += ["", "## Video: last-frame perplexity against context frames", "", head.format("context frames")]
         lines += [row(str(k), s) for k, s in report["vs_context"].items()]
+    for kind, curve in report.get("vs_pairs", {}).items():
+        lines += ["", f"## {kind}: answer perplexity against example pairs before the query", "",
+                  head.format("example pairs")]
+        lines += [row(str(n), s) for n, s in curve.items()]
     if report.get("pixels"):
         p = report["pixels"]
         lines += ["", f"## Next-frame pixels (greedy, {p['count']} sentences, vs decoded true tokens)", "",
@@ -236,40 +261,29 @@ def markdown(report: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lvm.evaluate", description="Perplexity and pixel metrics of an LVM.")
     p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
-    p.add_argument("--sentences", required=True, nargs="+", help="sentence shards (.tar) or directories of them")
+    p.add_argument("--sentences", required=True, nargs="+",
+                   help="sentence shards: folders, globs or brace patterns ('sent/sentences-{000000..000009}.tar')")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, report.md and the plot")
     p.add_argument("--tokenizer", help="enables pixel metrics (and sets tokens per image)")
     p.add_argument("--tokens-per-image", type=int, default=256, help="used when no --tokenizer is given")
     p.add_argument("--max-sentences", type=int, help="evaluate the first N readable sentences")
     p.add_argument("--pixel-sentences", type=int, default=16, help="sentences to generate for pixel metrics")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, or float32")
+    add_device_arg(p)
+    add_dtype_arg(p)
     return p.parse_args(argv)
 
 
-def shard_paths(items: list[str]) -> list[Path]:
-    paths = []
-    for item in map(Path, items):
-        if not item.exists():
-            raise EvaluationError(item, "no such file or directory")
-        found = sorted(item.glob("*.tar")) if item.is_dir() else [item]
-        if not found:
-            raise EvaluationError(item, "no .tar shards")
-        paths += found
-    return paths
-
-
 def run(args: argparse.Namespace) -> dict:
-    shards = shard_paths(args.sentences)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
+    shards = formats.expand_shards(args.sentences)
     tok = tokenizer.load(args.tokenizer, device=args.device) if args.tokenizer else None
     T = tok.tokens_per_image if tok else args.tokens_per_image
-    model = load_lvm(args.model, device=args.device, dtype=dtype)
+    model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     sentences, skipped = read_sentences(shards, T, args.max_sentences)
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
     video = [s for s in sentences if s.kind == "video"]
+    pairs = {kind: [s for s in sentences if s.kind == kind and len(s.images) % 2 == 0] for kind in PAIR_KINDS}
     report = {
         "model": str(args.model),
         "sentences": len(sentences),
@@ -278,19 +292,25 @@ def run(args: argparse.Namespace) -> dict:
         "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
         "unigram": unigram_perplexity(sentences),
         "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True),
+        "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True)
+                     for kind, found in pairs.items() if found},
     }
     if tok:
         report["pixels"] = pixel_metrics(model, tok, sentences[: args.pixel_sentences], args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "report.md").write_text(markdown(report))
+    unigram, name = report["unigram"]["mean_perplexity"], Path(args.model).name
     if report["vs_context"]:
-        plot_vs_context(report["vs_context"], report["unigram"]["mean_perplexity"],
-                        args.out / "perplexity_vs_context.png", f"{Path(args.model).name}: video, last frame")
+        plot_curve(report["vs_context"], unigram, args.out / "perplexity_vs_context.png",
+                   "context frames", f"{name}: video, last frame")
+    for kind, curve in report["vs_pairs"].items():
+        plot_curve(curve, unigram, args.out / f"perplexity_vs_pairs_{kind}.png",
+                   "example pairs before the query", f"{name}: {kind}, answer image")
     return report
 
 
-@exit_on(EvaluationError, CheckpointError, tokenizer.TokenizerLoadError)
+@exit_on
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common.vocab import CODEBOOK_SIZE
 from lvm.model import LVM
-from lvm.vocab import CODEBOOK_SIZE
 
 # The release prompted with at most 15 context frames (16-image sentences minus the target).
 MAX_CONTEXT_FRAMES = 15

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from common.vocab import CODEBOOK_SIZE, EOS_ID, PAD_ID
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import CODEBOOK_SIZE, EOS_ID, PAD_ID
 
 # (our name, HF name) for every weight; `{i}` is the layer index.
 _NAMES = [

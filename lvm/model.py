@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lvm.vocab import BOS_ID, CONTEXT_LENGTH, VOCAB_SIZE
+from common.vocab import BOS_ID, CONTEXT_LENGTH, VOCAB_SIZE
 
 # The paper's sizes (hidden / MLP / layers / heads), the released 7B, and a CPU-sized one.
 SIZES: dict[str, dict[str, int]] = {

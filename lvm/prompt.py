@@ -13,7 +13,6 @@ or directories (one prompt each). `--pairs` keeps the order given. See docs/infe
 from __future__ import annotations
 
 import argparse
-import re
 import time
 from pathlib import Path
 
@@ -22,27 +21,20 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 import tokenizer
+from common.errors import UserError, exit_on
+from common.files import IMAGE_SUFFIXES, natural_key
+from common.options import add_device_arg, add_dtype_arg, torch_dtype
+from common.vocab import NUM_RESERVED
 from lvm import metrics
-from lvm.checkpoint import CheckpointError, load_lvm
-from lvm.errors import exit_on
+from lvm.checkpoint import load_lvm
 from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
-from lvm.vocab import NUM_RESERVED
 
 CHUNK = 16  # images per tokenizer call
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
-class PromptError(Exception):
-    """Bad prompt input; the message is `<file or option>: <problem>`."""
-
-    def __init__(self, where: str | Path, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
-
-
-def natural_key(path: Path) -> list:
-    """Sort key under which frame_2 comes before frame_10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+class PromptError(UserError):
+    """Bad prompt input: `PromptError(file or option, problem)`."""
 
 
 def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path]]:
@@ -152,8 +144,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50, help="0 disables")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, or float32")
+    add_device_arg(p)
+    add_dtype_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
     return p.parse_args(argv)
 
@@ -178,9 +170,8 @@ def run(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise PromptError("sampling", str(e)) from e
 
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     tok = tokenizer.load(args.tokenizer, device=args.device)
-    model = load_lvm(args.model, device=args.device, dtype=dtype)
+    model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     check_compatible(model, tok, args.tokenizer)
     check_fits(model, tok, len(images[0]), option)
 
@@ -230,7 +221,7 @@ def write_outputs(
     grid(rows, size).save(out.with_name(f"{out.stem}_grid.png"))
 
 
-@exit_on(PromptError, CheckpointError, tokenizer.TokenizerLoadError)
+@exit_on
 def main(argv: list[str] | None = None) -> None:
     run(parse_args(argv))
 

@@ -35,12 +35,41 @@ from lvm.model import LVM, SIZES, LVMConfig
 SizeName = Literal[tuple(SIZES)]  # the CLI rejects an unknown size with the list of choices
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `max_steps`."""
+Schedule = Literal["cosine", "wsd", "constant"]
+DecayShape = Literal["linear", "1-sqrt"]
+
+
+def lr_multiplier(
+    step: int,
+    warmup_steps: int,
+    max_steps: int,
+    min_ratio: float,
+    schedule: Schedule = "cosine",
+    decay_fraction: float = 0.2,
+    decay_shape: DecayShape = "1-sqrt",
+) -> float:
+    """LR multiplier at optimizer step `step`: linear warmup to 1 over `warmup_steps`, then
+    - cosine: cosine decay to `min_ratio` at `max_steps` (the paper's recipe);
+    - wsd: warmup-stable-decay, 1 until the last `decay_fraction` of `max_steps`, then `decay_shape` down
+      to `min_ratio` (MiniCPM/DeepSeek): the stable phase keeps the learning rate up while slow-forming
+      abilities (such as reading context) develop, and a finished run can be extended from a stable-phase
+      checkpoint;
+    - constant: 1 after warmup (`min_ratio` unused).
+    """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(decay_fraction * max_steps))
+    decay_start = max(warmup_steps, max_steps - decay_steps)
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    remaining = 1.0 - progress if decay_shape == "linear" else 1.0 - math.sqrt(progress)
+    return min_ratio + (1.0 - min_ratio) * remaining
 
 
 class LVMModule(L.LightningModule):
@@ -50,8 +79,13 @@ class LVMModule(L.LightningModule):
         size: one of the paper's sizes (300m, 600m, 1b, 3b), the released 7b, or tiny (CPU).
         overrides: LVMConfig fields to change from the named size, e.g. `{max_seq_len: 1024, dropout: 0.1}`.
         lr: peak learning rate (after warmup).
-        min_lr: learning rate at the end of the cosine decay (`trainer.max_steps`).
+        min_lr: learning rate at the end of the decay (`trainer.max_steps`); unused by `constant`.
         warmup_steps: optimizer steps of linear warmup from ~0 to `lr`.
+        schedule: after warmup, `cosine` decay over the whole run (the paper's recipe, the default), `wsd`
+            (constant, then a decay over the last `decay_fraction` of the steps) or `constant`; see
+            `lr_multiplier` and docs/training.md for when to use which.
+        decay_fraction: `wsd` only: the fraction of `trainer.max_steps` spent decaying.
+        decay_shape: `wsd` only: `1-sqrt` (MiniCPM's, usually a little better) or `linear`.
         betas, eps, weight_decay: AdamW's.
         decay_norms_and_embeddings: also decay RMSNorm weights and the token embedding (the release
             decayed every parameter; the default exempts them, as most LLaMA-style recipes do).
@@ -67,6 +101,9 @@ class LVMModule(L.LightningModule):
         lr: float = 3e-4,
         min_lr: float = 3e-5,
         warmup_steps: int = 2000,
+        schedule: Schedule = "cosine",
+        decay_fraction: float = 0.2,
+        decay_shape: DecayShape = "1-sqrt",
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.1,
@@ -81,6 +118,9 @@ class LVMModule(L.LightningModule):
             ("lr", lr > 0, "must be > 0"),
             ("min_lr", 0 <= min_lr <= lr, f"must be in [0, lr={lr}]"),
             ("warmup_steps", warmup_steps >= 0, "must be >= 0"),
+            ("schedule", schedule in ("cosine", "wsd", "constant"), "must be 'cosine', 'wsd' or 'constant'"),
+            ("decay_fraction", 0 < decay_fraction <= 1, "must be in (0, 1]"),
+            ("decay_shape", decay_shape in ("linear", "1-sqrt"), "must be 'linear' or '1-sqrt'"),
             ("betas", all(0 <= b < 1 for b in betas), "must be in [0, 1)"),
             ("eps", eps > 0, "must be > 0"),
             ("weight_decay", weight_decay >= 0, "must be >= 0"),
@@ -104,7 +144,7 @@ class LVMModule(L.LightningModule):
         trainer = self.trainer
         if stage == "fit":
             if trainer.max_steps is None or trainer.max_steps <= 0:
-                raise ConfigError("trainer.max_steps: must be set (> 0); the cosine schedule decays over it")
+                raise ConfigError("trainer.max_steps: must be set (> 0); the learning-rate schedule decays over it")
             if self.hparams.warmup_steps >= trainer.max_steps:
                 raise ConfigError(
                     f"model.warmup_steps: {self.hparams.warmup_steps} must be below trainer.max_steps ({trainer.max_steps})"
@@ -174,7 +214,8 @@ class LVMModule(L.LightningModule):
         # The fused kernel (CPU and GPU) updates all parameters in one pass instead of a loop over tensors.
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)
         schedule = partial(
-            warmup_cosine, warmup_steps=hp.warmup_steps, max_steps=self.trainer.max_steps, min_ratio=hp.min_lr / hp.lr
+            lr_multiplier, warmup_steps=hp.warmup_steps, max_steps=self.trainer.max_steps, min_ratio=hp.min_lr / hp.lr,
+            schedule=hp.schedule, decay_fraction=hp.decay_fraction, decay_shape=hp.decay_shape,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
@@ -190,6 +231,12 @@ class LVMModule(L.LightningModule):
         else:
             norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
         self.log("train/grad_norm", norm)
+
+
+def _describe_schedule(hp) -> str:
+    if hp.schedule == "wsd":
+        return f"wsd, {hp.decay_shape} decay over the last {hp.decay_fraction:g}"
+    return hp.schedule
 
 
 def _lvm_config(size: str, overrides: dict[str, Any]) -> LVMConfig:
@@ -228,7 +275,7 @@ def summary(cli: LightningCLI) -> str:
         f"tokens     {per_device:,} per optimizer step per device (batch {data.batch_size} x seq {data.seq_len} x "
         f"accumulation {trainer.accumulate_grad_batches})"
         + (f"; {per_device * devices * trainer.num_nodes:,} on {devices * trainer.num_nodes} devices" if devices else ""),
-        f"schedule   AdamW lr {hp.lr:g} -> {hp.min_lr:g}, warmup {hp.warmup_steps}, {trainer.max_steps} steps, "
+        f"schedule   AdamW lr {hp.lr:g} -> {hp.min_lr:g} ({_describe_schedule(hp)}), warmup {hp.warmup_steps}, {trainer.max_steps} steps, "
         f"weight decay {hp.weight_decay:g}, clip {trainer.gradient_clip_val}",
         f"trainer    {strategy}, precision {trainer.precision}, {trainer.num_nodes} node(s) x {trainer.devices} device(s)",
     ]

@@ -20,21 +20,20 @@ import sys
 import time
 import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from lvm.errors import exit_on
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from common.errors import exit_on
+from common.files import atomic_write
+from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
+from sentences.formats import ORIGINAL, SENTENCE_SHARD, SentenceIndex, tar_writer
 from sentences.kinds import KINDS, Builder, Sentence
-from sentences.shards import atomic_tar
 from sentences.spec import MixSpec, SourceSpec, load_spec
-from sentences.tokens import ORIGINAL, TokenSet, check_same_length, load_token_set
-
-SHARD_NAME = "sentences-{:06d}.tar"
+from sentences.tokens import TokenSet, check_same_length, load_token_set
 
 
 @dataclass
@@ -60,17 +59,6 @@ class Planned:
     @property
     def key(self) -> str:
         return f"{self.source.spec.name}-{self.epoch:03d}-{self.index:08d}"
-
-
-@dataclass
-class Summary:
-    """What a build wrote; also saved as ``index.json``."""
-
-    shards: dict[str, dict] = field(default_factory=dict)
-    kinds: dict[str, dict] = field(default_factory=dict)
-    sources: dict[str, dict] = field(default_factory=dict)
-    skipped: dict[str, dict] = field(default_factory=dict)  # per token shard set: samples not loaded, by reason
-    resumed_shards: int = 0
 
 
 def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
@@ -165,12 +153,6 @@ def _fingerprint(spec: MixSpec) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _prepare_out(spec: MixSpec, out: Path) -> None:
     """Claim ``out`` for this spec, or check that an earlier run of the same spec and inputs owns it."""
     out.mkdir(parents=True, exist_ok=True)
@@ -184,73 +166,67 @@ def _prepare_out(spec: MixSpec, out: Path) -> None:
     elif any(out.glob("sentences-*.tar")):
         raise SentenceError(f"{out}: holds sentence shards without spec.json; remove them or choose another --out")
     else:
-        _write_json(marker, record)
+        with atomic_write(marker, "w") as f:
+            f.write(json.dumps(record, indent=1) + "\n")
     for tmp in out.glob("*.tmp"):  # left by a killed run
         tmp.unlink()
 
 
-def write_shards(spec: MixSpec, planned: list[Planned], out: Path, tokens_per_image: int) -> Summary:
-    """Write the planned sentences into shards (skipping shards a previous run completed) and ``index.json``."""
-    summary = Summary(kinds={s.kind: {"sentences": 0, "tokens": 0} for s in spec.sources})
+def write_shards(
+    spec: MixSpec, planned: list[Planned], out: Path, tokens_per_image: int
+) -> tuple[SentenceIndex, int]:
+    """Write the planned sentences into shards, skipping shards a previous run completed; returns the index
+    of what the shards hold (shards and kinds) and how many shards were already done."""
+    kinds = {s.kind: {"sentences": 0, "tokens": 0} for s in spec.sources}
+    index, resumed = SentenceIndex(tokens_per_image, spec.seed, spec.window, kinds=kinds), 0
     per = spec.sentences_per_shard
     bar = tqdm(total=len(planned), desc="write", unit="sentence", dynamic_ncols=True)
     for k in range(math.ceil(len(planned) / per)):
         items = planned[k * per : (k + 1) * per]
-        path = out / SHARD_NAME.format(k)
+        path = out / SENTENCE_SHARD.format(k)
         if path.exists():
-            summary.resumed_shards += 1
+            resumed += 1
         else:
-            with atomic_tar(path) as tar:
+            with tar_writer(path) as tar:
                 for item in items:
                     tokens, info = assemble(item)
                     tar.write({"__key__": item.key, "tokens.npy": tokens, "json": info})
         shard_tokens = sum(len(item.images) * tokens_per_image + 2 for item in items)
-        summary.shards[path.name] = {"sentences": len(items), "tokens": shard_tokens, "bytes": path.stat().st_size}
+        index.shards[path.name] = {"sentences": len(items), "tokens": shard_tokens, "bytes": path.stat().st_size}
         bar.update(len(items))
     bar.close()
     for item in planned:
         n = len(item.images) * tokens_per_image + 2
-        kind = summary.kinds[item.source.spec.kind]
+        kind = index.kinds[item.source.spec.kind]
         kind["sentences"] += 1
         kind["tokens"] += n
         item.source.sentences += 1
         item.source.tokens += n
-    return summary
+    return index, resumed
 
 
-def build(spec: MixSpec, out: str | Path) -> Summary:
-    """Run a whole build (resuming one that was interrupted); returns what ``index.json`` records."""
+def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:
+    """Run a whole build (resuming one that was interrupted); returns what ``index.json`` records and how many
+    shards an earlier run had completed."""
     out = Path(out)
     _prepare_out(spec, out)
     sources, tokens_per_image, skipped = load_sources(spec)
     planned = plan(spec, sources, tokens_per_image)
-    summary = write_shards(spec, planned, out, tokens_per_image)
-    summary.skipped = skipped
+    index, resumed = write_shards(spec, planned, out, tokens_per_image)
+    index.skipped = skipped
     for src in sources:
-        summary.sources[src.spec.name] = {
+        index.sources[src.spec.name] = {
             "kind": src.spec.kind,
             "epochs": round(src.epochs, 4),
             "sentences": src.sentences,
             "tokens": src.tokens,
             "unused": dict(src.builder.notes),
         }
-    _write_json(
-        out / "index.json",
-        {
-            "format": "lvm-sentences/1",
-            "tokens_per_image": tokens_per_image,
-            "seed": spec.seed,
-            "window": spec.window,
-            "shards": summary.shards,
-            "kinds": summary.kinds,
-            "sources": summary.sources,
-            "skipped": summary.skipped,
-        },
-    )
-    return summary
+    index.write(out)
+    return index, resumed
 
 
-def _report(summary: Summary, out: str, seconds: float) -> str:
+def _report(summary: SentenceIndex, resumed_shards: int, out: str, seconds: float) -> str:
     """The per-source and per-kind table, then the one-line summary."""
     lines = [f"{'source':<16}{'kind':<14}{'epochs':>8}{'sentences':>12}{'tokens':>15}  unused images"]
     for name, s in summary.sources.items():
@@ -263,7 +239,7 @@ def _report(summary: Summary, out: str, seconds: float) -> str:
     for label, counts in summary.skipped.items():
         lines.append(f"skipped in {label}: " + "; ".join(f"{n} {reason}" for reason, n in counts.items()))
     skipped = sum((Counter(counts) for counts in summary.skipped.values()), Counter())
-    resumed = f" ({summary.resumed_shards} already done)" if summary.resumed_shards else ""
+    resumed = f" ({resumed_shards} already done)" if resumed_shards else ""
     lines.append(
         f"built {sentences:,} sentences ({tokens:,} tokens, {len(summary.kinds)} kinds) into "
         f"{len(summary.shards)} shards{resumed} in {out} in {seconds:.1f} s; skipped: "
@@ -272,15 +248,15 @@ def _report(summary: Summary, out: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-@exit_on(SentenceError)
+@exit_on
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sentences.build", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help="mixing spec (YAML), see docs/sentences.md")
     parser.add_argument("--out", required=True, help="output folder for sentence shards and index.json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    summary = build(load_spec(args.spec), args.out)
-    print(_report(summary, args.out, time.perf_counter() - start))
+    index, resumed = build(load_spec(args.spec), args.out)
+    print(_report(index, resumed, args.out, time.perf_counter() - start))
     return 0
 
 

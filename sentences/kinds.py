@@ -14,7 +14,8 @@ from typing import ClassVar
 import numpy as np
 
 from sentences.errors import SentenceError
-from sentences.tokens import ORIGINAL, TokenSet
+from sentences.formats import ORIGINAL
+from sentences.tokens import TokenSet
 
 Ref = tuple[TokenSet, str, int]
 """One image of a sentence: the set it comes from, the token variant, the row in the set."""
@@ -100,7 +101,7 @@ class Video(Builder):
     def draw(self, rng: np.random.Generator) -> list[Sentence]:
         sentences = []
         for rows in self.groups:
-            for stride in self.opt["strides"]:
+            for stride in self.strides(rng):
                 n = min(self.opt["frames"], (len(rows) - 1) // stride + 1)
                 if n < 2:
                     continue
@@ -108,6 +109,23 @@ class Video(Builder):
                 clip = rows[start : start + (n - 1) * stride + 1 : stride]
                 sentences.append(tuple((self.images, ORIGINAL, int(row)) for row in clip))
         return sentences
+
+    def strides(self, rng: np.random.Generator) -> list[int]:
+        """The strides of one group's clips in one pass: every stride of the spec."""
+        return self.opt["strides"]
+
+
+class Sequence(Video):
+    """``[f_s, f_s+k, ...]``: up to 16 frames of an image sequence (a frame folder), one clip per sequence and pass
+    at a stride ``k`` drawn from ``strides`` (the release's [1, 4] for frame folders).
+
+    ``lvm.tokenize --frame-folders`` records each image's folder as ``video`` and its place in the folder as ``frame``.
+    """
+
+    options = {"frames": 16, "strides": [1, 2, 3, 4], "group_by": "video", "order_by": "frame"}
+
+    def strides(self, rng: np.random.Generator) -> list[int]:
+        return [int(rng.choice(self.opt["strides"]))]
 
 
 class MultiView(Video):
@@ -250,6 +268,7 @@ class Category(Builder):
 KINDS: dict[str, type[Builder]] = {
     "single": Single,
     "video": Video,
+    "sequence": Sequence,
     "multiview": MultiView,
     "pairs": Pairs,
     "multitask": MultiTask,

@@ -25,8 +25,8 @@ from pathlib import Path
 import yaml
 
 from sentences.errors import SentenceError
+from sentences.formats import expand_shards
 from sentences.kinds import KINDS
-from sentences.shards import expand_shards
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _TOP = ("seed", "window", "sentences_per_shard", "tokens", "sources")

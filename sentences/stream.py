@@ -17,8 +17,6 @@ How an epoch is laid out (all of it follows from ``seed`` and the epoch, nothing
 
 from __future__ import annotations
 
-import io
-import json
 import os
 from collections.abc import Iterable, Iterator
 
@@ -27,33 +25,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lvm.vocab import VOCAB_SIZE
 from sentences.errors import SentenceError
-from sentences.shards import expand_shards, iter_samples
+from sentences.formats import expand_shards, indexed_shards, read_sentences
 
 SHUFFLE_BUFFER = 4096
 """Sentences a reader holds to shuffle (at most ~32 MB at 16 images of 256 tokens); the build already shuffled
 the mixture across shards, so this only has to break up the order within a reader's shards."""
-
-
-def read_sentences(path: str) -> Iterator[np.ndarray]:
-    """The token arrays of a sentence shard in order, every id checked against the vocabulary."""
-    for sample in iter_samples(path):
-        key = sample["__key__"]
-        if "tokens.npy" not in sample:
-            raise SentenceError(f"{path}: sentence '{key}' has no tokens.npy")
-        try:
-            tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
-        except ValueError as exn:
-            raise SentenceError(f"{path}: sentence '{key}': unreadable tokens.npy ({exn})") from None
-        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-            raise SentenceError(
-                f"{path}: sentence '{key}': expected 1-D integer tokens, got {tokens.dtype} {tokens.shape}"
-            )
-        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE):
-            bad = int(tokens.max()) if tokens.max() >= VOCAB_SIZE else int(tokens.min())
-            raise SentenceError(f"{path}: sentence '{key}': token id {bad} outside the vocabulary [0, {VOCAB_SIZE})")
-        yield tokens
 
 
 def shard_tokens(paths: list[str]) -> np.ndarray:
@@ -64,19 +41,12 @@ def shard_tokens(paths: list[str]) -> np.ndarray:
     for path in paths:
         folder = os.path.dirname(path)
         if folder not in indexes:
-            index_path = os.path.join(folder, "index.json")
-            try:
-                with open(index_path) as f:
-                    indexes[folder] = json.load(f).get("shards", {})
-            except FileNotFoundError:
-                indexes[folder] = {}
-            except (OSError, ValueError, AttributeError) as exn:
-                raise SentenceError(f"{index_path}: unreadable ({exn})") from None
+            indexes[folder] = indexed_shards(folder)
         entry = indexes[folder].get(os.path.basename(path))
         if isinstance(entry, dict) and entry.get("bytes") == os.path.getsize(path) and "tokens" in entry:
             counts.append(int(entry["tokens"]))
         else:
-            counts.append(sum(len(tokens) for tokens in read_sentences(path)))
+            counts.append(sum(len(sentence.tokens) for sentence in read_sentences(path)))
     return np.array(counts, dtype=np.int64)
 
 
@@ -175,7 +145,7 @@ class PackedStream(IterableDataset):
             if last <= start or first >= end:
                 continue
             position = int(first)
-            for tokens in read_sentences(self.shards[shard]):
+            for _, tokens, _ in read_sentences(self.shards[shard]):
                 begin, position = position, position + len(tokens)
                 if position > start:
                     yield tokens[max(start - begin, 0) : min(end, position) - begin]

@@ -17,17 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from lvm.vocab import CODEBOOK_SIZE
+from common.vocab import CODEBOOK_SIZE
 from sentences.errors import SentenceError
-from sentences.shards import iter_samples
-
-ORIGINAL = "original"
-"""The variant stored as ``<key>.tokens.npy``; derived variants are ``<key>.<variant>.tokens.npy``."""
-
-
-def member(variant: str) -> str:
-    """Tar member extension holding the tokens of ``variant`` (``tokens.npy`` or ``gray.tokens.npy``...)."""
-    return "tokens.npy" if variant == ORIGINAL else f"{variant}.tokens.npy"
+from sentences.formats import iter_samples, token_member
 
 
 @dataclass
@@ -95,16 +87,16 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
             key = sample["__key__"]
             arrays = {}
             for variant in variants:
-                raw = sample.get(member(variant))
+                raw = sample.get(token_member(variant))
                 if raw is None:
-                    skipped[f"missing {member(variant)}"] += 1
+                    skipped[f"missing {token_member(variant)}"] += 1
                     break
                 try:
                     array = np.load(io.BytesIO(raw), allow_pickle=False)
                 except Exception:  # noqa: BLE001 - any unparseable npy is corruption, counted and skipped
-                    skipped[f"unreadable {member(variant)}"] += 1
+                    skipped[f"unreadable {token_member(variant)}"] += 1
                     break
-                where = f"{path}: sample '{key}': {member(variant)}"
+                where = f"{path}: sample '{key}': {token_member(variant)}"
                 if array.ndim != 1 or array.dtype.kind not in "iu":
                     raise SentenceError(f"{where}: expected a 1-D integer array, got {array.dtype} {array.shape}")
                 if length is None:

@@ -16,7 +16,7 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
 
 def test_impossible_tokenizer_architecture_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", "configs/demo/vqgan.yaml", "--model.tokenizer.hidden_channels", "16",
+        main(["fit", "-c", "lvm/demo/configs/vqgan.yaml", "--model.tokenizer.hidden_channels", "16",
               "--data.train", str(tmp_path), "--data.val", str(tmp_path)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()

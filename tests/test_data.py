@@ -14,9 +14,9 @@ import pytest
 import torch
 import webdataset as wds
 
+from common.vocab import BOS_ID, EOS_ID
 from lvm.data import LVMDataModule
 from lvm.errors import ConfigError
-from lvm.vocab import BOS_ID, EOS_ID
 
 
 def write_sentence_shards(out: Path, shards: int = 4, sentences: int = 60, images: int = 2, tokens_per_image: int = 16) -> Path:

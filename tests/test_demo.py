@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from lvm.demo import report
-from lvm.demo.data import pans, views
+from lvm.demo.data import pans, prepare, read_frames, views, write_clip
 
 
 def test_views_mirror_and_crop_the_same_footage():
@@ -34,29 +34,65 @@ def test_pans_glide_a_window_across_the_photo():
         assert np.all(np.sign(steps[np.abs(steps) > 0.5]) == np.sign(centre[-1] - centre[0]))
 
 
+def test_clips_are_lossless_and_byte_identical(tmp_path):
+    frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(5)]
+    write_clip(frames, 25.0, tmp_path / "a.mkv")
+    write_clip(frames, 25.0, tmp_path / "b.mkv")
+    assert (tmp_path / "a.mkv").read_bytes() == (tmp_path / "b.mkv").read_bytes()
+    decoded, fps = read_frames(str(tmp_path / "a.mkv"))
+    assert fps == 25.0 and len(decoded) == 5 and all(np.array_equal(d, f) for d, f in zip(decoded, frames))
+
+
+def test_data_step_is_a_function_of_the_seed(tmp_path):
+    """Two runs with one seed write identical files (the demo's reruns depend on it); another seed differs."""
+    clip = [np.random.default_rng(i).integers(0, 256, (72, 96, 3), dtype=np.uint8) for i in range(12)]
+    write_clip(clip, 25.0, tmp_path / "clip.mkv")
+    small = dict(crops_per_photo=1, pans_per_photo=1, heldout_crops=1, videos={"clip": str(tmp_path / "clip.mkv")})
+
+    def files(out):
+        return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+    first, again, other = (files(prepare(tmp_path / name, seed=seed, **small) and tmp_path / name)
+                           for name, seed in (("a", 0), ("b", 0), ("c", 1)))
+    assert len(first) > 30 and first == again
+    assert first.keys() == other.keys() and first != other
+
+
 def test_report_states_verdicts_as_they_come_out():
     figures = {
+        "seed": 0,
         "timings_s": {"data": 1.0, "lvm": 2.0},
         "tokenizer": {"psnr": 20.0, "ssim": 0.5, "codebook_usage": 0.1},
         "loss": {"first": 9.0, "last": 4.0, "steps": 600},
-        "vs_context": {1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
+        "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
+        "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}},
         "unigram": 800.0,
         "video": [{"clip": "bikes", "mse_prediction": 0.02, "mse_copy_last": 0.01, "mse_copy_last_tokens": 0.03, "mse_tokenizer": 0.01}],
         "analogies": [{"task": "inpainting", "photo": "chelsea", "mse_prediction": 0.03, "mse_query": 0.05,
                        "mse_query_tokens": 0.02, "mse_tokenizer": 0.01}],
     }
     text = report.markdown(figures)
+    assert "produced by `make demo` (seed 0)" in text and "2 of 5 pass." in text
+    assert "| video: perplexity with 8 context frames <= 0.85x that with 1 | 380.0 vs 400.0 (0.95x) | **no** |" in text
+    assert "| video: perplexity with 8 context frames <= 0.5x that with 0 | 380.0 vs 1000.0 (0.38x) | yes |" in text
+    assert "copying the last frame's tokens on 2+ clips | 1 of 1 clips | **no** |" in text
+    assert "| colorization: answer perplexity falls from 0 to 7 example pairs | 50.0 -> 40.0 (0.80x) | yes |" in text
+    assert "| inpainting: answer perplexity falls from 0 to 7 example pairs | 30.0 -> 31.0 (1.03x) | **no** |" in text
+    assert "| colorization | 50.0 | 40.0 |" in text
     assert "| **total** | **3** |" in text
     assert "codebook usage 10.0% (~819 of 8192 codes)" in text
     assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
     assert "Below the unigram perplexity with 15 frames: **no**" in text
-    assert "| bikes | 0.0200 | 0.0100 | 0.0300 | 0.0100 | **no** / yes |" in text
+    assert "| bikes | 0.0200 | 0.0100 | 0.0300 | 0.0100 | **no** / yes |" in text  # prediction closer than tokens
     assert "| inpainting | chelsea | 0.0300 | 0.0500 | 0.0200 | 0.0100 | yes / **no** |" in text
 
 
-def test_demo_takes_no_options(capsys):
-    from lvm.demo.__main__ import main
+def test_demo_takes_only_a_seed(capsys):
+    from lvm.demo.__main__ import commands, main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--out", "elsewhere"])  # paths are fixed: a flag that would be ignored is refused instead
     assert exit_info.value.code == 2 and "unrecognized arguments: --out elsewhere" in capsys.readouterr().err
+    steps = dict(commands(seed=3))  # the seed reaches every step that draws at random
+    assert steps["data"][-2:] == ["--seed", "3"] and steps["tokenizer"][-2:] == ["--seed_everything", "3"]
+    assert steps["lvm"][-4:] == ["--seed_everything", "3", "--data.seed", "3"]

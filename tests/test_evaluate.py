@@ -9,17 +9,21 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm.evaluate import (
+    Sentence,
     main,
+    parse_args,
     perplexity_by_kind,
     perplexity_vs_context,
+    perplexity_vs_pairs,
     pixel_metrics,
     read_sentences,
+    run,
     target_nlls,
     unigram_perplexity,
 )
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 
 T = 16  # tokens per image of the tiny tokenizer
 
@@ -90,11 +94,30 @@ def test_perplexity_matches_direct_computation(model, sentences):
 def test_perplexity_vs_context_frames(model, sentences):
     video = sentences[0][:3]
     curve = perplexity_vs_context(model, video, batch_size=3)
-    assert list(curve) == [1, 2, 3, 4, 5, 6]  # what fits, not 15
-    for k in (1, 4):
+    assert list(curve) == [0, 1, 2, 3, 4, 5, 6]  # from no context (BOS alone) to what fits, not 15
+    for k in (0, 1, 4):
         expected = [direct_nll(model, s.images[-1 - k :]) for s in video]
         assert curve[k]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
-    assert list(perplexity_vs_context(model, video, max_frames=3)) == [1, 2, 3]
+    assert list(perplexity_vs_context(model, video, max_frames=3)) == [0, 1, 2, 3]
+
+
+def test_no_context_row_needs_bos(model, sentences):
+    """Without BOS (the released LVM) an image's first token has nothing to be predicted from: start at 1."""
+    no_bos = LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None})).eval()
+    assert list(perplexity_vs_context(no_bos, sentences[0][:3], max_frames=2)) == [1, 2]
+
+
+def test_perplexity_vs_example_pairs(model):
+    """The answer's perplexity given the query and n example pairs: n = 0 is [query, answer] after BOS."""
+    g = torch.Generator().manual_seed(1)
+    pairs = [Sentence(f"p{i}", "colorization", torch.randint(0, CODEBOOK_SIZE, (6, T), generator=g)) for i in range(2)]
+    curve = perplexity_vs_pairs(model, pairs, batch_size=2)
+    assert list(curve) == [0, 1, 2]  # 3 pairs per sentence: up to 2 examples before the query
+    for n in (0, 2):
+        expected = [direct_nll(model, s.images[-2 - 2 * n :]) for s in pairs]
+        assert curve[n]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
+    long = [Sentence("p", "inpainting", torch.randint(0, CODEBOOK_SIZE, (16, T), generator=g))]
+    assert list(perplexity_vs_pairs(model, long)) == [0, 1, 2]  # 6 context images fit: 2 pairs and the query
 
 
 def test_unigram_baseline(sentences):
@@ -132,7 +155,10 @@ def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir,
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["sentences"] == 5 and report["pixels"]["count"] == 5
-    assert list(report["vs_context"]) == ["1", "2", "3", "4", "5", "6"]
+    assert list(report["vs_context"]) == ["0", "1", "2", "3", "4", "5", "6"]
+    assert list(report["vs_pairs"]["pairs"]) == ["0", "1"]  # 2 pairs per sentence: 0 or 1 example before the query
+    assert "## pairs: answer perplexity against example pairs before the query" in (out / "report.md").read_text()
+    assert Image.open(out / "perplexity_vs_pairs_pairs.png").format == "PNG"
     assert "| unigram baseline | 5 |" in (out / "report.md").read_text()
     assert "| copy last frame |" in printed and "evaluated 5 sentences: perplexity" in printed
     plot = Image.open(out / "perplexity_vs_context.png")
@@ -143,8 +169,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "m.ckpt", "--sentences", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no such file or directory\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none'}: no .tar shards found (no such file or directory)\n"
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit):
         main(["--model", "m.ckpt", "--sentences", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
-    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .tar shards\n"
+    assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .tar shards found\n"
+
+
+@pytest.mark.parametrize("pattern", ["{}/*.tar", "{}/sentences-{{000000..000001}}.tar"])
+def test_cli_takes_the_shard_patterns_training_takes(tmp_path, shards, model, pattern):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    args = ["--model", str(tmp_path / "m.ckpt"), "--tokens-per-image", str(T), "--out", str(tmp_path / "eval")]
+    report = run(parse_args([*args, "--sentences", pattern.format(shards)]))
+    assert report["sentences"] == 5 and report["skipped"] == {
+        "fewer than 2 images": 1, f"not [BOS, k x {T} tokens, EOS]": 1, "missing tokens.npy or json": 1}

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm.generate import GREEDY, Decoder, Sampling, context_frames, rollout, sample
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
+from common.vocab import BOS_ID, CODEBOOK_SIZE, VOCAB_SIZE
 from lvm.checkpoint import CheckpointError, load_lvm
 from lvm.export import main as export_main
 from lvm.generate import GREEDY, Decoder
 from lvm.hf import config_from_hf, config_to_hf, hf_name, save_hf
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE, VOCAB_SIZE
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,7 +38,7 @@ def ours():
 def exported(ours, tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     save_ckpt(ours, out / "last.ckpt")
-    export_main(["--ckpt", str(out / "last.ckpt"), "--to-hf", str(out / "hf"), "--max-shard-size", "300KB"])
+    export_main(["--model", str(out / "last.ckpt"), "--to-hf", str(out / "hf"), "--max-shard-size", "300KB"])
     return out / "hf"
 
 

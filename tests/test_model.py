@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.vocab import VOCAB_SIZE
 from lvm.model import LVM, LVMConfig
-from lvm.vocab import VOCAB_SIZE
 
-# Paper/release parameter counts (REFERENCE.md), within 0.5%.
+# Parameter counts of the paper's sizes (Bai et al., 2023, Table 1) and the released LVM-7B, within 0.5%.
 EXPECTED_PARAMS = {"300m": 291e6, "600m": 648e6, "1b": 1147e6, "3b": 3275e6, "7b": 6544e6}
 
 
@@ -52,7 +52,7 @@ def test_docs_size_tables_match_the_model():
 
 
 def test_flops_per_token_match_reference():
-    # REFERENCE.md: ~2.9 GFLOP (300M) and ~9.1 GFLOP (1B) per training token at seq 4096.
+    # 6N + attention: ~2.9 GFLOP (300M) and ~9.1 GFLOP (1B) per training token at seq 4096.
     assert LVMConfig.from_name("300m").flops_per_token(4096) / 1e9 == pytest.approx(2.9, abs=0.1)
     assert LVMConfig.from_name("1b").flops_per_token(4096) / 1e9 == pytest.approx(9.1, abs=0.1)
 

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from common.files import natural_key
 from lvm.generate import GREEDY, rollout
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
-from lvm.prompt import main, natural_key
+from lvm.prompt import main
 
 S = 64
 

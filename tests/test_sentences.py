@@ -12,8 +12,8 @@ import torch
 import webdataset as wds
 import yaml
 
+from common.vocab import BOS_ID, EOS_ID
 from lvm.tokenize.derive import apply_mask, gray, mask_params
-from lvm.vocab import BOS_ID, EOS_ID
 from sentences import build as build_module
 from sentences.build import build, main
 from sentences.errors import SentenceError
@@ -309,7 +309,7 @@ def test_build_is_deterministic_and_resumes_after_a_kill(
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(spec))
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "a")]) == 0
 
-    real = build_module.atomic_tar
+    real = build_module.tar_writer
     calls = []
 
     def dies_on_third_shard(path):
@@ -319,11 +319,11 @@ def test_build_is_deterministic_and_resumes_after_a_kill(
             raise KeyboardInterrupt  # killed mid-write
         return real(path)
 
-    monkeypatch.setattr(build_module, "atomic_tar", dies_on_third_shard)
+    monkeypatch.setattr(build_module, "tar_writer", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")])
     assert len(list((tmp_path / "b").glob("sentences-*.tar"))) == 2 and not (tmp_path / "b" / "index.json").exists()
-    monkeypatch.setattr(build_module, "atomic_tar", real)
+    monkeypatch.setattr(build_module, "tar_writer", real)
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")]) == 0
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and not any(f.endswith(".tmp") for f in files)

@@ -12,7 +12,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from lvm.vocab import BOS_ID, EOS_ID
+from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
 from sentences.stream import PackedStream
 

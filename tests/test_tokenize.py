@@ -23,10 +23,10 @@ import torch
 from PIL import Image, ImageOps
 
 import tokenizer
-from lvm.tokenize import TokenizeError
-from lvm.tokenize import pipeline
+from lvm.palette import colour_labels, label_palette
+from lvm.tokenize import TokenizeError, pipeline
 from lvm.tokenize.__main__ import main
-from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
+from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
 from lvm.tokenize.writer import ShardWriter

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lvm.palette import colour_labels, label_palette
 from lvm.tokenize.decode import to_labels
-from lvm.tokenize.derive import apply_mask, colour_labels, gray, label_palette, mask_params
+from lvm.tokenize.derive import apply_mask, gray, mask_params
 
 
 def test_gray_uses_release_weights_and_replicates_channels():

@@ -143,5 +143,7 @@ def test_evaluate_cli(tiny_tokenizer_dir: Path, tiny_tokenizer, tmp_path: Path, 
 def test_evaluate_cli_bad_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"\x00" * 10)
-    assert evaluate_main(["--tokenizer", str(bad), "--images", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--tokenizer", str(bad), "--images", str(tmp_path)])
+    assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {bad}: corrupt or not a PyTorch checkpoint (unpickling failed)\n"

@@ -15,7 +15,7 @@ LEVELS = [8, 8, 8, 4, 4]
 
 
 def _miniature_config(**changes) -> tokenizer.VQGANConfig:
-    """The architecture of configs/demo/vqgan.yaml: 128 px, 4x4 stem + 3 levels = f16, FSQ 8192."""
+    """The architecture of lvm/demo/configs/vqgan.yaml: 128 px, 4x4 stem + 3 levels = f16, FSQ 8192."""
     fields = dict(resolution=128, patch_size=4, hidden_channels=32, channel_mult=[1, 2, 4], num_res_blocks=1,
                   z_channels=32, embed_dim=5, fsq_levels=LEVELS)
     return tokenizer.VQGANConfig(**{**fields, **changes})

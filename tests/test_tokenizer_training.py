@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from conftest import tiny_vqgan_config
 from lightning.pytorch import Callback, Trainer
 
 import tokenizer
+from conftest import tiny_vqgan_config
 from lvm.cli import main as lightning_cli
 from tokenizer.data import ImageDataModule, ImageFolder, make_transform
 from tokenizer.synthetic import write_images

@@ -21,14 +21,14 @@ import torch
 import torchvision
 from lightning.pytorch.cli import LightningCLI
 
+from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm import cli as lvm_cli
 from lvm import train
 from lvm.callbacks import AtomicCheckpointIO, SampleImages
 from lvm.data import LVMDataModule
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, Linear, LVMConfig
-from lvm.train import LVMModule, warmup_cosine
-from lvm.vocab import BOS_ID, CODEBOOK_SIZE
+from lvm.train import LVMModule, lr_multiplier
 from sentences.stream import PackedStream
 from test_data import write_sentence_shards
 
@@ -275,11 +275,42 @@ def test_config_errors_come_before_any_data_is_read(tmp_path):
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():
-    lr = [warmup_cosine(s, warmup_steps=10, max_steps=110, min_ratio=0.2) for s in range(120)]
+    lr = [lr_multiplier(s, warmup_steps=10, max_steps=110, min_ratio=0.2) for s in range(120)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[10] == 1.0
     assert lr[60] == pytest.approx(0.6)  # half way through the cosine: (1 + 0.2) / 2
     assert lr[110] == lr[119] == pytest.approx(0.2)
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_schedule_is_stable_then_decays_over_the_last_fraction(shape):
+    lr = [lr_multiplier(s, 10, 100, 0.1, schedule="wsd", decay_fraction=0.2, decay_shape=shape) for s in range(110)]
+    assert lr[0] == pytest.approx(0.1) and all(v == 1.0 for v in lr[9:81])  # stable until step 80
+    quarter = 0.75 if shape == "linear" else 0.5  # 1 - 0.25 or 1 - sqrt(0.25), a quarter into the decay
+    assert lr[85] == pytest.approx(0.1 + 0.9 * quarter)
+    assert lr[100] == lr[109] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lr[80:], lr[81:]))
+
+
+def test_constant_schedule_only_warms_up():
+    lr = [lr_multiplier(s, 5, 50, 0.1, schedule="constant") for s in range(60)]
+    assert lr[0] == pytest.approx(0.2) and all(v == 1.0 for v in lr[4:])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd", "constant"])
+def test_module_trains_with_the_configured_schedule(schedule, shards):
+    """The optimizer's learning rate follows `lr_multiplier` step by step under Lightning."""
+    module = LVMModule(overrides=MINI, lr=1e-3, min_lr=1e-4, warmup_steps=2, schedule=schedule, decay_fraction=0.5)
+    seen = []
+    module.on_train_batch_start = lambda *_: seen.append(module.optimizers().param_groups[0]["lr"])
+    quick_trainer(max_steps=8).fit(module, LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
+    expected = [1e-3 * lr_multiplier(s, 2, 8, 0.1, schedule=schedule, decay_fraction=0.5) for s in range(8)]
+    assert seen == pytest.approx(expected)
+
+
+def test_bad_schedule_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^model\.decay_fraction: must be in \(0, 1\], got 0"):
+        LVMModule(overrides=MINI, schedule="wsd", decay_fraction=0.0)
 
 
 @pytest.mark.parametrize("decay_all", [False, True])
@@ -384,6 +415,7 @@ def test_fsdp_configs_wrap_and_recompute_each_block(size):
     import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
+
     from lvm.model import Block
 
     parser = ArgumentParser()
@@ -407,6 +439,7 @@ def test_3b_dry_run_reports_parameters_without_allocating(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fsdp_trains_on_one_gpu(shards):
     from lightning.pytorch.strategies import FSDPStrategy
+
     from lvm.model import Block
 
     dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)

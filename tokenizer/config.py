@@ -14,10 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from common.errors import UserError
+
 ResizeMode = Literal["stretch", "center_crop"]
 
 
-class VQGANConfigError(ValueError):
+class VQGANConfigError(UserError, ValueError):
     """An impossible tokenizer architecture; the message names the fields (the `lightning` CLI prints it as one line)."""
 
 

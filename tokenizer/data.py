@@ -20,10 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
+from common.files import IMAGE_SUFFIXES
 from tokenizer.preprocess import to_rgb_float
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 WDS_IMAGE_KEYS = "jpg;jpeg;png;webp"
 
 

@@ -27,6 +27,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm import tqdm
 
 import tokenizer
+from common.errors import UserError, exit_on
+from common.options import add_device_arg
 from tokenizer.data import image_files
 from tokenizer.preprocess import from_value_range
 from tokenizer.quantizer import codebook_stats
@@ -107,6 +109,7 @@ def evaluate(
     return result
 
 
+@exit_on
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, help="any checkpoint tokenizer.load reads")
@@ -115,18 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (sorted by path)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
-    try:
-        tok = tokenizer.load(args.tokenizer, device=args.device, config=args.config)
-    except tokenizer.TokenizerLoadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    tok = tokenizer.load(args.tokenizer, device=args.device, config=args.config)
     files = image_files(args.images) if args.images.is_dir() else []
     if not files:
-        print(f"error: {args.images}: no image files found", file=sys.stderr)
-        return 2
+        raise UserError(args.images, "no image files found")
     result = evaluate(tok, files[: args.limit], args.batch_size, args.num_workers)
     for path in result["skipped"]:
         print(f"skipped unreadable image: {path}", file=sys.stderr)

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+from common.errors import UserError
 from tokenizer.config import VQGANConfig
 from tokenizer.model import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, VQTokenizer
 
@@ -34,12 +35,8 @@ LIGHTNING_KEY = "lvm_tokenizer"  # checkpoint entry written by VQGANTraining.on_
 OPEN_MUSE_WEIGHTS = ("pytorch_model.safetensors", "model.safetensors", "pytorch_model.bin")
 
 
-class TokenizerLoadError(Exception):
-    """A checkpoint that cannot be loaded; str() is '<path>: <problem>' on one line."""
-
-    def __init__(self, path: str | Path, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path, self.problem = str(path), problem
+class TokenizerLoadError(UserError):
+    """A checkpoint that cannot be loaded: ``TokenizerLoadError(path, problem)``."""
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None) -> VQTokenizer:

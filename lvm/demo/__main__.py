@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -19,17 +20,17 @@ import yaml
 from lvm.demo import report
 
 OUT = Path("demo_out")
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+CONFIGS = resources.files("lvm.demo") / "configs"  # package data, so installed copies find them too
 TOKENIZER = OUT / "vqgan" / "checkpoints" / "last.ckpt"
 LVM = OUT / "lvm" / "checkpoints" / "last.ckpt"
 WINDOW = 1024  # 16 images of 64 tokens: the longest sentence the miniature builds
 
 
-def sentence_specs() -> dict[str, dict]:
-    """The training mixture (video, colorization, inpainting) and the held-out video sentences."""
+def sentence_specs(seed: int) -> dict[str, dict]:
+    """The training mixture (video, colorization, inpainting) and the held-out video and analogy sentences."""
     tokens = OUT / "tokens"
     train = {
-        "seed": 0,
+        "seed": seed,
         "window": WINDOW,
         "sentences_per_shard": 200,
         "sources": [
@@ -43,14 +44,18 @@ def sentence_specs() -> dict[str, dict]:
         ],
     }
     heldout = {
-        "seed": 1,
+        "seed": seed + 1,
         "window": WINDOW,
-        "sources": [{"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "epochs": 6}],
+        "sources": [
+            {"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "epochs": 6},
+            {"name": "color-heldout", "kind": "colorization", "shards": str(tokens / "crops_heldout"), "epochs": 4},
+            {"name": "inpaint-heldout", "kind": "inpainting", "shards": str(tokens / "crops_heldout"), "epochs": 4},
+        ],
     }
     return {"train": train, "heldout": heldout}
 
 
-def commands() -> list[tuple[str, list[str]]]:
+def commands(seed: int) -> list[tuple[str, list[str]]]:
     """(step name, argv) in order; `python` and `lightning` are this environment's."""
     py, lightning = [sys.executable], [str(Path(sys.executable).parent / "lightning")]
     data, tokens, prompts, rep = OUT / "data", OUT / "tokens", OUT / "data" / "prompts", OUT / "report"
@@ -58,17 +63,18 @@ def commands() -> list[tuple[str, list[str]]]:
     # tokenizes ~1.6x faster than a decoding worker beside a 1-thread encoder.
     tokenize = py + ["-m", "lvm.tokenize", "--tokenizer", str(TOKENIZER), "--workers", "0"]
     steps = [
-        ("data", py + ["-m", "lvm.demo.data", "--out", str(data)]),
-        ("tokenizer", lightning + ["fit", "-c", str(CONFIGS / "vqgan.yaml")]),
+        ("data", py + ["-m", "lvm.demo.data", "--out", str(data), "--seed", str(seed)]),
+        ("tokenizer", lightning + ["fit", "-c", str(CONFIGS / "vqgan.yaml"), "--seed_everything", str(seed)]),
         ("tokenizer-eval", py + ["-m", "tokenizer.evaluate", "--tokenizer", str(TOKENIZER), "--images", str(data / "prompts" / "video"), "--json", str(rep / "tokenizer.json")]),
         ("tokenize-video-train", tokenize + ["--shards", str(data / "video" / "train"), "--out", str(tokens / "video_train"), "--derive", "gray,masked"]),
         ("tokenize-video-views", tokenize + ["--shards", str(data / "video" / "train_views"), "--out", str(tokens / "video_views")]),
         ("tokenize-photo-pans", tokenize + ["--shards", str(data / "video" / "train_pans"), "--out", str(tokens / "video_pans")]),
         ("tokenize-video-heldout", tokenize + ["--shards", str(data / "video" / "heldout"), "--out", str(tokens / "video_heldout")]),
         ("tokenize-photos", tokenize + ["--shards", str(data / "images" / "train" / "photos"), "--out", str(tokens / "photos_train"), "--derive", "gray,masked"]),
+        ("tokenize-crops-heldout", tokenize + ["--shards", str(data / "images" / "heldout" / "crops"), "--out", str(tokens / "crops_heldout"), "--derive", "gray,masked"]),
         ("sentences-train", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "train.yaml"), "--out", str(OUT / "sentences" / "train")]),
         ("sentences-heldout", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "heldout.yaml"), "--out", str(OUT / "sentences" / "heldout")]),
-        ("lvm", lightning + ["fit", "-c", str(CONFIGS / "lvm.yaml")]),
+        ("lvm", lightning + ["fit", "-c", str(CONFIGS / "lvm.yaml"), "--seed_everything", str(seed), "--data.seed", str(seed)]),
         ("evaluate", py + ["-m", "lvm.evaluate", "--model", str(LVM), "--sentences", str(OUT / "sentences" / "heldout"), "--tokenizer", str(TOKENIZER), "--out", str(rep / "evaluate")]),
         ("prompt-video", py + ["-m", "lvm.prompt", "--model", str(LVM), "--tokenizer", str(TOKENIZER), "--greedy",
                                "--frames", str(prompts / "video" / "bikes" / "context"),
@@ -104,19 +110,21 @@ def run_step(name: str, argv: list[str], logs: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    # No options: every path is fixed (demo_out/ in the working directory) so the printed commands can be
-    # copied as they are; --help says what the command does.
-    argparse.ArgumentParser(prog="python -m lvm.demo", description=__doc__.splitlines()[0]).parse_args(argv)
+    # Every path is fixed (demo_out/ in the working directory) so the printed commands can be copied as they
+    # are; the seed is the one choice: every random draw of every step follows from it.
+    parser = argparse.ArgumentParser(prog="python -m lvm.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the sentences and both trainings")
+    args = parser.parse_args(argv)
     if OUT.exists():
         shutil.rmtree(OUT)  # the miniature always starts from scratch
     logs, specs = OUT / "logs", OUT / "specs"
     for folder in (logs, specs, OUT / "report"):
         folder.mkdir(parents=True)
-    for name, spec in sentence_specs().items():
+    for name, spec in sentence_specs(args.seed).items():
         (specs / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     start = time.time()
-    timings = {name: run_step(name, argv, logs) for name, argv in commands()}
-    summary = report.write(OUT, timings)
+    timings = {name: run_step(name, argv, logs) for name, argv in commands(args.seed)}
+    summary = report.write(OUT, timings, args.seed)
     print(f"demo finished in {(time.time() - start) / 60:.1f} min: report at {summary}")
 
 

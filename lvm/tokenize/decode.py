@@ -22,8 +22,9 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from lvm.tokenize.derive import colour_labels, label_palette
-from lvm.tokenize.sources import IMAGE_SUFFIXES, Unit
+from common.files import IMAGE_SUFFIXES
+from lvm.palette import colour_labels, label_palette
+from lvm.tokenize.sources import Item, Unit
 from tokenizer.preprocess import to_rgb_float
 
 REASONS = (
@@ -180,8 +181,13 @@ def _tar_members(stream: BinaryIO, path: str, errors: list[BaseException]) -> It
         errors.append(error)
 
 
-def read_image_file(path: str, rel: str, opts: DecodeOptions) -> Picture | Skip:
-    """One image of a folder; its json names its relative path and folder so builders can group and pair."""
+def read_image_file(item: Item, opts: DecodeOptions) -> Picture | Skip:
+    """One image of a folder; its json names its relative path and folder so builders can group and pair.
+
+    A numbered frame of a frame folder also gets `video` (its folder) and `frame`, the fields the video
+    sentence builders group and order by.
+    """
+    path, rel = item.path, item.rel
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -189,6 +195,8 @@ def read_image_file(path: str, rel: str, opts: DecodeOptions) -> Picture | Skip:
         return Skip(path, "unreadable_file", _detail(error))
     parent = str(PurePosixPath(rel).parent)
     meta = {"source": path, "key": _safe_key(rel), "path": rel, "folder": "" if parent == "." else parent}
+    if item.frame is not None:
+        meta.update(video=meta["folder"], frame=item.frame)
     return decode_image(data, path, meta["key"], meta, opts)
 
 
@@ -236,7 +244,7 @@ def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         if unit.kind == "tar":
             yield from read_tar(item.path, opts)
         elif unit.kind == "images":
-            yield read_image_file(item.path, item.rel, opts)
+            yield read_image_file(item, opts)
         elif opts.labels:
             yield Skip(item.path, "not_label_map", "videos cannot be label maps")
         else:

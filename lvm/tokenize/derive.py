@@ -2,16 +2,16 @@
 
 Gray and masked work on FloatTensor[3, H, W] in [0, 1] at the image's original size, before the
 tokenizer's resize and value-range mapping, so "zeroed" means black for every tokenizer. Randomness comes from Python's `random`
-seeded by strings, whose streams are stable across Python and NumPy versions, so a mask or a
-palette drawn today is drawn identically years later. The release recipes are in
-/work/shared/REFERENCE.md (colorization, inpainting, segmentation palette).
+seeded by strings, whose streams are stable across Python and NumPy versions, so a mask drawn today
+is drawn identically years later. The recipes are the paper's (Bai et al., 2023, "Sequential Modeling
+Enables Scalable Learning for Large Vision Models", Sec. 3 and appendix: colorization, inpainting); the
+segmentation palette lives in `lvm.palette`, shared with `lvm.annotate`.
 """
 
 from __future__ import annotations
 
 import random
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,7 +20,6 @@ HOLE_PROBABILITY = 0.3  # otherwise patches
 HOLE_SIDE = (0.1, 0.5)  # side of the square hole, as a fraction of the image side
 PATCH_GRID = 8  # 8x8 patches: 32x32 pixels each in the tokenizer's 256x256 view
 PATCH_FRACTION = (0.1, 0.5)  # fraction of the 64 patches zeroed
-PALETTE_SEED = "lvm-segmentation-palette-v1"
 VARIANTS = ("gray", "masked")
 
 
@@ -59,13 +58,3 @@ def apply_mask(rgb: Tensor, params: dict) -> Tensor:
         row, col = divmod(cell, grid)
         out[:, row * height // grid : (row + 1) * height // grid, col * width // grid : (col + 1) * width // grid] = 0
     return out
-
-
-def label_palette() -> np.ndarray:
-    """The fixed 256-entry colour table [256, 3] uint8 for segmentation label maps."""
-    return np.frombuffer(random.Random(PALETTE_SEED).randbytes(256 * 3), dtype=np.uint8).reshape(256, 3).copy()
-
-
-def colour_labels(labels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Label indices uint8 [H, W] -> RGB uint8 [H, W, 3] through the palette."""
-    return palette[labels]

@@ -23,12 +23,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import tokenizer
+from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_unit
-from lvm.tokenize.derive import PALETTE_SEED, VARIANTS, apply_mask, gray, mask_params
+from lvm.tokenize.derive import VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary
 from lvm.tokenize.sources import Unit, find_units
 from lvm.tokenize.writer import ShardWriter, shard_state
+from sentences.formats import ORIGINAL
 from tokenizer.preprocess import resize_square, to_value_range
 
 
@@ -63,6 +65,7 @@ class Job:
     workers: int = 8
     images_per_shard: int = 1000
     videos_per_shard: int = 8
+    frame_folders: bool = False  # image folders are frame sequences (the frame indices enter each unit's digest)
     max_shards: int | None = None  # stop after this many shards (this rank); a rerun continues
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
 
@@ -163,7 +166,8 @@ def ranks_from_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def _device(requested: str | None, local_rank: int) -> torch.device:
+def pick_device(requested: str | None, local_rank: int) -> torch.device:
+    """The requested device, or cuda:LOCAL_RANK when CUDA is available, else the CPU (also used by `lvm.annotate`)."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
@@ -182,13 +186,18 @@ def _load_tokenizer(path: str, device: torch.device) -> tokenizer.VQTokenizer:
     return tok
 
 
-def _tokenizer_identity(tok: tokenizer.VQTokenizer) -> dict:
-    """Config plus a digest of the weights: a shard made by another tokenizer is never taken as done."""
+def weights_digest(module: torch.nn.Module) -> str:
+    """A digest of a module's parameters and buffers (also used by `lvm.annotate` for its models)."""
     digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in tok.state_dict().items():
+    for name, tensor in module.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"config": tok.config.to_dict(), "weights": digest.hexdigest()}
+    return digest.hexdigest()
+
+
+def _tokenizer_identity(tok: tokenizer.VQTokenizer) -> dict:
+    """Config plus a digest of the weights: a shard made by another tokenizer is never taken as done."""
+    return {"config": tok.config.to_dict(), "weights": weights_digest(tok)}
 
 
 class Encoder:
@@ -244,10 +253,10 @@ def run(job: Job) -> Summary:
         raise TokenizeError("--batch-size must be at least 1, --workers at least 0")
     if job.out.exists() and not job.out.is_dir():
         raise TokenizeError(f"{job.out}: --out exists and is not a folder")
-    units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard)
+    units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard, job.frame_folders)
     if missing:
         _log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
-    tok = _load_tokenizer(job.tokenizer, _device(job.device, local_rank))
+    tok = _load_tokenizer(job.tokenizer, pick_device(job.device, local_rank))
     todo = plan(job, units, tok, rank, world, prefix)
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the decoding workers their cores: oversubscribed, a 2-core machine encodes 3x slower.
@@ -259,7 +268,7 @@ def run(job: Job) -> Summary:
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda)
     progress = Progress(len(todo.units), prefix)
     writers: dict[int, ShardWriter] = {}  # one open shard per worker at most
-    variants = ("", *job.options.derive)
+    variants = (ORIGINAL, *job.options.derive)
     for batch in loader:
         if batch.unit not in writers:
             unit = todo.units[batch.unit]

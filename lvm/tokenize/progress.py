@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
@@ -38,7 +39,7 @@ class Summary:
         return (
             f"tokenize: {self.images:,} images tokenized (+{self.derived:,} derived) in {self.shards_written} shards "
             f"({self.shards_already_done} already complete); skipped {skipped:,}{': ' + reasons if reasons else ''}; "
-            f"{self.tokens:,} tokens written; wall {_clock(self.wall_s)} ({rate:.1f} images/s)"
+            f"{self.tokens:,} tokens written; wall {clock(self.wall_s)} ({rate:.1f} images/s)"
         )
 
 
@@ -59,7 +60,7 @@ class Progress:
         if now - self.last >= self.every_s or (shards and self.shards == self.total):
             self.last = now
             elapsed = now - self.start
-            eta = _clock(elapsed / self.shards * (self.total - self.shards)) if self.shards else "?"
+            eta = clock(elapsed / self.shards * (self.total - self.shards)) if self.shards else "?"
             print(
                 f"{self.prefix}shards {self.shards}/{self.total} | {self.images:,} images | "
                 f"{self.images / max(elapsed, 1e-9):.1f} images/s | ETA {eta}",

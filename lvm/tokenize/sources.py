@@ -10,6 +10,10 @@ the list without talking to each other and a rerun recognises the shards it alre
   `images_per_shard`, named `<root>-img-000000`, `<root>-img-000001`, ...;
 - the videos under a root likewise, `videos_per_shard` at a time: `<root>-vid-000000`, ...
 
+With `frame_folders`, every folder of images is a sequence of frames: each image gets its index in the
+natural order of its folder's file names (`f2.png` before `f10.png`), numbered here because a folder's
+frames may fall into several units.
+
 The root of a spec is the folder it names, or the folder before its first wildcard or brace.
 """
 
@@ -21,13 +25,12 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from braceexpand import braceexpand
-
+from common.files import IMAGE_SUFFIXES, natural_key
 from lvm.tokenize import TokenizeError
+from sentences.formats import expand_pattern
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 TAR_SUFFIX = ".tar"
 KINDS = ("tar", "images", "videos")
@@ -40,6 +43,7 @@ class Item:
 
     path: str
     rel: str
+    frame: int | None = None  # position in its folder's natural file-name order, with frame_folders
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ class Unit:
     def inputs_digest(self) -> str:
         """A digest of which inputs the unit holds (relative paths, so a rerun from another working
         folder or mount point still recognises its shards); a rerun redoes a shard whose inputs changed."""
-        text = "\n".join([self.kind, *(item.rel for item in self.items)])
+        rels = (item.rel if item.frame is None else f"{item.rel}#{item.frame}" for item in self.items)
+        text = "\n".join([self.kind, *rels])
         return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -88,15 +93,13 @@ def _walk(folder: str) -> list[str]:
 def _expand(spec: str) -> tuple[list[str], list[str]]:
     """All existing paths a spec names (brace pattern, then glob), and the brace-named paths that are missing."""
     paths, missing = [], []
-    for pattern in braceexpand(spec):
-        if glob.has_magic(pattern):
-            paths.extend(sorted(glob.glob(pattern, recursive=True)))
-        elif os.path.exists(pattern):
-            paths.append(pattern)
-        elif pattern == spec:
-            raise TokenizeError(f"{spec}: no such file or directory")
-        else:
-            missing.append(pattern)
+    for name, found in expand_pattern(spec):
+        paths.extend(found)
+        if found or glob.has_magic(name):
+            continue
+        if name == spec:
+            raise TokenizeError(spec, "no such file or directory")
+        missing.append(name)
     return paths, missing
 
 
@@ -110,11 +113,24 @@ def _group(root: str, items: list[Item], kind: str, per_shard: int) -> list[Unit
     ]
 
 
+def number_frames(items: list[Item]) -> list[Item]:
+    """The images with their frame index: their position among their folder's images in natural name order."""
+    folders: dict[str, list[Item]] = defaultdict(list)
+    for item in items:
+        folders[str(PurePosixPath(item.rel).parent)].append(item)
+    numbered = []
+    for members in folders.values():
+        ordered = sorted(members, key=lambda i: (natural_key(PurePosixPath(i.rel).name), i.rel))
+        numbered += [Item(item.path, item.rel, frame) for frame, item in enumerate(ordered)]
+    return numbered
+
+
 def find_units(
-    specs: list[str], images_per_shard: int = 1000, videos_per_shard: int = 8
+    specs: list[str], images_per_shard: int = 1000, videos_per_shard: int = 8, frame_folders: bool = False
 ) -> tuple[list[Unit], list[str]]:
     """Units for all specs, sorted by name, and the brace-named paths that do not exist.
 
+    With `frame_folders`, images carry their frame index in their folder (`number_frames`).
     Raises TokenizeError when a spec names no input at all or two inputs would write the same
     output shard.
     """
@@ -142,6 +158,8 @@ def find_units(
         if not found:
             raise TokenizeError(f"{spec}: matches no tar shard, image or video file")
     for (root, kind), items in sorted(grouped.items()):
+        if frame_folders and kind == "images":
+            items = number_frames(sorted(set(items), key=lambda i: i.rel))
         units.extend(_group(root, items, kind, images_per_shard if kind == "images" else videos_per_shard))
     units = sorted(set(units), key=lambda u: (u.name, u.items[0].path))
     for a, b in zip(units, units[1:]):

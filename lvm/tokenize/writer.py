@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
-from webdataset import TarWriter
 
+from common.files import atomic_write
 from lvm.tokenize.decode import Skip
+from sentences.formats import tar_writer, token_member
 
 MAX_LISTED_SKIPS = 1000  # the report counts every skip but lists only the first ones
 
@@ -51,24 +52,14 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _replace(tmp: Path, final: Path) -> None:
-    os.replace(tmp, final)
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power cut, not only the file contents
-    finally:
-        os.close(dir_fd)
-
-
 class ShardWriter:
     """Streams samples of one unit into its temporary tar and commits tar + report at the end."""
 
     def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str) -> None:
         self.tar_path, self.report_path = shard_paths(out, name)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_path = self.tar_path.with_name(self.tar_path.name + ".tmp")
-        self._file = open(self.tmp_path, "wb")  # truncates whatever a killed run left here
-        self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
+        self._commit = ExitStack()  # closing it renames the tar into place
+        self._tar = self._commit.enter_context(tar_writer(self.tar_path, encoder=False))  # truncates a killed run's
         self.name, self.inputs, self.fingerprint = name, inputs, fingerprint
         self.images = 0
         self.tokens = 0
@@ -76,10 +67,10 @@ class ShardWriter:
         self.skipped_items: list[dict] = []
 
     def add(self, key: str, meta_json: bytes, tokens: dict[str, np.ndarray]) -> None:
-        """One sample: its json and one uint16 token array per variant ('' is the original image)."""
+        """One sample: its json and one uint16 token array per variant (ORIGINAL is the image itself)."""
         sample = {"__key__": key, "json": meta_json}
         for variant, codes in tokens.items():
-            sample[f"{variant}.tokens.npy" if variant else "tokens.npy"] = npy_bytes(codes)
+            sample[token_member(variant)] = npy_bytes(codes)
             self.tokens += codes.size
         self._tar.write(sample)
         self.images += 1
@@ -91,11 +82,7 @@ class ShardWriter:
             self.skipped_items.append({"item": skip.item, "reason": skip.reason, "detail": skip.detail})
 
     def commit(self) -> None:
-        """Flush to disk, write the report, then rename the tar into place (the completion point)."""
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        """Write the report, then rename the tar into place (the completion point)."""
         report = {
             "shard": self.tar_path.name,
             "inputs": self.inputs,
@@ -105,11 +92,7 @@ class ShardWriter:
             "skipped": dict(sorted(self.skipped.items())),
             "skipped_items": self.skipped_items,
         }
-        report_tmp = self.report_path.with_name(self.report_path.name + ".tmp")
-        with open(report_tmp, "w") as f:
+        with atomic_write(self.report_path, "w") as f:
             json.dump(report, f, indent=1, sort_keys=True)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _replace(report_tmp, self.report_path)
-        _replace(self.tmp_path, self.tar_path)
+        self._commit.close()

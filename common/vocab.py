@@ -17,7 +17,3 @@ PAD_ID = CODEBOOK_SIZE + 2  # 8194: left padding of batched prompts, never a tra
 TOKENS_PER_IMAGE = 256  # 16x16 codes for a 256x256 image at f=16
 CONTEXT_LENGTH = 4096  # 16 images per training window
 
-
-def is_code(token_id: int) -> bool:
-    """True for a VQ code id (an image token), False for a special token."""
-    return 0 <= token_id < CODEBOOK_SIZE

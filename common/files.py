@@ -1,0 +1,57 @@
+"""File conventions shared by every stage: the one atomic write, and which files are images.
+
+Every output a later run or another stage reads (token and sentence shards, their reports and
+indexes, checkpoints) is written with `atomic_write`, so a killed job leaves either the complete
+file or a `<name>.tmp` that the next run removes or overwrites, never a truncated file under the
+final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
+)
+"""Image files every command reads from folders: the formats Pillow decodes that vision datasets use
+(camera frames often come as PGM/PPM, microscopy and remote sensing as TIFF)."""
+
+
+def natural_key(name: str | Path) -> list:
+    """Sort key of a file name that orders its digit runs as numbers (frame2 before frame10), case-blind;
+    a path sorts by its name. Tuples keep digit and text runs comparable with each other."""
+    name = name.name if isinstance(name, Path) else name
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+
+
+def tmp_path(path: str | Path) -> Path:
+    """Where `atomic_write` stages `path`: `<path>.tmp` beside it (the same filesystem, so the rename is atomic)."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """A file opened on `<path>.tmp` that becomes `path` only when the block completes.
+
+    On completion the data is flushed and fsynced, the file renamed over `path`, and the directory
+    fsynced, so the rename itself survives a power cut. If the block raises, `path` is untouched and the
+    `.tmp` file stays for the next run to overwrite.
+    """
+    path = Path(path)
+    tmp = tmp_path(path)
+    with open(tmp, mode) as file:
+        yield file
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -1,0 +1,72 @@
+"""`python -m lvm.annotate`: images and img2dataset tar shards -> edge, depth, normal and segmentation maps.
+
+    python -m lvm.annotate --images photos/ --tasks edges --out annot/
+    torchrun --nproc-per-node 8 -m lvm.annotate --images 'laion/{00000..00099}.tar' --out annot/ \\
+        --tasks depth,normals,segmentation --depth-model depth-anything/Depth-Anything-V2-Large-hf \\
+        --seg-model facebook/mask2former-swin-large-ade-semantic
+
+Writes `annot/<task>/`, keyed like the images, ready for `lvm.tokenize` and `pairs` / `multitask` sentences.
+See docs/FORMATS.md. Exit codes: 0 done, 2 bad input, options or models (one line: `error: ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from common.errors import exit_on
+from lvm.annotate import TASKS
+from lvm.annotate.pipeline import Job, run
+from lvm.tokenize.pipeline import ranks_from_env
+
+
+def _tasks(text: str) -> tuple[str, ...]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(TASKS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown task {', '.join(unknown) or '(none)'} (choose from {', '.join(TASKS)})")
+    return tuple(t for t in TASKS if t in names)
+
+
+def parse_args(argv: list[str] | None = None) -> Job:
+    """Command line -> Job."""
+    p = argparse.ArgumentParser(prog="python -m lvm.annotate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", nargs="+", required=True, metavar="SRC",
+                   help="image folders (recursive), img2dataset tars, globs or brace patterns: what lvm.tokenize takes")
+    p.add_argument("--tasks", type=_tasks, required=True, metavar=",".join(TASKS), help="annotations to make")
+    p.add_argument("--out", type=Path, required=True, help="output folder: one subfolder per task (created)")
+    p.add_argument("--depth-model", help="transformers depth model (local folder or hub id), for depth and normals, "
+                                         "e.g. depth-anything/Depth-Anything-V2-Large-hf")
+    p.add_argument("--normals-model", help="transformers normal-estimation model; without it normals come from depth")
+    p.add_argument("--seg-model", help="transformers segmentation model (local folder or hub id), "
+                                       "e.g. facebook/mask2former-swin-large-ade-semantic")
+    p.add_argument("--max-size", type=int, default=512,
+                   help="longer side of the annotations: larger images are shrunk first (0: keep their size)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                   help="DataLoader worker processes per rank (decoding, edges, model preprocessing)")
+    p.add_argument("--images-per-shard", type=int, default=1000, help="images of a folder per unit (one report each)")
+    p.add_argument("--max-shards", type=int, default=None,
+                   help="stop after this many units (per rank); rerunning the command continues")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    a = p.parse_args(argv)
+    return Job(
+        images=a.images, out=a.out, tasks=a.tasks, depth_model=a.depth_model, normals_model=a.normals_model,
+        seg_model=a.seg_model, max_size=a.max_size, batch_size=a.batch_size, workers=a.workers,
+        images_per_shard=a.images_per_shard, max_shards=a.max_shards, device=a.device,
+    )
+
+
+@exit_on
+def main(argv: list[str] | None = None) -> int:
+    """Run the job; print the summary line (or one `error:` line and exit 2)."""
+    summary = run(parse_args(argv))
+    rank, world, _ = ranks_from_env()
+    print(f"[rank {rank}/{world}] " * (world > 1) + summary.line(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The transformers models behind depth, normals and segmentation: loading, identity, batched inference.
+
+Any `AutoModelForDepthEstimation` (Depth Anything V2, DPT, ZoeDepth, ...), `AutoModelForNormalEstimation`
+and `AutoModelForSemanticSegmentation` / `AutoModelForUniversalSegmentation` (SegFormer, Mask2Former, ...)
+checkpoint works, with its own image processor. The processors run in the DataLoader workers (`preprocess`),
+the models in the main process on `cuda:LOCAL_RANK` in float32 (TF32 matmuls): depth precision matters,
+since normals come from its gradients.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lvm.annotate import AnnotateError
+from lvm.annotate.render import nearness
+from lvm.tokenize.pipeline import weights_digest
+
+ROLES = ("depth", "normals", "segmentation")
+
+
+@dataclass
+class Model:
+    """A loaded model with its processor; `identity` enters the fingerprint of every output it makes."""
+
+    role: str  # one of ROLES
+    name: str  # as given: a local folder or a hub id
+    model: torch.nn.Module
+    processor: Any
+    identity: dict
+
+
+def _auto_classes(role: str) -> list:
+    try:
+        import transformers
+    except ImportError:
+        raise AnnotateError(f"--{role}-model needs transformers: pip install -e '.[annotate]'") from None
+
+    names = {
+        "depth": ["AutoModelForDepthEstimation"],
+        "normals": ["AutoModelForNormalEstimation"],
+        "segmentation": ["AutoModelForSemanticSegmentation", "AutoModelForUniversalSegmentation"],
+    }[role]
+    classes = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
+    if not classes:
+        raise AnnotateError(f"--{role}-model needs a transformers with {names[0]} (installed: {transformers.__version__})")
+    return classes
+
+
+def load(role: str, name: str, device: torch.device) -> Model:
+    """The model and image processor of a local folder or hub id (hub ids go through the Hugging Face cache,
+    so HF_HUB_OFFLINE=1 works with models downloaded before); one-line AnnotateError when it cannot be loaded."""
+    # The shared --model/--tokenizer resolver (issue 14) belongs here, mapping `name` to a folder first.
+    classes = _auto_classes(role)
+    from transformers import AutoImageProcessor
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    errors = []
+    for auto in classes:
+        try:
+            model = auto.from_pretrained(name)
+            break
+        except (OSError, ValueError, KeyError) as error:  # not found, offline, or not this kind of model
+            errors.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    else:
+        raise AnnotateError(f"{name}: cannot load a {role} model ({errors[-1][:300]})")
+    try:
+        processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as error:
+        raise AnnotateError(f"{name}: no image processor for the {role} model ({str(error).splitlines()[0][:300]})") from None
+    if role == "normals" and not hasattr(processor, "post_process_normal_estimation"):
+        raise AnnotateError(f"{name}: its image processor has no post_process_normal_estimation")
+    if role == "segmentation" and not hasattr(processor, "post_process_semantic_segmentation"):
+        raise AnnotateError(f"{name}: its image processor has no post_process_semantic_segmentation")
+    model = model.to(device).eval()
+    identity = {
+        "name": name,
+        "config": json.loads(model.config.to_json_string(use_diff=False)),
+        "processor": json.loads(processor.to_json_string()),
+        "weights": weights_digest(model),
+    }
+    return Model(role, name, model, processor, identity)
+
+
+def preprocess(processor: Any, squares: list[np.ndarray]) -> Tensor:
+    """The processor's pixel_values of a batch of uint8 [S, S, 3] images (in a DataLoader worker).
+
+    Images are squashed to squares first, so every processor (fixed size, aspect-keeping or shortest-edge)
+    gives one tensor shape per batch; predictions are resized back to each image's own size.
+    """
+    return processor(images=squares, return_tensors="pt")["pixel_values"]
+
+
+def is_metric(model: Model) -> bool:
+    """Whether the depth model predicts distance (ZoeDepth, metric Depth Anything) rather than inverse depth."""
+    config = model.model.config
+    return getattr(config, "depth_estimation_type", None) == "metric" or config.model_type == "zoedepth"
+
+
+@torch.inference_mode()
+def predict(model: Model, pixel_values: Tensor, sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """One batch through one model; per image at its (height, width), on the model's device:
+    depth -> nearness [H, W] in [0, 1]; normals -> unit vectors [3, H, W]; segmentation -> label ids [H, W]."""
+    device = next(model.model.parameters()).device
+    outputs = model.model(pixel_values=pixel_values.to(device, non_blocking=True))
+    if model.role == "segmentation":
+        return model.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+    if model.role == "normals":
+        results = model.processor.post_process_normal_estimation(outputs, target_sizes=sizes)
+        return [F.normalize(r["normals"].float(), dim=0) for r in results]
+    depth = outputs.predicted_depth
+    depth = depth if depth.dim() == 4 else depth[:, None]
+    metric = is_metric(model)
+    return [
+        nearness(F.interpolate(d[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0], metric)
+        for d, size in zip(depth, sizes)
+    ]

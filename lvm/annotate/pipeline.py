@@ -1,0 +1,311 @@
+"""The annotate job: ranks split the units, DataLoader workers decode and preprocess, the main process runs
+the models and hands the maps to the writers.
+
+The same units as `lvm.tokenize` (`find_units`: one per input tar, `images_per_shard` images of a folder
+per unit), split round-robin over ranks before looking at what is done, so ranks never overlap and a rerun
+with any number of ranks continues where the last stopped. Worker w of a rank reads units w, w + W, ...,
+decodes each image once (`lvm.tokenize.decode`), shrinks it to the working size, computes the Canny edges
+and each model's pixel_values; the main process runs the models on whole batches on `cuda:LOCAL_RANK`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from lvm.annotate import TASKS, AnnotateError, render
+from lvm.annotate.models import Model, load, predict, preprocess
+from lvm.annotate.writer import UnitOutput, is_done
+from lvm.tokenize import TokenizeError
+from lvm.tokenize.decode import DecodeOptions, Skip, read_unit
+from lvm.tokenize.pipeline import pick_device, ranks_from_env
+from lvm.tokenize.progress import Progress, clock
+from lvm.tokenize.sources import Unit, find_units
+
+MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
+
+
+@dataclass
+class Job:
+    """One `python -m lvm.annotate` invocation."""
+
+    images: list[str]
+    out: Path
+    tasks: tuple[str, ...]
+    depth_model: str | None = None
+    normals_model: str | None = None
+    seg_model: str | None = None
+    max_size: int = 512  # working size: longer side of the annotations (0: the images' own size)
+    batch_size: int = 16
+    workers: int = 4
+    images_per_shard: int = 1000
+    max_shards: int | None = None
+    device: str | None = None
+
+
+@dataclass
+class Work:
+    """A unit still to do on this rank, the tasks it lacks, and their fingerprints."""
+
+    unit: Unit
+    tasks: dict[str, str]  # task -> fingerprint
+
+
+@dataclass
+class Batch:
+    """Up to batch_size images of one unit, with everything the main process needs but the models."""
+
+    work: int
+    keys: list[str]
+    sizes: list[tuple[int, int]]  # (height, width) of each annotation
+    edges: list[bytes]  # PNGs, when the unit lacks edges
+    pixel_values: dict[str, Tensor]  # model role -> the processor's batch
+    skips: list[Skip]
+    last: bool
+
+
+@dataclass
+class Summary:
+    """What this rank did."""
+
+    images: int = 0
+    written: Counter = field(default_factory=Counter)  # task -> annotations written
+    units_written: int = 0
+    units_done_before: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+    def line(self) -> str:
+        tasks = ", ".join(f"{task} {n:,}" for task, n in self.written.items()) or "nothing new"
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+        rate = self.images / self.wall_s if self.wall_s > 0 else 0.0
+        return (
+            f"annotate: {self.images:,} images annotated ({tasks}) in {self.units_written} units "
+            f"({self.units_done_before} already complete); skipped {sum(self.skipped.values()):,}"
+            f"{': ' + reasons if reasons else ''}; wall {clock(self.wall_s)} ({rate:.1f} images/s)"
+        )
+
+
+def model_roles(tasks: tuple[str, ...], job: Job) -> dict[str, str]:
+    """The models the tasks need, role -> name; normals come from the depth model unless a normals model is given."""
+    roles = {}
+    if "depth" in tasks or ("normals" in tasks and not job.normals_model):
+        roles["depth"] = job.depth_model
+    if "normals" in tasks and job.normals_model:
+        roles["normals"] = job.normals_model
+    if "segmentation" in tasks:
+        roles["segmentation"] = job.seg_model
+    for role, name in roles.items():
+        if not name:
+            why = "normals without --normals-model come from depth" if role == "depth" and "depth" not in tasks else role
+            flag = "--seg-model" if role == "segmentation" else f"--{role}-model"
+            raise AnnotateError(f"{flag} is needed ({why}): a local model folder or a hub id")
+    return roles
+
+
+def _settings(task: str, job: Job, models: dict[str, Model]) -> dict:
+    """Everything besides the inputs that decides a task's outputs."""
+    settings: dict = {"task": task, "max_size": job.max_size, "format": 1}
+    if task == "edges":
+        settings["canny"] = render.CANNY_THRESHOLDS
+    elif task == "normals" and "normals" not in models:
+        settings.update(relief=render.RELIEF, depth=models["depth"].identity)
+    else:
+        settings["model"] = models["segmentation" if task == "segmentation" else task].identity
+    return settings
+
+
+class UnitBatches(IterableDataset):
+    """Batches of working-size images of the units to do, split over workers (one whole unit per worker)."""
+
+    def __init__(self, works: list[Work], max_size: int, batch_size: int, processors: dict) -> None:
+        self.works, self.max_size, self.batch_size, self.processors = works, max_size, batch_size, processors
+        self.decode = DecodeOptions(draft=max_size or None)  # JPEG DCT scaling down to about the working size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for index in range(worker, len(self.works), workers):
+            yield from self._batches(index)
+
+    def _batches(self, index: int):
+        work = self.works[index]
+        roles = [role for role in self.processors if _needs(role, work.tasks)]
+        seen: set[str] = set()
+        rows: list[tuple[str, np.ndarray]] = []
+        skips: list[Skip] = []
+        for entry in read_unit(work.unit, self.decode):
+            if isinstance(entry, Skip):
+                skips.append(entry)
+            elif entry.key in seen:
+                skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
+            else:
+                seen.add(entry.key)
+                rows.append((entry.key, render.to_uint8(render.fit(entry.pixels, self.max_size))))
+                if len(rows) == self.batch_size:
+                    yield self._batch(index, roles, rows, skips, last=False)
+                    rows, skips = [], []
+        yield self._batch(index, roles, rows, skips, last=True)
+
+    def _batch(self, index: int, roles: list[str], rows: list, skips: list[Skip], last: bool) -> Batch:
+        images = [rgb for _, rgb in rows]
+        edges = [render.png(render.edges(rgb)) for rgb in images] if "edges" in self.works[index].tasks else []
+        squares = [_square(rgb) for rgb in images]
+        pixel_values = {role: preprocess(self.processors[role], squares) for role in roles} if rows else {}
+        sizes = [rgb.shape[:2] for rgb in images]
+        return Batch(index, [key for key, _ in rows], sizes, edges, pixel_values, skips, last)
+
+
+def _square(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] squashed to [L, L, 3], L the longer side (see models.preprocess)."""
+    side = max(rgb.shape[:2])
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    square = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
+    return square[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _needs(role: str, tasks: dict[str, str]) -> bool:
+    """Whether a unit lacking `tasks` needs the model of `role` (depth also feeds normals without a normals model)."""
+    if role == "depth":
+        return "depth" in tasks or "normals" in tasks
+    return role in tasks
+
+
+def _log(prefix: str, message: str) -> None:
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
+def plan(job: Job, units: list[Unit], models: dict[str, Model], rank: int, world: int) -> tuple[list[Work], int]:
+    """This rank's units with the tasks they lack, and how many (unit, task) outputs were complete already."""
+    settings = {task: json.dumps(_settings(task, job, models), sort_keys=True, default=str) for task in job.tasks}
+    works, done = [], 0
+    for unit in units[rank::world]:
+        lacking = {}
+        for task in job.tasks:
+            fingerprint = hashlib.sha1(f"{settings[task]}\n{unit.inputs_digest()}".encode()).hexdigest()
+            if is_done(job.out / task, unit, fingerprint):
+                done += 1
+            else:
+                lacking[task] = fingerprint
+        if lacking:
+            works.append(Work(unit, lacking))
+    return works[: job.max_shards], done
+
+
+def _check(job: Job) -> None:
+    unknown = sorted(set(job.tasks) - set(TASKS))
+    if unknown or not job.tasks:
+        raise AnnotateError(f"--tasks: unknown task {', '.join(unknown) or '(none)'} (choose from {', '.join(TASKS)})")
+    if job.batch_size < 1 or job.workers < 0 or job.max_size < 0:
+        raise AnnotateError("--batch-size must be at least 1, --workers and --max-size at least 0")
+    if job.out.exists() and not job.out.is_dir():
+        raise AnnotateError(f"{job.out}: --out exists and is not a folder")
+
+
+def _units(job: Job, prefix: str) -> list[Unit]:
+    """The image and tar units of --images (videos are out of scope); --out inside an input folder is refused."""
+    try:
+        units, missing = find_units(job.images, job.images_per_shard)
+    except TokenizeError as error:
+        raise AnnotateError(str(error)) from None
+    if missing:
+        _log(prefix, f"warning: {len(missing)} paths named by --images do not exist (first: {missing[0]})")
+    out = job.out.resolve()
+    for spec in job.images:
+        if os.path.isdir(spec) and (out == Path(spec).resolve() or Path(spec).resolve() in out.parents):
+            raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
+    videos = [u for u in units if u.kind == "videos"]
+    if videos:
+        _log(prefix, f"warning: {sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)")
+    units = [u for u in units if u.kind != "videos"]
+    if not units:
+        raise AnnotateError(f"{job.images[0]}: no images or tar shards to annotate")
+    return units
+
+
+def run(job: Job) -> Summary:
+    """Annotate this rank's share; every option, input or model problem raises AnnotateError before any work."""
+    rank, world, local_rank = ranks_from_env()
+    prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    _check(job)
+    roles = model_roles(job.tasks, job)
+    units = _units(job, prefix)
+    device = pick_device(job.device, local_rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    models = {role: load(role, name, device) for role, name in roles.items()}
+    works, done = plan(job, units, models, rank, world)
+    _log(
+        prefix,
+        f"annotate: {len(units)} units in all, {len(units[rank::world])} for this rank; {done} task outputs already "
+        f"complete; doing {len(works)} units now ({', '.join(t for t in job.tasks if any(t in w.tasks for w in works)) or '-'}) "
+        f"on {device}, {job.workers} workers",
+    )
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))  # leave the workers their cores
+    summary = Summary(units_done_before=done)
+    processors = {role: m.processor for role, m in models.items()}
+    dataset = UnitBatches(works, job.max_size, job.batch_size, processors)
+    loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=device.type == "cuda")
+    progress = Progress(len(works), prefix)
+    outputs: dict[int, dict[str, UnitOutput]] = {}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for batch in loader:
+            work = works[batch.work]
+            if batch.work not in outputs:
+                outputs[batch.work] = {
+                    task: UnitOutput(job.out / task, task, work.unit, fp, pool) for task, fp in work.tasks.items()
+                }
+            _write(batch, outputs[batch.work], models)
+            summary.images += len(batch.keys)
+            for task in work.tasks:
+                summary.written[task] += len(batch.keys)
+            for skip in batch.skips:
+                for output in outputs[batch.work].values():
+                    output.skip(skip)
+                summary.skipped[skip.reason] += 1
+                if sum(summary.skipped.values()) <= MAX_PRINTED_SKIPS:
+                    _log(prefix, f"skipped {skip.item}: {skip.reason}{' (' + skip.detail + ')' if skip.detail else ''}")
+            if batch.last:
+                for output in outputs.pop(batch.work).values():
+                    output.commit()
+                summary.units_written += 1
+            progress.update(images=len(batch.keys), shards=int(batch.last))
+    summary.wall_s = progress.elapsed()
+    return summary
+
+
+def _write(batch: Batch, outputs: dict[str, UnitOutput], models: dict[str, Model]) -> None:
+    """Run the models the unit needs on the batch and queue every task's PNGs."""
+    if not batch.keys:
+        return
+    predicted = {role: predict(models[role], values, batch.sizes) for role, values in batch.pixel_values.items()}
+    for i, key in enumerate(batch.keys):
+        for task, output in outputs.items():
+            if task == "edges":
+                data = batch.edges[i]
+                output.add(key, lambda data=data: data)
+                continue
+            if task == "depth":
+                array = (predicted["depth"][i] * 65535).round().to(torch.int32).cpu().numpy().astype(np.uint16)
+                encode = partial(render.png, array)
+            elif task == "normals":
+                normals = predicted["normals"][i] if "normals" in predicted else render.normals_from_nearness(predicted["depth"][i])
+                encode = partial(render.png, render.encode_normals(normals))
+            else:
+                labels = (predicted["segmentation"][i] % 256).to(torch.uint8).cpu().numpy()
+                encode = partial(render.png, labels, labels=True)
+            output.add(key, encode)

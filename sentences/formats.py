@@ -1,0 +1,189 @@
+"""The on-disk formats between the stages, in one place (docs/FORMATS.md describes them in prose).
+
+- Shard patterns: every command that reads shards (`sentences.build`, training, `lvm.evaluate`) names
+  them the same way (`expand_shards`); `lvm.tokenize` expands its inputs with the same `expand_pattern`.
+- Token shards (`lvm.tokenize` writes, `sentences.tokens` reads): one sample per image, the tokens of
+  each variant in the member `token_member(variant)`, provenance in `json`.
+- Sentence shards (`sentences.build` writes, the packed stream and `lvm.evaluate` read with
+  `read_sentences`): one sample per visual sentence, `tokens.npy` and `json`; beside them `index.json`
+  (`SentenceIndex`).
+- Every shard is written through `tar_writer`: atomic (`common.files.atomic_write`) and byte-for-byte
+  reproducible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import webdataset as wds
+from braceexpand import braceexpand
+
+from common.files import atomic_write
+from common.vocab import VOCAB_SIZE
+from sentences.errors import SentenceError
+
+ORIGINAL = "original"
+"""The variant of the image itself, stored as ``<key>.tokens.npy``; a derived variant (``gray``, ``masked``)
+is ``<key>.<variant>.tokens.npy``."""
+
+SENTENCE_SHARD = "sentences-{:06d}.tar"
+INDEX_NAME = "index.json"
+INDEX_FORMAT = "lvm-sentences/1"
+
+
+def token_member(variant: str) -> str:
+    """Tar member extension holding the tokens of ``variant`` (``tokens.npy``, ``gray.tokens.npy``...)."""
+    return "tokens.npy" if variant == ORIGINAL else f"{variant}.tokens.npy"
+
+
+def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
+    """Each name a brace pattern expands to, with the existing paths it names: a glob's matches (sorted,
+    ``**`` recursive), or the name itself when it exists."""
+    for name in braceexpand(pattern):
+        if glob.has_magic(name):
+            yield name, sorted(glob.glob(name, recursive=True))
+        else:
+            yield name, [name] if os.path.exists(name) else []
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard paths named by ``spec``: a folder (its ``*.tar``, recursively), a glob, a brace pattern, or a list.
+
+    Order is kept as given and each folder or glob is sorted, so the same spec always lists the same shards in
+    the same order (the builders and the stream derive their randomness from positions in this list).
+    """
+    patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[str] = []
+    for pattern in patterns:
+        for name, found in expand_pattern(str(pattern)):
+            if not found and not glob.has_magic(name):
+                raise SentenceError(name, "no .tar shards found (no such file or directory)")
+            shards = []
+            for path in found:
+                if os.path.isdir(path):
+                    shards += sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+                elif path.endswith(".tar") or path == name:
+                    shards.append(path)
+            if not shards:
+                raise SentenceError(name, "no .tar shards found")
+            paths.extend(shards)
+    if not paths:
+        raise SentenceError(spec, "no .tar shards found")
+    return paths
+
+
+def iter_samples(path: str, on_error: Callable[[Exception], bool] = wds.reraise_exception) -> Iterator[dict]:
+    """Samples of one tar shard as webdataset dicts (``__key__`` plus raw bytes per member extension).
+
+    ``on_error`` is webdataset's handler: return True to skip what failed (a truncated tar ends the shard),
+    or raise to stop.
+    """
+    yield from wds.tarfile_samples([{"url": path}], handler=on_error)
+
+
+@contextmanager
+def tar_writer(path: str | Path, encoder: bool = True) -> Iterator[wds.TarWriter]:
+    """A TarWriter that becomes the shard ``path`` only when the block completes (``atomic_write``).
+
+    Member owner, mode and mtime are fixed, so the same samples always give the same bytes. ``encoder=False``
+    writes member values as the bytes given.
+    """
+    with atomic_write(path) as stream:
+        # mtime is an int: a float adds a 1 KB pax header per member
+        writer = wds.TarWriter(stream, user="", group="", mode=0o644, mtime=0, encoder=encoder)
+        yield writer
+        writer.close()
+
+
+class ShardSentence(NamedTuple):
+    """One sample of a sentence shard: its key, its tokens (1-D, ids in the vocabulary), its raw json."""
+
+    key: str
+    tokens: np.ndarray
+    json: bytes | None
+
+
+def read_sentences(path: str, skipped: Counter | None = None) -> Iterator[ShardSentence]:
+    """The sentences of one shard in order, every token id checked against the vocabulary.
+
+    A bad sentence (no or an unreadable ``tokens.npy``, not 1-D integers, an id outside the vocabulary) or a
+    damaged tar raises SentenceError naming the shard and the sentence: training must not silently lose data.
+    With ``skipped`` (evaluation), each is counted there by reason instead and left out.
+    """
+
+    def bad(key: str, reason: str, detail: str) -> None:
+        if skipped is None:
+            raise SentenceError(path, f"sentence '{key}': {detail}")
+        skipped[reason] += 1
+
+    def on_error(exn: Exception) -> bool:
+        if skipped is None:
+            raise SentenceError(path, f"damaged tar ({type(exn).__name__}: {exn})") from exn
+        skipped[f"unreadable tar ({type(exn).__name__})"] += 1
+        return True
+
+    for sample in iter_samples(path, on_error):
+        key = sample["__key__"]
+        if "tokens.npy" not in sample:
+            bad(key, "missing tokens.npy", "no tokens.npy")
+            continue
+        try:
+            tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        except (ValueError, OSError) as exn:
+            bad(key, f"undecodable member ({type(exn).__name__})", f"unreadable tokens.npy ({exn})")
+            continue
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            bad(key, "not 1-D integer tokens", f"expected 1-D integer tokens, got {tokens.dtype} {tokens.shape}")
+            continue
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= VOCAB_SIZE):
+            worst = int(tokens.max()) if tokens.max() >= VOCAB_SIZE else int(tokens.min())
+            bad(key, "id outside the vocabulary", f"token id {worst} outside the vocabulary [0, {VOCAB_SIZE})")
+            continue
+        yield ShardSentence(key, tokens, sample.get("json"))
+
+
+@dataclass
+class SentenceIndex:
+    """``index.json`` beside sentence shards: what ``sentences.build`` wrote. Other tools may omit it; the
+    packed stream then counts a shard's tokens by reading it."""
+
+    tokens_per_image: int
+    seed: int
+    window: int
+    shards: dict[str, dict] = field(default_factory=dict)
+    """shard file name -> ``sentences``, ``tokens``, ``bytes`` (the stream trusts ``tokens`` only at that size)"""
+    kinds: dict[str, dict] = field(default_factory=dict)
+    """sentence kind -> ``sentences``, ``tokens``"""
+    sources: dict[str, dict] = field(default_factory=dict)
+    """spec source name -> ``kind``, ``epochs`` (passes over its images), ``sentences``, ``tokens``, ``unused``"""
+    skipped: dict[str, dict] = field(default_factory=dict)
+    """token shard set -> token samples skipped while loading, by reason"""
+
+    def write(self, folder: str | Path) -> None:
+        """``<folder>/index.json``, atomically; its ``format`` field names this schema (INDEX_FORMAT)."""
+        with atomic_write(Path(folder) / INDEX_NAME, "w") as f:
+            json.dump({"format": INDEX_FORMAT, **dataclasses.asdict(self)}, f, indent=1)
+            f.write("\n")
+
+
+def indexed_shards(folder: str) -> dict[str, dict]:
+    """The ``shards`` entry of the ``index.json`` in ``folder`` ({} when there is none)."""
+    path = os.path.join(folder, INDEX_NAME)
+    try:
+        with open(path) as f:
+            return json.load(f).get("shards", {})
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as exn:
+        raise SentenceError(path, f"unreadable ({exn})") from None

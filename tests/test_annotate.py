@@ -1,0 +1,350 @@
+"""`python -m lvm.annotate`: edges, depth, normals and segmentation maps keyed like their images.
+
+Real photos come from scikit-image's data module; the depth and segmentation models are tiny randomly
+initialised transformers models (Depth Anything, SegFormer) saved to a temporary folder and loaded by path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+import yaml
+from PIL import Image
+
+from lvm.annotate.__main__ import main
+from lvm.annotate.render import RELIEF, encode_normals, normals_from_depth, normals_from_nearness
+from lvm.palette import label_palette
+from lvm.tokenize.__main__ import main as tokenize
+from sentences.build import build
+from sentences.spec import load_spec
+
+skimage_data = pytest.importorskip("skimage.data")
+PHOTOS = {"astronaut": (512, 512), "chelsea": (300, 451), "cat/coffee": (400, 600), "rocket": (427, 640)}
+
+
+def _run(*args: str | Path) -> int:
+    try:
+        return main([*map(str, args), "--workers", "0"])
+    except SystemExit as exit_:
+        return int(exit_.code)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four real photos (PNG, two larger than the 512 px working size, one in a subfolder) and a corrupt JPEG."""
+    root = tmp_path_factory.mktemp("photos") / "photos"
+    for name in PHOTOS:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(getattr(skimage_data, name.split("/")[-1])()).convert("RGB").save(root / f"{name}.png")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny Depth Anything (aspect-keeping processor) and a tiny SegFormer (5 labels), random weights, on disk."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+        SegformerConfig,
+        SegformerForSemanticSegmentation,
+        SegformerImageProcessor,
+    )
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=4, num_attention_heads=2, intermediate_size=32,
+                            image_size=28, patch_size=14, out_features=["stage1", "stage2", "stage3", "stage4"],
+                            reshape_hidden_states=False)
+    depth = DepthAnythingForDepthEstimation(DepthAnythingConfig(
+        backbone_config=backbone, neck_hidden_sizes=[8, 8, 8, 8], fusion_hidden_size=8, head_hidden_size=8,
+        reassemble_hidden_size=16))
+    depth.save_pretrained(root / "depth")
+    DPTImageProcessor(size={"height": 28, "width": 28}, keep_aspect_ratio=True, ensure_multiple_of=14).save_pretrained(root / "depth")
+    seg = SegformerForSemanticSegmentation(SegformerConfig(
+        num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+        decoder_hidden_size=16, num_labels=5, patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2]))
+    seg.save_pretrained(root / "seg")
+    SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "seg")
+    return {"depth": root / "depth", "seg": root / "seg"}
+
+
+@pytest.fixture(scope="module")
+def annotated(photos: Path, models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("annot") / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges,depth,normals,segmentation", "--batch-size", "3",
+                "--depth-model", models["depth"], "--seg-model", models["seg"]) == 0
+    return out
+
+
+def _working(name: str) -> np.ndarray:
+    """The photo as the annotations see it: RGB uint8, longer side at most 512 (antialiased bilinear)."""
+    rgb = np.array(Image.open(io.BytesIO(_png_of(name))).convert("RGB"))
+    height, width = rgb.shape[:2]
+    scale = min(1.0, 512 / max(height, width))
+    if scale == 1.0:
+        return rgb
+    size = (round(height * scale), round(width * scale))
+    x = F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255, size=size, mode="bilinear",
+                      antialias=True, align_corners=False)[0].clamp(0, 1)
+    return (x * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def _png_of(name: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(skimage_data, name.split("/")[-1])()).convert("RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _square(rgb: np.ndarray) -> np.ndarray:
+    side = max(rgb.shape[:2])
+    x = F.interpolate(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), size=(side, side), mode="bilinear",
+                      align_corners=False)
+    return x[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def test_one_edge_map_per_good_photo_and_the_corrupt_one_reported(photos, tmp_path, capsys):
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0
+    captured = capsys.readouterr()
+    assert "annotate: 4 images annotated (edges 4)" in captured.out and "skipped 1: corrupt_image 1" in captured.out
+    assert f"skipped {photos / 'broken.jpg'}: corrupt_image" in captured.err
+    written = sorted(str(p.relative_to(out / "edges")) for p in (out / "edges").rglob("*.png"))
+    assert written == sorted(f"{name}.png" for name in PHOTOS)
+    report = json.loads((out / "edges" / "photos-img-000000.report.json").read_text())
+    assert report["skipped_items"][0]["item"] == str(photos / "broken.jpg") and report["images"] == 4
+    for name, (height, width) in PHOTOS.items():
+        edges = np.asarray(Image.open(out / "edges" / f"{name}.png"))
+        scale = min(1.0, 512 / max(height, width))
+        assert edges.shape == (round(height * scale), round(width * scale)) and set(np.unique(edges)) <= {0, 255}
+        assert np.array_equal(edges, cv2.Canny(_working(name), 100, 200))  # OpenCV's Canny, thresholds 100/200
+        assert 0.01 < (edges > 0).mean() < 0.3  # a real photo has edges, not noise everywhere
+
+
+def test_normals_of_a_tilted_plane_are_constant_and_of_a_sphere_point_outward():
+    v, u = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
+    plane = normals_from_depth(100 + 0.5 * u - 0.25 * v)  # farther to the right and to the top
+    expected = torch.tensor([0.5, 0.25, 1.0]) / torch.tensor([0.5, 0.25, 1.0]).norm()
+    assert torch.allclose(plane, expected[:, None, None].expand_as(plane), atol=1e-6)
+    radius, cu, cv = 30.0, 50.0, 40.0
+    v, u = torch.meshgrid(torch.arange(80.0), torch.arange(100.0), indexing="ij")
+    rho2 = (u - cu) ** 2 + (v - cv) ** 2
+    inside = rho2 < (0.8 * radius) ** 2
+    height = torch.sqrt((radius**2 - rho2).clamp_min(0))
+    normals = normals_from_depth(200 - height)  # the front of a ball: nearest at its centre
+    outward = torch.stack([u - cu, -(v - cv), height]) / radius  # x right, y up, z towards the camera
+    cosine = (normals * outward).sum(0)[inside]
+    assert cosine.min() > 0.995
+    rgb = encode_normals(normals)
+    assert tuple(rgb[40, 50]) == (128, 128, 255)  # facing the camera: the usual light blue
+    assert rgb[40, 75, 0] > 200 and rgb[15, 50, 1] > 200  # right side points right (R), top points up (G)
+    flat = normals_from_nearness(torch.full((8, 8), 0.3))
+    assert torch.equal(flat, torch.tensor([0.0, 0.0, 1.0])[:, None, None].expand(3, 8, 8)) and RELIEF == 0.5
+
+
+def test_depth_and_segmentation_come_from_the_local_models(annotated, models):
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
+
+    depth_model = AutoModelForDepthEstimation.from_pretrained(models["depth"]).eval()
+    depth_proc = AutoImageProcessor.from_pretrained(models["depth"])
+    seg_model = AutoModelForSemanticSegmentation.from_pretrained(models["seg"]).eval()
+    seg_proc = AutoImageProcessor.from_pretrained(models["seg"])
+    palette = label_palette()
+    for name in PHOTOS:
+        rgb = _working(name)
+        size = rgb.shape[:2]
+        with torch.no_grad():
+            predicted = depth_model(**depth_proc(images=[_square(rgb)], return_tensors="pt")).predicted_depth
+            seg_out = seg_model(**seg_proc(images=[_square(rgb)], return_tensors="pt"))
+        d = F.interpolate(predicted[None], size=size, mode="bilinear", align_corners=False)[0, 0]
+        d = (d - d.min()) / (d.max() - d.min())  # relative model: inverse depth, normalised per image
+        written = Image.open(annotated / "depth" / f"{name}.png")
+        assert written.mode == "I;16" and written.size == size[::-1]
+        assert np.abs(np.asarray(written).astype(np.int64) - (d * 65535).round().numpy()).max() <= 2
+        normals = np.asarray(Image.open(annotated / "normals" / f"{name}.png"))
+        assert np.abs(normals.astype(int) - encode_normals(normals_from_nearness(d)).astype(int)).max() <= 1
+        labels = seg_proc.post_process_semantic_segmentation(seg_out, target_sizes=[size])[0].numpy()
+        seg = Image.open(annotated / "segmentation" / f"{name}.png")
+        assert seg.mode == "P" and np.array_equal(np.asarray(seg), labels)
+        assert np.array_equal(np.asarray(seg.convert("RGB")), palette[labels])  # the shared palette
+
+
+def test_a_normals_model_replaces_normals_from_depth(photos, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Tipsv2DptForNormalEstimation"):
+        pytest.skip(f"transformers {transformers.__version__} has no normal-estimation models")
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForNormalEstimation,
+        Tipsv2DptConfig,
+        Tipsv2DptForNormalEstimation,
+        Tipsv2DptImageProcessor,
+    )
+
+    torch.manual_seed(0)
+    backbone = {"model_type": "tipsv2_vision_model", "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
+                "image_size": 28, "patch_size": 14, "out_indices": [1, 2, 3, 4], "reshape_hidden_states": False}
+    Tipsv2DptForNormalEstimation(Tipsv2DptConfig(backbone_config=backbone, neck_hidden_sizes=[8, 8, 8, 8],
+                                                 fusion_hidden_size=8)).save_pretrained(tmp_path / "normals")
+    Tipsv2DptImageProcessor(size={"height": 28, "width": 28}).save_pretrained(tmp_path / "normals")
+    assert _run("--images", photos, "--out", tmp_path / "annot", "--tasks", "normals", "--normals-model", tmp_path / "normals") == 0
+    model = AutoModelForNormalEstimation.from_pretrained(tmp_path / "normals").eval()
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "normals")
+    for name in ["astronaut", "cat/coffee"]:
+        rgb = _working(name)
+        with torch.no_grad():
+            outputs = model(**processor(images=[_square(rgb)], return_tensors="pt"))
+        normals = F.normalize(processor.post_process_normal_estimation(outputs, target_sizes=[rgb.shape[:2]])[0]["normals"], dim=0)
+        written = np.asarray(Image.open(tmp_path / "annot" / "normals" / f"{name}.png")).astype(int)
+        assert np.abs(written - encode_normals(normals).astype(int)).max() <= 1
+
+
+def test_a_batch_gives_what_single_images_give(photos, models, annotated, tmp_path):
+    out = tmp_path / "one"
+    assert _run("--images", photos, "--out", out, "--tasks", "depth,segmentation", "--batch-size", "1",
+                "--depth-model", models["depth"], "--seg-model", models["seg"]) == 0
+    for name in PHOTOS:
+        one = np.asarray(Image.open(out / "depth" / f"{name}.png")).astype(int)
+        assert np.abs(one - np.asarray(Image.open(annotated / "depth" / f"{name}.png"))).max() <= 2
+        assert (out / "segmentation" / f"{name}.png").read_bytes() == (annotated / "segmentation" / f"{name}.png").read_bytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_maps(photos, models, annotated, tmp_path):
+    """GPU counterpart of the tests above (float32 with TF32 matmuls on CUDA): the same maps up to rounding."""
+    out = tmp_path / "cuda"
+    assert main(["--images", str(photos), "--out", str(out), "--tasks", "edges,depth,normals,segmentation",
+                 "--depth-model", str(models["depth"]), "--seg-model", str(models["seg"]), "--device", "cuda",
+                 "--batch-size", "3", "--workers", "1"]) == 0
+    for name in PHOTOS:
+        assert (out / "edges" / f"{name}.png").read_bytes() == (annotated / "edges" / f"{name}.png").read_bytes()
+        for task, tolerance in [("depth", 700), ("normals", 8)]:
+            cuda, cpu = (np.asarray(Image.open(root / task / f"{name}.png")).astype(int) for root in (out, annotated))
+            assert np.percentile(np.abs(cuda - cpu), 99) <= tolerance
+        cuda, cpu = (np.asarray(Image.open(root / "segmentation" / f"{name}.png")) for root in (out, annotated))
+        assert (cuda == cpu).mean() > 0.99
+
+
+def test_rerun_keeps_complete_outputs_and_redoes_partial_ones(photos, tmp_path, capsys):
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2") == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    (out / "edges" / "photos-img-000001.report.json").unlink()  # as if killed while writing that unit
+    (out / "edges" / "chelsea.png").unlink()
+    capsys.readouterr()
+    assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2") == 0
+    assert "in 1 units (2 already complete)" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+    assert set(after) == set(before)
+    redone = {p.name for p in after if after[p] != before.get(p)}
+    assert redone == {"coffee.png", "chelsea.png"}  # the whole unit [cat/coffee, chelsea]; [astronaut, broken], [rocket] kept
+
+
+def test_tar_shards_give_tars_with_the_same_keys(tmp_path, capsys):
+    shard = tmp_path / "laion" / "00000.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for key, name in [("000000001", "astronaut"), ("000000002", "chelsea")]:
+            for member, data in [(f"{key}.png", _png_of(name)), (f"{key}.json", b'{"caption": "x"}')]:
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert _run("--images", shard.parent, "--out", tmp_path / "annot", "--tasks", "edges") == 0
+    samples = list(wds.tarfile_samples([{"url": str(tmp_path / "annot" / "edges" / "00000.tar")}]))
+    assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
+        ("000000001", ["png"]), ("000000002", ["png"])]
+    edges = np.asarray(Image.open(io.BytesIO(samples[1]["png"])))
+    assert np.array_equal(edges, cv2.Canny(_working("chelsea"), 100, 200))
+
+
+def test_annotations_tokenize_and_build_pairs_and_multitask_sentences(photos, annotated, tiny_tokenizer_dir, tmp_path):
+    tokens = tmp_path / "tokens"
+    for name, src in [("images", photos), ("edges", annotated / "edges"), ("depth", annotated / "depth")]:
+        assert tokenize(["--shards", str(src), "--out", str(tokens / name), "--tokenizer", str(tiny_tokenizer_dir),
+                         "--workers", "0"]) == 0
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(yaml.safe_dump({"window": 16 * 16, "sources": [
+        {"name": "edges", "kind": "pairs", "shards": str(tokens / "images"), "annotations": {"edges": str(tokens / "edges")}, "pairs": 2},
+        {"name": "multi", "kind": "multitask", "shards": str(tokens / "images"),
+         "annotations": {"edges": str(tokens / "edges"), "depth": str(tokens / "depth")}, "shots": 2},
+    ]}))
+    summary, _ = build(load_spec(spec), tmp_path / "sentences")
+    assert summary.sources["edges"]["sentences"] == 2 and summary.sources["multi"]["sentences"] == 2
+    assert not summary.sources["edges"]["unused"]  # every photo found its edge map by key
+    keys = set()
+    for sample in wds.tarfile_samples([{"url": str(p)} for p in sorted((tmp_path / "sentences").glob("*.tar"))]):
+        info = json.loads(sample["json"])
+        sets = [image["set"] for image in info["images"]]
+        if info["kind"] == "pairs":
+            assert sets == ["image", "edges"] * (len(sets) // 2)
+            pairs = list(zip(info["images"][::2], info["images"][1::2]))
+            assert all(a["key"] == b["key"] for a, b in pairs)
+            keys |= {a["key"] for a, _ in pairs}
+        else:
+            assert len({image["key"] for image in info["images"][:3]}) == 1 and sorted(sets[:3]) == ["depth", "edges", "image"]
+    assert keys == set(PHOTOS)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "depth"], "error: --depth-model is needed (depth)"),
+    (["--tasks", "normals"], "error: --depth-model is needed (normals without --normals-model come from depth)"),
+    (["--tasks", "segmentation", "--seg-model", "{missing}"], "error: {missing}: cannot load a segmentation model"),
+    (["--tasks", "depth", "--depth-model", "{seg}"], "error: {seg}: cannot load a depth model"),
+])
+def test_bad_options_and_models_are_one_line_errors(photos, models, tmp_path, capsys, args, message):
+    fill = {"missing": str(tmp_path / "nope"), "seg": str(models["seg"])}
+    assert _run("--images", photos, "--out", tmp_path / "annot", *[a.format(**fill) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message.format(**fill))
+
+
+def test_out_inside_the_inputs_is_refused(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "coffee.png").write_bytes(_png_of("coffee"))
+    assert _run("--images", tmp_path / "p", "--out", tmp_path / "p" / "annot", "--tasks", "edges") == 2
+    assert "--out is inside the input folder" in capsys.readouterr().err and not (tmp_path / "p" / "annot").exists()
+
+
+def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
+    """seq/<name>/*.png -> frames numbered in natural name order -> [BOS, consecutive frames at one stride, EOS]."""
+    rng = np.random.default_rng(0)
+    frames, counts = {}, {"walk": 12, "pan": 9}
+    for name, count in counts.items():
+        (tmp_path / "seq" / name).mkdir(parents=True)
+        for i in range(count):
+            pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "seq" / name / f"f{i}.png")  # f10 after f9: natural order
+            frames[(name, i)] = tiny_tokenizer.encode([pixels]).numpy()[0]
+    assert tokenize(["--shards", str(tmp_path / "seq"), "--out", str(tmp_path / "tokens"), "--frame-folders",
+                     "--tokenizer", str(tiny_tokenizer_dir), "--workers", "0", "--images-per-shard", "7"]) == 0
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(yaml.safe_dump({"window": 16 * 16, "sources": [
+        {"name": "seq", "kind": "sequence", "shards": str(tmp_path / "tokens"), "frames": 4, "epochs": 20}]}))
+    summary, _ = build(load_spec(spec), tmp_path / "sentences")
+    assert summary.sources["seq"]["sentences"] == 20 * 2  # one clip per sequence and pass
+    strides = set()
+    for sample in wds.tarfile_samples([{"url": str(p)} for p in sorted((tmp_path / "sentences").glob("*.tar"))]):
+        tokens, info = np.load(io.BytesIO(sample["tokens.npy"])), json.loads(sample["json"])
+        metas = [image["meta"] for image in info["images"]]
+        assert info["kind"] == "sequence" and tokens[0] == 8192 and tokens[-1] == 8193 and len(tokens) == 2 + 16 * len(metas)
+        assert len({m["video"] for m in metas}) == 1
+        indices = [m["frame"] for m in metas]
+        assert all(m["path"] == f"{m['video']}/f{m['frame']}.png" for m in metas)
+        (step,) = {b - a for a, b in zip(indices, indices[1:])}
+        assert step in {1, 2, 3, 4} and len(metas) == min(4, (counts[metas[0]["video"]] - 1) // step + 1)
+        strides.add(step)
+        expected = np.concatenate([frames[(m["video"], m["frame"])] for m in metas])
+        assert np.array_equal(tokens[1:-1], expected)
+    assert strides == {1, 2, 3, 4}  # one random stride per clip, the release's range [1, 4]

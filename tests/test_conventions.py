@@ -1,0 +1,96 @@
+"""Conventions with one owner (docs/ARCHITECTURE.md): user errors, atomic writes, image suffixes, shard patterns."""
+
+from __future__ import annotations
+
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common import files
+from common.errors import UserError, exit_on
+from lvm.tokenize.__main__ import main as tokenize_main
+from lvm.tokenize.sources import find_units
+from sentences.errors import SentenceError
+from sentences.formats import expand_shards, read_sentences, tar_writer
+from tokenizer.evaluate import main as evaluate_tokenizer
+
+
+def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) -> None:
+    @exit_on
+    def fails(error: Exception) -> None:
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        fails(SentenceError("mix.yaml", "sources[0].kind: unknown kind"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: mix.yaml: sources[0].kind: unknown kind\n"
+    error = UserError("--top-k", "must be positive")
+    assert (error.where, error.what, str(error)) == ("--top-k", "must be positive", "--top-k: must be positive")
+    with pytest.raises(KeyError):
+        fails(KeyError("a bug keeps its traceback"))
+
+
+def test_atomic_write_replaces_the_file_only_when_the_block_completes(tmp_path) -> None:
+    path = tmp_path / "index.json"
+    with files.atomic_write(path, "w") as f:
+        f.write("old")
+    with pytest.raises(RuntimeError), files.atomic_write(path, "w") as f:
+        f.write("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and files.tmp_path(path).exists()
+    with files.atomic_write(path, "w") as f:
+        f.write("new")
+    assert path.read_text() == "new" and not files.tmp_path(path).exists()
+
+
+def test_shard_patterns_folder_glob_and_braces_name_the_same_shards(tmp_path) -> None:
+    for k in range(3):
+        with tar_writer(tmp_path / f"sentences-{k:06d}.tar") as tar:
+            tar.write({"__key__": f"s{k}", "tokens.npy": np.arange(4, dtype=np.uint16)})
+    folder = expand_shards(str(tmp_path))
+    assert len(folder) == 3
+    assert expand_shards(f"{tmp_path}/*.tar") == folder
+    assert expand_shards(f"{tmp_path}/sentences-{{000000..000002}}.tar") == folder
+    with pytest.raises(SentenceError, match=r"sentences-000003\.tar: no \.tar shards found \(no such file"):
+        expand_shards(f"{tmp_path}/sentences-{{000000..000003}}.tar")
+
+
+def test_one_sentence_reader_raises_for_training_and_counts_for_evaluation(tmp_path) -> None:
+    path = tmp_path / "sentences-000000.tar"
+    with tar_writer(path) as tar:
+        tar.write({"__key__": "good", "tokens.npy": np.arange(4, dtype=np.uint16)})
+        tar.write({"__key__": "huge", "tokens.npy": np.array([9000], dtype=np.uint16)})
+        tar.write({"__key__": "none", "json": {"kind": "video"}})
+    with pytest.raises(SentenceError, match="sentence 'huge': token id 9000 outside the vocabulary"):
+        list(read_sentences(str(path)))
+    skipped: Counter = Counter()
+    assert [s.key for s in read_sentences(str(path), skipped)] == ["good"]
+    assert skipped == {"id outside the vocabulary": 1, "missing tokens.npy": 1}
+
+
+def test_every_image_format_pillow_reads_for_datasets_is_tokenized(tmp_path, tiny_tokenizer_dir) -> None:
+    frames = tmp_path / "camera"
+    frames.mkdir()
+    rng = np.random.default_rng(0)
+    for name, mode in [("a.pgm", "L"), ("b.ppm", "RGB"), ("c.tif", "RGB"), ("d.bmp", "RGB"), ("e.pbm", "1")]:
+        pixels = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).convert(mode).save(frames / name)
+    units, _ = find_units([str(frames)])
+    assert [len(u.items) for u in units] == [5]
+    assert tokenize_main(["--shards", str(frames), "--out", str(tmp_path / "tokens"), "--tokenizer",
+                          str(tiny_tokenizer_dir), "--workers", "0"]) == 0
+    (shard,) = (tmp_path / "tokens").glob("*.tar")
+    with tarfile.open(shard) as tar:
+        keys = sorted(name.split(".")[0] for name in tar.getnames() if name.endswith(".tokens.npy"))
+    assert keys == ["a", "b", "c", "d", "e"]
+
+
+def test_tokenizer_evaluate_reports_a_folder_without_images_as_one_line(tmp_path, tiny_tokenizer_dir, capsys) -> None:
+    (tmp_path / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_tokenizer(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path}: no image files found\n"
