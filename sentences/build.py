@@ -30,7 +30,7 @@ from lvm.errors import exit_on
 from lvm.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
 from sentences.kinds import KINDS, Builder, Sentence
-from sentences.shards import atomic_tar
+from sentences.shards import atomic_tar, one_tokenizer
 from sentences.spec import MixSpec, SourceSpec, load_spec
 from sentences.tokens import ORIGINAL, TokenSet, check_same_length, load_token_set
 
@@ -73,10 +73,11 @@ class Summary:
     resumed_shards: int = 0
 
 
-def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
+def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dict | None]:
     """Load every source's token sets and make its builder.
 
-    Returns the sources, the tokens per image, and per token shard set the samples skipped, by reason.
+    Returns the sources, the tokens per image, per token shard set the samples skipped by reason, and the
+    tokenizer that made every set (None when their reports do not say; two different ones are an error).
 
     Shards used by several sources with the same variants (a LAION set drawn as single, colorization and
     inpainting sentences) are loaded once and shared.
@@ -98,6 +99,7 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
         sources.append(Source(src, kind(images, annotations, src.options, Counter())))
     sets = [s for s, _ in loaded.values()]
     tokens_per_image = check_same_length(sets)
+    tokenizer = one_tokenizer((s.shards[0], s.tokenizer) for s in sets)
     for i, src in enumerate(spec.sources):
         images = KINDS[src.kind].images_per_sentence(src.options, len(src.annotations))
         if images * tokens_per_image > spec.window:
@@ -110,7 +112,7 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
         for (_, _, variants), (s, counts) in loaded.items()
         if counts
     }
-    return sources, tokens_per_image, skipped
+    return sources, tokens_per_image, skipped, tokenizer
 
 
 def _rng(seed: int, name: str, *stream: int) -> np.random.Generator:
@@ -222,7 +224,7 @@ def build(spec: MixSpec, out: str | Path) -> Summary:
     """Run a whole build (resuming one that was interrupted); returns what ``index.json`` records."""
     out = Path(out)
     _prepare_out(spec, out)
-    sources, tokens_per_image, skipped = load_sources(spec)
+    sources, tokens_per_image, skipped, tokenizer = load_sources(spec)
     planned = plan(spec, sources, tokens_per_image)
     summary = write_shards(spec, planned, out, tokens_per_image)
     summary.skipped = skipped
@@ -239,6 +241,7 @@ def build(spec: MixSpec, out: str | Path) -> Summary:
         {
             "format": "lvm-sentences/1",
             "tokens_per_image": tokens_per_image,
+            "tokenizer": tokenizer,  # carried into the LVM checkpoint, which checks the tokenizer it is given
             "seed": spec.seed,
             "window": spec.window,
             "shards": summary.shards,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,3 +64,38 @@ def atomic_tar(path: str | Path) -> Iterator[wds.TarWriter]:
         stream.flush()
         os.fsync(stream.fileno())
     os.replace(tmp, path)
+
+
+def one_tokenizer(records: Iterable[tuple[str, dict | None]]) -> dict | None:
+    """The tokenizer that made all of some shards, from (shard, `VQTokenizer.identity()` or None) pairs.
+
+    None when no shard records one; two different digests mean tokens of two tokenizers mixed together,
+    which no model can learn from, so that is an error naming a shard of each.
+    """
+    found: tuple[str, dict] | None = None
+    for path, record in records:
+        if not isinstance(record, dict) or not record.get("digest"):
+            continue
+        if found is None:
+            found = path, record
+        elif record["digest"] != found[1]["digest"]:
+            raise SentenceError(
+                f"{path}: made by tokenizer {record.get('name')} (digest {record['digest'][:12]}), but {found[0]} by "
+                f"{found[1].get('name')} (digest {found[1]['digest'][:12]}); tokenize everything with one tokenizer"
+            )
+    return None if found is None else found[1]
+
+
+def read_json(path: str | Path) -> dict:
+    """A json object from a file, or {} when it is missing or unreadable (reports and indexes are optional)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def sentences_tokenizer(paths: Sequence[str]) -> dict | None:
+    """The tokenizer recorded in the `index.json` of the folders holding these sentence shards (None if none)."""
+    folders = sorted({os.path.dirname(p) for p in paths})
+    return one_tokenizer((folder, read_json(os.path.join(folder, "index.json")).get("tokenizer")) for folder in folders)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from lvm.vocab import CODEBOOK_SIZE
 from sentences.errors import SentenceError
-from sentences.shards import iter_samples
+from sentences.shards import iter_samples, one_tokenizer, read_json
 
 ORIGINAL = "original"
 """The variant stored as ``<key>.tokens.npy``; derived variants are ``<key>.<variant>.tokens.npy``."""
@@ -44,6 +44,7 @@ class TokenSet:
     keys: list[str]
     meta: list[dict]
     tokens: dict[str, np.ndarray]  # variant -> uint16 [rows, tokens_per_image]
+    tokenizer: dict | None = None  # VQTokenizer.identity() from the shards' reports; None if not recorded
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -131,6 +132,8 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
             skipped["damaged tar shards (rest of the shard lost)"] += 1
     if not keys:
         raise SentenceError(f"{paths[0]}: no usable samples in the {name} shards ({dict(skipped) or 'empty'})")
+    # `lvm.tokenize` writes `<name>.report.json` beside `<name>.tar`, naming the tokenizer that made it.
+    reports = ((p, read_json(p.removesuffix(".tar") + ".report.json").get("tokenizer")) for p in paths)
     return TokenSet(
         name=name,
         shards=list(paths),
@@ -138,6 +141,7 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
         keys=keys,
         meta=meta,
         tokens={v: np.stack(r) for v, r in rows.items()},
+        tokenizer=one_tokenizer(reports),
     )
 
 

@@ -10,6 +10,7 @@ thin compositions of taming's `ResnetBlock`, `AttnBlock`, `Downsample`, `Upsampl
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -176,6 +177,20 @@ class VQTokenizer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.quant_conv.weight.device
+
+    def digest(self) -> str:
+        """blake2b of every weight (names and bytes): which tokenizer made a set of tokens, whatever file
+        format or path it was loaded from. Token shards, sentence shards and LVM checkpoints carry it."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def identity(self, name: str | None = None) -> dict:
+        """What a model trained on this tokenizer's tokens records about it (`name`: how it was given)."""
+        return {"name": None if name is None else str(name), "digest": self.digest(),
+                "tokens_per_image": self.tokens_per_image, "codebook_size": self.codebook_size}
 
     # -- training path ------------------------------------------------------
     def forward(self, x: Tensor) -> VQOutput:

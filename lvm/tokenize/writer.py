@@ -63,13 +63,13 @@ def _replace(tmp: Path, final: Path) -> None:
 class ShardWriter:
     """Streams samples of one unit into its temporary tar and commits tar + report at the end."""
 
-    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str) -> None:
+    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str, tokenizer: dict | None = None) -> None:
         self.tar_path, self.report_path = shard_paths(out, name)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_path = self.tar_path.with_name(self.tar_path.name + ".tmp")
         self._file = open(self.tmp_path, "wb")  # truncates whatever a killed run left here
         self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0, encoder=False)
-        self.name, self.inputs, self.fingerprint = name, inputs, fingerprint
+        self.name, self.inputs, self.fingerprint, self.tokenizer = name, inputs, fingerprint, tokenizer
         self.images = 0
         self.tokens = 0
         self.skipped: Counter[str] = Counter()
@@ -100,6 +100,7 @@ class ShardWriter:
             "shard": self.tar_path.name,
             "inputs": self.inputs,
             "fingerprint": self.fingerprint,
+            "tokenizer": self.tokenizer,  # VQTokenizer.identity(): carried into sentence shards and checkpoints
             "images": self.images,
             "tokens": self.tokens,
             "skipped": dict(sorted(self.skipped.items())),
