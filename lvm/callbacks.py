@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import weights
 from lvm.generate import Decoder, Sampling
 from lvm.vocab import BOS_ID
 
@@ -64,7 +65,8 @@ class StopOnSigterm(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint to `<path>.tmp` beside the target, fsyncs it, then renames it over the target.
+    """Writes a checkpoint to `<path>.tmp` beside the target, fsyncs it, then renames it over the target,
+    and reads checkpoints back with `weights_only=True` when a run resumes.
 
     A kill during the write leaves the previous checkpoint untouched. Lightning's default serialises the
     whole checkpoint into memory first and stages it in the system temp directory, which doubles host
@@ -83,6 +85,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """`--ckpt_path` reads the checkpoint as data (`weights_only=True`): one that pickles code is refused."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return weights.torch_load(path, map_location=map_location)
 
 
 class SampleImages(Callback):

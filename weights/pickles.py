@@ -22,6 +22,8 @@ from weights.errors import WeightsError
 
 def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)`; every failure is one `WeightsError` line naming the file."""
+    if not Path(path).is_file():
+        raise WeightsError(path, "no such file")
     try:
         return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as err:
