@@ -152,7 +152,8 @@ def _reference_decode(sd: dict[str, torch.Tensor], cfg: dict, codes: torch.Tenso
 
 def card(command: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
     """Run a line of the card in a shell (globs expanded by the shell), offline, on the hub cache `home`."""
-    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "CUDA_VISIBLE_DEVICES": ""}  # float32 on the CPU, as the reference computes
     env.pop("HF_HUB_CACHE", None)
     python = command.replace("python", sys.executable, 1)
     return subprocess.run(python, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)

@@ -104,9 +104,8 @@ def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     cfg = _config(config_file, open_muse_config, meta)
     for name in OPEN_MUSE_WEIGHTS:
         if (path / name).is_file():
-            weights = path / name
-            state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
-            return cfg, state
+            file = path / name
+            return cfg, _read_safetensors(file) if file.suffix == ".safetensors" else _torch_load(file)
     raise TokenizerLoadError(path, f"no weights file (looked for {', '.join(OPEN_MUSE_WEIGHTS)})")
 
 
