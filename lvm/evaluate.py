@@ -273,8 +273,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"our Lightning .ckpt, a Hugging Face Llama directory or hub id (default: {weights.DEFAULT_MODEL})")
     p.add_argument("--sentences", required=True, nargs="+", help="sentence shards (.tar) or directories of them")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, report.md and the plot")
-    p.add_argument("--tokenizer", help="enables pixel metrics (and sets tokens per image); default: the model's own "
-                                       "when it records a hub id, as the released LVM-7B does")
+    p.add_argument("--tokenizer", help="enables pixel metrics (and sets tokens per image); default: the released "
+                                       f"tokenizer {weights.DEFAULT_TOKENIZER} for the released LVM-7B, else none")
     p.add_argument("--tokens-per-image", type=int,
                    help="used when no tokenizer is loaded (default: what the model records, else 256)")
     p.add_argument("--max-sentences", type=int, help="evaluate the first N readable sentences")
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     model = load_lvm(args.model, device=args.device, dtype=dtype)
     trained = model.tokenizer_info or {}
-    spec = args.tokenizer or (trained.get("name") if weights.hub_repo(trained.get("name") or "") else None)
+    spec = args.tokenizer or (weights.DEFAULT_TOKENIZER if trained.get("name") == weights.DEFAULT_TOKENIZER else None)
     tok = tokenizer.load(spec, device=args.device) if spec else None
     if tok:
         check_tokenizer(model, args.model, tok.identity(spec))

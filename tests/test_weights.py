@@ -47,6 +47,7 @@ from sentences.build import build
 from sentences.errors import SentenceError
 from sentences.shards import one_tokenizer
 from sentences.spec import load_spec
+from test_data import write_sentence_shards
 from test_tokenize import _img2dataset_shard
 from test_tokenizer_loaders import TINY_MUSE_CONFIG, _reference_encode, open_muse_shapes
 
@@ -123,6 +124,15 @@ def test_offline_without_a_cached_copy_is_one_line_naming_the_id_and_the_way_out
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: someone/not-cached@v2: not in the Hugging Face cache") and "--tokenizer PATH" in err
+
+
+def test_evaluate_defaults_to_the_released_model_and_its_tokenizer(offline, tmp_path, capsys):
+    shards = write_sentence_shards(tmp_path / "sentences", shards=1, sentences=4, tokens_per_image=T)
+    lvm_evaluate.main(["--sentences", str(shards), "--out", str(tmp_path / "eval"), "--pixel-sentences", "2"])
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["model"] == weights.DEFAULT_MODEL and report["tokens_per_image"] == T
+    assert report["pixels"]["count"] == 2  # the released tokenizer was loaded by default
+    assert "warning" not in capsys.readouterr().err
 
 
 # -- the card's commands, exactly as written -----------------------------------------------------------------
