@@ -2,7 +2,9 @@
 
 `lightning fit -c configs/lvm_tiny.yaml` trains whatever `model:` and `data:`
 name by `class_path`, so the VQGAN and the LVM share one entry point. Errors the
-project raises for bad settings or bad data are printed as one line, not a traceback.
+project raises for bad settings or bad data are printed as one line, not a traceback,
+and so is a config asking for GPUs this machine does not have (checked before Lightning
+builds its Trainer).
 """
 
 import sys
