@@ -99,7 +99,7 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
         cli.trainer.fit(cli.model, cli.datamodule)
     stopped = cli.trainer.global_step
     assert 70 <= stopped < 200
-    assert torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)["global_step"] == stopped
+    assert torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped
     assert logged(tmp_path / "b", version=0) == {s: reference[s] for s in range(stopped)}
 
     # ... and `--ckpt_path last` continues with exactly the losses of the uninterrupted run.
@@ -109,7 +109,7 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert sorted(resumed) == list(range(stopped, 200))  # it continued; it did not start again
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
-    ckpt = torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["lvm_config"] == LVMConfig.from_name("tiny", **MINI).to_dict()
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
 
@@ -121,7 +121,7 @@ def test_ddp_with_two_cpu_processes(shards, tmp_path):
            "--model.warmup_steps", "2", "--data.num_workers", "1"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
     assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # each rank's count (they move in lockstep)
     losses = logged(tmp_path)

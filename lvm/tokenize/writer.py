@@ -23,14 +23,15 @@ import numpy as np
 
 from common.files import atomic_write
 from lvm.tokenize.decode import Skip
-from sentences.formats import tar_writer, token_member
+from sentences.formats import tar_writer, token_member, token_report
 
 MAX_LISTED_SKIPS = 1000  # the report counts every skip but lists only the first ones
 
 
 def shard_paths(out: Path, name: str) -> tuple[Path, Path]:
     """The tar and report paths of shard `name` under `out`."""
-    return out / f"{name}.tar", out / f"{name}.report.json"
+    tar = out / f"{name}.tar"
+    return tar, token_report(tar)
 
 
 def shard_state(out: Path, name: str, fingerprint: str) -> str:
@@ -55,12 +56,12 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class ShardWriter:
     """Streams samples of one unit into its temporary tar and commits tar + report at the end."""
 
-    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str) -> None:
+    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str, tokenizer: dict | None = None) -> None:
         self.tar_path, self.report_path = shard_paths(out, name)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
         self._commit = ExitStack()  # closing it renames the tar into place
         self._tar = self._commit.enter_context(tar_writer(self.tar_path, encoder=False))  # truncates a killed run's
-        self.name, self.inputs, self.fingerprint = name, inputs, fingerprint
+        self.name, self.inputs, self.fingerprint, self.tokenizer = name, inputs, fingerprint, tokenizer
         self.images = 0
         self.tokens = 0
         self.skipped: Counter[str] = Counter()
@@ -87,6 +88,7 @@ class ShardWriter:
             "shard": self.tar_path.name,
             "inputs": self.inputs,
             "fingerprint": self.fingerprint,
+            "tokenizer": self.tokenizer,  # VQTokenizer.identity(): carried into sentence shards and checkpoints
             "images": self.images,
             "tokens": self.tokens,
             "skipped": dict(sorted(self.skipped.items())),
