@@ -142,6 +142,14 @@ def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 
     return report
 
 
+def _perplexity_curve(
+    model: LVM, sentences: list[Sentence], contexts: dict[int, int], batch_size: int, desc: str | None
+) -> dict[int, dict]:
+    """{x: perplexity summary of each sentence's last image given the `contexts[x]` images before it}."""
+    return {x: metrics.perplexities(target_nlls(model, sentences, k, batch_size))
+            for x, k in tqdm(contexts.items(), desc=desc, disable=desc is None)}
+
+
 def perplexity_vs_context(
     model: LVM,
     sentences: list[Sentence],
@@ -157,26 +165,19 @@ def perplexity_vs_context(
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     ks = range(0 if model.cfg.bos_id is not None else 1, K + 1)
-    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size))
-            for k in tqdm(ks, desc="context frames", disable=not progress)}
+    return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None)
 
 
-def perplexity_vs_pairs(
-    model: LVM,
-    sentences: list[Sentence],
-    max_pairs: int = MAX_EXAMPLE_PAIRS,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[int, dict]:
+def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict[int, dict]:
     """Perplexity of the answer (each pairs sentence's last image) given the query and the n example pairs
-    before it, n = 0..K (K = min(max_pairs, what fits, shortest sentence's pairs - 1)): the paper's in-context
+    before it, n = 0..K (K = min(7, what fits, shortest sentence's pairs - 1)): the paper's in-context
     analogy measure. Sentences must be [x1, y1, ..., xn, yn]; n = 0 scores the answer given the query alone."""
     if not sentences:
         return {}
     T = sentences[0].images.shape[1]
-    K = min(max_pairs, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
-    return {n: metrics.perplexities(target_nlls(model, sentences, 2 * n + 1, batch_size))
-            for n in tqdm(range(K + 1), desc="example pairs", disable=not progress)}
+    K = min(MAX_EXAMPLE_PAIRS, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
+    return _perplexity_curve(model, sentences, {n: 2 * n + 1 for n in range(K + 1)}, batch_size,
+                             "example pairs" if progress else None)
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int = CODEBOOK_SIZE) -> dict:
