@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.__main__ import main
+from lvm.tokenize.decode import DecodeOptions, read_batches
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
@@ -243,6 +244,24 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
     assert reports["src-img-000000.report.json"]["skipped"] == {"corrupt_image": 1, "empty_file": 1}
     assert reports["src-vid-000000.report.json"]["skipped"] == {"empty_file": 1, "unreadable_video": 1}
     assert list(_samples(out / "b.tar")) == ["k1"] and _samples(out / "c.tar") == {}
+
+
+def test_read_batches_prepares_each_key_once_and_ends_with_a_last_batch(tmp_path):
+    for name in ("a.png", "a.jpg", "b.png", "c.png", "d.png"):  # a.jpg and a.png share the key "a"
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    (unit,), _ = find_units([str(tmp_path)])
+    batches = [
+        (rows, [(Path(s.item).name, s.reason) for s in skips], last)
+        for rows, skips, last in read_batches(unit, DecodeOptions(), 2, lambda picture: picture.key.upper())
+    ]
+    first = unit.items[0].rel  # which of a.jpg / a.png is read first is find_units' order; the other is the duplicate
+    duplicate = "a.png:a" if first == "a.jpg" else "a.jpg:a"
+    assert batches == [
+        (["A", "B"], [(duplicate, "duplicate_key")], False),
+        (["C", "D"], [("bad.png", "corrupt_image")], False),
+        ([], [], True),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ import tokenizer
 import weights
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_unit
+from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary
 from lvm.tokenize.sources import Unit, default_out, find_units
@@ -112,27 +112,9 @@ class UnitBatches(IterableDataset):
         self.decode = DecodeOptions(options.video_stride, options.label_palette, resize.size if options.jpeg_draft else None)
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(worker, len(self.units), workers):
-            yield from self._unit_batches(index)
-
-    def _unit_batches(self, index: int):
-        seen: set[str] = set()
-        rows: list[tuple[str, bytes, list[Tensor]]] = []
-        skips: list[Skip] = []
-        for entry in read_unit(self.units[index], self.decode):
-            if isinstance(entry, Skip):
-                skips.append(entry)
-            elif entry.key in seen:
-                skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
-            else:
-                seen.add(entry.key)
-                rows.append(self._prepare(entry))
-                if len(rows) == self.batch_size:
-                    yield self._batch(index, rows, skips, last=False)
-                    rows, skips = [], []
-        yield self._batch(index, rows, skips, last=True)
+        for index in worker_share(len(self.units)):
+            for rows, skips, last in read_batches(self.units[index], self.decode, self.batch_size, self._prepare):
+                yield self._batch(index, rows, skips, last)
 
     def _prepare(self, picture: Picture) -> tuple[str, bytes, list[Tensor]]:
         meta = dict(picture.meta)
@@ -155,6 +137,16 @@ class UnitBatches(IterableDataset):
         else:
             pixels = torch.empty(0, 3, self.resize.size, self.resize.size)
         return Batch(index, [r[0] for r in rows], [r[1] for r in rows], pixels, skips, last)
+
+
+def worker_share(count: int) -> range:
+    """The indices of `count` units this DataLoader worker reads: w, w + W, ... (all of them outside a worker).
+
+    Whole units per worker, so each unit's output is written by one process (also used by `lvm.annotate`).
+    """
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return range(worker, count, workers)
 
 
 def ranks_from_env() -> tuple[int, int, int]:
