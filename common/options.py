@@ -1,7 +1,8 @@
-"""The command-line conventions every `python -m` command shares: `--device` and `--dtype`.
+"""The command-line conventions every `python -m` command shares: `--device`, `--dtype`, and `--model` /
+`--tokenizer` where they default to the release's weights.
 
-Other shared flags are named alike by convention (docs/ARCHITECTURE.md): `--model` (an LVM checkpoint
-or Hugging Face directory), `--tokenizer`, `--sentences`, `--out`.
+Other shared flags are named alike by convention (docs/ARCHITECTURE.md): `--sentences`, `--out`. The
+release's hub ids live in `weights` (a layer above this one), so commands pass them in as defaults.
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 def add_dtype_arg(parser: argparse.ArgumentParser, default: str = "bfloat16 on CUDA, else float32") -> None:
     """`--dtype`, one of DTYPES; `default` says in the help what an unset `--dtype` means."""
     parser.add_argument("--dtype", choices=DTYPES, help=f"default: {default}")
+
+
+def add_model_arg(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--model`: our Lightning `.ckpt`, a Hugging Face Llama folder or a hub id (`weights.resolve` reads each)."""
+    parser.add_argument("--model", default=default,
+                        help=f"our Lightning .ckpt, a Hugging Face Llama folder or hub id (default: {default})")
+
+
+def add_tokenizer_arg(parser: argparse.ArgumentParser, default: str | None, unset: str | None = None) -> None:
+    """`--tokenizer`: anything `tokenizer.load` reads, a hub id included; `unset` says in the help what no
+    `--tokenizer` means when `default` is None."""
+    parser.add_argument("--tokenizer", default=default,
+                        help=f"anything tokenizer.load reads: a checkpoint, folder or hub id (default: {unset or default})")
 
 
 def torch_dtype(name: str | None, device: str | None) -> torch.dtype | None:

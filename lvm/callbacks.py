@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+import weights
 from common.files import atomic_write
 from common.vocab import BOS_ID
 from lvm.generate import Decoder, Sampling
@@ -65,7 +66,8 @@ class StopOnSigterm(Callback):
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint with `common.files.atomic_write`: `<path>.tmp` beside the target, fsynced, then
-    renamed over the target.
+    renamed over the target; reads checkpoints back with `weights_only=True` (`weights.torch_load`) when a
+    run resumes.
 
     A kill during the write leaves the previous checkpoint untouched. Lightning's default serialises the
     whole checkpoint into memory first and stages it in the system temp directory, which doubles host
@@ -80,6 +82,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """`--ckpt_path` reads the checkpoint as data (`weights_only=True`): one that pickles code is refused."""
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return weights.torch_load(path, map_location=map_location)
 
 
 class SampleImages(Callback):

@@ -3,7 +3,17 @@
 - our Lightning checkpoints (`*.ckpt`): `state_dict` keys `model.*` and
   `checkpoint["lvm_config"]` (an `LVMConfig.to_dict()`);
 - Hugging Face `LlamaForCausalLM` directories (config.json + safetensors or
-  `pytorch_model*.bin` shards), such as the released LVM-7B.
+  `pytorch_model*.bin` shards), such as the released LVM-7B;
+- either one named by a Hugging Face hub id (`Emma02/LVM_ckpts`, optionally `@revision`), fetched into the
+  hub cache by `weights.resolve`.
+
+Weights are data: pickles are read with `torch.load(weights_only=True)` (`weights.torch_load`), so a
+checkpoint that pickles code is refused with the global it names, and nothing in it runs.
+
+A model knows its tokenizer: `model.tokenizer_info` is what it was trained on (`VQTokenizer.identity()`:
+name, digest, tokens per image, codebook size), carried from the token shards through the sentence shards
+into `checkpoint["tokenizer"]` and the HF config's `lvm_tokenizer`; None when unknown. `check_tokenizer`
+warns in one line when a command is given another one.
 
 Both paths build the model on the meta device and assign the stored tensors
 (`load_state_dict(assign=True)`), so no random initialisation runs and peak
@@ -13,12 +23,14 @@ memory stays near the model's size; HF shards are streamed one at a time.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+import weights
 from common.errors import UserError
 from lvm import hf
 from lvm.model import LVM, LVMConfig, rope_tables
@@ -28,27 +40,41 @@ class CheckpointError(UserError):
     """A model file or directory that cannot be loaded: `CheckpointError(path, problem)`."""
 
 
+RELEASED_TOKENIZER = {"name": weights.DEFAULT_TOKENIZER, "digest": None, "tokens_per_image": 256, "codebook_size": 8192}
+"""What the released LVM-7B (`weights.DEFAULT_MODEL`) was trained on: the released tokenizer, 256 tokens per
+image from 8192 codes. Its digest needs the weights (`tokenizer.load(weights.DEFAULT_TOKENIZER).digest()`);
+until it is filled in, that tokenizer is recognised by its hub id and its shape."""
+
+
 def load_lvm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LVM:
-    """Load an LVM in eval mode from our `.ckpt` or an HF Llama directory; `dtype` None keeps the stored one."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "no such file or directory")
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(path, "not a Hugging Face model directory (no config.json)")
-        cfg, tensors = _hf_source(path)
-    else:
-        cfg, tensors = _lightning_source(path)
-    return _materialize(path, cfg, tensors, torch.device(device), dtype)
-
-
-def _lightning_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.Tensor]]]:
-    # Our own training checkpoints also pickle Lightning/optimizer state, so weights_only=False:
-    # load only checkpoints you trust. mmap keeps tensors on disk until they are assigned.
+    """Load an LVM in eval mode from our `.ckpt`, an HF Llama directory or a hub id; `dtype` None keeps the
+    stored one. `model.tokenizer_info` says which tokenizer it was trained on (None when unknown)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception as e:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        resolved = weights.resolve(path, option="--model")
+    except weights.WeightsError as err:
+        raise CheckpointError(err.where, err.what) from None
+    if resolved.is_dir():
+        if not (resolved / "config.json").is_file():
+            raise CheckpointError(resolved, "not a Hugging Face model directory (no config.json)")
+        cfg, tensors, info = _hf_source(resolved, released=_is_released(path))
+    else:
+        cfg, tensors, info = _lightning_source(resolved)
+    model = _materialize(resolved, cfg, tensors, torch.device(device), dtype)
+    model.tokenizer_info = info
+    return model
+
+
+def _is_released(spec: str | Path) -> bool:
+    hub = weights.hub_repo(spec)
+    return hub is not None and hub[0] == weights.DEFAULT_MODEL
+
+
+def _lightning_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.Tensor]], dict | None]:
+    # mmap keeps tensors on disk until they are assigned.
+    try:
+        ckpt = weights.torch_load(path, mmap=True)
+    except weights.WeightsError as err:
+        raise CheckpointError(path, err.what) from None
     if not isinstance(ckpt, dict) or "lvm_config" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(path, "not an LVM training checkpoint (no 'lvm_config' / 'state_dict')")
     try:
@@ -56,19 +82,21 @@ def _lightning_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"invalid lvm_config: {e}") from e
     tensors = ((k.removeprefix("model."), v) for k, v in ckpt["state_dict"].items() if k.startswith("model."))
-    return cfg, tensors
+    return cfg, tensors, ckpt.get("tokenizer")
 
 
-def _hf_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.Tensor]]]:
+def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[str, torch.Tensor]], dict | None]:
     try:
-        cfg = hf.config_from_hf(json.loads((path / "config.json").read_text()))
+        config = json.loads((path / "config.json").read_text())
+        cfg = hf.config_from_hf(config)
     except (ValueError, KeyError, TypeError) as e:
         problem = f"missing config field {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(path / "config.json", problem) from e
     shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
     if not shards:
         raise CheckpointError(path, "no *.safetensors or pytorch_model*.bin weight files")
-    return cfg, _hf_tensors(shards)
+    info = config.get(hf.TOKENIZER_KEY) or (RELEASED_TOKENIZER if released or hf.is_released(config) else None)
+    return cfg, _hf_tensors(shards), info
 
 
 def _hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -80,7 +108,11 @@ def _hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                     if (name := _our_name(shard, key)) is not None:
                         yield name, f.get_tensor(key)
         else:
-            for key, tensor in torch.load(shard, map_location="cpu", mmap=True, weights_only=True).items():
+            try:
+                state = weights.torch_load(shard, mmap=True)
+            except weights.WeightsError as err:
+                raise CheckpointError(shard, err.what) from None
+            for key, tensor in state.items():
                 if (name := _our_name(shard, key)) is not None:
                     yield name, tensor
 
@@ -116,3 +148,34 @@ def _materialize(
     # Non-persistent buffers were created on meta; recompute them on the target device.
     model.rope_cos, model.rope_sin = (t.to(device) for t in rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta))
     return model.eval()
+
+
+def describe(info: dict) -> str:
+    """`name (digest 1a2b3c4d..., 256 tokens per image, 8192 codes)` with the parts that are known."""
+    parts = [f"digest {info['digest'][:12]}" if info.get("digest") else None,
+             f"{info['tokens_per_image']} tokens per image" if info.get("tokens_per_image") else None,
+             f"{info['codebook_size']} codes" if info.get("codebook_size") else None]
+    return f"{info.get('name') or 'unnamed'} ({', '.join(p for p in parts if p)})"
+
+
+def tokenizer_mismatch(trained: dict | None, given: dict) -> bool:
+    """Whether the tokenizer `given` (`VQTokenizer.identity(name)`) is not the one a model was `trained` on:
+    by digest when the model records one, else by hub id, else by tokens per image and codebook size."""
+    if not trained:
+        return False
+    if trained.get("digest"):
+        return trained["digest"] != given["digest"]
+    trained_hub, given_hub = (weights.hub_repo(i["name"]) if i.get("name") else None for i in (trained, given))
+    if trained_hub and given_hub:
+        return trained_hub[0] != given_hub[0]
+    return any(trained.get(k) not in (None, given[k]) for k in ("tokens_per_image", "codebook_size"))
+
+
+def check_tokenizer(model: LVM, model_name: str | Path, given: dict) -> bool:
+    """Warn in one line (stderr) when `given` is not the tokenizer `model` was trained on; True if it warned."""
+    trained = getattr(model, "tokenizer_info", None)
+    if not tokenizer_mismatch(trained, given):
+        return False
+    print(f"warning: tokenizer {describe(given)} is not the one {model_name} was trained on, {describe(trained)}: "
+          "its predictions will be noise; pass that tokenizer with --tokenizer", file=sys.stderr)
+    return True

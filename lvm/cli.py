@@ -3,14 +3,59 @@
 `lightning fit -c configs/lvm_tiny.yaml` trains whatever `model:` and `data:`
 name by `class_path`, so the VQGAN and the LVM share one entry point. Errors the
 project raises for bad settings or bad data (`common.errors.UserError`) are printed
-as one line, not a traceback.
+as one line, not a traceback, and so is a config asking for GPUs this machine does not
+have (checked before Lightning builds its Trainer).
 """
 
 import sys
 
+import torch
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from common.errors import UserError
+from lvm.errors import ConfigError
+
+
+def _count(devices: object) -> int | None:
+    """GPUs a `trainer.devices` value asks for: 8, [0, 1], "0,1", "2"; None for "auto" / -1 (any number)."""
+    if isinstance(devices, int):
+        return devices if devices > 0 else None
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([part for part in devices.split(",") if part.strip()])
+    if isinstance(devices, str) and devices.strip().isdigit():
+        return int(devices) or None
+    return None
+
+
+def check_accelerator(config: Namespace) -> None:
+    """A config asking for more GPUs than this machine has: one line saying both, instead of Lightning's
+    30-line `MisconfigurationException` traceback from deep inside the Trainer."""
+    trainer = config.trainer
+    accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
+    if accelerator not in ("gpu", "cuda"):
+        return
+    wanted, found = _count(trainer.devices), torch.cuda.device_count()
+    if found >= (wanted or 1):
+        return
+    source = " + ".join(str(path) for path in config.get("config") or []) or "this run"
+    gpus = f"{wanted} GPU{'s' * (wanted != 1)}" if wanted else "GPUs"
+    if found == 0:
+        advice = "on a CPU use configs/lvm_tiny.yaml or override --trainer.accelerator"
+        have = "none"
+    else:
+        advice = f"override --trainer.devices {found}"
+        have = f"only {found}"
+    raise ConfigError(f"{source} trains on {gpus} (accelerator {accelerator}) and this machine has {have}; {advice}")
+
+
+class CLI(LightningCLI):
+    """LightningCLI that checks the machine can run the config before building the Trainer."""
+
+    def before_instantiate_classes(self) -> None:
+        check_accelerator(self.config[self.subcommand] if self.subcommand else self.config)
 
 
 def user_error(exc: BaseException) -> UserError | None:
@@ -26,7 +71,7 @@ def user_error(exc: BaseException) -> UserError | None:
 def main(args: list[str] | None = None) -> None:
     """Run LightningCLI with fit/validate/test/predict subcommands."""
     try:
-        LightningCLI(
+        CLI(
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lvm.errors import ConfigError
-from sentences.formats import expand_shards
+from sentences.errors import SentenceError
+from sentences.formats import expand_shards, sentences_tokenizer
 from sentences.stream import PackedStream
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
@@ -79,7 +80,13 @@ class LVMDataModule(L.LightningDataModule):
                 try:  # lists the files only; nothing is read before training starts
                     expand_shards(shards)
                 except ValueError as e:
-                    raise ConfigError(f"data.{field}: {e}") from None
+                    how = "; make them with `python -m sentences.build --spec mix.yaml --out DIR` (docs/sentences.md)"
+                    raise ConfigError(f"data.{field}: {e}{how}") from None
+        try:
+            # The tokenizer that made these sentences (their index.json), saved into checkpoints by LVMModule.
+            self.tokenizer: dict | None = sentences_tokenizer(expand_shards(train_shards))
+        except SentenceError as e:
+            raise ConfigError(f"data.train_shards: {e}") from None
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers

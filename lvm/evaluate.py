@@ -1,6 +1,7 @@
 """`python -m lvm.evaluate`: how good is an LVM, with baselines that give the numbers meaning.
 
     python -m lvm.evaluate --model M --sentences val/ --tokenizer T --out eval/
+    python -m lvm.evaluate --sentences val/ --out eval/      # the released LVM-7B and its tokenizer
 
 Reads sentence shards (docs/FORMATS.md) and reports, as the release does:
 - perplexity of each sentence's last image given the images before it (as many as
@@ -33,11 +34,12 @@ import torch
 from tqdm import tqdm
 
 import tokenizer
+import weights
 from common.errors import UserError, exit_on
-from common.options import add_device_arg, add_dtype_arg, torch_dtype
+from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, torch_dtype
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
-from lvm.checkpoint import load_lvm
+from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
 from lvm.model import LVM
 from sentences import formats
@@ -140,6 +142,14 @@ def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 
     return report
 
 
+def _perplexity_curve(
+    model: LVM, sentences: list[Sentence], contexts: dict[int, int], batch_size: int, desc: str | None
+) -> dict[int, dict]:
+    """{x: perplexity summary of each sentence's last image given the `contexts[x]` images before it}."""
+    return {x: metrics.perplexities(target_nlls(model, sentences, k, batch_size))
+            for x, k in tqdm(contexts.items(), desc=desc, disable=desc is None)}
+
+
 def perplexity_vs_context(
     model: LVM,
     sentences: list[Sentence],
@@ -155,26 +165,19 @@ def perplexity_vs_context(
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     ks = range(0 if model.cfg.bos_id is not None else 1, K + 1)
-    return {k: metrics.perplexities(target_nlls(model, sentences, k, batch_size))
-            for k in tqdm(ks, desc="context frames", disable=not progress)}
+    return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None)
 
 
-def perplexity_vs_pairs(
-    model: LVM,
-    sentences: list[Sentence],
-    max_pairs: int = MAX_EXAMPLE_PAIRS,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[int, dict]:
+def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict[int, dict]:
     """Perplexity of the answer (each pairs sentence's last image) given the query and the n example pairs
-    before it, n = 0..K (K = min(max_pairs, what fits, shortest sentence's pairs - 1)): the paper's in-context
+    before it, n = 0..K (K = min(7, what fits, shortest sentence's pairs - 1)): the paper's in-context
     analogy measure. Sentences must be [x1, y1, ..., xn, yn]; n = 0 scores the answer given the query alone."""
     if not sentences:
         return {}
     T = sentences[0].images.shape[1]
-    K = min(max_pairs, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
-    return {n: metrics.perplexities(target_nlls(model, sentences, 2 * n + 1, batch_size))
-            for n in tqdm(range(K + 1), desc="example pairs", disable=not progress)}
+    K = min(MAX_EXAMPLE_PAIRS, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
+    return _perplexity_curve(model, sentences, {n: 2 * n + 1 for n in range(K + 1)}, batch_size,
+                             "example pairs" if progress else None)
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int = CODEBOOK_SIZE) -> dict:
@@ -260,12 +263,14 @@ def markdown(report: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lvm.evaluate", description="Perplexity and pixel metrics of an LVM.")
-    p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
+    add_model_arg(p, weights.DEFAULT_MODEL)
     p.add_argument("--sentences", required=True, nargs="+",
                    help="sentence shards: folders, globs or brace patterns ('sent/sentences-{000000..000009}.tar')")
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, report.md and the plot")
-    p.add_argument("--tokenizer", help="enables pixel metrics (and sets tokens per image)")
-    p.add_argument("--tokens-per-image", type=int, default=256, help="used when no --tokenizer is given")
+    add_tokenizer_arg(p, None, f"the released {weights.DEFAULT_TOKENIZER} for the released LVM-7B, else none; "
+                               "a tokenizer enables pixel metrics and sets tokens per image")
+    p.add_argument("--tokens-per-image", type=int,
+                   help="used when no tokenizer is loaded (default: what the model records, else 256)")
     p.add_argument("--max-sentences", type=int, help="evaluate the first N readable sentences")
     p.add_argument("--pixel-sentences", type=int, default=16, help="sentences to generate for pixel metrics")
     p.add_argument("--batch-size", type=int, default=8)
@@ -276,9 +281,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     shards = formats.expand_shards(args.sentences)
-    tok = tokenizer.load(args.tokenizer, device=args.device) if args.tokenizer else None
-    T = tok.tokens_per_image if tok else args.tokens_per_image
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
+    trained = model.tokenizer_info or {}
+    spec = args.tokenizer or (weights.DEFAULT_TOKENIZER if trained.get("name") == weights.DEFAULT_TOKENIZER else None)
+    tok = tokenizer.load(spec, device=args.device) if spec else None
+    if tok:
+        check_tokenizer(model, args.model, tok.identity(spec))
+    T = tok.tokens_per_image if tok else args.tokens_per_image or trained.get("tokens_per_image") or 256
     sentences, skipped = read_sentences(shards, T, args.max_sentences)
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")

@@ -40,6 +40,8 @@ _LAYER = re.compile(r"\.(\d+)\.")
 # Checkpoints from transformers < 4.31 also stored RoPE frequencies; we recompute them.
 _IGNORED_HF = re.compile(r".*\.rotary_emb\.inv_freq$")
 _TO_HF = {ours: hf for ours, hf in _NAMES}
+TOKENIZER_KEY = "lvm_tokenizer"
+"""config.json entry recording the tokenizer the model was trained on (`VQTokenizer.identity()`)."""
 _FROM_HF = {hf: ours for ours, hf in _NAMES}
 
 
@@ -115,8 +117,15 @@ def config_from_hf(hf: dict) -> LVMConfig:
     )
 
 
-def config_to_hf(cfg: LVMConfig, dtype: torch.dtype) -> dict:
-    """config.json of an equivalent LlamaForCausalLM."""
+def is_released(hf: dict) -> bool:
+    """Whether a Llama config.json is the released LVM-7B's (its shape, and the BOS 1 no export of ours writes)."""
+    shape = (hf.get("hidden_size"), hf.get("num_hidden_layers"), hf.get("vocab_size"), hf.get("bos_token_id"))
+    return TOKENIZER_KEY not in hf and shape == (4096, 32, 8292, 1)
+
+
+def config_to_hf(cfg: LVMConfig, dtype: torch.dtype, tokenizer: dict | None = None) -> dict:
+    """config.json of an equivalent LlamaForCausalLM; `tokenizer` (the one it was trained on) rides along as
+    `lvm_tokenizer`, an extra key transformers keeps and ignores."""
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -142,6 +151,7 @@ def config_to_hf(cfg: LVMConfig, dtype: torch.dtype) -> dict:
         "pad_token_id": PAD_ID,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
+        **({TOKENIZER_KEY: tokenizer} if tokenizer else {}),
     }
 
 
@@ -178,7 +188,8 @@ def save_hf(
     dtype = dtype or model.head.weight.dtype
     state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, safe_serialization=True)
-    (out / "config.json").write_text(json.dumps(config_to_hf(model.cfg, dtype), indent=2) + "\n")
+    config = config_to_hf(model.cfg, dtype, getattr(model, "tokenizer_info", None))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = generation_config(model.cfg, tokens_per_image)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

@@ -1,5 +1,6 @@
 """`python -m lvm.prompt`: show the model a few images and let it continue.
 
+    python -m lvm.prompt --frames seq/*.png          # the released LVM-7B and tokenizer -> prediction.png
     python -m lvm.prompt --frames seq/*.png --model M --tokenizer T --out pred.png
     python -m lvm.prompt --frames seq/ --num-frames 8 ... --out rollout.png      # video rollout + GIF
     python -m lvm.prompt --pairs a.png a_ann.png b.png b_ann.png c.png ...       # analogy: c -> c'
@@ -21,12 +22,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 import tokenizer
+import weights
 from common.errors import UserError, exit_on
 from common.files import IMAGE_SUFFIXES, natural_key
-from common.options import add_device_arg, add_dtype_arg, torch_dtype
+from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, torch_dtype
 from common.vocab import NUM_RESERVED
 from lvm import metrics
-from lvm.checkpoint import load_lvm
+from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
 
@@ -133,9 +135,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--frames", nargs="+", help="one prompt's frames (natural order), or directories (a prompt each)")
     src.add_argument("--pairs", nargs="+", help="analogy prompt in order: a a' [b b' ...] query")
-    p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (anything tokenizer.load reads)")
-    p.add_argument("--out", required=True, type=Path, help="output PNG; more images get _p/_c/_f suffixes")
+    add_model_arg(p, weights.DEFAULT_MODEL)
+    add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
+    p.add_argument("--out", default=Path("prediction.png"), type=Path,
+                   help="output PNG (default: prediction.png here); more images get _p/_c/_f suffixes")
     p.add_argument("--num-frames", type=int, default=1, help="frames to generate; the context slides over the last 15")
     p.add_argument("--candidates", type=int, default=1, help="samples per prompt")
     p.add_argument("--ground-truth", nargs="+", help="true next frames (files, or directories matching --frames)")
@@ -173,17 +176,19 @@ def run(args: argparse.Namespace) -> None:
     tok = tokenizer.load(args.tokenizer, device=args.device)
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     check_compatible(model, tok, args.tokenizer)
+    check_tokenizer(model, args.model, tok.identity(args.tokenizer))
     check_fits(model, tok, len(images[0]), option)
 
     start = time.perf_counter()
     preds = predict_frames(model, tok, images, args.num_frames, args.candidates, sampling, args.seed, args.compile)
     seconds = time.perf_counter() - start
-    write_outputs(args.out, images, preds, truth_images, tok.image_size)
+    written = write_outputs(args.out, images, preds, truth_images, tok.image_size)
     P, C, N = preds.shape[:3]
     print(
         f"{P * C * N} frame(s) ({P} prompt(s) x {C} candidate(s) x {N}) in {seconds:.1f}s: "
         f"{seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
     )
+    print("wrote " + ", ".join(map(str, written)))
     if truth_images:
         mse = ground_truth_mse(preds, truth_images)
         psnr = metrics.psnr(mse).mean()
@@ -203,22 +208,25 @@ def write_outputs(
     preds: torch.Tensor,
     truth: list[list[Image.Image]] | None,
     size: int,
-) -> None:
-    """Predicted PNGs, one grid PNG (a row per prompt and candidate), and a GIF per rollout."""
+) -> list[Path]:
+    """Predicted PNGs, one grid PNG (a row per prompt and candidate), and a GIF per rollout; returns their paths."""
     out.parent.mkdir(parents=True, exist_ok=True)
     P, C, N = preds.shape[:3]
-    rows = []
+    rows, written = [], []
     for p in range(P):
         for c in range(C):
             frames = [to_pil_image(preds[p, c, f]) for f in range(N)]
             for f, image in enumerate(frames):
-                image.save(output_path(out, (p, c, f), (P, C, N)))
+                written.append(output_path(out, (p, c, f), (P, C, N)))
+                image.save(written[-1])
             if N > 1:
                 shown = [image.resize((size, size), Image.BICUBIC) for image in context[p]] + frames
-                shown[0].save(output_path(out, (p, c, -1), (P, C, N), ".gif"), save_all=True,
-                              append_images=shown[1:], duration=250, loop=0)
+                written.append(output_path(out, (p, c, -1), (P, C, N), ".gif"))
+                shown[0].save(written[-1], save_all=True, append_images=shown[1:], duration=250, loop=0)
             rows.append([context[p], frames, *([truth[p]] if truth else [])])
-    grid(rows, size).save(out.with_name(f"{out.stem}_grid.png"))
+    written.append(out.with_name(f"{out.stem}_grid.png"))
+    grid(rows, size).save(written[-1])
+    return written
 
 
 @exit_on

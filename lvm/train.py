@@ -169,6 +169,8 @@ class LVMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lvm_config"] = self.cfg.to_dict()
+        # The tokenizer behind the training sentences (None if unrecorded), so readers can check theirs.
+        checkpoint["tokenizer"] = getattr(self.trainer.datamodule, "tokenizer", None)
 
     # -- steps ----------------------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from common.errors import exit_on
 from common.files import atomic_write
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
-from sentences.formats import ORIGINAL, SENTENCE_SHARD, SentenceIndex, tar_writer
+from sentences.formats import ORIGINAL, SENTENCE_SHARD, SentenceIndex, one_tokenizer, tar_writer
 from sentences.kinds import KINDS, Builder, Sentence
 from sentences.spec import MixSpec, SourceSpec, load_spec
 from sentences.tokens import TokenSet, check_same_length, load_token_set
@@ -61,10 +61,11 @@ class Planned:
         return f"{self.source.spec.name}-{self.epoch:03d}-{self.index:08d}"
 
 
-def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
+def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dict | None]:
     """Load every source's token sets and make its builder.
 
-    Returns the sources, the tokens per image, and per token shard set the samples skipped, by reason.
+    Returns the sources, the tokens per image, per token shard set the samples skipped by reason, and the
+    tokenizer that made every set (None when their reports do not say; two different ones are an error).
 
     Shards used by several sources with the same variants (a LAION set drawn as single, colorization and
     inpainting sentences) are loaded once and shared.
@@ -86,6 +87,7 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
         sources.append(Source(src, kind(images, annotations, src.options, Counter())))
     sets = [s for s, _ in loaded.values()]
     tokens_per_image = check_same_length(sets)
+    tokenizer = one_tokenizer((s.shards[0], s.tokenizer) for s in sets)
     for i, src in enumerate(spec.sources):
         images = KINDS[src.kind].images_per_sentence(src.options, len(src.annotations))
         if images * tokens_per_image > spec.window:
@@ -98,7 +100,7 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict]]:
         for (_, _, variants), (s, counts) in loaded.items()
         if counts
     }
-    return sources, tokens_per_image, skipped
+    return sources, tokens_per_image, skipped, tokenizer
 
 
 def _rng(seed: int, name: str, *stream: int) -> np.random.Generator:
@@ -210,7 +212,7 @@ def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:
     shards an earlier run had completed."""
     out = Path(out)
     _prepare_out(spec, out)
-    sources, tokens_per_image, skipped = load_sources(spec)
+    sources, tokens_per_image, skipped, tokenizer = load_sources(spec)
     planned = plan(spec, sources, tokens_per_image)
     index, resumed = write_shards(spec, planned, out, tokens_per_image)
     index.skipped = skipped
@@ -222,6 +224,7 @@ def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:
             "tokens": src.tokens,
             "unused": dict(src.builder.notes),
         }
+    index.tokenizer = tokenizer  # carried into the LVM checkpoint, which checks the tokenizer it is given
     index.write(out)
     return index, resumed
 

@@ -3,10 +3,13 @@
 - Shard patterns: every command that reads shards (`sentences.build`, training, `lvm.evaluate`) names
   them the same way (`expand_shards`); `lvm.tokenize` expands its inputs with the same `expand_pattern`.
 - Token shards (`lvm.tokenize` writes, `sentences.tokens` reads): one sample per image, the tokens of
-  each variant in the member `token_member(variant)`, provenance in `json`.
+  each variant in the member `token_member(variant)`, provenance in `json`; beside each its report
+  (`token_report`), which names the tokenizer that made it.
 - Sentence shards (`sentences.build` writes, the packed stream and `lvm.evaluate` read with
   `read_sentences`): one sample per visual sentence, `tokens.npy` and `json`; beside them `index.json`
   (`SentenceIndex`).
+- The tokenizer record (`VQTokenizer.identity()`: name, weights digest, tokens per image, codebook size)
+  travels from token-shard reports through `index.json` into checkpoints; `one_tokenizer` refuses a mix.
 - Every shard is written through `tar_writer`: atomic (`common.files.atomic_write`) and byte-for-byte
   reproducible.
 """
@@ -19,7 +22,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,12 @@ INDEX_FORMAT = "lvm-sentences/1"
 def token_member(variant: str) -> str:
     """Tar member extension holding the tokens of ``variant`` (``tokens.npy``, ``gray.tokens.npy``...)."""
     return "tokens.npy" if variant == ORIGINAL else f"{variant}.tokens.npy"
+
+
+def token_report(shard: str | Path) -> Path:
+    """The report ``lvm.tokenize`` writes beside the token shard ``<name>.tar``: ``<name>.report.json``."""
+    shard = Path(shard)
+    return shard.with_name(shard.name.removesuffix(".tar") + ".report.json")
 
 
 def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
@@ -161,6 +170,9 @@ class SentenceIndex:
     tokens_per_image: int
     seed: int
     window: int
+    tokenizer: dict | None = None
+    """the tokenizer that made every token shard (``one_tokenizer``), None when their reports do not say;
+    carried into LVM checkpoints, which check the tokenizer they are used with"""
     shards: dict[str, dict] = field(default_factory=dict)
     """shard file name -> ``sentences``, ``tokens``, ``bytes`` (the stream trusts ``tokens`` only at that size)"""
     kinds: dict[str, dict] = field(default_factory=dict)
@@ -177,13 +189,62 @@ class SentenceIndex:
             f.write("\n")
 
 
-def indexed_shards(folder: str) -> dict[str, dict]:
-    """The ``shards`` entry of the ``index.json`` in ``folder`` ({} when there is none)."""
+def _read_index(folder: str) -> dict:
+    """The ``index.json`` in ``folder`` ({} when there is none)."""
     path = os.path.join(folder, INDEX_NAME)
     try:
         with open(path) as f:
-            return json.load(f).get("shards", {})
+            index = json.load(f)
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError, AttributeError) as exn:
+    except (OSError, ValueError) as exn:
         raise SentenceError(path, f"unreadable ({exn})") from None
+    if not isinstance(index, dict):
+        raise SentenceError(path, "unreadable (not a json object)")
+    return index
+
+
+def indexed_shards(folder: str) -> dict[str, dict]:
+    """The ``shards`` entry of the ``index.json`` in ``folder`` ({} when there is none)."""
+    return _read_index(folder).get("shards", {})
+
+
+def one_tokenizer(records: Iterable[tuple[str, dict | None]]) -> dict | None:
+    """The tokenizer that made all of some shards, from (shard, ``VQTokenizer.identity()`` or None) pairs.
+
+    None when no shard records one; two different digests mean tokens of two tokenizers mixed together,
+    which no model can learn from, so that is an error naming a shard of each.
+    """
+    found: tuple[str, dict] | None = None
+    for path, record in records:
+        if not isinstance(record, dict) or not record.get("digest"):
+            continue
+        if found is None:
+            found = path, record
+        elif record["digest"] != found[1]["digest"]:
+            raise SentenceError(
+                path,
+                f"made by tokenizer {record.get('name')} (digest {record['digest'][:12]}), but {found[0]} by "
+                f"{found[1].get('name')} (digest {found[1]['digest'][:12]}); tokenize everything with one tokenizer",
+            )
+    return None if found is None else found[1]
+
+
+def token_shards_tokenizer(paths: Sequence[str]) -> dict | None:
+    """The tokenizer recorded in the reports of these token shards (None if none does; a report that is missing
+    or unreadable records nothing, as for shards other tools made)."""
+
+    def recorded(path: str) -> dict | None:
+        try:
+            report = json.loads(token_report(path).read_text())
+        except (OSError, ValueError):
+            return None
+        return report.get("tokenizer") if isinstance(report, dict) else None
+
+    return one_tokenizer((path, recorded(path)) for path in paths)
+
+
+def sentences_tokenizer(paths: Sequence[str]) -> dict | None:
+    """The tokenizer recorded in the ``index.json`` of the folders holding these sentence shards (None if none)."""
+    folders = sorted({os.path.dirname(path) for path in paths})
+    return one_tokenizer((folder, _read_index(folder).get("tokenizer")) for folder in folders)

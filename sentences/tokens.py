@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from common.vocab import CODEBOOK_SIZE
 from sentences.errors import SentenceError
-from sentences.formats import iter_samples, token_member
+from sentences.formats import iter_samples, token_member, token_shards_tokenizer
 
 
 @dataclass
@@ -36,6 +36,7 @@ class TokenSet:
     keys: list[str]
     meta: list[dict]
     tokens: dict[str, np.ndarray]  # variant -> uint16 [rows, tokens_per_image]
+    tokenizer: dict | None = None  # VQTokenizer.identity() from the shards' reports; None if not recorded
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -130,6 +131,7 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
         keys=keys,
         meta=meta,
         tokens={v: np.stack(r) for v, r in rows.items()},
+        tokenizer=token_shards_tokenizer(paths),
     )
 
 

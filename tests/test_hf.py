@@ -145,7 +145,7 @@ def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
     with pytest.raises(CheckpointError, match=r"nope\.ckpt: no such file or directory"):
         load_lvm(tmp_path / "nope.ckpt")
     (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"junk\.ckpt: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"junk\.ckpt: corrupt or not a PyTorch checkpoint"):
         load_lvm(tmp_path / "junk.ckpt")
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(CheckpointError, match="not an LVM training checkpoint"):

@@ -6,12 +6,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "tokenizer", "sentences", "lvm")
+PACKAGES = ("common", "weights", "tokenizer", "sentences", "lvm")
 ALLOWED = {  # package -> the project packages it may import (the layers below it)
     "common": set(),
-    "tokenizer": {"common"},
+    "weights": {"common"},
+    "tokenizer": {"common", "weights"},
     "sentences": {"common"},
-    "lvm": {"common", "tokenizer", "sentences"},
+    "lvm": {"common", "weights", "tokenizer", "sentences"},
 }
 
 

@@ -26,6 +26,7 @@ import tokenizer
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError, pipeline
 from lvm.tokenize.__main__ import main
+from lvm.tokenize.decode import DecodeOptions, read_batches
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
@@ -302,6 +303,24 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
     assert videos["skipped"] == {"corrupt_video": 1}
     assert [s["item"] for s in videos["skipped_items"]] == [f"{src}/vid/cut.mkv#frame=1"]
     assert list(_samples(out / "src-vid-000000.tar")) == ["vid/cut/000000", "vid/latin/000000", "vid/latin/000001"]
+
+
+def test_read_batches_prepares_each_key_once_and_ends_with_a_last_batch(tmp_path):
+    for name in ("a.png", "a.jpg", "b.png", "c.png", "d.png"):  # a.jpg and a.png share the key "a"
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    (unit,), _ = find_units([str(tmp_path)])
+    batches = [
+        (rows, [(Path(s.item).name, s.reason) for s in skips], last)
+        for rows, skips, last in read_batches(unit, DecodeOptions(), 2, lambda picture: picture.key.upper())
+    ]
+    first = unit.items[0].rel  # which of a.jpg / a.png is read first is find_units' order; the other is the duplicate
+    duplicate = "a.png:a" if first == "a.jpg" else "a.jpg:a"
+    assert batches == [
+        (["A", "B"], [(duplicate, "duplicate_key")], False),
+        (["C", "D"], [("bad.png", "corrupt_image")], False),
+        ([], [], True),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -301,6 +301,5 @@ def test_checkpoints_that_pickle_other_objects_are_refused_unrun(tmp_path: Path,
     torch.save({**checkpoint, "hyper_parameters": extra}, ckpt)
     with pytest.raises(tokenizer.TokenizerLoadError) as info:
         tokenizer.load(ckpt)
-    assert str(info.value) == (f"{ckpt}: refused by torch.load(weights_only=True): it pickles {pickled}; "
-                               "re-save only its state_dict from a trusted environment")
+    assert str(info.value).startswith(f"{ckpt}: refused: it pickles {pickled}, which is code, not weights")
     assert not marker.exists()

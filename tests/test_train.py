@@ -102,7 +102,7 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
         cli.trainer.fit(cli.model, cli.datamodule)
     stopped = cli.trainer.global_step
     assert 70 <= stopped < 200
-    assert torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)["global_step"] == stopped
+    assert torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == stopped
     assert logged(tmp_path / "b", version=0) == {s: reference[s] for s in range(stopped)}
 
     # ... and `--ckpt_path last` continues with exactly the losses of the uninterrupted run.
@@ -112,7 +112,7 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert sorted(resumed) == list(range(stopped, 200))  # it continued; it did not start again
     for step in resumed:
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
-    ckpt = torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["lvm_config"] == LVMConfig.from_name("tiny", **MINI).to_dict()
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
 
@@ -180,7 +180,7 @@ def _recorded(record: Path, rank: int) -> dict[int, torch.Tensor]:
 def test_ddp_with_two_cpu_processes_splits_the_stream_and_resumes(shards, tmp_path):
     done = _ddp_fit(shards, tmp_path / "a", tmp_path / "a_batches", "--trainer.callbacks.save_at=6")
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
     assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # each rank's count (they move in lockstep)
     reference = logged(tmp_path / "a")
@@ -237,7 +237,7 @@ def test_nan_stop_checkpoints_the_last_good_state_and_skips_are_logged(shards, t
     cli = tiny_cli(shards, "--model", "test_train.NaNAtStep3", "--model.warmup_steps", "1", "--trainer.max_steps", "6")
     with pytest.raises(NonFiniteLossError):
         cli.trainer.fit(cli.model, cli.datamodule)
-    ckpt = torch.load(tmp_path / "stop/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "stop/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 3 and ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 4}
     good = {f"model.{k}": v for k, v in cli.model.model.state_dict().items()}  # after step 3's update, before the NaN
     assert all(torch.isfinite(v).all() for v in good.values())

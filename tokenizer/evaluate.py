@@ -27,8 +27,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm import tqdm
 
 import tokenizer
+import weights
 from common.errors import UserError, exit_on
-from common.options import add_device_arg
+from common.options import add_device_arg, add_tokenizer_arg
 from tokenizer.data import image_files
 from tokenizer.preprocess import from_value_range
 from tokenizer.quantizer import codebook_stats
@@ -112,7 +113,7 @@ def evaluate(
 @exit_on
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokenizer", required=True, help="any checkpoint tokenizer.load reads")
+    add_tokenizer_arg(parser, weights.DEFAULT_TOKENIZER)
     parser.add_argument("--config", default=None, help="yaml of a taming .ckpt when not beside it")
     parser.add_argument("--images", required=True, type=Path, help="folder of held-out images (searched recursively)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -7,17 +7,17 @@ Supported, detected from what is on disk:
   * an open-muse `VQGANModel` directory (config.json + pytorch_model.bin or *.safetensors),
     the format of the released LVM tokenizer;
   * a taming-transformers `.ckpt` with its yaml (beside it, in the run's configs/ folder, or `config=`).
+Any of these may also be named by a Hugging Face hub id (`Emma02/vqvae_ckpts`, the released tokenizer,
+optionally `@revision`), fetched into the hub cache by `weights.resolve`.
 Every failure is a `TokenizerLoadError` whose message names the path and the problem.
-Pickles are read with `weights_only=True`; state dicts must match the architecture
-exactly (no missing or unexpected keys) so a wrong config can never load silently.
+Pickles are read with `weights.torch_load` (`weights_only=True`: a pickle naming code is refused, never run);
+state dicts must match the architecture exactly (no missing or unexpected keys) so a wrong config can never
+load silently.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
+import weights
 from common.errors import UserError
 from tokenizer.config import VQGANConfig
 from tokenizer.model import CONFIG_NAME, FORMAT_NAME, WEIGHTS_NAME, VQTokenizer
@@ -40,13 +41,14 @@ class TokenizerLoadError(UserError):
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", config: str | Path | None = None) -> VQTokenizer:
-    """Load any supported tokenizer checkpoint, in eval mode on `device`.
+    """Load any supported tokenizer checkpoint (a path or a hub id), in eval mode on `device`.
 
     `config` is only for taming `.ckpt` files whose yaml is not beside them.
     """
-    path = Path(path)
-    if not path.exists():
-        raise TokenizerLoadError(path, "no such file or directory")
+    try:
+        path = weights.resolve(path, option="--tokenizer")
+    except weights.WeightsError as err:
+        raise TokenizerLoadError(err.where, err.what) from None
     if path.is_dir():
         cfg, state = _read_directory(path)
     else:
@@ -99,9 +101,8 @@ def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     cfg = _config(config_file, open_muse_config, meta)
     for name in OPEN_MUSE_WEIGHTS:
         if (path / name).is_file():
-            weights = path / name
-            state = _read_safetensors(weights) if weights.suffix == ".safetensors" else _torch_load(weights)
-            return cfg, state
+            file = path / name
+            return cfg, _read_safetensors(file) if file.suffix == ".safetensors" else _torch_load(file)
     raise TokenizerLoadError(path, f"no weights file (looked for {', '.join(OPEN_MUSE_WEIGHTS)})")
 
 
@@ -213,19 +214,9 @@ def taming_config(data: dict[str, Any]) -> VQGANConfig:
 # -- raw readers -----------------------------------------------------------------
 def _torch_load(path: Path) -> dict[str, Any]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        # torch words it "Unsupported global: GLOBAL x.y" or, for modules it blocks (os, sys, ...), "unsupported GLOBAL x.y"
-        unsafe = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(err))
-        if unsafe is None:
-            raise TokenizerLoadError(path, "corrupt or not a PyTorch checkpoint (unpickling failed)") from None
-        raise TokenizerLoadError(
-            path,
-            f"refused by torch.load(weights_only=True): it pickles {unsafe.group(1)}; "
-            "re-save only its state_dict from a trusted environment",
-        ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise TokenizerLoadError(path, f"corrupt or not a PyTorch checkpoint ({type(err).__name__})") from None
+        obj = weights.torch_load(path)
+    except weights.WeightsError as err:
+        raise TokenizerLoadError(path, err.what) from None
     if not isinstance(obj, dict):
         raise TokenizerLoadError(path, f"expected a dict checkpoint, got {type(obj).__name__}")
     return obj

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from taming.modules.diffusionmodules.model import AttnBlock, Downsample, Normalize, ResnetBlock, Upsample
 from torch import Tensor, nn
 
+import weights
 from tokenizer.config import VQGANConfig
 from tokenizer.preprocess import ImageLike, from_value_range, preprocess_image
 from tokenizer.quantizer import FiniteScalarQuantizer, QuantizerOutput, VectorQuantizer
@@ -176,6 +177,16 @@ class VQTokenizer(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.quant_conv.weight.device
+
+    def digest(self) -> str:
+        """Which tokenizer made a set of tokens (`weights.module_digest`), whatever file format or path it was
+        loaded from. Token shards, sentence shards and LVM checkpoints carry it."""
+        return weights.module_digest(self)
+
+    def identity(self, name: str | None = None) -> dict:
+        """What a model trained on this tokenizer's tokens records about it (`name`: how it was given)."""
+        return {"name": None if name is None else str(name), "digest": self.digest(),
+                "tokens_per_image": self.tokens_per_image, "codebook_size": self.codebook_size}
 
     # -- training path ------------------------------------------------------
     def forward(self, x: Tensor) -> VQOutput:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lvm.annotate import AnnotateError
 from lvm.annotate.render import nearness
-from lvm.tokenize.pipeline import weights_digest
+from weights import module_digest
 
 ROLES = ("depth", "normals", "segmentation")
 
@@ -84,7 +84,7 @@ def load(role: str, name: str, device: torch.device) -> Model:
         "name": name,
         "config": json.loads(model.config.to_json_string(use_diff=False)),
         "processor": json.loads(processor.to_json_string()),
-        "weights": weights_digest(model),
+        "weights": module_digest(model),
     }
     return Model(role, name, model, processor, identity)
 

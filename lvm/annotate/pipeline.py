@@ -24,15 +24,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import DecodeOptions, Skip, read_unit
-from lvm.tokenize.pipeline import pick_device, ranks_from_env
-from lvm.tokenize.progress import Progress, clock
+from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
+from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
+from lvm.tokenize.progress import Progress, skipped_text, wall_text
 from lvm.tokenize.sources import Unit, find_units
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
@@ -89,13 +89,11 @@ class Summary:
     wall_s: float = 0.0
 
     def line(self) -> str:
+        """The final one-line summary."""
         tasks = ", ".join(f"{task} {n:,}" for task, n in self.written.items()) or "nothing new"
-        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
-        rate = self.images / self.wall_s if self.wall_s > 0 else 0.0
         return (
             f"annotate: {self.images:,} images annotated ({tasks}) in {self.units_written} units "
-            f"({self.units_done_before} already complete); skipped {sum(self.skipped.values()):,}"
-            f"{': ' + reasons if reasons else ''}; wall {clock(self.wall_s)} ({rate:.1f} images/s)"
+            f"({self.units_done_before} already complete); {skipped_text(self.skipped)}; {wall_text(self.images, self.wall_s)}"
         )
 
 
@@ -136,29 +134,15 @@ class UnitBatches(IterableDataset):
         self.decode = DecodeOptions(draft=max_size or None)  # JPEG DCT scaling down to about the working size
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(worker, len(self.works), workers):
-            yield from self._batches(index)
+        for index in worker_share(len(self.works)):
+            work = self.works[index]
+            roles = [role for role in self.processors if _needs(role, work.tasks)]
+            for rows, skips, last in read_batches(work.unit, self.decode, self.batch_size, self._prepare):
+                yield self._batch(index, roles, rows, skips, last)
 
-    def _batches(self, index: int):
-        work = self.works[index]
-        roles = [role for role in self.processors if _needs(role, work.tasks)]
-        seen: set[str] = set()
-        rows: list[tuple[str, np.ndarray]] = []
-        skips: list[Skip] = []
-        for entry in read_unit(work.unit, self.decode):
-            if isinstance(entry, Skip):
-                skips.append(entry)
-            elif entry.key in seen:
-                skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
-            else:
-                seen.add(entry.key)
-                rows.append((entry.key, render.to_uint8(render.fit(entry.pixels, self.max_size))))
-                if len(rows) == self.batch_size:
-                    yield self._batch(index, roles, rows, skips, last=False)
-                    rows, skips = [], []
-        yield self._batch(index, roles, rows, skips, last=True)
+    def _prepare(self, picture: Picture) -> tuple[str, np.ndarray]:
+        """The key and the working-size uint8 image (shrunk as it is decoded, so batches hold small arrays)."""
+        return picture.key, render.to_uint8(render.fit(picture.pixels, self.max_size))
 
     def _batch(self, index: int, roles: list[str], rows: list, skips: list[Skip], last: bool) -> Batch:
         images = [rgb for _, rgb in rows]

@@ -1,5 +1,6 @@
 """`python -m lvm.tokenize`: images, img2dataset tar shards and videos -> token shards.
 
+    python -m lvm.tokenize --shards laion/          # the released tokenizer, into tokens/laion/
     python -m lvm.tokenize --shards 'laion/{00000..01023}.tar' --out tokens/ --tokenizer lvm-vqgan/
     torchrun --nproc-per-node 8 -m lvm.tokenize --shards laion/ --out tokens/ --tokenizer lvm-vqgan/
 
@@ -13,7 +14,9 @@ import os
 import sys
 from pathlib import Path
 
+import weights
 from common.errors import exit_on
+from common.options import add_tokenizer_arg
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
 
@@ -32,8 +35,9 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--shards", nargs="+", required=True, metavar="SRC",
                    help="folders, globs or brace patterns ('laion/{00000..01023}.tar') of img2dataset tars, "
                         "image folders (recursive) and video files")
-    p.add_argument("--out", type=Path, required=True, help="output folder of token shards (created)")
-    p.add_argument("--tokenizer", required=True, help="anything tokenizer.load reads (checkpoint or folder)")
+    p.add_argument("--out", type=Path, help="output folder of token shards (created; default: tokens/<name of the "
+                                            "first source>)")
+    add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (derived variants ride along)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank; each reads whole shards (default: min(8, cores))")

@@ -11,10 +11,10 @@ import io
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import av
 import numpy as np
@@ -249,3 +249,33 @@ def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:
             yield Skip(item.path, "not_label_map", "videos cannot be label maps")
         else:
             yield from read_video(item.path, item.rel, opts.video_stride)
+
+
+Row = TypeVar("Row")  # what a pipeline makes of one decoded picture
+
+
+def read_batches(
+    unit: Unit, opts: DecodeOptions, size: int, prepare: Callable[[Picture], Row]
+) -> Iterator[tuple[list[Row], list[Skip], bool]]:
+    """A unit's pictures as `(rows, skips, last)` batches of `size` rows, the pipelines' one reading loop.
+
+    Each picture is `prepare`d as soon as it is decoded, so a batch holds prepared rows, never a batch of
+    full-size pictures. `skips` are the inputs left out since the previous batch, a key seen before in the
+    unit among them (`duplicate_key`: one output per key). The final batch, perhaps empty, has `last` True
+    so the caller commits the unit after it.
+    """
+    seen: set[str] = set()
+    rows: list[Row] = []
+    skips: list[Skip] = []
+    for entry in read_unit(unit, opts):
+        if isinstance(entry, Skip):
+            skips.append(entry)
+        elif entry.key in seen:
+            skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
+        else:
+            seen.add(entry.key)
+            rows.append(prepare(entry))
+            if len(rows) == size:
+                yield rows, skips, False
+                rows, skips = [], []
+    yield rows, skips, True

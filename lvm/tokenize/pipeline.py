@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import tokenizer
+import weights
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_unit
+from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary
-from lvm.tokenize.sources import Unit, find_units
+from lvm.tokenize.sources import Unit, default_out, find_units
 from lvm.tokenize.writer import ShardWriter, shard_state
 from sentences.formats import ORIGINAL
 from tokenizer.preprocess import resize_square, to_value_range
@@ -58,8 +59,8 @@ class Job:
     """One `python -m lvm.tokenize` invocation."""
 
     shards: list[str]
-    out: Path
-    tokenizer: str
+    out: Path | None = None  # default: tokens/<name of the first source> (sources.default_out)
+    tokenizer: str = weights.DEFAULT_TOKENIZER  # anything tokenizer.load reads, a hub id included
     options: Options = field(default_factory=Options)
     batch_size: int = 64
     workers: int = 8
@@ -111,27 +112,9 @@ class UnitBatches(IterableDataset):
         self.decode = DecodeOptions(options.video_stride, options.label_palette, resize.size if options.jpeg_draft else None)
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for index in range(worker, len(self.units), workers):
-            yield from self._unit_batches(index)
-
-    def _unit_batches(self, index: int):
-        seen: set[str] = set()
-        rows: list[tuple[str, bytes, list[Tensor]]] = []
-        skips: list[Skip] = []
-        for entry in read_unit(self.units[index], self.decode):
-            if isinstance(entry, Skip):
-                skips.append(entry)
-            elif entry.key in seen:
-                skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
-            else:
-                seen.add(entry.key)
-                rows.append(self._prepare(entry))
-                if len(rows) == self.batch_size:
-                    yield self._batch(index, rows, skips, last=False)
-                    rows, skips = [], []
-        yield self._batch(index, rows, skips, last=True)
+        for index in worker_share(len(self.units)):
+            for rows, skips, last in read_batches(self.units[index], self.decode, self.batch_size, self._prepare):
+                yield self._batch(index, rows, skips, last)
 
     def _prepare(self, picture: Picture) -> tuple[str, bytes, list[Tensor]]:
         meta = dict(picture.meta)
@@ -154,6 +137,16 @@ class UnitBatches(IterableDataset):
         else:
             pixels = torch.empty(0, 3, self.resize.size, self.resize.size)
         return Batch(index, [r[0] for r in rows], [r[1] for r in rows], pixels, skips, last)
+
+
+def worker_share(count: int) -> range:
+    """The indices of `count` units this DataLoader worker reads: w, w + W, ... (all of them outside a worker).
+
+    Whole units per worker, so each unit's output is written by one process (also used by `lvm.annotate`).
+    """
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info else (0, 1)
+    return range(worker, count, workers)
 
 
 def ranks_from_env() -> tuple[int, int, int]:
@@ -186,20 +179,6 @@ def _load_tokenizer(path: str, device: torch.device) -> tokenizer.VQTokenizer:
     return tok
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A digest of a module's parameters and buffers (also used by `lvm.annotate` for its models)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _tokenizer_identity(tok: tokenizer.VQTokenizer) -> dict:
-    """Config plus a digest of the weights: a shard made by another tokenizer is never taken as done."""
-    return {"config": tok.config.to_dict(), "weights": weights_digest(tok)}
-
-
 class Encoder:
     """Batched encoding on the tokenizer's device: bf16 autocast and channels_last on CUDA."""
 
@@ -226,11 +205,15 @@ class Plan:
     units: list[Unit]
     fingerprints: list[str]
     already_done: int
+    tokenizer: dict  # VQTokenizer.identity(), recorded in every shard's report
 
 
 def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, world: int, prefix: str) -> Plan:
     """This rank's share of the units, leaving out the shards already complete."""
-    settings = json.dumps({"options": asdict(job.options), "tokenizer": _tokenizer_identity(tok)}, sort_keys=True)
+    identity = tok.identity(job.tokenizer)
+    # Config plus the weights' digest: a shard made by another tokenizer is never taken as done.
+    made_by = {"config": tok.config.to_dict(), "weights": identity["digest"]}
+    settings = json.dumps({"options": asdict(job.options), "tokenizer": made_by}, sort_keys=True)
     mine = units[rank::world]  # split before checking what is done, so every rank sees the same split
     fingerprints = [hashlib.sha1(f"{settings}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine]
     states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
@@ -242,13 +225,16 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
         f"{f', {stale} made with other settings or inputs (redone)' if stale else ''}; doing {len(todo)} now with "
         f"{tok.tokens_per_image} tokens per image on {tok.device}, {job.workers} workers",
     )
-    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"))
+    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity)
 
 
 def run(job: Job) -> Summary:
     """Tokenize this rank's share of the units; every input or option problem raises TokenizeError first."""
     rank, world, local_rank = ranks_from_env()
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
+    if job.out is None:
+        job = replace(job, out=default_out(job.shards))
+        _log(prefix, f"tokenize: writing token shards to {job.out} (no --out given)")
     if job.batch_size < 1 or job.workers < 0:
         raise TokenizeError("--batch-size must be at least 1, --workers at least 0")
     if job.out.exists() and not job.out.is_dir():
@@ -272,7 +258,9 @@ def run(job: Job) -> Summary:
     for batch in loader:
         if batch.unit not in writers:
             unit = todo.units[batch.unit]
-            writers[batch.unit] = ShardWriter(job.out, unit.name, [i.path for i in unit.items], todo.fingerprints[batch.unit])
+            writers[batch.unit] = ShardWriter(
+                job.out, unit.name, [i.path for i in unit.items], todo.fingerprints[batch.unit], todo.tokenizer
+            )
         writer = writers[batch.unit]
         if batch.keys:
             codes = encode(batch.pixels).reshape(len(variants), len(batch.keys), -1)

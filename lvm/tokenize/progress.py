@@ -1,4 +1,4 @@
-"""Progress lines while a tokenize job runs, and its one-line summary.
+"""Progress lines while a tokenize job runs, and its one-line summary (whose parts `lvm.annotate` shares).
 
 Plain log lines rather than a redrawn bar: jobs run for days under SLURM or torchrun, where
 logs are files and every rank writes its own lines.
@@ -19,6 +19,18 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def skipped_text(skipped: Counter) -> str:
+    """`skipped N: reason n, ...` (reasons sorted) for the summary lines of tokenize and annotate."""
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+    return f"skipped {sum(skipped.values()):,}{': ' + reasons if reasons else ''}"
+
+
+def wall_text(images: int, wall_s: float) -> str:
+    """`wall H:MM:SS (R images/s)` for the summary lines of tokenize and annotate."""
+    rate = images / wall_s if wall_s > 0 else 0.0
+    return f"wall {clock(wall_s)} ({rate:.1f} images/s)"
+
+
 @dataclass
 class Summary:
     """What a run did (this rank only)."""
@@ -33,13 +45,10 @@ class Summary:
 
     def line(self) -> str:
         """The final one-line summary."""
-        skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items()))
-        rate = self.images / self.wall_s if self.wall_s > 0 else 0.0
         return (
             f"tokenize: {self.images:,} images tokenized (+{self.derived:,} derived) in {self.shards_written} shards "
-            f"({self.shards_already_done} already complete); skipped {skipped:,}{': ' + reasons if reasons else ''}; "
-            f"{self.tokens:,} tokens written; wall {clock(self.wall_s)} ({rate:.1f} images/s)"
+            f"({self.shards_already_done} already complete); {skipped_text(self.skipped)}; "
+            f"{self.tokens:,} tokens written; {wall_text(self.images, self.wall_s)}"
         )
 
 

@@ -81,6 +81,15 @@ def _root_of(spec: str) -> str:
     return os.path.dirname(spec[: magic.start()]) or "."
 
 
+def default_out(specs: list[str]) -> Path:
+    """`tokens/<name of the first source>`: the name of its folder (`laion/` and `laion/{00000..00099}.tar`
+    give `tokens/laion`), or the stem of a single file (`clip.mp4` gives `tokens/clip`)."""
+    spec = specs[0]
+    single_file = _MAGIC.search(spec) is None and not os.path.isdir(spec)
+    name = Path(spec).stem if single_file else Path(_root_of(spec)).resolve().name
+    return Path("tokens") / (name or "tokens")
+
+
 def _walk(folder: str) -> list[str]:
     """Every non-hidden file under a folder, recursively, in sorted order."""
     found = []

@@ -23,14 +23,15 @@ import numpy as np
 
 from common.files import atomic_write
 from lvm.tokenize.decode import Skip
-from sentences.formats import tar_writer, token_member
+from sentences.formats import tar_writer, token_member, token_report
 
 MAX_LISTED_SKIPS = 1000  # the report counts every skip but lists only the first ones
 
 
 def shard_paths(out: Path, name: str) -> tuple[Path, Path]:
     """The tar and report paths of shard `name` under `out`."""
-    return out / f"{name}.tar", out / f"{name}.report.json"
+    tar = out / f"{name}.tar"
+    return tar, token_report(tar)
 
 
 def shard_state(out: Path, name: str, fingerprint: str) -> str:
@@ -52,19 +53,43 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class ShardWriter:
+class UnitReport:
+    """What every unit report holds besides its own fields (`lvm.annotate`'s too), and the reports' one layout.
+
+    Every input left out is counted by reason and the first MAX_LISTED_SKIPS are listed; the report is
+    indented, key-sorted JSON written atomically, the completion point of its unit.
+    """
+
+    def __init__(self) -> None:
+        self.skipped: Counter[str] = Counter()
+        self.skipped_items: list[dict] = []
+
+    def skip(self, skip: Skip) -> None:
+        """Count a left-out input and list it in the report (the first MAX_LISTED_SKIPS)."""
+        self.skipped[skip.reason] += 1
+        if len(self.skipped_items) < MAX_LISTED_SKIPS:
+            self.skipped_items.append({"item": skip.item, "reason": skip.reason, "detail": skip.detail})
+
+    def write_report(self, path: Path, fields: dict) -> None:
+        """`fields` and the skips as indented, key-sorted JSON (no timestamps, so reruns give the same bytes)."""
+        report = {**fields, "skipped": dict(sorted(self.skipped.items())), "skipped_items": self.skipped_items}
+        with atomic_write(path, "w") as f:
+            json.dump(report, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
+class ShardWriter(UnitReport):
     """Streams samples of one unit into its temporary tar and commits tar + report at the end."""
 
-    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str) -> None:
+    def __init__(self, out: Path, name: str, inputs: list[str], fingerprint: str, tokenizer: dict | None = None) -> None:
+        super().__init__()
         self.tar_path, self.report_path = shard_paths(out, name)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
         self._commit = ExitStack()  # closing it renames the tar into place
         self._tar = self._commit.enter_context(tar_writer(self.tar_path, encoder=False))  # truncates a killed run's
-        self.name, self.inputs, self.fingerprint = name, inputs, fingerprint
+        self.name, self.inputs, self.fingerprint, self.tokenizer = name, inputs, fingerprint, tokenizer
         self.images = 0
         self.tokens = 0
-        self.skipped: Counter[str] = Counter()
-        self.skipped_items: list[dict] = []
 
     def add(self, key: str, meta_json: bytes, tokens: dict[str, np.ndarray]) -> None:
         """One sample: its json and one uint16 token array per variant (ORIGINAL is the image itself)."""
@@ -75,24 +100,15 @@ class ShardWriter:
         self._tar.write(sample)
         self.images += 1
 
-    def skip(self, skip: Skip) -> None:
-        """Count a left-out input and list it in the report (the first MAX_LISTED_SKIPS)."""
-        self.skipped[skip.reason] += 1
-        if len(self.skipped_items) < MAX_LISTED_SKIPS:
-            self.skipped_items.append({"item": skip.item, "reason": skip.reason, "detail": skip.detail})
-
     def commit(self) -> None:
         """Write the report, then rename the tar into place (the completion point)."""
-        report = {
+        fields = {
             "shard": self.tar_path.name,
             "inputs": self.inputs,
             "fingerprint": self.fingerprint,
+            "tokenizer": self.tokenizer,  # VQTokenizer.identity(): carried into sentence shards and checkpoints
             "images": self.images,
             "tokens": self.tokens,
-            "skipped": dict(sorted(self.skipped.items())),
-            "skipped_items": self.skipped_items,
         }
-        with atomic_write(self.report_path, "w") as f:
-            json.dump(report, f, indent=1, sort_keys=True)
-            f.write("\n")
+        self.write_report(self.report_path, fields)
         self._commit.close()

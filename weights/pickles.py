@@ -1,0 +1,38 @@
+"""Reading PyTorch pickles as data: `torch.load(weights_only=True)` and nothing else.
+
+A `.ckpt` or `.bin` is a pickle, and a pickle can name any Python callable to run while it loads (the
+classic malicious checkpoint). `weights_only=True` lets through only tensors, numbers, strings and plain
+containers, which is all our checkpoints hold (Lightning's included); anything else is refused with the
+global it names, before it is called.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weights.errors import WeightsError
+
+
+def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """`torch.load(path, weights_only=True)`; every failure is one `WeightsError` line naming the file."""
+    if not Path(path).is_file():
+        raise WeightsError(path, "no such file")
+    try:
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"GLOBAL (\S+)", str(err))
+        if unsafe is None:
+            raise WeightsError(path, "corrupt or not a PyTorch checkpoint (unpickling failed)") from None
+        raise WeightsError(
+            path,
+            f"refused: it pickles {unsafe.group(1)}, which is code, not weights (only tensors and plain data are "
+            "read); re-save its state_dict from a trusted environment",
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise WeightsError(path, f"corrupt or not a PyTorch checkpoint ({type(err).__name__})") from None
