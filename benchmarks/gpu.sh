@@ -31,7 +31,7 @@ stage() {
   if ((left < 10)); then
     status=skipped
   else
-    timeout $((limit < left ? limit : left)) "$@" > "$out/$name.log" 2>&1
+    timeout -k 10 $((limit < left ? limit : left)) "$@" > "$out/$name.log" 2>&1
     rc=$?
     if ((rc == 0)); then status=ok; elif ((rc == 124)); then status=timeout; else status="failed($rc)"; fi
   fi
@@ -44,8 +44,8 @@ if ((dry)); then
   stage train 120 "$PY" benchmarks/bench_train.py --gpu --device cpu --sizes tiny --batches 2 --seq 64 \
     --sharded tiny --steps 2 --warmup 1 --json "$out/train.json"
   # --compile is parsed and applied, but TORCH_COMPILE_DISABLE makes it a no-op (compiling takes minutes on CPU)
-  stage train_compiled 120 env TORCH_COMPILE_DISABLE=1 "$PY" benchmarks/bench_train.py --gpu --device cpu --compile --sizes tiny --batches 2 \
-    --seq 64 --sharded --steps 2 --warmup 1 --json "$out/train_compiled.json"
+  stage train_compiled 120 env TORCH_COMPILE_DISABLE=1 "$PY" benchmarks/bench_train.py --gpu --device cpu --compile \
+    --sizes tiny --batches 2 --seq 64 --sharded --steps 2 --warmup 1 --json "$out/train_compiled.json"
   stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --device cpu --size tiny \
     --tokens-per-image 16 --frames 1 --batch-sizes 1 2 --json "$out/decode.json"
   stage encode 120 "$PY" benchmarks/bench_tokenizer_encode.py --device cpu --tiny --dtype fp32 --batch-sizes 1 \
@@ -55,11 +55,11 @@ if ((dry)); then
 else
   stage pytest_gpu 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml "$out/pytest_gpu.xml"
   stage train 90 "$PY" benchmarks/bench_train.py --gpu --steps 20 --warmup 5 --json "$out/train.json"
-  stage train_compiled 180 "$PY" benchmarks/bench_train.py --gpu --compile --steps 20 --warmup 8 \
+  stage train_compiled 210 "$PY" benchmarks/bench_train.py --gpu --compile --steps 20 --warmup 8 \
     --json "$out/train_compiled.json"
   stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --compile --json "$out/decode.json"
   stage encode 60 "$PY" benchmarks/bench_tokenizer_encode.py --json "$out/encode.json"
-  stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --gpu --images 3000 --json "$out/tokenize.json"
+  stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --gpu --images 2000 --json "$out/tokenize.json"
 fi
 
 "$PY" benchmarks/gpu_report.py "$out" $( ((dry)) && echo --dry-run) && ! grep -qv "	ok	" "$out/stages.tsv"

