@@ -78,8 +78,8 @@ def rows(report: dict) -> list[tuple[str, str, str, str, str]]:
     cmd = "`benchmarks/gpu.sh` (`bench_tokenize.py --gpu`)"
     if not missing("tokenize", "tokenize pipeline vs encoder only", cmd):
         r = stages["tokenize"]["result"]
-        table.append((f"tokenize pipeline, {r['images']} JPEGs of {r['jpeg_side']} px, batch {r['batch_size']}, "
-                      f"{r['workers']} workers", cmd, f"{r['pipeline_images_per_s']:,.0f} images/s",
+        figure = f"tokenize pipeline, {r['images']} JPEGs of {r['jpeg_side']} px, batch {r['batch_size']}, {r['workers']} workers"
+        table.append((figure, cmd, f"{r['pipeline_images_per_s']:,.0f} images/s",
                       f"{r['encoder_only_images_per_s']:,.0f} images/s (encoder only)",
                       _pct(r["pipeline_images_per_s"] / r["encoder_only_images_per_s"])))
     for name in ("train", "train_compiled"):

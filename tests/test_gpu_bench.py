@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_report  # noqa: E402
+import gpu_report
 
 STAGES = {"pytest_gpu", "train", "train_compiled", "decode", "encode", "tokenize"}
 
