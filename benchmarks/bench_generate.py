@@ -2,6 +2,7 @@
 
     python benchmarks/bench_generate.py [--compile]        # CPU: tiny model, greedy tokens/s, ours vs HF generate
     python benchmarks/bench_generate.py --throughput --compile   # GPU: 1b config, s/frame at batch 1, images/s at 32
+    python benchmarks/bench_generate.py --throughput --device cpu --size tiny --tokens-per-image 16 --frames 1   # smoke run
 
 Compare mode exports the same random weights to a Hugging Face directory (`lvm.hf.save_hf`),
 generates one frame (256 tokens) greedily after a 2-frame prompt with both, checks the
@@ -17,6 +18,7 @@ tokens_per_image * (weight bytes + batch * cache bytes) / bandwidth.
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 
@@ -77,8 +79,10 @@ def compare(args: argparse.Namespace) -> None:
               f"({seconds:.3f} s), {t_hf / seconds:.2f}x transformers; tokens identical")
 
 
-def bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes/s of a large device-to-device copy (read + write), the practical ceiling for decoding."""
+def bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), the practical ceiling for decoding
+    (1 GiB on a GPU; 64 MiB on a CPU, where only smoke runs happen)."""
+    nbytes = 1 << 30 if device.type == "cuda" else 1 << 26
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -101,6 +105,7 @@ def throughput(args: argparse.Namespace) -> None:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.size} ({weight_bytes / 1e9:.2f} GB weights, {dtype}) on {name}; "
           f"measured copy bandwidth {bw / 1e9:.0f} GB/s; {window} context frames x {T} tokens; compile={args.compile}")
+    rows = []
     for batch in args.batch_sizes:
         frames = torch.randint(0, CODEBOOK_SIZE, (batch, window, T), device=device)
         rollout(model, frames, 1, GREEDY, compile=args.compile)  # warm-up (and compilation)
@@ -110,6 +115,11 @@ def throughput(args: argparse.Namespace) -> None:
         print(f"batch {batch}: {per_frame:.3f} s per frame step, {batch / per_frame:.1f} images/s, "
               f"{batch * T / per_frame:.0f} tokens/s; bandwidth floor {floor:.3f} s per frame "
               f"({100 * floor / per_frame:.0f}% of the limit)")
+        rows.append(dict(batch=batch, seconds_per_frame=per_frame, images_per_s=batch / per_frame, floor_seconds=floor))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "size": args.size, "compile": args.compile, "bandwidth_bytes_per_s": bw,
+                       "context_frames": window, "rows": rows}, f, indent=2)
 
 
 def main() -> None:
@@ -123,6 +133,7 @@ def main() -> None:
     p.add_argument("--tokens-per-image", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="CPU threads for compare mode")
+    p.add_argument("--json", help="throughput mode: also write the figures here")
     args = p.parse_args()
     if args.throughput:
         args.size = args.size or "1b"

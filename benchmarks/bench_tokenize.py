@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import tarfile
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--jpeg-draft", action="store_true", help="as `python -m lvm.tokenize --jpeg-draft`")
     parser.add_argument("--threads", type=int,
                         help="torch intra-op threads of the main process (default: as the tokenize job sets them)")
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     gpu = args.gpu
     if gpu and not torch.cuda.is_available():
@@ -127,6 +129,11 @@ def main() -> None:
           f"{', jpeg-draft' if args.jpeg_draft else ''})")
     print(f"encoder only: {anchor:,.1f} images/s")
     print(f"pipeline:     {pipeline:,.1f} images/s = {pipeline / anchor:.0%} of encoder-only")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "images": summary.images, "jpeg_side": None if args.shards else side,
+                       "batch_size": batch_size, "workers": workers, "jpeg_draft": args.jpeg_draft,
+                       "pipeline_images_per_s": pipeline, "encoder_only_images_per_s": anchor}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_tokenizer_encode.py                       # CUDA: bf16 autocast, channels_last, batch 64/128/256
     python benchmarks/bench_tokenizer_encode.py --batch-sizes 2 --iters 2   # CPU smoke figure
+    python benchmarks/bench_tokenizer_encode.py --tiny --batch-sizes 1 --iters 1   # smoke run, tiny tokenizer
 
 Random weights in the released shape (open-muse VQGANModel: 128 x [1,2,2,4,6], 2 blocks,
 no attention, z 64, 8192 codes). The timed region is `tok.encode_pixels` on a batch
@@ -18,12 +19,15 @@ import json
 import platform
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokenizer import VQGANConfig, VQTokenizer
 
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}  # datasheet, no sparsity
 
 
@@ -73,11 +77,13 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for the ratio (default: datasheet bf16 for known GPUs)")
     parser.add_argument("--json", default=None, help="also write results here")
+    parser.add_argument("--tiny", action="store_true", help="the tiny tokenizer (configs/vqgan_tiny.yaml), for smoke runs")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    tok = VQTokenizer(VQGANConfig()).to(device).eval()  # released LVM tokenizer shape
+    config = VQGANConfig(**OmegaConf.to_container(OmegaConf.load(TINY_CONFIG).model.init_args.tokenizer)) if args.tiny else VQGANConfig()
+    tok = VQTokenizer(config).to(device).eval()  # default: the released LVM tokenizer's shape
     if not args.no_channels_last:
         tok = tok.to(memory_format=torch.channels_last)
     gflop = flops_per_image(tok) / 1e9

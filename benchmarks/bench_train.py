@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                        # CPU: tiny config, ours vs LlamaForCausalLM
     python benchmarks/bench_train.py --gpu [--compile]      # GPU: 300m and 1b at seq 4096, bf16, tokens/s and MFU
+    python benchmarks/bench_train.py --gpu --device cpu --sizes tiny --batches 2 --seq 64 --steps 2 --warmup 1   # smoke run
 
 CPU mode trains the tiny config's shape (batch 8 x seq 256, fp32) with the same weights, loss
 (cross-entropy over all positions) and AdamW in the same plain loop for both models, alternating
@@ -10,13 +11,17 @@ them `--repeats` times so that both see the same machine load, and reports the m
 i.e. what `lightning fit` gets.
 
 GPU mode runs that Lightning path for each size on one GPU with synthetic tokens and reports
-tokens/s and MFU = tokens/s x LVMConfig.flops_per_token(seq) / the device's peak bf16 FLOP/s
-(Lightning's table of devices).
+tokens/s and MFU = tokens/s x LVMConfig.flops_per_token(seq) / the device's dense bf16 peak FLOP/s
+(Lightning's table, or the datasheet's for GPUs it lacks). Sizes in `--sharded` (default 1b) train as
+configs/lvm_1b.yaml does: FSDP2 through ModelParallelStrategy with activation checkpointing (here over
+one GPU, so the figure includes the sharding machinery but no communication); the others as 300m/600m
+do (one replica, no recomputation). MFU counts the model's FLOPs only, not the recomputation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -24,12 +29,17 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.vocab import CODEBOOK_SIZE
 from lvm.hf import config_to_hf, hf_name
 from lvm.model import LVM, LVMConfig
 from lvm.train import LVMModule
+
+# Dense bf16 datasheet peak of the H200 SXM: Lightning's table lists the H200 with sparsity (2x) and only
+# under names the driver does not report ("NVIDIA H200"). Other GPUs: Lightning's (dense) table.
+DENSE_BF16_FLOPS = {"H200": 989e12}
 
 
 class RandomTokens(IterableDataset):
@@ -65,17 +75,30 @@ class StepTimer(L.Callback):
         self.end = time.perf_counter()
 
 
-def lightning_tokens_per_sec(size: str, batch: int, seq: int, steps: int, warmup: int, gpu: bool, compile: bool, overrides: dict | None = None) -> float:
-    """Tokens/s of `steps` optimizer steps of the real training path after `warmup` steps."""
+def lightning_tokens_per_sec(
+    size: str,
+    batch: int,
+    seq: int,
+    steps: int,
+    warmup: int,
+    device: str,
+    compile: bool,
+    sharded: bool = False,
+    overrides: dict | None = None,
+) -> float:
+    """Tokens/s of `steps` optimizer steps of the real training path after `warmup` steps (bf16 on CUDA,
+    fp32 on CPU); `sharded`: FSDP2 + activation checkpointing, as the 1b/3b configs train."""
     L.seed_everything(0, verbose=False)
-    module = LVMModule(size=size, overrides=overrides, warmup_steps=1, compile=compile)
+    module = LVMModule(size=size, overrides=overrides, warmup_steps=1, compile=compile, activation_checkpointing=sharded)
     timer = StepTimer(warmup)
+    cuda = device == "cuda"
     trainer = L.Trainer(
-        accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
+        accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
+        strategy=ModelParallelStrategy(save_distributed_checkpoint=False) if sharded else "auto",
         max_steps=warmup + steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
     )
-    trainer.fit(module, DataLoader(RandomTokens(batch, seq), batch_size=None, pin_memory=gpu))
+    trainer.fit(module, DataLoader(RandomTokens(batch, seq), batch_size=None, pin_memory=cuda))
     return steps * batch * seq / (timer.end - timer.start)
 
 
@@ -115,7 +138,7 @@ def cpu(args: argparse.Namespace) -> None:
         rates["lvm (plain loop)"].append(loop_tokens_per_sec(ours, ours, x, args.steps))
         rates["transformers LlamaForCausalLM"].append(loop_tokens_per_sec(hf, lambda t: hf(t).logits, x, args.steps))
         rates["lvm (lightning fit path)"].append(
-            lightning_tokens_per_sec("tiny", args.batch, args.seq, args.steps, 2, False, False, {"max_seq_len": args.seq})
+            lightning_tokens_per_sec("tiny", args.batch, args.seq, args.steps, 2, "cpu", False, overrides={"max_seq_len": args.seq})
         )
     print(f"tiny ({cfg.num_params():,} params), batch {args.batch} x seq {args.seq}, fp32, "
           f"{args.threads} thread(s), median of {args.repeats}:")
@@ -125,24 +148,45 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"  {name:32s} {rate:10,.0f} tokens/s  ({rate / reference:.2f}x transformers)")
 
 
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 FLOP/s of a CUDA device (None on CPU or an unknown GPU: no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    datasheet = next((flops for key, flops in DENSE_BF16_FLOPS.items() if key in name), None)
+    return datasheet or get_available_flops(device, torch.bfloat16)
+
+
 def gpu(args: argparse.Namespace) -> None:
-    device = torch.device("cuda")
-    peak = get_available_flops(device, torch.bfloat16)
-    peak_text = f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown to Lightning: no MFU"
-    print(f"{torch.cuda.get_device_name(device)}, bf16, seq {args.seq}, compile={args.compile}, {peak_text}")
+    device = torch.device(args.device)
+    peak = peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak_text = f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown: no MFU"
+    print(f"{name}, {'bf16' if device.type == 'cuda' else 'fp32'}, seq {args.seq}, compile={args.compile}, {peak_text}")
+    rows = []
     for size, batch in zip(args.sizes, args.batches):
-        rate = lightning_tokens_per_sec(size, batch, args.seq, args.steps, args.warmup, True, args.compile)
-        flops = LVMConfig.from_name(size).flops_per_token(args.seq)
-        mfu = f"{rate * flops / peak:.1%}" if peak else "n/a"
-        print(f"  {size:5s} batch {batch:2d}: {rate:10,.0f} tokens/s  MFU {mfu}  "
-              f"(peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB)")
-        torch.cuda.reset_peak_memory_stats()
+        sharded = size in args.sharded
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        rate = lightning_tokens_per_sec(size, batch, args.seq, args.steps, args.warmup, device.type, args.compile, sharded)
+        mfu = rate * LVMConfig.from_name(size).flops_per_token(args.seq) / peak if peak else None
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        print(f"  {size:5s} batch {batch:2d}{' FSDP2+AC' if sharded else ''}: {rate:10,.0f} tokens/s  "
+              f"MFU {f'{mfu:.1%}' if mfu else 'n/a'}" + (f"  (peak memory {memory:.1f} GiB)" if memory else ""))
+        rows.append(dict(size=size, batch=batch, seq=args.seq, compile=args.compile, sharded=sharded,
+                         tokens_per_s=rate, mfu=mfu, peak_memory_gib=memory))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "peak_flops": peak, "rows": rows}, f, indent=2)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="GPU mode: sizes at seq 4096, bf16")
     parser.add_argument("--compile", action="store_true", help="GPU mode: torch.compile each block")
+    parser.add_argument("--device", default="cuda", help="GPU mode: cpu for a smoke run (fp32, no MFU)")
+    parser.add_argument("--sharded", nargs="*", default=["1b"], help="GPU mode: sizes trained with FSDP2 + recomputation")
+    parser.add_argument("--json", help="GPU mode: also write the figures here")
     parser.add_argument("--sizes", nargs="+", default=["300m", "1b"])
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 4], help="GPU mode: rows per step, per size")
     parser.add_argument("--seq", type=int, default=None, help="default: 256 on CPU, 4096 on GPU")

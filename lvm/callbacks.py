@@ -13,14 +13,13 @@ import torch
 import torchvision
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import weights
 from common.files import atomic_write
 from common.vocab import BOS_ID
 from lvm.generate import Decoder, Sampling
+from lvm.parallelize import gather
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> int:
@@ -95,7 +94,8 @@ class SampleImages(Callback):
     writes `[context images | sampled image | true image]` as a PNG under `<log dir>/samples/`.
 
     Does nothing without a `tokenizer` (anything `tokenizer.load` accepts). Runs on rank 0 with the
-    model's KV cache (lvm.generate); skipped under FSDP, whose sharded weights only run inside its forward.
+    model's KV cache (lvm.generate); under FSDP2 the shards are first gathered into a full copy on rank 0
+    (a collective, so every rank takes part), which samples and is then freed.
 
     Args:
         tokenizer: tokenizer checkpoint or directory used to decode the tokens to pixels.
@@ -117,24 +117,23 @@ class SampleImages(Callback):
         self._tokenizer = None
         self._last_step = -1
 
-    @rank_zero_only
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         step = trainer.global_step
         if self.tokenizer_path is None or step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
-        if isinstance(trainer.strategy, FSDPStrategy):
-            rank_zero_warn("SampleImages: skipped under FSDP (sharded weights)")
-            self.tokenizer_path = None
+        # Both are collectives, so every rank takes part: gathering FSDP2 shards, and trainer.log_dir (a broadcast).
+        model = gather(pl_module.model, pl_module.device)
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step:08d}.png"
+        if not trainer.is_global_zero:
             return
         if self._tokenizer is None:
             import tokenizer  # only runs that sample need the VQGAN
 
             self._tokenizer = tokenizer.load(self.tokenizer_path)
-        images = self.sample(pl_module.model, batch["input_ids"][0], trainer.precision_plugin.forward_context())
+        images = self.sample(model, batch["input_ids"][0], trainer.precision_plugin.forward_context())
         if images is None:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step:08d}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         torchvision.io.write_png(torchvision.utils.make_grid(images, nrow=len(images)), str(out))
 

@@ -3,10 +3,11 @@
     lightning fit -c configs/lvm_300m.yaml           # train (see docs/training.md)
     python -m lvm.train -c configs/lvm_3b.yaml       # dry run: parse the config, report the run's size
 
-The network is built in `configure_model()`, so FSDP materialises it shard by shard (on the meta device
-first); the module itself only holds the `LVMConfig`, which is why constructing it for a 3B config is
-instant. Checkpoints keep the network at `model.*` and the shape at `checkpoint["lvm_config"]`, which is
-all `lvm.checkpoint.load_lvm` needs to rebuild the model without Lightning.
+The network is built and parallelized in `configure_model()` (`lvm.parallelize`: activation checkpointing,
+torch.compile, and FSDP2 under Lightning's ModelParallelStrategy); the module itself only holds the
+`LVMConfig`, which is why constructing it for a 3B config is instant. Checkpoints keep the network at
+`model.*` and the shape at `checkpoint["lvm_config"]`, which is all `lvm.checkpoint.load_lvm` needs to
+rebuild the model without Lightning.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
+from lvm.parallelize import parallelize
 
 SizeName = Literal[tuple(SIZES)]  # the CLI rejects an unknown size with the list of choices
 
@@ -90,6 +91,8 @@ class LVMModule(L.LightningModule):
         decay_norms_and_embeddings: also decay RMSNorm weights and the token embedding (the release
             decayed every parameter; the default exempts them, as most LLaMA-style recipes do).
         compile: `torch.compile` each transformer block (keeps state-dict keys unchanged).
+        activation_checkpointing: recompute each transformer block in the backward pass (less activation
+            memory, ~1/3 more compute, the same numbers).
         on_nonfinite_loss: `stop` raises at the first NaN/Inf loss, naming the step; `skip` drops that
             batch (no backward, no update from it) and counts it in `train/skipped_batches`.
     """
@@ -109,6 +112,7 @@ class LVMModule(L.LightningModule):
         weight_decay: float = 0.1,
         decay_norms_and_embeddings: bool = False,
         compile: bool = False,
+        activation_checkpointing: bool = False,
         on_nonfinite_loss: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
@@ -158,14 +162,21 @@ class LVMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # already built (a second fit, or a model loaded by the user)
             return
-        # Under FSDP build on the meta device: FSDP then materialises and initialises one Block at a time
-        # on its GPU (each layer's reset_parameters), so no rank ever holds the full fp32 model.
-        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
-        with torch.device("meta") if sharded else nullcontext():
-            self.model = LVM(self.cfg)
-        if self.hparams.compile:
-            for block in self.model.layers:  # in place: state-dict keys stay `model.layers.N.*`
-                block.compile()
+        # Lightning's ModelParallelStrategy sets a device mesh: shard over it with FSDP2. On GPUs the model is
+        # built on the meta device and each rank initialises only its shards (each layer's reset_parameters;
+        # DTensor's CUDA RNG draws them as the whole tensor would be drawn), so no rank holds the full fp32
+        # model. CPU ranks lack that RNG: they build the whole model, seeded alike, and keep their shards.
+        mesh = self.device_mesh
+        with torch.device("meta") if mesh is not None and mesh.device_type != "cpu" else nullcontext():
+            model = LVM(self.cfg)
+        bf16 = self._trainer is not None and str(self.trainer.precision).startswith("bf16")
+        self.model = parallelize(
+            model,
+            mesh,
+            activation_checkpointing=self.hparams.activation_checkpointing,
+            compile=self.hparams.compile,
+            param_dtype=torch.bfloat16 if bf16 else None,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lvm_config"] = self.cfg.to_dict()
@@ -195,8 +206,10 @@ class LVMModule(L.LightningModule):
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
             return None
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/ppl", loss.detach().exp())
+        # The loss of the whole batch (mean over ranks, equal shares), not only rank 0's share of it.
+        mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        self.log("train/loss", mean, prog_bar=True)
+        self.log("train/ppl", mean.exp())
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -224,15 +237,12 @@ class LVMModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm (`trainer.gradient_clip_val`) and log that norm every step.
 
-        Replaces Lightning's clipping because that one refuses FSDP and does not return the norm.
+        Replaces Lightning's clipping, which does not return the norm. Under FSDP2 the gradients are DTensor
+        shards; torch's clipping reduces their norm over all ranks.
         """
         max_norm = float("inf") if gradient_clip_val is None else float(gradient_clip_val)
-        wrapped = self.trainer.strategy.model
-        if isinstance(wrapped, FullyShardedDataParallel):
-            norm = wrapped.clip_grad_norm_(max_norm)  # reduces the norm over all shards
-        else:
-            norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-        self.log("train/grad_norm", norm)
+        norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def _describe_schedule(hp) -> str:

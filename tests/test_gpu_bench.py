@@ -1,0 +1,48 @@
+"""benchmarks/gpu.sh, the one command that measures every GPU figure, run with `--dry-run` (CPU, tiny
+shapes) so that it cannot rot between the sessions that have a GPU; and its report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import gpu_report  # noqa: E402  (benchmarks/ is not a package)
+
+STAGES = {"pytest_gpu", "train", "train_compiled", "decode", "encode", "tokenize"}
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "--dry-run", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    logs = {p.name: p.read_text()[-1500:] for p in tmp_path.glob("*.log")}
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:], logs)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["dry_run"] and set(report["stages"]) == STAGES
+    assert all(stage["status"] == "ok" for stage in report["stages"].values())
+    train = report["stages"]["train"]["result"]["rows"]
+    assert [(r["size"], r["sharded"], r["compile"]) for r in train] == [("tiny", True, False)]
+    assert train[0]["tokens_per_s"] > 0
+    assert [r["batch"] for r in report["stages"]["decode"]["result"]["rows"]] == [1, 2]
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| train tiny, batch 2 x seq 64, FSDP2 + activation checkpointing, compile off |" in table
+    assert "| train tiny, batch 2 x seq 64, one replica, compile on |" in table
+    assert "| decode tiny, batch 1, " in table and "| tokenize pipeline, 16 JPEGs of 64 px" in table
+    assert "| GPU tests |" in table
+
+
+def test_report_names_stages_that_did_not_finish(tmp_path):
+    (tmp_path / "stages.tsv").write_text("train\ttimeout\t90\ndecode\tfailed(1)\t3\n")
+    report = gpu_report.collect(tmp_path, dry_run=False)
+    table = gpu_report.markdown(report)
+    assert "| training, compile off | `benchmarks/gpu.sh` (`bench_train.py --gpu`) | timeout |  |  |" in table
+    assert "| decode | `benchmarks/gpu.sh` (`bench_generate.py --throughput --compile`) | failed(1) |  |  |" in table
+    assert "| tokenizer encode, released shape, bf16 | `benchmarks/gpu.sh` (`bench_tokenizer_encode.py`) | not run |" in table
