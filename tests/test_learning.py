@@ -1,13 +1,31 @@
-"""The learning check on a test budget: the model must learn to use visual context.
+"""The learning check on a test budget: the model must learn to use visual context, on any CPU.
 
 Token shards of synthetic "clips" (as `lvm.tokenize` writes them for video) go through the real
-pipeline: `sentences.build` makes video sentences, the LVM trains through `LVMDataModule`, and
-`lvm.evaluate` scores held-out clips. Each clip draws its tokens from its own small palette of
-codes (out of 256 in use) and changes 60% of them per frame, so a model can only predict a new clip's frame well by
-reading the clip's earlier frames: perplexity must fall as context frames are added (modestly at this
-budget: a few percent from 1 to 8 frames), end far below the unigram perplexity, and the training loss
-must fall. `make demo` makes the same checks on real
-video (demo_out/report/summary.md); this version fails in minutes if any stage stops learning.
+pipeline: `sentences.build` makes video sentences, the LVM trains through `LVMDataModule` on the WSD
+schedule, and `lvm.evaluate` scores held-out clips. Each clip cuts between two shots, A B A B ..., every
+shot drawing its tokens from the clip's own small palette (8 of 256 codes in use) and changing 30% of
+them each time it comes back. A frame is therefore predictable from the frame two before it, barely
+from the one before it (the other shot, same palette) and not at all without context: perplexity must
+fall far from 1 to 4+ context frames and from 0 to 8, which only a model that reads its context
+(two frames back) can do. `make demo` makes the same checks on real video (demo_out/report/summary.md).
+
+Spread across seeds (600 steps, 1 thread; seed of the model and the data order; data fixed), last-frame
+perplexity of the 16 held-out clips with k context frames:
+
+| seed | k=0 | k=1 | k=4 | k=8 | ppl(4)/ppl(1) | ppl(8)/ppl(0) |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| 0 | 387.8 | 340.8 | 69.1 | 68.2 | 0.203 | 0.176 |
+| 1 | 274.2 | 264.3 | 89.0 | 89.3 | 0.337 | 0.326 |
+| 2 | 724.9 | 793.9 | 190.8 | 190.5 | 0.240 | 0.263 |
+| 3 | 949.6 | 625.3 | 68.4 | 62.8 | 0.109 | 0.066 |
+| 4 | 1427.0 | 1038.0 | 73.3 | 73.4 | 0.071 | 0.051 |
+
+Thresholds: ppl(4..8) <= 0.75 ppl(1) and ppl(8) <= 0.5 ppl(0) (issue 12). Across the seeds
+ppl(4)/ppl(1) is 0.07..0.34 (mean 0.19): the fall, 1 - 0.19 = 0.81, is 3.0x the spread 0.27 (the worst
+seed's fall, 0.66, is 2.5x), and the worst seed is still 2.2x below the 0.75 threshold; ppl(8)/ppl(0)
+is at most 0.33 against 0.5. Float differences between CPUs (last bits, amplified by training) change
+the run like a change of seed does, so the check holds on any CPU with that margin. Measured with
+`learn(tmp_path, seed)` below on an Intel Xeon (AVX-512), 2026-12-02.
 """
 
 from __future__ import annotations
@@ -28,23 +46,24 @@ from sentences.build import build
 from sentences.spec import load_spec
 
 TOKENS_PER_IMAGE = 4  # short "images": the copying that context enables is learned in few steps
-PALETTE, FRAMES, CHANGED = 8, 16, 0.6
+PALETTE, FRAMES, CHANGED = 8, 16, 0.3
 CODES = np.arange(0, 8192, 32)  # 256 codes in use, as a real tokenizer uses part of its codebook
 
 
 def write_clips(path: Path, clips: int, seed: int) -> None:
-    """A token shard of `clips` clips in the tokenize step's video layout."""
+    """A token shard of `clips` two-shot clips in the tokenize step's video layout."""
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(path)) as tar:
         for c in range(clips):
             palette = rng.choice(CODES, PALETTE, replace=False)
-            frame = rng.choice(palette, TOKENS_PER_IMAGE)
+            shots = [rng.choice(palette, TOKENS_PER_IMAGE) for _ in range(2)]
             for i in range(FRAMES):
+                frame = shots[i % 2]
                 tar.write({"__key__": f"clip{seed}_{c}/{i:06d}", "tokens.npy": frame.astype(np.uint16),
                            "json": json.dumps({"video": f"clip{seed}_{c}", "frame": i}).encode()})
                 change = rng.random(TOKENS_PER_IMAGE) < CHANGED
-                frame = np.where(change, rng.choice(palette, TOKENS_PER_IMAGE), frame)
+                shots[i % 2] = np.where(change, rng.choice(palette, TOKENS_PER_IMAGE), frame)
 
 
 def video_sentences(tokens: Path, out: Path, seed: int, epochs: int) -> Path:
@@ -55,28 +74,33 @@ def video_sentences(tokens: Path, out: Path, seed: int, epochs: int) -> Path:
     return out
 
 
-def test_model_learns_to_use_context(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["pytest"])
+def learn(tmp_path: Path, seed: int) -> tuple[list[float], dict[int, float], float]:
+    """Train on the clips with `seed`; return the training losses, the held-out curve and the unigram."""
     write_clips(tmp_path / "tokens" / "train" / "000000.tar", clips=5000, seed=0)
     write_clips(tmp_path / "tokens" / "heldout" / "000000.tar", clips=16, seed=1)
     train = video_sentences(tmp_path / "tokens" / "train", tmp_path / "train", seed=0, epochs=1)
     heldout = video_sentences(tmp_path / "tokens" / "heldout", tmp_path / "heldout", seed=1, epochs=1)
 
-    L.seed_everything(0)
+    L.seed_everything(seed)
     module = LVMModule(overrides=dict(dim=64, mlp_dim=128, n_layers=2, n_heads=2, max_seq_len=160),
-                       lr=3e-3, min_lr=3e-4, warmup_steps=20)
-    data = LVMDataModule(str(train), seq_len=132, batch_size=8, num_workers=0)
+                       lr=3e-3, min_lr=3e-4, warmup_steps=20, schedule="wsd")
+    data = LVMDataModule(str(train), seq_len=132, batch_size=8, num_workers=0, seed=seed)
     trainer = L.Trainer(accelerator="cpu", max_steps=600, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     losses = []
     module.on_train_batch_end = lambda outputs, *_: losses.append(float(outputs["loss"]))
     trainer.fit(module, data)
 
-    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
-    assert last < 0.5 * first, f"training loss did not fall enough: {first:.2f} -> {last:.2f}"
     sentences, _ = read_sentences(sorted(heldout.glob("*.tar")), TOKENS_PER_IMAGE, None)
     curve = {k: v["mean_perplexity"] for k, v in perplexity_vs_context(module.model.eval(), sentences, max_frames=8).items()}
-    unigram = unigram_perplexity(sentences)["mean_perplexity"]
-    # Measured at this budget: ~99 (1 frame) -> ~93 (8 frames), unigram ~750.
-    assert curve[8] < 0.97 * curve[1] and curve[4] < curve[1], f"perplexity does not fall with context: {curve}"
+    return losses, curve, unigram_perplexity(sentences)["mean_perplexity"]
+
+
+def test_model_learns_to_use_context(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    losses, curve, unigram = learn(tmp_path, seed=0)
+    first, last = np.mean(losses[:10]), np.mean(losses[-10:])
+    assert last < 0.5 * first, f"training loss did not fall enough: {first:.2f} -> {last:.2f}"
+    assert max(curve[k] for k in range(4, 9)) <= 0.75 * curve[1], f"perplexity does not fall from 1 to 4+ frames: {curve}"
+    assert curve[8] <= 0.5 * curve[0], f"8 context frames do not halve the no-context perplexity: {curve}"
     assert curve[8] < 0.5 * unigram, f"perplexity with 8 frames {curve[8]:.1f} not far below unigram {unigram:.1f}"
