@@ -1,6 +1,7 @@
 """The miniature's own code: the extra training views of a clip, pans over photos, and the report's verdicts."""
 
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -65,20 +66,21 @@ def test_report_states_verdicts_as_they_come_out():
         "tokenizer": {"psnr": 20.0, "ssim": 0.5, "codebook_usage": 0.1},
         "loss": {"first": 9.0, "last": 4.0, "steps": 600},
         "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
-        "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}},
+        "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}, "pairs": {0: 20.0, 7: 10.0}},
         "unigram": 800.0,
         "video": [{"clip": "bikes", "mse_prediction": 0.02, "mse_copy_last": 0.01, "mse_copy_last_tokens": 0.03, "mse_tokenizer": 0.01}],
         "analogies": [{"task": "inpainting", "photo": "chelsea", "mse_prediction": 0.03, "mse_query": 0.05,
                        "mse_query_tokens": 0.02, "mse_tokenizer": 0.01}],
     }
     text = report.markdown(figures)
-    assert "produced by `make demo` (seed 0)" in text and "2 of 5 pass." in text
+    assert "produced by `make demo` (seed 0)" in text and "3 of 6 pass." in text
     assert "| video: perplexity with 8 context frames <= 0.85x that with 1 | 380.0 vs 400.0 (0.95x) | **no** |" in text
     assert "| video: perplexity with 8 context frames <= 0.5x that with 0 | 380.0 vs 1000.0 (0.38x) | yes |" in text
     assert "copying the last frame's tokens on 2+ clips | 1 of 1 clips | **no** |" in text
     assert "| colorization: answer perplexity falls from 0 to 7 example pairs | 50.0 -> 40.0 (0.80x) | yes |" in text
     assert "| inpainting: answer perplexity falls from 0 to 7 example pairs | 30.0 -> 31.0 (1.03x) | **no** |" in text
-    assert "| colorization | 50.0 | 40.0 |" in text
+    assert "| edges (pairs): answer perplexity falls from 0 to 7 example pairs | 20.0 -> 10.0 (0.50x) | yes |" in text
+    assert "| colorization | 50.0 | 40.0 |" in text and "| edges (pairs) | 20.0 | 10.0 |" in text
     assert "| **total** | **3** |" in text
     assert "codebook usage 10.0% (~819 of 8192 codes)" in text
     assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
@@ -96,3 +98,4 @@ def test_demo_takes_only_a_seed(capsys):
     steps = dict(commands(seed=3))  # the seed reaches every step that draws at random
     assert steps["data"][-2:] == ["--seed", "3"] and steps["tokenizer"][-2:] == ["--seed_everything", "3"]
     assert steps["lvm"][-4:] == ["--seed_everything", "3", "--data.seed", "3"]
+    assert steps["annotate-edges"][:4] == [sys.executable, "-m", "lvm.annotate", "--tasks"]

@@ -39,6 +39,8 @@ def sentence_specs(seed: int) -> dict[str, dict]:
             {"name": "photo-pans", "kind": "video", "shards": str(tokens / "video_pans"), "strides": [1], "epochs": 6},
             {"name": "photo-color", "kind": "colorization", "shards": str(tokens / "photos_train"), "epochs": 6},
             {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "epochs": 6},
+            {"name": "photo-edges", "kind": "pairs", "shards": str(tokens / "photos_train"),
+             "annotations": {"edges": str(tokens / "photos_edges")}, "pairs": 8, "epochs": 6},
             {"name": "frame-color", "kind": "colorization", "shards": str(tokens / "video_train"), "epochs": 3},
             {"name": "frame-inpaint", "kind": "inpainting", "shards": str(tokens / "video_train"), "epochs": 3},
         ],
@@ -50,6 +52,8 @@ def sentence_specs(seed: int) -> dict[str, dict]:
             {"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "epochs": 6},
             {"name": "color-heldout", "kind": "colorization", "shards": str(tokens / "crops_heldout"), "epochs": 4},
             {"name": "inpaint-heldout", "kind": "inpainting", "shards": str(tokens / "crops_heldout"), "epochs": 4},
+            {"name": "edges-heldout", "kind": "pairs", "shards": str(tokens / "crops_heldout"),
+             "annotations": {"edges": str(tokens / "crops_heldout_edges")}, "pairs": 8, "epochs": 4},
         ],
     }
     return {"train": train, "heldout": heldout}
@@ -62,6 +66,7 @@ def commands(seed: int) -> list[tuple[str, list[str]]]:
     # --workers 0: on 2 cores, decoding these small frames inline and giving both cores to the encoder
     # tokenizes ~1.6x faster than a decoding worker beside a 1-thread encoder.
     tokenize = py + ["-m", "lvm.tokenize", "--tokenizer", str(TOKENIZER), "--workers", "0"]
+    annotate = py + ["-m", "lvm.annotate", "--tasks", "edges", "--workers", "0"]
     steps = [
         ("data", py + ["-m", "lvm.demo.data", "--out", str(data), "--seed", str(seed)]),
         ("tokenizer", lightning + ["fit", "-c", str(CONFIGS / "vqgan.yaml"), "--seed_everything", str(seed)]),
@@ -72,6 +77,11 @@ def commands(seed: int) -> list[tuple[str, list[str]]]:
         ("tokenize-video-heldout", tokenize + ["--shards", str(data / "video" / "heldout"), "--out", str(tokens / "video_heldout")]),
         ("tokenize-photos", tokenize + ["--shards", str(data / "images" / "train" / "photos"), "--out", str(tokens / "photos_train"), "--derive", "gray,masked"]),
         ("tokenize-crops-heldout", tokenize + ["--shards", str(data / "images" / "heldout" / "crops"), "--out", str(tokens / "crops_heldout"), "--derive", "gray,masked"]),
+        # Canny edge maps keyed like their photos (no weights needed), for edges `pairs` sentences
+        ("annotate-edges", annotate + ["--images", str(data / "images" / "train" / "photos"), "--out", str(data / "annot")]),
+        ("tokenize-edges", tokenize + ["--shards", str(data / "annot" / "edges"), "--out", str(tokens / "photos_edges")]),
+        ("annotate-edges-heldout", annotate + ["--images", str(data / "images" / "heldout" / "crops"), "--out", str(data / "annot_heldout")]),
+        ("tokenize-edges-heldout", tokenize + ["--shards", str(data / "annot_heldout" / "edges"), "--out", str(tokens / "crops_heldout_edges")]),
         ("sentences-train", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "train.yaml"), "--out", str(OUT / "sentences" / "train")]),
         ("sentences-heldout", py + ["-m", "sentences.build", "--spec", str(OUT / "specs" / "heldout.yaml"), "--out", str(OUT / "sentences" / "heldout")]),
         ("lvm", lightning + ["fit", "-c", str(CONFIGS / "lvm.yaml"), "--seed_everything", str(seed), "--data.seed", str(seed)]),

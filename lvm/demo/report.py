@@ -114,8 +114,9 @@ def criteria(f: dict) -> list[tuple[str, str, bool]]:
                      f"({ctx[k] / ctx[0]:.2f}x)", ctx[k] <= 0.5 * ctx[0]))
     rows.append(("video: greedy next frame at least as close as copying the last frame's tokens on 2+ clips",
                  f"{closer} of {len(f['video'])} clips", closer >= 2))
-    for kind in ("colorization", "inpainting"):
+    for kind in ("colorization", "inpainting", "pairs"):
         curve = f["vs_pairs"].get(kind)
+        kind = KIND_NAMES.get(kind, kind)
         if curve:
             n = max(curve)
             rows.append((f"{kind}: answer perplexity falls from 0 to {n} example pairs",
@@ -154,12 +155,15 @@ def write(out: Path, timings: dict[str, float], seed: int) -> Path:
     return summary
 
 
+KIND_NAMES = {"pairs": "edges (pairs)"}  # the demo's only `pairs` source pairs photos with their edge maps
+
+
 def _pairs_table(vs_pairs: dict[str, dict[int, float]]) -> list[str]:
     if not vs_pairs:
         return ["No held-out analogy sentences were evaluated."]
     ns = sorted(set().union(*vs_pairs.values()))
     return ["| example pairs | " + " | ".join(map(str, ns)) + " |", "| --- | " + " | ".join("---:" for _ in ns) + " |",
-            *[f"| {kind} | " + " | ".join(f"{curve[n]:.1f}" if n in curve else "" for n in ns) + " |"
+            *[f"| {KIND_NAMES.get(kind, kind)} | " + " | ".join(f"{curve[n]:.1f}" if n in curve else "" for n in ns) + " |"
               for kind, curve in vs_pairs.items()]]
 
 
@@ -249,7 +253,8 @@ def markdown(f: dict) -> str:
         "",
         "## Analogies: perplexity of the answer against example pairs before the query",
         "",
-        "Held-out colorization and inpainting sentences (crops of the two held-out photos), scored by `lvm.evaluate`:",
+        "Held-out colorization, inpainting and edges sentences (crops of the two held-out photos; edges: Canny maps",
+        "from `lvm.annotate`), scored by `lvm.evaluate`:",
         "the answer image given the query and the n example pairs before it (the paper's in-context measure).",
         "",
         *_pairs_table(f["vs_pairs"]),
