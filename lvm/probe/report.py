@@ -1,0 +1,55 @@
+"""The probe's outputs: report.json (everything), report.md (the tables) and accuracy_vs_depth.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PROBES = ("attentive", "linear")
+
+
+def markdown(report: dict) -> str:
+    """Accuracy per depth and probe against chance, then the images per class and what was skipped."""
+    n = report["n_layers"]
+    lines = [
+        f"# Representation probe of {report['model']}", "",
+        f"{len(report['classes'])} classes; chance {report['chance']:.3f} (1 / classes), majority class of val "
+        f"{report['majority']:.3f}. Features: hidden states after k of {n} blocks over one image's "
+        f"{report['tokens_per_image']} tokens (k = 0: token embeddings). Top-1 accuracy on val:", "",
+        "| depth k | k / layers | attentive probe | linear probe (mean-pooled) |", "| ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["results"]:
+        lines.append(f"| {row['depth']} | {row['depth'] / n:.2f} | {row['attentive']['top1']:.3f} | {row['linear']['top1']:.3f} |")
+    lines += ["", "| class | train | val |", "| --- | ---: | ---: |"]
+    counts = report["counts"]
+    lines += [f"| {c} | {counts['train'].get(c, 0)} | {counts['val'].get(c, 0)} |" for c in report["classes"]]
+    lines += ["", f"Skipped: train {report['skipped']['train'] or 'none'}, val {report['skipped']['val'] or 'none'}.",
+              f"Probes: {report['training']}; the epoch is chosen on a holdout of train."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    depths = [row["depth"] for row in report["results"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for kind, style in zip(PROBES, ("o-", "s--")):
+        ax.plot(depths, [row[kind]["top1"] for row in report["results"]], style, label=f"{kind} probe")
+    ax.axhline(report["chance"], color="gray", linestyle=":", label="chance")
+    ax.set(xlabel=f"depth (blocks of {report['n_layers']})", ylabel="top-1 accuracy (val)", ylim=(0, 1.02),
+           xticks=depths, title=f"{Path(report['model']).name}: {len(report['classes'])} classes")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot(report, out / "accuracy_vs_depth.png")
