@@ -69,6 +69,17 @@ def test_features_equal_a_manual_forward(bos_id):
     assert all(not block._forward_hooks for block in model.layers) and not model.embed._forward_hooks
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bfloat16_features_on_cuda_match_float32_on_cpu(model):
+    tokens = torch.randint(0, CODEBOOK_SIZE, (4, 16), generator=torch.Generator().manual_seed(2))
+    expected = hidden_states(model, tokens, [1, 3])
+    cuda = LVM(model.cfg).to("cuda", torch.bfloat16).eval()
+    cuda.load_state_dict(model.state_dict())
+    for depth, states in hidden_states(cuda, tokens.cuda(), [1, 3]).items():
+        torch.testing.assert_close(states.float().cpu(), expected[depth], rtol=0.05, atol=0.05)
+
+
 def test_cached_features_are_computed_once(model, tmp_path, monkeypatch):
     tokens = np.random.default_rng(0).integers(0, CODEBOOK_SIZE, (5, 16)).astype(np.uint16)
     cache, fingerprint = Cache(tmp_path), module_fingerprint(model, model.cfg.to_dict())

@@ -24,7 +24,9 @@ def markdown(report: dict) -> str:
     counts = report["counts"]
     lines += [f"| {c} | {counts['train'].get(c, 0)} | {counts['val'].get(c, 0)} |" for c in report["classes"]]
     lines += ["", f"Skipped: train {report['skipped']['train'] or 'none'}, val {report['skipped']['val'] or 'none'}.",
-              f"Probes: {report['training']}; the epoch is chosen on a holdout of train."]
+              "Probes: AdamW (lr {lr}, weight decay {weight_decay}), batches of {batch_size}, the epoch with the lowest "
+              "loss on a {holdout:.0%} holdout of train kept, stopping {patience} epochs after it or at {epochs}; "
+              "seed {seed}.".format(**report["training"])]
     return "\n".join(lines) + "\n"
 
 
