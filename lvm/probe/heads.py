@@ -128,7 +128,8 @@ def train(
     device = next(probe.parameters()).device
     optimizer = torch.optim.AdamW(probe.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
-    best_loss, best_accuracy, best_state, best_epoch, epoch = float("inf"), 0.0, None, 0, 0
+    best_loss, best_accuracy, best_epoch, epoch = float("inf"), 0.0, 0, 0
+    best_state = copy.deepcopy(probe.state_dict())  # kept if no epoch has a finite holdout loss
     for epoch in range(1, settings.epochs + 1):
         probe.train()
         order = fit[torch.randperm(len(fit), generator=generator).numpy()]
