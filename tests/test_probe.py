@@ -200,6 +200,9 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
     assert err == f"error: {tmp_path / 't' / 'dog'}: empty class folder (no .bmp, .gif, .jpeg, .jpg, .png, .tif, .tiff, .webp images)"
     assert _error(base + ["--train", str(tmp_path / "nope"), "--val", str(val)], capsys) == \
         f"error: {tmp_path / 'nope'}: no such file or directory"
+    (tmp_path / "taken").write_text("a file")
+    assert _error(base + ["--train", str(train), "--val", str(val), "--out", str(tmp_path / "taken")], capsys) == \
+        f"error: {tmp_path / 'taken'}: --out exists and is not a folder"
     (tmp_path / "v" / "cow").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "v" / "cow" / "a.png")
     assert "'cow' is not among the 3 train classes" in _error(base + ["--train", str(train), "--val", str(tmp_path / "v")], capsys)

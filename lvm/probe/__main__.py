@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> dict:
     """Tokenize, extract features, train and score the probes, write the report; returns it."""
     if args.batch_size < 1 or args.workers < 0 or args.epochs < 1 or args.lr <= 0:
         raise ProbeError("options", "--batch-size and --epochs must be at least 1, --workers at least 0, --lr > 0")
+    if args.out.exists() and not args.out.is_dir():
+        raise ProbeError(args.out, "--out exists and is not a folder")
     settings = heads.Training(epochs=args.epochs, lr=args.lr, seed=args.seed)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
