@@ -13,13 +13,8 @@ a linear head) and a linear head on the mean-pooled tokens as the baseline. See 
 - `report`: report.json, report.md and the accuracy-against-depth plot.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
+from common.errors import UserError
 
 
-class ProbeError(Exception):
-    """Unusable probe input or option; the message is `<path or option>: <problem>`."""
-
-    def __init__(self, where: str | Path, problem: str) -> None:
-        super().__init__(f"{where}: {problem}")
+class ProbeError(UserError):
+    """Unusable probe input or option: `ProbeError(path or option, problem)`."""

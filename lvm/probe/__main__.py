@@ -20,18 +20,19 @@ from pathlib import Path
 import torch
 
 import tokenizer
-from lvm.checkpoint import CheckpointError, load_lvm
-from lvm.errors import exit_on
+import weights
+from common.errors import exit_on
+from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, torch_dtype
+from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.probe import ProbeError, data, features, heads, report
 from lvm.probe.cache import Cache, module_fingerprint
-from lvm.prompt import PromptError, check_compatible
-from lvm.tokenize import TokenizeError
+from lvm.prompt import check_compatible
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lvm.probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="our Lightning .ckpt or a Hugging Face Llama directory")
-    p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (anything tokenizer.load reads)")
+    add_model_arg(p, weights.DEFAULT_MODEL)
+    add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
     p.add_argument("--train", nargs="+", required=True, metavar="SRC",
                    help="class folders' parent (ImageFolder), or tar shards / folders / brace patterns of them")
     p.add_argument("--val", nargs="+", required=True, metavar="SRC", help="as --train; its classes must be train's")
@@ -45,8 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=heads.Training.epochs, help="most epochs per probe (early stopping)")
     p.add_argument("--lr", type=float, default=heads.Training.lr, help="AdamW learning rate of the probes")
     p.add_argument("--seed", type=int, default=0, help="seed of the holdout split, probe initialisation and order")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on CUDA, or float32")
+    add_device_arg(p)
+    add_dtype_arg(p)
     return p.parse_args(argv)
 
 
@@ -62,10 +63,10 @@ def run(args: argparse.Namespace) -> dict:
         raise ProbeError(args.out, "--out exists and is not a folder")
     settings = heads.Training(epochs=args.epochs, lr=args.lr, seed=args.seed)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     tok = tokenizer.load(args.tokenizer, device=device)
-    model = load_lvm(args.model, device=device, dtype=dtype)
+    model = load_lvm(args.model, device=device, dtype=torch_dtype(args.dtype, args.device))
     check_compatible(model, tok, args.tokenizer)
+    check_tokenizer(model, args.model, tok.identity(args.tokenizer))
     if tok.tokens_per_image + (model.cfg.bos_id is not None) > model.cfg.max_seq_len:
         raise ProbeError(args.model, f"context of {model.cfg.max_seq_len} tokens cannot hold one image "
                                      f"({tok.tokens_per_image} tokens)")
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
-@exit_on(ProbeError, TokenizeError, PromptError, CheckpointError, tokenizer.TokenizerLoadError)
+@exit_on
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)

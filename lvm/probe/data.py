@@ -21,10 +21,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import tokenizer
+from common.files import IMAGE_SUFFIXES
 from lvm.probe import ProbeError
 from lvm.probe.cache import Cache
 from lvm.tokenize.pipeline import Encoder, Options, Resize, UnitBatches
-from lvm.tokenize.sources import IMAGE_SUFFIXES, TAR_SUFFIX, Unit, find_units
+from lvm.tokenize.sources import TAR_SUFFIX, Unit, find_units
 
 IMAGES_PER_UNIT = 256  # images of a folder per DataLoader work unit: enough units to keep every worker busy
 
@@ -47,7 +48,7 @@ def check_class_folders(specs: list[str]) -> None:
             continue
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if not any(f.suffix.lower() in IMAGE_SUFFIXES or f.suffix == TAR_SUFFIX for f in folder.rglob("*")):
-                raise ProbeError(folder, f"empty class folder (no {', '.join(sorted(IMAGE_SUFFIXES))} images)")
+                raise ProbeError(folder, "empty class folder (no images)")
 
 
 def _units(specs: list[str], option: str) -> list[Unit]:
