@@ -5,9 +5,10 @@
         --train probe_data/train --val probe_data/val --out probe_out
 
 The photos are the 512x512 grayscale textures scikit-image ships (CC0: CC0Textures Bricks25 and Gravel04,
-DeviantArt Grass-01, per `skimage.data`'s notes); `make demo` never trains on them. Each class is one photo
-grouped by source: train crops come from its top half and val crops from its bottom half, so no val pixel
-was ever seen in training. Crops are squares of 96 to 224 pixels at random places, half of them mirrored.
+DeviantArt Grass-01, per `skimage.data`'s notes). `make demo`'s LVM sees them without labels, as camera
+pans (unsupervised pre-training on the probe's images, as ImageNet probes of models pre-trained on ImageNet
+do); its tokenizer never trains on them. Each class is one photo grouped by source: train crops come from
+its top half and val crops from its bottom half, so no val pixel is ever seen by the probe in training. Crops are squares of 96 to 224 pixels at random places, half of them mirrored.
 """
 
 from __future__ import annotations
