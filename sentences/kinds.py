@@ -27,6 +27,28 @@ def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
+def _group_ids(metas: list[dict], field: str | None, shard: str) -> np.ndarray | None:
+    """The group of each image (the value of its json ``field``), as ints; None when ``field`` is None."""
+    if field is None:
+        return None
+    missing = [i for i, meta in enumerate(metas) if field not in meta]
+    if missing:
+        raise SentenceError(f"{shard}: {len(missing)} images have no '{field}' in their json to group by")
+    names = {name: i for i, name in enumerate(dict.fromkeys(str(meta[field]) for meta in metas))}
+    return np.array([names[str(meta[field])] for meta in metas], dtype=np.int64)
+
+
+def _group_chunks(order: np.ndarray, groups: np.ndarray | None, size: int) -> list[np.ndarray]:
+    """Like ``_chunks``, but every run holds rows of one group (``groups[row]``), groups taken in the order
+    their first row comes in ``order``; without groups, plain ``_chunks``."""
+    if groups is None:
+        return _chunks(order, size)
+    runs = []
+    for group in dict.fromkeys(groups[order].tolist()):
+        runs += _chunks(order[groups[order] == group], size)
+    return runs
+
+
 class Builder:
     """Draws the sentences of one source. Subclasses set the class attributes and ``draw``.
 
@@ -135,14 +157,20 @@ class MultiView(Video):
 
 
 class Pairs(Builder):
-    """``[x1, y1, x2, y2, ...]``: an image then its annotation for one task, ``pairs`` pairs, paired by key."""
+    """``[x1, y1, x2, y2, ...]``: an image then its annotation for one task, ``pairs`` pairs, paired by key.
 
-    options = {"pairs": 8}
+    With ``group_by`` (a json field such as ``folder`` or ``video``) the pairs of a sentence come from one group,
+    so the examples show the same scene or object as the last pair: what the answer looks like can then be read
+    from the examples, not only the task. Without it, pairs are drawn from the whole set.
+    """
+
+    options = {"pairs": 8, "group_by": None}
     annotations = (1, 1)
 
     def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
         super().__init__(images, annotations, options, notes)
         self.rows = _join(list(self.sets.values()), notes)
+        self.groups = _group_ids([images.meta[row] for row in self.rows[:, 0]], self.opt["group_by"], images.shards[0])
 
     @classmethod
     def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
@@ -152,7 +180,7 @@ class Pairs(Builder):
         sets = list(self.sets.values())
         return [
             tuple((sets[j], ORIGINAL, int(self.rows[i, j])) for i in chunk for j in range(len(sets)))
-            for chunk in _chunks(rng.permutation(len(self.rows)), self.opt["pairs"])
+            for chunk in _group_chunks(rng.permutation(len(self.rows)), self.groups, self.opt["pairs"])
         ]
 
 
@@ -188,19 +216,23 @@ class Colorization(Builder):
     """``[gray1, color1, gray2, color2, ...]``: ``pairs`` images, each as its gray variant then itself.
 
     The gray variant is made from pixels (luma 0.2989 R + 0.587 G + 0.114 B) and tokenized by the tokenize
-    step, stored as ``<key>.gray.tokens.npy``.
+    step, stored as ``<key>.gray.tokens.npy``. ``group_by`` as for ``Pairs``.
     """
 
-    options = {"pairs": 8}
+    options = {"pairs": 8, "group_by": None}
     derived: ClassVar[str] = "gray"
     variants = (ORIGINAL, "gray")
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        super().__init__(images, annotations, options, notes)
+        self.groups = _group_ids(images.meta, self.opt["group_by"], images.shards[0])
 
     @classmethod
     def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
         return 2 * options["pairs"]
 
     def draw(self, rng: np.random.Generator) -> list[Sentence]:
-        pairs = _chunks(rng.permutation(len(self.images)), self.opt["pairs"])
+        pairs = _group_chunks(rng.permutation(len(self.images)), self.groups, self.opt["pairs"])
         variants = (self.derived, ORIGINAL)
         return [tuple((self.images, v, int(row)) for row in chunk for v in variants) for chunk in pairs]
 

@@ -69,7 +69,10 @@ def _positive(value: object, where: str, kind: type = int) -> float:
 
 
 def _option(value: object, default: object, where: str) -> object:
-    """An option checked against the type of its default (positive int, list of positive ints, or string)."""
+    """An option checked against the type of its default (positive int, list of positive ints, string, or an
+    optional string whose default None means "off")."""
+    if default is None and value is None:
+        return None
     if isinstance(default, int):
         return _positive(value, where)
     if isinstance(default, list):

@@ -5,10 +5,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lvm.demo import report
-from lvm.demo.data import pans, prepare, read_frames, views, write_clip
+from lvm.demo.data import pans, prepare, read_frames, stills, views, write_clip
 
 
 def test_views_mirror_and_crop_the_same_footage():
@@ -35,6 +36,24 @@ def test_pans_glide_a_window_across_the_photo():
         assert np.all(np.sign(steps[np.abs(steps) > 0.5]) == np.sign(centre[-1] - centre[0]))
 
 
+def test_stills_hold_the_camera_still_and_movers_cross_the_scene():
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 200, (120, 160, 3), dtype=np.uint8))
+    clips = stills(photo, count=9, rng=random.Random(0), frames=8, size=32)
+    steady = [all(np.array_equal(f, clip[0]) for f in clip) for clip in clips]
+    assert 0 < sum(steady) < 9  # about a third are perfectly steady, the others shake a little and flicker
+    for clip, still in zip(clips, steady):
+        assert len(clip) == 8 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in clip)
+        change = [np.abs(a.astype(int) - b).mean() for a, b in zip(clip, clip[1:])]
+        assert still or 0 < max(change) < 40  # the same view throughout, never a cut
+    # a white square crosses a dark scene in a straight line, at most 4 pixels a frame, bouncing off the edges
+    white = Image.fromarray(np.full((50, 50, 3), 255, dtype=np.uint8))
+    dark = Image.fromarray(np.full((100, 100, 3), 40, dtype=np.uint8))
+    for clip in stills(dark, count=4, rng=random.Random(1), frames=12, size=64, movers=[white]):
+        corners = [np.argwhere(f[..., 0] > 150).min(0) for f in clip]
+        steps = np.abs(np.diff(corners, axis=0))
+        assert np.all(steps <= 5) and steps.sum() > 0
+
+
 def test_clips_are_lossless_and_byte_identical(tmp_path):
     frames = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(5)]
     write_clip(frames, 25.0, tmp_path / "a.mkv")
@@ -48,7 +67,8 @@ def test_data_step_is_a_function_of_the_seed(tmp_path):
     """Two runs with one seed write identical files (the demo's reruns depend on it); another seed differs."""
     clip = [np.random.default_rng(i).integers(0, 256, (72, 96, 3), dtype=np.uint8) for i in range(12)]
     write_clip(clip, 25.0, tmp_path / "clip.mkv")
-    small = dict(crops_per_photo=1, pans_per_photo=1, heldout_crops=1, videos={"clip": str(tmp_path / "clip.mkv")})
+    small = dict(crops_per_photo=1, pans_per_photo=1, stills_per_photo=2, heldout_crops=7,
+                 videos={"clip": str(tmp_path / "clip.mkv")})
 
     def files(out):
         return {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -57,6 +77,29 @@ def test_data_step_is_a_function_of_the_seed(tmp_path):
                            for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     assert len(first) > 30 and first == again
     assert first.keys() == other.keys() and first != other
+
+
+@pytest.mark.parametrize("predicts", ["copy", "truth"])
+def test_greedy_video_rows_score_copying_and_knowing_like_their_baselines(tmp_path, tiny_tokenizer, monkeypatch, predicts):
+    """A model that copies the last context frame's tokens scores exactly the copy baseline (no tie lost to the
+    tokenizer's batching), one that knows the next frame scores the tokenizer bound; every place is scored."""
+    rng = np.random.default_rng(0)
+    write_clip([rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(report.CONTEXT + 3)], 25.0,
+               tmp_path / "clip.mkv")
+    frames = tiny_tokenizer.encode([Image.fromarray(f) for f in read_frames(str(tmp_path / "clip.mkv"))[0]])
+    truth = frames[report.CONTEXT :]
+    seen = []
+
+    def rollout(model, contexts, num_frames, *args):
+        seen.append(contexts)
+        return contexts[:, -1:] if predicts == "copy" else truth[:, None]
+
+    monkeypatch.setattr(report, "rollout", rollout)
+    [row] = report.video_prediction(None, tiny_tokenizer, tmp_path)
+    assert row["places"] == 3 and torch.equal(seen[0], torch.stack([frames[i : i + report.CONTEXT] for i in range(3)]))
+    baseline = "mse_copy_last_tokens" if predicts == "copy" else "mse_tokenizer"
+    assert row["mse_prediction"] == row[baseline]
+    assert row["tokens_right_prediction"] == (row["tokens_right_copy"] if predicts == "copy" else 1.0)
 
 
 def test_report_states_verdicts_as_they_come_out():
@@ -68,7 +111,8 @@ def test_report_states_verdicts_as_they_come_out():
         "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
         "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}, "pairs": {0: 20.0, 7: 10.0}},
         "unigram": 800.0,
-        "video": [{"clip": "bikes", "mse_prediction": 0.02, "mse_copy_last": 0.01, "mse_copy_last_tokens": 0.03, "mse_tokenizer": 0.01}],
+        "video": [{"clip": "bikes", "places": 5, "mse_prediction": 0.02, "mse_copy_last": 0.01, "mse_copy_last_tokens": 0.03,
+                   "mse_tokenizer": 0.01, "tokens_right_prediction": 0.5, "tokens_right_copy": 0.25}],
         "analogies": [{"task": "inpainting", "photo": "chelsea", "mse_prediction": 0.03, "mse_query": 0.05,
                        "mse_query_tokens": 0.02, "mse_tokenizer": 0.01}],
     }
@@ -85,7 +129,7 @@ def test_report_states_verdicts_as_they_come_out():
     assert "codebook usage 10.0% (~819 of 8192 codes)" in text
     assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
     assert "Below the unigram perplexity with 15 frames: **no**" in text
-    assert "| bikes | 0.0200 | 0.0100 | 0.0300 | 0.0100 | **no** / yes |" in text  # prediction closer than tokens
+    assert "| bikes | 5 | 0.0200 | 0.0100 | 0.0300 | 0.0100 | 50% / 25% | **no** / yes |" in text  # closer than tokens
     assert "| inpainting | chelsea | 0.0300 | 0.0500 | 0.0200 | 0.0100 | yes / **no** |" in text
 
 

@@ -187,6 +187,27 @@ def test_derived_pairs_put_the_derived_image_first(
     assert sorted(seen) == [i * N for i in range(IMAGES)]
 
 
+@pytest.mark.parametrize("kind", ["colorization", "pairs"])
+def test_group_by_keeps_each_sentences_pairs_in_one_group(tmp_path: Path, tokens: Path, kind: str) -> None:
+    source = {"name": kind, "kind": kind, "shards": str(tokens / "images"), "pairs": 4, "group_by": "folder"}
+    if kind == "pairs":
+        source["annotations"] = {"normals": str(tokens / "normals")}
+    _, sentences = run_build(tmp_path, [source])
+    seen = []
+    for _, slots, info in sentences:
+        folders = [m["meta"]["folder"] for m in info["images"] if m["set"] == "image"]
+        assert len(set(folders)) == 1  # every pair of the sentence from one folder (cat0..cat3, 6 images each)
+        assert len(slots) in (8, 4)  # 6 images of a folder in 4-pair sentences: 4 + 2
+        seen += [m["key"] for m in info["images"] if m["variant"] == "original" and m["set"] == "image"]
+    assert sorted(seen) == [f"img{i:03d}" for i in range(IMAGES)]  # each image once per pass
+
+
+def test_group_by_names_the_shard_when_the_field_is_missing(tmp_path: Path, tokens: Path, capsys) -> None:
+    source = {"name": "c", "kind": "colorization", "shards": str(tokens / "images"), "group_by": "video"}
+    with pytest.raises(SentenceError, match=r"a\.tar: 24 images have no 'video' in their json to group by"):
+        run_build(tmp_path, [source])
+
+
 def test_category_groups_k_images_of_n_different_categories(tmp_path: Path, tokens: Path) -> None:
     index, sentences = run_build(
         tmp_path, [{"name": "cat", "kind": "category", "shards": str(tokens / "images"), "categories": 2, "images": 3}]

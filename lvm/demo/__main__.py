@@ -27,7 +27,7 @@ WINDOW = 1024  # 16 images of 64 tokens: the longest sentence the miniature buil
 
 
 def sentence_specs(seed: int) -> dict[str, dict]:
-    """The training mixture (video, colorization, inpainting) and the held-out video and analogy sentences."""
+    """The training mixture (video, colorization, inpainting, edges) and the held-out video and analogy sentences."""
     tokens = OUT / "tokens"
     train = {
         "seed": seed,
@@ -37,12 +37,14 @@ def sentence_specs(seed: int) -> dict[str, dict]:
             {"name": "video", "kind": "video", "shards": str(tokens / "video_train"), "strides": [1, 2, 3], "epochs": 20},
             {"name": "video-views", "kind": "video", "shards": str(tokens / "video_views"), "strides": [1, 2, 3], "epochs": 20},
             {"name": "photo-pans", "kind": "video", "shards": str(tokens / "video_pans"), "strides": [1], "epochs": 6},
-            {"name": "photo-color", "kind": "colorization", "shards": str(tokens / "photos_train"), "epochs": 6},
-            {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "epochs": 6},
+            {"name": "stills", "kind": "video", "shards": str(tokens / "video_stills"), "strides": [1], "epochs": 4},
+            # example pairs from one photo (its folder) or one clip: the answer can be read from the examples
+            {"name": "photo-color", "kind": "colorization", "shards": str(tokens / "photos_train"), "group_by": "folder", "epochs": 6},
+            {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "group_by": "folder", "epochs": 6},
             {"name": "photo-edges", "kind": "pairs", "shards": str(tokens / "photos_train"),
-             "annotations": {"edges": str(tokens / "photos_edges")}, "pairs": 8, "epochs": 6},
-            {"name": "frame-color", "kind": "colorization", "shards": str(tokens / "video_train"), "epochs": 3},
-            {"name": "frame-inpaint", "kind": "inpainting", "shards": str(tokens / "video_train"), "epochs": 3},
+             "annotations": {"edges": str(tokens / "photos_edges")}, "pairs": 8, "group_by": "folder", "epochs": 6},
+            {"name": "frame-color", "kind": "colorization", "shards": str(tokens / "video_train"), "group_by": "video", "epochs": 3},
+            {"name": "frame-inpaint", "kind": "inpainting", "shards": str(tokens / "video_train"), "group_by": "video", "epochs": 3},
         ],
     }
     heldout = {
@@ -50,10 +52,10 @@ def sentence_specs(seed: int) -> dict[str, dict]:
         "window": WINDOW,
         "sources": [
             {"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "epochs": 6},
-            {"name": "color-heldout", "kind": "colorization", "shards": str(tokens / "crops_heldout"), "epochs": 4},
-            {"name": "inpaint-heldout", "kind": "inpainting", "shards": str(tokens / "crops_heldout"), "epochs": 4},
+            {"name": "color-heldout", "kind": "colorization", "shards": str(tokens / "crops_heldout"), "group_by": "folder", "epochs": 4},
+            {"name": "inpaint-heldout", "kind": "inpainting", "shards": str(tokens / "crops_heldout"), "group_by": "folder", "epochs": 4},
             {"name": "edges-heldout", "kind": "pairs", "shards": str(tokens / "crops_heldout"),
-             "annotations": {"edges": str(tokens / "crops_heldout_edges")}, "pairs": 8, "epochs": 4},
+             "annotations": {"edges": str(tokens / "crops_heldout_edges")}, "pairs": 8, "group_by": "folder", "epochs": 4},
         ],
     }
     return {"train": train, "heldout": heldout}
@@ -74,6 +76,7 @@ def commands(seed: int) -> list[tuple[str, list[str]]]:
         ("tokenize-video-train", tokenize + ["--shards", str(data / "video" / "train"), "--out", str(tokens / "video_train"), "--derive", "gray,masked"]),
         ("tokenize-video-views", tokenize + ["--shards", str(data / "video" / "train_views"), "--out", str(tokens / "video_views")]),
         ("tokenize-photo-pans", tokenize + ["--shards", str(data / "video" / "train_pans"), "--out", str(tokens / "video_pans")]),
+        ("tokenize-stills", tokenize + ["--shards", str(data / "video" / "train_stills"), "--out", str(tokens / "video_stills")]),
         ("tokenize-video-heldout", tokenize + ["--shards", str(data / "video" / "heldout"), "--out", str(tokens / "video_heldout")]),
         ("tokenize-photos", tokenize + ["--shards", str(data / "images" / "train" / "photos"), "--out", str(tokens / "photos_train"), "--derive", "gray,masked"]),
         ("tokenize-crops-heldout", tokenize + ["--shards", str(data / "images" / "heldout" / "crops"), "--out", str(tokens / "crops_heldout"), "--derive", "gray,masked"]),

@@ -9,7 +9,11 @@ footage (mirrored, and two mirrored/unmirrored corner crops): distinct token seq
 that reward predicting a frame from the previous ones over memorising it. Slow camera pans and zooms
 across the training photos (and a few more bundled photos and textures used only for motion) add many
 more distinct clips of real images (`pans`), so that reading the previous frames pays better than
-remembering clips. Crops of the two held-out photos give held-out analogy sentences.
+remembering clips. Clips from a still camera over the same photos (`stills`: steady, or shaking slightly with
+sensor noise, some with an object crossing the scene) show what real footage of a still scene does to tokens:
+most stay, some flicker between neighbouring codes, and only the earlier frames tell which. Crops of the two
+held-out photos give held-out analogy sentences; crops are written in one folder per photo, the group their
+analogy sentences draw example pairs from.
 
 Everything is a pure function of `--seed`: clips are written losslessly (FFV1, bit-exact container), so
 a rerun writes identical files and the tokenize step sees identical pixels.
@@ -121,6 +125,60 @@ def pans(photo: Image.Image, count: int, rng: random.Random, frames: int = 24, s
     return clips
 
 
+def _window(w: int, h: int, rng: random.Random, low: float = 0.4, high: float = 0.9) -> tuple[float, float, float]:
+    """A random square window (x, y, side) inside a w x h photo, its side `low`..`high` of the short side."""
+    side = min(w, h) * rng.uniform(low, high)
+    return rng.uniform(0, w - side), rng.uniform(0, h - side), side
+
+
+def stills(
+    photo: Image.Image, count: int, rng: random.Random, frames: int = 24, size: int = 128, movers: list[Image.Image] = ()
+) -> list[list[np.ndarray]]:
+    """`count` clips from a camera standing still in front of a photo. A third are perfectly steady (identical
+    frames, as in animation or footage with repeated frames); in the others each frame jitters by up to half a
+    pixel (a hand-held camera), drifts in brightness by up to 2% and gets its own sensor noise (sigma 0.5..2.5
+    of 255), so tokens flicker the way they do in real footage of a still scene. With `movers`, a crop of one of those
+    photos (20..45% of the frame) crosses the scene in a straight line at 1..4 pixels per frame in front of the
+    still background: an object moving past a fixed camera."""
+    w, h = photo.size
+    gen = np.random.default_rng(rng.randrange(2**32))
+    clips = []
+    for _ in range(count):
+        x, y, side = _window(w, h, rng)
+        scale = side / size  # photo pixels per output pixel
+        steady = rng.random() < 1 / 3
+        shake, sigma, gain = (0.0, 0.0, 0.0) if steady else (0.5, rng.uniform(0.5, 2.5), rng.uniform(-0.02, 0.02))
+        mover = None
+        if movers:
+            source = movers[rng.randrange(len(movers))]
+            mx, my, mside = _window(*source.size, rng, 0.2, 0.6)
+            m = int(size * rng.uniform(0.2, 0.45))
+            mover = np.asarray(source.resize((m, m), Image.BICUBIC, box=(mx, my, mx + mside, my + mside)), np.float32)
+            angle, speed = rng.uniform(0, 2 * np.pi), rng.uniform(1.0, 4.0)
+            ox, oy = rng.uniform(0, size - m), rng.uniform(0, size - m)
+        clip = []
+        for i in range(frames):
+            jx, jy = (gen.uniform(-shake, shake, size=2) * scale).tolist()
+            box = (max(0.0, x + jx), max(0.0, y + jy), min(w, x + jx + side), min(h, y + jy + side))
+            frame = np.asarray(photo.resize((size, size), Image.BICUBIC, box=box), np.float32)
+            if mover is not None:  # bounces off the frame's edges so it stays in view
+                px = _bounce(ox + i * speed * np.cos(angle), size - m)
+                py = _bounce(oy + i * speed * np.sin(angle), size - m)
+                frame[py : py + m, px : px + m] = mover
+            if not steady:
+                frame = frame * (1 + gain * i / frames) + gen.normal(0.0, sigma, frame.shape)
+            clip.append(frame.clip(0, 255).round().astype(np.uint8))
+        clips.append(clip)
+    return clips
+
+
+def _bounce(position: float, limit: int) -> int:
+    """`position` folded into [0, limit] as if reflected at both ends."""
+    period = 2 * limit
+    p = position % period
+    return int(round(p if p <= limit else period - p))
+
+
 def write_clip(frames: list[np.ndarray], fps: float, path: Path) -> None:
     """Encode frames losslessly (FFV1 in Matroska, bit-exact muxing): the same frames give the same bytes,
     and the tokenize step decodes exactly the pixels written here."""
@@ -152,8 +210,8 @@ def write_prompts(out: Path, video_frames: dict[str, list[np.ndarray]], rng: ran
     """Prompt material from held-out data only.
 
     prompts/video/<clip>/context/*.png and truth/*.png: the start of each held-out clip.
-    prompts/<task>/<photo>/: example pairs from training photos, then the held-out query
-    (derived from the held-out photo) and its truth.
+    prompts/<task>/<photo>/: example pairs from crops of a held-out photo, then the query (derived from the whole
+    photo) and its truth: the examples show the same scene, as in the held-out analogy sentences.
     """
     for video, frames in video_frames.items():
         for part, chunk in (("context", frames[:PROMPT_CONTEXT]), ("truth", frames[PROMPT_CONTEXT : PROMPT_CONTEXT + PROMPT_TRUTH])):
@@ -161,14 +219,14 @@ def write_prompts(out: Path, video_frames: dict[str, list[np.ndarray]], rng: ran
             folder.mkdir(parents=True, exist_ok=True)
             for i, array in enumerate(chunk):
                 Image.fromarray(array).save(folder / f"{i:02d}.png")
-    train_photos = sorted((out.parent / "images" / "train" / "photos").glob("*.png"))
     for task in ("colorization", "inpainting"):
         for name in HELDOUT_PHOTOS:
             folder = out / task / Path(name).stem
             folder.mkdir(parents=True, exist_ok=True)
-            for i, path in enumerate(rng.sample(train_photos, ANALOGY_EXAMPLES)):
+            crops = sorted((out.parent / "images" / "heldout" / "crops" / Path(name).stem).glob("*.png"))
+            for i, path in enumerate(rng.sample(crops, ANALOGY_EXAMPLES)):
                 example = Image.open(path)
-                derived(example, task, path.stem).save(folder / f"{i:02d}_a.png")
+                derived(example, task, f"{path.parent.name}/{path.stem}").save(folder / f"{i:02d}_a.png")
                 example.save(folder / f"{i:02d}_b.png")
             truth = Image.open(PHOTO_DIR / name).convert("RGB")
             derived(truth, task, Path(name).stem).save(folder / "query.png")
@@ -179,6 +237,7 @@ def prepare(
     out: Path,
     crops_per_photo: int = 32,
     pans_per_photo: int = 8,
+    stills_per_photo: int = 8,
     heldout_crops: int = 24,
     frame_stride: int = 2,
     seed: int = 0,
@@ -187,29 +246,37 @@ def prepare(
     """Write photos, crops, clips and tokenizer-training frames under `out`; return counts."""
     rng = random.Random(seed)
     dirs = {
-        "photos_train": out / "images" / "train" / "photos",  # tokenizer training and photo sentences
+        "photos_train": out / "images" / "train" / "photos",  # <photo>/<i>.png: tokenizer training, photo sentences
         "frames_train": out / "images" / "train" / "frames",  # tokenizer training only
         "photos_heldout": out / "images" / "heldout" / "photos",
-        "crops_heldout": out / "images" / "heldout" / "crops",  # held-out analogy sentences
+        "crops_heldout": out / "images" / "heldout" / "crops",  # <photo>/<i>.png: held-out analogy sentences
         "video_train": out / "video" / "train",
         "video_views": out / "video" / "train_views",  # extra views of the training footage (LVM only)
         "video_pans": out / "video" / "train_pans",  # camera pans across the training photos (LVM only)
+        "video_stills": out / "video" / "train_stills",  # a still camera, some with an object passing (LVM only)
         "video_heldout": out / "video" / "heldout",
     }
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     for name in TRAIN_PHOTOS:
         photo = Image.open(PHOTO_DIR / name).convert("RGB")
+        (dirs["photos_train"] / Path(name).stem).mkdir()  # one folder per photo: the group of its crops
         for i, crop in enumerate(random_crops(photo, crops_per_photo, rng)):
-            crop.save(dirs["photos_train"] / f"{Path(name).stem}_{i:03d}.png")
-    for path in [PHOTO_DIR / name for name in TRAIN_PHOTOS] + MOTION_PHOTOS:
-        for i, clip in enumerate(pans(Image.open(path).convert("RGB"), pans_per_photo, rng)):
+            crop.save(dirs["photos_train"] / Path(name).stem / f"{i:03d}.png")
+    motion = [PHOTO_DIR / name for name in TRAIN_PHOTOS] + MOTION_PHOTOS
+    movers = [Image.open(path).convert("RGB") for path in motion]
+    for path, photo in zip(motion, movers):
+        for i, clip in enumerate(pans(photo, pans_per_photo, rng)):
             write_clip(clip, 25.0, dirs["video_pans"] / f"{path.stem}-pan{i}.mkv")
+        half = stills_per_photo // 2
+        for i, clip in enumerate(stills(photo, half, rng) + stills(photo, stills_per_photo - half, rng, movers=movers)):
+            write_clip(clip, 25.0, dirs["video_stills"] / f"{path.stem}-still{i}.mkv")
     for name in HELDOUT_PHOTOS:
         photo = Image.open(PHOTO_DIR / name).convert("RGB")
         photo.save(dirs["photos_heldout"] / f"{Path(name).stem}.png")
+        (dirs["crops_heldout"] / Path(name).stem).mkdir()
         for i, crop in enumerate(random_crops(photo, heldout_crops, rng)):
-            crop.save(dirs["crops_heldout"] / f"{Path(name).stem}_{i:03d}.png")
+            crop.save(dirs["crops_heldout"] / Path(name).stem / f"{i:03d}.png")
     heldout_frames = {}
     for video, path in videos.items():
         frames, fps = read_frames(path)
@@ -222,7 +289,7 @@ def prepare(
             Image.fromarray(frames[i]).save(dirs["frames_train"] / f"{video}_{i:04d}.png")
         heldout_frames[video] = frames[cut:]
     write_prompts(out / "prompts", heldout_frames, rng)
-    return {name: len(list(d.iterdir())) for name, d in dirs.items()}
+    return {name: sum(p.is_file() for p in d.rglob("*")) for name, d in dirs.items()}
 
 
 def main() -> None:
