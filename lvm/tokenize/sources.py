@@ -31,7 +31,7 @@ from common.files import IMAGE_SUFFIXES, natural_key
 from lvm.tokenize import TokenizeError
 from sentences.formats import expand_pattern
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv"})  # what FFmpeg (PyAV) reads
 TAR_SUFFIX = ".tar"
 KINDS = ("tar", "images", "videos")
 _MAGIC = re.compile(r"[{*?\[]")
