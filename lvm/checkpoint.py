@@ -134,7 +134,11 @@ def _materialize(
     with torch.device("meta"):
         model = LVM(cfg)
     expected = dict(model.state_dict())
+    if cfg.tie_embeddings:
+        expected.pop("head.weight")  # the embedding's tensor; files may carry a copy, which is not needed
     for name, tensor in tensors:
+        if cfg.tie_embeddings and name == "head.weight":
+            continue
         if name not in expected:
             raise CheckpointError(path, f"unexpected weight {name!r} for this config")
         if tensor.shape != expected[name].shape:
@@ -142,6 +146,7 @@ def _materialize(
             raise CheckpointError(path, f"{name}: shape {tuple(tensor.shape)} != {want} expected from the config")
         # assign=True adopts the (converted) tensor instead of copying into a meta one.
         model.load_state_dict({name: tensor.to(device=device, dtype=dtype or tensor.dtype)}, strict=False, assign=True)
+    model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise CheckpointError(path, f"missing weights: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")

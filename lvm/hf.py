@@ -94,7 +94,6 @@ def config_from_hf(hf: dict) -> LVMConfig:
     heads, kv_heads, dim = hf["num_attention_heads"], hf.get("num_key_value_heads"), hf["hidden_size"]
     checks = [
         (kv_heads not in (None, heads), f"grouped-query attention ({kv_heads} key/value heads for {heads} heads)"),
-        (hf.get("tie_word_embeddings", False), "tied embeddings (tie_word_embeddings true)"),
         (hf.get("attention_bias", False) or hf.get("mlp_bias", False), "biases (attention_bias/mlp_bias true)"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (expected 'silu')"),
         (hf.get("head_dim", dim // heads) * heads != dim, f"head_dim {hf.get('head_dim')} x {heads} heads != {dim}"),
@@ -113,6 +112,7 @@ def config_from_hf(hf: dict) -> LVMConfig:
         rope_theta=_rope_theta(hf),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         init_std=hf.get("initializer_range", 0.02),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_id=bos if isinstance(bos, int) and CODEBOOK_SIZE <= bos < hf["vocab_size"] else None,
     )
 
@@ -145,7 +145,7 @@ def config_to_hf(cfg: LVMConfig, dtype: torch.dtype, tokenizer: dict | None = No
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
         "bos_token_id": cfg.bos_id,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
@@ -186,7 +186,9 @@ def save_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or model.head.weight.dtype
-    state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
+    # A tied head is written once, as the embedding (what transformers saves and expects with tie_word_embeddings).
+    state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "head.weight")}
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, safe_serialization=True)
     config = config_to_hf(model.cfg, dtype, getattr(model, "tokenizer_info", None))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,7 +1,7 @@
 """The LVM: a LLaMA-style decoder over visual tokens, in one file.
 
 Token embedding -> pre-norm blocks (RMSNorm, rotary attention through torch's
-scaled_dot_product_attention, SwiGLU MLP) -> RMSNorm -> untied head. No biases,
+scaled_dot_product_attention, SwiGLU MLP) -> RMSNorm -> head (untied, as in LLaMA, unless `tie_embeddings`). No biases,
 no dropout by default. Module names mirror Hugging Face Llama's structure, so
 import and export (`lvm.hf`) are a key rename with no reshaping.
 
@@ -49,6 +49,9 @@ class LVMConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     init_std: float = 0.02
+    # The head reuses the embedding matrix (GPT-2's weight tying): copying a code from an earlier frame then
+    # needs one learned map rather than one per code. Off in LLaMA and the released LVM.
+    tie_embeddings: bool = False
     # Prompts start with BOS for models trained on our sentences; the released
     # LVM-7B trained without one, so its import sets this to None.
     bos_id: int | None = BOS_ID
@@ -89,9 +92,10 @@ class LVMConfig:
         return self.init_std / math.sqrt(2 * self.n_layers)
 
     def num_params(self) -> int:
-        """Parameter count from the shape alone (embedding and head untied)."""
+        """Parameter count from the shape alone (a tied head adds none)."""
         per_layer = 4 * self.dim * self.dim + 3 * self.dim * self.mlp_dim + 2 * self.dim
-        return 2 * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
+        vocab_matrices = 1 if self.tie_embeddings else 2
+        return vocab_matrices * self.vocab_size * self.dim + self.n_layers * per_layer + self.dim
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6N for the weights plus 12 * layers * dim * seq for attention."""
@@ -228,6 +232,7 @@ class LVM(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = Linear(cfg.dim, cfg.vocab_size, cfg.init_std)
+        self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim, dtype=torch.float32), persistent=False)
         self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim, dtype=torch.float32), persistent=False)
         self.cache_len = 0
@@ -244,6 +249,12 @@ class LVM(nn.Module):
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def tie_weights(self) -> None:
+        """Make the head use the embedding's tensor when the config ties them (again after a load that assigned
+        new tensors)."""
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a static KV cache for generation of up to `max_len` positions."""

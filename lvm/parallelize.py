@@ -69,6 +69,7 @@ def gather(model: LVM, device: torch.device | str) -> LVM | None:
     with torch.device("meta"):
         copy = LVM(model.cfg)
     copy.to_empty(device=device)
+    copy.tie_weights()  # to_empty gives each module its own tensor
     copy.load_state_dict(state)
     copy.reset_parameters()  # the RoPE tables, which are not in the state dict
     return copy

@@ -221,10 +221,13 @@ class LVMModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         hp = self.hparams
-        decay, no_decay = [], []
+        decay, no_decay, seen = [], [], set()
         for module in self.model.modules():
             exempt = isinstance(module, (nn.RMSNorm, nn.Embedding)) and not hp.decay_norms_and_embeddings
-            (no_decay if exempt else decay).extend(module.parameters(recurse=False))
+            for param in module.parameters(recurse=False):
+                if id(param) not in seen:  # a tied head shares the embedding's tensor and its group
+                    seen.add(id(param))
+                    (no_decay if exempt else decay).append(param)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # The fused kernel (CPU and GPU) updates all parameters in one pass instead of a loop over tensors.
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)

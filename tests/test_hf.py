@@ -108,6 +108,22 @@ def test_transformers_generate_equals_ours_token_for_token(ours, exported):
     assert torch.equal(theirs[:, prompt.shape[1]:], mine)
 
 
+def test_tied_head_round_trips_through_checkpoint_and_transformers(tmp_path):
+    torch.manual_seed(2)
+    tied = LVM(LVMConfig(**TINY, tie_embeddings=True)).eval()
+    save_ckpt(tied, tmp_path / "tied.ckpt")
+    back = load_lvm(tmp_path / "tied.ckpt")
+    assert back.head.weight is back.embed.weight
+    save_hf(back, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    again = load_lvm(tmp_path / "hf")  # the file holds the matrix once, as embed_tokens
+    assert again.head.weight is again.embed.weight
+    tokens = torch.randint(0, CODEBOOK_SIZE, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), tied(tokens), atol=0, rtol=0)
+        torch.testing.assert_close(hf_model(tmp_path / "hf")(tokens).logits, tied(tokens), atol=1e-5, rtol=1e-4)
+
+
 def test_export_in_bfloat16_keeps_dtype(ours, exported, tmp_path):
     save_hf(load_lvm(exported, dtype=torch.bfloat16), tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -121,7 +137,6 @@ BASE = config_to_hf(LVMConfig(**TINY), torch.float32)
     "change,message",
     [
         ({"num_key_value_heads": 2}, "grouped-query attention"),
-        ({"tie_word_embeddings": True}, "tied embeddings"),
         ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "RoPE scaling"),
         ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling"),
         ({"attention_bias": True}, "biases"),

@@ -115,6 +115,15 @@ def test_errors_are_clear(model):
         model(torch.zeros(1, 2, dtype=torch.long), input_pos=torch.arange(2))
 
 
+def test_tied_head_shares_the_embedding_and_counts_once():
+    cfg = LVMConfig(tie_embeddings=True)
+    model = LVM(cfg)
+    assert model.head.weight is model.embed.weight
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params() == LVMConfig().num_params() - VOCAB_SIZE * 128
+    model(torch.randint(0, 100, (1, 8))).logsumexp(-1).sum().backward()
+    assert model.embed.weight.grad[200:].abs().sum() > 0  # rows of unseen codes learn through the head
+
+
 def test_residual_projections_are_scaled_at_init():
     torch.manual_seed(0)
     model = LVM(LVMConfig(dim=256, mlp_dim=512, n_layers=8, n_heads=4, max_seq_len=16))

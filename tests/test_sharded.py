@@ -132,3 +132,36 @@ def test_activation_checkpointing_recomputes_each_block_with_the_same_numbers():
 def test_gather_returns_an_unsharded_model_itself():
     model = LVM(LVMConfig(**MINI))
     assert gather(model, "cpu") is model
+
+
+TIED_SHARD_CHECK = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from lvm.model import LVM, LVMConfig
+from lvm.parallelize import gather, parallelize
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+cfg = LVMConfig(**{mini}, tie_embeddings=True)
+torch.manual_seed(0)
+plain, sharded = LVM(cfg), LVM(cfg)
+sharded.load_state_dict(plain.state_dict())
+parallelize(sharded, init_device_mesh("cpu", (1,)))
+tokens = torch.randint(0, 8192, (2, 16))
+for model in (plain, sharded):
+    model(tokens).logsumexp(-1).sum().backward()
+grad = sharded.embed.weight.grad.full_tensor()
+copy = gather(sharded, "cpu")
+print(sharded.head.weight is sharded.embed.weight, torch.allclose(grad, plain.embed.weight.grad, atol=1e-6),
+      copy.head.weight is copy.embed.weight, torch.equal(copy(tokens), plain(tokens)))
+dist.destroy_process_group()
+"""
+
+
+def test_tied_head_stays_tied_through_fsdp2_and_gather():
+    """FSDP2 shards the embedding and the head in one (root) unit, so a tied matrix stays one tensor with one
+    gradient; the gathered copy is tied again. A process of its own: one gloo rank on CPU."""
+    code = TIED_SHARD_CHECK.format(mini=MINI)
+    env = {**os.environ, "PORT": str(29400 + os.getpid() % 500)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True"] * 4

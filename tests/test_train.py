@@ -328,6 +328,15 @@ def test_weight_decay_groups(decay_all):
     assert exempt == expected
 
 
+def test_tied_head_is_optimised_once_without_decay():
+    module = LVMModule(overrides={**MINI, "tie_embeddings": True}, weight_decay=0.1)
+    module.configure_model()
+    module.trainer = quick_trainer()
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert any(p is module.model.embed.weight for p in no_decay["params"])
+    assert not any(p is module.model.embed.weight for p in decay["params"])
+
+
 def test_meta_materialisation_initialises_like_eager_construction():
     # What FSDP does with a model built on the meta device: per module that owns tensors,
     # allocate them and call that module's reset_parameters().
