@@ -67,12 +67,15 @@ def read_image(path: Path) -> Image.Image:
 
 
 def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str | Path) -> None:
-    """The tokenizer's codes must be exactly the model's code ids (its vocabulary minus the reserved ids)."""
+    """The tokenizer's codes must be among the model's code ids (its vocabulary minus the reserved ids).
+
+    A smaller codebook (the miniature's 1000 FSQ codes) uses the first ids and keeps the special ids where
+    every LVM has them (BOS 8192); the ids above it are never sampled (`sample(num_codes=...)`)."""
     codes = model.cfg.vocab_size - NUM_RESERVED
-    if tok.codebook_size != codes:
+    if tok.codebook_size > codes:
         raise PromptError(
             tokenizer_path,
-            f"codebook of {tok.codebook_size} codes does not match the model's {codes} code ids "
+            f"codebook of {tok.codebook_size} codes does not fit the model's {codes} code ids "
             f"(vocabulary {model.cfg.vocab_size} = codes + {NUM_RESERVED} reserved)",
         )
 

@@ -106,7 +106,7 @@ def test_report_states_verdicts_as_they_come_out():
     figures = {
         "seed": 0,
         "timings_s": {"data": 1.0, "lvm": 2.0},
-        "tokenizer": {"psnr": 20.0, "ssim": 0.5, "codebook_usage": 0.1},
+        "tokenizer": {"psnr": 20.0, "ssim": 0.5, "codebook_usage": 0.1, "codebook_size": 1000},
         "loss": {"first": 9.0, "last": 4.0, "steps": 600},
         "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
         "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}, "pairs": {0: 20.0, 7: 10.0}},
@@ -126,7 +126,7 @@ def test_report_states_verdicts_as_they_come_out():
     assert "| edges (pairs): answer perplexity falls from 0 to 7 example pairs | 20.0 -> 10.0 (0.50x) | yes |" in text
     assert "| colorization | 50.0 | 40.0 |" in text and "| edges (pairs) | 20.0 | 10.0 |" in text
     assert "| **total** | **3** |" in text
-    assert "codebook usage 10.0% (~819 of 8192 codes)" in text
+    assert "codebook usage 10.0% (~100 of 1000 codes)" in text
     assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
     assert "Below the unigram perplexity with 15 frames: **no**" in text
     assert "| bikes | 5 | 0.0200 | 0.0100 | 0.0300 | 0.0100 | 50% / 25% | **no** / yes |" in text  # closer than tokens

@@ -212,4 +212,4 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
                 "lvm_config": other.cfg.to_dict()}, tmp_path / "other.ckpt")
     err = _error(base[2:] + ["--model", str(tmp_path / "other.ckpt"), "--train", str(train), "--val", str(val)], capsys)
-    assert err.startswith(f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not match the model's 1024 code ids")
+    assert err.startswith(f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not fit the model's 1024 code ids")

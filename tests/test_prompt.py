@@ -168,12 +168,19 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
                      capsys).startswith(f"error: {tmp_path}: ")
 
 
-def test_tokenizer_codebook_must_match_the_model(tmp_path, tiny_tokenizer_dir, capsys):
+def test_tokenizer_codebook_must_fit_the_model(tmp_path, tiny_tokenizer_dir, capsys):
     small = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=1124, max_seq_len=64))
     torch.save({"state_dict": {f"model.{k}": v for k, v in small.state_dict().items()},
                 "lvm_config": small.cfg.to_dict()}, tmp_path / "small.ckpt")
     frame = write_frames(tmp_path / "seq", ["0.png"])[0]
     err = run_error(["--frames", frame, "--model", tmp_path / "small.ckpt", "--tokenizer", tiny_tokenizer_dir,
                      "--out", tmp_path / "o.png"], capsys)
-    assert err == (f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not match the model's 1024 code ids "
+    assert err == (f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not fit the model's 1024 code ids "
                    "(vocabulary 1124 = codes + 100 reserved)")
+    # A smaller codebook than the model's code ids is fine: it uses the first ids (the miniature's 1000 codes).
+    big = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=9100, max_seq_len=64))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in big.state_dict().items()},
+                "lvm_config": big.cfg.to_dict()}, tmp_path / "big.ckpt")
+    main([str(a) for a in ["--frames", frame, "--model", tmp_path / "big.ckpt", "--tokenizer", tiny_tokenizer_dir,
+                           "--out", tmp_path / "big.png", "--greedy"]])
+    assert (tmp_path / "big.png").is_file()

@@ -132,7 +132,7 @@ def test_evaluate_cli(tiny_tokenizer_dir: Path, tiny_tokenizer, tmp_path: Path, 
     assert result["ssim"] == pytest.approx(sum(ssim) / 5, abs=1e-4)
     _, counts = np.unique(tokens, return_counts=True)  # the hand-made histogram of all 5 x 16 tokens
     probs = counts / counts.sum()
-    assert result["codebook_usage"] == pytest.approx(len(counts) / 8192, rel=1e-6)
+    assert result["codebook_usage"] == pytest.approx(len(counts) / 8192, rel=1e-6) and result["codebook_size"] == 8192
     assert result["perplexity"] == pytest.approx(math.exp(-(probs * np.log(probs)).sum()), rel=1e-5)
     summary = capsys.readouterr().out.strip().splitlines()[-1]
     assert summary == (f"5 images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, codebook usage "

@@ -101,6 +101,7 @@ def evaluate(
         "psnr": psnr_sum / max(images, 1),
         "ssim": ssim_sum / max(images, 1),
         "codebook_usage": usage,
+        "codebook_size": tok.codebook_size,
         "perplexity": perplexity,
         "rfid": float(fid.compute()) if fid is not None and images > 1 else None,
         "skipped": skipped,

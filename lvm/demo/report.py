@@ -19,7 +19,6 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenizer  # noqa: E402
-from common.vocab import CODEBOOK_SIZE  # noqa: E402
 from lvm.checkpoint import load_lvm  # noqa: E402
 from lvm.demo.data import read_frames  # noqa: E402
 from lvm.generate import GREEDY, rollout  # noqa: E402
@@ -226,7 +225,7 @@ def markdown(f: dict) -> str:
         "",
         f"Held-out frames: PSNR {tok.get('psnr', float('nan')):.2f} dB, SSIM {tok.get('ssim', float('nan')):.3f}, "
         f"codebook usage {tok.get('codebook_usage', float('nan')):.1%} "
-        f"(~{round(tok.get('codebook_usage', 0.0) * CODEBOOK_SIZE)} of {CODEBOOK_SIZE} codes).",
+        f"(~{round(tok.get('codebook_usage', 0.0) * tok.get('codebook_size', 0))} of {tok.get('codebook_size')} codes).",
         "",
         "![reconstructions](reconstructions.png)  ",
         "Top: held-out frames and photos. Bottom: decoded from their tokens.",
