@@ -41,9 +41,7 @@ def sentence_specs(seed: int) -> dict[str, dict]:
             # example pairs from crops of one photo (its folder): the answer can be read from the examples. (Pairs
             # of video frames, grouped by clip, read like video that jumps: they made next-frame prediction worse.)
             {"name": "photo-color", "kind": "colorization", "shards": str(tokens / "photos_train"), "group_by": "folder", "epochs": 6},
-            # inpainting at half the others' epochs: its holes are runs of pure black (the release's zeroed pixels), and
-            # with 6 epochs greedy video decoding could write one black code and continue the "hole" (docs/demo.md)
-            {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "group_by": "folder", "epochs": 3},
+            {"name": "photo-inpaint", "kind": "inpainting", "shards": str(tokens / "photos_train"), "group_by": "folder", "epochs": 6},
             {"name": "photo-edges", "kind": "pairs", "shards": str(tokens / "photos_train"),
              "annotations": {"edges": str(tokens / "photos_edges")}, "pairs": 8, "group_by": "folder", "epochs": 6},
         ],
