@@ -9,15 +9,17 @@ Reads sentence shards (docs/FORMATS.md) and reports, as the release does:
   vocabulary: the mean of per-example perplexities and exp(mean NLL), overall and
   by sentence kind;
 - for video sentences, the last frame's perplexity against 0..15 context frames
-  (0: the frame after BOS alone, what the model knows without context);
+  (0: the frame after BOS alone, what the model knows without context), and its NLL
+  per token with 1, 2 and 8 frames split into tokens that keep the previous frame's
+  code and tokens that change (which of them the context helps);
 - for pairs sentences (pairs, colorization, inpainting: [x1, y1, ..., xn, yn]), the
   answer's perplexity against 0..7 example pairs before the query, the paper's
   measure of in-context analogy (table + PNG plot per kind);
 - baselines: the unigram perplexity of the evaluation tokens and, with a tokenizer,
   the pixel MSE of copying the last context frame, beside the model's own greedy
   next-frame MSE/PSNR (both against the tokenizer's decoding of the true tokens).
-The functions are importable (`read_sentences`, `target_nlls`, `perplexity_by_kind`,
-`perplexity_vs_context`, `perplexity_vs_pairs`, `unigram_perplexity`, `pixel_metrics`).
+The functions are importable (`read_sentences`, `target_nlls`, `target_token_nlls`, `perplexity_by_kind`,
+`perplexity_vs_context`, `context_gain_by_token`, `perplexity_vs_pairs`, `unigram_perplexity`, `pixel_metrics`).
 """
 
 from __future__ import annotations
@@ -108,17 +110,17 @@ def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[
 
 
 @torch.inference_mode()
-def target_nlls(
+def target_token_nlls(
     model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False
 ) -> torch.Tensor:
-    """Per-sentence mean NLL [N] (nats) of the last image given the `num_context` images before it
+    """NLL [N, T] (nats) of each token of the last image given the `num_context` images before it
     (default: all that fit the model's context); BOS is prepended when the model uses one."""
     T = sentences[0].images.shape[1]
     fit = context_frames(model, T)
     k = fit if num_context is None else num_context
     frames = [s.images[-1 - min(k, fit, len(s.images) - 1) :] for s in sentences]
     device = model.head.weight.device
-    out = torch.empty(len(sentences), dtype=torch.float64)
+    out = torch.empty(len(sentences), T, dtype=torch.float64)
     bar = tqdm(total=len(sentences), desc="perplexity", unit="sentence", disable=not progress)
     for indices, batch in _batches(frames, batch_size):
         tokens = batch.flatten(1).to(device)
@@ -126,10 +128,17 @@ def target_nlls(
             tokens = torch.cat([torch.full_like(tokens[:, :1], model.cfg.bos_id), tokens], 1)
         logits = model(tokens)[:, -T - 1 : -1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, -T:], reduction="none")
-        out[indices] = nll.mean(1).double().cpu()
+        out[indices] = nll.double().cpu()
         bar.update(len(indices))
     bar.close()
     return out
+
+
+def target_nlls(
+    model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False
+) -> torch.Tensor:
+    """Per-sentence mean NLL [N] (nats) of the last image: `target_token_nlls` averaged over its tokens."""
+    return target_token_nlls(model, sentences, num_context, batch_size, progress).mean(1)
 
 
 def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict:
@@ -166,6 +175,27 @@ def perplexity_vs_context(
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     ks = range(0 if model.cfg.bos_id is not None else 1, K + 1)
     return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None)
+
+
+def context_gain_by_token(
+    model: LVM, sentences: list[Sentence], contexts: tuple[int, ...] = (1, 2, 8), batch_size: int = 8
+) -> dict:
+    """Where the gain from more context frames comes from: the last frame's mean NLL per token (nats) given
+    k frames, split into tokens that keep the previous frame's code at their place and tokens that change.
+    Copying needs one frame; telling a flickering place from a stable one needs a place's history; the
+    changing tokens need the motion seen. (docs/demo.md: on still-camera footage context helps the first
+    two and barely the third.) k is capped at what fits and at the shortest sentence."""
+    K = min(context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
+    stays = torch.stack([s.images[-1] == s.images[-2] for s in sentences])
+
+    def mean(nll: torch.Tensor) -> float | None:
+        return nll.mean().item() if nll.numel() else None
+
+    split = {}
+    for k in sorted({min(k, K) for k in contexts}):
+        nll = target_token_nlls(model, sentences, k, batch_size)
+        split[k] = {"stay": mean(nll[stays]), "change": mean(nll[~stays]), "all": nll.mean().item()}
+    return {"stay_fraction": stays.double().mean().item(), "nll": split}
 
 
 def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict[int, dict]:
@@ -248,6 +278,17 @@ def markdown(report: dict) -> str:
     if report["vs_context"]:
         lines += ["", "## Video: last-frame perplexity against context frames", "", head.format("context frames")]
         lines += [row(str(k), s) for k, s in report["vs_context"].items()]
+    if report.get("context_gain"):
+        gain = report["context_gain"]
+        stay = gain["stay_fraction"]
+
+        def nats(x: float | None) -> str:
+            return "-" if x is None else f"{x:.3f}"
+
+        lines += ["", "## Video: which tokens the context helps (mean NLL per token of the last frame, nats)", "",
+                  f"| context frames | tokens that keep the previous frame's code ({stay:.0%}) "
+                  f"| tokens that change ({1 - stay:.0%}) | all |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {k} | {nats(s['stay'])} | {nats(s['change'])} | {nats(s['all'])} |" for k, s in gain["nll"].items()]
     for kind, curve in report.get("vs_pairs", {}).items():
         lines += ["", f"## {kind}: answer perplexity against example pairs before the query", "",
                   head.format("example pairs")]
@@ -301,6 +342,7 @@ def run(args: argparse.Namespace) -> dict:
         "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
         "unigram": unigram_perplexity(sentences),
         "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True),
+        "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size) if video else None,
         "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True)
                      for kind, found in pairs.items() if found},
     }

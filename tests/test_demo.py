@@ -111,6 +111,8 @@ def test_report_states_verdicts_as_they_come_out():
         "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
         "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}, "pairs": {0: 20.0, 7: 10.0}},
         "unigram": 800.0,
+        "context_gain": {"stay_fraction": 0.85, "nll": {"1": {"stay": 0.44, "change": 3.9, "all": 0.96},
+                                                        "8": {"stay": 0.32, "change": 3.57, "all": 0.81}}},
         "video": [{"clip": "bikes", "places": 5, "mse_prediction": 0.02, "mse_copy_last": 0.01, "mse_copy_last_tokens": 0.03,
                    "mse_tokenizer": 0.01, "tokens_right_prediction": 0.5, "tokens_right_copy": 0.25}],
         "analogies": [{"task": "inpainting", "photo": "chelsea", "mse_prediction": 0.03, "mse_query": 0.05,
@@ -129,6 +131,8 @@ def test_report_states_verdicts_as_they_come_out():
     assert "codebook usage 10.0% (~100 of 1000 codes)" in text
     assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
     assert "Below the unigram perplexity with 15 frames: **no**" in text
+    assert "from 1 to 8 frames: the 85% of tokens that keep the\n  previous frame's code 0.44 -> 0.32" in text
+    assert "the 15% that change 3.90 -> 3.57 (predicting what moves)" in text
     assert "| bikes | 5 | 0.0200 | 0.0100 | 0.0300 | 0.0100 | 50% / 25% | **no** / yes |" in text  # closer than tokens
     assert "| inpainting | chelsea | 0.0300 | 0.0500 | 0.0200 | 0.0100 | yes / **no** |" in text
 

@@ -12,6 +12,7 @@ from PIL import Image
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm.evaluate import (
     Sentence,
+    context_gain_by_token,
     main,
     parse_args,
     perplexity_by_kind,
@@ -62,12 +63,16 @@ def sentences(shards):
 
 
 @torch.no_grad()
-def direct_nll(model: LVM, images: torch.Tensor) -> float:
-    """Mean NLL of the last image given the others, written out by hand."""
+def direct_token_nlls(model: LVM, images: torch.Tensor) -> torch.Tensor:
+    """NLL [T] of each token of the last image given the others, written out by hand."""
     tokens = torch.cat([torch.tensor([BOS_ID]), images.flatten()])[None]
     logp = torch.log_softmax(model(tokens)[0].double(), -1)
     targets = tokens[0, -T:]
-    return -logp[-T - 1 : -1].gather(1, targets[:, None]).mean().item()
+    return -logp[-T - 1 : -1].gather(1, targets[:, None])[:, 0]
+
+
+def direct_nll(model: LVM, images: torch.Tensor) -> float:
+    return direct_token_nlls(model, images).mean().item()
 
 
 def test_reading_skips_and_counts_broken_items(sentences):
@@ -99,6 +104,25 @@ def test_perplexity_vs_context_frames(model, sentences):
         expected = [direct_nll(model, s.images[-1 - k :]) for s in video]
         assert curve[k]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
     assert list(perplexity_vs_context(model, video, max_frames=3)) == [0, 1, 2, 3]
+
+
+def test_context_gain_splits_tokens_by_whether_their_code_stays(model):
+    """NLL per token with k frames, split by whether the last frame keeps the previous frame's code at that place."""
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, CODEBOOK_SIZE, (3, 8, T), generator=g)
+    images[:, -1, : T // 4] = images[:, -2, : T // 4]  # a quarter of the places keep their code
+    video = [Sentence(f"v{i}", "video", im) for i, im in enumerate(images)]
+    gain = context_gain_by_token(model, video, contexts=(1, 4, 99), batch_size=2)
+    stays = images[:, -1] == images[:, -2]
+    assert stays.sum() == 3 * T // 4 and gain["stay_fraction"] == pytest.approx(0.25)
+    assert list(gain["nll"]) == [1, 4, 6]  # 99 frames asked, 6 fit
+    for k in (1, 6):
+        nll = torch.stack([direct_token_nlls(model, im[-1 - k :]) for im in images])
+        assert gain["nll"][k]["stay"] == pytest.approx(nll[stays].mean().item(), rel=1e-5)
+        assert gain["nll"][k]["change"] == pytest.approx(nll[~stays].mean().item(), rel=1e-5)
+        assert gain["nll"][k]["all"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    still = [Sentence("s", "video", torch.cat([images[0, :7], images[0, 6:7]]))]  # the last frame repeats
+    assert context_gain_by_token(model, still)["nll"][1]["change"] is None
 
 
 def test_no_context_row_needs_bos(model, sentences):
@@ -160,6 +184,8 @@ def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir,
     assert "## pairs: answer perplexity against example pairs before the query" in (out / "report.md").read_text()
     assert Image.open(out / "perplexity_vs_pairs_pairs.png").format == "PNG"
     assert "| unigram baseline | 5 |" in (out / "report.md").read_text()
+    assert list(report["context_gain"]["nll"]) == ["1", "2", "6"]  # 8 frames asked, 6 fit
+    assert "## Video: which tokens the context helps" in (out / "report.md").read_text()
     assert "| copy last frame |" in printed and "evaluated 5 sentences: perplexity" in printed
     plot = Image.open(out / "perplexity_vs_context.png")
     assert plot.format == "PNG" and plot.size == (720, 480)

@@ -168,6 +168,7 @@ def write(out: Path, timings: dict[str, float], seed: int) -> Path:
         "vs_pairs": {kind: {int(n): v["mean_perplexity"] for n, v in curve.items()}
                      for kind, curve in evaluation.get("vs_pairs", {}).items()},
         "unigram": evaluation["unigram"]["mean_perplexity"],
+        "context_gain": evaluation["context_gain"],
         "video": video_prediction(model, tok, out / "data" / "video" / "heldout"),
         "analogies": analogies(model, tok, prompts),
     }
@@ -188,6 +189,21 @@ def _pairs_table(vs_pairs: dict[str, dict[int, float]]) -> list[str]:
     return ["| example pairs | " + " | ".join(map(str, ns)) + " |", "| --- | " + " | ".join("---:" for _ in ns) + " |",
             *[f"| {KIND_NAMES.get(kind, kind)} | " + " | ".join(f"{curve[n]:.1f}" if n in curve else "" for n in ns) + " |"
               for kind, curve in vs_pairs.items()]]
+
+
+def _context_gain_lines(gain: dict) -> list[str]:
+    """Which tokens the context helps: those that keep the previous frame's code, or those that change."""
+    nll, stay = {int(k): v for k, v in gain["nll"].items()}, gain["stay_fraction"]
+    k = max(nll)
+
+    def fall(part: str) -> str:  # a part is None when no held-out token falls in it
+        return " -> ".join("-" if nll[n][part] is None else f"{nll[n][part]:.2f}" for n in (1, k))
+
+    return [
+        f"- Mean NLL per token of the last frames (nats) from 1 to {k} frames: the {stay:.0%} of tokens that keep the",
+        f"  previous frame's code {fall('stay')} (copying, and telling a flickering place from a stable one by its",
+        f"  history); the {1 - stay:.0%} that change {fall('change')} (predicting what moves).",
+    ]
 
 
 def verdict(ok: bool) -> str:
@@ -256,6 +272,7 @@ def markdown(f: dict) -> str:
         f"- Falls from 1 to {min(8, k_max)} context frames: {verdict(ctx[min(8, k_max)] < ctx[1])} "
         f"({ctx[1]:.1f} -> {ctx[min(8, k_max)]:.1f}).",
         f"- Below the unigram perplexity with {k_max} frames: {verdict(ctx[k_max] < f['unigram'])}.",
+        *_context_gain_lines(f["context_gain"]),
         "",
         "![perplexity vs context](evaluate/perplexity_vs_context.png)",
         "",
