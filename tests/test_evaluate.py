@@ -161,7 +161,9 @@ def test_pixel_metrics_match_direct_computation(model, sentences, tiny_tokenizer
     copy = tiny_tokenizer.decode(torch.stack([s.images[-2] for s in found])).double() / 255
     copy_mse = (copy - truth).square().flatten(1).mean(1)
     assert result["copy_last_mse"] == pytest.approx(copy_mse.mean().item())
-    assert result["copy_last_psnr"] == pytest.approx((-10 * copy_mse.log10()).mean().item())
+    assert result["copy_last_psnr"] == pytest.approx(-10 * math.log10(copy_mse.mean().item()))  # of the mean MSE
+    held = Sentence("held", "video", torch.cat([found[1].images[:-1], found[1].images[-2:-1]]))  # copying is exact
+    assert math.isfinite(pixel_metrics(model, tiny_tokenizer, [found[0], held])["copy_last_psnr"])
     with torch.no_grad():  # greedy next frame by full recomputation
         seq = torch.cat([torch.full((2, 1), BOS_ID), torch.stack([s.images[:-1].flatten() for s in found])], 1)
         for _ in range(T):
