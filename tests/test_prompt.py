@@ -89,7 +89,7 @@ def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokeni
     true = [np.asarray(Image.open(t).convert("RGB").resize((S, S), Image.BICUBIC), np.float64) / 255 for t in truth]
     mse = np.array([((np.asarray(Image.open(tmp_path / f"roll_c{c}_f{f}.png"), np.float64) / 255 - true[f]) ** 2).mean()
                     for c in range(2) for f in range(3)])
-    assert f"vs ground truth: MSE {mse.mean():.4f}, PSNR {(-10 * np.log10(mse)).mean():.2f} dB (mean over 6)" in printed.out
+    assert f"vs ground truth: MSE {mse.mean():.4f}, PSNR {-10 * np.log10(mse.mean()):.2f} dB (over 6)" in printed.out
     # the context slid past the 6 frames that fit (5 given + 3 generated) without error; candidates differ
     assert Image.open(tmp_path / "roll_c0_f0.png").tobytes() != Image.open(tmp_path / "roll_c1_f0.png").tobytes()
 
