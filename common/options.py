@@ -1,5 +1,5 @@
-"""The command-line conventions every `python -m` command shares: `--device`, `--dtype`, and `--model` /
-`--tokenizer` where they default to the release's weights.
+"""The command-line conventions every `python -m` command shares: `--device` (checked here), count flags
+(`at_least`), `--dtype`, and `--model` / `--tokenizer` where they default to the release's weights.
 
 Other shared flags are named alike by convention (docs/ARCHITECTURE.md): `--sentences`, `--out`. The
 release's hub ids live in `weights` (a layer above this one), so commands pass them in as defaults.
@@ -8,15 +8,55 @@ release's hub ids live in `weights` (a layer above this one), so commands pass t
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse `type` for a count flag: an integer >= `minimum`, so that `--batch-size 0` is a usage
+    error rather than a traceback (or, worse, a silent "no limit") deep inside the command."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # how argparse names the type in its messages
+    return parse
+
+
+def parse_device(text: str) -> str:
+    """An argparse `type` for `--device`: a device torch knows and this machine has, so that a typo or a
+    missing GPU is a usage error here rather than a traceback from the first tensor moved there."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     """`--device`, default `cuda` when CUDA is available, else `cpu`."""
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_rank_device_arg(parser: argparse.ArgumentParser) -> None:
+    """`--device` of the commands that run one process per GPU (torchrun, Slurm): unset, each rank picks
+    its own (`lvm.tokenize.pipeline.pick_device`)."""
+    parser.add_argument("--device", type=parse_device, default=None,
+                        help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
 
 
 def add_dtype_arg(parser: argparse.ArgumentParser, default: str = "bfloat16 on CUDA, else float32") -> None:

@@ -141,9 +141,12 @@ class SampleImages(Callback):
     def sample(self, model: torch.nn.Module, row: torch.Tensor, autocast: Any) -> torch.Tensor | None:
         """Decoded images uint8 [context_images + 2, 3, S, S] for the first sentence of `row` that holds
         BOS + context + one more image, or None if the row has none."""
-        n = self._tokenizer.tokens_per_image
+        n, num_codes = self._tokenizer.tokens_per_image, self._tokenizer.codebook_size
         need = 1 + (self.context_images + 1) * n
-        starts = [int(p) for p in (row == BOS_ID).nonzero().flatten() if p + need <= len(row)]
+        starts = [
+            int(p) for p in (row == BOS_ID).nonzero().flatten()
+            if p + need <= len(row) and bool((row[p + 1 : p + need] < num_codes).all())  # codes of one sentence only
+        ]
         if not starts:
             return None
         sentence = row[starts[0] : starts[0] + need]
@@ -152,7 +155,7 @@ class SampleImages(Callback):
         model.eval()
         try:
             with autocast, Decoder(model, batch_size=1, max_len=need) as decoder:
-                sampled = decoder.generate(prompt, n, self.sampling)
+                sampled = decoder.generate(prompt, n, self.sampling, num_codes=num_codes)
         finally:
             model.train(was_training)
         codes = torch.cat([sentence[1:].view(-1, n)[:-1], sampled, sentence[-n:][None]])

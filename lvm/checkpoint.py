@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 import weights
 from common.errors import UserError
@@ -44,6 +44,16 @@ RELEASED_TOKENIZER = {"name": weights.DEFAULT_TOKENIZER, "digest": None, "tokens
 """What the released LVM-7B (`weights.DEFAULT_MODEL`) was trained on: the released tokenizer, 256 tokens per
 image from 8192 codes. Its digest needs the weights (`tokenizer.load(weights.DEFAULT_TOKENIZER).digest()`);
 until it is filled in, that tokenizer is recognised by its hub id and its shape."""
+
+
+def trained_layout(model: LVM) -> tuple[int, int]:
+    """(tokens per image, codebook size) of the tokenizer `model` records, each the release's (256, 8192)
+    where it records none: what a command without a tokenizer of its own must assume."""
+    info = getattr(model, "tokenizer_info", None) or {}
+    return (
+        info.get("tokens_per_image") or RELEASED_TOKENIZER["tokens_per_image"],
+        info.get("codebook_size") or RELEASED_TOKENIZER["codebook_size"],
+    )
 
 
 def load_lvm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> LVM:
@@ -103,10 +113,13 @@ def _hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(our name, tensor) one at a time, one shard open at a time."""
     for shard in shards:
         if shard.suffix == ".safetensors":
-            with safe_open(shard, framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if (name := _our_name(shard, key)) is not None:
-                        yield name, f.get_tensor(key)
+            try:
+                with safe_open(shard, framework="pt", device="cpu") as f:
+                    for key in f.keys():
+                        if (name := _our_name(shard, key)) is not None:
+                            yield name, f.get_tensor(key)
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(shard, f"corrupt safetensors file ({err})") from None
         else:
             try:
                 state = weights.torch_load(shard, mmap=True)

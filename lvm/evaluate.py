@@ -38,10 +38,10 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
-from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, torch_dtype
+from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
-from lvm.checkpoint import check_tokenizer, load_lvm
+from lvm.checkpoint import check_tokenizer, load_lvm, trained_layout
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
 from lvm.model import LVM
 from sentences import formats
@@ -312,11 +312,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=Path, help="directory for report.json, report.md and the plot")
     add_tokenizer_arg(p, None, f"the released {weights.DEFAULT_TOKENIZER} for the released LVM-7B, else none; "
                                "a tokenizer enables pixel metrics and sets tokens per image")
-    p.add_argument("--tokens-per-image", type=int,
+    p.add_argument("--tokens-per-image", type=at_least(1),
                    help="used when no tokenizer is loaded (default: what the model records, else 256)")
-    p.add_argument("--max-sentences", type=int, help="evaluate the first N readable sentences")
-    p.add_argument("--pixel-sentences", type=int, default=16, help="sentences to generate for pixel metrics")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-sentences", type=at_least(1), help="evaluate the first N readable sentences")
+    p.add_argument("--pixel-sentences", type=at_least(0), default=16, help="sentences to generate for pixel metrics")
+    p.add_argument("--batch-size", type=at_least(1), default=8)
     add_device_arg(p)
     add_dtype_arg(p)
     return p.parse_args(argv)
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> dict:
     tok = tokenizer.load(spec, device=args.device) if spec else None
     if tok:
         check_tokenizer(model, args.model, tok.identity(spec))
-    T = tok.tokens_per_image if tok else args.tokens_per_image or trained.get("tokens_per_image") or 256
+    T = tok.tokens_per_image if tok else args.tokens_per_image or trained_layout(model)[0]
     sentences, skipped = read_sentences(shards, T, args.max_sentences)
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")

@@ -8,11 +8,27 @@ suppresses the special ids, as our sampler does).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from common.errors import exit_on
-from common.options import add_dtype_arg, torch_dtype
-from lvm.checkpoint import load_lvm
+from common.errors import UserError, exit_on
+from common.options import add_dtype_arg, at_least, torch_dtype
+from lvm.checkpoint import load_lvm, trained_layout
 from lvm.hf import save_hf
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # decimal, as huggingface_hub counts them
+
+
+def shard_size(text: str) -> int:
+    """An argparse `type` for `--max-shard-size` ("2GB", "500MB"): bytes. Parsed here, before the model is
+    loaded, because huggingface_hub parses it only while writing and has no public parser to call early."""
+    number, unit = text.strip()[:-2], text.strip()[-2:].upper()
+    try:
+        size = float(number) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 2GB or 500MB (units: KB, MB, GB, TB)") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return int(size)
 
 
 @exit_on
@@ -22,11 +38,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="our Lightning .ckpt (or an HF Llama directory to re-export); --ckpt is the old name")
     parser.add_argument("--to-hf", required=True, metavar="OUT", help="output directory")
     add_dtype_arg(parser, "as stored")
-    parser.add_argument("--tokens-per-image", type=int, default=256, help="max_new_tokens in generation_config.json")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 2GB")
+    parser.add_argument("--tokens-per-image", type=at_least(1),
+                        help="max_new_tokens in generation_config.json (default: what the model records, else 256)")
+    parser.add_argument("--max-shard-size", type=shard_size, default="5GB", help="safetensors shard size, e.g. 2GB")
     args = parser.parse_args(argv)
+    if Path(args.to_hf).exists() and not Path(args.to_hf).is_dir():
+        raise UserError(args.to_hf, "--to-hf exists and is not a folder")
     model = load_lvm(args.model, dtype=torch_dtype(args.dtype, device=None))
-    out = save_hf(model, args.to_hf, tokens_per_image=args.tokens_per_image, max_shard_size=args.max_shard_size)
+    tokens_per_image, codebook_size = trained_layout(model)
+    out = save_hf(model, args.to_hf, tokens_per_image=args.tokens_per_image or tokens_per_image,
+                  max_shard_size=args.max_shard_size, codebook_size=codebook_size)
     print(f"wrote {out} ({model.cfg.num_params() / 1e6:.1f}M parameters, {model.head.weight.dtype})")
 
 

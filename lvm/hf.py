@@ -155,14 +155,15 @@ def config_to_hf(cfg: LVMConfig, dtype: torch.dtype, tokenizer: dict | None = No
     }
 
 
-def generation_config(cfg: LVMConfig, tokens_per_image: int | None) -> dict:
+def generation_config(cfg: LVMConfig, tokens_per_image: int | None, codebook_size: int = CODEBOOK_SIZE) -> dict:
     """generation_config.json carrying our sampling recipe, so `model.generate` behaves like `lvm.prompt`:
-    special ids are suppressed (only codes are sampled) and the defaults are the release's."""
+    every id outside the tokenizer's codebook is suppressed (only its codes are sampled) and the defaults are
+    the release's."""
     out = {
         "bos_token_id": cfg.bos_id,
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
-        "suppress_tokens": list(range(CODEBOOK_SIZE, cfg.vocab_size)),
+        "suppress_tokens": list(range(codebook_size, cfg.vocab_size)),
         "do_sample": True,
         "temperature": 1.0,
         "top_k": 50,
@@ -178,7 +179,8 @@ def save_hf(
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
     tokens_per_image: int | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_size: int | str = "5GB",
+    codebook_size: int = CODEBOOK_SIZE,
 ) -> Path:
     """Write `model` as a LlamaForCausalLM directory (config.json, generation_config.json, safetensors shards)."""
     from huggingface_hub import save_torch_state_dict  # sharding + index file, as `save_pretrained` writes them
@@ -192,6 +194,6 @@ def save_hf(
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, safe_serialization=True)
     config = config_to_hf(model.cfg, dtype, getattr(model, "tokenizer_info", None))
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    gen = generation_config(model.cfg, tokens_per_image)
+    gen = generation_config(model.cfg, tokens_per_image, codebook_size)
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out

@@ -25,7 +25,7 @@ import tokenizer
 import weights
 from common.errors import UserError, exit_on
 from common.files import IMAGE_SUFFIXES, natural_key
-from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, torch_dtype
+from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
 from common.vocab import NUM_RESERVED
 from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm
@@ -142,12 +142,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
     p.add_argument("--out", default=Path("prediction.png"), type=Path,
                    help="output PNG (default: prediction.png here); more images get _p/_c/_f suffixes")
-    p.add_argument("--num-frames", type=int, default=1, help="frames to generate; the context slides over the last 15")
-    p.add_argument("--candidates", type=int, default=1, help="samples per prompt")
+    p.add_argument("--num-frames", type=at_least(1), default=1, help="frames to generate; the context slides over the last 15")
+    p.add_argument("--candidates", type=at_least(1), default=1, help="samples per prompt")
     p.add_argument("--ground-truth", nargs="+", help="true next frames (files, or directories matching --frames)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=50, help="0 disables")
+    p.add_argument("--top-k", type=at_least(0), default=50, help="0 disables")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     add_device_arg(p)
@@ -158,9 +158,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> None:
     option = "--frames" if args.frames else "--pairs"
-    for name in ("num_frames", "candidates"):
-        if getattr(args, name) < 1:
-            raise PromptError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(args, name)}")
     prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
     if args.pairs and len(prompts[0]) % 2 == 0:
         raise PromptError("--pairs", f"needs example pairs then one query image (an odd count), got {len(prompts[0])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import tarfile
 from collections import Counter
 
@@ -94,3 +95,42 @@ def test_tokenizer_evaluate_reports_a_folder_without_images_as_one_line(tmp_path
         evaluate_tokenizer(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: no image files found\n"
+
+
+
+DEVICE_COMMANDS = ["lvm.evaluate", "lvm.prompt", "lvm.probe.__main__", "lvm.annotate.__main__", "lvm.tokenize.__main__",
+                   "tokenizer.evaluate"]
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+@pytest.mark.parametrize(
+    ("device", "problem"),
+    [
+        ("gpu0", "'gpu0' is not a device (cpu, cuda, cuda:N, mps, ...)"),
+        ("cuda:1", "'cuda:1': CUDA is not available on this machine"),
+    ],
+)
+def test_every_device_flag_is_checked_before_any_work(command, device, problem, capsys, monkeypatch) -> None:
+    """A typo or a GPU this machine lacks is a usage error naming --device, whatever the command."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(["--device", device])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument --device: {problem}")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "problem"),
+    [
+        ("--batch-size", "0", "0 is below the minimum of 1"),
+        ("--max-sentences", "0", "0 is below the minimum of 1"),  # once read as "no limit"
+        ("--tokens-per-image", "-16", "-16 is below the minimum of 1"),
+        ("--pixel-sentences", "-1", "-1 is below the minimum of 0"),
+        ("--batch-size", "eight", "'eight' is not an integer"),
+    ],
+)
+def test_count_flags_below_their_minimum_are_usage_errors(flag, value, problem, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module("lvm.evaluate").main([flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {problem}")

@@ -124,6 +124,17 @@ def test_tied_head_round_trips_through_checkpoint_and_transformers(tmp_path):
         torch.testing.assert_close(hf_model(tmp_path / "hf")(tokens).logits, tied(tokens), atol=1e-5, rtol=1e-4)
 
 
+def test_export_takes_the_recorded_tokenizers_layout(ours, tmp_path):
+    """A model trained on 64 tokens per image from 1000 codes: HF `generate` writes one image and samples only codes."""
+    state = {f"model.{k}": v for k, v in ours.state_dict().items()}
+    small = {"name": "small", "digest": "0" * 64, "tokens_per_image": 64, "codebook_size": 1000}
+    torch.save({"state_dict": state, "lvm_config": ours.cfg.to_dict(), "tokenizer": small}, tmp_path / "small.ckpt")
+    export_main(["--model", str(tmp_path / "small.ckpt"), "--to-hf", str(tmp_path / "hf")])
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["max_new_tokens"] == 64
+    assert gen["suppress_tokens"] == list(range(1000, VOCAB_SIZE))
+
+
 def test_export_in_bfloat16_keeps_dtype(ours, exported, tmp_path):
     save_hf(load_lvm(exported, dtype=torch.bfloat16), tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
@@ -169,6 +180,9 @@ def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
     (tmp_path / "hf" / "config.json").write_text(json.dumps(BASE))
     with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         load_lvm(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match=r"hf/model\.safetensors: corrupt safetensors file \(.*header too small"):
+        load_lvm(tmp_path / "hf")
     state = {f"model.{k}": v for k, v in ours.state_dict().items() if k != "norm.weight"}
     torch.save({"state_dict": state, "lvm_config": ours.cfg.to_dict()}, tmp_path / "partial.ckpt")
     with pytest.raises(CheckpointError, match="partial.ckpt: missing weights: norm.weight"):
@@ -180,3 +194,13 @@ def test_export_cli_error_is_one_line(tmp_path, capsys):
         export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'x.ckpt'}: no such file or directory\n"
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "afile")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'afile'}: --to-hf exists and is not a folder\n"
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o"), "--max-shard-size", "5XB"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --max-shard-size: '5XB' is not a size such as 2GB or 500MB (units: KB, MB, GB, TB)")

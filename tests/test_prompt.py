@@ -158,8 +158,10 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
     assert run_error(["--frames", *frames, *common], capsys) == (
         "error: --frames: 7 frames given, but at most 6 fit as context "
         "(model context 128 tokens, 16 tokens per image, one frame left to generate)")
-    assert run_error(["--frames", frames[0], "--num-frames", 0, *common], capsys) == (
-        "error: --num-frames: must be at least 1, got 0")
+    with pytest.raises(SystemExit) as exit_info:  # a count below its minimum: argparse's usage error
+        main([str(a) for a in ["--frames", frames[0], "--num-frames", 0, *common]])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith("error: argument --num-frames: 0 is below the minimum of 1")
     assert run_error(["--pairs", *frames[:4], *common], capsys) == (
         "error: --pairs: needs example pairs then one query image (an odd count), got 4")
     assert run_error(["--frames", frames[0], "--model", tmp_path / "x.ckpt", *common[2:]], capsys) == (

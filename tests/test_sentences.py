@@ -454,6 +454,10 @@ BAD_SPECS = [
     ),
     ({"seed": 1, "source": []}, "source: unknown field"),
     (
+        {"tokens": 1000, "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "strides": [50], "weight": 1}]},
+        "source 'a' makes no sentences (3 groups too short for 2 frames at stride 50), so no number of passes gives it tokens",
+    ),
+    (
         {"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
         "sources[0] (colorization): sentences of 16 images x 16 tokens exceed the window of 64 tokens "
         "(at most 4 images fit)",

@@ -30,7 +30,7 @@ from lvm.tokenize.decode import DecodeOptions, read_batches
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
-from lvm.tokenize.writer import ShardWriter
+from lvm.tokenize.writer import ShardWriter, shard_state
 from tokenizer.preprocess import resize_square, to_rgb_float, to_value_range
 
 RNG = np.random.default_rng(0)
@@ -442,6 +442,40 @@ def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_d
     assert "in 3 shards (0 already complete)" in captured.out
     for shard in ("00000", "00001", "00002"):
         assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
+
+
+def test_a_rerun_killed_between_report_and_rename_redoes_the_shard(tmp_path, monkeypatch):
+    """A shard made with other settings, its rerun killed after the new report: the old tar must not pass for done."""
+    tokens = {"original": np.zeros(4, np.uint16)}
+    first = ShardWriter(tmp_path, "u0", ["a.png"], "old settings")
+    first.add("a", b"{}", tokens)
+    first.commit()
+
+    def killed_after_the_report(self, path, fields):
+        original_write_report(self, path, fields)
+        raise KeyboardInterrupt("killed")
+
+    original_write_report = ShardWriter.write_report
+    monkeypatch.setattr(ShardWriter, "write_report", killed_after_the_report)
+    rerun = ShardWriter(tmp_path, "u0", ["a.png"], "new settings")
+    rerun.add("a", b"{}", {"original": np.ones(4, np.uint16)})
+    with pytest.raises(KeyboardInterrupt):
+        rerun.commit()
+    assert shard_state(tmp_path, "u0", "new settings") == "missing"
+
+
+def test_shards_left_by_a_finer_split_of_the_same_folder_are_refused(inputs, tiny_tokenizer_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, inputs / "photos", extra=("--images-per-shard", "2")) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == [f"photos-img-00000{n}.tar" for n in range(3)]
+    capsys.readouterr()
+    assert _run(tiny_tokenizer_dir, out, inputs / "photos", extra=("--images-per-shard", "3")) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out / 'photos-img-000002.tar'}: left by an earlier run that cut the same inputs into more shards "
+        "(1 such); the sentence builder would read their images twice: remove them or choose another --out"
+    )
+    (out / "photos-img-000002.tar").unlink()
+    assert _run(tiny_tokenizer_dir, out, inputs / "photos", extra=("--images-per-shard", "3")) == 0
 
 
 def test_a_tokenizer_with_other_weights_redoes_complete_shards(inputs, tiny_tokenizer, tmp_path, capsys):

@@ -21,7 +21,7 @@ import torch
 import torchvision
 from lightning.pytorch.cli import LightningCLI
 
-from common.vocab import BOS_ID, CODEBOOK_SIZE
+from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import cli as lvm_cli
 from lvm import train
 from lvm.callbacks import AtomicCheckpointIO, SampleImages
@@ -397,6 +397,19 @@ def test_sample_images_decodes_a_continuation(tiny_tokenizer, shards):
     sentence = _first_sentence(batch["input_ids"][0], 1 + 2 * 16)  # BOS, context image, true next image
     expected = torch.stack([sentence[1:17], _greedy(model.eval(), sentence[:17], 16), sentence[17:]])
     assert torch.equal(images, tiny_tokenizer.decode(expected))  # context | sampled | true
+
+
+def test_sample_images_skips_sentences_too_short_for_the_window(tiny_tokenizer):
+    """One-image sentences come first: the window must not run through their EOS into the next sentence."""
+    callback = SampleImages(tokenizer="unused", every_n_steps=1, context_images=1, temperature=0.0, top_k=None)
+    callback._tokenizer = tiny_tokenizer
+    a, b, c = (torch.randint(0, tiny_tokenizer.codebook_size, (16,)) for _ in range(3))
+    bos, eos = torch.tensor([BOS_ID]), torch.tensor([EOS_ID])
+    row = torch.cat([bos, a, eos, bos, a, eos, bos, b, c, eos])
+    torch.manual_seed(0)
+    images = callback.sample(LVM(LVMConfig(**MINI)), row, torch.autocast("cpu", enabled=False))
+    context, true = tiny_tokenizer.decode(torch.stack([b, c]))
+    assert torch.equal(images[0], context) and torch.equal(images[2], true)
 
 
 def test_sample_images_writes_a_png_during_training(tiny_tokenizer_dir, tiny_tokenizer, shards, tmp_path):

@@ -29,7 +29,7 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
-from common.options import add_device_arg, add_tokenizer_arg
+from common.options import add_device_arg, add_tokenizer_arg, at_least
 from tokenizer.data import image_files
 from tokenizer.preprocess import from_value_range
 from tokenizer.quantizer import codebook_stats
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     add_tokenizer_arg(parser, weights.DEFAULT_TOKENIZER)
     parser.add_argument("--config", default=None, help="yaml of a taming .ckpt when not beside it")
     parser.add_argument("--images", required=True, type=Path, help="folder of held-out images (searched recursively)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images (sorted by path)")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--num-workers", type=at_least(0), default=2)
+    parser.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N images (sorted by path)")
     add_device_arg(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.options import at_least
+
 
 def synthetic_image(size: int, rng: np.random.Generator) -> Image.Image:
     """A smooth two-colour gradient with a few random ellipses and rectangles on it."""
@@ -46,9 +48,9 @@ def write_images(out_dir: str | Path, count: int, size: int = 64, seed: int = 0)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="output folder (train/ and val/ are created inside)")
-    parser.add_argument("--train", type=int, default=64, help="number of training images")
-    parser.add_argument("--val", type=int, default=16, help="number of validation images")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--train", type=at_least(1), default=64, help="number of training images")
+    parser.add_argument("--val", type=at_least(1), default=16, help="number of validation images")
+    parser.add_argument("--size", type=at_least(1), default=64, help="image side in pixels")
     args = parser.parse_args(argv)
     write_images(args.out / "train", args.train, args.size, seed=0)
     write_images(args.out / "val", args.val, args.size, seed=1)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from common.errors import exit_on
+from common.options import add_rank_device_arg, at_least
 from lvm.annotate import TASKS
 from lvm.annotate.pipeline import Job, run
 from lvm.tokenize.pipeline import ranks_from_env
@@ -42,15 +43,15 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--normals-model", help="transformers normal-estimation model; without it normals come from depth")
     p.add_argument("--seg-model", help="transformers segmentation model (local folder or hub id), "
                                        "e.g. facebook/mask2former-swin-large-ade-semantic")
-    p.add_argument("--max-size", type=int, default=512,
+    p.add_argument("--max-size", type=at_least(1), default=512,
                    help="longer side of the annotations: larger images are shrunk first (0: keep their size)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=at_least(1), default=16, help="images per model call")
+    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank (decoding, edges, model preprocessing)")
-    p.add_argument("--images-per-shard", type=int, default=1000, help="images of a folder per unit (one report each)")
-    p.add_argument("--max-shards", type=int, default=None,
+    p.add_argument("--images-per-shard", type=at_least(1), default=1000, help="images of a folder per unit (one report each)")
+    p.add_argument("--max-shards", type=at_least(1), default=None,
                    help="stop after this many units (per rank); rerunning the command continues")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    add_rank_device_arg(p)
     a = p.parse_args(argv)
     return Job(
         images=a.images, out=a.out, tasks=a.tasks, depth_model=a.depth_model, normals_model=a.normals_model,

@@ -22,7 +22,7 @@ import torch
 import tokenizer
 import weights
 from common.errors import exit_on
-from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, torch_dtype
+from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
 from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.probe import ProbeError, data, features, heads, report
 from lvm.probe.cache import Cache, module_fingerprint
@@ -41,9 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="depths to probe: fractions of the layer count (with a decimal point) or block counts "
                         "(integers; 0 = token embeddings)")
     p.add_argument("--label-field", default="label", help="json field of a tar sample that holds its class")
-    p.add_argument("--batch-size", type=int, default=64, help="images per tokenizer and LVM forward call")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
-    p.add_argument("--epochs", type=int, default=heads.Training.epochs, help="most epochs per probe (early stopping)")
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per tokenizer and LVM forward call")
+    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--epochs", type=at_least(1), default=heads.Training.epochs, help="most epochs per probe (early stopping)")
     p.add_argument("--lr", type=float, default=heads.Training.lr, help="AdamW learning rate of the probes")
     p.add_argument("--seed", type=int, default=0, help="seed of the holdout split, probe initialisation and order")
     add_device_arg(p)
@@ -57,8 +57,8 @@ def _log(message: str) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Tokenize, extract features, train and score the probes, write the report; returns it."""
-    if args.batch_size < 1 or args.workers < 0 or args.epochs < 1 or args.lr <= 0:
-        raise ProbeError("options", "--batch-size and --epochs must be at least 1, --workers at least 0, --lr > 0")
+    if args.lr <= 0:
+        raise ProbeError("--lr", f"must be positive, got {args.lr}")
     if args.out.exists() and not args.out.is_dir():
         raise ProbeError(args.out, "--out exists and is not a folder")
     settings = heads.Training(epochs=args.epochs, lr=args.lr, seed=args.seed)

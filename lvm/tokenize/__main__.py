@@ -16,7 +16,7 @@ from pathlib import Path
 
 import weights
 from common.errors import exit_on
-from common.options import add_tokenizer_arg
+from common.options import add_rank_device_arg, add_tokenizer_arg, at_least
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
 
@@ -38,10 +38,10 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--out", type=Path, help="output folder of token shards (created; default: tokens/<name of the "
                                             "first source>)")
     add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (derived variants ride along)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--batch-size", type=at_least(1), default=64, help="images per encoder call (derived variants ride along)")
+    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
                    help="DataLoader worker processes per rank; each reads whole shards (default: min(8, cores))")
-    p.add_argument("--video-stride", type=int, default=1, help="keep frames 0, k, 2k, ... of every video")
+    p.add_argument("--video-stride", type=at_least(1), default=1, help="keep frames 0, k, 2k, ... of every video")
     p.add_argument("--frame-folders", action="store_true",
                    help="every image folder is a sequence of frames (seq/<name>/*.png): record the folder as `video` "
                         "and the position in natural file-name order as `frame`, for video and sequence sentences")
@@ -54,11 +54,11 @@ def parse_args(argv: list[str] | None = None) -> Job:
                    help="decode JPEGs of at least twice the tokenizer's input size at 1/2, 1/4 or 1/8 scale "
                         "(libjpeg DCT scaling): several times faster on large images, slightly different pixels")
     p.add_argument("--seed", type=int, default=0, help="seed of the inpainting masks (each drawn from seed + key)")
-    p.add_argument("--images-per-shard", type=int, default=1000, help="images of a folder per output shard")
-    p.add_argument("--videos-per-shard", type=int, default=8, help="video files per output shard")
-    p.add_argument("--max-shards", type=int, default=None,
+    p.add_argument("--images-per-shard", type=at_least(1), default=1000, help="images of a folder per output shard")
+    p.add_argument("--videos-per-shard", type=at_least(1), default=8, help="video files per output shard")
+    p.add_argument("--max-shards", type=at_least(1), default=None,
                    help="stop after this many shards (per rank); rerunning the command continues")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+    add_rank_device_arg(p)
     a = p.parse_args(argv)
     options = Options(derive=a.derive, video_stride=a.video_stride, label_palette=a.label_palette, seed=a.seed,
                       jpeg_draft=a.jpeg_draft)

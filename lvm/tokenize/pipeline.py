@@ -29,7 +29,7 @@ from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary
-from lvm.tokenize.sources import Unit, default_out, find_units
+from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
 from lvm.tokenize.writer import ShardWriter, shard_state
 from sentences.formats import ORIGINAL
 from tokenizer.preprocess import resize_square, to_value_range
@@ -242,6 +242,13 @@ def run(job: Job) -> Summary:
     units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard, job.frame_folders)
     if missing:
         _log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
+    leftovers = leftover_shards(job.out, units)
+    if leftovers:
+        raise TokenizeError(
+            leftovers[0],
+            f"left by an earlier run that cut the same inputs into more shards ({len(leftovers)} such); "
+            "the sentence builder would read their images twice: remove them or choose another --out",
+        )
     tok = _load_tokenizer(job.tokenizer, pick_device(job.device, local_rank))
     todo = plan(job, units, tok, rank, world, prefix)
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:

@@ -122,6 +122,26 @@ def _group(root: str, items: list[Item], kind: str, per_shard: int) -> list[Unit
     ]
 
 
+_NUMBERED = re.compile(r"(.+-(?:img|vid))-\d{6}")
+
+
+def leftover_shards(out: Path, units: list[Unit]) -> list[Path]:
+    """Shards in `out` numbered like this run's image and video units but not among them.
+
+    An earlier run that cut the same root into more units (a smaller `--images-per-shard`, or files since
+    removed) leaves them behind; the sentence builder reads every `.tar` of a folder, so their images
+    would be read twice.
+    """
+    names = {u.name for u in units}
+    families = {m.group(1) for name in names if (m := _NUMBERED.fullmatch(name))}
+    return sorted(
+        tar
+        for family in families
+        for tar in out.glob(f"{glob.escape(family)}-{'[0-9]' * 6}{TAR_SUFFIX}")
+        if tar.name[: -len(TAR_SUFFIX)] not in names
+    )
+
+
 def number_frames(items: list[Item]) -> list[Item]:
     """The images with their frame index: their position among their folder's images in natural name order."""
     folders: dict[str, list[Item]] = defaultdict(list)

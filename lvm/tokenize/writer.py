@@ -1,8 +1,8 @@
 """One output token shard: written under a temporary name, made visible by one atomic rename.
 
 Completion protocol (what makes kill -9 safe): samples stream into `<name>.tar.tmp`; on commit
-the report `<name>.report.json` is written (temporary name, rename), then the tar is renamed to
-`<name>.tar`. A shard is complete exactly when `<name>.tar` exists and its report carries the
+an earlier run's `<name>.tar` is removed, the report `<name>.report.json` is written (temporary name,
+rename), then the tar is renamed to `<name>.tar`. A shard is complete exactly when `<name>.tar` exists and its report carries the
 fingerprint of the current inputs and settings; anything else (a leftover `.tmp`, a report
 without its tar, a shard made with other settings) is redone from scratch by the next run.
 Readers that glob `*.tar` therefore never see a partial shard.
@@ -101,7 +101,11 @@ class ShardWriter(UnitReport):
         self.images += 1
 
     def commit(self) -> None:
-        """Write the report, then rename the tar into place (the completion point)."""
+        """Remove an earlier run's tar, write the report, then rename the tar into place (the completion point).
+
+        The old tar goes first: a kill between the report and the rename must not leave it beside a report
+        that carries the new fingerprint, which would pass it for done.
+        """
         fields = {
             "shard": self.tar_path.name,
             "inputs": self.inputs,
@@ -110,5 +114,6 @@ class ShardWriter(UnitReport):
             "images": self.images,
             "tokens": self.tokens,
         }
+        self.tar_path.unlink(missing_ok=True)
         self.write_report(self.report_path, fields)
         self._commit.close()
