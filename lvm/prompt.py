@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 import tokenizer
@@ -31,6 +31,7 @@ from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
+from tokenizer.preprocess import to_rgb_float
 
 CHUNK = 16  # images per tokenizer call
 
@@ -59,11 +60,14 @@ def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path
 
 
 def read_image(path: Path) -> Image.Image:
+    """An image file as 8-bit RGB, seen as `lvm.tokenize` sees it: turned as its EXIF orientation says, 16-bit
+    scaled (not clipped), alpha composited over white (the tokenizer's own `to_rgb_float`)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            pixels = to_rgb_float(ImageOps.exif_transpose(image))
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise PromptError(path, f"not a readable image ({e})") from e
+    return to_pil_image((pixels * 255).round().to(torch.uint8))
 
 
 def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str | Path) -> None:

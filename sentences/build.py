@@ -30,7 +30,7 @@ from common.errors import exit_on
 from common.files import atomic_write
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
-from sentences.formats import ORIGINAL, SENTENCE_SHARD, SentenceIndex, one_tokenizer, tar_writer
+from sentences.formats import ORIGINAL, SENTENCE_SHARD, SentenceIndex, one_tokenizer, tar_writer, token_report
 from sentences.kinds import KINDS, Builder, Sentence
 from sentences.spec import MixSpec, SourceSpec, load_spec
 from sentences.tokens import TokenSet, check_same_length, load_token_set
@@ -152,10 +152,23 @@ def assemble(item: Planned) -> tuple[np.ndarray, dict]:
 
 
 def _fingerprint(spec: MixSpec) -> str:
-    """Hash of the spec and the input shards (paths and sizes): what decides the output bytes."""
+    """Hash of the spec and the input shards: what decides the output bytes.
+
+    An input counts by its path, its size and the fingerprint its `lvm.tokenize` report records (None for
+    shards other tools made): re-tokenizing with another tokenizer keeps every size and changes every report.
+    """
     inputs = sorted({p for s in spec.sources for p in [*s.shards, *(q for v in s.annotations.values() for q in v)]})
-    payload = json.dumps({"spec": spec.to_json(), "inputs": [(p, os.path.getsize(p)) for p in inputs]})
+    payload = json.dumps({"spec": spec.to_json(), "inputs": [(p, os.path.getsize(p), _made_with(p)) for p in inputs]})
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _made_with(shard: str) -> str | None:
+    """The fingerprint in a token shard's report, or None without a readable one."""
+    try:
+        report = json.loads(token_report(shard).read_text())
+    except (OSError, ValueError):
+        return None
+    return report.get("fingerprint") if isinstance(report, dict) else None
 
 
 def _prepare_out(spec: MixSpec, out: Path) -> None:

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from common.files import natural_key
 from sentences.errors import SentenceError
 from sentences.formats import ORIGINAL
 from sentences.tokens import TokenSet
@@ -107,7 +108,8 @@ class Video(Builder):
             if group_by not in meta or order_by not in meta:
                 notes[f"images without '{group_by}' and '{order_by}' in their json"] += 1
                 continue
-            groups[str(meta[group_by])].append((meta[order_by], row))
+            order = meta[order_by]  # names in natural order: frame2 before frame10
+            groups[str(meta[group_by])].append((natural_key(order) if isinstance(order, str) else order, row))
         try:
             self.groups = [np.array([row for _, row in sorted(members)]) for members in groups.values()]
         except TypeError as exn:

@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 
 from lvm.annotate.__main__ import main
+from lvm.annotate.pipeline import _needs
 from lvm.annotate.render import RELIEF, encode_normals, normals_from_depth, normals_from_nearness
 from lvm.palette import label_palette
 from lvm.tokenize.__main__ import main as tokenize
@@ -348,3 +349,12 @@ def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer
         expected = np.concatenate([frames[(m["video"], m["frame"])] for m in metas])
         assert np.array_equal(tokens[1:-1], expected)
     assert strides == {1, 2, 3, 4}  # one random stride per clip, the release's range [1, 4]
+
+
+def test_the_depth_model_runs_for_normals_only_without_a_normals_model():
+    """A unit that lacks only normals, with a normals model loaded, must not pay for a depth pass."""
+    lacking_normals = {"normals": "settings"}
+    assert not _needs("depth", lacking_normals, ["depth", "normals"])
+    assert _needs("depth", lacking_normals, ["depth"])  # normals from depth
+    assert _needs("depth", {"depth": "settings"}, ["depth", "normals"])
+    assert _needs("normals", lacking_normals, ["depth", "normals"])

@@ -13,7 +13,7 @@ from common.files import natural_key
 from lvm.generate import GREEDY, rollout
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
-from lvm.prompt import main
+from lvm.prompt import main, read_image
 
 S = 64
 
@@ -186,3 +186,23 @@ def test_tokenizer_codebook_must_fit_the_model(tmp_path, tiny_tokenizer_dir, cap
     main([str(a) for a in ["--frames", frame, "--model", tmp_path / "big.ckpt", "--tokenizer", tiny_tokenizer_dir,
                            "--out", tmp_path / "big.png", "--greedy"]])
     assert (tmp_path / "big.png").is_file()
+
+
+def test_prompt_images_are_read_as_tokenize_reads_them(tmp_path):
+    """16-bit maps keep their values, transparency becomes white, EXIF orientation is applied."""
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))  # a depth map as lvm.annotate writes it
+    Image.fromarray(ramp).save(tmp_path / "depth.png")
+    gray = np.asarray(read_image(tmp_path / "depth.png"))[..., 0].astype(float)
+    np.testing.assert_allclose(gray[0], np.linspace(0, 255, 64), atol=0.51)
+
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    pixels = np.asarray(read_image(tmp_path / "alpha.png"))
+    assert (pixels[:2] == [200, 0, 0]).all() and (pixels[2:] == 255).all()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    Image.new("RGB", (40, 20), (10, 120, 30)).save(tmp_path / "turned.jpg", exif=exif)
+    assert read_image(tmp_path / "turned.jpg").size == (20, 40)

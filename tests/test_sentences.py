@@ -261,6 +261,19 @@ def test_multiview_groups_by_folder_in_path_order(tmp_path: Path, tokens: Path) 
         assert [m["meta"]["path"] for m in info["images"]] == sorted(m["meta"]["path"] for m in info["images"])
 
 
+def test_multiview_orders_paths_naturally(tmp_path: Path) -> None:
+    """frame2 before frame10, as the files are listed in any file browser."""
+    views = [(f"v{n}", f"teddy/frame{n}.jpg") for n in (10, 1, 2)]
+    write_tokens(
+        tmp_path / "tok" / "0.tar",
+        [{"__key__": key, "tokens.npy": codes(n * N), "json": {"folder": "teddy", "path": path}}
+         for n, (key, path) in enumerate(views)],
+    )
+    _, sentences = run_build(tmp_path, [{"name": "mv", "kind": "multiview", "shards": str(tmp_path / "tok"), "frames": 3}])
+    ((_, _, info),) = sentences
+    assert [m["meta"]["path"] for m in info["images"]] == ["teddy/frame1.jpg", "teddy/frame2.jpg", "teddy/frame10.jpg"]
+
+
 def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path: Path, tiny_tokenizer) -> None:
     """Token shards made as the tokenize step makes them (lvm.tokenize.derive on pixels, then the tokenizer):
     each slot must hold the tokens of the intended picture: gray, masked or the original, of the right key."""
@@ -507,5 +520,17 @@ def test_another_spec_cannot_reuse_an_output_folder(tmp_path: Path, tokens: Path
     (tmp_path / "mix.yaml").write_text(
         yaml.safe_dump({"seed": 4, "sources": [{"name": "one", "kind": "single", "shards": str(tokens / "images")}]})
     )
+    with pytest.raises(SentenceError, match="holds a build of another spec or other inputs"):
+        build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
+
+
+def test_shards_retokenized_at_the_same_size_are_other_inputs(tmp_path: Path, tokens: Path) -> None:
+    """Another tokenizer keeps every shard's size; its report's fingerprint is what tells the inputs apart."""
+    shards = tmp_path / "tok"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes((tokens / "images" / "a.tar").read_bytes())
+    (shards / "a.report.json").write_text(json.dumps({"fingerprint": "tokenizer one"}))
+    run_build(tmp_path, [{"name": "one", "kind": "single", "shards": str(shards)}])
+    (shards / "a.report.json").write_text(json.dumps({"fingerprint": "tokenizer two"}))
     with pytest.raises(SentenceError, match="holds a build of another spec or other inputs"):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,8 @@ from tokenizer.data import ImageDataModule, ImageFolder, make_transform
 from tokenizer.synthetic import write_images
 from tokenizer.training import VQGANTraining, ema_with_warmup
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "vqgan_tiny.yaml"
 
 
 def _l1(model: tokenizer.VQTokenizer, images: torch.Tensor) -> float:
@@ -60,6 +64,37 @@ def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path) -> 
     assert trained_l1 < 0.6 * untrained_l1, (trained_l1, untrained_l1)
     tokens = trained.encode(list(images.mul(255).round().to(torch.uint8)))
     assert tokens.shape == (4, 16) and trained.decode(tokens).shape == (4, 3, 64, 64)
+
+
+class SaveCodebook(Callback):
+    """Each rank saves its codebook when training ends (rank{N}.pt in `out`)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save(pl_module.tokenizer.quantize.embedding.weight.detach().cpu(), self.out / f"rank{trainer.global_rank}.pt")
+
+
+def test_dead_code_restarts_keep_the_ddp_replicas_codebooks_equal(tmp_path: Path) -> None:
+    """Two CPU processes see different batches; the codes they restart must still be the same on both."""
+    write_images(tmp_path / "train", 8, size=64, seed=0)
+    write_images(tmp_path / "val", 2, size=64, seed=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    command = [
+        sys.executable, "-m", "lvm.cli", "fit", "-c", str(CONFIG),
+        f"--data.init_args.train={tmp_path / 'train'}", f"--data.init_args.val={tmp_path / 'val'}",
+        "--data.init_args.batch_size=2", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.devices=2",
+        "--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.num_sanity_val_steps=0",
+        f"--trainer.default_root_dir={tmp_path / 'run'}", "--model.init_args.restart_dead_codes=true",
+        "--trainer.callbacks+=test_tokenizer_training.SaveCodebook", f"--trainer.callbacks.out={tmp_path / 'books'}",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
+    assert any(float(row.get("train/restarted_codes") or 0) > 0 for row in rows), "no code was restarted"
+    assert torch.equal(torch.load(tmp_path / "books" / "rank0.pt"), torch.load(tmp_path / "books" / "rank1.pt"))
 
 
 class _FirstBatch(Callback):

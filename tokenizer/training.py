@@ -168,9 +168,16 @@ class VQGANTraining(LightningModule):
         counts = torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
         logs["codebook_usage"], logs["perplexity"] = codebook_stats(counts)
         if self.restart_dead_codes:
-            self._code_usage.mul_(USAGE_DECAY).add_(counts.float(), alpha=1 - USAGE_DECAY)
+            # Every rank must restart the same codes onto the same vectors, or the DDP replicas' codebooks drift
+            # apart: usage counts the mean over ranks, and rank 0's restarted codebook becomes every rank's.
+            step_counts = self.trainer.strategy.reduce(counts.float(), reduce_op="mean")
+            self._code_usage.mul_(USAGE_DECAY).add_(step_counts, alpha=1 - USAGE_DECAY)
             dead = self._code_usage < DEAD_CODE_USAGE
-            logs["restarted_codes"] = float(self.tokenizer.quantize.restart(dead, quantized.latents))
+            restarted = self.tokenizer.quantize.restart(dead, quantized.latents)
+            if restarted:
+                codebook = self.tokenizer.quantize.embedding.weight.data
+                codebook.copy_(self.trainer.strategy.broadcast(codebook, src=0))
+            logs["restarted_codes"] = float(restarted)
             self._code_usage[dead] = 10 * DEAD_CODE_USAGE  # ~230 steps to be picked before judged again
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])  # generator + discriminator

@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--normals-model", help="transformers normal-estimation model; without it normals come from depth")
     p.add_argument("--seg-model", help="transformers segmentation model (local folder or hub id), "
                                        "e.g. facebook/mask2former-swin-large-ade-semantic")
-    p.add_argument("--max-size", type=at_least(1), default=512,
+    p.add_argument("--max-size", type=at_least(0), default=512,
                    help="longer side of the annotations: larger images are shrunk first (0: keep their size)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="images per model call")
     p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -136,7 +137,7 @@ class UnitBatches(IterableDataset):
     def __iter__(self):
         for index in worker_share(len(self.works)):
             work = self.works[index]
-            roles = [role for role in self.processors if _needs(role, work.tasks)]
+            roles = [role for role in self.processors if _needs(role, work.tasks, self.processors)]
             for rows, skips, last in read_batches(work.unit, self.decode, self.batch_size, self._prepare):
                 yield self._batch(index, roles, rows, skips, last)
 
@@ -161,10 +162,11 @@ def _square(rgb: np.ndarray) -> np.ndarray:
     return square[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def _needs(role: str, tasks: dict[str, str]) -> bool:
-    """Whether a unit lacking `tasks` needs the model of `role` (depth also feeds normals without a normals model)."""
+def _needs(role: str, tasks: dict[str, str], loaded: Iterable[str]) -> bool:
+    """Whether a unit lacking `tasks` needs the model of `role`, of the `loaded` roles (depth also feeds normals
+    when no normals model is loaded)."""
     if role == "depth":
-        return "depth" in tasks or "normals" in tasks
+        return "depth" in tasks or ("normals" in tasks and "normals" not in loaded)
     return role in tasks
 
 
