@@ -38,8 +38,8 @@ def write_synthetic(folder: Path, tokens: int, per_shard: int = 1000, seed: int 
         lengths = rng.choice([1, 2, 6, 8, 16], size=per_shard) * TOKENS_PER_IMAGE + 2
         with tar_writer(path) as tar:
             for i, n in enumerate(lengths):
-                tokens = np.concatenate([[BOS_ID], rng.integers(0, 8192, n - 2), [EOS_ID]]).astype(np.uint16)
-                tar.write({"__key__": f"s{k:06d}{i:04d}", "tokens.npy": tokens, "json": {"kind": "synthetic"}})
+                sentence = np.concatenate([[BOS_ID], rng.integers(0, 8192, n - 2), [EOS_ID]]).astype(np.uint16)
+                tar.write({"__key__": f"s{k:06d}{i:04d}", "tokens.npy": sentence, "json": {"kind": "synthetic"}})
         shards[path.name] = {"sentences": per_shard, "tokens": int(lengths.sum()), "bytes": path.stat().st_size}
         written += int(lengths.sum())
         k += 1

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from peaks import dense_bf16_peak  # benchmarks/peaks.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
 from tokenizer import VQGANConfig, VQTokenizer
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
-DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0}  # datasheet, no sparsity
 
 
 def flops_per_image(tok: VQTokenizer) -> float:
@@ -38,13 +38,6 @@ def flops_per_image(tok: VQTokenizer) -> float:
     with counter:
         tok.encode_pixels(x)
     return float(counter.get_total_flops())
-
-
-def default_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((tflops for key, tflops in DENSE_BF16_TFLOPS.items() if key in name), None)
 
 
 def time_encode(tok: VQTokenizer, batch: int, iters: int, warmup: int, autocast: bool) -> float:
@@ -89,7 +82,7 @@ def main() -> None:
     gflop = flops_per_image(tok) / 1e9
     if args.compile:
         tok.encoder = torch.compile(tok.encoder)
-    peak = args.peak_tflops or default_peak(device)
+    peak = args.peak_tflops or (dense_bf16_peak(device) or 0) / 1e12
     limit = peak * 1e3 / gflop if peak else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     print(f"device {name}; encoder {gflop:.1f} GFLOP/image; dtype {args.dtype}; channels_last {not args.no_channels_last}; compile {args.compile}")

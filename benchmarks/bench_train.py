@@ -28,18 +28,14 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.strategies import ModelParallelStrategy
+from peaks import dense_bf16_peak  # benchmarks/peaks.py, beside this script
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.vocab import CODEBOOK_SIZE
 from lvm.hf import config_to_hf, hf_name
 from lvm.model import LVM, LVMConfig
 from lvm.train import LVMModule
-
-# Dense bf16 datasheet peak of the H200 SXM: Lightning's table lists the H200 with sparsity (2x) and only
-# under names the driver does not report ("NVIDIA H200"). Other GPUs: Lightning's (dense) table.
-DENSE_BF16_FLOPS = {"H200": 989e12}
 
 
 class RandomTokens(IterableDataset):
@@ -148,18 +144,9 @@ def cpu(args: argparse.Namespace) -> None:
         print(f"  {name:32s} {rate:10,.0f} tokens/s  ({rate / reference:.2f}x transformers)")
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 FLOP/s of a CUDA device (None on CPU or an unknown GPU: no MFU then)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    datasheet = next((flops for key, flops in DENSE_BF16_FLOPS.items() if key in name), None)
-    return datasheet or get_available_flops(device, torch.bfloat16)
-
-
 def gpu(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    peak = peak_flops(device)
+    peak = dense_bf16_peak(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak_text = f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown: no MFU"
     print(f"{name}, {'bf16' if device.type == 'cuda' else 'fp32'}, seq {args.seq}, compile={args.compile}, {peak_text}")

@@ -186,23 +186,26 @@ def run(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     preds = predict_frames(model, tok, images, args.num_frames, args.candidates, sampling, args.seed, args.compile)
     seconds = time.perf_counter() - start
-    written = write_outputs(args.out, images, preds, truth_images, tok.image_size)
+    # Context and truth are shown, and scored, as the tokenizer sees them (cropped, if it crops), beside predictions.
+    context_seen = [[to_pil_image(image) for image in tok.seen(prompt)] for prompt in images]
+    truth_seen = [[to_pil_image(image) for image in tok.seen(frames)] for frames in truth_images] if truth_images else None
+    written = write_outputs(args.out, context_seen, preds, truth_seen, tok.image_size)
     P, C, N = preds.shape[:3]
     print(
         f"{P * C * N} frame(s) ({P} prompt(s) x {C} candidate(s) x {N}) in {seconds:.1f}s: "
         f"{seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
     )
     print("wrote " + ", ".join(map(str, written)))
-    if truth_images:
-        mse = ground_truth_mse(preds, truth_images)
+    if truth_seen:
+        mse = ground_truth_mse(preds, truth_seen)
         psnr = metrics.psnr(mse.mean())  # of the mean MSE: finite even if one frame is exact (as in lvm.evaluate)
         print(f"vs ground truth: MSE {mse.mean():.4f}, PSNR {psnr:.2f} dB (over {mse.numel()})")
 
 
 def ground_truth_mse(preds: torch.Tensor, truth: list[list[Image.Image]]) -> torch.Tensor:
-    """Per-image MSE of predictions [P, C, N, 3, S, S] against each prompt's true frames resized to S."""
-    size = preds.shape[-2:][::-1]
-    target = torch.stack([torch.stack([pil_to_tensor(t.resize(size, Image.BICUBIC)) for t in f]) for f in truth])
+    """Per-image MSE of predictions [P, C, N, 3, S, S] against each prompt's true frames as the tokenizer sees them
+    (`VQTokenizer.seen`, S x S)."""
+    target = torch.stack([torch.stack([pil_to_tensor(t) for t in f]) for f in truth])
     return metrics.pixel_mse(preds.flatten(0, 2), target[:, None].expand_as(preds).flatten(0, 2))
 
 

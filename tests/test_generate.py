@@ -1,5 +1,7 @@
 """KV-cache generation equals full recomputation; the sampler only draws codes and honours top-k/top-p."""
 
+import copy
+
 import pytest
 import torch
 
@@ -109,14 +111,37 @@ def test_seeded_sampling_is_reproducible_and_candidates_differ(model):
 def test_invalid_sampling_is_rejected():
     with pytest.raises(ValueError, match="top_p must be in"):
         Sampling(top_p=0.0)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        Sampling(temperature=-1.0)
+    for temperature in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            Sampling(temperature=temperature)
+
+
+def test_compiled_decode_step_on_cpu_equals_eager(model):
+    """`--compile` on a CPU: the same decode step through torch.compile (no CUDA graphs there) gives the same tokens."""
+    prompt = torch.randint(0, CODEBOOK_SIZE, (2, 20), generator=torch.Generator().manual_seed(0))
+    with Decoder(model, 2, 40) as decoder:
+        eager = decoder.generate(prompt, 12)
+    with Decoder(model, 2, 40, compile=True) as decoder:
+        compiled = decoder.generate(prompt, 12)
+    assert torch.equal(compiled, eager)
+
+
+def test_bfloat16_decoding_on_cpu_follows_float32(model):
+    """`--dtype bfloat16` on a CPU: the cache, masks and sampling work in bf16, and its logits track float32's."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    tokens = torch.randint(0, CODEBOOK_SIZE, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full, low = model(tokens), half(tokens).float()
+    assert (low - full).abs().max() < 0.05 * full.abs().max()
+    with Decoder(half, 2, 40) as decoder:
+        drawn = decoder.generate(tokens[:, :20], 12, Sampling(), generator=torch.Generator().manual_seed(0))
+    assert drawn.shape == (2, 12) and int(drawn.max()) < CODEBOOK_SIZE
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compiled_decode_step_on_cuda_equals_eager(model):
-    """CUDA graphs through torch.compile; the CPU counterpart is test_cached_greedy_equals_recomputation."""
+    """CUDA graphs through torch.compile; the CPU counterpart is test_compiled_decode_step_on_cpu_equals_eager."""
     gpu = LVM(model.cfg).cuda().eval()
     gpu.load_state_dict(model.state_dict())
     prompt = torch.randint(0, CODEBOOK_SIZE, (2, 20), device="cuda")

@@ -68,7 +68,7 @@ def test_next_frame_is_the_greedy_rollout_of_naturally_sorted_frames(
     assert torch.equal(pil_to_tensor(pred), expected)
 
 
-def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokenizer_dir, tiny_tokenizer, capsys):
     ckpt, _ = lvm_ckpt
     frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(5)])
     truth = write_frames(tmp_path / "gt", [f"{i}.png" for i in range(3)], seed=1)
@@ -85,8 +85,10 @@ def test_rollout_candidates_gif_and_ground_truth(tmp_path, lvm_ckpt, tiny_tokeni
     # rows: 2 candidates; sections: 5 context | 3 predictions | 3 ground truth
     assert Image.open(tmp_path / "roll_grid.png").size == (11 * (S + 2) + 2 * 12, 2 * (S + 2))
     assert "6 frame(s) (1 prompt(s) x 2 candidate(s) x 3)" in printed.out
-    # per predicted frame against its true frame resized (bicubic) to 64x64, on [0, 1] intensities
-    true = [np.asarray(Image.open(t).convert("RGB").resize((S, S), Image.BICUBIC), np.float64) / 255 for t in truth]
+    # per predicted frame against its true frame as the tokenizer's input sees it (64x64), in 8 bits, on [0, 1]
+    low, high = tiny_tokenizer.config.value_range
+    true = [((tiny_tokenizer.preprocess(Image.open(t)) - low) / (high - low)).clamp(0, 1).mul(255).round()
+            .permute(1, 2, 0).double().numpy() / 255 for t in truth]
     mse = np.array([((np.asarray(Image.open(tmp_path / f"roll_c{c}_f{f}.png"), np.float64) / 255 - true[f]) ** 2).mean()
                     for c in range(2) for f in range(3)])
     assert f"vs ground truth: MSE {mse.mean():.4f}, PSNR {-10 * np.log10(mse.mean()):.2f} dB (over 6)" in printed.out

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import tokenizer
+from conftest import tiny_vqgan_config
 
 F16_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_f16_8192.yaml"
 
@@ -84,6 +85,23 @@ def test_sixteen_bit_images_keep_their_low_bytes(tiny_tokenizer: tokenizer.VQTok
 def test_transparent_pixels_become_white(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # black, fully transparent
     assert torch.allclose(tiny_tokenizer.preprocess(Image.fromarray(rgba)), torch.ones(3, 64, 64))
+
+
+@pytest.mark.parametrize("resize", ["stretch", "center_crop"])
+def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
+    """A 96x64 image, red and blue 16-pixel bands at the sides: a centre crop to 64 keeps only the green middle."""
+    config = tokenizer.VQGANConfig(**{**vars(tiny_vqgan_config()), "resize": resize})
+    tok = tokenizer.VQTokenizer(config)
+    pixels = np.zeros((64, 96, 3), np.uint8)
+    pixels[:, :16] = (255, 0, 0)
+    pixels[:, 16:80] = (0, 255, 0)
+    pixels[:, 80:] = (0, 0, 255)
+    seen = tok.seen([Image.fromarray(pixels)])
+    assert seen.dtype == torch.uint8 and seen.shape == (1, 3, 64, 64)
+    if resize == "center_crop":
+        assert (seen[0, 1] == 255).all() and (seen[0, [0, 2]] == 0).all()
+    else:  # squeezed: the bands stay, 16 * 64 / 96 ~ 11 pixels wide
+        assert (seen[0, 0, :, :8] > 200).all() and (seen[0, 2, :, -8:] > 200).all()
 
 
 def test_decode_clamps_out_of_range_ids(tiny_tokenizer: tokenizer.VQTokenizer) -> None:

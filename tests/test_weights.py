@@ -125,6 +125,7 @@ def test_offline_without_a_cached_copy_is_one_line_naming_the_id_and_the_way_out
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert err.startswith("error: someone/not-cached@v2: not in the Hugging Face cache") and "--tokenizer PATH" in err
+    assert "`hf download someone/not-cached --revision v2`" in err  # the revision asked for, not main
 
 
 def test_evaluate_defaults_to_the_released_model_and_its_tokenizer(offline, tmp_path, capsys):

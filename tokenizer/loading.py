@@ -7,8 +7,9 @@ Supported, detected from what is on disk:
   * an open-muse `VQGANModel` directory (config.json + pytorch_model.bin or *.safetensors),
     the format of the released LVM tokenizer;
   * a taming-transformers `.ckpt` with its yaml (beside it, in the run's configs/ folder, or `config=`).
-Any of these may also be named by a Hugging Face hub id (`Emma02/vqvae_ckpts`, the released tokenizer,
-optionally `@revision`), fetched into the hub cache by `weights.resolve`.
+A folder format (ours, open-muse) may also be named by a Hugging Face hub id (`Emma02/vqvae_ckpts`, the released
+tokenizer, optionally `@revision`), fetched into the hub cache by `weights.resolve`; a `.ckpt` on the hub is
+downloaded first (`hf download REPO FILE`) and named by its path.
 Every failure is a `TokenizerLoadError` whose message names the path and the problem.
 Pickles are read with `weights.torch_load` (`weights_only=True`: a pickle naming code is refused, never run);
 state dicts must match the architecture exactly (no missing or unexpected keys) so a wrong config can never

@@ -203,6 +203,12 @@ class VQTokenizer(nn.Module):
         """Any image (PIL, numpy, uint8 tensor; any size or mode) -> FloatTensor[3, S, S] in the model's range."""
         return preprocess_image(image, self.config.resolution, self.config.resize, self.config.value_range)
 
+    def seen(self, images: Sequence[ImageLike]) -> Tensor:
+        """Images as the tokenizer sees them (its resize policy and size), uint8 Tensor[B, 3, S, S]: what a
+        decoded prediction should be compared with and shown beside."""
+        pixels = torch.stack([from_value_range(self.preprocess(image), self.config.value_range) for image in images])
+        return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+
     @torch.no_grad()
     def encode_pixels(self, pixels: Tensor) -> Tensor:
         """Preprocessed batch [B, 3, S, S] -> LongTensor[B, tokens_per_image].

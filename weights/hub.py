@@ -84,10 +84,11 @@ def _snapshot(spec: str, repo: str, revision: str | None, option: str) -> Path:
         return folder
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
+        fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         raise WeightsError(
             spec,
             f"not in the Hugging Face cache ({cache}) and {why}; fetch it once where there is network "
-            f"(`hf download {repo}`, with the same HF_HOME) or pass a local folder: {option} PATH",
+            f"(`{fetch}`, into the same cache) or pass a local folder: {option} PATH",
         ) from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise WeightsError(spec, f"no such Hugging Face repository (or it needs a token: HF_TOKEN); for a local "

@@ -24,17 +24,10 @@ from lvm.demo.data import read_frames  # noqa: E402
 from lvm.generate import GREEDY, rollout  # noqa: E402
 from lvm.metrics import pixel_mse  # noqa: E402
 from lvm.prompt import grid, predict_frames  # noqa: E402
-from tokenizer.preprocess import from_value_range  # noqa: E402
-
-
-def resized_images(images: list[Image.Image], tok: tokenizer.VQTokenizer) -> torch.Tensor:
-    """Images as uint8 [N, 3, S, S], resized exactly as the tokenizer sees them."""
-    pixels = torch.stack([from_value_range(tok.preprocess(image), tok.config.value_range) for image in images])
-    return (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 def resized(paths: list[Path], tok: tokenizer.VQTokenizer) -> torch.Tensor:
-    return resized_images([Image.open(p) for p in paths], tok)
+    return tok.seen([Image.open(p) for p in paths])
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -63,7 +56,7 @@ def video_prediction(model, tok, heldout: Path) -> list[dict]:
     for clip in sorted(heldout.glob("*.mkv")):
         images = [Image.fromarray(array) for array in read_frames(str(clip))[0]]
         frames = torch.cat([tok.encode(images[i : i + 16]) for i in range(0, len(images), 16)])
-        truth = resized_images(images[CONTEXT:], tok)
+        truth = tok.seen(images[CONTEXT:])
         contexts = frames.unfold(0, CONTEXT, 1)[:-1].permute(0, 2, 1)  # [places, CONTEXT, T]
         pred = rollout(model, contexts, 1, GREEDY, tok.codebook_size)[:, 0]
         copy, target = frames[CONTEXT - 1 : -1], frames[CONTEXT:]
@@ -76,7 +69,7 @@ def video_prediction(model, tok, heldout: Path) -> list[dict]:
             "clip": clip.stem,
             "places": len(target),
             "mse_prediction": mse(pred),
-            "mse_copy_last": pixel_mse(resized_images(images[CONTEXT - 1 : -1], tok), truth).mean().item(),
+            "mse_copy_last": pixel_mse(tok.seen(images[CONTEXT - 1 : -1]), truth).mean().item(),
             "mse_copy_last_tokens": mse(copy),
             "mse_tokenizer": mse(target),
             "tokens_right_prediction": (pred == target).float().mean().item(),

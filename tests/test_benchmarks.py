@@ -1,0 +1,20 @@
+"""The CPU benchmarks that benchmarks/gpu.sh does not run, run small, so that they cannot rot unseen."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_stream_writes_its_synthetic_shards_and_reports_a_rate():
+    command = [sys.executable, str(ROOT / "benchmarks/bench_stream.py"), "--tokens", "40000", "--seq-len", "512",
+               "--batch-size", "2", "--workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = re.search(r"packed stream: ([\d,]+) tokens/s .*?; (\d+) batches of 2 x 512, 0 workers", done.stdout)
+    assert found, done.stdout
+    assert int(found.group(1).replace(",", "")) > 0 and int(found.group(2)) >= 2
