@@ -342,11 +342,11 @@ def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer
         assert info["kind"] == "sequence" and tokens[0] == 8192 and tokens[-1] == 8193 and len(tokens) == 2 + 16 * len(metas)
         assert len({m["video"] for m in metas}) == 1
         indices = [m["frame"] for m in metas]
-        assert all(m["path"] == f"{m['video']}/f{m['frame']}.png" for m in metas)
+        assert all(f"seq/{m['path']}" == f"{m['video']}/f{m['frame']}.png" for m in metas)
         (step,) = {b - a for a, b in zip(indices, indices[1:])}
-        assert step in {1, 2, 3, 4} and len(metas) == min(4, (counts[metas[0]["video"]] - 1) // step + 1)
+        assert step in {1, 2, 3, 4} and len(metas) == min(4, (counts[metas[0]["folder"]] - 1) // step + 1)
         strides.add(step)
-        expected = np.concatenate([frames[(m["video"], m["frame"])] for m in metas])
+        expected = np.concatenate([frames[(m["folder"], m["frame"])] for m in metas])
         assert np.array_equal(tokens[1:-1], expected)
     assert strides == {1, 2, 3, 4}  # one random stride per clip, the release's range [1, 4]
 

@@ -213,3 +213,11 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
                 "lvm_config": other.cfg.to_dict()}, tmp_path / "other.ckpt")
     err = _error(base[2:] + ["--model", str(tmp_path / "other.ckpt"), "--train", str(train), "--val", str(val)], capsys)
     assert err.startswith(f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not fit the model's 1024 code ids")
+
+
+def test_val_images_that_are_train_images_are_warned_about(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, capsys):
+    train, _ = folders
+    main(["--model", str(model_ckpt), "--tokenizer", str(tiny_tokenizer_dir), "--train", str(train), "--val", str(train),
+          "--out", str(tmp_path), "--layers", "0", "--epochs", "1", "--workers", "0", "--batch-size", "16"])
+    assert ("warning: 48 of the 48 --val images have the tokens of a --train image (the same images in both splits?): "
+            "their scores measure memory, not features") in capsys.readouterr().err

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -26,7 +27,7 @@ import tokenizer
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError, pipeline
 from lvm.tokenize.__main__ import main
-from lvm.tokenize.decode import DecodeOptions, read_batches
+from lvm.tokenize.decode import DecodeOptions, read_batches, read_video
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
@@ -222,10 +223,45 @@ def test_video_frames_at_a_stride(inputs, reference):
     samples = _samples(reference / "clips-vid-000000.tar")
     assert list(samples) == ["a/000000", "a/000002", "a/000004", "b/000000", "b/000002"]
     meta = json.loads(samples["a/000004"]["json"])
-    assert (meta["video"], meta["frame"], meta["fps"], meta["time"]) == ("a", 4, 10.0, 0.4)
+    assert (meta["key"], meta["video"], meta["frame"], meta["fps"], meta["time"]) == ("a", "clips/a", 4, 10.0, 0.4)
     assert (meta["width"], meta["height"], meta["source"]) == (64, 48, str(inputs / "clips" / "a.mp4"))
     frames = [_tokens(samples[f"a/{i:06d}"]["tokens.npy"]).tobytes() for i in (0, 2, 4)]
     assert len(set(frames)) == 3  # the frames differ, so do their tokens
+
+
+def test_equally_named_videos_of_two_roots_stay_two_videos(inputs, tiny_tokenizer_dir, tmp_path):
+    """ds1/clip.mp4 and ds2/clip.mp4: the sentence builders group frames by `video`, which must tell them apart."""
+    (tmp_path / "other").mkdir()
+    _video(tmp_path / "other" / "a.mp4", 3)
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, inputs / "clips", tmp_path / "other") == 0
+    videos = {json.loads(sample["json"])["video"] for shard in ("clips-vid-000000", "other-vid-000000")
+              for sample in _samples(out / f"{shard}.tar").values()}
+    assert videos == {"clips/a", "clips/b", "other/a"}
+
+
+def test_a_rotated_video_is_tokenized_upright(tiny_tokenizer_dir, tmp_path):
+    """A phone video stored sideways with a display matrix turning it 90 degrees clockwise, as players show it."""
+    (tmp_path / "phone").mkdir()
+    with av.open(str(tmp_path / "phone" / "v.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        pixels = np.zeros((32, 64, 3), np.uint8)
+        pixels[:, :32] = (255, 0, 0)  # stored: red on the left; shown: red on top
+        for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
+            container.mux(packet)
+    data = bytearray((tmp_path / "phone" / "v.mp4").read_bytes())
+    matrix = data.find(b"tkhd") - 4 + 48  # the track header's 3x3 matrix (version 0 layout)
+    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    (tmp_path / "phone" / "v.mp4").write_bytes(data)
+    with av.open(str(tmp_path / "phone" / "v.mp4")) as check:
+        assert next(check.decode(video=0)).rotation == -90
+    (frame,) = read_video(str(tmp_path / "phone" / "v.mp4"), "v.mp4", 1, "phone")
+    red = frame.pixels[0]  # [64 rows, 32 columns]
+    assert red.shape == (64, 32) and red[:28].mean() > 0.9 and red[36:].mean() < 0.1  # red on top
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "phone") == 0
+    meta = json.loads(_samples(tmp_path / "out" / "phone-vid-000000.tar")["v/000000"]["json"])
+    assert (meta["width"], meta["height"]) == (32, 64)
 
 
 def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenizer_dir, capsys):
@@ -270,6 +306,8 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
     src = tmp_path / "src"
     src.mkdir()
     _write_tar(src / "a.tar", [("k1.jpg", _jpeg(32, 32)), ("k2.jpg", _jpeg(32, 32)), ("k1.jpg", _jpeg(32, 32))])
+    # a member repeated in a row: the copy is skipped, the samples after it are kept
+    _write_tar(src / "b.tar", [("k1.jpg", _jpeg(32, 32)), ("k1.jpg", _jpeg(32, 32)), ("k2.jpg", _jpeg(32, 32))])
     (src / "img").mkdir()
     for name in ("x.v2.png", "x_v2.png", "y.png", "z.png"):  # x.v2 and x_v2 both have the key x_v2
         (src / "img" / name).write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
@@ -295,6 +333,8 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
     reports = {p.name: json.loads(p.read_text()) for p in out.glob("*.report.json")}
     assert (reports["a.report.json"]["images"], reports["a.report.json"]["skipped"]) == (2, {"duplicate_key": 1})
     assert list(_samples(out / "a.tar")) == ["k1", "k2"]  # the first k1 is kept
+    assert (reports["b.report.json"]["images"], reports["b.report.json"]["skipped"]) == (2, {"duplicate_key": 1})
+    assert list(_samples(out / "b.tar")) == ["k1", "k2"]
     images = reports["src-img-000000.report.json"]
     assert (images["images"], images["skipped"]) == (2, {"duplicate_key": 1, "unreadable_file": 1})
     assert [(s["item"], s["reason"]) for s in images["skipped_items"]] == [
@@ -302,7 +342,10 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
     videos = reports["src-vid-000000.report.json"]
     assert videos["skipped"] == {"corrupt_video": 1}
     assert [s["item"] for s in videos["skipped_items"]] == [f"{src}/vid/cut.mkv#frame=1"]
-    assert list(_samples(out / "src-vid-000000.tar")) == ["vid/cut/000000", "vid/latin/000000", "vid/latin/000001"]
+    assert videos["skipped_items"][0]["detail"].startswith("1 undecodable packet(s), first: ")
+    # the damaged frame is lost, the frames after it are kept under their own numbers
+    assert list(_samples(out / "src-vid-000000.tar")) == [
+        *(f"vid/cut/{n:06d}" for n in (0, 2, 3, 4, 5)), "vid/latin/000000", "vid/latin/000001"]
 
 
 def test_read_batches_prepares_each_key_once_and_ends_with_a_last_batch(tmp_path):

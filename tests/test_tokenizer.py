@@ -104,6 +104,22 @@ def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
         assert (seen[0, 0, :, :8] > 200).all() and (seen[0, 2, :, -8:] > 200).all()
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"resolution": 0}, "resolution must be at least 1, got 0"),
+        ({"patch_size": 0}, "patch_size must be at least 1, got 0"),
+        ({"codebook_size": 0}, "codebook_size must be at least 1, got 0"),
+        ({"channel_mult": []}, "a non-empty channel_mult of positive integers"),
+        ({"value_range": (1.0, 1.0)}, r"value_range \(low, high\) with low < high"),
+        ({"dropout": 2.0}, "0 <= dropout < 1"),
+    ],
+)
+def test_impossible_configs_are_refused_by_name(change: dict, message: str) -> None:
+    with pytest.raises(tokenizer.VQGANConfigError, match=message):
+        tokenizer.VQGANConfig(**{**vars(tiny_vqgan_config()), **change})
+
+
 def test_decode_clamps_out_of_range_ids(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
     tokens = torch.tensor([[8191] * 16, [9000] * 16, [-5] * 16, [0] * 16])
     decoded = tiny_tokenizer.decode(tokens)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from tokenizer.data import ImageDataModule
+from tokenizer.data import ImageDataModule, make_transform
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
 from tokenizer.synthetic import write_images
@@ -147,3 +147,16 @@ def test_evaluate_cli_bad_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: 
         evaluate_main(["--tokenizer", str(bad), "--images", str(tmp_path)])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {bad}: corrupt or not a PyTorch checkpoint (unpickling failed)\n"
+
+
+def test_training_images_are_turned_by_their_exif_orientation(tmp_path):
+    """Stored 40x20 with red on top, shown turned 90 degrees clockwise: red on the right, as tokenize sees it."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:10] = (255, 0, 0)
+    pixels[10:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "turned.png", exif=exif)
+    with Image.open(tmp_path / "turned.png") as image:
+        crop = make_transform(16, train=False)(image)
+    assert crop[0, :, 12:].mean() > 0.9 and crop[2, :, :4].mean() > 0.9  # red right, blue left

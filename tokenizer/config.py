@@ -62,6 +62,20 @@ class VQGANConfig:
         self.attn_resolutions = [int(r) for r in self.attn_resolutions]
         self.fsq_levels = [int(level) for level in self.fsq_levels]
         self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
+        sizes = ("resolution", "in_channels", "hidden_channels", "z_channels", "embed_dim", "codebook_size", "patch_size")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise VQGANConfigError(f"VQGANConfig: {name} must be at least 1, got {getattr(self, name)}")
+        if self.num_res_blocks < 0 or not self.channel_mult or min(self.channel_mult) < 1:
+            raise VQGANConfigError(
+                f"VQGANConfig: needs num_res_blocks >= 0 and a non-empty channel_mult of positive integers, got "
+                f"{self.num_res_blocks} and {self.channel_mult}"
+            )
+        if not self.value_range[0] < self.value_range[1] or not 0.0 <= self.dropout < 1.0:
+            raise VQGANConfigError(
+                f"VQGANConfig: needs value_range (low, high) with low < high and 0 <= dropout < 1, got "
+                f"{self.value_range} and {self.dropout}"
+            )
         for mult in self.channel_mult:
             if (self.hidden_channels * mult) % 32:
                 raise VQGANConfigError(

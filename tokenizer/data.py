@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
@@ -33,9 +33,11 @@ def image_files(root: str | Path) -> list[Path]:
 
 
 def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
+    """Turned as EXIF says (as `lvm.tokenize` turns what it encodes), shorter side to `size`, then a random crop and
+    flip (training) or the centre crop (validation): undistorted content, whatever `resize` the config encodes with."""
     crop = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()]) if train else v2.CenterCrop(size)
     resize = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return lambda image: crop(resize(to_rgb_float(image))).clamp(0.0, 1.0)
+    return lambda image: crop(resize(to_rgb_float(ImageOps.exif_transpose(image)))).clamp(0.0, 1.0)
 
 
 class ImageFolder(Dataset):

@@ -76,6 +76,10 @@ def run(args: argparse.Namespace) -> dict:
     splits = {name: data.read_split(name, getattr(args, name), tok, tok_fingerprint, cache, args.label_field,
                                     args.batch_size, args.workers) for name in ("train", "val")}
     classes, y_train, y_val = data.class_indices(splits["train"], splits["val"], "--val")
+    seen_in_training = {codes.tobytes() for codes in splits["train"].tokens}
+    if shared := sum(codes.tobytes() in seen_in_training for codes in splits["val"].tokens):
+        _log(f"warning: {shared} of the {len(y_val)} --val images have the tokens of a --train image (the same "
+             "images in both splits?): their scores measure memory, not features")
     _log(f"probe: {len(y_train)} train / {len(y_val)} val images in {len(classes)} classes; depths {depths} "
          f"of {model.cfg.n_layers} on {device}")
     model_fingerprint = module_fingerprint(model, model.cfg.to_dict())

@@ -36,7 +36,7 @@ REASONS = (
     "duplicate_key",  # a key already written to this shard (x.jpg and x.png in one folder, a repeated tar key)
     "corrupt_tar",  # the tar ends early or is not a tar; the samples before the damage are kept
     "unreadable_video",  # PyAV cannot open the file or it has no video frames
-    "corrupt_video",  # decoding stopped part-way; the frames before the damage are kept
+    "corrupt_video",  # packets that failed to decode (counted in the detail); every other frame is kept
 )
 _IMAGE_EXTS = tuple(sorted(s[1:] for s in IMAGE_SUFFIXES))  # tar member suffixes, without the dot
 _DROPPED_META = frozenset({"exif"})  # bulky source json fields not worth copying into every token sample
@@ -159,12 +159,17 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         yield Skip(path, "empty_file")
         return
     errors: list[BaseException] = []
+    repeated: list[BaseException] = []
+
+    def skip_repeated(error: BaseException) -> bool:  # a member name seen twice in a row: drop it, read on
+        repeated.append(error)
+        return True
+
     with stream:
-        try:
-            for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext):
-                yield _tar_sample(path, sample, opts)
-        except ValueError as error:  # a repeated member name inside one sample
-            errors.append(error)
+        for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext, handler=skip_repeated):
+            yield _tar_sample(path, sample, opts)
+    for error in repeated:
+        yield Skip(path, "duplicate_key", _detail(error))
     if errors:
         yield Skip(path, "corrupt_tar", _detail(errors[0]))
 
@@ -181,11 +186,11 @@ def _tar_members(stream: BinaryIO, path: str, errors: list[BaseException]) -> It
         errors.append(error)
 
 
-def read_image_file(item: Item, opts: DecodeOptions) -> Picture | Skip:
+def read_image_file(item: Item, opts: DecodeOptions, dataset: str) -> Picture | Skip:
     """One image of a folder; its json names its relative path and folder so builders can group and pair.
 
-    A numbered frame of a frame folder also gets `video` (its folder) and `frame`, the fields the video
-    sentence builders group and order by.
+    A numbered frame of a frame folder also gets `video` (`<dataset>/<folder>`, so that equally named folders
+    of two roots stay two sequences) and `frame`, the fields the video sentence builders group and order by.
     """
     path, rel = item.path, item.rel
     try:
@@ -196,13 +201,18 @@ def read_image_file(item: Item, opts: DecodeOptions) -> Picture | Skip:
     parent = str(PurePosixPath(rel).parent)
     meta = {"source": path, "key": _safe_key(rel), "path": rel, "folder": "" if parent == "." else parent}
     if item.frame is not None:
-        meta.update(video=meta["folder"], frame=item.frame)
+        meta.update(video=str(PurePosixPath(dataset, meta["folder"])), frame=item.frame)
     return decode_image(data, path, meta["key"], meta, opts)
 
 
-def read_video(path: str, rel: str, stride: int) -> Iterator[Picture | Skip]:
-    """Every `stride`-th frame of a video (frame 0, stride, 2*stride, ...) as RGB, decoded with PyAV."""
-    video = _safe_key(rel)
+def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Picture | Skip]:
+    """Every `stride`-th frame of a video (frame 0, stride, 2*stride, ...) as RGB, decoded with PyAV.
+
+    Keys come from the relative path (`clip/000008`); the json's `video`, which the sentence builders group
+    frames by, is `<dataset>/<relative path>`, so that `ds1/clip.mp4` and `ds2/clip.mp4` stay two videos.
+    """
+    key = _safe_key(rel)
+    video = f"{dataset}/{key}"
     try:
         if os.path.getsize(path) == 0:
             yield Skip(path, "empty_file")
@@ -212,30 +222,49 @@ def read_video(path: str, rel: str, stride: int) -> Iterator[Picture | Skip]:
     except (av.FFmpegError, IndexError, OSError) as error:
         yield Skip(path, "unreadable_video", _detail(error))
         return
-    index = 0
+    # Decoded packet by packet, so that one damaged packet costs its frame, not the rest of the video. `index`
+    # counts decoded frames and undecodable packets alike, so the frames after a damaged one keep their numbers.
+    index, damaged = 0, []  # damaged: (frame index, error) of each packet that failed
     with container:
         fps = float(stream.average_rate) if stream.average_rate else None
         try:
-            for frame in container.decode(stream):
-                if index % stride == 0:
-                    pixels = to_rgb_float(frame.to_ndarray(format="rgb24"))
-                    meta = {
-                        "source": path,
-                        "key": video,
-                        "video": video,
-                        "frame": index,
-                        "fps": fps,
-                        "time": None if frame.time is None else round(float(frame.time), 6),
-                        "width": pixels.shape[2],
-                        "height": pixels.shape[1],
-                    }
-                    yield Picture(f"{video}/{index:06d}", pixels, meta)
-                index += 1
-        except (av.FFmpegError, OSError) as error:
-            yield Skip(f"{path}#frame={index}", "corrupt_video", _detail(error))
-            return
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except (av.FFmpegError, OSError) as error:
+                    damaged.append((index, _detail(error)))
+                    index += 1
+                    continue
+                for frame in frames:
+                    if index % stride == 0:
+                        yield _video_frame(frame, path, key, video, index, fps)
+                    index += 1
+        except (av.FFmpegError, OSError) as error:  # the container itself is damaged: nothing after it can be read
+            damaged.append((index, _detail(error)))
+    if damaged:
+        (first, problem), count = damaged[0], len(damaged)
+        yield Skip(f"{path}#frame={first}", "corrupt_video", f"{count} undecodable packet(s), first: {problem}")
     if index == 0:
         yield Skip(path, "unreadable_video", "no video frames")
+
+
+def _video_frame(frame: av.VideoFrame, path: str, key: str, video: str, index: int, fps: float | None) -> Picture:
+    """One decoded frame, upright as players show it (FFmpeg's autorotate: rotation -90 is a clockwise turn)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    if frame.rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=round(frame.rotation / 90)))
+    pixels = to_rgb_float(rgb)
+    meta = {
+        "source": path,
+        "key": key,
+        "video": video,
+        "frame": index,
+        "fps": fps,
+        "time": None if frame.time is None else round(float(frame.time), 6),
+        "width": pixels.shape[2],
+        "height": pixels.shape[1],
+    }
+    return Picture(f"{key}/{index:06d}", pixels, meta)
 
 
 def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:
@@ -244,11 +273,11 @@ def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         if unit.kind == "tar":
             yield from read_tar(item.path, opts)
         elif unit.kind == "images":
-            yield read_image_file(item, opts)
+            yield read_image_file(item, opts, unit.dataset)
         elif opts.labels:
             yield Skip(item.path, "not_label_map", "videos cannot be label maps")
         else:
-            yield from read_video(item.path, item.rel, opts.video_stride)
+            yield from read_video(item.path, item.rel, opts.video_stride, unit.dataset)
 
 
 Row = TypeVar("Row")  # what a pipeline makes of one decoded picture

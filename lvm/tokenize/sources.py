@@ -53,6 +53,7 @@ class Unit:
     name: str  # output shard path relative to --out, without ".tar"
     kind: str  # one of KINDS
     items: tuple[Item, ...]
+    dataset: str = ""  # images and videos: the name of their root, which heads their `video` ids (decode.py)
 
     def inputs_digest(self) -> str:
         """A digest of which inputs the unit holds (relative paths, so a rerun from another working
@@ -117,7 +118,7 @@ def _group(root: str, items: list[Item], kind: str, per_shard: int) -> list[Unit
     base = Path(root).resolve().name or "root"
     items = sorted(set(items), key=lambda i: i.rel)
     return [
-        Unit(f"{base}-{label}-{n:06d}", kind, tuple(items[start : start + per_shard]))
+        Unit(f"{base}-{label}-{n:06d}", kind, tuple(items[start : start + per_shard]), base)
         for n, start in enumerate(range(0, len(items), per_shard))
     ]
 
