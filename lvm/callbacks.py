@@ -5,6 +5,7 @@ All are named by `class_path` in configs/lvm_*.yaml (see docs/training.md).
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,6 @@ import torch
 import torchvision
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import weights
 from common.files import atomic_write
@@ -46,21 +46,40 @@ class StopOnSigterm(Callback):
     """Turns SIGTERM (preemption, `scancel`, a job time limit) into a resumable stop after the current
     optimizer step.
 
-    Lightning records SIGTERM but, in a single process, acts on it only at the end of an epoch, which a
-    packed stream may not reach for days (with several processes it raises at the next batch itself).
-    This raises Lightning's own `SIGTERMException` once the step is complete, so that
-    `ModelCheckpoint(save_on_exception=True)` writes a checkpoint `--ckpt_path last` resumes exactly.
+    Lightning's own handler stops after whichever micro-batch is running, also inside a gradient accumulation:
+    the checkpoint then counts micro-batches as consumed whose gradients it does not hold, and `--ckpt_path last`
+    would skip them. While training, this callback holds SIGTERM instead (forwarding it to the processes
+    Lightning launched, as Lightning's handler does), and once an optimizer step is complete and any rank got
+    it, sets Lightning's SIGTERM flag on every rank; Lightning then raises its `SIGTERMException` after this
+    step's logs, and `ModelCheckpoint(save_on_exception=True)` writes a checkpoint that resumes exactly.
     """
 
     def __init__(self) -> None:
         self._step_at_start = 0
+        self._pending = False
+        self._previous_handler: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def hold(signum: int, frame: Any) -> None:
+            if not self._pending and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            self._pending = True
+
+        self._previous_handler = signal.signal(signal.SIGTERM, hold)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         self._step_at_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.received_sigterm and trainer.global_step > self._step_at_start:
-            raise SIGTERMException()
+        stepped = trainer.global_step > self._step_at_start
+        if stepped and trainer.strategy.reduce_boolean_decision(self._pending, all=False):
+            # Lightning's flag (private: there is no public setter): it stops after logging this step.
+            trainer._signal_connector.received_sigterm = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

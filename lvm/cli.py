@@ -8,6 +8,8 @@ have (checked before Lightning builds its Trainer).
 """
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from jsonargparse import Namespace
@@ -68,21 +70,29 @@ def user_error(exc: BaseException) -> UserError | None:
     return None
 
 
-def main(args: list[str] | None = None) -> None:
-    """Run LightningCLI with fit/validate/test/predict subcommands."""
+@contextmanager
+def config_errors_as_one_line() -> Iterator[None]:
+    """A project error raised while a config is parsed or built, however deep jsonargparse wrapped it, becomes
+    one `error:` line and exit status 2 (`common.errors.exit_on` for the Lightning commands)."""
     try:
-        CLI(
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        yield
     except Exception as exc:
         cause = user_error(exc)
         if cause is None:
             raise
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run LightningCLI with fit/validate/test/predict subcommands."""
+    with config_errors_as_one_line():
+        CLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Exact resume works by counting: the datamodule counts the training batches this 
 current epoch, Lightning stores that count with every checkpoint (`state_dict`) and restores it before the
 dataloader is iterated (`load_state_dict`), and the stream then starts at the next batch. Batches that were
 prefetched but not yet trained are produced again, so a resumed run neither repeats nor skips a batch. This
-needs the same shards, seed, `num_workers` and number of devices as the run that saved the checkpoint.
+needs the same shards, seed, `num_workers` and number of devices as the run that saved the checkpoint; the
+checkpoint records the last two, and a resume with others is refused by name.
 
 One Lightning epoch is one pass of the stream (the stream's epochs reshuffle with `(seed, epoch)`); runs are
 bounded by `trainer.max_steps`.
@@ -98,6 +99,10 @@ class LVMDataModule(L.LightningDataModule):
         return PackedStream(shards, self.seq_len, self.batch_size, self.seed, rank, world, self.doc_ids)
 
     def _loader(self, stream: PackedStream, position: Callable[[], dict]) -> DataLoader:
+        try:  # here, in the main process: raised in a worker, the error would come wrapped in its traceback
+            stream.batches_per_epoch(self.num_workers)
+        except SentenceError as e:
+            raise ConfigError(f"data: {e}; fewer data.num_workers or devices, or a smaller batch, fit") from None
         return _PositionedLoader(
             stream,
             position,
@@ -127,8 +132,22 @@ class LVMDataModule(L.LightningDataModule):
             self.batches_consumed += 1
         return batch
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer else 1
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
+        """The stream position, with the reader layout it counts in (workers per device and devices): which
+        batches the stream yields depends on both."""
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "num_workers": self.num_workers,
+                "world_size": self._world_size()}
 
     def load_state_dict(self, state: dict) -> None:
+        for key, now, change in (("num_workers", self.num_workers, "set data.num_workers: {saved}"),
+                                 ("world_size", self._world_size(), "resume on {saved} devices in all")):
+            saved = state.get(key, now)  # checkpoints from before these were recorded carry neither
+            if saved != now:
+                raise ConfigError(
+                    f"data.{key}: the checkpoint's stream position was counted with {key} {saved}, this run has "
+                    f"{now}; the stream would go on with other batches than it left off: {change.format(saved=saved)}"
+                )
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import sys
 from contextlib import nullcontext
 from dataclasses import fields
 from functools import partial
@@ -29,6 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from lvm.cli import config_errors_as_one_line
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
 from lvm.parallelize import parallelize
@@ -299,9 +299,10 @@ def summary(cli: LightningCLI) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m lvm.train -c CONFIG [--model.size 1b ...]`: print the summary of a training config."""
-    cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv)
+    with config_errors_as_one_line():
+        cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv)
     print(summary(cli))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -110,10 +110,19 @@ class PackedStream(IterableDataset):
         return rank, world
 
     def batches_per_epoch(self, num_workers: int = 0) -> int:
-        """Batches each rank's DataLoader yields per epoch with ``num_workers`` workers."""
+        """Batches each rank's DataLoader yields per epoch with ``num_workers`` workers (at least one per worker,
+        else a SentenceError: call it in the main process to hear of that before any worker starts)."""
         _, world = self._rank_world()
-        per_reader = int(self.tokens.sum()) // (world * max(1, num_workers) * self.batch_size * (self.seq_len + 1))
-        return per_reader * max(1, num_workers)
+        return self._batches_per_reader(world * max(1, num_workers)) * max(1, num_workers)
+
+    def _batches_per_reader(self, readers: int) -> int:
+        batches = int(self.tokens.sum()) // (readers * self.batch_size * (self.seq_len + 1))
+        if batches == 0:
+            raise SentenceError(
+                f"{self.shards[0]}: {int(self.tokens.sum())} tokens in {len(self.shards)} shards cannot give one batch "
+                f"of {self.batch_size} x {self.seq_len + 1} tokens to each of {readers} readers (ranks x workers)"
+            )
+        return batches
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rank, world = self._rank_world()
@@ -123,13 +132,7 @@ class PackedStream(IterableDataset):
         part = (worker + consumed) % workers  # the part whose next batch is this worker's turn in the round-robin
         reader, readers = rank * workers + part, world * workers
         batch_tokens = self.batch_size * (self.seq_len + 1)
-        batches = int(self.tokens.sum()) // (readers * batch_tokens)
-        if batches == 0:
-            raise SentenceError(
-                f"{self.shards[0]}: {int(self.tokens.sum())} tokens in {len(self.shards)} shards cannot give one batch "
-                f"of {self.batch_size} x {self.seq_len + 1} tokens to each of {readers} readers (ranks x workers)"
-            )
-        span = batches * batch_tokens
+        span = self._batches_per_reader(readers) * batch_tokens
         pieces = self._span(reader * span, (reader + 1) * span)
         shuffled = _shuffle(pieces, np.random.default_rng([self.seed, self.epoch, reader]))
         skip = max(0, -(-(consumed - part) // workers))  # batches i < consumed with i % workers == part

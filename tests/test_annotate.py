@@ -358,3 +358,32 @@ def test_the_depth_model_runs_for_normals_only_without_a_normals_model():
     assert _needs("depth", lacking_normals, ["depth"])  # normals from depth
     assert _needs("depth", {"depth": "settings"}, ["depth", "normals"])
     assert _needs("normals", lacking_normals, ["depth", "normals"])
+
+
+def test_padding_of_a_normals_processor_is_cropped_before_resizing():
+    """Sapiens2 pads the square it is given to 1024 x 768: the normals of those pad rows must not reach the map."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "Sapiens2ImageProcessor"):
+        pytest.skip(f"transformers {transformers.__version__} has no Sapiens2")
+    from types import SimpleNamespace
+
+    from lvm.annotate.models import Model, predict
+
+    processor = transformers.Sapiens2ImageProcessor(do_pad=True)
+    square = np.full((64, 64, 3), 128, np.uint8)
+    pixel_values = processor(images=[square], return_tensors="pt")["pixel_values"]  # [1, 3, 1024, 768]
+
+    class PaddedNormals(torch.nn.Module):  # (0, 0, 1) on the image, (1, 0, 0) on the 128 pad rows above and below
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, pixel_values):
+            normals = torch.zeros(1, 3, 1024, 768)
+            normals[:, 2] = 1
+            normals[:, :, :128] = normals[:, :, -128:] = torch.tensor([1.0, 0, 0])[:, None, None]
+            return SimpleNamespace(normals=normals)
+
+    model = Model("normals", "fake", PaddedNormals(), processor, {})
+    (normals,) = predict(model, pixel_values, [(48, 64)])
+    assert normals.shape == (3, 48, 64) and (normals[2] > 0.99).all()

@@ -3,6 +3,7 @@
 import pytest
 
 from lvm.cli import main
+from lvm.train import main as dry_run
 
 
 def test_invalid_config_is_one_line_error(tmp_path, capsys):
@@ -21,4 +22,14 @@ def test_impossible_tokenizer_architecture_is_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: VQGANConfig: hidden_channels * channel_mult must be divisible by 32 (GroupNorm(32)); got 16 * 1"
+    assert not any("Traceback" in line for line in err)
+
+
+def test_dry_run_config_error_is_one_line(capsys):
+    """`python -m lvm.train -c CONFIG` (the summary without training) reports config errors as `lightning fit` does."""
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run(["-c", "configs/lvm_300m.yaml", "--model.lr", "-1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: model.lr: must be > 0, got -1.0"
     assert not any("Traceback" in line for line in err)

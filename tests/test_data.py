@@ -63,7 +63,8 @@ def test_resume_continues_exactly_after_the_consumed_batches(shards):
     kwargs = dict(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=2)
     dm = LVMDataModule(**kwargs)
     reference = _take(dm.train_dataloader(), dm, 9)
-    assert reference[0].shape == (2, 32) and dm.state_dict() == {"epoch": 0, "batches_consumed": 9}
+    assert reference[0].shape == (2, 32)
+    assert dm.state_dict() == {"epoch": 0, "batches_consumed": 9, "num_workers": 2, "world_size": 1}
 
     first = LVMDataModule(**kwargs)
     _take(first.train_dataloader(), first, 4)  # the workers prefetched more than these 4
@@ -72,7 +73,11 @@ def test_resume_continues_exactly_after_the_consumed_batches(shards):
     rest = _take(resumed.train_dataloader(), resumed, 5)
     for a, b in zip(reference[4:], rest, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert resumed.state_dict() == {"epoch": 0, "batches_consumed": 9}
+    assert resumed.state_dict()["batches_consumed"] == 9
+    other_workers = LVMDataModule(**{**kwargs, "num_workers": 1})
+    with pytest.raises(ConfigError, match="data.num_workers: the checkpoint's stream position was counted with "
+                                          "num_workers 2, this run has 1; .*: set data.num_workers: 2"):
+        other_workers.load_state_dict(first.state_dict())
 
 
 def test_labels_are_inputs_shifted_by_one(shards):
@@ -85,3 +90,9 @@ def test_labels_are_inputs_shifted_by_one(shards):
 
 def test_no_val_shards_means_no_validation(shards):
     assert LVMDataModule(train_shards=str(shards)).val_dataloader() == []
+
+
+def test_too_few_tokens_for_every_worker_is_a_config_error_before_any_worker_starts(shards):
+    dm = LVMDataModule(train_shards=str(shards), seq_len=4096, batch_size=64, num_workers=2)
+    with pytest.raises(ConfigError, match=r"^data: .* cannot give one batch of 64 x 4097 tokens to each of 2 readers"):
+        dm.train_dataloader()

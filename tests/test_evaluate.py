@@ -188,7 +188,11 @@ def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir,
     assert "| unigram baseline | 5 |" in (out / "report.md").read_text()
     assert list(report["context_gain"]["nll"]) == ["1", "2", "6"]  # 8 frames asked, 6 fit
     assert "## Video: which tokens the context helps" in (out / "report.md").read_text()
-    assert "| copy last frame |" in printed and "evaluated 5 sentences: perplexity" in printed
+    assert "| copy the image before (video: the last frame; pairs: the query) |" in printed and "evaluated 5 sentences: perplexity" in printed
+    main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--tokenizer", str(tiny_tokenizer_dir),
+          "--out", str(tmp_path / "no_pixels"), "--pixel-sentences", "0"])
+    assert "pixels" not in json.loads((tmp_path / "no_pixels" / "report.json").read_text())  # skipped, not NaN
+    capsys.readouterr()
     plot = Image.open(out / "perplexity_vs_context.png")
     assert plot.format == "PNG" and plot.size == (720, 480)
 

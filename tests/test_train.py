@@ -117,6 +117,30 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
 
 
+class SigtermMidStep(L.Callback):
+    """Sends SIGTERM after the first micro-batch of optimizer step `step + 1` (2 micro-batches per step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.sent = step, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and batch_idx % 2 == 0 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_inside_a_gradient_accumulation_stops_after_the_step(shards, tmp_path, monkeypatch):
+    """The checkpoint must hold every micro-batch it counts as consumed, or a resume would skip some."""
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2")
+    cli.trainer.callbacks.append(SigtermMidStep(5))
+    with pytest.raises(SystemExit):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 6
+    assert ckpt["LVMDataModule"]["batches_consumed"] == 2 * 6
+
+
 def test_resume_from_a_periodic_checkpoint_with_gradient_accumulation_and_validation(shards, tmp_path, monkeypatch):
     val = write_sentence_shards(tmp_path / "val", shards=1)
     args = ("--trainer.max_steps", "16", "--trainer.accumulate_grad_batches", "2", "--data.val_shards", str(val),
@@ -182,7 +206,7 @@ def test_ddp_with_two_cpu_processes_splits_the_stream_and_resumes(shards, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
     ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 12
-    assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12}  # each rank's count (they move in lockstep)
+    assert ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 12, "num_workers": 1, "world_size": 2}  # each rank's count
     reference = logged(tmp_path / "a")
     assert sorted(reference) == list(range(12)) and all(math.isfinite(v) for v in reference.values())
     # Each rank trains on its own part of the stream, exactly PackedStream(rank=r, world_size=2)'s batches.
@@ -238,7 +262,7 @@ def test_nan_stop_checkpoints_the_last_good_state_and_skips_are_logged(shards, t
     with pytest.raises(NonFiniteLossError):
         cli.trainer.fit(cli.model, cli.datamodule)
     ckpt = torch.load(tmp_path / "stop/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 3 and ckpt["LVMDataModule"] == {"epoch": 0, "batches_consumed": 4}
+    assert ckpt["global_step"] == 3 and ckpt["LVMDataModule"]["batches_consumed"] == 4
     good = {f"model.{k}": v for k, v in cli.model.model.state_dict().items()}  # after step 3's update, before the NaN
     assert all(torch.isfinite(v).all() for v in good.values())
     assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in good.items())

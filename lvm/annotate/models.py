@@ -9,6 +9,7 @@ since normals come from its gradients.
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -113,7 +114,11 @@ def predict(model: Model, pixel_values: Tensor, sizes: list[tuple[int, int]]) ->
     if model.role == "segmentation":
         return model.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
     if model.role == "normals":
-        results = model.processor.post_process_normal_estimation(outputs, target_sizes=sizes)
+        post = model.processor.post_process_normal_estimation
+        # Processors that pad (Sapiens2) crop the padding only when told the size they were given: the square.
+        squares = {"source_sizes": [(max(size),) * 2 for size in sizes]}
+        extra = squares if "source_sizes" in inspect.signature(post).parameters else {}
+        results = post(outputs, target_sizes=sizes, **extra)
         return [F.normalize(r["normals"].float(), dim=0) for r in results]
     depth = outputs.predicted_depth
     depth = depth if depth.dim() == 4 else depth[:, None]
