@@ -22,11 +22,13 @@ IMAGE_SUFFIXES = frozenset(
 (camera frames often come as PGM/PPM, microscopy and remote sensing as TIFF)."""
 
 
-def natural_key(name: str | Path) -> list:
+def natural_key(name: str | Path) -> tuple[list, str]:
     """Sort key of a file name that orders its digit runs as numbers (frame2 before frame10), case-blind;
-    a path sorts by its name. Tuples keep digit and text runs comparable with each other."""
+    a path sorts by its name. Tuples keep digit and text runs comparable with each other; the name itself
+    breaks ties (f1 / f01, A / a), so the order never depends on the order files were listed in."""
     name = name.name if isinstance(name, Path) else name
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+    runs = [(0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", name) if part]
+    return runs, name
 
 
 def tmp_path(path: str | Path) -> Path:

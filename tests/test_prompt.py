@@ -49,6 +49,9 @@ def test_natural_sort():
     names = ["f10.png", "f2.png", "f1.png", "F3.png"]
     assert [p.name for p in sorted(map(Path, names), key=natural_key)] == [
         "f1.png", "f2.png", "F3.png", "f10.png"]
+    for listed in (["f1.png", "f01.png", "A.png", "a.png"], ["a.png", "A.png", "f01.png", "f1.png"]):  # ties
+        assert sorted(listed, key=natural_key) == ["A.png", "a.png", "f01.png", "f1.png"]  # whatever the listing
+    assert sorted(["frame2", "frame"], key=natural_key) == ["frame", "frame2"]
 
 
 def test_next_frame_is_the_greedy_rollout_of_naturally_sorted_frames(

@@ -65,6 +65,18 @@ def test_hole_is_square_in_the_tokenizer_view_of_a_non_square_image():
     assert int((out == 0).all(0).sum()) == 25 * 50
 
 
+def test_a_centre_crop_tokenizer_sees_a_square_hole_and_square_patches():
+    """A taming tokenizer crops the central 100 x 100 of a 100 x 200 image: the mask lives in that square."""
+    x = torch.ones(3, 100, 200)
+    out = apply_mask(x, {"kind": "hole", "side": 0.25, "x": 0.5, "y": 0.1}, "center_crop")
+    rows, cols = torch.nonzero((out == 0).all(0), as_tuple=True)
+    assert (rows.min().item(), rows.max().item()) == (10, 34)
+    assert (cols.min().item(), cols.max().item()) == (100, 124)  # 50 + 50 into the crop, 25 wide: square
+    patches = apply_mask(x, {"kind": "patches", "grid": 4, "patches": [0, 15]}, "center_crop")
+    zeroed = (patches == 0).all(0)
+    assert zeroed[:25, 50:75].all() and zeroed[75:, 125:150].all() and int(zeroed.sum()) == 2 * 25 * 25
+
+
 def test_palette_is_fixed_and_colours_labels():
     palette = label_palette()
     assert palette.shape == (256, 3) and palette.dtype == np.uint8

@@ -160,3 +160,15 @@ def test_training_images_are_turned_by_their_exif_orientation(tmp_path):
     with Image.open(tmp_path / "turned.png") as image:
         crop = make_transform(16, train=False)(image)
     assert crop[0, :, 12:].mean() > 0.9 and crop[2, :, :4].mean() > 0.9  # red right, blue left
+
+
+def test_evaluate_skips_an_image_too_large_to_open(tiny_tokenizer_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """PIL's decompression-bomb guard is a skip like any unreadable file, not the end of the run."""
+    write_images(tmp_path / "images", 2, size=8, seed=3)
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "zz_huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 8x8 opens, 64x64 is over twice the limit
+    out = tmp_path / "result.json"
+    assert evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / "images"),
+                          "--num-workers", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and result["skipped"] == [str(tmp_path / "images" / "zz_huge.png")]

@@ -50,7 +50,7 @@ class _Images(Dataset):
         try:
             with Image.open(self.files[index]) as image:
                 return self.tok.preprocess(image), str(self.files[index])
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None, str(self.files[index])
 
 

@@ -195,8 +195,10 @@ class VQGANTraining(LightningModule):
         xrec, quantized = self._eval_model()(x)
         rec01 = from_value_range(xrec, self.config.value_range).clamp(0, 1)
         self._code_counts += torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
-        self.log("val/rec_loss", self._rec_loss(x, xrec), batch_size=x.shape[0])
-        self.log("val/psnr", peak_signal_noise_ratio(rec01.float(), batch.float(), data_range=1.0), batch_size=x.shape[0])
+        self.log("val/rec_loss", self._rec_loss(x, xrec), batch_size=x.shape[0], sync_dist=True)
+        # The mean of per-image PSNRs over every rank's images, as `tokenizer.evaluate` reports it.
+        psnr = peak_signal_noise_ratio(rec01.float(), batch.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+        self.log("val/psnr", psnr.mean(), batch_size=x.shape[0], sync_dist=True)
         if batch_idx == 0:
             self._log_grid(batch, rec01, "val")
 

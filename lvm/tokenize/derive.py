@@ -45,16 +45,26 @@ def mask_params(key: str, seed: int) -> dict:
     return {"kind": "patches", "grid": PATCH_GRID, "patches": sorted(rng.sample(range(cells), count))}
 
 
-def apply_mask(rgb: Tensor, params: dict) -> Tensor:
-    """A copy of [C, H, W] pixels with the pixels under the mask set to 0 (black)."""
+def apply_mask(rgb: Tensor, params: dict, resize: str = "stretch") -> Tensor:
+    """A copy of [C, H, W] pixels with the pixels under the mask set to 0 (black).
+
+    The mask's fractions are of the part of the image the tokenizer sees (`resize`, its policy): the whole
+    image for `stretch`, the central square for `center_crop`, so that holes stay square and patches on the
+    grid of its square view either way.
+    """
     out = rgb.clone()
     height, width = rgb.shape[-2:]
+    top = left = 0
+    if resize == "center_crop":
+        side = min(height, width)
+        top, left, height, width = (height - side) // 2, (width - side) // 2, side, side
+    view = out[:, top : top + height, left : left + width]  # a view: writing it writes `out`
     if params["kind"] == "hole":
         x, y, side = params["x"], params["y"], params["side"]
-        out[:, round(y * height) : round((y + side) * height), round(x * width) : round((x + side) * width)] = 0
+        view[:, round(y * height) : round((y + side) * height), round(x * width) : round((x + side) * width)] = 0
         return out
     grid = params["grid"]
     for cell in params["patches"]:
         row, col = divmod(cell, grid)
-        out[:, row * height // grid : (row + 1) * height // grid, col * width // grid : (col + 1) * width // grid] = 0
+        view[:, row * height // grid : (row + 1) * height // grid, col * width // grid : (col + 1) * width // grid] = 0
     return out

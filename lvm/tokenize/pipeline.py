@@ -124,7 +124,7 @@ class UnitBatches(IterableDataset):
                 images.append(gray(picture.pixels))
             else:
                 meta["mask"] = mask_params(picture.key, self.options.seed)
-                images.append(apply_mask(picture.pixels, meta["mask"]))
+                images.append(apply_mask(picture.pixels, meta["mask"], self.resize.mode))
         if self.options.label_palette:
             meta["label_palette"] = PALETTE_SEED
         meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
