@@ -227,9 +227,9 @@ def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:
     """Run a whole build (resuming one that was interrupted); returns what ``index.json`` records and how many
     shards an earlier run had completed."""
     out = Path(out)
-    _prepare_out(spec, out)
     sources, tokens_per_image, skipped, tokenizer = load_sources(spec)
     planned = plan(spec, sources, tokens_per_image)
+    _prepare_out(spec, out)  # only once the spec has proved buildable: a refused spec must not claim `out`
     index, resumed = write_shards(spec, planned, out, tokens_per_image)
     index.skipped = skipped
     for src in sources:

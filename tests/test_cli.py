@@ -33,3 +33,15 @@ def test_dry_run_config_error_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: model.lr: must be > 0, got -1.0"
     assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize(("train", "problem"), [("nothere", "no image files"), ("nothere/{000..003}.tar", "no such tar shards")])
+def test_missing_tokenizer_training_data_is_one_line_error(tmp_path, capsys, train, problem):
+    """An image folder without images, or a shard pattern that names no file (webdataset would wait forever)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/vqgan_tiny.yaml", f"--data.init_args.train={tmp_path / train}",
+              f"--data.init_args.val={tmp_path / train}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {tmp_path / train}: {problem}")
+    assert not any("Traceback" in line for line in err)

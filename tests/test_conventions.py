@@ -95,6 +95,12 @@ def test_tokenizer_evaluate_reports_a_folder_without_images_as_one_line(tmp_path
         evaluate_tokenizer(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path}: no image files found\n"
+    (tmp_path / "broken.png").write_bytes(b"not a png")  # an image file, but none readable: no metrics to report
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_tokenizer(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path), "--device", "cpu",
+                            "--num-workers", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path}: none of its 1 image files could be read"
 
 
 

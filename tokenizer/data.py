@@ -14,12 +14,14 @@ from typing import Callable
 
 import torch
 import webdataset as wds
+from braceexpand import braceexpand
 from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
+from common.errors import UserError
 from common.files import IMAGE_SUFFIXES
 from tokenizer.preprocess import to_rgb_float
 
@@ -47,7 +49,7 @@ class ImageFolder(Dataset):
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor]) -> None:
         self.files = image_files(root)
         if not self.files:
-            raise FileNotFoundError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise TrainingDataError(root, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -64,8 +66,18 @@ class ImageFolder(Dataset):
         raise RuntimeError(f"no readable image among the {len(self.files)} files of the dataset")
 
 
+class TrainingDataError(UserError):
+    """Training or validation images that cannot be read at all, named by the path or pattern given."""
+
+
 def webdataset_images(urls: str, transform: Callable[[Image.Image], Tensor], train: bool) -> IterableDataset:
-    """Images from webdataset shards (brace patterns allowed); bad samples are warned about and skipped."""
+    """Images from webdataset shards (brace patterns allowed); bad samples are warned about and skipped.
+
+    Local shards are checked here: a pattern that names no existing file would otherwise leave webdataset
+    waiting on an empty stream, with no step ever run."""
+    local = not any(marker in urls for marker in ("://", "pipe:"))
+    if local and not any(Path(url).is_file() for url in braceexpand(urls)):
+        raise TrainingDataError(urls, "no such tar shards")
     dataset = wds.WebDataset(
         urls,
         shardshuffle=100 if train else False,

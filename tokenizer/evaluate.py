@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(tok, files[: args.limit], args.batch_size, args.num_workers)
     for path in result["skipped"]:
         print(f"skipped unreadable image: {path}", file=sys.stderr)
+    if not result["images"]:
+        raise UserError(args.images, f"none of its {len(result['skipped'])} image files could be read")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     rfid = f"rFID {result['rfid']:.2f}" if result["rfid"] is not None else f"rFID skipped ({result.get('rfid_skipped', 'too few images')})"
