@@ -8,7 +8,7 @@ SEED ?= 0
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || python3 -m venv --clear $(VENV)  # none yet, or left without pip
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[test,demo]"

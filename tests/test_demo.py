@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lvm.demo import report
+from lvm.demo import data, report
 from lvm.demo.data import pans, prepare, read_frames, stills, views, write_clip
 
 
@@ -147,3 +147,13 @@ def test_demo_takes_only_a_seed(capsys):
     assert steps["data"][-2:] == ["--seed", "3"] and steps["tokenizer"][-2:] == ["--seed_everything", "3"]
     assert steps["lvm"][-4:] == ["--seed_everything", "3", "--data.seed", "3"]
     assert steps["annotate-edges"][:4] == [sys.executable, "-m", "lvm.annotate", "--tasks"]
+
+
+def test_data_step_refuses_a_folder_holding_another_run(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "left_over.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'out'}: --out is not empty; remove it or choose another folder (`make demo` starts afresh)\n")

