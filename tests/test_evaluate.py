@@ -131,6 +131,13 @@ def test_no_context_row_needs_bos(model, sentences):
     assert list(perplexity_vs_context(no_bos, sentences[0][:3], max_frames=2)) == [1, 2]
 
 
+def test_context_curve_stops_at_the_frames_the_sentences_have(model):
+    """4-frame clips give 0..3 context frames, though 6 would fit the model: no row for a context never measured."""
+    g = torch.Generator().manual_seed(2)
+    clips = [Sentence(f"v{i}", "video", torch.randint(0, CODEBOOK_SIZE, (4, T), generator=g)) for i in range(2)]
+    assert list(perplexity_vs_context(model, clips)) == [0, 1, 2, 3]
+
+
 def test_perplexity_vs_example_pairs(model):
     """The answer's perplexity given the query and n example pairs: n = 0 is [query, answer] after BOS."""
     g = torch.Generator().manual_seed(1)

@@ -100,6 +100,15 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert (everything == 1).float().mean().item() == pytest.approx(0.5, abs=0.05)
 
 
+def test_temperature_sharpens_as_softmax_of_logits_over_t():
+    """At T = 0.5 a token drawn with probability p_i is drawn with p_i^2 / sum p^2 (0.685 for p = 0.5 here)."""
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.15])
+    drawn = sample(probs.log().expand(4000, 4), Sampling(temperature=0.5, top_k=None), num_codes=4,
+                   generator=torch.Generator().manual_seed(0))
+    expected = (probs**2 / (probs**2).sum())[1].item()
+    assert (drawn == 1).float().mean().item() == pytest.approx(expected, abs=0.03)  # T applied twice: 0.88
+
+
 def test_seeded_sampling_is_reproducible_and_candidates_differ(model):
     frames = torch.randint(0, CODEBOOK_SIZE, (1, 2, 8)).expand(3, 2, 8)
     a = rollout(model, frames, 1, Sampling(), generator=torch.Generator().manual_seed(1))

@@ -84,6 +84,14 @@ def test_future_tokens_never_change_earlier_logits(model):
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
+def test_the_whole_context_is_usable(model):
+    """A row of exactly max_seq_len tokens runs, and its first tokens' logits are those of a shorter row."""
+    tokens = torch.randint(0, 8192, (1, model.cfg.max_seq_len))
+    full = model(tokens)
+    assert full.shape == (1, model.cfg.max_seq_len, VOCAB_SIZE)
+    torch.testing.assert_close(full[:, :-1], model(tokens[:, :-1]), atol=1e-5, rtol=1e-4)
+
+
 def test_kv_cache_prefill_and_decode_equal_full_forward(model):
     tokens = torch.randint(0, 8192, (2, 20))
     full = model(tokens)

@@ -221,6 +221,25 @@ def test_category_groups_k_images_of_n_different_categories(tmp_path: Path, toke
     assert len(used) == len(set(used)) == 24  # 4 categories x 6 images: all used, none twice
 
 
+def test_category_draws_big_categories_more_so_all_run_out_together(tmp_path: Path) -> None:
+    """Categories of 24, 6, 6 and 6 images: drawn in proportion to what they have left, a pass leaves few images
+    unused; drawn uniformly, the three small ones run out first. Mean left over per pass, 60 passes: 8.6..9.9
+    over build seeds 0..5 (integer draws from NumPy's seeded generator), 15.2 when drawn uniformly."""
+    sizes = [24, 6, 6, 6]
+    write_tokens(
+        tmp_path / "tok" / "0.tar",
+        [{"__key__": f"c{c}_{i:02d}", "tokens.npy": codes((c * 24 + i) * N), "json": {"folder": f"cat{c}"}}
+         for c, size in enumerate(sizes) for i in range(size)],
+    )
+    passes = 60
+    index, _ = run_build(
+        tmp_path, [{"name": "cat", "kind": "category", "shards": str(tmp_path / "tok"), "categories": 2, "images": 3,
+                    "epochs": passes}]
+    )
+    left_over = index["sources"]["cat"]["unused"]["images left over at the end of a pass (summed over passes)"]
+    assert left_over / passes < 12, left_over / passes
+
+
 def test_multitask_permutes_task_order_per_sentence_across_three_shots(tmp_path: Path, tokens: Path) -> None:
     annotations = {"depth": str(tokens / "depth"), "normals": str(tokens / "normals")}
     _, sentences = run_build(

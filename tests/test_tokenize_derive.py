@@ -46,10 +46,10 @@ def test_mask_recipe_holes_and_patches():
 
 def test_patch_mask_zeroes_aligned_32px_cells_at_256():
     x = torch.rand(3, 256, 256) + 0.1  # no zeros before masking
-    out = apply_mask(x, {"kind": "patches", "grid": 8, "patches": [0, 9, 63]})
+    out = apply_mask(x, {"kind": "patches", "grid": 8, "patches": [0, 9, 14, 63]})
     zero = (out == 0).all(0)
     expected = torch.zeros(256, 256, dtype=torch.bool)
-    for row, col in ((0, 0), (1, 1), (7, 7)):
+    for row, col in ((0, 0), (1, 1), (1, 6), (7, 7)):  # cell 14 = row 1, column 6: indices are row-major
         expected[row * 32 : (row + 1) * 32, col * 32 : (col + 1) * 32] = True
     assert torch.equal(zero, expected)
     assert torch.equal(out[:, ~expected], x[:, ~expected])  # everything else untouched, input not modified

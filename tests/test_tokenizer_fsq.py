@@ -34,6 +34,15 @@ def test_every_id_is_a_distinct_point_of_the_level_grid() -> None:
     assert torch.equal(grid[1] - grid[0], torch.tensor([0.25, 0, 0, 0, 0]))
 
 
+def test_each_latent_goes_to_its_nearest_level() -> None:
+    """Odd level counts sit symmetric about 0: rounding to the nearest level commutes with negation (floor would not)."""
+    fsq = FiniteScalarQuantizer([5, 5, 5])
+    z = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fsq(-z).z_q, -fsq(z).z_q)
+    bounded = torch.tanh(z) * (4 * 1.001 / 2)  # the squashed latent of L = 5 (no offset for odd L)
+    assert float((fsq(z).z_q * 2 - bounded).abs().max()) <= 0.5  # levels at multiples of 1 / (L // 2)
+
+
 def test_forward_codes_and_lookup_agree_and_pass_gradients() -> None:
     torch.manual_seed(0)
     fsq = FiniteScalarQuantizer(LEVELS)
