@@ -25,7 +25,7 @@ import time
 import torch
 
 from common.vocab import BOS_ID, CODEBOOK_SIZE
-from lvm.generate import GREEDY, Decoder, context_frames, rollout
+from lvm.generate import GREEDY, Decoder, context_frames, rollout, rollout_cache_len
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
 
@@ -100,7 +100,7 @@ def throughput(args: argparse.Namespace) -> None:
     window = context_frames(model, T)
     bw = bandwidth(device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    cache_len = int(model.cfg.bos_id is not None) + (window + 1) * T
+    cache_len = rollout_cache_len(model, T)
     cache_bytes = 2 * model.cfg.n_layers * cache_len * model.cfg.dim * torch.finfo(dtype).bits // 8
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.size} ({weight_bytes / 1e9:.2f} GB weights, {dtype}) on {name}; "

@@ -126,7 +126,7 @@ def target_token_nlls(
         tokens = batch.flatten(1).to(device)
         if model.cfg.bos_id is not None:
             tokens = torch.cat([torch.full_like(tokens[:, :1], model.cfg.bos_id), tokens], 1)
-        logits = model(tokens)[:, -T - 1 : -1].float()
+        logits = model(tokens[:, :-1])[:, -T:].float()  # the target's last token is never an input
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, -T:], reduction="none")
         out[indices] = nll.double().cpu()
         bar.update(len(indices))

@@ -122,9 +122,18 @@ class Decoder:
 
 def context_frames(model: LVM, tokens_per_image: int) -> int:
     """How many context frames a prompt may hold: 15 (the release), or fewer if the model's context
-    cannot fit them plus the frame being generated (and BOS when the model uses one)."""
+    cannot fit them plus the frame being generated (and BOS when the model uses one). The target's last
+    token is never an input, so BOS + (k + 1) frames may exceed the context by one token: a 4096-token
+    model with BOS fits the release's 15 frames of 256 tokens."""
     prefix = int(model.cfg.bos_id is not None)
-    return min(MAX_CONTEXT_FRAMES, (model.cfg.max_seq_len - prefix) // tokens_per_image - 1)
+    return min(MAX_CONTEXT_FRAMES, (model.cfg.max_seq_len - prefix + 1) // tokens_per_image - 1)
+
+
+def rollout_cache_len(model: LVM, tokens_per_image: int) -> int:
+    """Positions the KV cache of a rollout holds: BOS (when the model uses one), the context frames and the
+    frame being generated, but for its last token."""
+    prefix = int(model.cfg.bos_id is not None)
+    return prefix + (context_frames(model, tokens_per_image) + 1) * tokens_per_image - 1
 
 
 def rollout(
@@ -143,7 +152,7 @@ def rollout(
     if F > window:
         raise ValueError(f"{F} context frames given; the model's context fits at most {window}")
     bos = [] if model.cfg.bos_id is None else [torch.full((B, 1), model.cfg.bos_id, device=frames.device)]
-    with Decoder(model, B, len(bos) + (window + 1) * T, compile=compile) as decoder:
+    with Decoder(model, B, rollout_cache_len(model, T), compile=compile) as decoder:
         for _ in range(num_frames):
             prompt = torch.cat([*bos, frames[:, -window:].reshape(B, -1)], 1)
             new = decoder.generate(prompt, T, sampling, num_codes, generator)

@@ -96,7 +96,7 @@ def config_from_hf(hf: dict) -> LVMConfig:
         (kv_heads not in (None, heads), f"grouped-query attention ({kv_heads} key/value heads for {heads} heads)"),
         (hf.get("attention_bias", False) or hf.get("mlp_bias", False), "biases (attention_bias/mlp_bias true)"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (expected 'silu')"),
-        (hf.get("head_dim", dim // heads) * heads != dim, f"head_dim {hf.get('head_dim')} x {heads} heads != {dim}"),
+        ((hf.get("head_dim") or dim // heads) * heads != dim, f"head_dim {hf.get('head_dim')} x {heads} heads != {dim}"),
     ]
     for failed, what in checks:
         if failed:
@@ -108,7 +108,7 @@ def config_from_hf(hf: dict) -> LVMConfig:
         n_layers=hf["num_hidden_layers"],
         n_heads=heads,
         vocab_size=hf["vocab_size"],
-        max_seq_len=hf.get("max_position_embeddings", 4096),
+        max_seq_len=hf.get("max_position_embeddings") or 4096,  # null, as transformers writes some fields, = absent
         rope_theta=_rope_theta(hf),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         init_std=hf.get("initializer_range", 0.02),

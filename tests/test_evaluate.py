@@ -32,7 +32,8 @@ T = 16  # tokens per image of the tiny tokenizer
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=128)).eval()  # fits 6 context frames
+    # 112 = BOS + 6 context frames + all of the target but its last token, which is never an input: fits 6
+    return LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=112)).eval()
 
 
 def sentence(n_images: int, g: torch.Generator) -> np.ndarray:
@@ -66,9 +67,9 @@ def sentences(shards):
 def direct_token_nlls(model: LVM, images: torch.Tensor) -> torch.Tensor:
     """NLL [T] of each token of the last image given the others, written out by hand."""
     tokens = torch.cat([torch.tensor([BOS_ID]), images.flatten()])[None]
-    logp = torch.log_softmax(model(tokens)[0].double(), -1)
+    logp = torch.log_softmax(model(tokens[:, :-1])[0].double(), -1)  # causal: the last token predicts nothing scored
     targets = tokens[0, -T:]
-    return -logp[-T - 1 : -1].gather(1, targets[:, None])[:, 0]
+    return -logp[-T:].gather(1, targets[:, None])[:, 0]
 
 
 def direct_nll(model: LVM, images: torch.Tensor) -> float:

@@ -35,14 +35,15 @@ def test_cached_greedy_equals_recomputation(model):
 
 
 def test_rollout_with_sliding_window_equals_recomputation(model):
-    # 8 tokens per "frame": 96-token context fits BOS + 10 frames + 1 generated -> window 10.
+    # 8 tokens per "frame": 96-token context fits BOS + 11 frames + all but the last token of the
+    # generated one (1 + 88 + 7 = 96) -> window 11.
     T = 8
-    assert context_frames(model, T) == 10
+    assert context_frames(model, T) == 11
     frames = torch.randint(0, CODEBOOK_SIZE, (2, 9, T))
     out = rollout(model, frames, num_frames=4, sampling=GREEDY)
     expected, seq = [], frames
     for _ in range(4):
-        prompt = torch.cat([torch.full((2, 1), BOS_ID), seq[:, -10:].reshape(2, -1)], 1)
+        prompt = torch.cat([torch.full((2, 1), BOS_ID), seq[:, -11:].reshape(2, -1)], 1)
         expected.append(recompute(model, prompt, T))
         seq = torch.cat([seq, expected[-1][:, None]], 1)
     assert torch.equal(out, torch.stack(expected, 1))
@@ -72,8 +73,8 @@ def test_bos_is_omitted_for_models_without_one(model):
 
 
 def test_too_many_context_frames_says_how_many_fit(model):
-    with pytest.raises(ValueError, match="11 context frames given; the model's context fits at most 10"):
-        rollout(model, torch.zeros(1, 11, 8, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="12 context frames given; the model's context fits at most 11"):
+        rollout(model, torch.zeros(1, 12, 8, dtype=torch.long), 1)
 
 
 def test_only_codes_are_sampled():

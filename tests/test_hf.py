@@ -167,6 +167,14 @@ def test_rope_theta_read_from_transformers_5_layout():
     assert config_from_hf({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
 
 
+def test_null_fields_read_as_absent_as_transformers_does():
+    """transformers writes `"head_dim": null` in some configs and loads them; so must we."""
+    cfg = config_from_hf({**BASE, "head_dim": None, "max_position_embeddings": None})
+    assert cfg.head_dim == BASE["hidden_size"] // BASE["num_attention_heads"] and cfg.max_seq_len == 4096
+    with pytest.raises(ValueError, match="head_dim 8 x 4 heads"):
+        config_from_hf({**BASE, "head_dim": 8})
+
+
 def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
     with pytest.raises(CheckpointError, match=r"nope\.ckpt: no such file or directory"):
         load_lvm(tmp_path / "nope.ckpt")

@@ -153,7 +153,7 @@ def run_error(args, capsys):
 
 def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
     ckpt, _ = lvm_ckpt
-    frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(7)])
+    frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(8)])
     common = ["--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", tmp_path / "o.png"]
     missing = tmp_path / "nope.png"
     assert run_error(["--frames", missing, *common], capsys) == f"error: {missing}: no such file or directory"
@@ -161,7 +161,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
     assert run_error(["--frames", tmp_path / "bad.png", *common], capsys).startswith(
         f"error: {tmp_path / 'bad.png'}: not a readable image")
     assert run_error(["--frames", *frames, *common], capsys) == (
-        "error: --frames: 7 frames given, but at most 6 fit as context "
+        "error: --frames: 8 frames given, but at most 7 fit as context "
         "(model context 128 tokens, 16 tokens per image, one frame left to generate)")
     with pytest.raises(SystemExit) as exit_info:  # a count below its minimum: argparse's usage error
         main([str(a) for a in ["--frames", frames[0], "--num-frames", 0, *common]])
