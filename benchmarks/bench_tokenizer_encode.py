@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from peaks import dense_bf16_peak  # benchmarks/peaks.py, beside this script
 from torch.utils.flop_counter import FlopCounterMode
 
+from lvm.peaks import dense_bf16_peak
 from tokenizer import VQGANConfig, VQTokenizer
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"

@@ -12,7 +12,7 @@ i.e. what `lightning fit` gets.
 
 GPU mode runs that Lightning path for each size on one GPU with synthetic tokens and reports
 tokens/s and MFU = tokens/s x LVMConfig.flops_per_token(seq) / the device's dense bf16 peak FLOP/s
-(Lightning's table, or the datasheet's for GPUs it lacks). Sizes in `--sharded` (default 1b) train as
+(`lvm.peaks`, the table the training log uses too). Sizes in `--sharded` (default 1b) train as
 configs/lvm_1b.yaml does: FSDP2 through ModelParallelStrategy with activation checkpointing (here over
 one GPU, so the figure includes the sharding machinery but no communication); the others as 300m/600m
 do (one replica, no recomputation). MFU counts the model's FLOPs only, not the recomputation.
@@ -29,12 +29,12 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
-from peaks import dense_bf16_peak  # benchmarks/peaks.py, beside this script
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.vocab import CODEBOOK_SIZE
 from lvm.hf import config_to_hf, hf_name
 from lvm.model import LVM, LVMConfig
+from lvm.peaks import dense_bf16_peak
 from lvm.train import LVMModule
 
 

@@ -20,6 +20,7 @@ from common.files import atomic_write
 from common.vocab import BOS_ID
 from lvm.generate import Decoder, Sampling
 from lvm.parallelize import gather
+from lvm.peaks import dense_bf16_peak
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> int:
@@ -34,12 +35,21 @@ class TokenThroughput(ThroughputMonitor):
     """Lightning's ThroughputMonitor for token batches, averaged over the last `window_size` batches.
 
     Logs `train/device/items_per_sec` (tokens/s per device; `train/items_per_sec` over all devices when
-    there are several), `train/device/flops_per_sec` and, on GPUs Lightning knows, `train/device/mfu`: FLOPs from
-    `LVMConfig.flops_per_token` (6N + attention) against the device's peak for the training precision.
+    there are several), `train/device/flops_per_sec` and, in bf16/fp16 on the GPUs of `lvm.peaks`,
+    `train/device/mfu`: FLOPs from `LVMConfig.flops_per_token` (6N + attention) against the card's dense peak.
     """
 
     def __init__(self, window_size: int = 20) -> None:
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Lightning's setup, then the peak of `lvm.peaks` instead of Lightning's table (which counts some
+        cards with sparsity and lacks the H200), so that the log and the benchmarks agree on every card."""
+        super().setup(trainer, pl_module, stage)
+        half = str(trainer.precision).startswith(("bf16", "16"))
+        self.available_flops = dense_bf16_peak(trainer.strategy.root_device) if half else None
+        for throughput in self._throughputs.values():
+            throughput.available_flops = self.available_flops
 
 
 class StopOnSigterm(Callback):

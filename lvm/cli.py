@@ -19,7 +19,7 @@ from common.errors import UserError
 from lvm.errors import ConfigError
 
 
-def _count(devices: object) -> int | None:
+def requested_devices(devices: object) -> int | None:
     """GPUs a `trainer.devices` value asks for: 8, [0, 1], "0,1", "2"; None for "auto" / -1 (any number)."""
     if isinstance(devices, int):
         return devices if devices > 0 else None
@@ -39,7 +39,7 @@ def check_accelerator(config: Namespace) -> None:
     accelerator = trainer.accelerator if isinstance(trainer.accelerator, str) else None
     if accelerator not in ("gpu", "cuda"):
         return
-    wanted, found = _count(trainer.devices), torch.cuda.device_count()
+    wanted, found = requested_devices(trainer.devices), torch.cuda.device_count()
     if found >= (wanted or 1):
         return
     source = " + ".join(str(path) for path in config.get("config") or []) or "this run"

@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from lvm.cli import config_errors_as_one_line
+from lvm.cli import config_errors_as_one_line, requested_devices
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
 from lvm.parallelize import parallelize
@@ -93,8 +93,9 @@ class LVMModule(L.LightningModule):
         compile: `torch.compile` each transformer block (keeps state-dict keys unchanged).
         activation_checkpointing: recompute each transformer block in the backward pass (less activation
             memory, ~1/3 more compute, the same numbers).
-        on_nonfinite_loss: `stop` raises at the first NaN/Inf loss, naming the step; `skip` drops that
-            batch (no backward, no update from it) and counts it in `train/skipped_batches`.
+        on_nonfinite_loss: `stop` raises at the first NaN/Inf loss, naming the step; `skip` drops the
+            optimizer step holding that batch (no update; the backward still runs on every rank, as DDP and
+            FSDP2 need matching collectives) and counts the batch in `train/skipped_batches`.
     """
 
     def __init__(
@@ -136,6 +137,7 @@ class LVMModule(L.LightningModule):
         self.model: LVM | None = None
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for tokens/s and MFU
         self.skipped_batches = 0
+        self._drop_step = False  # set by a non-finite loss under `skip`: the next optimizer step makes no update
         rank_zero_info(
             f"LVM {size}: {self.cfg.num_params():,} parameters, "
             f"{self.cfg.flops_per_token() / 1e9:.3g} GFLOP per training token at seq {self.cfg.max_seq_len}"
@@ -192,20 +194,25 @@ class LVMModule(L.LightningModule):
         logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         tokens = batch["input_ids"]
         self.flops_per_batch = self.cfg.flops_per_token(tokens.shape[1]) * tokens.numel()
         loss = self._loss(batch)
-        # Decided across ranks: one rank skipping a backward that the others run would hang DDP/FSDP.
-        if self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss).item(), all=False):
+        # Decided across ranks, so that every rank stops, or every rank drops the step, together.
+        flag = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)
+        if (bad := int(self.trainer.strategy.reduce(flag, reduce_op="sum").item())) > 0:
             if self.hparams.on_nonfinite_loss == "stop":
+                world = self.trainer.world_size
+                what = loss.item() if world == 1 else f"non-finite on {bad} of {world} ranks (this rank: {loss.item()})"
                 raise NonFiniteLossError(
-                    f"loss is {loss.item()} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch}); "
+                    f"loss is {what} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch}); "
                     "lower model.lr, or set model.on_nonfinite_loss=skip to drop such batches"
                 )
+            # The loss still goes to backward: Lightning refuses a skipped training_step with several ranks, and
+            # DDP/FSDP2 need the same collectives on every rank. configure_gradient_clipping drops the update.
+            self._drop_step = True
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
-            return None
         # The loss of the whole batch (mean over ranks, equal shares), not only rank 0's share of it.
         mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
         self.log("train/loss", mean, prog_bar=True)
@@ -241,8 +248,15 @@ class LVMModule(L.LightningModule):
         """Clip by global norm (`trainer.gradient_clip_val`) and log that norm every step.
 
         Replaces Lightning's clipping, which does not return the norm. Under FSDP2 the gradients are DTensor
-        shards; torch's clipping reduces their norm over all ranks.
+        shards; torch's clipping reduces their norm over all ranks. Runs after the backward passes of an
+        optimizer step and before the update, so it is also where a step with a non-finite loss (`skip`) is
+        dropped: without gradients AdamW leaves every parameter and its moments as they are.
         """
+        if self._drop_step:
+            self._drop_step = False
+            for param in self.parameters():
+                param.grad = None
+            return
         max_norm = float("inf") if gradient_clip_val is None else float(gradient_clip_val)
         norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
         self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
@@ -279,7 +293,7 @@ def summary(cli: LightningCLI) -> str:
     model, cfg = cli.model, cli.model.cfg
     trainer, data = cli.config["trainer"], cli.config["data"].init_args
     hp = model.hparams
-    devices = trainer.devices if isinstance(trainer.devices, int) else None
+    devices = requested_devices(trainer.devices)  # `--trainer.devices 8` on the command line arrives as a string
     per_device = data.batch_size * data.seq_len * trainer.accumulate_grad_batches
     strategy = trainer.strategy if isinstance(trainer.strategy, str) else trainer.strategy.class_path.rpartition(".")[2]
     lines = [

@@ -247,12 +247,47 @@ def test_nonfinite_loss_stops_naming_the_step(shards):
         quick_trainer().fit(NaNAtStep3(overrides=MINI, warmup_steps=1), dm)
 
 
+class Snapshots(L.Callback):
+    """The parameters after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.after: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *_) -> None:
+        self.after[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+
 def test_nonfinite_loss_can_skip_the_batch(shards):
     dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
     module = NaNAtStep3(overrides=MINI, warmup_steps=1, on_nonfinite_loss="skip")
-    quick_trainer().fit(module, dm)
+    snapshots = Snapshots()
+    quick_trainer(callbacks=[snapshots]).fit(module, dm)
     assert module.skipped_batches == 1 and dm.batches_consumed == 6
     assert all(torch.isfinite(p).all() for p in module.parameters())
+    # the step with the NaN batch (the 4th, global_step 3 -> 4) left every parameter as it was; the others moved
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.after[3], snapshots.after[4]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots.after[4], snapshots.after[5]))
+
+
+class NaNOnRank0AtStep3(LVMModule):
+    def _loss(self, batch):
+        loss = super()._loss(batch)
+        return loss * float("nan") if self.global_step == 3 and self.global_rank == 0 else loss
+
+
+def test_nonfinite_loss_on_one_of_two_ddp_ranks_skips_or_stops_on_both(shards, tmp_path):
+    """Lightning refuses a skipped training_step on several ranks; the step must be dropped on both instead."""
+    model = ["--model", "test_train.NaNOnRank0AtStep3", "--model.warmup_steps", "1", "--trainer.max_steps", "6"]
+    done = _ddp_fit(shards, tmp_path / "skip", tmp_path / "b1", *model, "--model.on_nonfinite_loss", "skip")
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = logged(tmp_path / "skip")
+    assert sorted(losses) == list(range(6)) and [s for s, v in losses.items() if not math.isfinite(v)] == [3]
+    skipped = logged(tmp_path / "skip", key="train/skipped_batches")
+    assert min(skipped) == 3 and set(skipped.values()) == {1.0}
+
+    done = _ddp_fit(shards, tmp_path / "stop", tmp_path / "b2", *model)
+    assert done.returncode != 0
+    assert "loss is non-finite on 1 of 2 ranks (this rank: nan) at step 3 (batch 3 of epoch 0)" in done.stderr
 
 
 def test_nan_stop_checkpoints_the_last_good_state_and_skips_are_logged(shards, tmp_path, monkeypatch):
@@ -273,6 +308,34 @@ def test_nan_stop_checkpoints_the_last_good_state_and_skips_are_logged(shards, t
     cli.trainer.fit(cli.model, cli.datamodule)
     skipped = logged(tmp_path / "skip", key="train/skipped_batches")
     assert min(skipped) == 3 and set(skipped.values()) == {1.0}  # from the skipped step on
+
+
+@pytest.mark.parametrize("precision,logged_mfu", [("bf16-mixed", True), ("32-true", False)])
+def test_mfu_is_logged_against_the_peak_table_of_lvm_peaks(shards, tmp_path, monkeypatch, precision, logged_mfu):
+    """The training log's MFU uses the benchmarks' table (Lightning's lacks the H200 and doubles some cards),
+    for half-precision runs only: the table holds bf16 peaks."""
+    monkeypatch.setattr("lvm.callbacks.dense_bf16_peak", lambda device: 1e9)  # any card: a CPU stands in
+    enter(tmp_path / "run", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "14", "--trainer.precision", precision)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    flops = logged(tmp_path / "run", key="train/device/flops_per_sec")  # once the window of 10 batches is full
+    assert len(flops) >= 3
+    if logged_mfu:
+        mfu = logged(tmp_path / "run", key="train/device/mfu")
+        assert mfu.keys() == flops.keys() and all(mfu[s] == pytest.approx(flops[s] / 1e9) for s in mfu)
+    else:
+        assert "train/device/mfu" not in (tmp_path / "run/runs/lvm_tiny/logs/version_0/metrics.csv").read_text()
+
+
+def test_peak_table_matches_the_longest_name(monkeypatch):
+    from lvm.peaks import dense_bf16_peak
+
+    cuda = torch.device("cuda")
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                       ("NVIDIA H200 NVL", 835e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA GeForce GTX 1080", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert dense_bf16_peak(cuda) == peak, name
+    assert dense_bf16_peak(torch.device("cpu")) is None
 
 
 def test_invalid_settings_name_the_field():
@@ -478,6 +541,9 @@ def test_3b_dry_run_reports_parameters_without_allocating(capsys):
     assert f"parameters {LVMConfig.from_name('3b').num_params():,} (3.275 B)" in out
     assert "65,536 per optimizer step per device" in out and "524,288 on 8 devices" in out
     assert "ModelParallelStrategy" in out
+    # as the documented sbatch line passes them: strings on the command line
+    train.main(["-c", str(ROOT / "configs/lvm_3b.yaml"), "--trainer.num_nodes", "4", "--trainer.devices", "8"])
+    assert "; 2,097,152 on 32 devices" in capsys.readouterr().out
 
 
 @pytest.mark.gpu
