@@ -90,12 +90,12 @@ class Single(Builder):
 
 
 class Video(Builder):
-    """``[f_s, f_s+k, f_s+2k, ...]``: up to ``frames`` frames of one video at stride ``k``, random start ``s``.
+    """``[f_s, f_s+k, f_s+2k, ...]``: ``frames`` frames of one video at stride ``k``, random start ``s``.
 
     Frames are grouped by the json field ``group_by`` and ordered by ``order_by``; the stride counts stored
     frames (the tokenize step may already have kept every n-th frame). Each pass draws one clip per video and per
-    stride in ``strides``; a video too short for ``frames`` frames at a stride gives a shorter clip, and one too
-    short for two frames gives none (counted).
+    stride in ``strides``. As in the release, a clip always has ``frames`` frames: a video too short for them at a
+    stride gets the largest stride that fits, and one with fewer than ``frames`` frames gives no clip (counted).
     """
 
     options = {"frames": 16, "strides": [8], "group_by": "video", "order_by": "frame"}
@@ -114,42 +114,43 @@ class Video(Builder):
             self.groups = [np.array([row for _, row in sorted(members)]) for members in groups.values()]
         except TypeError as exn:
             raise SentenceError(f"{images.shards[0]}: json field '{order_by}' cannot order frames ({exn})") from None
-        for stride in self.opt["strides"]:
-            if short := sum(len(rows) <= stride for rows in self.groups):
-                notes[f"groups too short for 2 frames at stride {stride}"] += short
+        if short := sum(len(rows) < self.opt["frames"] for rows in self.groups):
+            notes[f"groups with fewer than {self.opt['frames']} frames"] += short
 
     @classmethod
     def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
         return options["frames"]
 
     def draw(self, rng: np.random.Generator) -> list[Sentence]:
-        sentences = []
+        sentences, n = [], self.opt["frames"]
         for rows in self.groups:
-            for stride in self.strides(rng):
-                n = min(self.opt["frames"], (len(rows) - 1) // stride + 1)
-                if n < 2:
-                    continue
+            if len(rows) < n:
+                continue
+            for stride in self.strides(rng, (len(rows) - 1) // (n - 1)):
                 start = int(rng.integers(0, len(rows) - (n - 1) * stride))
                 clip = rows[start : start + (n - 1) * stride + 1 : stride]
                 sentences.append(tuple((self.images, ORIGINAL, int(row)) for row in clip))
         return sentences
 
-    def strides(self, rng: np.random.Generator) -> list[int]:
-        """The strides of one group's clips in one pass: every stride of the spec."""
-        return self.opt["strides"]
+    def strides(self, rng: np.random.Generator, fit: int) -> list[int]:
+        """The strides of one group's clips in one pass: every stride of the spec, each capped at ``fit``, the
+        largest stride at which the group holds ``frames`` frames."""
+        return [min(stride, fit) for stride in self.opt["strides"]]
 
 
 class Sequence(Video):
-    """``[f_s, f_s+k, ...]``: up to 16 frames of an image sequence (a frame folder), one clip per sequence and pass
-    at a stride ``k`` drawn from ``strides`` (the release's [1, 4] for frame folders).
+    """``[f_s, f_s+k, ...]``: 16 frames of an image sequence (a frame folder), one clip per sequence and pass at a
+    stride ``k`` drawn from those of ``strides`` at which the sequence holds 16 frames (the release's [1, 4] for
+    frame folders).
 
     ``lvm.tokenize --frame-folders`` records each image's folder as ``video`` and its place in the folder as ``frame``.
     """
 
     options = {"frames": 16, "strides": [1, 2, 3, 4], "group_by": "video", "order_by": "frame"}
 
-    def strides(self, rng: np.random.Generator) -> list[int]:
-        return [int(rng.choice(self.opt["strides"]))]
+    def strides(self, rng: np.random.Generator, fit: int) -> list[int]:
+        fitting = [stride for stride in self.opt["strides"] if stride <= fit] or [fit]
+        return [int(rng.choice(fitting))]
 
 
 class MultiView(Video):

@@ -110,6 +110,8 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
             allowed = ", ".join(sorted(_SOURCE | set(builder.options)))
             raise SentenceError(f"{where}.{key}: unknown field for kind {kind} (allowed: {allowed})")
     options = {k: _option(raw.get(k, d), d, f"{where}.{k}") for k, d in builder.options.items()}
+    if options.get("frames", 2) < 2:
+        raise SentenceError(f"{where}.frames: a clip needs at least 2 frames, got {options['frames']}")
 
     annotations = raw.get("annotations", {})
     if not isinstance(annotations, dict):

@@ -121,7 +121,7 @@ def test_video_clips_are_consecutive_frames_at_each_stride(tmp_path: Path, token
                 "kind": "video",
                 "shards": str(tokens / "videos"),
                 "frames": 6,
-                "strides": [1, 3],
+                "strides": [1, 5],
                 "epochs": 3,
             }
         ],
@@ -131,16 +131,23 @@ def test_video_clips_are_consecutive_frames_at_each_stride(tmp_path: Path, token
         frames = [(s - VIDEO) // N for s in slots]
         video, first = divmod(frames[0], 20)
         steps = np.diff(frames)
+        # always 6 frames, as in the release: 6 frames at stride 5 would need 26, so 20 frames take stride 3
         assert len(frames) == 6 and len(set(steps)) == 1 and steps[0] in (1, 3)
         assert all(f // 20 == video for f in frames)  # one video, in frame order
         assert [m["meta"]["frame"] for m in info["images"]] == [2 * (f % 20) for f in frames]
         starts[int(steps[0])].add((video, first))
     assert len(sentences) == 2 * 2 * 3  # 2 usable videos x 2 strides x 3 epochs; video 2 is too short
     assert len(starts[1]) > 2 and len(starts[3]) > 2  # random starts differ between epochs
-    assert index["sources"]["vid"]["unused"] == {
-        "groups too short for 2 frames at stride 1": 1,
-        "groups too short for 2 frames at stride 3": 1,
-    }
+    assert index["sources"]["vid"]["unused"] == {"groups with fewer than 6 frames": 1}
+
+
+def test_sequences_draw_a_stride_at_which_the_folder_holds_all_frames(tmp_path: Path, tokens: Path) -> None:
+    """The release's rule for frame folders: a stride from [1, min(4, (length - 1) // 15)]."""
+    _, sentences = run_build(
+        tmp_path, [{"name": "seq", "kind": "sequence", "shards": str(tokens / "videos"), "frames": 8, "epochs": 20}]
+    )
+    steps = {int(np.diff([(s - VIDEO) // N for s in slots])[0]) for _, slots, _ in sentences}
+    assert all(len(slots) == 8 for _, slots, _ in sentences) and steps == {1, 2}  # 20 frames: 8 fit at 1 or 2
 
 
 def test_pairs_follow_keys_and_reshuffle_over_epochs(tmp_path: Path, tokens: Path) -> None:
@@ -438,13 +445,13 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("[single]") and line.split()[1:] == ["3", "54"] for line in out)
-    assert any(line.startswith("[video]") and line.split()[1:] == ["2", "100"] for line in out)
+    assert any(line.startswith("[video]") and line.split()[1:] == ["2", "516"] for line in out)  # 16 frames at stride 1
     skipped = f"skipped in {tmp_path / 'bad' / '0.tar'} (2 shards, original): "
     # the cut sample arrives without its tokens: counted as missing them, and its shard as damaged
     assert (
         skipped + "1 unreadable tokens.npy; 2 missing tokens.npy; 1 damaged tar shards (rest of the shard lost)" in out
     )
-    assert out[-1].startswith("built 5 sentences (154 tokens, 2 kinds) into 1 shards in ")
+    assert out[-1].startswith("built 5 sentences (570 tokens, 2 kinds) into 1 shards in ")
     assert out[-1].endswith(
         "; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, 1 damaged tar shards (rest of the shard lost)"
     )
@@ -485,9 +492,12 @@ BAD_SPECS = [
         "sources[1].name: 'a' used twice",
     ),
     ({"seed": 1, "source": []}, "source: unknown field"),
+    ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 1}]},
+     "sources[0].frames: a clip needs at least 2 frames, got 1"),
     (
-        {"tokens": 1000, "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "strides": [50], "weight": 1}]},
-        "source 'a' makes no sentences (3 groups too short for 2 frames at stride 50), so no number of passes gives it tokens",
+        {"tokens": 1000, "window": 512,
+         "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 21, "weight": 1}]},
+        "source 'a' makes no sentences (3 groups with fewer than 21 frames), so no number of passes gives it tokens",
     ),
     (
         {"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
