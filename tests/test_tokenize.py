@@ -487,6 +487,18 @@ def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_d
         assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
 
 
+def test_a_new_mask_recipe_redoes_only_shards_with_masked_images(inputs, tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
+    plain, masked = tmp_path / "plain", tmp_path / "masked"
+    assert _run(tiny_tokenizer_dir, plain, inputs / "laion") == 0
+    assert _run(tiny_tokenizer_dir, masked, inputs / "laion", extra=("--derive", "masked")) == 0
+    capsys.readouterr()
+    monkeypatch.setattr("lvm.tokenize.pipeline.MASK_RECIPE", 999)
+    assert _run(tiny_tokenizer_dir, plain, inputs / "laion") == 0
+    assert "in 0 shards (3 already complete)" in capsys.readouterr().out
+    assert _run(tiny_tokenizer_dir, masked, inputs / "laion", extra=("--derive", "masked")) == 0
+    assert "3 made with other settings or inputs (redone)" in capsys.readouterr().err
+
+
 def test_a_rerun_killed_between_report_and_rename_redoes_the_shard(tmp_path, monkeypatch):
     """A shard made with other settings, its rerun killed after the new report: the old tar must not pass for done."""
     tokens = {"original": np.zeros(4, np.uint16)}

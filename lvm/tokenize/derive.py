@@ -19,7 +19,9 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # R, G, B
 HOLE_PROBABILITY = 0.3  # otherwise patches
 HOLE_SIDE = (0.1, 0.5)  # side of the square hole, as a fraction of the image side
 PATCH_GRID = 8  # 8x8 patches: 32x32 pixels each in the tokenizer's 256x256 view
-PATCH_FRACTION = (0.1, 0.5)  # fraction of the 64 patches zeroed
+# Version of the mask recipe, part of the tokenize fingerprint of shards with masked images. 2: each patch
+# zeroed with probability 1 - r, r ~ U(0, 1) per image, as the release does (1 zeroed 10%..50% of them).
+MASK_RECIPE = 2
 VARIANTS = ("gray", "masked")
 
 
@@ -34,15 +36,17 @@ def mask_params(key: str, seed: int) -> dict:
 
     With probability 0.3 a square hole: side `side` and top-left corner (`x`, `y`) as fractions of
     the image width and height (square in the tokenizer's square view). Otherwise `patches`: the
-    indices (row-major) of the zeroed cells of a `grid` x `grid` partition of the image.
+    indices (row-major) of the zeroed cells of a `grid` x `grid` partition of the image, each cell zeroed
+    with probability 1 - r for one r ~ U(0, 1) per image, as in the release's inpainting data: on average half
+    the image, from none of it to all of it.
     """
     rng = random.Random(f"{seed}:{key}")
     if rng.random() < HOLE_PROBABILITY:
         side = round(rng.uniform(*HOLE_SIDE), 6)
         return {"kind": "hole", "side": side, "x": round(rng.uniform(0.0, 1.0 - side), 6), "y": round(rng.uniform(0.0, 1.0 - side), 6)}
-    cells = PATCH_GRID * PATCH_GRID
-    count = max(1, round(rng.uniform(*PATCH_FRACTION) * cells))
-    return {"kind": "patches", "grid": PATCH_GRID, "patches": sorted(rng.sample(range(cells), count))}
+    kept = rng.random()
+    zeroed = [cell for cell in range(PATCH_GRID * PATCH_GRID) if rng.random() >= kept]
+    return {"kind": "patches", "grid": PATCH_GRID, "patches": zeroed}
 
 
 def apply_mask(rgb: Tensor, params: dict, resize: str = "stretch") -> Tensor:

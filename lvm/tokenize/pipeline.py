@@ -27,7 +27,7 @@ import weights
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
-from lvm.tokenize.derive import VARIANTS, apply_mask, gray, mask_params
+from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary
 from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
 from lvm.tokenize.writer import ShardWriter, shard_state
@@ -213,7 +213,8 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
     identity = tok.identity(job.tokenizer)
     # Config plus the weights' digest: a shard made by another tokenizer is never taken as done.
     made_by = {"config": tok.config.to_dict(), "weights": identity["digest"]}
-    settings = json.dumps({"options": asdict(job.options), "tokenizer": made_by}, sort_keys=True)
+    recipe = {"mask_recipe": MASK_RECIPE} if "masked" in job.options.derive else {}  # masks change with it
+    settings = json.dumps({"options": asdict(job.options), "tokenizer": made_by, **recipe}, sort_keys=True)
     mine = units[rank::world]  # split before checking what is done, so every rank sees the same split
     fingerprints = [hashlib.sha1(f"{settings}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine]
     states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
