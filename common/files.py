@@ -1,4 +1,4 @@
-"""File conventions shared by every stage: the one atomic write, and which files are images.
+"""File conventions shared by every stage: the one atomic write, which files are images, when a tar is whole.
 
 Every output a later run or another stage reads (token and sentence shards, their reports and
 indexes, checkpoints) is written with `atomic_write`, so a killed job leaves either the complete
@@ -57,3 +57,21 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+TAR_END = 2 * 512  # every complete tar archive ends with two zero blocks
+
+
+def tar_is_complete(path: str | Path) -> bool:
+    """Whether a tar file ends as a complete archive does: whole 512-byte blocks, the last two zero. Python's
+    tarfile (and so webdataset) reads a file cut between two members, a copy that did not finish, as a complete
+    and shorter archive; this tells the two apart. An unreadable file counts as complete: reading it says why."""
+    try:
+        size = os.path.getsize(path)
+        if size < TAR_END or size % 512:
+            return False
+        with open(path, "rb") as f:
+            f.seek(size - TAR_END)
+            return not any(f.read(TAR_END))
+    except OSError:
+        return True

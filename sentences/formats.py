@@ -21,6 +21,7 @@ import glob
 import io
 import json
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,8 +33,8 @@ import numpy as np
 import webdataset as wds
 from braceexpand import braceexpand
 
-from common.files import atomic_write
-from common.vocab import VOCAB_SIZE
+from common.files import atomic_write, tar_is_complete
+from common.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
 from sentences.errors import SentenceError
 
 ORIGINAL = "original"
@@ -95,10 +96,19 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
 def iter_samples(path: str, on_error: Callable[[Exception], bool] = wds.reraise_exception) -> Iterator[dict]:
     """Samples of one tar shard as webdataset dicts (``__key__`` plus raw bytes per member extension).
 
-    ``on_error`` is webdataset's handler: return True to skip what failed (a truncated tar ends the shard),
-    or raise to stop.
+    ``on_error`` is webdataset's handler: return True to skip what failed (a damaged tar ends the shard),
+    or raise to stop. A tar cut short between members reaches it too, after the samples before the cut.
     """
-    yield from wds.tarfile_samples([{"url": path}], handler=on_error)
+    failed = False
+
+    def handler(exn: Exception) -> bool:
+        nonlocal failed
+        failed = True
+        return on_error(exn)
+
+    yield from wds.tarfile_samples([{"url": path}], handler=handler)
+    if not failed and not tar_is_complete(path):
+        on_error(tarfile.ReadError("cut short (no end-of-archive blocks; a copy that did not finish?)"))
 
 
 @contextmanager
@@ -126,8 +136,9 @@ class ShardSentence(NamedTuple):
 def read_sentences(path: str, skipped: Counter | None = None) -> Iterator[ShardSentence]:
     """The sentences of one shard in order, every token id checked against the vocabulary.
 
-    A bad sentence (no or an unreadable ``tokens.npy``, not 1-D integers, an id outside the vocabulary) or a
-    damaged tar raises SentenceError naming the shard and the sentence: training must not silently lose data.
+    A bad sentence (no or an unreadable ``tokens.npy``, not 1-D integers, an id outside the vocabulary, not
+    ``[BOS, ..., EOS]``) or a damaged tar (also one cut short between samples) raises SentenceError naming the
+    shard and the sentence: training must not silently lose data.
     With ``skipped`` (evaluation), each is counted there by reason instead and left out.
     """
 
@@ -159,6 +170,10 @@ def read_sentences(path: str, skipped: Counter | None = None) -> Iterator[ShardS
             worst = int(tokens.max()) if tokens.max() >= VOCAB_SIZE else int(tokens.min())
             bad(key, "id outside the vocabulary", f"token id {worst} outside the vocabulary [0, {VOCAB_SIZE})")
             continue
+        if skipped is None and (tokens.size < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID):
+            # (evaluation checks the whole layout itself, against the tokens per image, and counts)
+            raise SentenceError(path, f"sentence '{key}': not [BOS {BOS_ID}, ..., EOS {EOS_ID}] (token shards of "
+                                "lvm.tokenize are not sentences: build sentences from them with python -m sentences.build)")
         yield ShardSentence(key, tokens, sample.get("json"))
 
 

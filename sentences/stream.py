@@ -34,8 +34,9 @@ the mixture across shards, so this only has to break up the order within a reade
 
 
 def shard_tokens(paths: list[str]) -> np.ndarray:
-    """Tokens in each shard: from the ``index.json`` beside it when it lists the shard at its current size,
-    otherwise by reading the shard."""
+    """Tokens in each shard: from the ``index.json`` beside it when it lists the shard, otherwise by reading the
+    shard. A shard whose size is not the one listed is refused: it was damaged (a copy cut short) or changed
+    since ``sentences.build`` wrote it, and training on what is left would lose sentences silently."""
     indexes: dict[str, dict] = {}
     counts = []
     for path in paths:
@@ -43,7 +44,12 @@ def shard_tokens(paths: list[str]) -> np.ndarray:
         if folder not in indexes:
             indexes[folder] = indexed_shards(folder)
         entry = indexes[folder].get(os.path.basename(path))
-        if isinstance(entry, dict) and entry.get("bytes") == os.path.getsize(path) and "tokens" in entry:
+        if isinstance(entry, dict) and "tokens" in entry and "bytes" in entry:
+            if (size := os.path.getsize(path)) != entry["bytes"]:
+                raise SentenceError(
+                    path, f"{size:,} bytes, but index.json lists {entry['bytes']:,}: damaged or changed since "
+                    "sentences.build wrote it (rebuild it, or remove index.json to take the shards as they are)"
+                )
             counts.append(int(entry["tokens"]))
         else:
             counts.append(sum(len(sentence.tokens) for sentence in read_sentences(path)))

@@ -121,7 +121,7 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
                 for variant, array in arrays.items():
                     rows[variant].append(array)
         if errors:
-            skipped["damaged tar shards (rest of the shard lost)"] += 1
+            skipped[f"damaged tar shard {path} (the rest of it lost)"] += 1  # named: the one to copy again
     if not keys:
         raise SentenceError(f"{paths[0]}: no usable samples in the {name} shards ({dict(skipped) or 'empty'})")
     return TokenSet(

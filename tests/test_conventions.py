@@ -12,6 +12,7 @@ from PIL import Image
 
 from common import files
 from common.errors import UserError, exit_on
+from common.vocab import BOS_ID, EOS_ID
 from lvm.tokenize.__main__ import main as tokenize_main
 from lvm.tokenize.sources import find_units
 from sentences.errors import SentenceError
@@ -62,7 +63,7 @@ def test_shard_patterns_folder_glob_and_braces_name_the_same_shards(tmp_path) ->
 def test_one_sentence_reader_raises_for_training_and_counts_for_evaluation(tmp_path) -> None:
     path = tmp_path / "sentences-000000.tar"
     with tar_writer(path) as tar:
-        tar.write({"__key__": "good", "tokens.npy": np.arange(4, dtype=np.uint16)})
+        tar.write({"__key__": "good", "tokens.npy": np.array([BOS_ID, 0, 1, EOS_ID], dtype=np.uint16)})
         tar.write({"__key__": "huge", "tokens.npy": np.array([9000], dtype=np.uint16)})
         tar.write({"__key__": "none", "json": {"kind": "video"}})
     with pytest.raises(SentenceError, match="sentence 'huge': token id 9000 outside the vocabulary"):

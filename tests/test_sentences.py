@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -448,13 +449,23 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
     assert any(line.startswith("[video]") and line.split()[1:] == ["2", "516"] for line in out)  # 16 frames at stride 1
     skipped = f"skipped in {tmp_path / 'bad' / '0.tar'} (2 shards, original): "
     # the cut sample arrives without its tokens: counted as missing them, and its shard as damaged
-    assert (
-        skipped + "1 unreadable tokens.npy; 2 missing tokens.npy; 1 damaged tar shards (rest of the shard lost)" in out
-    )
+    damaged = f"1 damaged tar shard {tmp_path / 'bad' / '1.tar'} (the rest of it lost)"
+    assert skipped + f"1 unreadable tokens.npy; 2 missing tokens.npy; {damaged}" in out
     assert out[-1].startswith("built 5 sentences (570 tokens, 2 kinds) into 1 shards in ")
-    assert out[-1].endswith(
-        "; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, 1 damaged tar shards (rest of the shard lost)"
-    )
+    assert out[-1].endswith(f"; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, {damaged}")
+
+
+def test_a_token_shard_cut_between_samples_is_counted_and_named(tmp_path: Path) -> None:
+    """tarfile reads a tar cut between members as a shorter, complete one; the missing end-of-archive blocks
+    tell, so the images lost are not lost silently."""
+    write_tokens(tmp_path / "tok" / "0.tar", [{"__key__": f"k{i}", "tokens.npy": codes(i * N)} for i in range(6)])
+    shard = tmp_path / "tok" / "0.tar"
+    with tarfile.open(shard) as tar:
+        boundary = tar.getmembers()[4].offset  # before the 5th sample
+    shard.write_bytes(shard.read_bytes()[:boundary])
+    index, sentences = run_build(tmp_path, [{"name": "s", "kind": "single", "shards": str(tmp_path / "tok")}])
+    assert len(sentences) == 4
+    assert index["skipped"] == {f"{shard} (1 shards, original)": {f"damaged tar shard {shard} (the rest of it lost)": 1}}
 
 
 BAD_SPECS = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -146,6 +147,31 @@ def test_out_of_vocabulary_id_is_an_error_naming_the_shard(tmp_path: Path) -> No
         match=r"sentences-000000.tar: sentence 's00000': token id 9000 outside the vocabulary \[0, 8292\)",
     ):
         list(PackedStream(str(tmp_path), seq_len=3))
+
+
+def test_token_shards_given_as_sentences_are_an_error(tmp_path: Path) -> None:
+    """lvm.tokenize's shards also hold `tokens.npy`: bare image codes, no BOS/EOS. Training on them must stop."""
+    write_sentences(tmp_path, [np.arange(16, dtype=np.uint16)] * 20, per_shard=20, index=False)
+    with pytest.raises(SentenceError, match=r"sentences-000000.tar: sentence 's00000': not \[BOS 8192, \.\.\., EOS 8193\] "
+                       r"\(token shards of lvm.tokenize are not sentences"):
+        list(PackedStream(str(tmp_path), seq_len=3))
+
+
+@pytest.mark.parametrize("index", [True, False])
+def test_a_shard_cut_short_between_sentences_stops_training(tmp_path: Path, shards: tuple[Path, Counter], index: bool) -> None:
+    """Python's tarfile reads a tar cut between two members as a complete, shorter archive: with index.json its
+    listed size gives the cut away, without it the missing end-of-archive blocks do."""
+    folder, _ = shards
+    for shard in folder.glob("*"):
+        if index or shard.suffix == ".tar":
+            (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    cut = tmp_path / "sentences-000003.tar"
+    with tarfile.open(cut) as tar:
+        boundary = tar.getmembers()[6].offset  # the header of the 4th sentence's first member
+    cut.write_bytes(cut.read_bytes()[:boundary])
+    message = "bytes, but index.json lists" if index else r"damaged tar \(ReadError: cut short"
+    with pytest.raises(SentenceError, match=f"sentences-000003.tar: .*{message}"):
+        list(PackedStream(str(tmp_path), SEQ, BATCH))
 
 
 def test_too_little_data_for_every_reader_is_an_error(shards: tuple[Path, Counter]) -> None:

@@ -273,6 +273,9 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
     with tarfile.open(src / "a.tar") as tar:
         cut = tar.getmember("k5.jpg").offset_data + 100
     (src / "b.tar").write_bytes((src / "a.tar").read_bytes()[:cut])  # cut inside k5: k1..k4 survive
+    with tarfile.open(src / "a.tar") as tar:
+        between = tar.getmember("k5.jpg").offset
+    (src / "e.tar").write_bytes((src / "a.tar").read_bytes()[:between])  # cut between k4 and k5: tarfile sees no damage
     (src / "c.tar").write_bytes(b"")
     (src / "d.tar").write_bytes(b"this is no tar file at all" * 40)
     (src / "img").mkdir()
@@ -285,9 +288,9 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
     out = tmp_path / "out"
     assert _run(tiny_tokenizer_dir, out, src, extra=("--images-per-shard", "10")) == 0
     summary = capsys.readouterr().out.strip()
-    assert summary.startswith("tokenize: 5 images tokenized (+0 derived) in 6 shards (0 already complete); skipped 13: "
-                              "corrupt_image 3, corrupt_tar 2, empty_file 5, no_image 2, unreadable_video 1; "
-                              "80 tokens written; wall ")
+    assert summary.startswith("tokenize: 6 images tokenized (+0 derived) in 7 shards (0 already complete); skipped 17: "
+                              "corrupt_image 4, corrupt_tar 3, empty_file 6, no_image 3, unreadable_video 1; "
+                              "96 tokens written; wall ")
     reports = {p.name: json.loads(p.read_text()) for p in out.glob("*.report.json")}
     a = reports["a.report.json"]
     assert (a["images"], a["skipped"]) == (3, {"corrupt_image": 1, "empty_file": 1, "no_image": 1})
@@ -297,6 +300,9 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
         1, {"corrupt_image": 1, "corrupt_tar": 1, "empty_file": 1, "no_image": 1})
     assert reports["c.report.json"]["skipped"] == {"empty_file": 1}
     assert reports["d.report.json"]["skipped"] == {"corrupt_tar": 1}
+    assert (reports["e.report.json"]["images"], reports["e.report.json"]["skipped"]) == (
+        1, {"corrupt_image": 1, "corrupt_tar": 1, "empty_file": 1, "no_image": 1})
+    assert reports["e.report.json"]["skipped_items"][-1]["detail"].startswith("cut short between members")
     assert reports["src-img-000000.report.json"]["skipped"] == {"corrupt_image": 1, "empty_file": 1}
     assert reports["src-vid-000000.report.json"]["skipped"] == {"empty_file": 1, "unreadable_video": 1}
     assert list(_samples(out / "b.tar")) == ["k1"] and _samples(out / "c.tar") == {}

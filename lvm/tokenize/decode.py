@@ -22,7 +22,7 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from common.files import IMAGE_SUFFIXES
+from common.files import IMAGE_SUFFIXES, tar_is_complete
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize.sources import Item, Unit
 from tokenizer.preprocess import to_rgb_float
@@ -172,6 +172,8 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         yield Skip(path, "duplicate_key", _detail(error))
     if errors:
         yield Skip(path, "corrupt_tar", _detail(errors[0]))
+    elif not tar_is_complete(path):
+        yield Skip(path, "corrupt_tar", "cut short between members (no end-of-archive blocks)")
 
 
 def _tar_members(stream: BinaryIO, path: str, errors: list[BaseException]) -> Iterator[dict]:
