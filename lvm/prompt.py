@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 import tokenizer
@@ -31,7 +31,7 @@ from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.generate import GREEDY, Sampling, context_frames, rollout
 from lvm.model import LVM
-from tokenizer.preprocess import to_rgb_float
+from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
 CHUNK = 16  # images per tokenizer call
 
@@ -65,7 +65,7 @@ def read_image(path: Path) -> Image.Image:
     try:
         with Image.open(path) as image:
             pixels = to_rgb_float(ImageOps.exif_transpose(image))
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise PromptError(path, f"not a readable image ({e})") from e
     return to_pil_image((pixels * 255).round().to(torch.uint8))
 

@@ -1,5 +1,8 @@
 """The `lightning` console script prints project errors as one line."""
 
+import io
+import tarfile
+
 import pytest
 
 from lvm.cli import main
@@ -35,13 +38,29 @@ def test_dry_run_config_error_is_one_line(capsys):
     assert not any("Traceback" in line for line in err)
 
 
-@pytest.mark.parametrize(("train", "problem"), [("nothere", "no image files"), ("nothere/{000..003}.tar", "no such tar shards")])
+@pytest.mark.parametrize(("train", "problem"), [
+    ("nothere", "no image files"),
+    ("nothere/{000..003}.tar", "no such tar shards"),
+    ("tokens/{0..1}.tar", "holds no jpg/jpeg/png/webp image (token or sentence shards?)"),
+    ("text.tar", "not a readable tar shard"),
+    ("broken", "no readable image among its 2 image files"),
+])
 def test_missing_tokenizer_training_data_is_one_line_error(tmp_path, capsys, train, problem):
-    """An image folder without images, or a shard pattern that names no file (webdataset would wait forever)."""
+    """An image folder without (readable) images, or shards that give no image: webdataset would wait forever."""
+    (tmp_path / "tokens").mkdir()
+    with tarfile.open(tmp_path / "tokens" / "0.tar", "w") as tar:  # a token shard: no image member
+        member = tarfile.TarInfo("000000.tokens.npy")
+        member.size = 4
+        tar.addfile(member, io.BytesIO(b"\x00" * 4))
+    (tmp_path / "text.tar").write_text("not a tar\n" * 100)
+    (tmp_path / "broken").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "broken" / name).write_bytes(b"not an image")
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", "configs/vqgan_tiny.yaml", f"--data.init_args.train={tmp_path / train}",
               f"--data.init_args.val={tmp_path / train}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {tmp_path / train}: {problem}")
+    where = tmp_path / ("tokens/0.tar" if train.startswith("tokens") else train)  # the shard that was looked at
+    assert err[-1].startswith(f"error: {where}: {problem}")
     assert not any("Traceback" in line for line in err)

@@ -151,7 +151,7 @@ def run_error(args, capsys):
     return err.strip()
 
 
-def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys, monkeypatch):
     ckpt, _ = lvm_ckpt
     frames = write_frames(tmp_path / "seq", [f"{i}.png" for i in range(8)])
     common = ["--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", tmp_path / "o.png"]
@@ -160,6 +160,11 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
     (tmp_path / "bad.png").write_bytes(b"not a png")
     assert run_error(["--frames", tmp_path / "bad.png", *common], capsys).startswith(
         f"error: {tmp_path / 'bad.png'}: not a readable image")
+    Image.new("RGB", (64, 64)).save(tmp_path / "huge.png")
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is over twice the limit: a decompression bomb
+        assert run_error(["--frames", tmp_path / "huge.png", *common], capsys).startswith(
+            f"error: {tmp_path / 'huge.png'}: not a readable image (Image size (4096 pixels) exceeds limit")
     assert run_error(["--frames", *frames, *common], capsys) == (
         "error: --frames: 8 frames given, but at most 7 fit as context "
         "(model context 128 tokens, 16 tokens per image, one frame left to generate)")

@@ -162,6 +162,15 @@ def test_training_images_are_turned_by_their_exif_orientation(tmp_path):
     assert crop[0, :, 12:].mean() > 0.9 and crop[2, :, :4].mean() > 0.9  # red right, blue left
 
 
+def test_training_folders_skip_an_image_too_large_to_open(tmp_path: Path, monkeypatch) -> None:
+    write_images(tmp_path / "images", 2, size=8, seed=3)
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "zz_huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 8x8 opens, 64x64 is over twice the limit
+    folder = str(tmp_path / "images")
+    (batch,) = list(ImageDataModule(train=folder, val=folder, image_size=8, batch_size=3, num_workers=0).val_dataloader())
+    assert batch.shape == (3, 3, 8, 8)  # the huge image replaced by a readable one, as any unreadable file
+
+
 def test_evaluate_skips_an_image_too_large_to_open(tiny_tokenizer_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """PIL's decompression-bomb guard is a skip like any unreadable file, not the end of the run."""
     write_images(tmp_path / "images", 2, size=8, seed=3)

@@ -9,6 +9,7 @@ images are skipped with a warning naming the file and never stop a run.
 from __future__ import annotations
 
 import logging
+import tarfile
 from pathlib import Path
 from typing import Callable
 
@@ -16,14 +17,14 @@ import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from lightning.pytorch import LightningDataModule
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from common.errors import UserError
 from common.files import IMAGE_SUFFIXES
-from tokenizer.preprocess import to_rgb_float
+from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
 log = logging.getLogger(__name__)
 WDS_IMAGE_KEYS = "jpg;jpeg;png;webp"
@@ -47,7 +48,7 @@ class ImageFolder(Dataset):
     so batches keep their size."""
 
     def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor]) -> None:
-        self.files = image_files(root)
+        self.root, self.files = root, image_files(root)
         if not self.files:
             raise TrainingDataError(root, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.transform = transform
@@ -61,9 +62,9 @@ class ImageFolder(Dataset):
             try:
                 with Image.open(path) as image:
                     return self.transform(image)
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            except UNREADABLE_IMAGE as err:
                 log.warning("skipping unreadable image %s: %s", path, err)
-        raise RuntimeError(f"no readable image among the {len(self.files)} files of the dataset")
+        raise TrainingDataError(self.root, f"no readable image among its {len(self.files)} image files")
 
 
 class TrainingDataError(UserError):
@@ -76,8 +77,11 @@ def webdataset_images(urls: str, transform: Callable[[Image.Image], Tensor], tra
     Local shards are checked here: a pattern that names no existing file would otherwise leave webdataset
     waiting on an empty stream, with no step ever run."""
     local = not any(marker in urls for marker in ("://", "pipe:"))
-    if local and not any(Path(url).is_file() for url in braceexpand(urls)):
-        raise TrainingDataError(urls, "no such tar shards")
+    if local:
+        first = next((url for url in braceexpand(urls) if Path(url).is_file()), None)
+        if first is None:
+            raise TrainingDataError(urls, "no such tar shards")
+        _check_holds_images(first)
     dataset = wds.WebDataset(
         urls,
         shardshuffle=100 if train else False,
@@ -93,6 +97,18 @@ def webdataset_images(urls: str, transform: Callable[[Image.Image], Tensor], tra
         .map_tuple(transform, handler=wds.warn_and_continue)
         .map(lambda sample: sample[0])
     )
+
+
+def _check_holds_images(shard: str) -> None:
+    """A shard that is no tar or holds no image member (token or sentence shards given by mistake) is refused:
+    a stream whose every sample fails would leave training waiting with no step ever run."""
+    suffixes = tuple(f".{key}" for key in WDS_IMAGE_KEYS.split(";"))
+    try:
+        with tarfile.open(shard) as tar:
+            if not any(member.name.lower().endswith(suffixes) for member in tar):
+                raise TrainingDataError(shard, f"holds no {'/'.join(WDS_IMAGE_KEYS.split(';'))} image (token or sentence shards?)")
+    except (tarfile.TarError, OSError) as err:
+        raise TrainingDataError(shard, f"not a readable tar shard ({type(err).__name__})") from None
 
 
 class ImageDataModule(LightningDataModule):

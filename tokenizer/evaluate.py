@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -31,7 +31,7 @@ import weights
 from common.errors import UserError, exit_on
 from common.options import add_device_arg, add_tokenizer_arg, at_least
 from tokenizer.data import image_files
-from tokenizer.preprocess import from_value_range
+from tokenizer.preprocess import UNREADABLE_IMAGE, from_value_range
 from tokenizer.quantizer import codebook_stats
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception weights
@@ -50,7 +50,7 @@ class _Images(Dataset):
         try:
             with Image.open(self.files[index]) as image:
                 return self.tok.preprocess(image), str(self.files[index])
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except UNREADABLE_IMAGE:
             return None, str(self.files[index])
 
 

@@ -20,6 +20,10 @@ from torchvision.transforms.v2 import functional as TF
 
 ImageLike = Union[Image.Image, np.ndarray, Tensor]
 
+UNREADABLE_IMAGE = (OSError, Image.UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+"""What opening and decoding a damaged, truncated or oversized image file raises with Pillow (a decompression
+bomb is no OSError): the one list every reader of image files skips or reports."""
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG 16-bit grayscale opens as one of these
 
 
