@@ -4,7 +4,9 @@ An error a user can fix (a bad option, an unreadable or inconsistent file) is ra
 `UserError`. It carries where the problem is (a file, an option, a config field) and what it is; its
 message is `<where>: <what>` on one line. Every `python -m` command wraps its `main` in `exit_on`, and the
 `lightning` CLI (`lvm.cli`) catches the same base class, so users see `error: <where>: <what>` and exit
-status 2 instead of a traceback. Anything else is a bug and keeps its traceback.
+status 2 instead of a traceback. So does an OSError about a path the user controls (permission denied, a
+folder where a file belongs, a file where a folder belongs): `error: <path>: <what the OS says>`. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ class UserError(Exception):
         self.what = what
 
 
+PATH_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+"""OSErrors a user fixes on their side (rights, or the kind of thing at a path they gave), reported in one line."""
+
+
 def exit_on(main: Main) -> Main:
-    """Decorate a command's `main`: a `UserError` becomes one line `error: <message>` on stderr and exit
-    status 2 instead of a traceback."""
+    """Decorate a command's `main`: a `UserError`, or one of PATH_ERRORS naming its path, becomes one line
+    `error: <message>` on stderr and exit status 2 instead of a traceback."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
@@ -39,6 +45,11 @@ def exit_on(main: Main) -> Main:
             return main(*args, **kwargs)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except PATH_ERRORS as error:
+            if error.filename is None:
+                raise
+            print(f"error: {error.filename}: {error.strerror.lower()}", file=sys.stderr)
             raise SystemExit(2) from None
 
     return run  # type: ignore[return-value]

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from common.errors import UserError
+
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".pgm", ".ppm", ".pbm", ".pnm"}
 )
@@ -75,3 +77,15 @@ def tar_is_complete(path: str | Path) -> bool:
             return not any(f.read(TAR_END))
     except OSError:
         return True
+
+
+def output_file(path: str | Path, option: str) -> Path:
+    """``path`` of a file a command writes when its work is done, checked before the work: not a folder, its
+    folder created and writable. Failing after an hour of generation or evaluation would waste the hour."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(path, f"{option} is a folder; give a file name")
+    path.parent.mkdir(parents=True, exist_ok=True)  # an OSError here names the folder (exit_on prints it)
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(path.parent, f"{option}: permission denied (cannot write {path.name} there)")
+    return path

@@ -24,7 +24,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
-from common.files import IMAGE_SUFFIXES, natural_key
+from common.files import IMAGE_SUFFIXES, natural_key, output_file
 from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
 from common.vocab import NUM_RESERVED
 from lvm import metrics
@@ -161,6 +161,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    output_file(args.out, "--out")
+    if args.out.suffix.lower() != ".png":
+        raise PromptError("--out", f"give a .png file name (the grid and GIF are named after it), got {args.out}")
     option = "--frames" if args.frames else "--pairs"
     prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
     if args.pairs and len(prompts[0]) % 2 == 0:

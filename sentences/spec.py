@@ -18,6 +18,7 @@ which needs the tokens per image: ``sentences.build`` checks it right after load
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,8 +64,15 @@ class MixSpec:
 
 
 def _positive(value: object, where: str, kind: type = int) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value <= 0:
-        raise SentenceError(f"{where}: expected a positive {'number' if kind is float else 'integer'}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not 0 < value < math.inf:
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads 1e3 as text: write 1000 or 1.0e+3)"
+            except ValueError:
+                pass
+        raise SentenceError(f"{where}: expected a positive {'number' if kind is float else 'integer'}, got {value!r}{hint}")
     return value
 
 

@@ -13,6 +13,7 @@ from PIL import Image
 from common import files
 from common.errors import UserError, exit_on
 from common.vocab import BOS_ID, EOS_ID
+from lvm.prompt import main as prompt_main
 from lvm.tokenize.__main__ import main as tokenize_main
 from lvm.tokenize.sources import find_units
 from sentences.errors import SentenceError
@@ -33,6 +34,31 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert (error.where, error.what, str(error)) == ("--top-k", "must be positive", "--top-k: must be positive")
     with pytest.raises(KeyError):
         fails(KeyError("a bug keeps its traceback"))
+    with pytest.raises(SystemExit) as exit_info:  # a path the user gave, not writable: their side to fix
+        fails(PermissionError(13, "Permission denied", "out/shard.tar"))
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: out/shard.tar: permission denied\n"
+    with pytest.raises(PermissionError):
+        fails(PermissionError("no path named: a bug"))
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys) -> None:
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    common = ["--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu"]
+    cases = [
+        (prompt_main, ["--frames", "never_read.png", "--out", str(tmp_path / "a_folder"), *common],
+         f"{tmp_path / 'a_folder'}: --out is a folder; give a file name"),
+        (prompt_main, ["--frames", "never_read.png", "--out", str(tmp_path / "p.txt"), *common],
+         f"--out: give a .png file name (the grid and GIF are named after it), got {tmp_path / 'p.txt'}"),
+        (evaluate_tokenizer, ["--images", "never_read", "--json", str(tmp_path / "a_folder"), *common],
+         f"{tmp_path / 'a_folder'}: --json is a folder; give a file name"),
+        (evaluate_tokenizer, ["--images", "never_read", "--json", str(tmp_path / "a_file" / "r.json"), *common],
+         f"{tmp_path / 'a_file'}: file exists"),  # mkdir of the folder the file would go in
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"], argv
 
 
 def test_atomic_write_replaces_the_file_only_when_the_block_completes(tmp_path) -> None:

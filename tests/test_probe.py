@@ -207,6 +207,7 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
     Image.new("RGB", (8, 8)).save(tmp_path / "v" / "cow" / "a.png")
     assert "'cow' is not among the 3 train classes" in _error(base + ["--train", str(train), "--val", str(tmp_path / "v")], capsys)
     assert "--layers: layer 9 is outside 0..3" in _error(base + ["--train", str(train), "--val", str(val), "--layers", "9"], capsys)
+    assert _error(base + ["--train", str(train), "--val", str(val), "--lr", "nan"], capsys) == "error: --lr: must be positive, got nan"
     torch.manual_seed(0)
     other = LVM(LVMConfig(**{**TINY, "vocab_size": 1024 + 100}))
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},

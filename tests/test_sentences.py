@@ -503,6 +503,12 @@ BAD_SPECS = [
         "sources[1].name: 'a' used twice",
     ),
     ({"seed": 1, "source": []}, "source: unknown field"),
+    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "epochs": float("nan")}]},
+     "sources[0].epochs: expected a positive number, got nan"),
+    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "epochs": float("inf")}]},
+     "sources[0].epochs: expected a positive number, got inf"),
+    ({"tokens": "2e6", "sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "weight": 1}]},
+     "tokens: expected a positive integer, got '2e6' (YAML reads 1e3 as text: write 1000 or 1.0e+3)"),
     ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 1}]},
      "sources[0].frames: a clip needs at least 2 frames, got 1"),
     (

@@ -29,6 +29,7 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
+from common.files import output_file
 from common.options import add_device_arg, add_tokenizer_arg, at_least
 from tokenizer.data import image_files
 from tokenizer.preprocess import UNREADABLE_IMAGE, from_value_range
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     add_device_arg(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.json:
+        output_file(args.json, "--json")
     tok = tokenizer.load(args.tokenizer, device=args.device, config=args.config)
     files = image_files(args.images) if args.images.is_dir() else []
     if not files:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -57,7 +58,7 @@ def _log(message: str) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Tokenize, extract features, train and score the probes, write the report; returns it."""
-    if args.lr <= 0:
+    if not math.isfinite(args.lr) or args.lr <= 0:
         raise ProbeError("--lr", f"must be positive, got {args.lr}")
     if args.out.exists() and not args.out.is_dir():
         raise ProbeError(args.out, "--out exists and is not a folder")
