@@ -4,6 +4,7 @@ import io
 import tarfile
 
 import pytest
+import torch
 
 from lvm.cli import main
 from lvm.train import main as dry_run
@@ -64,3 +65,24 @@ def test_missing_tokenizer_training_data_is_one_line_error(tmp_path, capsys, tra
     where = tmp_path / ("tokens/0.tar" if train.startswith("tokens") else train)  # the shard that was looked at
     assert err[-1].startswith(f"error: {where}: {problem}")
     assert not any("Traceback" in line for line in err)
+
+
+def test_bad_ckpt_path_is_one_line_error(tmp_path, capsys):
+    """Read before anything is built (memory-mapped: only the hyperparameters are needed then)."""
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    torch.save({"hyper_parameters": {"_class_path": "tokenizer.training.VQGANTraining"}, "state_dict": {}},
+               tmp_path / "vqgan.ckpt")
+    cases = [
+        ("empty.ckpt", f"{tmp_path / 'empty.ckpt'}: corrupt or not a PyTorch checkpoint"),
+        (".", f"--ckpt_path: {tmp_path / '.'} is a folder; give a .ckpt file (or 'last')"),
+        ("vqgan.ckpt", f"--ckpt_path: {tmp_path / 'vqgan.ckpt'} was saved by tokenizer.training.VQGANTraining; "
+                       "this config trains lvm.train.LVMModule"),
+    ]
+    for name, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path),
+                  f"--trainer.default_root_dir={tmp_path / 'run'}", "--ckpt_path", str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"error: {message}"), err[-1]
+        assert not any("Traceback" in line for line in err)
