@@ -115,13 +115,13 @@ def plan(spec: MixSpec, sources: list[Source], tokens_per_image: int) -> list[Pl
     for src in sources:
         name = src.spec.name
         first = src.builder.draw(_rng(spec.seed, name, 0))
+        if not first:  # a source the spec names but that gives nothing is a mistake, not an empty success
+            unused = "; ".join(f"{n} {reason}" for reason, n in src.builder.notes.items()) or "no images"
+            raise SentenceError(spec.path, f"source {name!r} makes no sentences ({unused})")
         if spec.tokens is None:
             src.epochs = src.spec.epochs
         else:
             pass_tokens = sum(len(s) * tokens_per_image + 2 for s in first)
-            if not pass_tokens:  # no pass can add tokens: the token budget would plan passes without end
-                unused = "; ".join(f"{n} {reason}" for reason, n in src.builder.notes.items()) or "no images"
-                raise SentenceError(spec.path, f"source {name!r} makes no sentences ({unused}), so no number of passes gives it tokens")
             src.epochs = src.spec.weight / total_weight * spec.tokens / pass_tokens
         for epoch in range(math.ceil(src.epochs)):
             sentences = first if epoch == 0 else src.builder.draw(_rng(spec.seed, name, epoch))

@@ -503,6 +503,8 @@ BAD_SPECS = [
         "sources[1].name: 'a' used twice",
     ),
     ({"seed": 1, "source": []}, "source: unknown field"),
+    ({"window": 512, "sources": [{"name": "v", "kind": "video", "shards": "{tok}/videos", "frames": 25}]},
+     "source 'v' makes no sentences (3 groups with fewer than 25 frames)"),  # with epochs too: no empty success
     ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "epochs": float("nan")}]},
      "sources[0].epochs: expected a positive number, got nan"),
     ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "epochs": float("inf")}]},
@@ -514,7 +516,7 @@ BAD_SPECS = [
     (
         {"tokens": 1000, "window": 512,
          "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 21, "weight": 1}]},
-        "source 'a' makes no sentences (3 groups with fewer than 21 frames), so no number of passes gives it tokens",
+        "source 'a' makes no sentences (3 groups with fewer than 21 frames)",
     ),
     (
         {"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
