@@ -301,7 +301,8 @@ def test_annotations_tokenize_and_build_pairs_and_multitask_sentences(photos, an
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "depth"], "error: --depth-model is needed (depth)"),
     (["--tasks", "normals"], "error: --depth-model is needed (normals without --normals-model come from depth)"),
-    (["--tasks", "segmentation", "--seg-model", "{missing}"], "error: {missing}: cannot load a segmentation model"),
+    (["--tasks", "segmentation", "--seg-model", "{missing}"], "error: {missing}: no such file or directory"),
+    (["--tasks", "depth", "--depth-model", "nope/"], "error: nope/: no such file or directory"),  # at once, no hub retries
     (["--tasks", "depth", "--depth-model", "{seg}"], "error: {seg}: cannot load a depth model"),
 ])
 def test_bad_options_and_models_are_one_line_errors(photos, models, tmp_path, capsys, args, message):

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import weights
 from lvm.annotate import AnnotateError
 from lvm.annotate.render import nearness
 from weights import module_digest
@@ -55,10 +56,13 @@ def _auto_classes(role: str) -> list:
 
 
 def load(role: str, name: str, device: torch.device) -> Model:
-    """The model and image processor of a local folder or hub id (hub ids go through the Hugging Face cache,
-    so HF_HUB_OFFLINE=1 works with models downloaded before); one-line AnnotateError when it cannot be loaded."""
-    # The shared --model/--tokenizer resolver (issue 14) belongs here, mapping `name` to a folder first.
+    """The model and image processor of a local folder or hub id; one-line error when it cannot be loaded.
+
+    `weights.resolve` maps `name` to a folder first, as for --model and --tokenizer: a path that does not exist
+    is said to be missing at once, and a hub id comes from the Hugging Face cache (HF_HUB_OFFLINE=1 works with
+    models fetched before) with the same offline advice."""
     classes = _auto_classes(role)
+    folder = weights.resolve(name, f"--{role}-model")
     from transformers import AutoImageProcessor
     from transformers.utils import logging
 
@@ -66,14 +70,14 @@ def load(role: str, name: str, device: torch.device) -> Model:
     errors = []
     for auto in classes:
         try:
-            model = auto.from_pretrained(name)
+            model = auto.from_pretrained(folder)
             break
         except (OSError, ValueError, KeyError) as error:  # not found, offline, or not this kind of model
             errors.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     else:
         raise AnnotateError(f"{name}: cannot load a {role} model ({errors[-1][:300]})")
     try:
-        processor = AutoImageProcessor.from_pretrained(name)
+        processor = AutoImageProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:
         raise AnnotateError(f"{name}: no image processor for the {role} model ({str(error).splitlines()[0][:300]})") from None
     if role == "normals" and not hasattr(processor, "post_process_normal_estimation"):
