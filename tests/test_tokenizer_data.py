@@ -181,3 +181,16 @@ def test_evaluate_skips_an_image_too_large_to_open(tiny_tokenizer_dir: Path, tmp
                           "--num-workers", "0", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["skipped"] == [str(tmp_path / "images" / "zz_huge.png")]
+
+
+def test_synthetic_images_refuse_a_folder_that_holds_images(tmp_path: Path, capsys) -> None:
+    """A rerun with other counts would leave the old images among the new: `wrote 2` with 4 there."""
+    from tokenizer.synthetic import main as synthetic
+
+    synthetic([str(tmp_path / "syn"), "--train", "4", "--val", "1", "--size", "8"])
+    assert len(list((tmp_path / "syn" / "train").iterdir())) == 4
+    for argv, message in [([str(tmp_path / "syn"), "--train", "2"], f"error: {tmp_path / 'syn' / 'train'}: not empty; give a new output folder"),
+                          ([str(tmp_path / "new"), "--size", "4"], "error: argument --size: 4 is below the minimum of 8")]:
+        with pytest.raises(SystemExit) as exit_info:
+            synthetic(argv)
+        assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)

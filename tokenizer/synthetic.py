@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.errors import UserError, exit_on
 from common.options import at_least
 
 
@@ -45,13 +46,17 @@ def write_images(out_dir: str | Path, count: int, size: int = 64, seed: int = 0)
     return paths
 
 
+@exit_on
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, help="output folder (train/ and val/ are created inside)")
+    parser.add_argument("out", type=Path, help="output folder (train/ and val/ are created inside; must not hold images)")
     parser.add_argument("--train", type=at_least(1), default=64, help="number of training images")
     parser.add_argument("--val", type=at_least(1), default=16, help="number of validation images")
-    parser.add_argument("--size", type=at_least(1), default=64, help="image side in pixels")
+    parser.add_argument("--size", type=at_least(8), default=64, help="image side in pixels")
     args = parser.parse_args(argv)
+    for part in ("train", "val"):  # a rerun with other counts or sizes would leave old images among the new
+        if (args.out / part).is_dir() and any((args.out / part).iterdir()):
+            raise UserError(args.out / part, "not empty; give a new output folder")
     write_images(args.out / "train", args.train, args.size, seed=0)
     write_images(args.out / "val", args.val, args.size, seed=1)
     print(f"wrote {args.train} training and {args.val} validation images of {args.size}x{args.size} to {args.out}")
