@@ -314,7 +314,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_tokenizer_arg(p, None, f"the released {weights.DEFAULT_TOKENIZER} for the released LVM-7B, else none; "
                                "a tokenizer enables pixel metrics and sets tokens per image")
     p.add_argument("--tokens-per-image", type=at_least(1),
-                   help="used when no tokenizer is loaded (default: what the model records, else 256)")
+                   help="used when no tokenizer is loaded and the model records none (default: 256)")
     p.add_argument("--max-sentences", type=at_least(1), help="evaluate the first N readable sentences")
     p.add_argument("--pixel-sentences", type=at_least(0), default=16, help="sentences to generate for pixel metrics")
     p.add_argument("--batch-size", type=at_least(1), default=8)
@@ -331,6 +331,10 @@ def run(args: argparse.Namespace) -> dict:
     tok = tokenizer.load(spec, device=args.device) if spec else None
     if tok:
         check_tokenizer(model, args.model, tok.identity(spec))
+    recorded = trained.get("tokens_per_image")
+    if args.tokens_per_image and recorded and args.tokens_per_image != recorded:
+        raise EvaluationError("--tokens-per-image", f"{args.tokens_per_image}, but the model was trained on "
+                              f"{recorded} tokens per image ({trained.get('name')}); leave it out")
     T = tok.tokens_per_image if tok else args.tokens_per_image or trained_layout(model)[0]
     sentences, skipped = read_sentences(shards, T, args.max_sentences)
     if not sentences:

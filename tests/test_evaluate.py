@@ -224,3 +224,16 @@ def test_cli_takes_the_shard_patterns_training_takes(tmp_path, shards, model, pa
     report = run(parse_args([*args, "--sentences", pattern.format(shards)]))
     assert report["sentences"] == 5 and report["skipped"] == {
         "fewer than 2 images": 1, f"not [BOS, k x {T} tokens, EOS]": 1, "missing tokens.npy or json": 1}
+
+
+def test_tokens_per_image_may_not_contradict_the_models_record(tmp_path, shards, model, capsys):
+    """A wrong count reads every sentence as other "images": it evaluated the few whose length fit, silently."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict(), "tokenizer": {"name": "tiny", "tokens_per_image": T}},
+               tmp_path / "m.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--tokens-per-image", "3",
+              "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --tokens-per-image: 3, but the model was trained on {T} tokens per image (tiny); leave it out\n")
