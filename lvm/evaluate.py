@@ -210,9 +210,10 @@ def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int =
                              "example pairs" if progress else None)
 
 
-def unigram_perplexity(sentences: list[Sentence], codebook_size: int = CODEBOOK_SIZE) -> dict:
+def unigram_perplexity(sentences: list[Sentence], codebook_size: int) -> dict:
     """Perplexity of each last image under code frequencies counted over all evaluation images (add-one
-    smoothed): the score of a model that ignores context, fitted on the evaluation set itself (optimistic)."""
+    smoothed over the tokenizer's `codebook_size` codes, the ones that can occur): the score of a model that
+    ignores context, fitted on the evaluation set itself (optimistic)."""
     counts = torch.ones(codebook_size, dtype=torch.float64)
     for s in sentences:
         counts += torch.bincount(s.images.flatten(), minlength=codebook_size).double()
@@ -347,7 +348,7 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_image": T,
         "skipped": dict(skipped),
         "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
-        "unigram": unigram_perplexity(sentences),
+        "unigram": unigram_perplexity(sentences, tok.codebook_size if tok else trained_layout(model)[1]),
         "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True),
         "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size) if video else None,
         "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True)

@@ -152,14 +152,17 @@ def test_perplexity_vs_example_pairs(model):
     assert list(perplexity_vs_pairs(model, long)) == [0, 1, 2]  # 6 context images fit: 2 pairs and the query
 
 
-def test_unigram_baseline(sentences):
+@pytest.mark.parametrize("codebook", [CODEBOOK_SIZE, 1000])
+def test_unigram_baseline(sentences, codebook):
+    """Add-one smoothing over the codes the tokenizer has: 7192 impossible ids would inflate a 1000-code baseline."""
     found, _ = sentences
-    counts = np.ones(CODEBOOK_SIZE)
+    found = [Sentence(s.key, s.kind, s.images % codebook) for s in found]
+    counts = np.ones(codebook)
     for s in found:
         np.add.at(counts, s.images.flatten().numpy(), 1)
     p = counts / counts.sum()
     nlls = [-np.log(p[s.images[-1].numpy()]).mean() for s in found]
-    assert unigram_perplexity(found)["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls)))
+    assert unigram_perplexity(found, codebook)["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls)))
 
 
 def test_pixel_metrics_match_direct_computation(model, sentences, tiny_tokenizer):
@@ -237,3 +240,15 @@ def test_tokens_per_image_may_not_contradict_the_models_record(tmp_path, shards,
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"error: --tokens-per-image: 3, but the model was trained on {T} tokens per image (tiny); leave it out\n")
+
+
+def test_cli_smooths_the_unigram_over_the_models_codebook(tmp_path, shards, model, monkeypatch):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict(), "tokenizer": {"name": "fsq", "tokens_per_image": T, "codebook_size": 1000}},
+               tmp_path / "m.ckpt")
+    seen = []
+    real = unigram_perplexity
+    monkeypatch.setattr("lvm.evaluate.unigram_perplexity",
+                        lambda found, codebook: seen.append(codebook) or real(found, CODEBOOK_SIZE))
+    run(parse_args(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--out", str(tmp_path / "eval")]))
+    assert seen == [1000]
