@@ -238,6 +238,23 @@ def test_cuda_gives_the_cpu_maps(photos, models, annotated, tmp_path):
         assert (cuda == cpu).mean() > 0.99
 
 
+def test_normals_from_another_depth_model_are_redone(photos, models, tmp_path, capsys):
+    """Normals made from depth depend on the depth model: its identity is in their fingerprint."""
+    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+    other = DepthAnythingForDepthEstimation.from_pretrained(models["depth"])
+    with torch.no_grad():
+        next(other.parameters()).add_(0.01)
+    other.save_pretrained(tmp_path / "depth2")
+    AutoImageProcessor.from_pretrained(models["depth"]).save_pretrained(tmp_path / "depth2")
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
+    assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
+    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", tmp_path / "depth2") == 0
+    assert "(0 already complete)" in capsys.readouterr().out.splitlines()[-1]
+
+
 def test_rerun_keeps_complete_outputs_and_redoes_partial_ones(photos, tmp_path, capsys):
     out = tmp_path / "annot"
     assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2") == 0

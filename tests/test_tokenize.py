@@ -493,6 +493,21 @@ def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_d
         assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
 
 
+def test_a_rerun_as_frame_folders_redoes_the_shards(tiny_tokenizer_dir, tmp_path, capsys):
+    """--frame-folders adds `video` and `frame` to the json: the shards of a plain run must not pass for done."""
+    (tmp_path / "seq" / "walk").mkdir(parents=True)
+    for i in (0, 2, 10):
+        (tmp_path / "seq" / "walk" / f"f{i}.png").write_bytes(_png(np.full((8, 8, 3), 20 * i, np.uint8)))
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "seq") == 0
+    capsys.readouterr()
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "seq", extra=("--frame-folders",)) == 0
+    assert "in 1 shards (0 already complete)" in capsys.readouterr().out
+    (shard,) = out.glob("*.tar")
+    frames = {json.loads(s["json"])["path"]: json.loads(s["json"])["frame"] for s in _samples(shard).values()}
+    assert frames == {"walk/f0.png": 0, "walk/f2.png": 1, "walk/f10.png": 2}
+
+
 def test_a_new_mask_recipe_redoes_only_shards_with_masked_images(inputs, tiny_tokenizer_dir, tmp_path, monkeypatch, capsys):
     plain, masked = tmp_path / "plain", tmp_path / "masked"
     assert _run(tiny_tokenizer_dir, plain, inputs / "laion") == 0

@@ -203,3 +203,24 @@ def test_restart_moves_dead_codes_onto_batch_latents():
     assert torch.equal(after[~dead], before[~dead])
     for code in (2, 5):  # each moved next to one of the latents
         assert (after[code] - latents).norm(dim=1).min() < 0.1
+
+
+def test_commitment_cost_weights_the_encoder_term_not_the_codebook_term():
+    """loss = ||sg[z] - e||^2 + beta ||z - sg[e]||^2: beta scales only the gradient to the encoder output."""
+    from tokenizer.quantizer import VectorQuantizer
+
+    torch.manual_seed(0)
+    beta = 0.25
+    vq = VectorQuantizer(codebook_size=8, embed_dim=3, commitment_cost=beta)
+    z = torch.randn(2, 3, 2, 4).requires_grad_()
+    out = vq(z)
+    out.loss.backward()
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 3)  # [B*h*w, C], the layout the codes are looked up in
+    indices = out.indices.flatten()
+    chosen = vq.embedding.weight.detach()[indices]
+    numel = flat.numel()  # mse_loss averages over every element
+    expected_z = (beta * 2 * (flat - chosen) / numel).view(2, 2, 4, 3).permute(0, 3, 1, 2)
+    assert torch.allclose(z.grad, expected_z, atol=1e-7)
+    expected_codes = torch.zeros_like(vq.embedding.weight).index_add_(0, indices, 2 * (chosen - flat) / numel)
+    assert torch.allclose(vq.embedding.weight.grad, expected_codes, atol=1e-7)
+    assert len(indices.unique()) > 1  # several codes chosen, so the per-code sums are checked

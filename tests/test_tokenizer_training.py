@@ -19,7 +19,7 @@ from conftest import tiny_vqgan_config
 from lvm.cli import main as lightning_cli
 from tokenizer.data import ImageDataModule, ImageFolder, make_transform
 from tokenizer.synthetic import write_images
-from tokenizer.training import VQGANTraining, ema_with_warmup
+from tokenizer.training import VQGANTraining, ema_with_warmup, hinge_d_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "vqgan_tiny.yaml"
@@ -110,6 +110,7 @@ def test_all_loss_terms_and_ema_train(
 ) -> None:
     """Two batches with every loss term on (LPIPS from local files, GAN from step 0, EMA)."""
     write_images(tmp_path / "train", 4, size=64, seed=0)
+    torch.manual_seed(0)  # fixed weights: the g_loss sign check below needs a nonzero logit
     module = VQGANTraining(
         tiny_vqgan_config(), lpips_weight=1.0, lpips_vgg16=str(fake_lpips_weights[0]),
         lpips_linear=str(fake_lpips_weights[1]), disc_start=0, disc_channels=8, disc_layers=1, ema_decay=0.9,
@@ -134,13 +135,24 @@ def test_all_loss_terms_and_ema_train(
     lpips = initial._lpips[0](x * 2 - 1, xrec * 2 - 1).mean()
     (F.l1_loss(xrec, x) + 1.0 * lpips).backward(retain_graph=True)
     nll_norm, last.grad = last.grad.norm(), None
-    (-initial.discriminator(xrec).mean()).backward()
+    g_loss = -initial.discriminator(xrec).mean()
+    g_loss.backward()
     expected = min(float(nll_norm / (last.grad.norm() + 1e-4)), 1e4) * 0.5  # taming's clamp, disc_weight 0.5
     assert logged[0]["train/d_weight"] == pytest.approx(expected, rel=1e-4)
+    # The generator lowers its loss by raising D's logit on reconstructions (the adaptive weight cannot see the sign).
+    assert abs(float(g_loss)) > 1e-6 and logged[0]["train/g_loss"] == pytest.approx(float(g_loss), rel=1e-5)
     assert logged[0]["train/lpips"] == pytest.approx(float(lpips), rel=1e-5)
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
     assert not any(key.startswith(("_lpips", "lpips")) for key in module.state_dict())  # VGG stays out of checkpoints
     assert int(module.ema.n_averaged) == 2
+
+
+def test_hinge_d_loss_exact_values() -> None:
+    """Real logits are pushed above +1 and fake ones below -1; beyond the margins nothing is left to learn."""
+    assert float(hinge_d_loss(torch.tensor([2.0]), torch.tensor([-2.0]))) == 0.0
+    assert float(hinge_d_loss(torch.zeros(4), torch.full((4,), 0.5))) == pytest.approx(0.5 * (1.0 + 1.5))
+    real, fake = torch.tensor([0.5, 3.0]), torch.tensor([-3.0, 0.0])  # means of the clipped terms: 0.25 and 0.5
+    assert float(hinge_d_loss(real, fake)) == pytest.approx(0.5 * (0.25 + 0.5))
 
 
 def test_ema_warmup_tracks_early_weights() -> None:

@@ -151,6 +151,9 @@ def test_resume_from_a_periodic_checkpoint_with_gradient_accumulation_and_valida
     cli.trainer.fit(cli.model, cli.datamodule)
     reference = logged(tmp_path / "a")
     assert sorted(reference) == list(range(16))
+    # training batches only (16 steps x 2 micro-batches): validation after step 8 read batches of its own stream
+    last = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
+    assert last["LVMDataModule"]["batches_consumed"] == 32
     # val/loss after the last step: the mean loss of the final model over the whole validation stream
     val_loss = logged(tmp_path / "a", key="val/loss")
     assert sorted(val_loss) == [7, 15]
@@ -336,6 +339,21 @@ def test_peak_table_matches_the_longest_name(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert dense_bf16_peak(cuda) == peak, name
     assert dense_bf16_peak(torch.device("cpu")) is None
+
+
+def test_gradients_are_clipped_to_the_global_norm():
+    """Every config clips at 1.0 through configure_gradient_clipping (Lightning's clipping is replaced)."""
+    torch.manual_seed(0)
+    module = LVMModule(overrides=MINI)
+    module.configure_model()
+    x = torch.randint(0, CODEBOOK_SIZE, (2, 17))
+    module._loss({"input_ids": x[:, :-1], "labels": x[:, 1:]}).backward()
+    before = [p.grad.clone() for p in module.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in before]))
+    assert norm > 0.01
+    module.configure_gradient_clipping(None, gradient_clip_val=1e-3)
+    for g, p in zip(before, module.parameters()):  # one scale for all: the direction is kept
+        torch.testing.assert_close(p.grad, g * (1e-3 / norm), rtol=1e-4, atol=1e-9)
 
 
 def test_invalid_settings_name_the_field():

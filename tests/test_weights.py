@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -111,6 +112,35 @@ def test_hub_ids_resolve_to_cached_snapshots_and_paths_stay_paths(offline, tmp_p
     assert (tok.tokens_per_image, tok.codebook_size) == (T, CODEBOOK_SIZE)
     model = load_lvm("Emma02/LVM_ckpts")
     assert model.cfg.bos_id is None and model.tokenizer_info == RELEASED_TOKENIZER  # the release is known
+
+
+def test_hub_fetch_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypatch):
+    """Only the weights the loaders read are fetched: safetensors when the repo has them, else the .bin pickles."""
+    repos = {"owner/bin-only": ["config.json", "pytorch_model.bin"],
+             "owner/both": ["config.json", "model.safetensors", "pytorch_model.bin"]}
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None, **_):
+        """The hub cache's behaviour: copy the repo's files that match `allow_patterns` into one snapshot folder."""
+        calls.append((repo_id, list(allow_patterns)))
+        assert not local_files_only and Path(cache_dir) == tmp_path / "cache"
+        folder = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in repos[repo_id]:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (folder / name).write_text(name)
+        return str(folder)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    folder = weights.resolve("owner/bin-only")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
+    assert calls == [("owner/bin-only", ["*.json", "*.safetensors"]), ("owner/bin-only", ["*.json", "*.bin"])]
+    calls.clear()
+    folder = weights.resolve("owner/both")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no pickle fetched
+    assert calls == [("owner/both", ["*.json", "*.safetensors"])]
 
 
 def test_offline_without_a_cached_copy_is_one_line_naming_the_id_and_the_way_out(offline, tmp_path, capsys):
