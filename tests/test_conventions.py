@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from common import files
@@ -167,3 +168,21 @@ def test_count_flags_below_their_minimum_are_usage_errors(flag, value, problem, 
         importlib.import_module("lvm.evaluate").main([flag, value])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {problem}")
+
+
+def test_unset_dtype_is_bfloat16_on_cuda_float32_on_cpu_and_kept_without_a_device() -> None:
+    from common.options import torch_dtype
+
+    assert (torch_dtype(None, "cuda:1"), torch_dtype(None, "cpu"), torch_dtype(None, None)) == (
+        torch.bfloat16, torch.float32, None)
+    assert torch_dtype("float16", "cuda") == torch.float16
+
+
+def test_a_tokenizer_without_digest_or_hub_id_is_matched_by_layout() -> None:
+    from lvm.checkpoint import tokenizer_mismatch
+
+    trained = {"name": "/data/runs/vq", "tokens_per_image": 256, "codebook_size": 8192}  # paths, not hub ids
+    same = {"name": "/elsewhere/vq", "digest": "x", "tokens_per_image": 256, "codebook_size": 8192}
+    assert not tokenizer_mismatch(trained, same)
+    assert tokenizer_mismatch(trained, {**same, "codebook_size": 1000})
+    assert tokenizer_mismatch(trained, {**same, "tokens_per_image": 64})

@@ -68,6 +68,19 @@ def test_round_trip_ours_hf_ours(ours, exported):
     torch.testing.assert_close(back(tokens), ours(tokens), atol=0, rtol=0)
 
 
+def test_a_non_default_rope_theta_survives_checkpoint_and_export(tmp_path):
+    """The miniature trains with theta 10764.66: loading must rebuild the rotary tables from the config's theta."""
+    torch.manual_seed(1)
+    model = LVM(LVMConfig(**{**TINY, "rope_theta": 10764.66})).eval()
+    save_ckpt(model, tmp_path / "m.ckpt")
+    export_main(["--model", str(tmp_path / "m.ckpt"), "--to-hf", str(tmp_path / "hf")])
+    tokens = torch.randint(0, CODEBOOK_SIZE, (1, 60))
+    with torch.no_grad():
+        for loaded in (load_lvm(tmp_path / "m.ckpt"), load_lvm(tmp_path / "hf")):
+            torch.testing.assert_close(loaded(tokens), model(tokens), atol=0, rtol=0)
+        torch.testing.assert_close(hf_model(tmp_path / "hf")(tokens).logits, model(tokens), atol=1e-5, rtol=1e-4)
+
+
 def test_transformers_model_imports_with_equal_logits(tmp_path):
     # HF -> ours: a LlamaForCausalLM made by transformers, shaped like the released LVM-7B (bos 1, pad 8192).
     torch.manual_seed(1)

@@ -91,17 +91,23 @@ def run_build(tmp_path: Path, sources: list[dict], **top) -> tuple[dict, list[tu
     )
     out = tmp_path / "out"
     build(load_spec(spec_path), out)
+    index = json.loads((out / "index.json").read_text())
     sentences = []
     for shard in sorted(out.glob("sentences-*.tar")):
+        listed, counted = index["shards"][shard.name], {"sentences": 0, "tokens": 0}
         for sample in wds.tarfile_samples([{"url": str(shard)}]):
             t = np.load(io.BytesIO(sample["tokens.npy"]))
+            counted["sentences"] += 1
+            counted["tokens"] += len(t)
             assert t.dtype == np.uint16 and t[0] == BOS_ID and t[-1] == EOS_ID
             assert (len(t) - 2) % N == 0 and not np.isin(t[1:-1], [BOS_ID, EOS_ID]).any()
             info = json.loads(sample["json"])
             slots = [image_of(t[1 + j * N : 1 + (j + 1) * N]) for j in range((len(t) - 2) // N)]
             assert len(info["images"]) == len(slots)
             sentences.append((sample["__key__"], slots, info))
-    return json.loads((out / "index.json").read_text()), sentences
+        # the stream trusts these counts without reading the shard: they must be what it holds
+        assert counted == {k: listed[k] for k in ("sentences", "tokens")} and listed["bytes"] == shard.stat().st_size
+    return index, sentences
 
 
 def test_single_images_each_once_with_bos_eos(tmp_path: Path, tokens: Path) -> None:

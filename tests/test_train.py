@@ -323,6 +323,9 @@ def test_mfu_is_logged_against_the_peak_table_of_lvm_peaks(shards, tmp_path, mon
     cli.trainer.fit(cli.model, cli.datamodule)
     flops = logged(tmp_path / "run", key="train/device/flops_per_sec")  # once the window of 10 batches is full
     assert len(flops) >= 3
+    tokens = logged(tmp_path / "run", key="train/device/items_per_sec")  # tokens/s: 6N + attention FLOPs each
+    per_token = cli.model.cfg.flops_per_token(32)
+    assert all(flops[s] == pytest.approx(tokens[s] * per_token, rel=1e-4) for s in flops)
     if logged_mfu:
         mfu = logged(tmp_path / "run", key="train/device/mfu")
         assert mfu.keys() == flops.keys() and all(mfu[s] == pytest.approx(flops[s] / 1e9) for s in mfu)
@@ -420,10 +423,11 @@ def test_bad_schedule_is_refused_by_name():
 
 @pytest.mark.parametrize("decay_all", [False, True])
 def test_weight_decay_groups(decay_all):
-    module = LVMModule(overrides=MINI, weight_decay=0.1, decay_norms_and_embeddings=decay_all)
+    module = LVMModule(overrides=MINI, weight_decay=0.1, decay_norms_and_embeddings=decay_all, betas=[0.8, 0.9], eps=1e-6)
     module.configure_model()
     module.trainer = quick_trainer()
     decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    assert decay["betas"] == no_decay["betas"] == (0.8, 0.9) and decay["eps"] == 1e-6  # the config's, not defaults
     names = {id(p): n for n, p in module.model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
