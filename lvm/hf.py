@@ -177,17 +177,17 @@ def generation_config(cfg: LVMConfig, tokens_per_image: int | None, codebook_siz
 def save_hf(
     model: LVM,
     out_dir: str | Path,
-    dtype: torch.dtype | None = None,
     tokens_per_image: int | None = None,
     max_shard_size: int | str = "5GB",
     codebook_size: int = CODEBOOK_SIZE,
 ) -> Path:
-    """Write `model` as a LlamaForCausalLM directory (config.json, generation_config.json, safetensors shards)."""
+    """Write `model` as a LlamaForCausalLM directory (config.json, generation_config.json, safetensors shards), in
+    the model's dtype (load it in the dtype to write: `lvm.export --dtype`)."""
     from huggingface_hub import save_torch_state_dict  # sharding + index file, as `save_pretrained` writes them
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.head.weight.dtype
+    dtype = model.head.weight.dtype
     # A tied head is written once, as the embedding (what transformers saves and expects with tie_word_embeddings).
     state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "head.weight")}

@@ -256,14 +256,14 @@ class LVM(nn.Module):
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def setup_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache for generation of up to `max_len` positions."""
+    def setup_cache(self, batch_size: int, max_len: int) -> None:
+        """Allocate a static KV cache for generation of up to `max_len` positions, in the weights' dtype."""
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model's context of {self.cfg.max_seq_len} tokens")
         weight = self.head.weight
         for block in self.layers:
             block.attn.kv_cache = KVCache(
-                batch_size, max_len, self.cfg.n_heads, self.cfg.head_dim, dtype or weight.dtype, weight.device
+                batch_size, max_len, self.cfg.n_heads, self.cfg.head_dim, weight.dtype, weight.device
             )
         self.cache_len = max_len
 

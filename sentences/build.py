@@ -30,7 +30,15 @@ from common.errors import exit_on
 from common.files import atomic_write
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
-from sentences.formats import ORIGINAL, SENTENCE_SHARD, SentenceIndex, one_tokenizer, tar_writer, token_report
+from sentences.formats import (
+    ORIGINAL,
+    SENTENCE_SHARD,
+    SentenceIndex,
+    one_tokenizer,
+    read_report,
+    tar_writer,
+    token_report,
+)
 from sentences.kinds import KINDS, Builder, Sentence
 from sentences.spec import MixSpec, SourceSpec, load_spec
 from sentences.tokens import TokenSet, check_same_length, load_token_set
@@ -164,11 +172,7 @@ def _fingerprint(spec: MixSpec) -> str:
 
 def _made_with(shard: str) -> str | None:
     """The fingerprint in a token shard's report, or None without a readable one."""
-    try:
-        report = json.loads(token_report(shard).read_text())
-    except (OSError, ValueError):
-        return None
-    return report.get("fingerprint") if isinstance(report, dict) else None
+    return read_report(token_report(shard)).get("fingerprint")
 
 
 def _prepare_out(spec: MixSpec, out: Path) -> None:

@@ -57,6 +57,16 @@ def token_report(shard: str | Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".tar") + ".report.json")
 
 
+def read_report(path: str | Path) -> dict:
+    """The json of a shard report (``token_report``, or ``lvm.annotate``'s), {} when it is missing or unreadable:
+    a shard without a readable report records nothing and counts as not made by this project's run."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
     """Each name a brace pattern expands to, with the existing paths it names: a glob's matches (sorted,
     ``**`` recursive), or the name itself when it exists."""
@@ -216,6 +226,8 @@ def _read_index(folder: str) -> dict:
         raise SentenceError(path, f"unreadable ({exn})") from None
     if not isinstance(index, dict):
         raise SentenceError(path, "unreadable (not a json object)")
+    if index.get("format", INDEX_FORMAT) != INDEX_FORMAT:  # another schema's counts would be read wrong
+        raise SentenceError(path, f"format {index['format']!r}, this version reads {INDEX_FORMAT!r}; rebuild the sentences")
     return index
 
 
@@ -249,14 +261,7 @@ def token_shards_tokenizer(paths: Sequence[str]) -> dict | None:
     """The tokenizer recorded in the reports of these token shards (None if none does; a report that is missing
     or unreadable records nothing, as for shards other tools made)."""
 
-    def recorded(path: str) -> dict | None:
-        try:
-            report = json.loads(token_report(path).read_text())
-        except (OSError, ValueError):
-            return None
-        return report.get("tokenizer") if isinstance(report, dict) else None
-
-    return one_tokenizer((path, recorded(path)) for path in paths)
+    return one_tokenizer((path, read_report(token_report(path)).get("tokenizer")) for path in paths)
 
 
 def sentences_tokenizer(paths: Sequence[str]) -> dict | None:

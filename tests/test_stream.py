@@ -149,6 +149,15 @@ def test_out_of_vocabulary_id_is_an_error_naming_the_shard(tmp_path: Path) -> No
         list(PackedStream(str(tmp_path), seq_len=3))
 
 
+def test_an_index_of_another_format_is_refused(tmp_path: Path, shards: tuple[Path, Counter]) -> None:
+    folder, _ = shards
+    for shard in folder.glob("*.tar"):
+        (tmp_path / shard.name).write_bytes(shard.read_bytes())
+    (tmp_path / "index.json").write_text(json.dumps({"format": "lvm-sentences/2", "shards": {}}))
+    with pytest.raises(SentenceError, match=r"index.json: format 'lvm-sentences/2', this version reads 'lvm-sentences/1'"):
+        PackedStream(str(tmp_path), SEQ, BATCH)
+
+
 def test_token_shards_given_as_sentences_are_an_error(tmp_path: Path) -> None:
     """lvm.tokenize's shards also hold `tokens.npy`: bare image codes, no BOS/EOS. Training on them must stop."""
     write_sentences(tmp_path, [np.arange(16, dtype=np.uint16)] * 20, per_shard=20, index=False)

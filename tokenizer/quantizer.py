@@ -87,7 +87,7 @@ class VectorQuantizer(nn.Module):
         return QuantizerOutput(z_q, indices.view(b, -1), loss, flat.detach())
 
     @torch.no_grad()
-    def restart(self, dead: Tensor, latents: Tensor, generator: torch.Generator | None = None) -> int:
+    def restart(self, dead: Tensor, latents: Tensor) -> int:
         """Move the codes flagged in `dead` [codebook_size] onto random `latents` [N, C] of the current batch.
 
         Codebook restarts (Jukebox; `threshold_ema_dead_code` in vector-quantize-pytorch): a code no latent
@@ -96,9 +96,9 @@ class VectorQuantizer(nn.Module):
         """
         index = dead.nonzero().squeeze(1)
         if index.numel():
-            pick = torch.randint(0, latents.shape[0], (index.numel(),), device=latents.device, generator=generator)
+            pick = torch.randint(0, latents.shape[0], (index.numel(),), device=latents.device)
             # A little noise so codes restarted onto the same latent do not tie forever.
-            noise = torch.randn(index.numel(), latents.shape[1], device=latents.device, generator=generator)
+            noise = torch.randn(index.numel(), latents.shape[1], device=latents.device)
             self.embedding.weight[index] = (latents[pick] + 0.01 * latents.std() * noise).to(self.embedding.weight.dtype)
         return int(index.numel())
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,14 +24,14 @@ from lvm.annotate import AnnotateError
 from lvm.annotate.render import nearness
 from weights import module_digest
 
-ROLES = ("depth", "normals", "segmentation")
+Role = Literal["depth", "normals", "segmentation"]
 
 
 @dataclass
 class Model:
     """A loaded model with its processor; `identity` enters the fingerprint of every output it makes."""
 
-    role: str  # one of ROLES
+    role: Role
     name: str  # as given: a local folder or a hub id
     model: torch.nn.Module
     processor: Any

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +32,7 @@ from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
-from lvm.tokenize.progress import Progress, skipped_text, wall_text
+from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
 from lvm.tokenize.sources import Unit, find_units
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
@@ -170,10 +169,6 @@ def _needs(role: str, tasks: dict[str, str], loaded: Iterable[str]) -> bool:
     return role in tasks
 
 
-def _log(prefix: str, message: str) -> None:
-    print(f"{prefix}{message}", file=sys.stderr, flush=True)
-
-
 def plan(job: Job, units: list[Unit], models: dict[str, Model], rank: int, world: int) -> tuple[list[Work], int]:
     """This rank's units with the tasks they lack, and how many (unit, task) outputs were complete already."""
     settings = {task: json.dumps(_settings(task, job, models), sort_keys=True, default=str) for task in job.tasks}
@@ -208,14 +203,14 @@ def _units(job: Job, prefix: str) -> list[Unit]:
     except TokenizeError as error:
         raise AnnotateError(str(error)) from None
     if missing:
-        _log(prefix, f"warning: {len(missing)} paths named by --images do not exist (first: {missing[0]})")
+        log(prefix, f"warning: {len(missing)} paths named by --images do not exist (first: {missing[0]})")
     out = job.out.resolve()
     for spec in job.images:
         if os.path.isdir(spec) and (out == Path(spec).resolve() or Path(spec).resolve() in out.parents):
             raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
     videos = [u for u in units if u.kind == "videos"]
     if videos:
-        _log(prefix, f"warning: {sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)")
+        log(prefix, f"warning: {sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)")
     units = [u for u in units if u.kind != "videos"]
     if not units:
         raise AnnotateError(f"{job.images[0]}: no images or tar shards to annotate")
@@ -234,7 +229,7 @@ def run(job: Job) -> Summary:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     models = {role: load(role, name, device) for role, name in roles.items()}
     works, done = plan(job, units, models, rank, world)
-    _log(
+    log(
         prefix,
         f"annotate: {len(units)} units in all, {len(units[rank::world])} for this rank; {done} task outputs already "
         f"complete; doing {len(works)} units now ({', '.join(t for t in job.tasks if any(t in w.tasks for w in works)) or '-'}) "
@@ -264,7 +259,7 @@ def run(job: Job) -> Summary:
                     output.skip(skip)
                 summary.skipped[skip.reason] += 1
                 if sum(summary.skipped.values()) <= MAX_PRINTED_SKIPS:
-                    _log(prefix, f"skipped {skip.item}: {skip.reason}{' (' + skip.detail + ')' if skip.detail else ''}")
+                    log(prefix, f"skipped {skip.item}: {skip.reason}{' (' + skip.detail + ')' if skip.detail else ''}")
             if batch.last:
                 for output in outputs.pop(batch.work).values():
                     output.commit()

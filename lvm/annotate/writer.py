@@ -12,7 +12,6 @@ GIL), in order for tars.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -21,7 +20,7 @@ from pathlib import Path
 from common.files import atomic_write
 from lvm.tokenize.sources import Unit
 from lvm.tokenize.writer import UnitReport, shard_paths
-from sentences.formats import tar_writer
+from sentences.formats import read_report, tar_writer
 
 Encode = Callable[[], bytes]
 
@@ -31,10 +30,7 @@ def is_done(root: Path, unit: Unit, fingerprint: str) -> bool:
     tar, report = shard_paths(root, unit.name)
     if unit.kind == "tar" and not tar.exists():
         return False
-    try:
-        return json.loads(report.read_text())["fingerprint"] == fingerprint
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return read_report(report).get("fingerprint") == fingerprint
 
 
 def _write_png(path: Path, encode: Encode) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
-from lvm.tokenize.progress import Progress, Summary
+from lvm.tokenize.progress import Progress, Summary, log
 from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
 from lvm.tokenize.writer import ShardWriter, shard_state
 from sentences.formats import ORIGINAL
@@ -194,10 +193,6 @@ class Encoder:
         return codes.cpu().numpy().astype(np.uint16)
 
 
-def _log(prefix: str, message: str) -> None:
-    print(f"{prefix}{message}", file=sys.stderr, flush=True)
-
-
 @dataclass
 class Plan:
     """This rank's shards still to write, with their fingerprints."""
@@ -220,7 +215,7 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
     states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
     todo = [i for i, state in enumerate(states) if state != "done"][: job.max_shards]
     stale = sum(states[i] == "stale" for i in todo)
-    _log(
+    log(
         prefix,
         f"tokenize: {len(units)} shards in all, {len(mine)} for this rank, {states.count('done')} already complete"
         f"{f', {stale} made with other settings or inputs (redone)' if stale else ''}; doing {len(todo)} now with "
@@ -235,14 +230,14 @@ def run(job: Job) -> Summary:
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     if job.out is None:
         job = replace(job, out=default_out(job.shards))
-        _log(prefix, f"tokenize: writing token shards to {job.out} (no --out given)")
+        log(prefix, f"tokenize: writing token shards to {job.out} (no --out given)")
     if job.batch_size < 1 or job.workers < 0:
         raise TokenizeError("--batch-size must be at least 1, --workers at least 0")
     if job.out.exists() and not job.out.is_dir():
         raise TokenizeError(f"{job.out}: --out exists and is not a folder")
     units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard, job.frame_folders)
     if missing:
-        _log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
+        log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
     leftovers = leftover_shards(job.out, units)
     if leftovers:
         raise TokenizeError(

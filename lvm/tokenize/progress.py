@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 
+def log(prefix: str, message: str) -> None:
+    """One log line of a tokenize or annotate job on stderr (`prefix`: the rank, when there are several)."""
+    print(f"{prefix}{message}", file=sys.stderr, flush=True)
+
+
 def clock(seconds: float) -> str:
     """Seconds as H:MM:SS."""
     seconds = int(round(seconds))

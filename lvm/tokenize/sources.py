@@ -26,6 +26,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 from common.files import IMAGE_SUFFIXES, natural_key
 from lvm.tokenize import TokenizeError
@@ -33,7 +34,7 @@ from sentences.formats import expand_pattern
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv"})  # what FFmpeg (PyAV) reads
 TAR_SUFFIX = ".tar"
-KINDS = ("tar", "images", "videos")
+Kind = Literal["tar", "images", "videos"]
 _MAGIC = re.compile(r"[{*?\[]")
 
 
@@ -51,7 +52,7 @@ class Unit:
     """The inputs of one output shard."""
 
     name: str  # output shard path relative to --out, without ".tar"
-    kind: str  # one of KINDS
+    kind: Kind
     items: tuple[Item, ...]
     dataset: str = ""  # images and videos: the name of their root, which heads their `video` ids (decode.py)
 

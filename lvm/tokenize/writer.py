@@ -23,7 +23,7 @@ import numpy as np
 
 from common.files import atomic_write
 from lvm.tokenize.decode import Skip
-from sentences.formats import tar_writer, token_member, token_report
+from sentences.formats import read_report, tar_writer, token_member, token_report
 
 MAX_LISTED_SKIPS = 1000  # the report counts every skip but lists only the first ones
 
@@ -39,11 +39,7 @@ def shard_state(out: Path, name: str, fingerprint: str) -> str:
     tar, report = shard_paths(out, name)
     if not tar.exists():
         return "missing"
-    try:
-        made_with = json.loads(report.read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "stale"
-    return "done" if made_with == fingerprint else "stale"
+    return "done" if read_report(report).get("fingerprint") == fingerprint else "stale"
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
