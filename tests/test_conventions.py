@@ -186,3 +186,17 @@ def test_a_tokenizer_without_digest_or_hub_id_is_matched_by_layout() -> None:
     assert not tokenizer_mismatch(trained, same)
     assert tokenizer_mismatch(trained, {**same, "codebook_size": 1000})
     assert tokenizer_mismatch(trained, {**same, "tokens_per_image": 64})
+
+
+def test_an_unreadable_checkpoint_is_permission_denied_not_corrupt(tmp_path, monkeypatch) -> None:
+    """(Run as root, chmod 000 blocks nothing: the OS's refusal is simulated.)"""
+    import weights
+
+    (tmp_path / "m.ckpt").write_bytes(b"x")
+
+    def refuse(path, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(UserError, match=r"m\.ckpt: permission denied$"):
+        weights.torch_load(tmp_path / "m.ckpt")

@@ -25,6 +25,8 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
         raise WeightsError(path, "no such file")
     try:
         return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+    except PermissionError:
+        raise WeightsError(path, "permission denied") from None
     except pickle.UnpicklingError as err:
         unsafe = re.search(r"GLOBAL (\S+)", str(err))
         if unsafe is None:
