@@ -45,6 +45,7 @@ import torch
 import webdataset as wds
 import yaml
 
+from common.vocab import CODEBOOK_SIZE
 from lvm.data import LVMDataModule
 from lvm.evaluate import Sentence, perplexity_vs_context, read_sentences, unigram_perplexity
 from lvm.train import LVMModule
@@ -103,7 +104,7 @@ def learn(tmp_path: Path, seed: int) -> tuple[list[float], dict[int, float], flo
     curve = {k: v["mean_perplexity"] for k, v in perplexity_vs_context(model, sentences, max_frames=8).items()}
     reversed_context = [Sentence(s.key, s.kind, torch.cat([s.images[-9:-1].flip(0), s.images[-1:]])) for s in sentences]
     reversed_8 = perplexity_vs_context(model, reversed_context, max_frames=8)[8]["mean_perplexity"]
-    return losses, curve, unigram_perplexity(sentences)["mean_perplexity"], reversed_8
+    return losses, curve, unigram_perplexity(sentences, CODEBOOK_SIZE)["mean_perplexity"], reversed_8
 
 
 def test_model_learns_to_use_context(tmp_path, monkeypatch):
