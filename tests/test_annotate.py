@@ -22,7 +22,7 @@ from PIL import Image
 
 from lvm.annotate.__main__ import main
 from lvm.annotate.pipeline import _needs
-from lvm.annotate.render import RELIEF, encode_normals, normals_from_depth, normals_from_nearness
+from lvm.annotate.render import RELIEF, encode_normals, nearness, normals_from_depth, normals_from_nearness
 from lvm.palette import label_palette
 from lvm.tokenize.__main__ import main as tokenize
 from sentences.build import build
@@ -406,3 +406,11 @@ def test_padding_of_a_normals_processor_is_cropped_before_resizing():
     model = Model("normals", "fake", PaddedNormals(), processor, {})
     (normals,) = predict(model, pixel_values, [(48, 64)])
     assert normals.shape == (3, 48, 64) and (normals[2] > 0.99).all()
+
+
+def test_nearness_inverts_metric_depth_and_keeps_disparity():
+    """Metric models give distance (far = large), relative ones disparity (near = large); nearness: 1 = closest."""
+    values = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
+    torch.testing.assert_close(nearness(values, metric=True), torch.tensor([[1.0, 3 / 7], [1 / 7, 0.0]]))
+    torch.testing.assert_close(nearness(values, metric=False), torch.tensor([[0.0, 1 / 7], [3 / 7, 1.0]]))
+

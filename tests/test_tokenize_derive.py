@@ -99,6 +99,8 @@ def test_label_maps_read_indices_not_colours():
     p_image.putpalette([255, 0, 0] * 256)  # colours must be ignored
     assert np.array_equal(to_labels(p_image), indices)
     assert np.array_equal(to_labels(Image.fromarray(np.stack([indices] * 3, axis=2))), indices)  # gray saved as RGB
+    blue = np.stack([indices, indices, indices + 1], axis=2)  # R == G, B differs: a colour image
+    assert to_labels(Image.fromarray(blue)) is None
     assert np.array_equal(to_labels(Image.fromarray((indices.astype(np.uint16) + 512))), indices)  # 16-bit mod 256
     colour = np.zeros((2, 2, 3), dtype=np.uint8)
     colour[0, 0] = (10, 20, 30)
