@@ -37,7 +37,8 @@ PATH_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExist
 
 def exit_on(main: Main) -> Main:
     """Decorate a command's `main`: a `UserError`, or one of PATH_ERRORS naming its path, becomes one line
-    `error: <message>` on stderr and exit status 2 instead of a traceback."""
+    `error: <message>` on stderr and exit status 2 instead of a traceback; Ctrl-C is `interrupted`, status 130
+    (the shell's for SIGINT)."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
@@ -51,5 +52,8 @@ def exit_on(main: Main) -> Main:
                 raise
             print(f"error: {error.filename}: {error.strerror.lower()}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: no traceback (the resumable jobs resume)
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return run  # type: ignore[return-value]

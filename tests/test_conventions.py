@@ -40,6 +40,9 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: out/shard.tar: permission denied\n"
     with pytest.raises(PermissionError):
         fails(PermissionError("no path named: a bug"))
+    with pytest.raises(SystemExit) as exit_info:
+        fails(KeyboardInterrupt())
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys) -> None:
