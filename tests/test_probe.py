@@ -13,12 +13,12 @@ import lvm.probe.data
 import lvm.probe.features
 from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm.model import LVM, LVMConfig
-from lvm.probe import ProbeError
+from lvm.probe import ProbeError, heads
 from lvm.probe.__main__ import main
 from lvm.probe.cache import Cache, module_fingerprint
 from lvm.probe.data import read_split
 from lvm.probe.features import cached_features, hidden_states, resolve_depths
-from lvm.probe.heads import holdout_split
+from lvm.probe.heads import holdout_split, score
 
 TINY = dict(dim=64, mlp_dim=96, n_layers=3, n_heads=4, max_seq_len=64)
 CLASSES = ("blue", "green", "red")
@@ -222,3 +222,26 @@ def test_val_images_that_are_train_images_are_warned_about(folders, model_ckpt, 
           "--out", str(tmp_path), "--layers", "0", "--epochs", "1", "--workers", "0", "--batch-size", "16"])
     assert ("warning: 48 of the 48 --val images have the tokens of a --train image (the same images in both splits?): "
             "their scores measure memory, not features") in capsys.readouterr().err
+
+
+def test_a_probe_comes_back_with_the_weights_of_its_best_holdout_epoch(monkeypatch):
+    """Holdout labels contradict the training labels, so training makes the holdout worse after the first epoch:
+    the probe returned must be its best epoch's, not the last one's."""
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(80, 4)).astype(np.float32)
+    labels = (inputs[:, 0] > 0).astype(np.int64)
+    labels[60:] = 1 - labels[60:]  # the holdout rows
+    fit, holdout = np.arange(60), np.arange(60, 80)
+    torch.manual_seed(0)
+    losses = []  # the holdout loss after each epoch
+
+    def recording(*args):
+        result = score(*args)
+        losses.append(result[1])
+        return result
+
+    monkeypatch.setattr(heads, "score", recording)
+    probe, accuracy, best_epoch, ran = heads.train(
+        torch.nn.Linear(4, 2), inputs, labels, fit, holdout, heads.Training(epochs=12, patience=12, lr=0.05, batch_size=16))
+    assert ran == 12 and best_epoch < ran and losses[-1] > min(losses)
+    assert score(probe, inputs, labels, holdout, 16) == pytest.approx((accuracy, min(losses)))
