@@ -101,6 +101,11 @@ def test_greedy_video_rows_score_copying_and_knowing_like_their_baselines(tmp_pa
     baseline = "mse_copy_last_tokens" if predicts == "copy" else "mse_tokenizer"
     assert row["mse_prediction"] == row[baseline]
     assert row["tokens_right_prediction"] == (row["tokens_right_copy"] if predicts == "copy" else 1.0)
+    # copying pixels: each last context frame against the frame after it, both as the tokenizer sees them
+    images = [Image.fromarray(f) for f in read_frames(str(tmp_path / "clip.mkv"))[0]]
+    pixels = tiny_tokenizer.seen(images).double() / 255
+    expected = ((pixels[report.CONTEXT - 1 : -1] - pixels[report.CONTEXT :]) ** 2).mean().item()
+    assert row["mse_copy_last"] == pytest.approx(expected, rel=1e-5) and row["mse_copy_last"] > 0.01
 
 
 def test_report_states_verdicts_as_they_come_out():
