@@ -9,6 +9,7 @@ it into ``[BOS, image tokens..., EOS]``. docs/sentences.md shows each kind's lay
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from pathlib import PurePosixPath
 from typing import ClassVar
 
 import numpy as np
@@ -108,6 +109,8 @@ class Video(Builder):
             if group_by not in meta or order_by not in meta:
                 notes[f"images without '{group_by}' and '{order_by}' in their json"] += 1
                 continue
+            if not self.usable(row):
+                continue
             order = meta[order_by]  # names in natural order: frame2 before frame10
             groups[str(meta[group_by])].append((natural_key(order) if isinstance(order, str) else order, row))
         try:
@@ -121,16 +124,23 @@ class Video(Builder):
     def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
         return options["frames"]
 
+    def usable(self, row: int) -> bool:
+        """Whether image ``row`` may be a frame (every image of a video may)."""
+        return True
+
     def draw(self, rng: np.random.Generator) -> list[Sentence]:
-        sentences, n = [], self.opt["frames"]
+        return [tuple((self.images, ORIGINAL, int(row)) for row in clip) for clip in self.clips(rng)]
+
+    def clips(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """The rows of each clip of one pass, group by group."""
+        clips, n = [], self.opt["frames"]
         for rows in self.groups:
             if len(rows) < n:
                 continue
             for stride in self.strides(rng, (len(rows) - 1) // (n - 1)):
                 start = int(rng.integers(0, len(rows) - (n - 1) * stride))
-                clip = rows[start : start + (n - 1) * stride + 1 : stride]
-                sentences.append(tuple((self.images, ORIGINAL, int(row)) for row in clip))
-        return sentences
+                clips.append(rows[start : start + (n - 1) * stride + 1 : stride])
+        return clips
 
     def strides(self, rng: np.random.Generator, fit: int) -> list[int]:
         """The strides of one group's clips in one pass: every stride of the spec, each capped at ``fit``, the
@@ -153,10 +163,51 @@ class Sequence(Video):
         return [int(rng.choice(fitting))]
 
 
-class MultiView(Video):
-    """``[v1, v2, ...]``: views of one object or scene, grouped and drawn like video frames."""
+class MultiView(Sequence):
+    """``[v1, ..., vk, a1, ..., ak]`` x ``shots``: views of one object or scene, grouped and drawn like the frames of a
+    sequence (one clip per object and pass, at a stride drawn from ``strides``), each shot followed by the
+    annotation of each of its views when an annotation set (masks, depth) is given, ``shots`` objects per sentence.
 
-    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "path"}
+    That is the release's CO3D layout (4 views then their 4 masks or depth maps, 4 shots). A view's annotation is
+    the image of the annotation set with the same file name (any suffix) in a folder beside the view's folder:
+    ``teddy_42/images/frame001.jpg`` -> ``teddy_42/masks/frame001.png``, CO3D's layout, and also the layout of
+    ``lvm.annotate`` output tokenized from its task folder. Views without one are not used (counted).
+    """
+
+    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "path", "shots": 1}
+    annotations = (0, 1)
+
+    def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
+        self.partner: dict[int, int] | None = None
+        if annotations:
+            (task, found), = annotations.items()
+            beside = {_object_and_name(meta): row for row, meta in enumerate(found.meta)}
+            beside.pop(None, None)
+            self.annotated = found
+            self.partner = {row: beside[key] for row, meta in enumerate(images.meta)
+                            if (key := _object_and_name(meta)) is not None and key in beside}
+            if missing := len(images) - len(self.partner):
+                notes[f"views without a {task} image beside them"] += missing
+        super().__init__(images, annotations, options, notes)
+
+    @classmethod
+    def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
+        return options["frames"] * options["shots"] * (1 + n_annotations)
+
+    def usable(self, row: int) -> bool:
+        return self.partner is None or row in self.partner
+
+    def draw(self, rng: np.random.Generator) -> list[Sentence]:
+        clips = self.clips(rng)
+        sentences = []
+        for chunk in _chunks(rng.permutation(len(clips)), self.opt["shots"]):
+            sentence: list[Ref] = []
+            for clip in (clips[i] for i in chunk):
+                sentence += [(self.images, ORIGINAL, int(row)) for row in clip]
+                if self.partner is not None:
+                    sentence += [(self.annotated, ORIGINAL, self.partner[int(row)]) for row in clip]
+            sentences.append(tuple(sentence))
+        return sentences
 
 
 class Pairs(Builder):
@@ -311,6 +362,15 @@ KINDS: dict[str, type[Builder]] = {
     "inpainting": Inpainting,
     "category": Category,
 }
+
+
+def _object_and_name(meta: dict) -> tuple[str, str] | None:
+    """(the folder above an image's folder, its file name without suffix) from its json ``path``; None without one."""
+    path = meta.get("path")
+    if not isinstance(path, str):
+        return None
+    path = PurePosixPath(path)
+    return str(path.parent.parent), path.stem
 
 
 def _join(sets: list[TokenSet], notes: Counter) -> np.ndarray:

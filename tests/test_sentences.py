@@ -307,6 +307,38 @@ def test_multiview_orders_paths_naturally(tmp_path: Path) -> None:
     assert [m["meta"]["path"] for m in info["images"]] == ["teddy/frame1.jpg", "teddy/frame2.jpg", "teddy/frame10.jpg"]
 
 
+def test_multiview_shots_follow_their_views_with_the_masks_beside_them(tmp_path: Path) -> None:
+    """The release's CO3D layout: per shot, k views of one object then the mask of each, `shots` objects a sentence;
+    a mask pairs with the view of the same file name in the folder beside the view's (object/images, object/masks)."""
+    views, masks = [], []
+    for obj in range(3):
+        for frame in range(6):
+            views.append({"__key__": f"o{obj}/images/f{frame}", "tokens.npy": codes((obj * 10 + frame) * N),
+                          "json": {"folder": f"o{obj}/images", "path": f"o{obj}/images/f{frame}.jpg"}})
+            if (obj, frame) != (2, 5):  # one view without its mask
+                masks.append({"__key__": f"o{obj}/masks/f{frame}", "tokens.npy": codes(4000 + (obj * 10 + frame) * N),
+                              "json": {"folder": f"o{obj}/masks", "path": f"o{obj}/masks/f{frame}.png"}})
+    write_tokens(tmp_path / "views" / "0.tar", views)
+    write_tokens(tmp_path / "masks" / "0.tar", masks[::-1])  # another order: pairing is by path, not by row
+    index, sentences = run_build(tmp_path, [{
+        "name": "co3d", "kind": "multiview", "shards": str(tmp_path / "views"), "frames": 2, "strides": [1, 2],
+        "shots": 2, "annotations": {"masks": str(tmp_path / "masks")}, "epochs": 10}], window=8 * N)
+    assert index["sources"]["co3d"]["unused"] == {"views without a masks image beside them": 1}
+    objects_seen, strides = set(), set()
+    for _, slots, info in sentences:
+        shots = [slots[i : i + 4] for i in range(0, len(slots), 4)]
+        assert len(shots) in (1, 2) and len(slots) == 4 * len(shots)  # 3 objects a pass: 2 shots, then 1
+        assert [m["set"] for m in info["images"]] == ["image", "image", "masks", "masks"] * len(shots)
+        objects = [shot[0] // N // 10 for shot in shots]
+        assert len(set(objects)) == len(objects)  # each shot another object
+        for shot in shots:
+            v1, v2, m1, m2 = (slot // N for slot in shot)
+            assert v1 // 10 == v2 // 10 and (m1 - 250, m2 - 250) == (v1, v2)  # one object, each view's own mask
+            strides.add(v2 - v1)
+        objects_seen.update(objects)
+    assert objects_seen == {0, 1, 2} and strides == {1, 2}
+
+
 def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path: Path, tiny_tokenizer) -> None:
     """Token shards made as the tokenize step makes them (lvm.tokenize.derive on pixels, then the tokenizer):
     each slot must hold the tokens of the intended picture: gray, masked or the original, of the right key."""
@@ -387,8 +419,9 @@ def test_build_is_deterministic_and_resumes_after_a_kill(
         return real(path)
 
     monkeypatch.setattr(build_module, "tar_writer", dies_on_third_shard)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:  # Ctrl-C: "interrupted", exit 130
         main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 130
     assert len(list((tmp_path / "b").glob("sentences-*.tar"))) == 2 and not (tmp_path / "b" / "index.json").exists()
     monkeypatch.setattr(build_module, "tar_writer", real)
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")]) == 0
@@ -540,6 +573,7 @@ def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, cap
         main(["--spec", str(path), "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = err[err.find("error: "):]  # after what a cleared progress bar leaves on the line (cursor moves)
     assert err.startswith(f"error: {path}: {message.replace('{tok}', str(tokens))}")
     assert not (tmp_path / "out").exists()  # nothing claimed: the corrected spec may use the same --out
 
