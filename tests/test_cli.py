@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 import torch
+from PIL import Image
 
 from lvm.cli import main
 from lvm.train import main as dry_run
@@ -86,3 +87,17 @@ def test_bad_ckpt_path_is_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"error: {message}"), err[-1]
         assert not any("Traceback" in line for line in err)
+
+
+def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_path, capsys):
+    """The checkpoint records the resolution every later user resizes to: training at another size is a mistake."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 40)).save(tmp_path / "img" / name)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/vqgan_tiny.yaml", f"--data.init_args.train={tmp_path / 'img'}",
+              f"--data.init_args.val={tmp_path / 'img'}", "--data.init_args.image_size=32",
+              f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data.image_size: 32, but model.tokenizer.resolution is 64; set both to the same size")

@@ -111,6 +111,7 @@ def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
         ({"patch_size": 0}, "patch_size must be at least 1, got 0"),
         ({"codebook_size": 0}, "codebook_size must be at least 1, got 0"),
         ({"channel_mult": []}, "a non-empty channel_mult of positive integers"),
+        ({"num_res_blocks": 0}, "needs num_res_blocks >= 1"),
         ({"value_range": (1.0, 1.0)}, r"value_range \(low, high\) with low < high"),
         ({"dropout": 2.0}, "0 <= dropout < 1"),
     ],

@@ -194,3 +194,21 @@ def test_synthetic_images_refuse_a_folder_that_holds_images(tmp_path: Path, caps
         with pytest.raises(SystemExit) as exit_info:
             synthetic(argv)
         assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(message)
+
+
+def test_evaluate_sees_images_turned_by_exif_as_tokenize_does(tiny_tokenizer_dir: Path, tmp_path: Path) -> None:
+    """A phone photo stored sideways with an EXIF turn scores as the upright image it shows."""
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    (tmp_path / "exif").mkdir()
+    (tmp_path / "upright").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "exif" / "a.png", exif=exif)
+    Image.fromarray(pixels).transpose(Image.Transpose.ROTATE_270).save(tmp_path / "upright" / "a.png")
+    results = []
+    for folder in ("exif", "upright"):
+        out = tmp_path / f"{folder}.json"
+        assert evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / folder),
+                              "--num-workers", "0", "--json", str(out)]) == 0
+        results.append({k: v for k, v in json.loads(out.read_text()).items() if k in ("psnr", "ssim", "perplexity")})
+    assert results[0] == results[1]

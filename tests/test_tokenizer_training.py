@@ -175,7 +175,7 @@ class _StateAtStart(Callback):
 def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     write_images(tmp_path / "train", 4, size=64, seed=0)
     data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
-    options = dict(lpips_weight=0.0, disc_start=2, disc_channels=8, disc_layers=1, ema_decay=0.9)
+    options = dict(lpips_weight=0.0, disc_start=2, disc_channels=8, disc_layers=1, ema_decay=0.9, restart_dead_codes=True)
     quiet = dict(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, logger=False)
     torch.manual_seed(0)
     first = VQGANTraining(tiny_vqgan_config(), **options)
@@ -188,7 +188,8 @@ def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     trainer = Trainer(max_steps=6, default_root_dir=tmp_path / "run2", callbacks=[at_start], **quiet)
     trainer.fit(resumed, data, ckpt_path=tmp_path / "step4.ckpt")
     assert at_start.step == 4 and trainer.global_step == 6
-    final = first.state_dict()  # generator, discriminator and EMA weights (and the EMA's count) as saved
+    final = first.state_dict()  # generator, discriminator and EMA weights, the EMA's count and the code usage as saved
+    assert "_code_usage" in final  # else the resumed run takes every code its first batch misses for dead
     assert set(at_start.state) == set(final) and all(torch.equal(at_start.state[k], v) for k, v in final.items())
     assert int(resumed.ema.n_averaged) == 6
     optimizer = trainer.optimizers[0]

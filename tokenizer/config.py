@@ -66,9 +66,9 @@ class VQGANConfig:
         for name in sizes:
             if getattr(self, name) < 1:
                 raise VQGANConfigError(f"VQGANConfig: {name} must be at least 1, got {getattr(self, name)}")
-        if self.num_res_blocks < 0 or not self.channel_mult or min(self.channel_mult) < 1:
-            raise VQGANConfigError(
-                f"VQGANConfig: needs num_res_blocks >= 0 and a non-empty channel_mult of positive integers, got "
+        if self.num_res_blocks < 1 or not self.channel_mult or min(self.channel_mult) < 1:
+            raise VQGANConfigError(  # (0 blocks cannot change a level's channels: the first forward would fail)
+                f"VQGANConfig: needs num_res_blocks >= 1 and a non-empty channel_mult of positive integers, got "
                 f"{self.num_res_blocks} and {self.channel_mult}"
             )
         if not self.value_range[0] < self.value_range[1] or not 0.0 <= self.dropout < 1.0:

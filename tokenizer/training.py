@@ -113,8 +113,23 @@ class VQGANTraining(LightningModule):
         # Running code usage (EMA of per-step counts) for `restart_dead_codes`: codes whose usage falls
         # below DEAD_CODE_USAGE are moved onto latents of the batch after the optimizer step.
         self.restart_dead_codes = restart_dead_codes
-        # Starting at zero makes the first step a data-dependent codebook init.
-        self.register_buffer("_code_usage", torch.zeros(self.config.codebook_size), persistent=False)
+        # Starting at zero makes the first step a data-dependent codebook init. Saved in checkpoints: a resume that
+        # started from zero again would take every code the next batch misses for dead and move it.
+        self.register_buffer("_code_usage", torch.zeros(self.config.codebook_size))
+
+    def setup(self, stage: str) -> None:
+        """The data's image size must be the tokenizer's resolution: the checkpoint records the resolution, and every
+        later user (tokenize, evaluate) resizes to it, so training at another size would serve at a scale never seen."""
+        size = getattr(self.trainer.datamodule, "image_size", None)
+        if size is not None and size != self.config.resolution:
+            raise VQGANConfigError(f"data.image_size: {size}, but model.tokenizer.resolution is {self.config.resolution}; "
+                                   "set both to the same size")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written before the usage was saved resume with every code given its grace period."""
+        state = checkpoint.get("state_dict", {})
+        if "_code_usage" not in state:
+            state["_code_usage"] = torch.full((self.config.codebook_size,), 10 * DEAD_CODE_USAGE)
 
     # -- losses ---------------------------------------------------------------------
     def _rec_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
