@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of BENCHMARKS.md in one command, within 8 minutes on one H100/H200:
-#   tokenizer encoding at the released shape (images/s vs the FLOP limit), the tokenize pipeline vs the
-#   encoder alone, training tokens/s and MFU of 300m and 1b at seq 4096 bf16 (compile off and on; 1b
-#   sharded with FSDP2 as configs/lvm_1b.yaml trains), decoding at batch 1 (s per 256-token frame vs the
-#   bandwidth limit) and batch 32, and `pytest -m gpu`.
+# Every GPU figure of BENCHMARKS.md in one command, within 8 minutes on one H100/H200, in this order:
+#   `pytest -m gpu`, tokenizer encoding at the released shape (images/s vs the FLOP limit), the tokenize
+#   pipeline vs the encoder alone, training tokens/s and MFU of 300m and 1b at seq 4096 bf16 (1b sharded with
+#   FSDP2 as configs/lvm_1b.yaml trains), decoding at batch 1 (s per 256-token frame vs the bandwidth limit)
+#   and batch 32, and last the training with compile on (the slowest stage gets what is left).
 #
 #   benchmarks/gpu.sh [OUT]             # OUT (default runs/gpu_bench) gets gpu.json, gpu.md (rows for
 #                                       # BENCHMARKS.md) and one log per stage
@@ -41,25 +41,26 @@ stage() {
 
 if ((dry)); then
   stage pytest_gpu 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml "$out/pytest_gpu.xml" tests/test_train.py
-  stage train 120 "$PY" benchmarks/bench_train.py --gpu --device cpu --sizes tiny --batches 2 --seq 64 \
-    --sharded tiny --steps 2 --warmup 1 --json "$out/train.json"
-  # --compile is parsed and applied, but TORCH_COMPILE_DISABLE makes it a no-op (compiling takes minutes on CPU)
-  stage train_compiled 120 env TORCH_COMPILE_DISABLE=1 "$PY" benchmarks/bench_train.py --gpu --device cpu --compile \
-    --sizes tiny --batches 2 --seq 64 --sharded --steps 2 --warmup 1 --json "$out/train_compiled.json"
-  stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --device cpu --size tiny \
-    --tokens-per-image 16 --frames 1 --batch-sizes 1 2 --json "$out/decode.json"
   stage encode 120 "$PY" benchmarks/bench_tokenizer_encode.py --device cpu --tiny --dtype fp32 --batch-sizes 1 \
     --iters 1 --warmup 0 --json "$out/encode.json"
   stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --images 16 --jpeg-side 64 --batch-size 4 --workers 1 \
     --threads 1 --json "$out/tokenize.json"
+  stage train 120 "$PY" benchmarks/bench_train.py --gpu --device cpu --sizes tiny --batches 2 --seq 64 \
+    --sharded tiny --steps 2 --warmup 1 --json "$out/train.json"
+  stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --device cpu --size tiny \
+    --tokens-per-image 16 --frames 1 --batch-sizes 1 2 --json "$out/decode.json"
+  # --compile is parsed and applied, but TORCH_COMPILE_DISABLE makes it a no-op (compiling takes minutes on CPU)
+  stage train_compiled 120 env TORCH_COMPILE_DISABLE=1 "$PY" benchmarks/bench_train.py --gpu --device cpu --compile \
+    --sizes tiny --batches 2 --seq 64 --sharded --steps 2 --warmup 1 --json "$out/train_compiled.json"
 else
+  # Cheap, most wanted figures first; compiled training last: it takes what is left of the budget.
   stage pytest_gpu 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml "$out/pytest_gpu.xml"
+  stage encode 60 "$PY" benchmarks/bench_tokenizer_encode.py --json "$out/encode.json"
+  stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --gpu --images 8000 --json "$out/tokenize.json"
   stage train 90 "$PY" benchmarks/bench_train.py --gpu --steps 20 --warmup 5 --json "$out/train.json"
+  stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --compile --json "$out/decode.json"
   stage train_compiled 210 "$PY" benchmarks/bench_train.py --gpu --compile --steps 20 --warmup 8 \
     --json "$out/train_compiled.json"
-  stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --compile --json "$out/decode.json"
-  stage encode 60 "$PY" benchmarks/bench_tokenizer_encode.py --json "$out/encode.json"
-  stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --gpu --images 2000 --json "$out/tokenize.json"
 fi
 
 "$PY" benchmarks/gpu_report.py "$out" $( ((dry)) && echo --dry-run) && ! grep -qv "	ok	" "$out/stages.tsv"
