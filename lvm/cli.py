@@ -71,10 +71,18 @@ class CLI(LightningCLI):
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
             return
         if Path(ckpt_path).is_dir():
-            raise ConfigError(f"--ckpt_path: {ckpt_path} is a folder; give a .ckpt file (or 'last')")
+            if (Path(ckpt_path) / ".metadata").is_file():
+                return  # a sharded checkpoint (save_distributed_checkpoint): Lightning reads it, with no hyperparameters
+            raise ConfigError(f"--ckpt_path: {ckpt_path} is a folder but no sharded checkpoint; give a .ckpt file (or 'last')")
         if not Path(ckpt_path).is_file():
             return  # Lightning says so, in one line (AtomicCheckpointIO)
-        hparams = dict(weights.torch_load(ckpt_path, mmap=True).get("hyper_parameters") or {})
+        checkpoint = weights.torch_load(ckpt_path, mmap=True)
+        hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+        if not isinstance(hparams, dict | None):
+            raise ConfigError(f"--ckpt_path: {ckpt_path} is no Lightning checkpoint (no hyper_parameters mapping)")
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ConfigError(f"--ckpt_path: {ckpt_path} is no Lightning checkpoint (no state_dict)")
+        hparams = dict(hparams or {})
         hparams.pop("_instantiator", None)
         saved_class = hparams.pop("_class_path", None)
         wanted = self.config[subcommand].get("model")
@@ -83,7 +91,11 @@ class CLI(LightningCLI):
             raise ConfigError(f"--ckpt_path: {ckpt_path} was saved by {saved_class}; this config trains {wanted_class}")
         if hparams:
             model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
-            self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+            try:
+                self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+            except SystemExit:  # jsonargparse has printed what does not fit; say where it came from
+                print(f"error: --ckpt_path: the model settings saved in {ckpt_path} do not fit this config", file=sys.stderr)
+                raise
 
 
 def user_error(exc: BaseException) -> UserError | None:

@@ -365,12 +365,13 @@ KINDS: dict[str, type[Builder]] = {
 
 
 def _object_and_name(meta: dict) -> tuple[str, str] | None:
-    """(the folder above an image's folder, its file name without suffix) from its json ``path``; None without one."""
+    """(the folder above an image's folder, its file name up to the first dot) from its json ``path``; None without
+    one. Up to the first dot, as webdataset keys are: CO3D's depth maps are named ``frame001.jpg.geometric.png``."""
     path = meta.get("path")
     if not isinstance(path, str):
         return None
     path = PurePosixPath(path)
-    return str(path.parent.parent), path.stem
+    return str(path.parent.parent), path.name.split(".", 1)[0]
 
 
 def _join(sets: list[TokenSet], notes: Counter) -> np.ndarray:

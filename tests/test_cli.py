@@ -2,12 +2,14 @@
 
 import io
 import tarfile
+import types
 
 import pytest
 import torch
 from PIL import Image
 
-from lvm.cli import main
+from lvm.cli import CLI, main
+from lvm.errors import ConfigError
 from lvm.train import main as dry_run
 
 
@@ -73,9 +75,11 @@ def test_bad_ckpt_path_is_one_line_error(tmp_path, capsys):
     (tmp_path / "empty.ckpt").write_bytes(b"")
     torch.save({"hyper_parameters": {"_class_path": "tokenizer.training.VQGANTraining"}, "state_dict": {}},
                tmp_path / "vqgan.ckpt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
     cases = [
         ("empty.ckpt", f"{tmp_path / 'empty.ckpt'}: corrupt or not a PyTorch checkpoint"),
-        (".", f"--ckpt_path: {tmp_path / '.'} is a folder; give a .ckpt file (or 'last')"),
+        ("tensor.ckpt", f"--ckpt_path: {tmp_path / 'tensor.ckpt'} is no Lightning checkpoint (no state_dict)"),
+        (".", f"--ckpt_path: {tmp_path / '.'} is a folder but no sharded checkpoint; give a .ckpt file (or 'last')"),
         ("vqgan.ckpt", f"--ckpt_path: {tmp_path / 'vqgan.ckpt'} was saved by tokenizer.training.VQGANTraining; "
                        "this config trains lvm.train.LVMModule"),
     ]
@@ -101,3 +105,15 @@ def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_pa
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: data.image_size: 32, but model.tokenizer.resolution is 64; set both to the same size")
+
+
+def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path, capsys):
+    """save_distributed_checkpoint writes folders of shards (with .metadata): --ckpt_path must still take them."""
+    (tmp_path / "step=100.ckpt").mkdir()
+    (tmp_path / "step=100.ckpt" / ".metadata").write_bytes(b"")
+    parsed = types.SimpleNamespace(config={"subcommand": "fit", "fit": {"ckpt_path": str(tmp_path / "step=100.ckpt")}})
+    CLI._parse_ckpt_path(parsed)  # no refusal, nothing read: Lightning loads the shards itself
+    parsed.config["fit"]["ckpt_path"] = str(tmp_path)  # a folder of anything else is refused
+    with pytest.raises(ConfigError, match="is a folder but no sharded checkpoint"):
+        CLI._parse_ckpt_path(parsed)
+

@@ -316,8 +316,9 @@ def test_multiview_shots_follow_their_views_with_the_masks_beside_them(tmp_path:
             views.append({"__key__": f"o{obj}/images/f{frame}", "tokens.npy": codes((obj * 10 + frame) * N),
                           "json": {"folder": f"o{obj}/images", "path": f"o{obj}/images/f{frame}.jpg"}})
             if (obj, frame) != (2, 5):  # one view without its mask
+                name = f"f{frame}.jpg.geometric.png" if obj == 1 else f"f{frame}.png"  # CO3D names depth maps so
                 masks.append({"__key__": f"o{obj}/masks/f{frame}", "tokens.npy": codes(4000 + (obj * 10 + frame) * N),
-                              "json": {"folder": f"o{obj}/masks", "path": f"o{obj}/masks/f{frame}.png"}})
+                              "json": {"folder": f"o{obj}/masks", "path": f"o{obj}/masks/{name}"}})
     write_tokens(tmp_path / "views" / "0.tar", views)
     write_tokens(tmp_path / "masks" / "0.tar", masks[::-1])  # another order: pairing is by path, not by row
     index, sentences = run_build(tmp_path, [{
