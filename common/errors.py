@@ -11,6 +11,7 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -31,12 +32,14 @@ class UserError(Exception):
         self.what = what
 
 
-PATH_ERRORS = (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
-"""OSErrors a user fixes on their side (rights, or the kind of thing at a path they gave), reported in one line."""
+PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EROFS,
+                         errno.ENAMETOOLONG, errno.ENOSPC, errno.EDQUOT})
+"""OSErrors a user fixes on their side (rights, the kind of thing at a path they gave, a read-only or full disk),
+reported in one line when they name their path."""
 
 
 def exit_on(main: Main) -> Main:
-    """Decorate a command's `main`: a `UserError`, or one of PATH_ERRORS naming its path, becomes one line
+    """Decorate a command's `main`: a `UserError`, or an OSError of PATH_ERRNOS naming its path, becomes one line
     `error: <message>` on stderr and exit status 2 instead of a traceback; Ctrl-C is `interrupted`, status 130
     (the shell's for SIGINT)."""
 
@@ -47,8 +50,8 @@ def exit_on(main: Main) -> Main:
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
-        except PATH_ERRORS as error:
-            if error.filename is None:
+        except OSError as error:
+            if error.filename is None or error.errno not in PATH_ERRNOS:
                 raise
             print(f"error: {error.filename}: {error.strerror.lower()}", file=sys.stderr)
             raise SystemExit(2) from None

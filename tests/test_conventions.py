@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import tarfile
 from collections import Counter
@@ -40,6 +41,11 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: out/shard.tar: permission denied\n"
     with pytest.raises(PermissionError):
         fails(PermissionError("no path named: a bug"))
+    with pytest.raises(SystemExit):  # a read-only or full disk: the user's side too
+        fails(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"))
+    assert capsys.readouterr().err == "error: /mnt/ro/out: read-only file system\n"
+    with pytest.raises(ConnectionResetError):  # other OSErrors keep their traceback
+        fails(ConnectionResetError(errno.ECONNRESET, "Connection reset", "x"))
     with pytest.raises(SystemExit) as exit_info:
         fails(KeyboardInterrupt())
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
