@@ -99,7 +99,11 @@ class Decoder:
     ) -> torch.Tensor:
         """Tokens [B, num_tokens] continuing prompt [B, T]. Only the part of the prompt that the cache
         does not already hold at the same positions is fed (always at least its last token)."""
-        T = prompt.shape[1]
+        B, T = prompt.shape
+        if num_tokens < 1 or T < 1:
+            raise ValueError(f"need a prompt of at least one token and num_tokens >= 1, got {T} and {num_tokens}")
+        if B != self.cached.shape[0]:
+            raise ValueError(f"prompt batch of {B} rows, but the cache was set up for {self.cached.shape[0]}")
         if T + num_tokens - 1 > self.model.cache_len:
             raise ValueError(f"prompt of {T} + {num_tokens} new tokens exceeds the cache of {self.model.cache_len}")
         start = self._reusable(prompt)
@@ -129,6 +133,12 @@ def context_frames(model: LVM, tokens_per_image: int) -> int:
     return min(MAX_CONTEXT_FRAMES, (model.cfg.max_seq_len - prefix + 1) // tokens_per_image - 1)
 
 
+def too_small_for_one_frame(model: LVM, tokens_per_image: int) -> str:
+    """The error for a context that holds no frame at all: nearly always a tokenizer that is not the model's."""
+    return (f"the model's context of {model.cfg.max_seq_len} tokens cannot hold one context frame and the frame to "
+            f"generate ({tokens_per_image} tokens per image): is this the model's tokenizer?")
+
+
 def rollout_cache_len(model: LVM, tokens_per_image: int) -> int:
     """Positions the KV cache of a rollout holds: BOS (when the model uses one), the context frames and the
     frame being generated, but for its last token."""
@@ -149,6 +159,10 @@ def rollout(
     `context_frames` frames (prefixed with BOS when the model uses one). Returns [B, num_frames, T]."""
     B, F, T = frames.shape
     window = context_frames(model, T)
+    if num_frames < 0:
+        raise ValueError(f"num_frames must be >= 0, got {num_frames}")
+    if window < 1:
+        raise ValueError(too_small_for_one_frame(model, T))
     if F > window:
         raise ValueError(f"{F} context frames given; the model's context fits at most {window}")
     bos = [] if model.cfg.bos_id is None else [torch.full((B, 1), model.cfg.bos_id, device=frames.device)]

@@ -29,7 +29,7 @@ from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tok
 from common.vocab import NUM_RESERVED
 from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm
-from lvm.generate import GREEDY, Sampling, context_frames, rollout
+from lvm.generate import GREEDY, Sampling, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
 from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
@@ -87,6 +87,8 @@ def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str
 def check_fits(model: LVM, tok: tokenizer.VQTokenizer, num_frames: int, option: str) -> None:
     """Refuse prompts longer than the context, saying how many frames would fit."""
     fit = context_frames(model, tok.tokens_per_image)
+    if fit < 1:
+        raise PromptError("--tokenizer", too_small_for_one_frame(model, tok.tokens_per_image))
     if num_frames > fit:
         raise PromptError(
             option,
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> None:
     truth = resolve_prompts(args.ground_truth, "--ground-truth", sort=True) if args.ground_truth else None
     if truth and (len(truth) != len(prompts) or any(len(t) != args.num_frames for t in truth)):
         raise PromptError("--ground-truth", f"need {args.num_frames} frame(s) for each of the {len(prompts)} prompt(s)")
+    check_outputs_spare_inputs(args.out, (len(prompts), args.candidates, args.num_frames), prompts + (truth or []))
     images = [[read_image(f) for f in prompt] for prompt in prompts]
     truth_images = [[read_image(f) for f in frames] for frames in truth] if truth else None
     try:
@@ -212,6 +215,23 @@ def ground_truth_mse(preds: torch.Tensor, truth: list[list[Image.Image]]) -> tor
     return metrics.pixel_mse(preds.flatten(0, 2), target[:, None].expand_as(preds).flatten(0, 2))
 
 
+def grid_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_grid.png")
+
+
+def check_outputs_spare_inputs(out: Path, counts: tuple[int, int, int], inputs: list[list[Path]]) -> None:
+    """Refuse an --out whose files would replace an input image: the prompt would be lost, and a rerun with the
+    same glob or folder would read the last run's prediction and grid as frames."""
+    P, C, N = counts
+    planned = [output_path(out, (p, c, f), counts) for p in range(P) for c in range(C) for f in range(N)]
+    planned += [output_path(out, (p, c, -1), counts, ".gif") for p in range(P) for c in range(C) if N > 1]
+    planned.append(grid_path(out))
+    given = {Path(f).resolve(): f for files in inputs for f in files}
+    for path in planned:
+        if path.resolve() in given:
+            raise PromptError("--out", f"would overwrite the input image {given[path.resolve()]}; write elsewhere")
+
+
 def write_outputs(
     out: Path,
     context: list[list[Image.Image]],
@@ -234,7 +254,7 @@ def write_outputs(
                 written.append(output_path(out, (p, c, -1), (P, C, N), ".gif"))
                 shown[0].save(written[-1], save_all=True, append_images=shown[1:], duration=250, loop=0)
             rows.append([context[p], frames, *([truth[p]] if truth else [])])
-    written.append(out.with_name(f"{out.stem}_grid.png"))
+    written.append(grid_path(out))
     grid(rows, size).save(written[-1])
     return written
 

@@ -77,6 +77,19 @@ def test_too_many_context_frames_says_how_many_fit(model):
         rollout(model, torch.zeros(1, 12, 8, dtype=torch.long), 1)
 
 
+def test_bad_arguments_name_the_argument(model):
+    with pytest.raises(ValueError, match="cannot hold one context frame and the frame to generate"):
+        rollout(model, torch.zeros(1, 1, model.cfg.max_seq_len, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="num_frames must be >= 0, got -1"):
+        rollout(model, torch.zeros(1, 1, 8, dtype=torch.long), -1)
+    with Decoder(model, 1, 32) as decoder:
+        for prompt, num_tokens in [(torch.zeros(1, 4, dtype=torch.long), 0), (torch.zeros(1, 0, dtype=torch.long), 2)]:
+            with pytest.raises(ValueError, match="need a prompt of at least one token and num_tokens >= 1"):
+                decoder.generate(prompt, num_tokens)
+        with pytest.raises(ValueError, match="prompt batch of 2 rows, but the cache was set up for 1"):
+            decoder.generate(torch.zeros(2, 4, dtype=torch.long), 2)
+
+
 def test_only_codes_are_sampled():
     logits = torch.zeros(64, 8292)
     logits[:, CODEBOOK_SIZE:] = 100.0  # specials would win everything if allowed

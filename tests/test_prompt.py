@@ -174,6 +174,16 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
     assert capsys.readouterr().err.splitlines()[-1].endswith("error: argument --num-frames: 0 is below the minimum of 1")
     assert run_error(["--pairs", *frames[:4], *common], capsys) == (
         "error: --pairs: needs example pairs then one query image (an odd count), got 4")
+    # --out may not replace an input: a rerun with the same folder would read the last prediction as a frame.
+    before = frames[1].read_bytes()
+    assert run_error(["--frames", *frames[:2], *common[:4], "--out", frames[1]], capsys) == (
+        f"error: --out: would overwrite the input image {frames[1]}; write elsewhere")
+    assert run_error(["--frames", *frames[:2], *common[:4], "--ground-truth", frames[2], "--out", frames[2]],
+                     capsys) == f"error: --out: would overwrite the input image {frames[2]}; write elsewhere"
+    grid_input = write_frames(tmp_path / "g", ["p_grid.png"])[0]  # the grid of --out g/p.png
+    assert run_error(["--frames", grid_input, *common[:4], "--out", tmp_path / "g" / "p.png"], capsys) == (
+        f"error: --out: would overwrite the input image {grid_input}; write elsewhere")
+    assert frames[1].read_bytes() == before
     assert run_error(["--frames", frames[0], "--model", tmp_path / "x.ckpt", *common[2:]], capsys) == (
         f"error: {tmp_path / 'x.ckpt'}: no such file or directory")
     assert run_error(["--frames", frames[0], "--model", ckpt, "--tokenizer", tmp_path, "--out", tmp_path / "o.png"],
@@ -189,6 +199,13 @@ def test_tokenizer_codebook_must_fit_the_model(tmp_path, tiny_tokenizer_dir, cap
                      "--out", tmp_path / "o.png"], capsys)
     assert err == (f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not fit the model's 1024 code ids "
                    "(vocabulary 1124 = codes + 100 reserved)")
+    short = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=8292, max_seq_len=16))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in short.state_dict().items()},
+                "lvm_config": short.cfg.to_dict()}, tmp_path / "short.ckpt")
+    err = run_error(["--frames", frame, "--model", tmp_path / "short.ckpt", "--tokenizer", tiny_tokenizer_dir,
+                     "--out", tmp_path / "o.png"], capsys)
+    assert err == ("error: --tokenizer: the model's context of 16 tokens cannot hold one context frame and the frame "
+                   "to generate (16 tokens per image): is this the model's tokenizer?")
     # A smaller codebook than the model's code ids is fine: it uses the first ids (the miniature's 1000 codes).
     big = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=9100, max_seq_len=64))
     torch.save({"state_dict": {f"model.{k}": v for k, v in big.state_dict().items()},

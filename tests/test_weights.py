@@ -114,6 +114,17 @@ def test_hub_ids_resolve_to_cached_snapshots_and_paths_stay_paths(offline, tmp_p
     assert model.cfg.bos_id is None and model.tokenizer_info == RELEASED_TOKENIZER  # the release is known
 
 
+def test_a_snapshot_without_weights_says_so_and_how_to_fetch_it(offline):
+    """An interrupted download leaves the json files without the weights: the error names that, not a loader's."""
+    partial = snapshot(offline, "org/partial")
+    (partial / "config.json").write_text("{}")
+    with pytest.raises(weights.WeightsError) as info:
+        weights.resolve("org/partial", "--tokenizer")
+    assert str(info.value) == (f"org/partial: no *.safetensors or *.bin weight files in its Hugging Face snapshot "
+                               f"({partial}): fetch it again (`hf download org/partial`) or pass a local folder: "
+                               f"--tokenizer PATH")
+
+
 def test_hub_fetch_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypatch):
     """Only the weights the loaders read are fetched: safetensors when the repo has them, else the .bin pickles."""
     repos = {"owner/bin-only": ["config.json", "pytorch_model.bin"],

@@ -74,17 +74,19 @@ def _snapshot(spec: str, repo: str, revision: str | None, option: str) -> Path:
     )
 
     offline, cache = _truthy("HF_HUB_OFFLINE"), _cache_dir()
+    fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     try:
         folder = None
         for weights in _WEIGHTS:  # a second call only when the first found no weights of its kind
             folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
                                             allow_patterns=_CONFIGS + weights))
             if any(folder.glob(weights[0])):
-                break
-        return folder
+                return folder
+        # What an interrupted download leaves (the json files come first), or a repository without weights.
+        raise WeightsError(spec, f"no *.safetensors or *.bin weight files in its Hugging Face snapshot ({folder}): "
+                                 f"fetch it again (`{fetch}`) or pass a local folder: {option} PATH")
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
-        fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         raise WeightsError(
             spec,
             f"not in the Hugging Face cache ({cache}) and {why}; fetch it once where there is network "
