@@ -8,12 +8,15 @@ final name.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from braceexpand import braceexpand
 
 from common.errors import UserError
 
@@ -48,11 +51,22 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     `.tmp` file stays for the next run to overwrite.
     """
     path = Path(path)
-    tmp = tmp_path(path)
-    with open(tmp, mode) as file:
+    with open(tmp_path(path), mode) as file:
         yield file
-        file.flush()
-        os.fsync(file.fileno())
+    commit_file(path)
+
+
+def commit_file(path: str | Path) -> None:
+    """Make `<path>.tmp`, written and closed, become `path`: fsync the file, rename it, fsync the directory.
+    `atomic_write` ends with it; a writer that cannot stream through a file object (a memory-mapped array)
+    fills `tmp_path(path)` itself and calls it."""
+    path = Path(path)
+    tmp = tmp_path(path)
+    file = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(file)
+    finally:
+        os.close(file)
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY)
     try:
@@ -89,3 +103,43 @@ def output_file(path: str | Path, option: str) -> Path:
     if not os.access(path.parent, os.W_OK):
         raise UserError(path.parent, f"{option}: permission denied (cannot write {path.name} there)")
     return path
+
+
+class ShardPatternError(UserError, ValueError):
+    """A shard pattern that names no shard; the message names the pattern."""
+
+
+def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
+    """Each name a brace pattern expands to, with the existing paths it names: a glob's matches (sorted,
+    ``**`` recursive), or the name itself when it exists."""
+    for name in braceexpand(pattern):
+        if glob.has_magic(name):
+            yield name, sorted(glob.glob(name, recursive=True))
+        else:
+            yield name, [name] if os.path.exists(name) else []
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Shard paths named by ``spec``: a folder (its ``*.tar``, recursively), a glob, a brace pattern, or a list.
+
+    Order is kept as given and each folder or glob is sorted, so the same spec always lists the same shards in
+    the same order (the builders and the stream derive their randomness from positions in this list).
+    """
+    patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    paths: list[str] = []
+    for pattern in patterns:
+        for name, found in expand_pattern(str(pattern)):
+            if not found and not glob.has_magic(name):
+                raise ShardPatternError(name, "no .tar shards found (no such file or directory)")
+            shards = []
+            for path in found:
+                if os.path.isdir(path):
+                    shards += sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
+                elif path.endswith(".tar") or path == name:
+                    shards.append(path)
+            if not shards:
+                raise ShardPatternError(name, "no .tar shards found")
+            paths.extend(shards)
+    if not paths:
+        raise ShardPatternError(spec, "no .tar shards found")
+    return paths

@@ -20,9 +20,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from common.files import expand_shards
 from lvm.errors import ConfigError
 from sentences.errors import SentenceError
-from sentences.formats import expand_shards, sentences_tokenizer
+from sentences.formats import sentences_tokenizer
 from sentences.stream import PackedStream
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;

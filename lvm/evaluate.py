@@ -38,6 +38,7 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
+from common.files import expand_shards
 from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
@@ -325,7 +326,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    shards = formats.expand_shards(args.sentences)
+    shards = expand_shards(args.sentences)
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     trained = model.tokenizer_info or {}
     spec = args.tokenizer or (weights.DEFAULT_TOKENIZER if trained.get("name") == weights.DEFAULT_TOKENIZER else None)

@@ -1,7 +1,6 @@
 """The on-disk formats between the stages, in one place (docs/FORMATS.md describes them in prose).
 
-- Shard patterns: every command that reads shards (`sentences.build`, training, `lvm.evaluate`) names
-  them the same way (`expand_shards`); `lvm.tokenize` expands its inputs with the same `expand_pattern`.
+- Shard patterns: `common.files.expand_shards`, the same for every command that reads shards.
 - Token shards (`lvm.tokenize` writes, `sentences.tokens` reads): one sample per image, the tokens of
   each variant in the member `token_member(variant)`, provenance in `json`; beside each its report
   (`token_report`), which names the tokenizer that made it.
@@ -17,7 +16,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -31,7 +29,6 @@ from typing import NamedTuple
 
 import numpy as np
 import webdataset as wds
-from braceexpand import braceexpand
 
 from common.files import atomic_write, tar_is_complete
 from common.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
@@ -65,42 +62,6 @@ def read_report(path: str | Path) -> dict:
     except (OSError, ValueError):
         return {}
     return report if isinstance(report, dict) else {}
-
-
-def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
-    """Each name a brace pattern expands to, with the existing paths it names: a glob's matches (sorted,
-    ``**`` recursive), or the name itself when it exists."""
-    for name in braceexpand(pattern):
-        if glob.has_magic(name):
-            yield name, sorted(glob.glob(name, recursive=True))
-        else:
-            yield name, [name] if os.path.exists(name) else []
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Shard paths named by ``spec``: a folder (its ``*.tar``, recursively), a glob, a brace pattern, or a list.
-
-    Order is kept as given and each folder or glob is sorted, so the same spec always lists the same shards in
-    the same order (the builders and the stream derive their randomness from positions in this list).
-    """
-    patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    paths: list[str] = []
-    for pattern in patterns:
-        for name, found in expand_pattern(str(pattern)):
-            if not found and not glob.has_magic(name):
-                raise SentenceError(name, "no .tar shards found (no such file or directory)")
-            shards = []
-            for path in found:
-                if os.path.isdir(path):
-                    shards += sorted(glob.glob(os.path.join(path, "**", "*.tar"), recursive=True))
-                elif path.endswith(".tar") or path == name:
-                    shards.append(path)
-            if not shards:
-                raise SentenceError(name, "no .tar shards found")
-            paths.extend(shards)
-    if not paths:
-        raise SentenceError(spec, "no .tar shards found")
-    return paths
 
 
 def iter_samples(path: str, on_error: Callable[[Exception], bool] = wds.reraise_exception) -> Iterator[dict]:

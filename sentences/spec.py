@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from common.files import ShardPatternError, expand_shards
 from sentences.errors import SentenceError
-from sentences.formats import expand_shards
 from sentences.kinds import KINDS
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -97,7 +97,7 @@ def _shards(value: object, where: str) -> list[str]:
         raise SentenceError(f"{where}: expected a folder, glob, brace pattern or list of them, got {value!r}")
     try:
         return expand_shards(value)
-    except SentenceError as exn:
+    except ShardPatternError as exn:
         raise SentenceError(f"{where}: {exn}") from None
 
 

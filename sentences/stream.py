@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
+from common.files import expand_shards
 from sentences.errors import SentenceError
-from sentences.formats import expand_shards, indexed_shards, read_sentences
+from sentences.formats import indexed_shards, read_sentences
 
 SHUFFLE_BUFFER = 4096
 """Sentences a reader holds to shuffle (at most ~32 MB at 16 images of 256 tokens); the build already shuffled

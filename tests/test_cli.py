@@ -43,9 +43,10 @@ def test_dry_run_config_error_is_one_line(capsys):
 
 
 @pytest.mark.parametrize(("train", "problem"), [
-    ("nothere", "no image files"),
-    ("nothere/{000..003}.tar", "no such tar shards"),
-    ("tokens/{0..1}.tar", "holds no jpg/jpeg/png/webp image (token or sentence shards?)"),
+    ("nothere", "no .tar shards found (no such file or directory)"),
+    ("empty", "no image files (.bmp, .gif"),
+    ("tokens/{0..1}.tar", "no .tar shards found (no such file or directory)"),  # names tokens/1.tar
+    ("tokens", "holds no jpg/jpeg/png/webp image (token or sentence shards?)"),
     ("text.tar", "not a readable tar shard"),
     ("broken", "no readable image among its 2 image files"),
 ])
@@ -57,6 +58,7 @@ def test_missing_tokenizer_training_data_is_one_line_error(tmp_path, capsys, tra
         member.size = 4
         tar.addfile(member, io.BytesIO(b"\x00" * 4))
     (tmp_path / "text.tar").write_text("not a tar\n" * 100)
+    (tmp_path / "empty").mkdir()
     (tmp_path / "broken").mkdir()
     for name in ("a.png", "b.jpg"):
         (tmp_path / "broken" / name).write_bytes(b"not an image")
@@ -65,7 +67,7 @@ def test_missing_tokenizer_training_data_is_one_line_error(tmp_path, capsys, tra
               f"--data.init_args.val={tmp_path / train}", f"--trainer.default_root_dir={tmp_path / 'run'}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    where = tmp_path / ("tokens/0.tar" if train.startswith("tokens") else train)  # the shard that was looked at
+    where = tmp_path / {"tokens": "tokens/0.tar", "tokens/{0..1}.tar": "tokens/1.tar"}.get(train, train)
     assert err[-1].startswith(f"error: {where}: {problem}")
     assert not any("Traceback" in line for line in err)
 

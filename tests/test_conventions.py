@@ -6,6 +6,7 @@ import errno
 import importlib
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,12 +15,13 @@ from PIL import Image
 
 from common import files
 from common.errors import UserError, exit_on
+from common.files import ShardPatternError, expand_shards
 from common.vocab import BOS_ID, EOS_ID
 from lvm.prompt import main as prompt_main
 from lvm.tokenize.__main__ import main as tokenize_main
 from lvm.tokenize.sources import find_units
 from sentences.errors import SentenceError
-from sentences.formats import expand_shards, read_sentences, tar_writer
+from sentences.formats import read_sentences, tar_writer
 from tokenizer.evaluate import main as evaluate_tokenizer
 
 
@@ -71,6 +73,22 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
         assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"], argv
 
 
+ROOT = Path(__file__).resolve().parents[1]
+COMMAND_FILES = sorted(path.relative_to(ROOT) for package in ("lvm", "sentences", "tokenizer")
+                       for path in (ROOT / package).rglob("*.py") if "ArgumentParser(" in path.read_text())
+
+
+@pytest.mark.parametrize("path", COMMAND_FILES, ids=str)
+def test_every_command_names_itself_as_it_is_run(path, capsys) -> None:
+    """Usage lines and errors say `python -m lvm.evaluate`, never a file name such as `evaluate.py`."""
+    module = ".".join(path.with_suffix("").parts)
+    command = module.removesuffix(".__main__")
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).main(["--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
+
+
 def test_atomic_write_replaces_the_file_only_when_the_block_completes(tmp_path) -> None:
     path = tmp_path / "index.json"
     with files.atomic_write(path, "w") as f:
@@ -92,7 +110,7 @@ def test_shard_patterns_folder_glob_and_braces_name_the_same_shards(tmp_path) ->
     assert len(folder) == 3
     assert expand_shards(f"{tmp_path}/*.tar") == folder
     assert expand_shards(f"{tmp_path}/sentences-{{000000..000002}}.tar") == folder
-    with pytest.raises(SentenceError, match=r"sentences-000003\.tar: no \.tar shards found \(no such file"):
+    with pytest.raises(ShardPatternError, match=r"sentences-000003\.tar: no \.tar shards found \(no such file"):
         expand_shards(f"{tmp_path}/sentences-{{000000..000003}}.tar")
 
 
@@ -135,7 +153,7 @@ def test_tokenizer_evaluate_reports_a_folder_without_images_as_one_line(tmp_path
     (tmp_path / "broken.png").write_bytes(b"not a png")  # an image file, but none readable: no metrics to report
     with pytest.raises(SystemExit) as exit_info:
         evaluate_tokenizer(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path), "--device", "cpu",
-                            "--num-workers", "0"])
+                            "--workers", "0"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == f"error: {tmp_path}: none of its 1 image files could be read"
 

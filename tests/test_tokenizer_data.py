@@ -35,15 +35,18 @@ def _write_shard(path: Path, images: list[Path]) -> None:
 def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -> None:
     images = write_images(tmp_path / "folder", 6, size=48, seed=0)
     (tmp_path / "folder" / "broken.png").write_bytes(b"broken")
-    _write_shard(tmp_path / "train-000000.tar", images)
-    for source in (str(tmp_path / "folder"), str(tmp_path / "train-{000000..000000}.tar")):
+    (tmp_path / "laion").mkdir()
+    _write_shard(tmp_path / "laion" / "train-000000.tar", images)
+    (tmp_path / "laion" / "train-000000_stats.json").write_text("{}")  # img2dataset writes these beside its tars
+    shard_patterns = [f"{tmp_path}/laion/train-{{000000..000000}}.tar", f"{tmp_path}/laion/*.tar", f"{tmp_path}/laion"]
+    for source in (str(tmp_path / "folder"), *shard_patterns):  # shards named as every command names them
         data = ImageDataModule(train=source, val=source, image_size=32, batch_size=3, num_workers=0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # webdataset warns about the corrupt sample it skips
             batches = [b for b in data.val_dataloader()]
         sizes = [len(b) for b in batches]
         # the folder's broken file is replaced by a readable neighbour; the shard's corrupt sample is dropped
-        assert sum(sizes) == (5 if source.endswith(".tar") else 7), (source, sizes)
+        assert sum(sizes) == (7 if source.endswith("folder") else 5), (source, sizes)
         assert all(b.shape[1:] == (3, 32, 32) and b.dtype == torch.float32 for b in batches)
         assert float(torch.cat(batches).min()) >= 0 and float(torch.cat(batches).max()) <= 1
         train_batch = next(iter(data.train_dataloader()))
@@ -121,7 +124,7 @@ def test_evaluate_cli(tiny_tokenizer_dir: Path, tiny_tokenizer, tmp_path: Path, 
     files = write_images(tmp_path / "images", 5, size=40, seed=3)
     (tmp_path / "images" / "zz_corrupt.png").write_bytes(b"oops")
     out = tmp_path / "result.json"
-    code = evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / "images"), "--num-workers", "0",
+    code = evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / "images"), "--workers", "0",
                           "--batch-size", "2", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
@@ -178,7 +181,7 @@ def test_evaluate_skips_an_image_too_large_to_open(tiny_tokenizer_dir: Path, tmp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 8x8 opens, 64x64 is over twice the limit
     out = tmp_path / "result.json"
     assert evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / "images"),
-                          "--num-workers", "0", "--json", str(out)]) == 0
+                          "--workers", "0", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["skipped"] == [str(tmp_path / "images" / "zz_huge.png")]
 
@@ -209,6 +212,6 @@ def test_evaluate_sees_images_turned_by_exif_as_tokenize_does(tiny_tokenizer_dir
     for folder in ("exif", "upright"):
         out = tmp_path / f"{folder}.json"
         assert evaluate_main(["--tokenizer", str(tiny_tokenizer_dir), "--images", str(tmp_path / folder),
-                              "--num-workers", "0", "--json", str(out)]) == 0
+                              "--workers", "0", "--json", str(out)]) == 0
         results.append({k: v for k, v in json.loads(out.read_text()).items() if k in ("psnr", "ssim", "perplexity")})
     assert results[0] == results[1]

@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
 from lightning.pytorch import LightningDataModule
 from PIL import Image, ImageOps
 from torch import Tensor
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from common.errors import UserError
-from common.files import IMAGE_SUFFIXES
+from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards
 from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
 log = logging.getLogger(__name__)
@@ -71,17 +70,14 @@ class TrainingDataError(UserError):
     """Training or validation images that cannot be read at all, named by the path or pattern given."""
 
 
-def webdataset_images(urls: str, transform: Callable[[Image.Image], Tensor], train: bool) -> IterableDataset:
-    """Images from webdataset shards (brace patterns allowed); bad samples are warned about and skipped.
-
-    Local shards are checked here: a pattern that names no existing file would otherwise leave webdataset
-    waiting on an empty stream, with no step ever run."""
-    local = not any(marker in urls for marker in ("://", "pipe:"))
-    if local:
-        first = next((url for url in braceexpand(urls) if Path(url).is_file()), None)
-        if first is None:
-            raise TrainingDataError(urls, "no such tar shards")
-        _check_holds_images(first)
+def webdataset_images(
+    urls: str | list[str], transform: Callable[[Image.Image], Tensor], train: bool
+) -> IterableDataset:
+    """Images from webdataset shards: a list of local shards (checked to hold images: shards that give no image
+    would leave training waiting on an empty stream, with no step ever run) or a remote URL pattern.
+    Bad samples are warned about and skipped."""
+    if isinstance(urls, list):
+        _check_holds_images(urls[0])
     dataset = wds.WebDataset(
         urls,
         shardshuffle=100 if train else False,
@@ -112,7 +108,8 @@ def _check_holds_images(shard: str) -> None:
 
 
 class ImageDataModule(LightningDataModule):
-    """`train`/`val`: a folder of images, or webdataset shard URLs (anything containing '.tar')."""
+    """`train`/`val`: a folder of images, local webdataset shards named as every command names them (a folder
+    of tars, a glob, a brace pattern), or a remote webdataset URL pattern."""
 
     def __init__(
         self,
@@ -127,10 +124,22 @@ class ImageDataModule(LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
 
     def _dataset(self, source: str, train: bool) -> Dataset | IterableDataset:
+        """A folder with image files is read as images; anything else names shards as every command does
+        (`expand_shards`: a folder of tars, a glob, a brace pattern), or is a remote webdataset URL."""
         transform = make_transform(self.image_size, train)
-        if ".tar" in source:
+        if any(marker in source for marker in ("://", "pipe:")):
             return webdataset_images(source, transform, train)
-        return ImageFolder(source, transform)
+        folder = Path(source).is_dir()
+        if folder and image_files(source):
+            return ImageFolder(source, transform)
+        try:
+            shards = expand_shards(source)
+        except ShardPatternError:
+            if not folder:
+                raise  # names the pattern, or the shard of a brace pattern that does not exist
+            raise TrainingDataError(
+                source, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .tar shards") from None
+        return webdataset_images(shards, transform, train)
 
     def _loader(self, source: str, train: bool) -> DataLoader:
         dataset = self._dataset(source, train)

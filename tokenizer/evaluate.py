@@ -114,12 +114,12 @@ def evaluate(
 
 @exit_on
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tokenizer.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tokenizer_arg(parser, weights.DEFAULT_TOKENIZER)
     parser.add_argument("--config", default=None, help="yaml of a taming .ckpt when not beside it")
     parser.add_argument("--images", required=True, type=Path, help="folder of held-out images (searched recursively)")
     parser.add_argument("--batch-size", type=at_least(1), default=32)
-    parser.add_argument("--num-workers", type=at_least(0), default=2)
+    parser.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes (decoding)")
     parser.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N images (sorted by path)")
     add_device_arg(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     files = image_files(args.images) if args.images.is_dir() else []
     if not files:
         raise UserError(args.images, "no image files found")
-    result = evaluate(tok, files[: args.limit], args.batch_size, args.num_workers)
+    result = evaluate(tok, files[: args.limit], args.batch_size, args.workers)
     for path in result["skipped"]:
         print(f"skipped unreadable image: {path}", file=sys.stderr)
     if not result["images"]:

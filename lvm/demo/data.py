@@ -303,7 +303,7 @@ def prepare(
 
 @exit_on
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lvm.demo.data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=at_least(0), default=0, help="crops, pans and analogy examples are drawn from it")
     args = parser.parse_args(argv)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.files import atomic_write, commit_file, tmp_path
 
 
 def module_fingerprint(module: torch.nn.Module, config: dict) -> str:
@@ -53,14 +54,15 @@ class Cache:
         """An array on disk to fill in place (features larger than memory), visible only after `commit`."""
         self.folder.mkdir(parents=True, exist_ok=True)
         (self.folder / f"{name}.json").unlink(missing_ok=True)  # the old entry is invalid from here on
-        return np.lib.format.open_memmap(self.folder / f"{name}.npy.partial", mode="w+", dtype=dtype, shape=shape)
+        path = tmp_path(self.folder / f"{name}.npy")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
     def commit(self, name: str, fingerprint: str, array: np.memmap, meta: dict | None = None) -> None:
+        """The array, then its sidecar, each renamed into place once on disk: a crash leaves no entry."""
         array.flush()
-        os.replace(self.folder / f"{name}.npy.partial", self.folder / f"{name}.npy")
-        sidecar = self.folder / f"{name}.json.partial"
-        sidecar.write_text(json.dumps({"fingerprint": fingerprint, **(meta or {})}) + "\n")
-        os.replace(sidecar, self.folder / f"{name}.json")
+        commit_file(self.folder / f"{name}.npy")
+        with atomic_write(self.folder / f"{name}.json", "w") as sidecar:
+            sidecar.write(json.dumps({"fingerprint": fingerprint, **(meta or {})}) + "\n")
 
     def write(self, name: str, fingerprint: str, array: np.ndarray, meta: dict | None = None) -> None:
         """Store an array that is already in memory."""

@@ -28,9 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from common.files import IMAGE_SUFFIXES, natural_key
+from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key
 from lvm.tokenize import TokenizeError
-from sentences.formats import expand_pattern
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv"})  # what FFmpeg (PyAV) reads
 TAR_SUFFIX = ".tar"
