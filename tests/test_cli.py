@@ -78,7 +78,9 @@ def test_bad_ckpt_path_is_one_line_error(tmp_path, capsys):
     torch.save({"hyper_parameters": {"_class_path": "tokenizer.training.VQGANTraining"}, "state_dict": {}},
                tmp_path / "vqgan.ckpt")
     torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
+    torch.save({"hyper_parameters": ["lr", 0.1], "state_dict": {}}, tmp_path / "list.ckpt")
     cases = [
+        ("list.ckpt", f"--ckpt_path: {tmp_path / 'list.ckpt'} is no Lightning checkpoint (no hyper_parameters mapping)"),
         ("empty.ckpt", f"{tmp_path / 'empty.ckpt'}: corrupt or not a PyTorch checkpoint"),
         ("tensor.ckpt", f"--ckpt_path: {tmp_path / 'tensor.ckpt'} is no Lightning checkpoint (no state_dict)"),
         (".", f"--ckpt_path: {tmp_path / '.'} is a folder but no sharded checkpoint; give a .ckpt file (or 'last')"),
@@ -93,6 +95,28 @@ def test_bad_ckpt_path_is_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith(f"error: {message}"), err[-1]
         assert not any("Traceback" in line for line in err)
+
+
+def test_ckpt_path_brings_the_model_settings_saved_in_the_checkpoint(tmp_path):
+    """As Lightning's own step does: a run resumed from a file trains with the checkpoint's lr, not the yaml's."""
+    torch.save({"hyper_parameters": {"_class_path": "lvm.train.LVMModule", "size": "tiny", "lr": 0.0123,
+                                     "_instantiator": "lightning.pytorch.cli.instantiate_module"},
+                "state_dict": {}}, tmp_path / "run.ckpt")
+    parsed = {}
+
+    class Parsed(Exception):
+        pass
+
+    class Probe(CLI):
+        def before_instantiate_classes(self) -> None:
+            parsed.update(self.config["fit"]["model"]["init_args"], model=str(self.config["fit"]["model"]))
+            raise Parsed
+
+    with pytest.raises(Parsed):
+        Probe(subclass_mode_model=True, subclass_mode_data=True, args=[
+            "fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), "--ckpt_path",
+            str(tmp_path / "run.ckpt")])
+    assert parsed["lr"] == 0.0123 and parsed["size"] == "tiny" and "_instantiator" not in parsed["model"]
 
 
 def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -43,9 +44,13 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert exit_info.value.code == 2 and capsys.readouterr().err == "error: out/shard.tar: permission denied\n"
     with pytest.raises(PermissionError):
         fails(PermissionError("no path named: a bug"))
-    with pytest.raises(SystemExit):  # a read-only or full disk: the user's side too
-        fails(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/out"))
-    assert capsys.readouterr().err == "error: /mnt/ro/out: read-only file system\n"
+    with pytest.raises(PermissionError):  # an errno but no path: nothing the user can act on, a bug
+        fails(PermissionError(errno.EACCES, "Permission denied"))
+    for code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR,
+                 errno.EEXIST, errno.EPERM):  # a read-only or full disk, a wrong kind of path: the user's side too
+        with pytest.raises(SystemExit):
+            fails(OSError(code, os.strerror(code), "/mnt/out"))
+        assert capsys.readouterr().err == f"error: /mnt/out: {os.strerror(code).lower()}\n"
     with pytest.raises(ConnectionResetError):  # other OSErrors keep their traceback
         fails(ConnectionResetError(errno.ECONNRESET, "Connection reset", "x"))
     with pytest.raises(SystemExit) as exit_info:
@@ -53,7 +58,8 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
 
 
-def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys) -> None:
+def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys,
+                                                                       monkeypatch) -> None:
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_folder").mkdir()
     common = ["--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu"]
@@ -71,6 +77,10 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and capsys.readouterr().err.splitlines() == [f"error: {message}"], argv
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a folder without write permission (the suite may
+    with pytest.raises(SystemExit) as exit_info:                     # run as root, which may write anywhere)
+        prompt_main(["--frames", "never_read.png", "--out", str(tmp_path / "p.png"), *common])
+    assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write p.png there)\n"
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ from lvm.tokenize.derive import apply_mask, gray, mask_params
 from sentences import build as build_module
 from sentences.build import build, main
 from sentences.errors import SentenceError
+from sentences.formats import read_report
 from sentences.spec import load_spec
 
 N = 16  # tokens per image of the tiny tokenizer
@@ -155,6 +156,11 @@ def test_sequences_draw_a_stride_at_which_the_folder_holds_all_frames(tmp_path: 
     )
     steps = {int(np.diff([(s - VIDEO) // N for s in slots])[0]) for _, slots, _ in sentences}
     assert all(len(slots) == 8 for _, slots, _ in sentences) and steps == {1, 2}  # 20 frames: 8 fit at 1 or 2
+    (tmp_path / "capped").mkdir()
+    _, sentences = run_build(tmp_path / "capped", [{"name": "seq", "kind": "sequence", "shards": str(tokens / "videos"),
+                                                    "frames": 8, "strides": [3, 4]}])
+    steps = {int(np.diff([(s - VIDEO) // N for s in slots])[0]) for _, slots, _ in sentences}
+    assert steps == {2}  # no stride of the spec fits: the largest that does, not 1
 
 
 def test_pairs_follow_keys_and_reshuffle_over_epochs(tmp_path: Path, tokens: Path) -> None:
@@ -338,6 +344,10 @@ def test_multiview_shots_follow_their_views_with_the_masks_beside_them(tmp_path:
             strides.add(v2 - v1)
         objects_seen.update(objects)
     assert objects_seen == {0, 1, 2} and strides == {1, 2}
+    assert sorted(len(slots) // 4 for _, slots, _ in sentences) == [1] * 10 + [2] * 10  # each pass: 2 shots, then 1
+    with pytest.raises(SentenceError, match=r"sentences of 8 images x \d+ tokens exceed the window"):
+        run_build(tmp_path, [{"name": "co3d", "kind": "multiview", "shards": str(tmp_path / "views"), "frames": 2,
+                              "shots": 2, "annotations": {"masks": str(tmp_path / "masks")}}], window=7 * N)
 
 
 def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path: Path, tiny_tokenizer) -> None:
@@ -623,3 +633,11 @@ def test_shards_retokenized_at_the_same_size_are_other_inputs(tmp_path: Path, to
     (shards / "a.report.json").write_text(json.dumps({"fingerprint": "tokenizer two"}))
     with pytest.raises(SentenceError, match="holds a build of another spec or other inputs"):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
+
+
+def test_a_report_that_is_no_json_object_counts_as_missing(tmp_path: Path) -> None:
+    """Resume checks read reports with .get(): a list, null or a torn file must read as "not made by this run"."""
+    for name, text in [("list.json", "[]"), ("null.json", "null"), ("torn.json", '{"tokenizer": '), ("ok.json", '{"a": 1}')]:
+        (tmp_path / name).write_text(text)
+    assert [read_report(tmp_path / n) for n in ("list.json", "null.json", "torn.json", "missing.json", "ok.json")] == [
+        {}, {}, {}, {}, {"a": 1}]

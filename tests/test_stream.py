@@ -158,9 +158,13 @@ def test_an_index_of_another_format_is_refused(tmp_path: Path, shards: tuple[Pat
         PackedStream(str(tmp_path), SEQ, BATCH)
 
 
-def test_token_shards_given_as_sentences_are_an_error(tmp_path: Path) -> None:
-    """lvm.tokenize's shards also hold `tokens.npy`: bare image codes, no BOS/EOS. Training on them must stop."""
-    write_sentences(tmp_path, [np.arange(16, dtype=np.uint16)] * 20, per_shard=20, index=False)
+@pytest.mark.parametrize("ends", [(False, False), (True, False), (False, True)], ids=["bare", "no EOS", "no BOS"])
+def test_token_shards_given_as_sentences_are_an_error(tmp_path: Path, ends: tuple[bool, bool]) -> None:
+    """lvm.tokenize's shards also hold `tokens.npy`: bare image codes, no BOS/EOS. Training on them must stop, and so
+    must it on a sentence cut off before its EOS: the model would never learn where a sentence ends."""
+    bos, eos = ends
+    tokens = np.concatenate([[BOS_ID] * bos, np.arange(16), [EOS_ID] * eos]).astype(np.uint16)
+    write_sentences(tmp_path, [tokens] * 20, per_shard=20, index=False)
     with pytest.raises(SentenceError, match=r"sentences-000000.tar: sentence 's00000': not \[BOS 8192, \.\.\., EOS 8193\] "
                        r"\(token shards of lvm.tokenize are not sentences"):
         list(PackedStream(str(tmp_path), seq_len=3))

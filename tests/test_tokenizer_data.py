@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from tokenizer.data import ImageDataModule, make_transform
+from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
 from tokenizer.synthetic import write_images
@@ -51,6 +51,16 @@ def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -
         assert float(torch.cat(batches).min()) >= 0 and float(torch.cat(batches).max()) <= 1
         train_batch = next(iter(data.train_dataloader()))
         assert train_batch.shape == (3, 3, 32, 32)
+
+
+def test_shards_without_images_are_refused_before_training_waits_on_them(tmp_path: Path) -> None:
+    """Token or sentence shards given as training images: every sample would fail and webdataset would wait forever."""
+    with tarfile.open(tmp_path / "tokens.tar", "w") as tar:
+        info = tarfile.TarInfo("000000.tokens.npy")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"\x00" * 4))
+    with pytest.raises(TrainingDataError, match="holds no jpg/jpeg/png/webp image"):
+        webdataset_images([str(tmp_path / "tokens.tar")], make_transform(32, train=True), train=True)
 
 
 def _taming_lpips(vgg16: Path, linear: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:

@@ -19,7 +19,7 @@ from conftest import tiny_vqgan_config
 from lvm.cli import main as lightning_cli
 from tokenizer.data import ImageDataModule, ImageFolder, make_transform
 from tokenizer.synthetic import write_images
-from tokenizer.training import VQGANTraining, ema_with_warmup, hinge_d_loss
+from tokenizer.training import DEAD_CODE_USAGE, USAGE_DECAY, VQGANTraining, ema_with_warmup, hinge_d_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "vqgan_tiny.yaml"
@@ -196,3 +196,12 @@ def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert {int(optimizer.state[p]["step"]) for p in resumed.tokenizer.parameters()} == {6}
     assert {int(optimizer.state[p]["step"]) for p in resumed.discriminator.parameters()} == {4}  # GAN from step 2
     assert tokenizer.load(tmp_path / "step4.ckpt").config == first.config
+
+
+def test_a_checkpoint_saved_before_code_usage_loads_with_every_code_in_its_grace_period() -> None:
+    """Zero usage would make the next step restart every code its batch misses: a trained codebook wiped."""
+    model = VQGANTraining(tiny_vqgan_config(), lpips_weight=0.0, restart_dead_codes=True)
+    old = {"state_dict": {k: v for k, v in model.state_dict().items() if k != "_code_usage"}}
+    model.on_load_checkpoint(old)
+    model.load_state_dict(old["state_dict"])
+    assert bool((model._code_usage * USAGE_DECAY >= DEAD_CODE_USAGE).all())  # none dead after one step unused

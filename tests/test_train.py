@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import lightning as L
@@ -24,7 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import cli as lvm_cli
 from lvm import train
-from lvm.callbacks import AtomicCheckpointIO, SampleImages
+from lvm.callbacks import AtomicCheckpointIO, SampleImages, TokenThroughput
 from lvm.data import LVMDataModule
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, Linear, LVMConfig
@@ -331,6 +332,21 @@ def test_mfu_is_logged_against_the_peak_table_of_lvm_peaks(shards, tmp_path, mon
         assert mfu.keys() == flops.keys() and all(mfu[s] == pytest.approx(flops[s] / 1e9) for s in mfu)
     else:
         assert "train/device/mfu" not in (tmp_path / "run/runs/lvm_tiny/logs/version_0/metrics.csv").read_text()
+
+
+@pytest.mark.parametrize(("precision", "has_peak"), [("bf16-mixed", True), ("bf16-true", True), ("16-mixed", True),
+                                                     ("16-true", True), ("32-true", False), ("64-true", False)])
+def test_mfu_counts_every_half_precision(monkeypatch, precision, has_peak):
+    """fp16 runs have the same dense peak as bf16 on these cards; the training test above can only run bf16 on CPU."""
+    from lightning.pytorch.callbacks import ThroughputMonitor
+
+    monkeypatch.setattr(ThroughputMonitor, "setup", lambda self, trainer, module, stage: None)
+    monkeypatch.setattr("lvm.callbacks.dense_bf16_peak", lambda device: 1e15)
+    monitor = TokenThroughput()
+    monitor._throughputs = {"train": types.SimpleNamespace(available_flops=None)}
+    trainer = types.SimpleNamespace(precision=precision, strategy=types.SimpleNamespace(root_device=torch.device("cuda")))
+    monitor.setup(trainer, None, "fit")
+    assert monitor._throughputs["train"].available_flops == (1e15 if has_peak else None)
 
 
 def test_peak_table_matches_the_longest_name(monkeypatch):
