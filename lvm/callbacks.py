@@ -6,6 +6,8 @@ All are named by `class_path` in configs/lvm_*.yaml (see docs/training.md).
 from __future__ import annotations
 
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from common.vocab import BOS_ID
 from lvm.generate import Decoder, Sampling
 from lvm.parallelize import gather
 from lvm.peaks import dense_bf16_peak
+from lvm.tokenize.progress import clock
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> int:
@@ -52,35 +55,45 @@ class TokenThroughput(ThroughputMonitor):
             throughput.available_flops = self.available_flops
 
 
-class StopOnSigterm(Callback):
-    """Turns SIGTERM (preemption, `scancel`, a job time limit) into a resumable stop after the current
-    optimizer step.
+class StopOnSignal(Callback):
+    """Turns SIGTERM (preemption, `scancel`, a job time limit) and Ctrl-C into a resumable stop after the current
+    optimizer step; a second Ctrl-C stops at once.
 
-    Lightning's own handler stops after whichever micro-batch is running, also inside a gradient accumulation:
-    the checkpoint then counts micro-batches as consumed whose gradients it does not hold, and `--ckpt_path last`
-    would skip them. While training, this callback holds SIGTERM instead (forwarding it to the processes
-    Lightning launched, as Lightning's handler does), and once an optimizer step is complete and any rank got
-    it, sets Lightning's SIGTERM flag on every rank; Lightning then raises its `SIGTERMException` after this
-    step's logs, and `ModelCheckpoint(save_on_exception=True)` writes a checkpoint that resumes exactly.
+    Lightning's own handling stops inside the step that is running, also inside a gradient accumulation: the
+    checkpoint then holds a step whose micro-batches were partly trained, which no resume repeats exactly. While
+    training, this callback holds both signals instead (forwarding SIGTERM to the processes Lightning launched, as
+    Lightning's handler does; a terminal's Ctrl-C reaches them all by itself), and once an optimizer step is
+    complete and any rank got one, sets Lightning's SIGTERM flag on every rank; Lightning then raises its
+    `SIGTERMException` after this step's logs, `ModelCheckpoint(save_on_exception=True)` writes a checkpoint that
+    resumes exactly, and `lightning fit` exits with 128 + the signal's number (`received`).
     """
+
+    received: int | None = None
+    """The signal that stopped training in this process, if any (read by `lvm.cli.main` for the exit status)."""
 
     def __init__(self) -> None:
         self._step_at_start = 0
         self._pending = False
-        self._previous_handler: Any = None
+        self._previous: dict[int, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         def hold(signum: int, frame: Any) -> None:
-            if not self._pending and trainer.strategy.launcher is not None:
+            if signum == signal.SIGINT and self._pending:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now (Lightning saves what it has)
+            if signum == signal.SIGTERM and not self._pending and trainer.strategy.launcher is not None:
                 trainer.strategy.launcher.kill(signum)
-            self._pending = True
+            if not self._pending and trainer.is_global_zero:
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                print(f"{name}: stopping after this optimizer step with a checkpoint (Ctrl-C again: at once)",
+                      file=sys.stderr)
+            self._pending, StopOnSignal.received = True, signum
 
-        self._previous_handler = signal.signal(signal.SIGTERM, hold)
+        self._previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGTERM, signal.SIGINT)}
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_handler)
-            self._previous_handler = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         self._step_at_start = trainer.global_step
@@ -90,6 +103,44 @@ class StopOnSigterm(Callback):
         if stepped and trainer.strategy.reduce_boolean_decision(self._pending, all=False):
             # Lightning's flag (private: there is no public setter): it stops after logging this step.
             trainer._signal_connector.received_sigterm = True
+
+
+class TrainingProgress(Callback):
+    """Plain progress lines for runs whose logs are files (the configs turn Lightning's redrawn bar off): on rank 0,
+    at most every `every_s` seconds, `step N/M (p%) | loss L | s/step | ETA H:MM:SS`, and at the end one summary
+    line with the steps of this run, its wall time, the last loss and the newest checkpoint."""
+
+    def __init__(self, every_s: float = 60.0) -> None:
+        self.every_s = every_s
+        self._start = self._last = 0.0
+        self._first_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+        self._first_step = trainer.global_step
+
+    def _loss(self, trainer: L.Trainer) -> str:
+        loss = trainer.callback_metrics.get("train/loss")
+        return f"{float(loss):.4f}" if loss is not None else "?"
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        now = time.monotonic()
+        if not trainer.is_global_zero or now - self._last < self.every_s:
+            return
+        self._last = now
+        done, total = trainer.global_step, trainer.max_steps
+        per_step = (now - self._start) / max(done - self._first_step, 1)
+        eta = clock(per_step * (total - done)) if total and total > 0 else "?"
+        share = f" ({100 * done / total:.1f}%)" if total and total > 0 else ""
+        print(f"step {done:,}/{total:,}{share} | loss {self._loss(trainer)} | {per_step:.2f} s/step | ETA {eta}",
+              file=sys.stderr, flush=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        newest = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        print(f"trained steps {self._first_step:,}..{trainer.global_step:,} in {clock(time.monotonic() - self._start)}; "
+              f"last loss {self._loss(trainer)}; newest checkpoint {newest or 'none'}", file=sys.stderr, flush=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -7,6 +7,7 @@ as one line, not a traceback, and so is a config asking for GPUs this machine do
 have (checked before Lightning builds its Trainer).
 """
 
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +16,11 @@ from pathlib import Path
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import weights
 from common.errors import UserError
+from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
 
 
@@ -123,14 +126,22 @@ def config_errors_as_one_line() -> Iterator[None]:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run LightningCLI with fit/validate/test/predict subcommands."""
-    with config_errors_as_one_line():
-        CLI(
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+    """Run LightningCLI with fit/validate/test/predict subcommands. A run stopped by a signal (`StopOnSignal`)
+    exits with 128 + its number, as a process killed by it would: `lightning fit ... && next` does not go on with
+    an unfinished model, and a scheduler sees that the job did not finish."""
+    try:
+        with config_errors_as_one_line():
+            CLI(
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+            )
+    except SIGTERMException:
+        signum = StopOnSignal.received or signal.SIGTERM
+        print(f"stopped by {signal.Signals(signum).name} with a checkpoint; continue with the same command and "
+              "--ckpt_path last", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":

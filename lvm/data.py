@@ -13,6 +13,7 @@ bounded by `trainer.max_steps`.
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -31,6 +32,14 @@ from sentences.stream import PackedStream
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """Workers ignore SIGTERM and Ctrl-C: a scheduler or terminal that signals the whole process group would kill
+    them mid-step (a traceback, no clean checkpoint), where the main process stops after the step
+    (`lvm.callbacks.StopOnSignal`) and shuts its workers down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _PositionedLoader(DataLoader):
     """A DataLoader that puts its stream at the right (epoch, batch) each time it is iterated.
 
@@ -39,7 +48,7 @@ class _PositionedLoader(DataLoader):
     """
 
     def __init__(self, stream: PackedStream, position: Callable[[], dict], **kwargs) -> None:
-        super().__init__(stream, batch_size=None, **kwargs)
+        super().__init__(stream, batch_size=None, worker_init_fn=_leave_stop_signals_to_the_trainer, **kwargs)
         self._position = position
 
     def __iter__(self) -> Iterator:
@@ -94,6 +103,8 @@ class LVMDataModule(L.LightningDataModule):
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
         self.seed, self.doc_ids = seed, doc_ids
         self.epoch, self.batches_consumed = 0, 0
+        # Batches of completed optimizer steps, as counted when the global step last moved (None: not yet seen).
+        self._trained, self._step_seen = 0, None
 
     def _stream(self, shards: str | list[str]) -> PackedStream:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (None, None)
@@ -116,7 +127,7 @@ class LVMDataModule(L.LightningDataModule):
         """Called when the train loader is iterated: a new Lightning epoch starts the stream's next epoch."""
         current = self.trainer.current_epoch if self.trainer else self.epoch
         if current != self.epoch:
-            self.epoch, self.batches_consumed = current, 0
+            self.epoch, self.batches_consumed, self._trained = current, 0, 0
         return self.state_dict()
 
     def train_dataloader(self) -> DataLoader:
@@ -130,8 +141,19 @@ class LVMDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or self.trainer.training:
+            step = self.trainer.global_step if self.trainer else 0
+            if step != self._step_seen:  # an optimizer step completed since the last batch: all before this one count
+                self._trained, self._step_seen = self.batches_consumed, step
             self.batches_consumed += 1
         return batch
+
+    def _position_saved(self) -> int:
+        """The batches a checkpoint may count as trained: those of completed optimizer steps. A periodic or
+        SIGTERM checkpoint is saved after a step, when that is every batch consumed; one saved on an exception
+        (Ctrl-C, a crash) may come mid-step or mid-accumulation, whose batches were not trained: they come again."""
+        if self.trainer is None or self.trainer.global_step != self._step_seen:
+            return self.batches_consumed
+        return self._trained
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer else 1
@@ -139,7 +161,7 @@ class LVMDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         """The stream position, with the reader layout it counts in (workers per device and devices): which
         batches the stream yields depends on both."""
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "num_workers": self.num_workers,
+        return {"epoch": self.epoch, "batches_consumed": self._position_saved(), "num_workers": self.num_workers,
                 "world_size": self._world_size()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -152,3 +174,4 @@ class LVMDataModule(L.LightningDataModule):
                     f"{now}; the stream would go on with other batches than it left off: {change.format(saved=saved)}"
                 )
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        self._trained, self._step_seen = self.batches_consumed, None

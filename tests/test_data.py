@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +81,20 @@ def test_resume_continues_exactly_after_the_consumed_batches(shards):
     with pytest.raises(ConfigError, match="data.num_workers: the checkpoint's stream position was counted with "
                                           "num_workers 2, this run has 1; .*: set data.num_workers: 2"):
         other_workers.load_state_dict(first.state_dict())
+
+
+def test_workers_leave_sigterm_and_ctrl_c_to_the_trainer(shards):
+    """A scheduler or terminal signals the whole process group; killed workers would end the step with a traceback."""
+    dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=1)
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    (worker,) = batches._workers
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert next(batches)["input_ids"].shape == (2, 32)
+    del batches
 
 
 def test_labels_are_inputs_shifted_by_one(shards):

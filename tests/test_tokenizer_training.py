@@ -30,30 +30,32 @@ def _l1(model: tokenizer.VQTokenizer, images: torch.Tensor) -> float:
         return float((model(images).reconstruction - images).abs().mean())
 
 
-def test_tiny_fit_lowers_reconstruction_and_checkpoint_loads(tmp_path: Path) -> None:
+def test_tiny_fit_lowers_reconstruction_resumes_and_checkpoint_loads(tmp_path: Path, monkeypatch, capsys) -> None:
     write_images(tmp_path / "train", 16, size=64, seed=0)
     write_images(tmp_path / "val", 4, size=64, seed=1)
-    lightning_cli(
-        [
-            "fit",
-            "-c", str(CONFIG),
-            f"--data.init_args.train={tmp_path / 'train'}",
-            f"--data.init_args.val={tmp_path / 'val'}",
-            f"--trainer.default_root_dir={tmp_path / 'run'}",
-            "--data.init_args.batch_size=4",
-            "--trainer.max_steps=16",
-            "--trainer.val_check_interval=8",
-            "--model.init_args.disc_start=10",  # exercise the GAN + adaptive weight path too
-            "--model.init_args.image_log_every_n_steps=8",
-        ]
-    )
-    run = next((tmp_path / "run").rglob("metrics.csv")).parent
-    rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert any(row.get("train/d_loss") for row in rows), "discriminator never trained"
-    assert any(row.get("val/codebook_usage") for row in rows)
-    assert sorted(p.name for p in (run / "reconstructions").glob("val_*.png"))
+    monkeypatch.chdir(tmp_path)  # the config writes runs/vqgan_tiny/ in the working directory
+    fit = [
+        "fit",
+        "-c", str(CONFIG),
+        f"--data.init_args.train={tmp_path / 'train'}",
+        f"--data.init_args.val={tmp_path / 'val'}",
+        "--data.init_args.batch_size=4",
+        "--trainer.val_check_interval=8",
+        "--model.init_args.disc_start=10",  # exercise the GAN + adaptive weight path too
+        "--model.init_args.image_log_every_n_steps=8",
+    ]
+    lightning_cli([*fit, "--trainer.max_steps=12"])
+    lightning_cli([*fit, "--trainer.max_steps=16", "--ckpt_path", "last"])  # continues; does not start over
+    assert "trained steps 12..16 in " in capsys.readouterr().err  # the summary line of TrainingProgress
+    first, resumed = (list(csv.DictReader((tmp_path / f"runs/vqgan_tiny/lightning_logs/version_{v}/metrics.csv").open()))
+                      for v in (0, 1))
+    assert [int(row["step"]) for row in resumed if row.get("train/loss")] == [14]  # logged every 5 steps from 12
+    assert any(row.get("train/d_loss") for row in resumed), "discriminator never trained"  # from step 10
+    assert any(row.get("val/codebook_usage") for row in first + resumed)
+    assert sorted((tmp_path / "runs/vqgan_tiny/lightning_logs").glob("version_*/reconstructions/val_*.png"))
 
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    ckpt = tmp_path / "runs/vqgan_tiny/checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 16
     trained = tokenizer.load(ckpt)
     assert trained.config.resolution == 64 and trained.tokens_per_image == 16
     torch.manual_seed(0)
