@@ -14,7 +14,9 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import signal
 import sys
+import threading
 from typing import Callable, TypeVar
 
 Main = TypeVar("Main", bound=Callable)
@@ -38,15 +40,41 @@ PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR,
 reported in one line when they name their path."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main process as Ctrl-C raises KeyboardInterrupt: the same clean-up runs (atomic
+    writes leave only `.tmp` files) and a rerun resumes."""
+
+
+def _raise_terminated(main_pid: int) -> Callable:
+    def handler(signum: int, frame: object) -> None:
+        if os.getpid() == main_pid:  # a process forked before it sets its own handling (a DataLoader worker
+            raise Terminated         # between fork and `leave_stop_signals_to_main`) leaves the stop to the main
+
+    return handler
+
+
+def leave_stop_signals_to_main(worker_id: int) -> None:
+    """`worker_init_fn` of every DataLoader: workers ignore SIGTERM and Ctrl-C, which a scheduler or terminal sends
+    to the whole process group. The main process stops cleanly and shuts its workers down; a worker killed first
+    would make torch raise "DataLoader worker is killed by signal" in the middle of that."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def exit_on(main: Main) -> Main:
     """Decorate a command's `main`: a `UserError`, or an OSError of PATH_ERRNOS naming its path, becomes one line
     `error: <message>` on stderr and exit status 2 instead of a traceback; Ctrl-C is `interrupted`, status 130
-    (the shell's for SIGINT)."""
+    (the shell's for SIGINT), and SIGTERM `terminated`, status 143, instead of a silent death."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
+        in_main_thread = threading.current_thread() is threading.main_thread()  # where handlers can be set
+        previous = signal.signal(signal.SIGTERM, _raise_terminated(os.getpid())) if in_main_thread else None
         try:
             return main(*args, **kwargs)
+        except Terminated:
+            print("terminated", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -58,5 +86,8 @@ def exit_on(main: Main) -> Main:
         except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: no traceback (the resumable jobs resume)
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return run  # type: ignore[return-value]

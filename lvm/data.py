@@ -13,7 +13,6 @@ bounded by `trainer.max_steps`.
 
 from __future__ import annotations
 
-import signal
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -21,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from common.errors import leave_stop_signals_to_main
 from common.files import expand_shards
 from lvm.errors import ConfigError
 from sentences.errors import SentenceError
@@ -32,14 +32,6 @@ from sentences.stream import PackedStream
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 
-def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
-    """Workers ignore SIGTERM and Ctrl-C: a scheduler or terminal that signals the whole process group would kill
-    them mid-step (a traceback, no clean checkpoint), where the main process stops after the step
-    (`lvm.callbacks.StopOnSignal`) and shuts its workers down itself."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class _PositionedLoader(DataLoader):
     """A DataLoader that puts its stream at the right (epoch, batch) each time it is iterated.
 
@@ -48,7 +40,7 @@ class _PositionedLoader(DataLoader):
     """
 
     def __init__(self, stream: PackedStream, position: Callable[[], dict], **kwargs) -> None:
-        super().__init__(stream, batch_size=None, worker_init_fn=_leave_stop_signals_to_the_trainer, **kwargs)
+        super().__init__(stream, batch_size=None, worker_init_fn=leave_stop_signals_to_main, **kwargs)
         self._position = position
 
     def __iter__(self) -> Iterator:

@@ -72,7 +72,7 @@ class Planned:
 def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dict | None]:
     """Load every source's token sets and make its builder.
 
-    Returns the sources, the tokens per image, per token shard set the samples skipped by reason, and the
+    Returns the sources, the tokens per image, per set of token shards the samples skipped by reason, and the
     tokenizer that made every set (None when their reports do not say; two different ones are an error).
 
     Shards used by several sources with the same variants (a LAION set drawn as single, colorization and
@@ -103,11 +103,13 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dic
                 f"{spec.path}: sources[{i}] ({src.kind}): sentences of {images} images x {tokens_per_image} tokens "
                 f"exceed the window of {spec.window} tokens (at most {spec.window // tokens_per_image} images fit)"
             )
-    skipped = {
-        f"{s.shards[0]} ({len(s.shards)} shards, {'+'.join(variants)})": dict(counts)
-        for (_, _, variants), (s, counts) in loaded.items()
-        if counts
-    }
+    # Per set of shards, however many variant sets read it: one damaged sample read for the originals and for the
+    # gray pictures is one sample lost, counted once (a variant missing from a sample counts where it is missing).
+    skipped: dict[str, dict] = {}
+    for s, counts in loaded.values():
+        label = f"{s.shards[0]} ({len(s.shards)} shards)"
+        skipped[label] = dict(Counter(skipped.get(label, {})) | counts)
+    skipped = {label: counts for label, counts in skipped.items() if counts}
     return sources, tokens_per_image, skipped, tokenizer
 
 

@@ -92,8 +92,10 @@ def tar_writer(path: str | Path, encoder: bool = True) -> Iterator[wds.TarWriter
     with atomic_write(path) as stream:
         # mtime is an int: a float adds a 1 KB pax header per member
         writer = wds.TarWriter(stream, user="", group="", mode=0o644, mtime=0, encoder=encoder)
-        yield writer
-        writer.close()
+        try:
+            yield writer
+        finally:  # also on Ctrl-C: an unclosed writer would write to the closed file when collected (a traceback)
+            writer.close()
 
 
 class ShardSentence(NamedTuple):

@@ -125,6 +125,9 @@ def test_one_edge_map_per_good_photo_and_the_corrupt_one_reported(photos, tmp_pa
     assert written == sorted(f"{name}.png" for name in PHOTOS)
     report = json.loads((out / "edges" / "photos-img-000000.report.json").read_text())
     assert report["skipped_items"][0]["item"] == str(photos / "broken.jpg") and report["images"] == 4
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0  # a rerun: all done, skips remembered
+    assert "(1 already complete); skipped 1: corrupt_image 1 (1 of them in shards completed by earlier runs)" in \
+        capsys.readouterr().out
     for name, (height, width) in PHOTOS.items():
         edges = np.asarray(Image.open(out / "edges" / f"{name}.png"))
         scale = min(1.0, 512 / max(height, width))

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import errno
+import gc
 import importlib
 import os
+import signal
+import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -56,6 +60,17 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     with pytest.raises(SystemExit) as exit_info:
         fails(KeyboardInterrupt())
     assert exit_info.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+    @exit_on
+    def preempted() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: cleaned up like Ctrl-C, not a silent death
+        time.sleep(5)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        preempted()
+    assert exit_info.value.code == 143 and capsys.readouterr().err == "terminated\n"
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys,
@@ -110,6 +125,20 @@ def test_atomic_write_replaces_the_file_only_when_the_block_completes(tmp_path) 
     with files.atomic_write(path, "w") as f:
         f.write("new")
     assert path.read_text() == "new" and not files.tmp_path(path).exists()
+
+
+def test_a_shard_writer_stopped_by_ctrl_c_leaves_only_its_tmp_file_and_no_late_errors(tmp_path, monkeypatch) -> None:
+    """An unclosed tar writer would write its end blocks into the closed file when collected: a traceback after
+    `interrupted`."""
+    late = []
+    monkeypatch.setattr(sys, "unraisablehook", late.append)
+    with pytest.raises(KeyboardInterrupt):
+        with tar_writer(tmp_path / "s.tar") as tar:
+            tar.write({"__key__": "a", "tokens.npy": np.arange(4, dtype=np.uint16)})
+            raise KeyboardInterrupt
+    del tar
+    gc.collect()
+    assert late == [] and not (tmp_path / "s.tar").exists() and files.tmp_path(tmp_path / "s.tar").exists()
 
 
 def test_shard_patterns_folder_glob_and_braces_name_the_same_shards(tmp_path) -> None:

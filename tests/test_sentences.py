@@ -18,7 +18,7 @@ from lvm.tokenize.derive import apply_mask, gray, mask_params
 from sentences import build as build_module
 from sentences.build import build, main
 from sentences.errors import SentenceError
-from sentences.formats import read_report
+from sentences.formats import read_report, token_member
 from sentences.spec import load_spec
 
 N = 16  # tokens per image of the tiny tokenizer
@@ -497,12 +497,28 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("[single]") and line.split()[1:] == ["3", "54"] for line in out)
     assert any(line.startswith("[video]") and line.split()[1:] == ["2", "516"] for line in out)  # 16 frames at stride 1
-    skipped = f"skipped in {tmp_path / 'bad' / '0.tar'} (2 shards, original): "
+    skipped = f"skipped in {tmp_path / 'bad' / '0.tar'} (2 shards): "
     # the cut sample arrives without its tokens: counted as missing them, and its shard as damaged
     damaged = f"1 damaged tar shard {tmp_path / 'bad' / '1.tar'} (the rest of it lost)"
     assert skipped + f"1 unreadable tokens.npy; 2 missing tokens.npy; {damaged}" in out
     assert out[-1].startswith("built 5 sentences (570 tokens, 2 kinds) into 1 shards in ")
     assert out[-1].endswith(f"; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, {damaged}")
+
+
+def test_shards_read_for_two_variant_sets_count_each_loss_once(tmp_path: Path) -> None:
+    """A single and a colorization source over the same shards read them for the originals and again for the gray
+    pictures: one broken sample and one damaged shard are still one and one."""
+    gray = token_member("gray")
+    samples = [{"__key__": f"k{i}", "tokens.npy": codes(i * N), gray: codes(i * N)} for i in range(8)]
+    samples[1]["tokens.npy"] = b"not an npy file"
+    write_tokens(tmp_path / "tok" / "0.tar", samples)
+    write_tokens(tmp_path / "tok" / "1.tar", samples[2:])
+    shard = tmp_path / "tok" / "1.tar"
+    shard.write_bytes(shard.read_bytes()[: len(shard.read_bytes()) // 2])
+    index, _ = run_build(tmp_path, [{"name": "one", "kind": "single", "shards": str(tmp_path / "tok")},
+                                    {"name": "col", "kind": "colorization", "shards": str(tmp_path / "tok")}])
+    (counts,) = index["skipped"].values()
+    assert counts["unreadable tokens.npy"] == 1 and counts[f"damaged tar shard {shard} (the rest of it lost)"] == 1
 
 
 def test_a_token_shard_cut_between_samples_is_counted_and_named(tmp_path: Path) -> None:
@@ -515,7 +531,7 @@ def test_a_token_shard_cut_between_samples_is_counted_and_named(tmp_path: Path) 
     shard.write_bytes(shard.read_bytes()[:boundary])
     index, sentences = run_build(tmp_path, [{"name": "s", "kind": "single", "shards": str(tmp_path / "tok")}])
     assert len(sentences) == 4
-    assert index["skipped"] == {f"{shard} (1 shards, original)": {f"damaged tar shard {shard} (the rest of it lost)": 1}}
+    assert index["skipped"] == {f"{shard} (1 shards)": {f"damaged tar shard {shard} (the rest of it lost)": 1}}
 
 
 BAD_SPECS = [

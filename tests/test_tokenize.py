@@ -306,6 +306,11 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
     assert reports["src-img-000000.report.json"]["skipped"] == {"corrupt_image": 1, "empty_file": 1}
     assert reports["src-vid-000000.report.json"]["skipped"] == {"empty_file": 1, "unreadable_video": 1}
     assert list(_samples(out / "b.tar")) == ["k1"] and _samples(out / "c.tar") == {}
+    # Resumed after shard a was lost: the last line still counts what every shard left out, this run's and earlier.
+    (out / "a.tar").unlink()
+    assert _run(tiny_tokenizer_dir, out, src, extra=("--images-per-shard", "10")) == 0
+    assert "(6 already complete); skipped 17: corrupt_image 4, corrupt_tar 3, empty_file 6, no_image 3, " \
+           "unreadable_video 1 (14 of them in shards completed by earlier runs); " in capsys.readouterr().out
 
 
 def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path, tiny_tokenizer_dir, monkeypatch):

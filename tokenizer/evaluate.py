@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import tokenizer
 import weights
-from common.errors import UserError, exit_on
+from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import output_file
 from common.options import add_device_arg, add_tokenizer_arg, at_least
 from tokenizer.data import image_files
@@ -77,7 +77,8 @@ def evaluate(
     tok: tokenizer.VQTokenizer, files: list[Path], batch_size: int = 32, num_workers: int = 2, progress: bool = True
 ) -> dict[str, Any]:
     """PSNR/SSIM (means over images), codebook usage/perplexity, rFID when possible, skipped files."""
-    loader = DataLoader(_Images(files, tok), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate)
+    loader = DataLoader(_Images(files, tok), batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        worker_init_fn=leave_stop_signals_to_main)
     fid, fid_skip_reason = _fid_metric(tok.device)
     counts = torch.zeros(tok.codebook_size, dtype=torch.long)
     psnr_sum = ssim_sum = 0.0

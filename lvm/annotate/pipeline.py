@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from common.errors import leave_stop_signals_to_main
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
@@ -34,6 +35,7 @@ from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
 from lvm.tokenize.sources import Unit, find_units
+from lvm.tokenize.writer import recorded_skips, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
 
@@ -86,6 +88,7 @@ class Summary:
     units_written: int = 0
     units_done_before: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_earlier: Counter = field(default_factory=Counter)  # in the reports of units already complete
     wall_s: float = 0.0
 
     def line(self) -> str:
@@ -93,7 +96,8 @@ class Summary:
         tasks = ", ".join(f"{task} {n:,}" for task, n in self.written.items()) or "nothing new"
         return (
             f"annotate: {self.images:,} images annotated ({tasks}) in {self.units_written} units "
-            f"({self.units_done_before} already complete); {skipped_text(self.skipped)}; {wall_text(self.images, self.wall_s)}"
+            f"({self.units_done_before} already complete); {skipped_text(self.skipped, self.skipped_earlier)}; "
+            f"{wall_text(self.images, self.wall_s)}"
         )
 
 
@@ -169,10 +173,13 @@ def _needs(role: str, tasks: dict[str, str], loaded: Iterable[str]) -> bool:
     return role in tasks
 
 
-def plan(job: Job, units: list[Unit], models: dict[str, Model], rank: int, world: int) -> tuple[list[Work], int]:
-    """This rank's units with the tasks they lack, and how many (unit, task) outputs were complete already."""
+def plan(
+    job: Job, units: list[Unit], models: dict[str, Model], rank: int, world: int
+) -> tuple[list[Work], int, Counter]:
+    """This rank's units with the tasks they lack, how many (unit, task) outputs were complete already, and what
+    the units complete in every task left out (as their first task's report records it)."""
     settings = {task: json.dumps(_settings(task, job, models), sort_keys=True, default=str) for task in job.tasks}
-    works, done = [], 0
+    works, done, earlier = [], 0, Counter()
     for unit in units[rank::world]:
         lacking = {}
         for task in job.tasks:
@@ -183,7 +190,9 @@ def plan(job: Job, units: list[Unit], models: dict[str, Model], rank: int, world
                 lacking[task] = fingerprint
         if lacking:
             works.append(Work(unit, lacking))
-    return works[: job.max_shards], done
+        else:
+            earlier += recorded_skips(shard_paths(job.out / job.tasks[0], unit.name)[1])
+    return works[: job.max_shards], done, earlier
 
 
 def _check(job: Job) -> None:
@@ -228,7 +237,7 @@ def run(job: Job) -> Summary:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     models = {role: load(role, name, device) for role, name in roles.items()}
-    works, done = plan(job, units, models, rank, world)
+    works, done, earlier = plan(job, units, models, rank, world)
     log(
         prefix,
         f"annotate: {len(units)} units in all, {len(units[rank::world])} for this rank; {done} task outputs already "
@@ -237,10 +246,11 @@ def run(job: Job) -> Summary:
     )
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))  # leave the workers their cores
-    summary = Summary(units_done_before=done)
+    summary = Summary(units_done_before=done, skipped_earlier=earlier)
     processors = {role: m.processor for role, m in models.items()}
     dataset = UnitBatches(works, job.max_size, job.batch_size, processors)
-    loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=leave_stop_signals_to_main)
     progress = Progress(len(works), prefix)
     outputs: dict[int, dict[str, UnitOutput]] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -23,13 +24,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import tokenizer
 import weights
+from common.errors import leave_stop_signals_to_main
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary, log
 from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
-from lvm.tokenize.writer import ShardWriter, shard_state
+from lvm.tokenize.writer import ShardWriter, recorded_skips, shard_paths, shard_state
 from sentences.formats import ORIGINAL
 from tokenizer.preprocess import resize_square, to_value_range
 
@@ -201,6 +203,7 @@ class Plan:
     fingerprints: list[str]
     already_done: int
     tokenizer: dict  # VQTokenizer.identity(), recorded in every shard's report
+    skipped_earlier: Counter  # what the reports of the shards already done left out
 
 
 def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, world: int, prefix: str) -> Plan:
@@ -221,7 +224,8 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
         f"{f', {stale} made with other settings or inputs (redone)' if stale else ''}; doing {len(todo)} now with "
         f"{tok.tokens_per_image} tokens per image on {tok.device}, {job.workers} workers",
     )
-    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity)
+    earlier = sum((recorded_skips(shard_paths(job.out, u.name)[1]) for u, s in zip(mine, states) if s == "done"), Counter())
+    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity, earlier)
 
 
 def run(job: Job) -> Summary:
@@ -250,11 +254,12 @@ def run(job: Job) -> Summary:
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the decoding workers their cores: oversubscribed, a 2-core machine encodes 3x slower.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
-    summary = Summary(shards_already_done=todo.already_done)
+    summary = Summary(shards_already_done=todo.already_done, skipped_earlier=todo.skipped_earlier)
     encode = Encoder(tok)
     resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range)
     dataset = UnitBatches(todo.units, job.options, resize, job.batch_size)
-    loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda)
+    loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda,
+                        worker_init_fn=leave_stop_signals_to_main)
     progress = Progress(len(todo.units), prefix)
     writers: dict[int, ShardWriter] = {}  # one open shard per worker at most
     variants = (ORIGINAL, *job.options.derive)

@@ -24,10 +24,15 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def skipped_text(skipped: Counter) -> str:
-    """`skipped N: reason n, ...` (reasons sorted) for the summary lines of tokenize and annotate."""
-    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
-    return f"skipped {sum(skipped.values()):,}{': ' + reasons if reasons else ''}"
+def skipped_text(skipped: Counter, earlier: Counter | None = None) -> str:
+    """`skipped N: reason n, ...` (reasons sorted) for the summary lines of tokenize and annotate: this run's skips
+    with `earlier`, those recorded in the reports of shards an earlier run completed, so that the last line of a
+    resumed job still tells what the whole output lacks."""
+    total = skipped + (earlier or Counter())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(total.items()))
+    before = sum((earlier or Counter()).values())
+    return (f"skipped {sum(total.values()):,}{': ' + reasons if reasons else ''}"
+            f"{f' ({before:,} of them in shards completed by earlier runs)' if before else ''}")
 
 
 def wall_text(images: int, wall_s: float) -> str:
@@ -46,13 +51,14 @@ class Summary:
     shards_written: int = 0
     shards_already_done: int = 0
     skipped: Counter = field(default_factory=Counter)
+    skipped_earlier: Counter = field(default_factory=Counter)  # in the reports of shards already complete
     wall_s: float = 0.0
 
     def line(self) -> str:
         """The final one-line summary."""
         return (
             f"tokenize: {self.images:,} images tokenized (+{self.derived:,} derived) in {self.shards_written} shards "
-            f"({self.shards_already_done} already complete); {skipped_text(self.skipped)}; "
+            f"({self.shards_already_done} already complete); {skipped_text(self.skipped, self.skipped_earlier)}; "
             f"{self.tokens:,} tokens written; {wall_text(self.images, self.wall_s)}"
         )
 
