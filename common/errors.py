@@ -11,8 +11,10 @@ is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import functools
+import multiprocessing.util  # noqa: F401 -- its exit handler first, so that `_kill_leftover_workers` runs before it
 import os
 import signal
 import sys
@@ -51,6 +53,18 @@ def _raise_terminated(main_pid: int) -> Callable:
             raise Terminated         # between fork and `leave_stop_signals_to_main`) leaves the stop to the main
 
     return handler
+
+
+def _kill_leftover_workers() -> None:
+    """At exit, before multiprocessing's own clean-up (atexit runs in reverse order of registration): that one
+    stops daemonic children with SIGTERM and waits for them without a limit, which workers that ignore SIGTERM
+    never answer. A DataLoader whose iterator is still alive after an error would hang the exit."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_leftover_workers)
 
 
 def leave_stop_signals_to_main(worker_id: int) -> None:

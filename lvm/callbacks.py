@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torchvision
 from lightning.fabric.plugins.io import TorchCheckpointIO
+from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 
 import weights
@@ -90,10 +91,18 @@ class StopOnSignal(Callback):
 
         self._previous = {signum: signal.signal(signum, hold) for signum in (signal.SIGTERM, signal.SIGINT)}
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+    # Before Lightning's teardown, which puts back the handlers it found before `fit`: restored after it, Lightning's
+    # own would stay and swallow SIGTERM for the rest of a process that trains in-process.
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         self._step_at_start = trainer.global_step
@@ -105,10 +114,23 @@ class StopOnSignal(Callback):
             trainer._signal_connector.received_sigterm = True
 
 
+class ModelCheckpoint(callbacks.ModelCheckpoint):
+    """Lightning's ModelCheckpoint, which also saves the final step. Lightning's writes `last.ckpt` at the end of
+    training only if it saved nothing before: a 650-step run with a checkpoint every 100 steps ended with
+    `last.ckpt` at step 600, the last 50 steps lost to every later user of it."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._every_n_train_steps and self._last_global_step_saved != trainer.global_step:
+            candidates = self._monitor_candidates(trainer)  # as Lightning's own periodic save does
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
 class TrainingProgress(Callback):
     """Plain progress lines for runs whose logs are files (the configs turn Lightning's redrawn bar off): on rank 0,
     at most every `every_s` seconds, `step N/M (p%) | loss L | s/step | ETA H:MM:SS`, and at the end one summary
-    line with the steps of this run, its wall time, the last loss and the newest checkpoint."""
+    line with the steps of this run, its wall time, the last loss and the checkpoint folder."""
 
     def __init__(self, every_s: float = 60.0) -> None:
         self.every_s = every_s
@@ -138,9 +160,9 @@ class TrainingProgress(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        newest = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+        folder = getattr(trainer.checkpoint_callback, "dirpath", None)  # its final save comes after this line
         print(f"trained steps {self._first_step:,}..{trainer.global_step:,} in {clock(time.monotonic() - self._start)}; "
-              f"last loss {self._loss(trainer)}; newest checkpoint {newest or 'none'}", file=sys.stderr, flush=True)
+              f"last loss {self._loss(trainer)}; checkpoints in {folder or 'none'}", file=sys.stderr, flush=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

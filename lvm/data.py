@@ -97,6 +97,7 @@ class LVMDataModule(L.LightningDataModule):
         self.epoch, self.batches_consumed = 0, 0
         # Batches of completed optimizer steps, as counted when the global step last moved (None: not yet seen).
         self._trained, self._step_seen = 0, None
+        self._lightning_epoch: int | None = None  # Lightning's epoch when the loader was last iterated
 
     def _stream(self, shards: str | list[str]) -> PackedStream:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (None, None)
@@ -116,11 +117,15 @@ class LVMDataModule(L.LightningDataModule):
         )
 
     def _train_position(self) -> dict:
-        """Called when the train loader is iterated: a new Lightning epoch starts the stream's next epoch."""
-        current = self.trainer.current_epoch if self.trainer else self.epoch
-        if current != self.epoch:
-            self.epoch, self.batches_consumed, self._trained = current, 0, 0
-        return self.state_dict()
+        """Called when the train loader is iterated: a new Lightning epoch after batches of this one starts the
+        stream's next epoch. The stream counts its own passes: a run resumed from a checkpoint saved on an epoch's
+        last batch has Lightning end that epoch at once, with no batch, and start another; counting Lightning's
+        epochs would skip a whole pass of the data there."""
+        current = self.trainer.current_epoch if self.trainer else 0
+        if self._lightning_epoch is not None and current > self._lightning_epoch and self.batches_consumed > 0:
+            self.epoch, self.batches_consumed, self._trained = self.epoch + 1, 0, 0
+        self._lightning_epoch = current
+        return self._position(self.epoch, self.batches_consumed)
 
     def train_dataloader(self) -> DataLoader:
         # Built here, not in setup(), so that config checks in the module's setup() run before any shard is read.
@@ -150,11 +155,15 @@ class LVMDataModule(L.LightningDataModule):
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer else 1
 
-    def state_dict(self) -> dict:
-        """The stream position, with the reader layout it counts in (workers per device and devices): which
+    def _position(self, epoch: int, batches_consumed: int) -> dict:
+        """A stream position, with the reader layout it counts in (workers per device and devices): which
         batches the stream yields depends on both."""
-        return {"epoch": self.epoch, "batches_consumed": self._position_saved(), "num_workers": self.num_workers,
+        return {"epoch": epoch, "batches_consumed": batches_consumed, "num_workers": self.num_workers,
                 "world_size": self._world_size()}
+
+    def state_dict(self) -> dict:
+        """The position a checkpoint saves: after the batches of finished optimizer steps."""
+        return self._position(self.epoch, self._position_saved())
 
     def load_state_dict(self, state: dict) -> None:
         for key, now, change in (("num_workers", self.num_workers, "set data.num_workers: {saved}"),
@@ -166,4 +175,4 @@ class LVMDataModule(L.LightningDataModule):
                     f"{now}; the stream would go on with other batches than it left off: {change.format(saved=saved)}"
                 )
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
-        self._trained, self._step_seen = self.batches_consumed, None
+        self._trained, self._step_seen, self._lightning_epoch = self.batches_consumed, None, None

@@ -117,6 +117,21 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     assert ckpt["lvm_config"] == LVMConfig.from_name("tiny", **MINI).to_dict()
     assert set(ckpt["state_dict"]) == {f"model.{k}" for k in LVM(LVMConfig(**MINI)).state_dict()}
 
+    # Stopped on the last batch of the stream's first epoch (step 122): the resume starts the next epoch, whole.
+    enter(tmp_path / "c", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "200")
+    cli.trainer.callbacks.append(SigtermAt(121))  # sent after step 121 was looked at: it stops after step 122
+    with pytest.raises(SystemExit):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt = torch.load(tmp_path / "c/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 122 and ckpt["LVMDataModule"]["batches_consumed"] == 122
+    cli = tiny_cli(shards, "--trainer.max_steps", "200")
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
+    resumed = logged(tmp_path / "c", version=1)
+    assert len(resumed) == 200 - 122  # Lightning labels these one step late: it ends the restored epoch at once
+    for step, loss in zip(range(122, 200), resumed.values()):
+        assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+
 
 def test_lightning_fit_stopped_by_sigterm_exits_143_with_one_line(shards, tmp_path, monkeypatch, capsys):
     """As a process killed by the signal would: `lightning fit ... && export` must not go on with an unfinished model."""
@@ -213,6 +228,20 @@ def test_last_ckpt_follows_a_run_resumed_from_its_first_periodic_checkpoint(shar
     checkpoints = tmp_path / "a/runs/lvm_tiny/checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 16
     assert not list(checkpoints.glob("*-v1.ckpt"))
+
+
+
+def test_the_final_step_is_saved_when_max_steps_is_no_multiple_of_the_checkpoint_interval(shards, tmp_path,
+                                                                                          monkeypatch):
+    """Lightning's ModelCheckpoint writes last.ckpt at the end only when it saved nothing before: the demo's 650 steps
+    with a checkpoint every 100 ended at step 600."""
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "13")
+    cli.trainer.checkpoint_callback._every_n_train_steps = 5
+    cli.trainer.fit(cli.model, cli.datamodule)
+    checkpoints = tmp_path / "a/runs/lvm_tiny/checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step=*.ckpt")) == [f"step={s:08d}.ckpt" for s in (5, 10, 13)]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 13
 
 
 def test_resume_from_a_periodic_checkpoint_with_gradient_accumulation_and_validation(shards, tmp_path, monkeypatch):

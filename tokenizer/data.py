@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
-from common.errors import UserError
+from common.errors import UserError, leave_stop_signals_to_main
 from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards
 from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
@@ -152,6 +152,7 @@ class ImageDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=leave_stop_signals_to_main,
         )
 
     def train_dataloader(self) -> DataLoader:
