@@ -75,6 +75,18 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def lightning_worker_init(worker_id: int, rank: int) -> None:
+    """`worker_init_fn` of the training DataLoaders: `leave_stop_signals_to_main`, then Lightning's per-worker
+    seeding when `seed_everything(workers=True)` asked for it (the CLI does). Lightning adds that seeding only to
+    loaders without a `worker_init_fn`, so a loader with ours would lose it: other augmentations than before, and
+    the same ones on every rank."""
+    leave_stop_signals_to_main(worker_id)
+    if int(os.environ.get("PL_SEED_WORKERS", "0")):
+        from lightning.fabric.utilities.seed import pl_worker_init_function  # here: only the trainings need Lightning
+
+        pl_worker_init_function(worker_id, rank=rank)
+
+
 def exit_on(main: Main) -> Main:
     """Decorate a command's `main`: a `UserError`, or an OSError of PATH_ERRNOS naming its path, becomes one line
     `error: <message>` on stderr and exit status 2 instead of a traceback; Ctrl-C is `interrupted`, status 130

@@ -13,6 +13,7 @@ bounded by `trainer.max_steps`.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -20,7 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from common.errors import leave_stop_signals_to_main
+from common.errors import lightning_worker_init
 from common.files import expand_shards
 from lvm.errors import ConfigError
 from sentences.errors import SentenceError
@@ -39,8 +40,9 @@ class _PositionedLoader(DataLoader):
     moment, so `__iter__` is the one place where both a new epoch and a restored position reach the workers.
     """
 
-    def __init__(self, stream: PackedStream, position: Callable[[], dict], **kwargs) -> None:
-        super().__init__(stream, batch_size=None, worker_init_fn=leave_stop_signals_to_main, **kwargs)
+    def __init__(self, stream: PackedStream, position: Callable[[], dict], rank: int, **kwargs) -> None:
+        super().__init__(stream, batch_size=None, worker_init_fn=functools.partial(lightning_worker_init, rank=rank),
+                         **kwargs)
         self._position = position
 
     def __iter__(self) -> Iterator:
@@ -111,6 +113,7 @@ class LVMDataModule(L.LightningDataModule):
         return _PositionedLoader(
             stream,
             position,
+            self.trainer.global_rank if self.trainer else 0,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,  # workers must see each epoch's new position

@@ -73,6 +73,23 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_training_workers_keep_lightnings_seeding(monkeypatch) -> None:
+    """Lightning seeds workers only in loaders without a worker_init_fn; ours must do it in its place (the demo's
+    tokenizer changed when it did not)."""
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    from common.errors import lightning_worker_init
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the stop-signal part is not under test here
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    draws = []
+    for init in (lightning_worker_init, pl_worker_init_function):
+        torch.manual_seed(5)
+        init(1, rank=2)
+        draws.append((torch.rand(3), np.random.rand(3)))
+    assert torch.equal(draws[0][0], draws[1][0]) and np.array_equal(draws[0][1], draws[1][1])
+
+
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys,
                                                                        monkeypatch) -> None:
     (tmp_path / "a_file").write_text("")

@@ -8,6 +8,7 @@ images are skipped with a warning naming the file and never stop a run.
 
 from __future__ import annotations
 
+import functools
 import logging
 import tarfile
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
-from common.errors import UserError, leave_stop_signals_to_main
+from common.errors import UserError, lightning_worker_init
 from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards
 from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
@@ -152,7 +153,7 @@ class ImageDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=leave_stop_signals_to_main,
+            worker_init_fn=functools.partial(lightning_worker_init, rank=self.trainer.global_rank if self.trainer else 0),
         )
 
     def train_dataloader(self) -> DataLoader:
