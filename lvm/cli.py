@@ -128,7 +128,9 @@ def config_errors_as_one_line() -> Iterator[None]:
 def main(args: list[str] | None = None) -> None:
     """Run LightningCLI with fit/validate/test/predict subcommands. A run stopped by a signal (`StopOnSignal`)
     exits with 128 + its number, as a process killed by it would: `lightning fit ... && next` does not go on with
-    an unfinished model, and a scheduler sees that the job did not finish."""
+    an unfinished model, and a scheduler sees that the job did not finish. Ctrl-C outside that (before training
+    starts, or a second one) is `interrupted` and 130, as in the `python -m` commands (`common.errors.exit_on`):
+    Lightning would exit 1, a failure, or print a traceback."""
     try:
         with config_errors_as_one_line():
             CLI(
@@ -142,6 +144,15 @@ def main(args: list[str] | None = None) -> None:
         print(f"stopped by {signal.Signals(signum).name} with a checkpoint; continue with the same command and "
               "--ckpt_path last", file=sys.stderr)
         sys.exit(128 + signum)
+    except KeyboardInterrupt:  # before Lightning's trainer runs: building the model, reading a checkpoint
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    except SystemExit as stop:
+        if stop.code != 1 or not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
+        # Lightning's own handling of a Ctrl-C it caught (`sys.exit(1)` after saving what it has)
+        print("interrupted", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,28 @@ def test_lightning_fit_stopped_by_sigterm_exits_143_with_one_line(shards, tmp_pa
     assert torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+@pytest.mark.parametrize("when", ["before training", "twice in training"])
+def test_lightning_fit_interrupted_exits_130_with_one_line(shards, tmp_path, monkeypatch, capsys, when):
+    """Ctrl-C that Lightning handles itself (a second one stops at once) or that comes before the trainer runs is
+    `interrupted` and 130, as in the `python -m` commands; Lightning exits 1 (a failure) or with a traceback."""
+    enter(tmp_path / "a", monkeypatch)
+    args = ["fit", "-c", TINY, "--data.train_shards", str(shards), *FAST, "--trainer.max_steps", "20"]
+    if when == "before training":
+        def interrupt(self):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(lvm_cli.CLI, "before_instantiate_classes", interrupt)
+    else:
+        args += ["--trainer.callbacks+=test_train.InterruptMidStep", "--trainer.callbacks.step=3"]
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            lvm_cli.main(args)
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after a KeyboardInterrupt
+    assert exit_info.value.code == 128 + signal.SIGINT
+    assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
+
+
 class SignalMidStep(L.Callback):
     """Sends `signum` after the first micro-batch of optimizer step `step + 1` (2 micro-batches per step)."""
 
