@@ -185,6 +185,13 @@ class LVMModule(L.LightningModule):
         # The tokenizer behind the training sentences (None if unrecorded), so readers can check theirs.
         checkpoint["tokenizer"] = getattr(self.trainer.datamodule, "tokenizer", None)
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Lightning labels logged metrics with its own counter of stepped batches. After a resume from a checkpoint
+        # saved inside a step (a second Ctrl-C, an error) or on an epoch's last batch, its restore adds one too many,
+        # and the resumed log runs one step ahead of the optimizer steps it describes. With one optimizer the two
+        # counters are the same thing (Lightning's checkpoint migration equates them too).
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+
     # -- steps ----------------------------------------------------------------------------------------------
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
