@@ -5,6 +5,8 @@ the architecture of configs/vqgan_tiny.yaml: 64x64 images, f=16, 16 tokens per
 image, 8192 codes. Stages downstream of the tokenizer test against it.
 `one_thread` (autouse, session): one intra-op thread for the whole suite.
 `fake_lpips_weights`: (vgg16, linear) files in the formats LPIPS reads, random values.
+`cpu_suite`, `cpu_unless_marked_gpu` (autouse): the suite means the same on a GPU workstation or inside a torchrun
+/ srun allocation as on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -58,6 +60,39 @@ def one_thread() -> Iterator[None]:
         del os.environ["OMP_NUM_THREADS"]
     else:
         os.environ["OMP_NUM_THREADS"] = env
+
+
+REAL_CUDA = {"is_available": torch.cuda.is_available, "device_count": torch.cuda.device_count}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_suite() -> Iterator[None]:
+    """The suite runs on the CPU wherever it runs, fixtures of any scope included; only tests marked `gpu` see CUDA
+    (`cpu_unless_marked_gpu`). The commands default to CUDA, in bfloat16, when it is there, and the tests compare
+    their output exactly with float32 values computed on the CPU: on a GPU machine they would fail or pass by luck,
+    and would not be the CPU counterparts of the `gpu` tests.
+
+    A shell inside `torchrun` or `srun` has rank variables that the multi-GPU commands read (`lvm.tokenize` would
+    take only its rank's share of the shards): they are removed too; the tests that want ranks set their own."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(torch.cuda, "device_count", lambda: 0)
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            patch.delenv(name, raising=False)
+        for name in [name for name in os.environ if name.startswith("SLURM_")]:
+            patch.delenv(name)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `gpu` test sees the real CUDA; any other test's subprocesses see no GPU either. (Not set for the whole
+    session: CUDA reads CUDA_VISIBLE_DEVICES once, when it starts, and the `gpu` tests need it.)"""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    else:
+        for name, real in REAL_CUDA.items():
+            monkeypatch.setattr(torch.cuda, name, real)
 
 
 @pytest.fixture(scope="session")
