@@ -181,6 +181,7 @@ def test_pixel_metrics_match_direct_computation(model, sentences, tiny_tokenizer
             seq = torch.cat([seq, model(seq)[:, -1, :CODEBOOK_SIZE].argmax(-1, keepdim=True)], 1)
     predicted = tiny_tokenizer.decode(seq[:, -T:]).double() / 255
     assert result["model_mse"] == pytest.approx((predicted - truth).square().flatten(1).mean(1).mean().item())
+    assert result["model_psnr"] == pytest.approx(-10 * math.log10(result["model_mse"]))
 
 
 def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir, capsys):

@@ -69,6 +69,18 @@ def test_features_equal_a_manual_forward(bos_id):
     assert all(not block._forward_hooks for block in model.layers) and not model.embed._forward_hooks
 
 
+def test_bfloat16_features_are_cached_as_float32_close_to_the_float32_model(model, tmp_path):
+    """What `lvm.probe --dtype bfloat16` (the default on CUDA) runs, on the CPU: numpy has no bfloat16."""
+    tokens = np.random.default_rng(0).integers(0, CODEBOOK_SIZE, (5, 16)).astype(np.uint16)
+    expected = hidden_states(model, torch.from_numpy(tokens.astype(np.int64)), [1, 3])
+    half = LVM(model.cfg).to(torch.bfloat16).eval()
+    half.load_state_dict(model.state_dict())
+    found = cached_features(half, module_fingerprint(half, half.cfg.to_dict()), "train", tokens, [1, 3],
+                            Cache(tmp_path), batch_size=2)
+    for depth in (1, 3):
+        np.testing.assert_allclose(found[depth].astype(np.float32), expected[depth].numpy(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bfloat16_features_on_cuda_match_float32_on_cpu(model):

@@ -32,6 +32,18 @@ def _write_shard(path: Path, images: list[Path]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
+def test_training_transform_keeps_the_aspect_and_crops() -> None:
+    """Shorter side to the size, then a crop: a 32x64 image of four vertical bands becomes 16x32, whose centre crop
+    holds the middle two bands undistorted (a stretch to 16x16 would squeeze all four in)."""
+    bands = np.zeros((32, 64, 3), np.uint8)
+    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+        bands[:, 16 * k : 16 * (k + 1)] = colour
+    crop = make_transform(16, train=False)(Image.fromarray(bands))
+    assert crop.shape == (3, 16, 16)
+    torch.testing.assert_close(crop[:, :, :6].mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(crop[:, :, -6:].mean((1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.05, rtol=0)
+
+
 def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -> None:
     images = write_images(tmp_path / "folder", 6, size=48, seed=0)
     (tmp_path / "folder" / "broken.png").write_bytes(b"broken")

@@ -18,6 +18,7 @@ import tokenizer
 from conftest import tiny_vqgan_config
 from lvm.cli import main as lightning_cli
 from tokenizer.data import ImageDataModule, ImageFolder, make_transform
+from tokenizer.preprocess import to_value_range
 from tokenizer.synthetic import write_images
 from tokenizer.training import DEAD_CODE_USAGE, USAGE_DECAY, VQGANTraining, ema_with_warmup, hinge_d_loss
 
@@ -197,7 +198,31 @@ def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     optimizer = trainer.optimizers[0]
     assert {int(optimizer.state[p]["step"]) for p in resumed.tokenizer.parameters()} == {6}
     assert {int(optimizer.state[p]["step"]) for p in resumed.discriminator.parameters()} == {4}  # GAN from step 2
-    assert tokenizer.load(tmp_path / "step4.ckpt").config == first.config
+    exported = tokenizer.load(tmp_path / "step4.ckpt")
+    assert exported.config == first.config
+    # The tokenizer a checkpoint gives is the EMA of the weights (every shipped config has one), not the last step's.
+    ema, raw = first.ema.module.state_dict(), first.tokenizer.state_dict()
+    assert all(torch.equal(value, ema[key]) for key, value in exported.state_dict().items())
+    assert any(not torch.equal(value, raw[key]) for key, value in exported.state_dict().items())
+
+
+def test_validation_scores_the_ema_weights(tmp_path: Path) -> None:
+    """val/* must describe the tokenizer a checkpoint exports (the EMA), not the weights of the last step."""
+    write_images(tmp_path / "train", 4, size=64, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "train"), image_size=64, batch_size=4,
+                           num_workers=0)
+    torch.manual_seed(0)
+    module = VQGANTraining(tiny_vqgan_config(), lpips_weight=0.0, disc_start=100, ema_decay=0.9)
+    trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=4,
+                      check_val_every_n_epoch=None)
+    trainer.fit(module, data)
+    x = to_value_range(next(iter(data.val_dataloader())), module.config.value_range)
+    with torch.no_grad():
+        ema = float(module._rec_loss(x, module.ema.module(x)[0]))
+        raw = float(module._rec_loss(x, module.tokenizer(x)[0]))
+    assert abs(ema - raw) > 1e-4  # the check can tell them apart
+    assert float(trainer.callback_metrics["val/rec_loss"]) == pytest.approx(ema, rel=1e-5)
 
 
 def test_a_checkpoint_saved_before_code_usage_loads_with_every_code_in_its_grace_period() -> None:

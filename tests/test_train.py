@@ -133,6 +133,23 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+def test_training_loss_keeps_packed_sentences_apart():
+    """`data.doc_ids: true` (every config): the loss attends only within each packed sentence."""
+    torch.manual_seed(0)
+    module = LVMModule(overrides=MINI)
+    module.configure_model()
+    x = torch.randint(0, CODEBOOK_SIZE, (2, 17))
+    docs = torch.tensor([[0] * 6 + [1] * 10, [0] * 11 + [1] * 5])
+    with torch.no_grad():
+        loss = module._loss({"input_ids": x[:, :-1], "labels": x[:, 1:], "doc_ids": docs})
+        logits = module.model(x[:, :-1], doc_ids=docs)
+        unmasked = module.model(x[:, :-1])
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten()).item(),
+                                 rel=1e-6)
+    assert loss != pytest.approx(torch.nn.functional.cross_entropy(unmasked.flatten(0, 1), x[:, 1:].flatten()).item(),
+                                 rel=1e-5)
+
+
 def test_lightning_fit_stopped_by_sigterm_exits_143_with_one_line(shards, tmp_path, monkeypatch, capsys):
     """As a process killed by the signal would: `lightning fit ... && export` must not go on with an unfinished model."""
     enter(tmp_path / "a", monkeypatch)
