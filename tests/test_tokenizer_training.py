@@ -215,7 +215,7 @@ def test_validation_scores_the_ema_weights(tmp_path: Path) -> None:
     module = VQGANTraining(tiny_vqgan_config(), lpips_weight=0.0, disc_start=100, ema_decay=0.9)
     trainer = Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=4,
-                      check_val_every_n_epoch=None)
+                      check_val_every_n_epoch=None, default_root_dir=tmp_path)
     trainer.fit(module, data)
     x = to_value_range(next(iter(data.val_dataloader())), module.config.value_range)
     with torch.no_grad():
