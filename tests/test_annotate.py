@@ -76,6 +76,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     seg = SegformerForSemanticSegmentation(SegformerConfig(
         num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16], num_attention_heads=[1, 2],
         decoder_hidden_size=16, num_labels=5, patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2]))
+    with torch.no_grad():  # logits of unit scale, not transformers' 0.02-std init: classes ~1e-7 apart would flip
+        for layer in seg.modules():  # with the last bits of another CPU's kernels
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
     seg.save_pretrained(root / "seg")
     SegformerImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "seg")
     return {"depth": root / "depth", "seg": root / "seg"}
@@ -180,8 +184,10 @@ def test_depth_and_segmentation_come_from_the_local_models(annotated, models):
         assert np.abs(normals.astype(int) - encode_normals(normals_from_nearness(d)).astype(int)).max() <= 1
         labels = seg_proc.post_process_semantic_segmentation(seg_out, target_sizes=[size])[0].numpy()
         seg = Image.open(annotated / "segmentation" / f"{name}.png")
-        assert seg.mode == "P" and np.array_equal(np.asarray(seg), labels)
-        assert np.array_equal(np.asarray(seg.convert("RGB")), palette[labels])  # the shared palette
+        assert seg.mode == "P" and len(np.unique(labels)) > 1
+        # the same labels but where upsampling puts two classes within float error of each other (class borders)
+        assert (np.asarray(seg) == labels).mean() > 0.999
+        assert np.array_equal(np.asarray(seg.convert("RGB")), palette[np.asarray(seg)])  # the shared palette
 
 
 def test_a_normals_model_replaces_normals_from_depth(photos, tmp_path):
@@ -221,7 +227,8 @@ def test_a_batch_gives_what_single_images_give(photos, models, annotated, tmp_pa
     for name in PHOTOS:
         one = np.asarray(Image.open(out / "depth" / f"{name}.png")).astype(int)
         assert np.abs(one - np.asarray(Image.open(annotated / "depth" / f"{name}.png"))).max() <= 2
-        assert (out / "segmentation" / f"{name}.png").read_bytes() == (annotated / "segmentation" / f"{name}.png").read_bytes()
+        one, three = (np.asarray(Image.open(root / "segmentation" / f"{name}.png")) for root in (out, annotated))
+        assert (one == three).mean() > 0.999  # class borders may flip with the batch's float order
 
 
 @pytest.mark.gpu
