@@ -139,8 +139,7 @@ import os, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from lvm.model import LVM, LVMConfig
 from lvm.parallelize import gather, parallelize
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK="0", WORLD_SIZE="1")
-dist.init_process_group("gloo")
+dist.init_process_group("gloo", init_method="file://" + os.environ["STORE"], rank=0, world_size=1)  # no port to clash
 cfg = LVMConfig(**{mini}, tie_embeddings=True)
 torch.manual_seed(0)
 plain, sharded = LVM(cfg), LVM(cfg)
@@ -157,11 +156,11 @@ dist.destroy_process_group()
 """
 
 
-def test_tied_head_stays_tied_through_fsdp2_and_gather():
+def test_tied_head_stays_tied_through_fsdp2_and_gather(tmp_path):
     """FSDP2 shards the embedding and the head in one (root) unit, so a tied matrix stays one tensor with one
     gradient; the gathered copy is tied again. A process of its own: one gloo rank on CPU."""
     code = TIED_SHARD_CHECK.format(mini=MINI)
-    env = {**os.environ, "PORT": str(29400 + os.getpid() % 500)}
+    env = {**os.environ, "STORE": str(tmp_path / "store")}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True"] * 4
