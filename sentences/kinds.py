@@ -169,9 +169,8 @@ class MultiView(Sequence):
     annotation of each of its views when an annotation set (masks, depth) is given, ``shots`` objects per sentence.
 
     That is the release's CO3D layout (4 views then their 4 masks or depth maps, 4 shots). A view's annotation is
-    the image of the annotation set with the same file name (any suffix) in a folder beside the view's folder:
-    ``teddy_42/images/frame001.jpg`` -> ``teddy_42/masks/frame001.png``, CO3D's layout, and also the layout of
-    ``lvm.annotate`` output tokenized from its task folder. Views without one are not used (counted).
+    the image of the annotation set with the same file name (any suffix) at the view's path or in a folder beside
+    the view's folder (`_annotation_of_each_view`). Views without one are not used (counted).
     """
 
     options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "path", "shots": 1}
@@ -181,11 +180,8 @@ class MultiView(Sequence):
         self.partner: dict[int, int] | None = None
         if annotations:
             (task, found), = annotations.items()
-            beside = {_object_and_name(meta): row for row, meta in enumerate(found.meta)}
-            beside.pop(None, None)
             self.annotated = found
-            self.partner = {row: beside[key] for row, meta in enumerate(images.meta)
-                            if (key := _object_and_name(meta)) is not None and key in beside}
+            self.partner = _annotation_of_each_view(images, found)
             if missing := len(images) - len(self.partner):
                 notes[f"views without a {task} image beside them"] += missing
         super().__init__(images, annotations, options, notes)
@@ -364,14 +360,42 @@ KINDS: dict[str, type[Builder]] = {
 }
 
 
-def _object_and_name(meta: dict) -> tuple[str, str] | None:
-    """(the folder above an image's folder, its file name up to the first dot) from its json ``path``; None without
-    one. Up to the first dot, as webdataset keys are: CO3D's depth maps are named ``frame001.jpg.geometric.png``."""
+def _folder_and_name(meta: dict, up: int) -> tuple[str, str] | None:
+    """(the folder ``up`` levels above an image's file, its file name up to the first dot) from its json ``path``;
+    None without one. Up to the first dot, as webdataset keys are: CO3D's depth maps are ``frame001.jpg.geometric.png``."""
     path = meta.get("path")
     if not isinstance(path, str):
         return None
     path = PurePosixPath(path)
-    return str(path.parent.parent), path.name.split(".", 1)[0]
+    return str(path.parents[up - 1]) if len(path.parents) >= up else "", path.name.split(".", 1)[0]
+
+
+def _annotation_of_each_view(views: TokenSet, found: TokenSet) -> dict[int, int]:
+    """{view row: annotation row}: the annotation image at the view's own path (``teddy_42/frame001.jpg`` ->
+    ``teddy_42/frame001.png``: views stored flat per object, and ``lvm.annotate``'s output of them) if the sets
+    pair that way at all, else the one of the same name in a folder beside the view's (``teddy_42/images/frame001.jpg``
+    -> ``teddy_42/masks/frame001.png``, CO3D's layout). One rule for the whole set: in the flat layout the folder
+    beside a view is another object's. Two annotation images that could both be a view's are an error, not a guess."""
+    for up in (1, 2):
+        candidates: dict[tuple[str, str], list[int]] = {}
+        for row, meta in enumerate(found.meta):
+            if (key := _folder_and_name(meta, up)) is not None:
+                candidates.setdefault(key, []).append(row)
+        partner: dict[int, int] = {}
+        for row, meta in enumerate(views.meta):
+            if (rows := candidates.get(_folder_and_name(meta, up))) is None:
+                continue
+            if len(rows) > 1:
+                first, second = (found.meta[r]["path"] for r in rows[:2])
+                raise SentenceError(
+                    f"{views.shards[views.shard_of[row]]}: view '{meta['path']}' has two {found.name} images, "
+                    f"'{first}' and '{second}'; give each view its annotation at the same path, or in a folder "
+                    "beside the view's with one folder of views per object (CO3D's layout)"
+                )
+            partner[row] = rows[0]
+        if partner:
+            return partner
+    return {}
 
 
 def _join(sets: list[TokenSet], notes: Counter) -> np.ndarray:

@@ -350,6 +350,38 @@ def test_multiview_shots_follow_their_views_with_the_masks_beside_them(tmp_path:
                               "shots": 2, "annotations": {"masks": str(tmp_path / "masks")}}], window=7 * N)
 
 
+def test_multiview_views_stored_flat_pair_with_the_map_at_their_own_path(tmp_path: Path) -> None:
+    """`teddy_42/frame001.jpg` with lvm.annotate's `teddy_42/frame001.png`: every object has a frame001, and each view
+    must get its own object's map (a rule by the folder beside the view's would give them all one object's)."""
+    views, maps = [], []
+    for obj in range(3):
+        for frame in range(2):
+            views.append({"__key__": f"o{obj}/f{frame}", "tokens.npy": codes((obj * 10 + frame) * N),
+                          "json": {"folder": f"o{obj}", "path": f"o{obj}/f{frame}.jpg"}})
+            maps.append({"__key__": f"o{obj}/f{frame}", "tokens.npy": codes(4000 + (obj * 10 + frame) * N),
+                         "json": {"folder": f"o{obj}", "path": f"o{obj}/f{frame}.png"}})
+    write_tokens(tmp_path / "views" / "0.tar", views)
+    write_tokens(tmp_path / "depth" / "0.tar", maps[::-1])
+    source = {"name": "mv", "kind": "multiview", "shards": str(tmp_path / "views"), "frames": 2,
+              "annotations": {"depth": str(tmp_path / "depth")}}
+    index, sentences = run_build(tmp_path, [source], window=4 * N)
+    assert len(sentences) == 3 and not index["sources"]["mv"].get("unused")
+    for _, slots, _ in sentences:
+        v1, v2, m1, m2 = (slot // N for slot in slots)
+        assert (m1 - 250, m2 - 250) == (v1, v2)
+    # CO3D's rule (a folder beside the view's) with two such folders: no guess
+    write_tokens(tmp_path / "co3d" / "0.tar", [
+        {"__key__": f"o0/{folder}/f{frame}", "tokens.npy": codes(4000 + frame * N), "json": {"path": f"o0/{folder}/f{frame}.png"}}
+        for folder in ("masks", "depth") for frame in range(2)])
+    with pytest.raises(SentenceError, match="view 'o0/images/f0.jpg' has two depth images, 'o0/masks/f0.png' and "
+                                            "'o0/depth/f0.png'"):
+        write_tokens(tmp_path / "co3dviews" / "0.tar", [
+            {"__key__": f"o0/images/f{frame}", "tokens.npy": codes(frame * N), "json": {"path": f"o0/images/f{frame}.jpg"}}
+            for frame in range(2)])
+        run_build(tmp_path, [{**source, "shards": str(tmp_path / "co3dviews"),
+                              "annotations": {"depth": str(tmp_path / "co3d")}}], window=4 * N)
+
+
 def test_derived_slots_hold_the_tokens_of_the_gray_and_masked_pictures(tmp_path: Path, tiny_tokenizer) -> None:
     """Token shards made as the tokenize step makes them (lvm.tokenize.derive on pixels, then the tokenizer):
     each slot must hold the tokens of the intended picture: gray, masked or the original, of the right key."""
