@@ -33,6 +33,7 @@ from sentences.errors import SentenceError
 from sentences.formats import (
     ORIGINAL,
     SENTENCE_SHARD,
+    SPEC_NAME,
     SentenceIndex,
     one_tokenizer,
     read_report,
@@ -181,14 +182,14 @@ def _prepare_out(spec: MixSpec, out: Path) -> None:
     """Claim ``out`` for this spec, or check that an earlier run of the same spec and inputs owns it."""
     out.mkdir(parents=True, exist_ok=True)
     record = {"fingerprint": _fingerprint(spec), "spec": spec.to_json()}
-    marker = out / "spec.json"
+    marker = out / SPEC_NAME
     if marker.exists():
         if json.loads(marker.read_text()).get("fingerprint") != record["fingerprint"]:
             raise SentenceError(
                 f"{out}: holds a build of another spec or other inputs; remove it or choose another --out"
             )
     elif any(out.glob("sentences-*.tar")):
-        raise SentenceError(f"{out}: holds sentence shards without spec.json; remove them or choose another --out")
+        raise SentenceError(f"{out}: holds sentence shards without {SPEC_NAME}; remove them or choose another --out")
     else:
         with atomic_write(marker, "w") as f:
             f.write(json.dumps(record, indent=1) + "\n")

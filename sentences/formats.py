@@ -40,6 +40,8 @@ is ``<key>.<variant>.tokens.npy``."""
 
 SENTENCE_SHARD = "sentences-{:06d}.tar"
 INDEX_NAME = "index.json"
+SPEC_NAME = "spec.json"
+"""Written by ``sentences.build`` when it starts, before any shard; ``index.json`` comes last, when it is done."""
 INDEX_FORMAT = "lvm-sentences/1"
 
 
@@ -178,12 +180,16 @@ class SentenceIndex:
 
 
 def _read_index(folder: str) -> dict:
-    """The ``index.json`` in ``folder`` ({} when there is none)."""
+    """The ``index.json`` in ``folder`` ({} when there is none: shards other tools wrote). A build that has not
+    finished (killed, or still running) is an error: its shards are a part of the mixture, without its tail."""
     path = os.path.join(folder, INDEX_NAME)
     try:
         with open(path) as f:
             index = json.load(f)
     except FileNotFoundError:
+        if os.path.exists(os.path.join(folder, SPEC_NAME)):
+            raise SentenceError(folder or ".", f"a sentences.build that has not finished ({SPEC_NAME} but no "
+                                f"{INDEX_NAME}); run it again with the same --spec and --out to complete it") from None
         return {}
     except (OSError, ValueError) as exn:
         raise SentenceError(path, f"unreadable ({exn})") from None

@@ -20,6 +20,7 @@ from sentences.build import build, main
 from sentences.errors import SentenceError
 from sentences.formats import read_report, token_member
 from sentences.spec import load_spec
+from sentences.stream import PackedStream
 
 N = 16  # tokens per image of the tiny tokenizer
 IMAGES = 24  # images 0..23: image i holds codes i*N .. i*N+N-1
@@ -466,6 +467,8 @@ def test_build_is_deterministic_and_resumes_after_a_kill(
         main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")])
     assert exit_info.value.code == 130
     assert len(list((tmp_path / "b").glob("sentences-*.tar"))) == 2 and not (tmp_path / "b" / "index.json").exists()
+    with pytest.raises(SentenceError, match="a sentences.build that has not finished .* run it again"):
+        PackedStream(str(tmp_path / "b"), seq_len=16, batch_size=1)  # training would get two shards of ten
     monkeypatch.setattr(build_module, "tar_writer", real)
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "b")]) == 0
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
