@@ -134,6 +134,7 @@ def plan(spec: MixSpec, sources: list[Source], tokens_per_image: int) -> list[Pl
         else:
             pass_tokens = sum(len(s) * tokens_per_image + 2 for s in first)
             src.epochs = src.spec.weight / total_weight * spec.tokens / pass_tokens
+        planned_before = len(planned)
         for epoch in range(math.ceil(src.epochs)):
             sentences = first if epoch == 0 else src.builder.draw(_rng(spec.seed, name, epoch))
             keep = range(len(sentences))
@@ -141,6 +142,9 @@ def plan(spec: MixSpec, sources: list[Source], tokens_per_image: int) -> list[Pl
                 count = round((src.epochs - epoch) * len(sentences))
                 keep = np.sort(_rng(spec.seed, name, epoch, 1).choice(len(sentences), count, replace=False))
             planned += [Planned(src, epoch, int(i), sentences[i]) for i in keep]
+        if len(planned) == planned_before:  # its share rounds to nothing: as much a mistake as no images
+            raise SentenceError(spec.path, f"source {name!r} gets no sentences: {src.epochs:.4g} passes of "
+                                f"{len(first)} sentences (raise its epochs or weight, or the tokens)")
     order = np.random.default_rng(spec.seed).permutation(len(planned))
     return [planned[i] for i in order]
 

@@ -126,7 +126,7 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
         raise SentenceError(f"{where}.annotations: expected a mapping task -> shards, got {annotations!r}")
     low, high = builder.annotations
     if not low <= len(annotations) <= (high if high is not None else len(annotations)):
-        count = f"exactly {low}" if low == high else f"at least {low}"
+        count = f"exactly {low}" if low == high else f"at least {low}" if len(annotations) < low else f"at most {high}"
         raise SentenceError(f"{where}.annotations: kind {kind} takes {count} annotation sets, got {len(annotations)}")
     for task in annotations:
         if not isinstance(task, str) or not _NAME.match(task) or task == "image":

@@ -619,6 +619,18 @@ BAD_SPECS = [
          "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 21, "weight": 1}]},
         "source 'a' makes no sentences (3 groups with fewer than 21 frames)",
     ),
+    ({"sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "epochs": 0.01}]},
+     "source 'a' gets no sentences: 0.01 passes of 24 sentences (raise its epochs or weight, or the tokens)"),
+    ({"tokens": 100000, "sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "weight": 1000},
+                                    {"name": "b", "kind": "single", "shards": "{tok}/images", "weight": 0.001}]},
+     "source 'b' gets no sentences"),
+    ({"tokens": 1000, "sources": [{"name": "a", "kind": "single", "shards": "{tok}/images", "epochs": 5}]},
+     "sources[0].epochs: not allowed with a total 'tokens' (give a weight instead)"),
+    ({"sources": [{"name": "a", "kind": "pairs", "shards": "{tok}/images", "annotations": {"image": "{tok}/depth"}}]},
+     "sources[0].annotations: bad task name 'image'"),
+    ({"sources": [{"name": "a", "kind": "multiview", "shards": "{tok}/images",
+                   "annotations": {"depth": "{tok}/depth", "normals": "{tok}/normals"}}]},
+     "sources[0].annotations: kind multiview takes at most 1 annotation sets, got 2"),
     (
         {"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
         "sources[0] (colorization): sentences of 16 images x 16 tokens exceed the window of 64 tokens "
