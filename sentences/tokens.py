@@ -105,15 +105,17 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
                 if array.size != length:
                     raise SentenceError(f"{where}: {array.size} tokens, but the other images have {length}")
                 if array.size and (array.min() < 0 or array.max() >= CODEBOOK_SIZE):
-                    raise SentenceError(
-                        f"{where}: token id {int(array.max())} outside the codebook [0, {CODEBOOK_SIZE})"
-                    )
+                    worst = int(array.min()) if array.min() < 0 else int(array.max())
+                    raise SentenceError(f"{where}: token id {worst} outside the codebook [0, {CODEBOOK_SIZE})")
                 arrays[variant] = array.astype(np.uint16)
             else:
                 try:
                     info = json.loads(sample["json"]) if "json" in sample else {}
                 except ValueError:
                     skipped["unreadable json"] += 1
+                    continue
+                if not isinstance(info, dict):  # valid json, but no record of the image (`null`, a string)
+                    skipped["json not an object"] += 1
                     continue
                 keys.append(key)
                 meta.append(info)

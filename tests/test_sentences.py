@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -540,6 +541,18 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
     assert out[-1].endswith(f"; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, {damaged}")
 
 
+def test_a_json_that_is_no_object_is_skipped_and_counted(tmp_path: Path) -> None:
+    """Valid json but no record of the image (`null`, a string): the builders read its fields, so it is skipped."""
+    samples = [{"__key__": f"k{i}", "tokens.npy": codes(i * N), "json": {"folder": "a", "path": f"a/{i}.jpg"}}
+               for i in range(4)]
+    samples[1]["json"], samples[2]["json"] = b"null", b'"folder: a"'
+    write_tokens(tmp_path / "tok" / "0.tar", samples)
+    index, sentences = run_build(tmp_path, [{"name": "mv", "kind": "multiview", "shards": str(tmp_path / "tok"),
+                                             "frames": 2}])
+    assert [[slot // N for slot in slots] for _, slots, _ in sentences] == [[0, 3]]
+    assert index["skipped"] == {f"{tmp_path / 'tok' / '0.tar'} (1 shards)": {"json not an object": 2}}
+
+
 def test_shards_read_for_two_variant_sets_count_each_loss_once(tmp_path: Path) -> None:
     """A single and a colorization source over the same shards read them for the originals and again for the gray
     pictures: one broken sample and one damaged shard are still one and one."""
@@ -663,6 +676,14 @@ def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, cap
             {"__key__": "x", "tokens.npy": np.full(N, 8192, dtype=np.uint16)},
             "sample 'x': tokens.npy: token id 8192 outside the codebook [0, 8192)",
         ),
+        (
+            {"__key__": "x", "tokens.npy": np.r_[np.int16(-1), np.full(N - 1, 5, dtype=np.int16)]},
+            "sample 'x': tokens.npy: token id -1 outside the codebook [0, 8192)",
+        ),
+        (
+            {"__key__": "x", "tokens.npy": np.zeros((4, 4), dtype=np.uint16)},
+            "sample 'x': tokens.npy: expected a 1-D integer array, got uint16 (4, 4)",
+        ),
     ],
 )
 def test_wrong_tokens_are_an_error_naming_shard_and_sample(tmp_path: Path, sample: dict, message: str) -> None:
@@ -672,7 +693,7 @@ def test_wrong_tokens_are_an_error_naming_shard_and_sample(tmp_path: Path, sampl
     )
     with pytest.raises(
         SentenceError,
-        match="^" + str(tmp_path / "tok" / "0.tar") + ": " + message.replace("[", r"\[").replace(")", r"\)"),
+        match="^" + re.escape(f"{tmp_path / 'tok' / '0.tar'}: {message}"),
     ):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
 
