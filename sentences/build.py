@@ -89,11 +89,14 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dic
         return loaded[key][0]
 
     sources = []
-    for src in spec.sources:
+    for i, src in enumerate(spec.sources):
         kind = KINDS[src.kind]
         images = load("image", src.shards, kind.variants)
         annotations = {task: load(task, paths, (ORIGINAL,)) for task, paths in src.annotations.items()}
-        sources.append(Source(src, kind(images, annotations, src.options, Counter())))
+        try:
+            sources.append(Source(src, kind(images, annotations, src.options, Counter())))
+        except SentenceError as exn:  # options that do not fit the data (categories: 9, a field): name the source,
+            raise SentenceError(f"{spec.path}: sources[{i}] ({src.name})", str(exn)) from None  # not only a shard
     sets = [s for s, _ in loaded.values()]
     tokens_per_image = check_same_length(sets)
     tokenizer = one_tokenizer((s.shards[0], s.tokenizer) for s in sets)
