@@ -292,6 +292,20 @@ def test_multitask_permutes_task_order_per_sentence_across_three_shots(tmp_path:
     assert len(sentences) == 3 * (23 // 3 + 1)  # 23 keys in all three sets, 3 shots, shorter last sentence
 
 
+def test_sources_are_shuffled_together_and_draw_independently(tmp_path: Path, tokens: Path) -> None:
+    """The shards mix the sources (not one source after another), and two sources of one kind over the same images
+    group them differently (each source's draws are keyed by its name)."""
+    sources = [{"name": name, "kind": "pairs", "shards": str(tokens / "images"),
+                "annotations": {"depth": str(tokens / "depth")},
+                "pairs": 2} for name in ("depth", "normals")]  # as if two annotation sets of the same keys
+    _, sentences = run_build(tmp_path, [*sources, {"name": "one", "kind": "single", "shards": str(tokens / "images")}])
+    order = [info["source"] for _, _, info in sentences]  # shard by shard, as written
+    assert sum(a != b for a, b in zip(order, order[1:])) > 10  # 3 sources in a row would change twice
+    images = {name: {tuple(sorted(slots[0::2])) for _, slots, info in sentences if info["source"] == name}
+              for name in ("depth", "normals")}
+    assert len(images["depth"]) == len(images["normals"]) and images["depth"] != images["normals"]
+
+
 def test_multiview_groups_by_folder_in_path_order(tmp_path: Path, tokens: Path) -> None:
     _, sentences = run_build(
         tmp_path, [{"name": "mv", "kind": "multiview", "shards": str(tokens / "images"), "frames": 4}]
@@ -698,6 +712,17 @@ def test_wrong_tokens_are_an_error_naming_shard_and_sample(tmp_path: Path, sampl
         SentenceError,
         match="^" + re.escape(f"{tmp_path / 'tok' / '0.tar'}: {message}"),
     ):
+        build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
+
+
+def test_an_output_folder_with_shards_of_unknown_origin_is_refused(tmp_path: Path, tokens: Path) -> None:
+    """Shards without spec.json (another tool's, or a build whose spec.json was removed) cannot count as this build's."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sentences-000000.tar").write_bytes(b"")
+    (tmp_path / "mix.yaml").write_text(
+        yaml.safe_dump({"sources": [{"name": "one", "kind": "single", "shards": str(tokens / "images")}]})
+    )
+    with pytest.raises(SentenceError, match="holds sentence shards without spec.json; remove them or choose another"):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
 
 

@@ -109,6 +109,18 @@ def test_same_seed_same_batches_other_seed_or_epoch_differs(shards: tuple[Path, 
     assert not torch.equal(first, windows(epoch(stream, 2)))
 
 
+def test_a_rank_reads_other_sentences_each_epoch(shards: tuple[Path, Counter]) -> None:
+    """The shard order is drawn again each epoch, so the sentences a rank reads (and the tail it cannot fill into a
+    whole batch and drops) change from epoch to epoch."""
+    folder, _ = shards
+    seen = []
+    for e in range(2):
+        stream = PackedStream(str(folder), SEQ, BATCH, seed=3, rank=0, world_size=4)
+        stream.set_epoch(e)
+        seen.append(set(windows(epoch(stream, 0)).flatten().tolist()))
+    assert seen[0] != seen[1]
+
+
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on a 2-core machine
 @pytest.mark.parametrize(("workers", "consumed"), [(2, 3), (2, 4), (3, 5), (0, 6)])
 def test_resume_mid_epoch_continues_exactly(shards: tuple[Path, Counter], workers: int, consumed: int) -> None:
@@ -141,10 +153,10 @@ def test_shards_without_index_are_counted_by_reading(tmp_path: Path, shards: tup
 
 
 def test_out_of_vocabulary_id_is_an_error_naming_the_shard(tmp_path: Path) -> None:
-    write_sentences(tmp_path, [np.array([BOS_ID, 1, 2, 9000, EOS_ID], dtype=np.uint16)] * 20, per_shard=20)
-    with pytest.raises(
+    write_sentences(tmp_path, [np.array([BOS_ID, 1, 2, 8292, EOS_ID], dtype=np.uint16)] * 20, per_shard=20)
+    with pytest.raises(  # the first id past the vocabulary: the model's embedding has no row for it
         SentenceError,
-        match=r"sentences-000000.tar: sentence 's00000': token id 9000 outside the vocabulary \[0, 8292\)",
+        match=r"sentences-000000.tar: sentence 's00000': token id 8292 outside the vocabulary \[0, 8292\)",
     ):
         list(PackedStream(str(tmp_path), seq_len=3))
 
