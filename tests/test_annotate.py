@@ -424,3 +424,40 @@ def test_nearness_inverts_metric_depth_and_keeps_disparity():
     torch.testing.assert_close(nearness(values, metric=True), torch.tensor([[1.0, 3 / 7], [1 / 7, 0.0]]))
     torch.testing.assert_close(nearness(values, metric=False), torch.tensor([[0.0, 1 / 7], [3 / 7, 1.0]]))
 
+
+
+def test_metric_depth_of_glpn_is_inverted_into_nearness(tmp_path):
+    """GLPN predicts metres (sigmoid * max_depth): the pixel it puts farthest must be written darkest."""
+    from transformers import GLPNConfig, GLPNForDepthEstimation, GLPNImageProcessor
+
+    torch.manual_seed(0)
+    config = GLPNConfig(num_encoder_blocks=4, depths=[1, 1, 1, 1], sr_ratios=[8, 4, 2, 1], hidden_sizes=[8, 8, 16, 16],
+                        num_attention_heads=[1, 1, 2, 2], decoder_hidden_size=8, head_in_index=-1, max_depth=10)
+    model = GLPNForDepthEstimation(config).eval()
+    model.save_pretrained(tmp_path / "glpn")
+    processor = GLPNImageProcessor()
+    processor.save_pretrained(tmp_path / "glpn")
+    rgb = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    (tmp_path / "img").mkdir()
+    Image.fromarray(rgb).save(tmp_path / "img" / "a.png")
+    assert _run("--images", tmp_path / "img", "--out", tmp_path / "out", "--tasks", "depth",
+                "--depth-model", tmp_path / "glpn") == 0
+    with torch.no_grad():
+        metres = model(**processor(images=[_square(rgb)], return_tensors="pt")).predicted_depth
+    metres = F.interpolate(metres[:, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+    written = np.asarray(Image.open(tmp_path / "out" / "depth" / "a.png"))
+    assert written.flat[metres.argmax()] == 0 and written.flat[metres.argmin()] == 65535
+
+
+def test_depth_models_of_unknown_meaning_are_refused():
+    from types import SimpleNamespace
+
+    from lvm.annotate import AnnotateError
+    from lvm.annotate.models import is_metric
+
+    assert is_metric(SimpleNamespace(model_type="depth_anything", depth_estimation_type="metric"), "m")
+    assert not is_metric(SimpleNamespace(model_type="depth_anything", depth_estimation_type="relative"), "m")
+    assert is_metric(SimpleNamespace(model_type="tipsv2_dpt"), "m") and not is_metric(SimpleNamespace(model_type="dpt"), "m")
+    with pytest.raises(AnnotateError, match=r"canopy/: depth model type 'chmv2' is not supported: .*\(supported: depth_anything, "
+                                            r"depth_pro, dpt, glpn, prompt_depth_anything, tipsv2_dpt, zoedepth\)"):
+        is_metric(SimpleNamespace(model_type="chmv2"), "canopy/")

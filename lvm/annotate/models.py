@@ -1,8 +1,8 @@
 """The transformers models behind depth, normals and segmentation: loading, identity, batched inference.
 
-Any `AutoModelForDepthEstimation` (Depth Anything V2, DPT, ZoeDepth, ...), `AutoModelForNormalEstimation`
-and `AutoModelForSemanticSegmentation` / `AutoModelForUniversalSegmentation` (SegFormer, Mask2Former, ...)
-checkpoint works, with its own image processor. The processors run in the DataLoader workers (`preprocess`),
+An `AutoModelForDepthEstimation` of a type in `METRIC_DEPTH`, `INVERSE_DEPTH` or `EITHER_DEPTH` (Depth
+Anything V2, DPT, ZoeDepth, GLPN, ...), any `AutoModelForNormalEstimation` and `AutoModelForSemanticSegmentation`
+/ `AutoModelForUniversalSegmentation` (SegFormer, Mask2Former, ...) checkpoint works, with its own image processor. The processors run in the DataLoader workers (`preprocess`),
 the models in the main process on `cuda:LOCAL_RANK` in float32 (TF32 matmuls): depth precision matters,
 since normals come from its gradients.
 """
@@ -25,6 +25,12 @@ from lvm.annotate.render import nearness
 from weights import module_digest
 
 Role = Literal["depth", "normals", "segmentation"]
+
+# What `predicted_depth` means, per model type: nothing in a config says it (but Depth Anything's
+# depth_estimation_type), and a wrong guess silently inverts every depth map, so other types are refused.
+METRIC_DEPTH = frozenset({"glpn", "tipsv2_dpt", "zoedepth"})  # distance (far = large)
+INVERSE_DEPTH = frozenset({"dpt", "depth_pro"})  # inverse depth (near = large); Depth Pro's before its post-processing
+EITHER_DEPTH = frozenset({"depth_anything", "prompt_depth_anything"})  # by config.depth_estimation_type
 
 
 @dataclass
@@ -82,6 +88,8 @@ def load(role: str, name: str, device: torch.device) -> Model:
         raise AnnotateError(f"{name}: no image processor for the {role} model ({str(error).splitlines()[0][:300]})") from None
     if role == "normals" and not hasattr(processor, "post_process_normal_estimation"):
         raise AnnotateError(f"{name}: its image processor has no post_process_normal_estimation")
+    if role == "depth":
+        is_metric(model.config, name)  # an unknown type is refused before any work
     if role == "segmentation" and not hasattr(processor, "post_process_semantic_segmentation"):
         raise AnnotateError(f"{name}: its image processor has no post_process_semantic_segmentation")
     model = model.to(device).eval()
@@ -103,10 +111,17 @@ def preprocess(processor: Any, squares: list[np.ndarray]) -> Tensor:
     return processor(images=squares, return_tensors="pt")["pixel_values"]
 
 
-def is_metric(model: Model) -> bool:
-    """Whether the depth model predicts distance (ZoeDepth, metric Depth Anything) rather than inverse depth."""
-    config = model.model.config
-    return getattr(config, "depth_estimation_type", None) == "metric" or config.model_type == "zoedepth"
+def is_metric(config: Any, name: str) -> bool:
+    """Whether a depth model of this config predicts distance rather than inverse depth; AnnotateError for a
+    model type not in the tables above."""
+    kind = config.model_type
+    if kind in EITHER_DEPTH:
+        return getattr(config, "depth_estimation_type", "relative") == "metric"
+    if kind in METRIC_DEPTH | INVERSE_DEPTH:
+        return kind in METRIC_DEPTH
+    supported = ", ".join(sorted(METRIC_DEPTH | INVERSE_DEPTH | EITHER_DEPTH))
+    raise AnnotateError(f"{name}: depth model type {kind!r} is not supported: whether it predicts distance or "
+                        f"inverse depth is unknown (supported: {supported})")
 
 
 @torch.inference_mode()
@@ -124,9 +139,9 @@ def predict(model: Model, pixel_values: Tensor, sizes: list[tuple[int, int]]) ->
         extra = squares if "source_sizes" in inspect.signature(post).parameters else {}
         results = post(outputs, target_sizes=sizes, **extra)
         return [F.normalize(r["normals"].float(), dim=0) for r in results]
+    metric = is_metric(model.model.config, model.name)
     depth = outputs.predicted_depth
     depth = depth if depth.dim() == 4 else depth[:, None]
-    metric = is_metric(model)
     return [
         nearness(F.interpolate(d[None].float(), size=size, mode="bilinear", align_corners=False)[0, 0], metric)
         for d, size in zip(depth, sizes)
