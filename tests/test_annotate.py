@@ -461,3 +461,29 @@ def test_depth_models_of_unknown_meaning_are_refused():
     with pytest.raises(AnnotateError, match=r"canopy/: depth model type 'chmv2' is not supported: .*\(supported: depth_anything, "
                                             r"depth_pro, dpt, glpn, prompt_depth_anything, tipsv2_dpt, zoedepth\)"):
         is_metric(SimpleNamespace(model_type="chmv2"), "canopy/")
+
+
+def test_padding_of_a_depth_processor_is_cropped_before_resizing():
+    """ZoeDepth reflect-pads the square it is given: the depth of the mirrored border must not reach the map."""
+    from types import SimpleNamespace
+
+    from transformers import ZoeDepthImageProcessor
+
+    from lvm.annotate.models import Model, predict, preprocess
+
+    class EchoDepth(torch.nn.Module):  # "distance" 1 where the image is bright, 3 where dark: bright = near
+        def __init__(self):
+            super().__init__()
+            self.unused = torch.nn.Parameter(torch.zeros(1))
+            self.config = SimpleNamespace(model_type="zoedepth")
+
+        def forward(self, pixel_values):
+            return SimpleNamespace(predicted_depth=2.0 - pixel_values[:, 0])
+
+    rgb = np.zeros((96, 128, 3), np.uint8)
+    rgb[:, 32:] = 255  # a vertical step at column 32
+    processor = ZoeDepthImageProcessor()
+    model = Model("depth", "fake", EchoDepth(), processor, {})
+    (near,) = predict(model, preprocess(processor, [_square(rgb)]), [(96, 128)])
+    edge = int(np.argmax(near[48].numpy() > 0.5))
+    assert near.shape == (96, 128) and abs(edge - 32) <= 1

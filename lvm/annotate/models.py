@@ -140,6 +140,11 @@ def predict(model: Model, pixel_values: Tensor, sizes: list[tuple[int, int]]) ->
         results = post(outputs, target_sizes=sizes, **extra)
         return [F.normalize(r["normals"].float(), dim=0) for r in results]
     metric = is_metric(model.model.config, model.name)
+    post = getattr(model.processor, "post_process_depth_estimation", None)
+    if post is not None and "source_sizes" in inspect.signature(post).parameters:
+        # Processors that pad (ZoeDepth's reflect padding) crop it only when told the size they were given.
+        results = post(outputs, source_sizes=[(max(size),) * 2 for size in sizes], target_sizes=sizes)
+        return [nearness(r["predicted_depth"], metric) for r in results]
     depth = outputs.predicted_depth
     depth = depth if depth.dim() == 4 else depth[:, None]
     return [
