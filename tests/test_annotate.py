@@ -487,3 +487,16 @@ def test_padding_of_a_depth_processor_is_cropped_before_resizing():
     (near,) = predict(model, preprocess(processor, [_square(rgb)]), [(96, 128)])
     edge = int(np.argmax(near[48].numpy() > 0.5))
     assert near.shape == (96, 128) and abs(edge - 32) <= 1
+
+
+def test_reruns_write_byte_identical_reports(tmp_path, capsys):
+    """PIL's message for garbage names the stream's memory address, which must not reach the report."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "coffee.png").write_bytes(_png_of("coffee"))
+    (tmp_path / "p" / "garbage.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for out in ("a", "b"):
+        assert _run("--images", tmp_path / "p", "--out", tmp_path / out, "--tasks", "edges") == 0
+    report = (tmp_path / "a" / "edges" / "p-img-000000.report.json").read_bytes()
+    assert report == (tmp_path / "b" / "edges" / "p-img-000000.report.json").read_bytes()
+    (skip,) = json.loads(report)["skipped_items"]
+    assert skip["detail"] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"

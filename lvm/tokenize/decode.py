@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -76,9 +77,13 @@ class Skip:
             raise ValueError(f"unknown skip reason {self.reason!r}")  # reports and docs list REASONS only
 
 
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # PIL names the in-memory stream: <_io.BytesIO object at 0x7f...>
+
+
 def _detail(error: BaseException) -> str:
+    """The error's first line for a report, without memory addresses: reruns write byte-identical reports."""
     text = f"{type(error).__name__}: {error}".splitlines()[0]
-    return text[:200]
+    return _ADDRESS.sub("", text)[:200]
 
 
 def to_labels(img: Image.Image) -> np.ndarray | None:
