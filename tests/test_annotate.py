@@ -280,15 +280,20 @@ def test_rerun_keeps_complete_outputs_and_redoes_partial_ones(photos, tmp_path, 
     assert redone == {"coffee.png", "chelsea.png"}  # the whole unit [cat/coffee, chelsea]; [astronaut, broken], [rocket] kept
 
 
-def test_tar_shards_give_tars_with_the_same_keys(tmp_path, capsys):
-    shard = tmp_path / "laion" / "00000.tar"
-    shard.parent.mkdir()
+def _tar(shard: Path) -> Path:
+    """An img2dataset-like tar of two photos, keys 000000001 and 000000002."""
+    shard.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(shard, "w") as tar:
         for key, name in [("000000001", "astronaut"), ("000000002", "chelsea")]:
             for member, data in [(f"{key}.png", _png_of(name)), (f"{key}.json", b'{"caption": "x"}')]:
                 info = tarfile.TarInfo(member)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    return shard
+
+
+def test_tar_shards_give_tars_with_the_same_keys(tmp_path, capsys):
+    shard = _tar(tmp_path / "laion" / "00000.tar")
     assert _run("--images", shard.parent, "--out", tmp_path / "annot", "--tasks", "edges") == 0
     samples = list(wds.tarfile_samples([{"url": str(tmp_path / "annot" / "edges" / "00000.tar")}]))
     assert [(s["__key__"], sorted(k for k in s if not k.startswith("__"))) for s in samples] == [
@@ -500,3 +505,11 @@ def test_reruns_write_byte_identical_reports(tmp_path, capsys):
     assert report == (tmp_path / "b" / "edges" / "p-img-000000.report.json").read_bytes()
     (skip,) = json.loads(report)["skipped_items"]
     assert skip["detail"] == "UnidentifiedImageError: cannot identify image file <_io.BytesIO object>"
+
+
+def test_tars_of_one_name_in_two_inputs_are_refused_with_the_annotate_flags(tmp_path, capsys):
+    a, b = _tar(tmp_path / "t1" / "000.tar"), _tar(tmp_path / "t2" / "000.tar")
+    assert _run("--images", a.parent, b.parent, "--out", tmp_path / "annot", "--tasks", "edges") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {a}: writes the same output shard 000.tar as {b}; give their common parent folder as --images, "
+        "or write them into different --out folders")

@@ -192,6 +192,21 @@ def test_tar_shards_with_a_label_field(tiny_tokenizer, tmp_path):
     np.testing.assert_array_equal(split.tokens, tiny_tokenizer.encode(images).numpy())  # the tokenizer's own path
 
 
+def test_tars_of_one_name_in_two_folders_are_both_read(tiny_tokenizer, tmp_path):
+    """The probe writes no shard per input tar, so two `shard-000.tar` are no clash (as they are for tokenize)."""
+    rng = np.random.default_rng(0)
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        with wds.TarWriter(str(tmp_path / folder / "shard-000.tar")) as tar:
+            for i in range(2):
+                png = io.BytesIO()
+                pattern(CLASSES[i], rng).save(png, format="PNG")
+                tar.write({"__key__": f"s{i}", "png": png.getvalue(), "json": {"label": i}})
+    split = read_split("train", [str(tmp_path / "a"), str(tmp_path / "b")], tiny_tokenizer, "tok",
+                       Cache(tmp_path / "cache"), workers=0)
+    assert split.keys == ["shard-000/s0", "shard-000/s0", "shard-000/s1", "shard-000/s1"] and len(split.tokens) == 4
+
+
 def _error(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

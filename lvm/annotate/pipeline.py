@@ -208,7 +208,7 @@ def _check(job: Job) -> None:
 def _units(job: Job, prefix: str) -> list[Unit]:
     """The image and tar units of --images (videos are out of scope); --out inside an input folder is refused."""
     try:
-        units, missing = find_units(job.images, job.images_per_shard)
+        units, missing = find_units(job.images, job.images_per_shard, inputs_flag="--images")
     except TokenizeError as error:
         raise AnnotateError(str(error)) from None
     if missing:

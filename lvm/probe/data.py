@@ -53,7 +53,7 @@ def check_class_folders(specs: list[str]) -> None:
 
 
 def _units(specs: list[str], option: str) -> list[Unit]:
-    units, missing = find_units(specs, images_per_shard=IMAGES_PER_UNIT)
+    units, missing = find_units(specs, images_per_shard=IMAGES_PER_UNIT, inputs_flag=None)  # writes no shards
     units = [u for u in units if u.kind in ("images", "tar")]  # videos in a class folder are not images
     if missing:
         raise ProbeError(missing[0], f"no such file (named by {option})")

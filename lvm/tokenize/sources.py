@@ -156,13 +156,18 @@ def number_frames(items: list[Item]) -> list[Item]:
 
 
 def find_units(
-    specs: list[str], images_per_shard: int = 1000, videos_per_shard: int = 8, frame_folders: bool = False
+    specs: list[str],
+    images_per_shard: int = 1000,
+    videos_per_shard: int = 8,
+    frame_folders: bool = False,
+    inputs_flag: str | None = "--shards",
 ) -> tuple[list[Unit], list[str]]:
     """Units for all specs, sorted by name, and the brace-named paths that do not exist.
 
     With `frame_folders`, images carry their frame index in their folder (`number_frames`).
     Raises TokenizeError when a spec names no input at all or two inputs would write the same
-    output shard.
+    output shard; the message's advice names `inputs_flag`, the caller's flag for the specs (None:
+    a caller that writes no shard per unit, where equal names do no harm).
     """
     if images_per_shard < 1 or videos_per_shard < 1:
         raise TokenizeError("--images-per-shard and --videos-per-shard must be at least 1")
@@ -193,9 +198,9 @@ def find_units(
         units.extend(_group(root, items, kind, images_per_shard if kind == "images" else videos_per_shard))
     units = sorted(set(units), key=lambda u: (u.name, u.items[0].path))
     for a, b in zip(units, units[1:]):
-        if a.name == b.name:
+        if inputs_flag and a.name == b.name:
             raise TokenizeError(
                 f"{a.items[0].path}: writes the same output shard {a.name}.tar as {b.items[0].path}; "
-                "give their common parent folder as --shards, or tokenize them into different --out folders"
+                f"give their common parent folder as {inputs_flag}, or write them into different --out folders"
             )
     return units, all_missing
