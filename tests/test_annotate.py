@@ -513,3 +513,19 @@ def test_tars_of_one_name_in_two_inputs_are_refused_with_the_annotate_flags(tmp_
     assert capsys.readouterr().err.strip() == (
         f"error: {a}: writes the same output shard 000.tar as {b}; give their common parent folder as --images, "
         "or write them into different --out folders")
+
+
+@pytest.mark.parametrize("files, extra", [(["a/cats/x.png", "b/cats/x.png"], ()),
+                                          (["a/x.jpg", "a/x.png"], ("--images-per-shard", "1"))])
+def test_two_images_of_one_key_in_two_units_are_refused(tmp_path, capsys, files, extra):
+    """Their maps would be one file `<task>/<key>.png`, the later unit's overwriting the earlier's."""
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_working("coffee")).save(tmp_path / name)
+    roots = sorted({tmp_path / Path(name).parts[0] for name in files})
+    assert _run("--images", *roots, "--out", tmp_path / "annot", "--tasks", "edges", *extra) == 2
+    key = Path(files[0]).relative_to(Path(files[0]).parts[0]).with_suffix("")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / files[0]}: writes the same map <task>/{key}.png as {tmp_path / files[1]}; "
+        "annotate them into different --out folders, or rename one")
+    assert not (tmp_path / "annot").exists()

@@ -31,7 +31,7 @@ from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
+from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches, safe_key
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
 from lvm.tokenize.sources import Unit, find_units
@@ -223,7 +223,22 @@ def _units(job: Job, prefix: str) -> list[Unit]:
     units = [u for u in units if u.kind != "videos"]
     if not units:
         raise AnnotateError(f"{job.images[0]}: no images or tar shards to annotate")
+    _check_keys(units)
     return units
+
+
+def _check_keys(units: list[Unit]) -> None:
+    """Refuse two folder images of different units with one key (two roots with the same relative paths, or
+    `x.jpg` and `x.png` cut into two units): their maps are one file, the later overwriting the earlier. In one
+    unit the second is a `duplicate_key` skip, as for tokenize."""
+    first: dict[str, tuple[str, str]] = {}  # key -> (unit name, path)
+    for unit in units:
+        for item in unit.items if unit.kind == "images" else ():
+            key = safe_key(item.rel)
+            name, path = first.setdefault(key, (unit.name, item.path))
+            if name != unit.name:
+                raise AnnotateError(f"{path}: writes the same map <task>/{key}.png as {item.path}; annotate them "
+                                    "into different --out folders, or rename one")
 
 
 def run(job: Job) -> Summary:

@@ -128,7 +128,7 @@ def decode_image(data: bytes, name: str, key: str, meta: dict, opts: DecodeOptio
     return Picture(key, pixels, {**meta, "width": width, "height": height})
 
 
-def _safe_key(rel: str) -> str:
+def safe_key(rel: str) -> str:
     """A relative path without suffix whose file-name part has no dots (webdataset splits keys at the first dot)."""
     path = PurePosixPath(rel)
     return str(path.with_name(path.stem.replace(".", "_")))
@@ -206,7 +206,7 @@ def read_image_file(item: Item, opts: DecodeOptions, dataset: str) -> Picture | 
     except OSError as error:
         return Skip(path, "unreadable_file", _detail(error))
     parent = str(PurePosixPath(rel).parent)
-    meta = {"source": path, "key": _safe_key(rel), "path": rel, "folder": "" if parent == "." else parent}
+    meta = {"source": path, "key": safe_key(rel), "path": rel, "folder": "" if parent == "." else parent}
     if item.frame is not None:
         meta.update(video=str(PurePosixPath(dataset, meta["folder"])), frame=item.frame)
     return decode_image(data, path, meta["key"], meta, opts)
@@ -218,7 +218,7 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
     Keys come from the relative path (`clip/000008`); the json's `video`, which the sentence builders group
     frames by, is `<dataset>/<relative path>`, so that `ds1/clip.mp4` and `ds2/clip.mp4` stay two videos.
     """
-    key = _safe_key(rel)
+    key = safe_key(rel)
     video = f"{dataset}/{key}"
     try:
         if os.path.getsize(path) == 0:
