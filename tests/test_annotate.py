@@ -351,6 +351,21 @@ def test_out_inside_the_inputs_is_refused(tmp_path, capsys):
     assert "--out is inside the input folder" in capsys.readouterr().err and not (tmp_path / "p" / "annot").exists()
 
 
+def test_out_inside_the_inputs_of_a_glob_is_refused_on_the_rerun(tmp_path, capsys):
+    """`p/*` matches --out p/annot once it exists: the rerun must not annotate the maps of the first run."""
+    (tmp_path / "p" / "cats").mkdir(parents=True)
+    (tmp_path / "p" / "cats" / "coffee.png").write_bytes(_png_of("coffee"))
+    args = ("--images", f"{tmp_path}/p/*", "--out", tmp_path / "p" / "annot", "--tasks", "edges")
+    assert _run(*args) == 0
+    capsys.readouterr()
+    assert _run(*args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'p' / 'annot'}: --images found inputs inside --out ({tmp_path / 'p' / 'annot' / 'edges' / 'cats'}): "
+        "its own maps would be read as images; choose an --out outside the inputs")
+    assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "p").rglob("*.png")) == [
+        "p/annot/edges/cats/coffee.png", "p/cats/coffee.png"]
+
+
 def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):
     """seq/<name>/*.png -> frames numbered in natural name order -> [BOS, consecutive frames at one stride, EOS]."""
     rng = np.random.default_rng(0)

@@ -206,17 +206,14 @@ def _check(job: Job) -> None:
 
 
 def _units(job: Job, prefix: str) -> list[Unit]:
-    """The image and tar units of --images (videos are out of scope); --out inside an input folder is refused."""
+    """The image and tar units of --images (videos are out of scope); --out inside the inputs is refused."""
     try:
         units, missing = find_units(job.images, job.images_per_shard, inputs_flag="--images")
     except TokenizeError as error:
         raise AnnotateError(str(error)) from None
     if missing:
         log(prefix, f"warning: {len(missing)} paths named by --images do not exist (first: {missing[0]})")
-    out = job.out.resolve()
-    for spec in job.images:
-        if os.path.isdir(spec) and (out == Path(spec).resolve() or Path(spec).resolve() in out.parents):
-            raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
+    _check_out(job, units)
     videos = [u for u in units if u.kind == "videos"]
     if videos:
         log(prefix, f"warning: {sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)")
@@ -225,6 +222,28 @@ def _units(job: Job, prefix: str) -> list[Unit]:
         raise AnnotateError(f"{job.images[0]}: no images or tar shards to annotate")
     _check_keys(units)
     return units
+
+
+def _within(path: str, folder: Path) -> bool:
+    resolved = Path(path).resolve()
+    return resolved == folder or folder in resolved.parents
+
+
+def _check_out(job: Job, units: list[Unit]) -> None:
+    """Refuse an --out among the inputs: a rerun would annotate its own maps and never find its units complete.
+
+    A folder spec is checked by name, before a first run writes anything; for globs and brace patterns, which
+    match --out only once it exists, every folder holding a found input is checked (one resolve per folder).
+    """
+    out = job.out.resolve()
+    for spec in job.images:
+        if os.path.isdir(spec) and _within(str(out), Path(spec).resolve()):
+            raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
+    folders = sorted({os.path.dirname(item.path) for unit in units for item in unit.items})
+    inside = next((folder for folder in folders if _within(folder, out)), None)
+    if inside is not None:
+        raise AnnotateError(f"{job.out}: --images found inputs inside --out ({inside}): its own maps would be read as "
+                            "images; choose an --out outside the inputs")
 
 
 def _check_keys(units: list[Unit]) -> None:
