@@ -5,6 +5,7 @@ the architecture of configs/vqgan_tiny.yaml: 64x64 images, f=16, 16 tokens per
 image, 8192 codes. Stages downstream of the tokenizer test against it.
 `one_thread` (autouse, session): one intra-op thread for the whole suite.
 `fake_lpips_weights`: (vgg16, linear) files in the formats LPIPS reads, random values.
+`deny_listing`: makes folders unlistable, as mode 000 does for anyone but root (the suite may run as root).
 `cpu_suite`, `cpu_unless_marked_gpu` (autouse): the suite means the same on a GPU workstation or inside a torchrun
 / srun allocation as on a CPU-only machine.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -107,3 +108,18 @@ def fake_lpips_weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, 
     heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
     torch.save(heads, out / "vgg.pth")
     return out / "vgg16.pth", out / "vgg.pth"
+
+
+@pytest.fixture
+def deny_listing(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], None]:
+    """`deny_listing(folder)`: listing the folder (os.scandir, which os.walk uses) raises PermissionError."""
+    denied: set[str] = set()
+    scandir = os.scandir
+
+    def guarded(path=".") -> object:
+        if os.path.normpath(os.fspath(path)) in denied:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    return lambda folder: denied.add(os.path.normpath(folder))

@@ -544,3 +544,15 @@ def test_two_images_of_one_key_in_two_units_are_refused(tmp_path, capsys, files,
         f"error: {tmp_path / files[0]}: writes the same map <task>/{key}.png as {tmp_path / files[1]}; "
         "annotate them into different --out folders, or rename one")
     assert not (tmp_path / "annot").exists()
+
+
+def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, capsys, deny_listing):
+    for name in ("p/ok/a.png", "p/locked/b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(_png_of("coffee"))
+    deny_listing(tmp_path / "p" / "locked")
+    assert _run("--images", tmp_path / "p", "--out", tmp_path / "annot", "--tasks", "edges") == 0
+    assert "annotate: 1 images annotated (edges 1) in 1 units (0 already complete); skipped 1: unreadable_folder 1;" \
+        in capsys.readouterr().out
+    report = json.loads((tmp_path / "annot" / "edges" / "p-img-000000.report.json").read_text())
+    assert report["skipped"] == {"unreadable_folder": 1}

@@ -216,7 +216,7 @@ def _error(argv: list[str], capsys) -> str:
     return err.strip().splitlines()[-1]
 
 
-def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, capsys):
+def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, capsys, deny_listing):
     train, val = folders
     base = ["--model", str(model_ckpt), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "o"),
             "--workers", "0"]
@@ -225,6 +225,9 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
     Image.new("RGB", (8, 8)).save(tmp_path / "t" / "cat" / "a.png")
     err = _error(base + ["--train", str(tmp_path / "t"), "--val", str(val)], capsys)
     assert err == f"error: {tmp_path / 't' / 'dog'}: empty class folder (no images)"
+    deny_listing(tmp_path / "t" / "dog")
+    err = _error(base + ["--train", str(tmp_path / "t"), "--val", str(val)], capsys)
+    assert err == f"error: {tmp_path / 't' / 'dog'}: cannot list the folder (permission denied)"
     assert _error(base + ["--train", str(tmp_path / "nope"), "--val", str(val)], capsys) == \
         f"error: {tmp_path / 'nope'}: no such file or directory"
     (tmp_path / "taken").write_text("a file")

@@ -359,6 +359,24 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
         *(f"vid/cut/{n:06d}" for n in (0, 2, 3, 4, 5)), "vid/latin/000000", "vid/latin/000001"]
 
 
+def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, tiny_tokenizer_dir, capsys, deny_listing):
+    src = tmp_path / "src"
+    for name in ("ok/a.png", "locked/b.png", "locked/c.png"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    deny_listing(src / "locked")
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, src) == 0
+    assert "tokenize: 1 images tokenized (+0 derived) in 1 shards (0 already complete); skipped 1: unreadable_folder 1;" \
+        in capsys.readouterr().out
+    report = json.loads((out / "src-img-000000.report.json").read_text())
+    assert report["skipped_items"] == [
+        {"item": str(src / "locked"), "reason": "unreadable_folder", "detail": "PermissionError: Permission denied"}]
+    deny_listing(src)  # the folder given itself: an error, not a skip
+    assert _run(tiny_tokenizer_dir, out, src) == 2
+    assert capsys.readouterr().err.strip() == f"error: {src}: cannot list the folder (permission denied)"
+
+
 def test_read_batches_prepares_each_key_once_and_ends_with_a_last_batch(tmp_path):
     for name in ("a.png", "a.jpg", "b.png", "c.png", "d.png"):  # a.jpg and a.png share the key "a"
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name)

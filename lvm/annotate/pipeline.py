@@ -253,6 +253,8 @@ def _check_keys(units: list[Unit]) -> None:
     first: dict[str, tuple[str, str]] = {}  # key -> (unit name, path)
     for unit in units:
         for item in unit.items if unit.kind == "images" else ():
+            if item.error:  # an unreadable folder, no image
+                continue
             key = safe_key(item.rel)
             name, path = first.setdefault(key, (unit.name, item.path))
             if name != unit.name:

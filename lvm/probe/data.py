@@ -26,7 +26,7 @@ from common.files import IMAGE_SUFFIXES
 from lvm.probe import ProbeError
 from lvm.probe.cache import Cache
 from lvm.tokenize.pipeline import Encoder, Options, Resize, UnitBatches
-from lvm.tokenize.sources import TAR_SUFFIX, Unit, find_units
+from lvm.tokenize.sources import TAR_SUFFIX, Unit, find_units, walk
 
 IMAGES_PER_UNIT = 256  # images of a folder per DataLoader work unit: enough units to keep every worker busy
 
@@ -42,14 +42,19 @@ class Split:
 
 
 def check_class_folders(specs: list[str]) -> None:
-    """Every class folder of an ImageFolder must hold an image: an empty one is a mistake worth one line."""
+    """Every class folder of an ImageFolder must hold an image: an empty one is a mistake worth one line, and
+    one that cannot be listed (permissions) is said to be so rather than empty."""
     for spec in specs:
         root = Path(spec)
         if not root.is_dir() or any(root.glob(f"*{TAR_SUFFIX}")):
             continue
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if not any(f.suffix.lower() in IMAGE_SUFFIXES or f.suffix == TAR_SUFFIX for f in folder.rglob("*")):
-                raise ProbeError(folder, "empty class folder (no images)")
+            files, unlisted = walk(str(folder))
+            if any(Path(f).suffix.lower() in IMAGE_SUFFIXES or f.endswith(TAR_SUFFIX) for f in files):
+                continue
+            if unlisted:
+                raise ProbeError(unlisted[0].filename, f"cannot list the folder ({unlisted[0].strerror.lower()})")
+            raise ProbeError(folder, "empty class folder (no images)")
 
 
 def _units(specs: list[str], option: str) -> list[Unit]:

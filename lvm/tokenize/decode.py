@@ -31,6 +31,7 @@ from tokenizer.preprocess import to_rgb_float
 REASONS = (
     "empty_file",  # a zero-byte image, tar, video or tar member
     "unreadable_file",  # the file cannot be opened or read (permissions, vanished, I/O error)
+    "unreadable_folder",  # a folder that cannot be listed (permissions): its files are unknown
     "corrupt_image",  # PIL cannot decode it completely (truncated, garbage, unsupported)
     "not_label_map",  # --label-palette was given but the image has several distinct channels
     "no_image",  # a tar sample with no image member
@@ -277,7 +278,9 @@ def _video_frame(frame: av.VideoFrame, path: str, key: str, video: str, index: i
 def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:
     """Everything in a unit, in a fixed order (tar order, or sorted relative paths)."""
     for item in unit.items:
-        if unit.kind == "tar":
+        if item.error:
+            yield Skip(item.path, "unreadable_folder", item.error)
+        elif unit.kind == "tar":
             yield from read_tar(item.path, opts)
         elif unit.kind == "images":
             yield read_image_file(item, opts, unit.dataset)

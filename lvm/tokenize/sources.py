@@ -15,6 +15,10 @@ natural order of its folder's file names (`f2.png` before `f10.png`), numbered h
 frames may fall into several units.
 
 The root of a spec is the folder it names, or the folder before its first wildcard or brace.
+
+A subfolder that cannot be listed (permissions) becomes an item of its root's images with the error, which
+the readers turn into an `unreadable_folder` skip: counted and reported like any unreadable file, rather than
+dropped silently as `os.walk` would.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Item:
     path: str
     rel: str
     frame: int | None = None  # position in its folder's natural file-name order, with frame_folders
+    error: str = ""  # a folder that could not be listed: why (read as an unreadable_folder skip)
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class Unit:
     def inputs_digest(self) -> str:
         """A digest of which inputs the unit holds (relative paths, so a rerun from another working
         folder or mount point still recognises its shards); a rerun redoes a shard whose inputs changed."""
-        rels = (item.rel if item.frame is None else f"{item.rel}#{item.frame}" for item in self.items)
+        rels = (item.rel + (f"#{item.frame}" if item.frame is not None else "/" if item.error else "") for item in self.items)
         text = "\n".join([self.kind, *rels])
         return hashlib.sha1(text.encode()).hexdigest()
 
@@ -91,13 +96,30 @@ def default_out(specs: list[str]) -> Path:
     return Path("tokens") / (name or "tokens")
 
 
-def _walk(folder: str) -> list[str]:
-    """Every non-hidden file under a folder, recursively, in sorted order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+def walk(folder: str) -> tuple[list[str], list[OSError]]:
+    """Every non-hidden file under a folder, recursively, in sorted order, and the errors of the folders that
+    could not be listed (which `os.walk` would leave out silently)."""
+    found: list[str] = []
+    errors: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=errors.append, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-    return found
+    return found, errors
+
+
+def _listing(paths: list[str], root: str) -> tuple[list[str], list[Item]]:
+    """The files of a spec's paths (folders walked), and an item for each subfolder that could not be listed;
+    a root that cannot be listed is an error."""
+    files, unlisted = [], []
+    for path in paths:
+        walked, errors = walk(path) if os.path.isdir(path) else ([path], [])
+        files += walked
+        for error in errors:
+            rel = Path(os.path.relpath(error.filename, root)).as_posix()
+            if rel == ".":
+                raise TokenizeError(error.filename, f"cannot list the folder ({error.strerror.lower()})")
+            unlisted.append(Item(error.filename, rel, error=f"{type(error).__name__}: {error.strerror}"))
+    return files, unlisted
 
 
 def _expand(spec: str) -> tuple[list[str], list[str]]:
@@ -147,8 +169,9 @@ def number_frames(items: list[Item]) -> list[Item]:
     """The images with their frame index: their position among their folder's images in natural name order."""
     folders: dict[str, list[Item]] = defaultdict(list)
     for item in items:
-        folders[str(PurePosixPath(item.rel).parent)].append(item)
-    numbered = []
+        if not item.error:
+            folders[str(PurePosixPath(item.rel).parent)].append(item)
+    numbered = [item for item in items if item.error]  # unlisted folders: no frames
     for members in folders.values():
         ordered = sorted(members, key=lambda i: (natural_key(PurePosixPath(i.rel).name), i.rel))
         numbered += [Item(item.path, item.rel, frame) for frame, item in enumerate(ordered)]
@@ -178,8 +201,10 @@ def find_units(
         root = _root_of(spec)
         paths, missing = _expand(spec)
         all_missing.extend(missing)
-        files = [f for p in paths for f in (_walk(p) if os.path.isdir(p) else [p])]
-        found = 0
+        files, unlisted = _listing(paths, root)
+        if unlisted:
+            grouped[(os.path.realpath(root), "images")] += unlisted
+        found = len(unlisted)
         for path in files:
             kind = _kind_of(path)
             if kind is None:
