@@ -556,3 +556,17 @@ def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, capsys, deny
         in capsys.readouterr().out
     report = json.loads((tmp_path / "annot" / "edges" / "p-img-000000.report.json").read_text())
     assert report["skipped"] == {"unreadable_folder": 1}
+
+
+def test_an_image_replaced_under_its_name_is_annotated_again(tmp_path, capsys):
+    """The usual repair of a corrupt image is to fetch it again under the same name: its unit must be redone."""
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "x.png").write_bytes(_png_of("coffee"))
+    args = ("--images", tmp_path / "p", "--out", tmp_path / "annot", "--tasks", "edges")
+    assert _run(*args) == 0
+    (tmp_path / "p" / "x.png").write_bytes(_png_of("chelsea"))
+    capsys.readouterr()
+    assert _run(*args) == 0
+    assert "in 1 units (0 already complete)" in capsys.readouterr().out
+    edges = np.asarray(Image.open(tmp_path / "annot" / "edges" / "x.png"))
+    assert np.array_equal(edges, cv2.Canny(_working("chelsea"), 100, 200))

@@ -192,6 +192,17 @@ def test_tar_shards_with_a_label_field(tiny_tokenizer, tmp_path):
     np.testing.assert_array_equal(split.tokens, tiny_tokenizer.encode(images).numpy())  # the tokenizer's own path
 
 
+def test_an_image_replaced_under_its_name_is_tokenized_again(tiny_tokenizer, tmp_path):
+    train, cache = image_folder(tmp_path / "train", 2, seed=0), Cache(tmp_path / "cache")
+    before = read_split("train", [str(train)], tiny_tokenizer, "tok", cache, workers=0)
+    green = pattern("green", np.random.default_rng(5))
+    green.save(train / "red" / "00.png")
+    after = read_split("train", [str(train)], tiny_tokenizer, "tok", cache, workers=0)
+    row = after.keys.index("train-img-000000/red/00")
+    np.testing.assert_array_equal(after.tokens[row], tiny_tokenizer.encode([green]).numpy()[0])
+    assert not np.array_equal(before.tokens[row], after.tokens[row])
+
+
 def test_tars_of_one_name_in_two_folders_are_both_read(tiny_tokenizer, tmp_path):
     """The probe writes no shard per input tar, so two `shard-000.tar` are no clash (as they are for tokenize)."""
     rng = np.random.default_rng(0)

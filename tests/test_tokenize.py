@@ -515,6 +515,24 @@ def test_other_settings_redo_complete_shards(inputs, reference, tiny_tokenizer_d
         assert (out / f"{shard}.tar").read_bytes() == (reference / f"{shard}.tar").read_bytes()
 
 
+def test_an_image_replaced_under_its_name_redoes_its_shard(tiny_tokenizer_dir, tiny_tokenizer, tmp_path, capsys):
+    """The usual repair of a corrupt image is to fetch it again under the same name: its shard must be redone."""
+    (tmp_path / "src").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "src" / f"{name}.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    out, extra = tmp_path / "out", ("--images-per-shard", "1")
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "src", extra=extra) == 0
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "src", extra=extra) == 0
+    assert "in 0 shards (2 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    white = np.full((64, 64, 3), 255, np.uint8)
+    (tmp_path / "src" / "b.png").write_bytes(_png(white))
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "src", extra=extra) == 0
+    captured = capsys.readouterr()
+    assert "1 made with other settings or inputs (redone)" in captured.err and "(1 already complete)" in captured.out
+    tokens = _tokens(_samples(out / "src-img-000001.tar")["b"]["tokens.npy"])
+    assert np.array_equal(tokens, tiny_tokenizer.encode([white]).numpy()[0])
+
+
 def test_a_rerun_as_frame_folders_redoes_the_shards(tiny_tokenizer_dir, tmp_path, capsys):
     """--frame-folders adds `video` and `frame` to the json: the shards of a plain run must not pass for done."""
     (tmp_path / "seq" / "walk").mkdir(parents=True)

@@ -181,9 +181,9 @@ def plan(
     settings = {task: json.dumps(_settings(task, job, models), sort_keys=True, default=str) for task in job.tasks}
     works, done, earlier = [], 0, Counter()
     for unit in units[rank::world]:
-        lacking = {}
+        lacking, inputs = {}, unit.inputs_digest()  # one stat per input
         for task in job.tasks:
-            fingerprint = hashlib.sha1(f"{settings[task]}\n{unit.inputs_digest()}".encode()).hexdigest()
+            fingerprint = hashlib.sha1(f"{settings[task]}\n{inputs}".encode()).hexdigest()
             if is_done(job.out / task, unit, fingerprint):
                 done += 1
             else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +70,7 @@ def _inputs_digest(units: list[Unit], label_field: str) -> str:
     """Which files, as they are now (size and mtime), under which label field."""
     digest = hashlib.sha1(label_field.encode())
     for unit in units:
-        digest.update(unit.inputs_digest().encode())
-        for item in unit.items:
-            stat = os.stat(item.path)
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(unit.inputs_digest().encode())  # relative paths, sizes and mtimes
     return digest.hexdigest()
 
 

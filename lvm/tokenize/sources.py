@@ -61,11 +61,21 @@ class Unit:
     dataset: str = ""  # images and videos: the name of their root, which heads their `video` ids (decode.py)
 
     def inputs_digest(self) -> str:
-        """A digest of which inputs the unit holds (relative paths, so a rerun from another working
-        folder or mount point still recognises its shards); a rerun redoes a shard whose inputs changed."""
-        rels = (item.rel + (f"#{item.frame}" if item.frame is not None else "/" if item.error else "") for item in self.items)
-        text = "\n".join([self.kind, *rels])
+        """A digest of the unit's inputs as they are now: relative paths (so a rerun from another working
+        folder or mount point still recognises its shards) with each file's size and mtime, so that a rerun
+        redoes a shard whose inputs changed, a file replaced under its name included (a re-downloaded image)."""
+        text = "\n".join([self.kind, *map(_digest_line, self.items)])
         return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _digest_line(item: Item) -> str:
+    """`<rel>[#frame | / for an unlisted folder] <size>:<mtime_ns>`; `-` for a file gone (read as unreadable)."""
+    rel = item.rel + (f"#{item.frame}" if item.frame is not None else "/" if item.error else "")
+    try:
+        stat = os.stat(item.path)
+    except OSError:
+        return f"{rel} -"
+    return f"{rel} {stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _kind_of(path: str) -> str | None:
