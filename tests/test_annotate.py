@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -188,6 +189,8 @@ def test_depth_and_segmentation_come_from_the_local_models(annotated, models):
         # the same labels but where upsampling puts two classes within float error of each other (class borders)
         assert (np.asarray(seg) == labels).mean() > 0.999
         assert np.array_equal(np.asarray(seg.convert("RGB")), palette[np.asarray(seg)])  # the shared palette
+    for task in ("depth", "normals", "segmentation"):  # every task's report records the corrupt photo
+        assert json.loads((annotated / task / "photos-img-000000.report.json").read_text())["skipped"] == {"corrupt_image": 1}
 
 
 def test_a_normals_model_replaces_normals_from_depth(photos, tmp_path):
@@ -300,6 +303,12 @@ def test_tar_shards_give_tars_with_the_same_keys(tmp_path, capsys):
         ("000000001", ["png"]), ("000000002", ["png"])]
     edges = np.asarray(Image.open(io.BytesIO(samples[1]["png"])))
     assert np.array_equal(edges, cv2.Canny(_working("chelsea"), 100, 200))
+    written = (tmp_path / "annot" / "edges" / "00000.tar").read_bytes()
+    (tmp_path / "annot" / "edges" / "00000.tar").unlink()  # lost: the report alone does not make the unit complete
+    capsys.readouterr()
+    assert _run("--images", shard.parent, "--out", tmp_path / "annot", "--tasks", "edges") == 0
+    assert "in 1 units (0 already complete)" in capsys.readouterr().out
+    assert (tmp_path / "annot" / "edges" / "00000.tar").read_bytes() == written
 
 
 def test_annotations_tokenize_and_build_pairs_and_multitask_sentences(photos, annotated, tiny_tokenizer_dir, tmp_path):
@@ -570,3 +579,23 @@ def test_an_image_replaced_under_its_name_is_annotated_again(tmp_path, capsys):
     assert "in 1 units (0 already complete)" in capsys.readouterr().out
     edges = np.asarray(Image.open(tmp_path / "annot" / "edges" / "x.png"))
     assert np.array_equal(edges, cv2.Canny(_working("chelsea"), 100, 200))
+
+
+def test_another_processor_config_redoes_the_depth_maps(photos, models, tmp_path, capsys):
+    """The processor decides the model's input (here its size): its config is in the maps' fingerprint."""
+    shutil.copytree(models["depth"], tmp_path / "depth")
+    args = ("--images", photos, "--out", tmp_path / "annot", "--tasks", "depth", "--depth-model", tmp_path / "depth")
+    assert _run(*args) == 0
+    config = json.loads((tmp_path / "depth" / "preprocessor_config.json").read_text())
+    config["size"] = {"height": 56, "width": 56}
+    (tmp_path / "depth" / "preprocessor_config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert _run(*args) == 0
+    assert "in 1 units (0 already complete)" in capsys.readouterr().out
+
+
+def test_max_shards_stops_after_that_many_units(photos, tmp_path, capsys):
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2", "--max-shards", "1") == 0
+    assert "in 1 units (0 already complete)" in capsys.readouterr().out
+    assert [p.name for p in (out / "edges").glob("*.report.json")] == ["photos-img-000000.report.json"]
