@@ -105,6 +105,8 @@ def test_cached_features_are_computed_once(model, tmp_path, monkeypatch):
     np.testing.assert_array_equal(again[3], features[3])
     with pytest.raises(pytest.fail.Exception):  # other tokens: not taken from the cache
         cached_features(model, fingerprint, "train", tokens[::-1].copy(), [1], cache)
+    with pytest.raises(pytest.fail.Exception):  # another model (checkpoint): depth 3, still cached, is not taken
+        cached_features(model, "another model", "train", tokens, [3], cache)
 
 
 def test_layers_are_fractions_or_depths():
@@ -203,6 +205,14 @@ def test_an_image_replaced_under_its_name_is_tokenized_again(tiny_tokenizer, tmp
     assert not np.array_equal(before.tokens[row], after.tokens[row])
 
 
+def test_images_in_subfolders_of_a_class_folder_belong_to_that_class(tiny_tokenizer, tmp_path):
+    train = image_folder(tmp_path / "train", 2, seed=0)
+    (train / "red" / "sub").mkdir()
+    (train / "red" / "01.png").rename(train / "red" / "sub" / "01.png")
+    split = read_split("train", [str(train)], tiny_tokenizer, "tok", Cache(tmp_path / "cache"), workers=0)
+    assert split.labels == ["blue", "blue", "green", "green", "red", "red"]
+
+
 def test_tars_of_one_name_in_two_folders_are_both_read(tiny_tokenizer, tmp_path):
     """The probe writes no shard per input tar, so two `shard-000.tar` are no clash (as they are for tokenize)."""
     rng = np.random.default_rng(0)
@@ -286,3 +296,23 @@ def test_a_probe_comes_back_with_the_weights_of_its_best_holdout_epoch(monkeypat
         torch.nn.Linear(4, 2), inputs, labels, fit, holdout, heads.Training(epochs=12, patience=12, lr=0.05, batch_size=16))
     assert ran == 12 and best_epoch < ran and losses[-1] > min(losses)
     assert score(probe, inputs, labels, holdout, 16) == pytest.approx((accuracy, min(losses)))
+
+
+def test_the_linear_probe_is_standardised_with_the_statistics_of_the_fit_rows(monkeypatch):
+    """The holdout rows choose the epoch: their features must not enter the standardisation either."""
+    features = np.random.default_rng(0).normal(size=(40, 4, 8)).astype(np.float32)
+    labels = np.arange(40) % 2
+    trained = []
+
+    def keeping(probe, *args):
+        trained.append(probe)
+        return train(probe, *args)
+
+    train = heads.train
+    monkeypatch.setattr(heads, "train", keeping)
+    settings = heads.Training(epochs=1)
+    heads.run_probe("linear", features, labels, features, labels, 2, 2, settings, torch.device("cpu"))
+    fit, _ = holdout_split(labels, settings.holdout, settings.seed)
+    pooled = torch.from_numpy(heads.mean_pool(features))
+    torch.testing.assert_close(trained[0].mean, pooled[fit].mean(0))
+    torch.testing.assert_close(trained[0].std, pooled[fit].std(0))
