@@ -1,10 +1,11 @@
 """The transformers models behind depth, normals and segmentation: loading, identity, batched inference.
 
-An `AutoModelForDepthEstimation` of a type in `METRIC_DEPTH`, `INVERSE_DEPTH` or `EITHER_DEPTH` (Depth
-Anything V2, DPT, ZoeDepth, GLPN, ...), any `AutoModelForNormalEstimation` and `AutoModelForSemanticSegmentation`
-/ `AutoModelForUniversalSegmentation` (SegFormer, Mask2Former, ...) checkpoint works, with its own image processor. The processors run in the DataLoader workers (`preprocess`),
-the models in the main process on `cuda:LOCAL_RANK` in float32 (TF32 matmuls): depth precision matters,
-since normals come from its gradients.
+An `AutoModelForDepthEstimation` checkpoint of a type in `METRIC_DEPTH`, `INVERSE_DEPTH` or `EITHER_DEPTH`
+(Depth Anything V2, DPT, ZoeDepth, GLPN, ...), and any `AutoModelForNormalEstimation` and
+`AutoModelForSemanticSegmentation` / `AutoModelForUniversalSegmentation` (SegFormer, Mask2Former, ...) checkpoint
+works, with its own image processor. The processors run in the DataLoader workers (`preprocess`), the models
+in the main process on `cuda:LOCAL_RANK` in float32 (TF32 matmuls): depth precision matters, since normals
+come from its gradients.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ Role = Literal["depth", "normals", "segmentation"]
 # What `predicted_depth` means, per model type: nothing in a config says it (but Depth Anything's
 # depth_estimation_type), and a wrong guess silently inverts every depth map, so other types are refused.
 METRIC_DEPTH = frozenset({"glpn", "tipsv2_dpt", "zoedepth"})  # distance (far = large)
-INVERSE_DEPTH = frozenset({"dpt", "depth_pro"})  # inverse depth (near = large); Depth Pro's before its post-processing
+INVERSE_DEPTH = frozenset({"dpt", "depth_pro"})  # inverse depth (near = large; Depth Pro's post-processing, unused, inverts it)
 EITHER_DEPTH = frozenset({"depth_anything", "prompt_depth_anything"})  # by config.depth_estimation_type
 
 

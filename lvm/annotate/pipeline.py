@@ -225,6 +225,7 @@ def _units(job: Job, prefix: str) -> list[Unit]:
 
 
 def _within(path: str, folder: Path) -> bool:
+    """Whether `path`, links resolved, is the resolved `folder` or lies below it."""
     resolved = Path(path).resolve()
     return resolved == folder or folder in resolved.parents
 
