@@ -117,10 +117,13 @@ class StopOnSignal(Callback):
 class ModelCheckpoint(callbacks.ModelCheckpoint):
     """Lightning's ModelCheckpoint, which also saves the final step. Lightning's writes `last.ckpt` at the end of
     training only if it saved nothing before: a 650-step run with a checkpoint every 100 steps ended with
-    `last.ckpt` at step 600, the last 50 steps lost to every later user of it."""
+    `last.ckpt` at step 600, the last 50 steps lost to every later user of it. The same holds for checkpoints
+    that follow validation (no `every_n_train_steps`: Lightning's `every_n_epochs=1`, as in
+    lvm/demo/configs/vqgan.yaml): the steps after the last validation were lost."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._every_n_train_steps and self._last_global_step_saved != trainer.global_step:
+        periodic = self._every_n_train_steps or self._every_n_epochs
+        if periodic and self._last_global_step_saved != trainer.global_step:
             candidates = self._monitor_candidates(trainer)  # as Lightning's own periodic save does
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)

@@ -267,13 +267,22 @@ def test_last_ckpt_follows_a_run_resumed_from_its_first_periodic_checkpoint(shar
 
 
 
+@pytest.mark.parametrize("every", ["5 train steps", "validation"])
 def test_the_final_step_is_saved_when_max_steps_is_no_multiple_of_the_checkpoint_interval(shards, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, every):
     """Lightning's ModelCheckpoint writes last.ckpt at the end only when it saved nothing before: the demo's 650 steps
-    with a checkpoint every 100 ended at step 600."""
+    with a checkpoint every 100 ended at step 600. So do checkpoints that follow validation (no
+    every_n_train_steps, as lvm/demo/configs/vqgan.yaml): last.ckpt stayed at the last validation's step."""
+    args = ["--trainer.max_steps", "13"]
+    if every == "validation":
+        val = write_sentence_shards(tmp_path / "val", shards=1)
+        args += ["--data.val_shards", str(val), "--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "1"]
     enter(tmp_path / "a", monkeypatch)
-    cli = tiny_cli(shards, "--trainer.max_steps", "13")
-    cli.trainer.checkpoint_callback._every_n_train_steps = 5
+    cli = tiny_cli(shards, *args)
+    if every == "validation":  # Lightning's default when no interval is given
+        cli.trainer.checkpoint_callback._every_n_train_steps, cli.trainer.checkpoint_callback._every_n_epochs = 0, 1
+    else:
+        cli.trainer.checkpoint_callback._every_n_train_steps = 5
     cli.trainer.fit(cli.model, cli.datamodule)
     checkpoints = tmp_path / "a/runs/lvm_tiny/checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step=*.ckpt")) == [f"step={s:08d}.ckpt" for s in (5, 10, 13)]
