@@ -7,8 +7,10 @@ import gc
 import importlib
 import os
 import signal
+import subprocess
 import sys
 import tarfile
+import textwrap
 import time
 from collections import Counter
 from pathlib import Path
@@ -88,6 +90,34 @@ def test_training_workers_keep_lightnings_seeding(monkeypatch) -> None:
         init(1, rank=2)
         draws.append((torch.rand(3), np.random.rand(3)))
     assert torch.equal(draws[0][0], draws[1][0]) and np.array_equal(draws[0][1], draws[1][1])
+
+
+def test_an_error_with_a_live_dataloader_worker_still_exits(tmp_path) -> None:
+    """Workers ignore SIGTERM (`leave_stop_signals_to_main`), and multiprocessing's exit handler stops them with
+    SIGTERM and waits without a limit: a crash while a loader's iterator is alive (in validation, say) would hang
+    the exit, and a scheduler would hold the GPUs until the job's time limit. `common.errors` kills them first."""
+    script = textwrap.dedent("""
+        import torch
+        from torch.utils.data import DataLoader, IterableDataset
+        from common.errors import leave_stop_signals_to_main
+        class Forever(IterableDataset):
+            def __iter__(self):
+                while True:
+                    yield torch.zeros(2)
+        batches = iter(DataLoader(Forever(), batch_size=None, num_workers=1, worker_init_fn=leave_stop_signals_to_main))
+        next(batches)
+        raise RuntimeError("a crash with the iterator alive")
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the worker too
+        proc.communicate()
+        pytest.fail("the exit hung with the DataLoader worker alive")
+    assert proc.returncode == 1 and "RuntimeError: a crash with the iterator alive" in err
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys,
