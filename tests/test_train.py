@@ -72,15 +72,17 @@ def enter(run_dir: Path, monkeypatch) -> None:
     monkeypatch.chdir(run_dir)
 
 
-class SigtermAt(L.Callback):
-    """Sends this process SIGTERM after optimizer step `step`, as a scheduler preempting the job would."""
+class SignalAt(L.Callback):
+    """Sends this process `signum` (`times` times) after optimizer step `step`: SIGTERM as a scheduler preempting the
+    job would, SIGINT as Ctrl-C in a terminal."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM, times: int = 1) -> None:
+        self.step, self.signum, self.times = step, signum, times
 
     def on_train_batch_end(self, trainer, *_) -> None:
         if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards, tmp_path, monkeypatch):
@@ -98,7 +100,7 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     # Same run, preempted: SIGTERM after step 70 stops it after that step with a checkpoint ...
     enter(tmp_path / "b", monkeypatch)
     cli = tiny_cli(shards, "--trainer.max_steps", "200")
-    cli.trainer.callbacks.append(SigtermAt(70))
+    cli.trainer.callbacks.append(SignalAt(70))
     with pytest.raises(SystemExit):
         cli.trainer.fit(cli.model, cli.datamodule)
     stopped = cli.trainer.global_step
@@ -120,7 +122,7 @@ def test_tiny_config_learns_and_resumes_the_same_loss_curve_after_sigterm(shards
     # Stopped on the last batch of the stream's first epoch (step 122): the resume starts the next epoch, whole.
     enter(tmp_path / "c", monkeypatch)
     cli = tiny_cli(shards, "--trainer.max_steps", "200")
-    cli.trainer.callbacks.append(SigtermAt(121))  # sent after step 121 was looked at: it stops after step 122
+    cli.trainer.callbacks.append(SignalAt(121))  # sent after step 121 was looked at: it stops after step 122
     with pytest.raises(SystemExit):
         cli.trainer.fit(cli.model, cli.datamodule)
     ckpt = torch.load(tmp_path / "c/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
@@ -150,15 +152,23 @@ def test_training_loss_keeps_packed_sentences_apart():
                                  rel=1e-5)
 
 
-def test_lightning_fit_stopped_by_sigterm_exits_143_with_one_line(shards, tmp_path, monkeypatch, capsys):
-    """As a process killed by the signal would: `lightning fit ... && export` must not go on with an unfinished model."""
+@pytest.mark.parametrize(("signum", "times"), [(signal.SIGTERM, 2), (signal.SIGINT, 1)], ids=["SIGTERM", "Ctrl-C"])
+def test_lightning_fit_stopped_by_a_signal_exits_128_plus_its_number_with_one_line(shards, tmp_path, monkeypatch,
+                                                                                   capsys, signum, times):
+    """As a process killed by the signal would (143, or 130 for Ctrl-C): `lightning fit ... && export` must not go
+    on with an unfinished model. The stop is announced once, when the signal comes (SIGTERM is sent twice: it may
+    come again, from the scheduler or to the whole process group)."""
     enter(tmp_path / "a", monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         lvm_cli.main(["fit", "-c", TINY, "--data.train_shards", str(shards), *FAST, "--trainer.max_steps", "20",
-                      "--trainer.callbacks+=test_train.SigtermAt", "--trainer.callbacks.step=3"])
-    assert exit_info.value.code == 128 + signal.SIGTERM
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        "stopped by SIGTERM with a checkpoint; continue with the same command and --ckpt_path last")
+                      "--trainer.callbacks+=test_train.SignalAt", "--trainer.callbacks.step=3",
+                      f"--trainer.callbacks.signum={int(signum)}", f"--trainer.callbacks.times={times}"])
+    assert exit_info.value.code == 128 + signum
+    err = capsys.readouterr().err.splitlines()
+    name = signal.Signals(signum).name
+    assert err[-1] == f"stopped by {name} with a checkpoint; continue with the same command and --ckpt_path last"
+    announced = "Ctrl-C" if signum == signal.SIGINT else name
+    assert err.count(f"{announced}: stopping after this optimizer step with a checkpoint (Ctrl-C again: at once)") == 1
     # sent after StopOnSignal looked at step 3, so it stops after step 4
     assert torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
@@ -186,38 +196,60 @@ def test_lightning_fit_interrupted_exits_130_with_one_line(shards, tmp_path, mon
 
 
 class SignalMidStep(L.Callback):
-    """Sends `signum` after the first micro-batch of optimizer step `step + 1` (2 micro-batches per step)."""
+    """Sends `signum`, `times` times, in micro-batch `micro_batch` (0 or 1) of optimizer step `step + 1`
+    (2 micro-batches per step): at its start, or at its end (after StopOnSignal has looked at it)."""
 
-    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
-        self.step, self.signum, self.sent = step, signum, False
+    def __init__(self, step: int, signum: int = signal.SIGTERM, micro_batch: int = 0, at: str = "end",
+                 times: int = 1) -> None:
+        self.step, self.signum, self.micro_batch, self.at, self.times = step, signum, micro_batch, at, times
+        self.sent = False
+
+    def _send(self, trainer, batch_idx: int, at: str) -> None:
+        if at == self.at and trainer.global_step == self.step and batch_idx % 2 == self.micro_batch and not self.sent:
+            self.sent = True
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._send(trainer, batch_idx, "start")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and batch_idx % 2 == 0 and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
+        self._send(trainer, batch_idx, "end")
 
 
-def test_sigterm_inside_a_gradient_accumulation_stops_after_the_step(shards, tmp_path, monkeypatch):
-    """The checkpoint must hold every micro-batch it counts as consumed, or a resume would skip some."""
+@pytest.mark.parametrize(("stop", "steps"), [
+    (dict(), 6),  # SIGTERM after the first micro-batch: after the step
+    (dict(at="start"), 6),  # SIGTERM as the first micro-batch starts: still after the step, not after that micro-batch
+    (dict(signum=signal.SIGINT, micro_batch=1, at="start", times=2), 5),  # Ctrl-C twice in the last one: at once
+], ids=["sigterm after the first micro-batch", "sigterm before it ends", "ctrl-c twice in the last micro-batch"])
+def test_a_stop_inside_a_gradient_accumulation_checkpoints_only_finished_steps(shards, tmp_path, monkeypatch, stop,
+                                                                               steps):
+    """A signal stops after the optimizer step; a second Ctrl-C stops at once, and its checkpoint counts only the
+    micro-batches of finished steps. It must hold every micro-batch it counts as consumed, or a resume would skip
+    some."""
     enter(tmp_path / "a", monkeypatch)
     cli = tiny_cli(shards, "--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2")
-    cli.trainer.callbacks.append(SignalMidStep(5))
-    with pytest.raises(SystemExit):
-        cli.trainer.fit(cli.model, cli.datamodule)
+    cli.trainer.callbacks.append(SignalMidStep(5, **stop))
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            cli.trainer.fit(cli.model, cli.datamodule)
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after a KeyboardInterrupt
     ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
-    assert ckpt["global_step"] == 6
-    assert ckpt["LVMDataModule"]["batches_consumed"] == 2 * 6
+    assert (ckpt["global_step"], ckpt["LVMDataModule"]["batches_consumed"]) == (steps, 2 * steps)
 
 
 class InterruptMidStep(L.Callback):
-    """Ctrl-C pressed twice (KeyboardInterrupt) in the backward pass of optimizer step `step + 1`: stop at once."""
+    """Ctrl-C pressed twice (two real SIGINTs) in the backward pass of optimizer step `step + 1`: stop at once."""
 
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if trainer.global_step == self.step:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # StopOnSignal holds the first ...
+            os.kill(os.getpid(), signal.SIGINT)  # ... and raises KeyboardInterrupt on the second
 
 
 @pytest.mark.parametrize("accumulate", ["1", "2"])
