@@ -96,8 +96,10 @@ class StopOnSignal(Callback):
             signal.signal(signum, handler)
         self._previous = {}
 
-    # Before Lightning's teardown, which puts back the handlers it found before `fit`: restored after it, Lightning's
-    # own would stay and swallow SIGTERM for the rest of a process that trains in-process.
+    # Only a safety net: on every way out of `fit`, Lightning's teardown comes after these hooks and puts back the
+    # handlers it found before `fit` anyway. `_previous` holds Lightning's own handlers (installed before training
+    # starts), so a restore moved after that teardown would leave them in place, swallowing SIGTERM for the rest of
+    # a process that trains in-process.
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
