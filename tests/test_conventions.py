@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from common import files
-from common.errors import UserError, exit_on
+from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import ShardPatternError, expand_shards
 from common.vocab import BOS_ID, EOS_ID
 from lvm.prompt import main as prompt_main
@@ -30,6 +30,7 @@ from lvm.tokenize.sources import find_units
 from sentences.errors import SentenceError
 from sentences.formats import read_sentences, tar_writer
 from tokenizer.evaluate import main as evaluate_tokenizer
+from tokenizer.synthetic import write_images
 
 
 def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) -> None:
@@ -118,6 +119,32 @@ def test_an_error_with_a_live_dataloader_worker_still_exits(tmp_path) -> None:
         proc.communicate()
         pytest.fail("the exit hung with the DataLoader worker alive")
     assert proc.returncode == 1 and "RuntimeError: a crash with the iterator alive" in err
+
+
+@pytest.mark.parametrize("command", ["lvm.tokenize", "lvm.annotate", "tokenizer.evaluate"])
+def test_every_commands_loader_leaves_stop_signals_to_main(command, tmp_path, tiny_tokenizer_dir, monkeypatch) -> None:
+    """Workers ignore SIGTERM and Ctrl-C, which reach the whole process group: the main process stops cleanly and
+    shuts them down (killed first, they make torch raise "DataLoader worker is killed by signal" mid-stop). The
+    training loaders are checked with real workers (test_data, test_tokenizer_data); here, what each command gives
+    its loader, run inline."""
+    module = importlib.import_module({"lvm.tokenize": "lvm.tokenize.pipeline",
+                                      "lvm.annotate": "lvm.annotate.pipeline"}.get(command, command))
+    real, given = module.DataLoader, []
+
+    def recording(*args, **kwargs):
+        given.append(kwargs)
+        return real(*args, **{**kwargs, "num_workers": 0})
+
+    monkeypatch.setattr(module, "DataLoader", recording)
+    write_images(tmp_path / "images", 2, size=40)
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    argv = {"lvm.tokenize": ["--shards", images, "--out", out, "--tokenizer", str(tiny_tokenizer_dir)],
+            "lvm.annotate": ["--images", images, "--out", out, "--tasks", "edges"],
+            "tokenizer.evaluate": ["--images", images, "--tokenizer", str(tiny_tokenizer_dir), "--device", "cpu"]}
+    main = importlib.import_module(command if command == "tokenizer.evaluate" else f"{command}.__main__").main
+    assert main([*argv[command], "--workers", "1"]) == 0
+    assert given and all(kwargs["num_workers"] == 1 for kwargs in given)
+    assert all(kwargs.get("worker_init_fn") is leave_stop_signals_to_main for kwargs in given)
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys,

@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import signal
 import sys
 import tarfile
+import time
 import types
 import warnings
 from pathlib import Path
@@ -17,6 +20,7 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+from common.errors import lightning_worker_init
 from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
@@ -63,6 +67,26 @@ def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -
         assert float(torch.cat(batches).min()) >= 0 and float(torch.cat(batches).max()) <= 1
         train_batch = next(iter(data.train_dataloader()))
         assert train_batch.shape == (3, 3, 32, 32)
+
+
+def test_training_workers_leave_sigterm_and_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
+    """A scheduler or terminal signals the whole process group; killed workers would end the step with a traceback.
+    The workers get their rank for Lightning's per-worker seeding: rank 0's seeds on every rank would repeat the
+    same augmentations on all of them."""
+    write_images(tmp_path / "images", 6, size=40, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "images"), image_size=32, batch_size=2, num_workers=1)
+    data.trainer = types.SimpleNamespace(global_rank=3)
+    loader = data.train_dataloader()
+    assert loader.worker_init_fn.func is lightning_worker_init and loader.worker_init_fn.keywords == {"rank": 3}
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert next(batches).shape == (2, 3, 32, 32)
+    del batches
 
 
 def test_shards_without_images_are_refused_before_training_waits_on_them(tmp_path: Path) -> None:
