@@ -737,6 +737,28 @@ def test_configs_parse(size, capsys):
     assert f"size: {size}" in capsys.readouterr().out
 
 
+TRAINING_CONFIGS = sorted(str(p.relative_to(ROOT)) for p in [*ROOT.glob("configs/*.yaml"), *ROOT.glob("lvm/demo/configs/*.yaml")])
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS)
+def test_every_training_config_saves_the_final_step_and_stops_resumably(config):
+    """Only configs/lvm_tiny.yaml is trained by the tests: the others must list the same stop and save callbacks.
+    Lightning's own ModelCheckpoint loses the steps after the last save, its version counter writes last-v1.ckpt
+    beside the last.ckpt that --ckpt_path last and tokenizer.load read, and without StopOnSignal and
+    save_on_exception a SIGTERM or Ctrl-C leaves no checkpoint to resume from."""
+    import yaml
+
+    trainer = yaml.safe_load((ROOT / config).read_text())["trainer"]
+    callbacks = {c["class_path"]: c.get("init_args", {}) for c in trainer["callbacks"]}
+    (checkpoint,) = [name for name in callbacks if name.endswith("ModelCheckpoint")]
+    assert checkpoint == "lvm.callbacks.ModelCheckpoint"
+    args = callbacks[checkpoint]
+    assert args["save_last"] in (True, "link") and args["enable_version_counter"] is False
+    assert args["save_on_exception"] is True and "lvm.callbacks.StopOnSignal" in callbacks
+    assert "lvm.callbacks.TrainingProgress" in callbacks
+    assert "lvm.callbacks.AtomicCheckpointIO" in [p["class_path"] for p in trainer["plugins"]]
+
+
 @pytest.mark.parametrize("size", ["1b", "3b"])
 def test_sharded_configs_use_fsdp2_with_recomputation_and_one_checkpoint_file(size):
     import yaml
