@@ -6,6 +6,8 @@ import errno
 import gc
 import importlib
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -225,6 +227,25 @@ def test_shard_patterns_folder_glob_and_braces_name_the_same_shards(tmp_path) ->
     assert expand_shards(f"{tmp_path}/sentences-{{000000..000002}}.tar") == folder
     with pytest.raises(ShardPatternError, match=r"sentences-000003\.tar: no \.tar shards found \(no such file"):
         expand_shards(f"{tmp_path}/sentences-{{000000..000003}}.tar")
+
+
+def test_shard_patterns_sort_folders_refuse_any_empty_pattern_recurse_and_take_named_files(tmp_path) -> None:
+    """The same spec lists the same shards in the same order whatever order the file system lists them in (the
+    builders and the stream draw from positions in the list); every pattern of a list must name shards (a typo in
+    one source of a mix is not dropped silently); `**` recurses; a file named as it is counts, .tar or not."""
+    names = [f"s-{i:02d}.tar" for i in range(8)]
+    random.Random(1).shuffle(names)
+    (tmp_path / "many").mkdir()
+    for name in names:
+        (tmp_path / "many" / name).write_bytes(b"")
+    assert expand_shards(str(tmp_path / "many")) == [str(tmp_path / "many" / f"s-{i:02d}.tar") for i in range(8)]
+    with pytest.raises(ShardPatternError, match=rf"^{re.escape(str(tmp_path))}/typo/\*\.tar: no \.tar shards found$"):
+        expand_shards([f"{tmp_path}/many/s-0*.tar", f"{tmp_path}/typo/*.tar"])
+    (tmp_path / "nested" / "sub").mkdir(parents=True)
+    (tmp_path / "nested" / "sub" / "deep.tar").write_bytes(b"")
+    assert expand_shards(f"{tmp_path}/**/deep.tar") == [str(tmp_path / "nested" / "sub" / "deep.tar")]
+    (tmp_path / "plain").write_bytes(b"")
+    assert expand_shards(str(tmp_path / "plain")) == [str(tmp_path / "plain")]
 
 
 def test_one_sentence_reader_raises_for_training_and_counts_for_evaluation(tmp_path) -> None:
