@@ -529,6 +529,28 @@ def test_mfu_counts_every_half_precision(monkeypatch, precision, has_peak):
     assert monitor._throughputs["train"].available_flops == (1e15 if has_peak else None)
 
 
+def test_training_progress_line_measures_this_runs_steps_and_prints_at_most_every_every_s(monkeypatch, capsys):
+    """A run resumed at step 10 that made 5 steps in 10 s: 2 s a step, and the 5 steps left take 10 s. Measured from
+    the steps since the start of this run, not since step 0; printed again only after `every_s` seconds."""
+    from lvm.callbacks import TrainingProgress
+
+    clock = iter([100.0, 110.0, 112.0, 114.0])
+    monkeypatch.setattr("lvm.callbacks.time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    trainer = types.SimpleNamespace(global_step=10, max_steps=20, is_global_zero=True, checkpoint_callback=None,
+                                    callback_metrics={"train/loss": torch.tensor(1.23456)})
+    progress = TrainingProgress(every_s=5)
+    progress.on_train_start(trainer, None)
+    trainer.global_step = 15
+    progress.on_train_batch_end(trainer)  # at 110 s
+    trainer.global_step = 16
+    progress.on_train_batch_end(trainer)  # at 112 s: 2 s after the last line
+    progress.on_train_end(trainer, None)  # at 114 s
+    assert capsys.readouterr().err.splitlines() == [
+        "step 15/20 (75.0%) | loss 1.2346 | 2.00 s/step | ETA 0:00:10",
+        "trained steps 10..16 in 0:00:14; last loss 1.2346; checkpoints in none",
+    ]
+
+
 def test_peak_table_matches_the_longest_name(monkeypatch):
     from lvm.peaks import dense_bf16_peak
 
