@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -76,6 +77,32 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
         preempted()
     assert exit_info.value.code == 143 and capsys.readouterr().err == "terminated\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_exit_ons_sigterm_handler_raises_only_in_its_own_process() -> None:
+    """A DataLoader worker forked before its worker_init_fn runs inherits the handler: there the stop is left to the
+    main process, not a `Terminated` traceback in the worker."""
+    from common.errors import Terminated, _raise_terminated
+
+    try:
+        _raise_terminated(os.getpid() + 1)(signal.SIGTERM, None)  # as seen from a forked child
+    except Terminated:  # a KeyboardInterrupt: uncaught, it would stop the whole test session
+        pytest.fail("the handler raised in another process than the one that installed it")
+    with pytest.raises(Terminated):
+        _raise_terminated(os.getpid())(signal.SIGTERM, None)
+
+
+def test_exit_on_runs_a_command_called_from_another_thread() -> None:
+    """Signal handlers can be set only in the main thread: elsewhere the command runs without one, not a ValueError."""
+    @exit_on
+    def command() -> str:
+        return "ran"
+
+    result = []
+    thread = threading.Thread(target=lambda: result.append(command()))
+    thread.start()
+    thread.join()
+    assert result == ["ran"]
 
 
 def test_training_workers_keep_lightnings_seeding(monkeypatch) -> None:
