@@ -183,6 +183,14 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
     grid_input = write_frames(tmp_path / "g", ["p_grid.png"])[0]  # the grid of --out g/p.png
     assert run_error(["--frames", grid_input, *common[:4], "--out", tmp_path / "g" / "p.png"], capsys) == (
         f"error: --out: would overwrite the input image {grid_input}; write elsewhere")
+    # ... also when the input is spelled another way, or is the name of a later candidate or of the GIF
+    dotted = tmp_path / "seq" / ".." / "seq" / "1.png"
+    assert run_error(["--frames", frames[0], dotted, *common[:4], "--out", frames[1]], capsys) == (
+        f"error: --out: would overwrite the input image {dotted}; write elsewhere")
+    candidate, gif = write_frames(tmp_path / "g", ["p_c1.png", "p.gif"])
+    for given, option in ((candidate, "--candidates"), (gif, "--num-frames")):
+        assert run_error(["--frames", given, *common[:4], option, 2, "--out", tmp_path / "g" / "p.png"], capsys) == (
+            f"error: --out: would overwrite the input image {given}; write elsewhere"), option
     assert frames[1].read_bytes() == before
     assert run_error(["--frames", frames[0], "--model", tmp_path / "x.ckpt", *common[2:]], capsys) == (
         f"error: {tmp_path / 'x.ckpt'}: no such file or directory")
