@@ -141,6 +141,20 @@ def test_one_edge_map_per_good_photo_and_the_corrupt_one_reported(photos, tmp_pa
         assert 0.01 < (edges > 0).mean() < 0.3  # a real photo has edges, not noise everywhere
 
 
+def test_a_rerun_counts_the_skips_of_every_unit_already_complete(tmp_path, capsys):
+    """Its last line adds the skips each complete unit's report recorded, not only those of the last one read."""
+    folders = [tmp_path / "images" / name for name in ("a", "b")]
+    for seed, folder in enumerate(folders):
+        folder.mkdir(parents=True)
+        pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"ok{seed}.png")  # maps are keyed by file name: no two alike
+        (folder / f"broken{seed}.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    for _ in range(2):
+        assert _run("--images", *folders, "--out", tmp_path / "out", "--tasks", "edges") == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "(2 already complete); skipped 2: corrupt_image 2 (2 of them in shards completed by earlier runs);" in last
+
+
 def test_normals_of_a_tilted_plane_are_constant_and_of_a_sphere_point_outward():
     v, u = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
     plane = normals_from_depth(100 + 0.5 * u - 0.25 * v)  # farther to the right and to the top
