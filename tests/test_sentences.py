@@ -550,7 +550,11 @@ def test_summary_reports_counts_per_kind_and_skips_corrupt_samples(
     skipped = f"skipped in {tmp_path / 'bad' / '0.tar'} (2 shards): "
     # the cut sample arrives without its tokens: counted as missing them, and its shard as damaged
     damaged = f"1 damaged tar shard {tmp_path / 'bad' / '1.tar'} (the rest of it lost)"
-    assert skipped + f"1 unreadable tokens.npy; 2 missing tokens.npy; {damaged}" in out
+    # one line for the damaged set; none, not an empty one, for the clean source ...
+    assert [line for line in out if line.startswith("skipped in ")] == [
+        skipped + f"1 unreadable tokens.npy; 2 missing tokens.npy; {damaged}"]
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert list(index["skipped"]) == [f"{tmp_path / 'bad' / '0.tar'} (2 shards)"]  # ... and no empty entry
     assert out[-1].startswith("built 5 sentences (570 tokens, 2 kinds) into 1 shards in ")
     assert out[-1].endswith(f"; skipped: 1 unreadable tokens.npy, 2 missing tokens.npy, {damaged}")
 
