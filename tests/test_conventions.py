@@ -230,6 +230,29 @@ def test_atomic_write_replaces_the_file_only_when_the_block_completes(tmp_path) 
     assert path.read_text() == "new" and not files.tmp_path(path).exists()
 
 
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch) -> None:
+    """Without the first fsync a power cut after the rename can leave `path` empty; without the second, the rename
+    itself can be lost."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        fsync(fd)
+
+    def recorded_replace(src, dst) -> None:
+        events.append(("rename", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    path = tmp_path / "index.json"
+    with files.atomic_write(path, "w") as f:
+        f.write("{}")
+    assert events == [("fsync", path.stat().st_ino), ("rename", str(files.tmp_path(path)), str(path)),
+                      ("fsync", tmp_path.stat().st_ino)]
+
+
 def test_a_shard_writer_stopped_by_ctrl_c_leaves_only_its_tmp_file_and_no_late_errors(tmp_path, monkeypatch) -> None:
     """An unclosed tar writer would write its end blocks into the closed file when collected: a traceback after
     `interrupted`."""
