@@ -13,12 +13,15 @@ image, 8192 codes. Stages downstream of the tokenizer test against it.
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 import tokenizer
 
@@ -94,6 +97,22 @@ def cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     else:
         for name, real in REAL_CUDA.items():
             monkeypatch.setattr(torch.cuda, name, real)
+
+
+def next_batch_after_stop_signals_to_the_worker(loader: DataLoader) -> Any:
+    """Start `loader` (one worker), send its worker SIGTERM and Ctrl-C as a scheduler or terminal signalling the
+    whole process group would, check the worker lives on, and return the next batch (the stop is the main
+    process's to make; a killed worker would end the step with a traceback)."""
+    batches = iter(loader)
+    next(batches)
+    (worker,) = batches._workers
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker.pid, signum)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    batch = next(batches)
+    del batches
+    return batch
 
 
 @pytest.fixture(scope="session")

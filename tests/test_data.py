@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import torch
 import webdataset as wds
 
 from common.vocab import BOS_ID, EOS_ID
+from conftest import next_batch_after_stop_signals_to_the_worker
 from lvm.data import LVMDataModule
 from lvm.errors import ConfigError
 
@@ -86,15 +84,7 @@ def test_resume_continues_exactly_after_the_consumed_batches(shards):
 def test_workers_leave_sigterm_and_ctrl_c_to_the_trainer(shards):
     """A scheduler or terminal signals the whole process group; killed workers would end the step with a traceback."""
     dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=1)
-    batches = iter(dm.train_dataloader())
-    next(batches)
-    (worker,) = batches._workers
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        os.kill(worker.pid, signum)
-    time.sleep(0.5)
-    assert worker.is_alive()
-    assert next(batches)["input_ids"].shape == (2, 32)
-    del batches
+    assert next_batch_after_stop_signals_to_the_worker(dm.train_dataloader())["input_ids"].shape == (2, 32)
 
 
 def test_labels_are_inputs_shifted_by_one(shards):

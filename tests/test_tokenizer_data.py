@@ -5,11 +5,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import signal
 import sys
 import tarfile
-import time
 import types
 import warnings
 from pathlib import Path
@@ -21,6 +18,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from common.errors import lightning_worker_init
+from conftest import next_batch_after_stop_signals_to_the_worker
 from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
@@ -78,15 +76,7 @@ def test_training_workers_leave_sigterm_and_ctrl_c_to_the_trainer(tmp_path: Path
     data.trainer = types.SimpleNamespace(global_rank=3)
     loader = data.train_dataloader()
     assert loader.worker_init_fn.func is lightning_worker_init and loader.worker_init_fn.keywords == {"rank": 3}
-    batches = iter(loader)
-    next(batches)
-    (worker,) = batches._workers
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        os.kill(worker.pid, signum)
-    time.sleep(0.5)
-    assert worker.is_alive()
-    assert next(batches).shape == (2, 3, 32, 32)
-    del batches
+    assert next_batch_after_stop_signals_to_the_worker(loader).shape == (2, 3, 32, 32)
 
 
 def test_shards_without_images_are_refused_before_training_waits_on_them(tmp_path: Path) -> None:

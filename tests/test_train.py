@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -70,6 +72,18 @@ def enter(run_dir: Path, monkeypatch) -> None:
     """Work in a fresh directory: the config writes everything under runs/lvm_tiny/ there."""
     run_dir.mkdir()
     monkeypatch.chdir(run_dir)
+
+
+@contextmanager
+def expect_stop() -> Iterator[pytest.ExceptionInfo[SystemExit]]:
+    """The run inside must stop (SystemExit); Ctrl-C works again afterwards (Lightning ignores it after a
+    KeyboardInterrupt, which would leave the rest of the session deaf to it)."""
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            yield exit_info
+    finally:
+        signal.signal(signal.SIGINT, sigint)
 
 
 class SignalAt(L.Callback):
@@ -185,12 +199,8 @@ def test_lightning_fit_interrupted_exits_130_with_one_line(shards, tmp_path, mon
         monkeypatch.setattr(lvm_cli.CLI, "before_instantiate_classes", interrupt)
     else:
         args += ["--trainer.callbacks+=test_train.InterruptMidStep", "--trainer.callbacks.step=3"]
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            lvm_cli.main(args)
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after a KeyboardInterrupt
+    with expect_stop() as exit_info:
+        lvm_cli.main(args)
     assert exit_info.value.code == 128 + signal.SIGINT
     assert capsys.readouterr().err.splitlines()[-1] == "interrupted"
 
@@ -230,12 +240,8 @@ def test_a_stop_inside_a_gradient_accumulation_checkpoints_only_finished_steps(s
     enter(tmp_path / "a", monkeypatch)
     cli = tiny_cli(shards, "--trainer.max_steps", "20", "--trainer.accumulate_grad_batches", "2")
     cli.trainer.callbacks.append(SignalMidStep(5, **stop))
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            cli.trainer.fit(cli.model, cli.datamodule)
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after a KeyboardInterrupt
+    with expect_stop():
+        cli.trainer.fit(cli.model, cli.datamodule)
     ckpt = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert (ckpt["global_step"], ckpt["LVMDataModule"]["batches_consumed"]) == (steps, 2 * steps)
 
@@ -268,12 +274,8 @@ def test_ctrl_c_stops_after_the_step_or_at_once_and_resumes_the_same_loss_curve(
     enter(tmp_path / "b", monkeypatch)
     cli = tiny_cli(shards, *args)
     cli.trainer.callbacks.append(SignalMidStep(5, signal.SIGINT) if accumulate == "2" else InterruptMidStep(5))
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit):
-            cli.trainer.fit(cli.model, cli.datamodule)
-    finally:
-        signal.signal(signal.SIGINT, sigint)  # Lightning ignores further Ctrl-C after a KeyboardInterrupt
+    with expect_stop():
+        cli.trainer.fit(cli.model, cli.datamodule)
     stopped = 6 if accumulate == "2" else 5
     ckpt = torch.load(tmp_path / "b/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["global_step"] == stopped and ckpt["LVMDataModule"]["batches_consumed"] == stopped * int(accumulate)
