@@ -69,13 +69,14 @@ class Unit:
 
 
 def _digest_line(item: Item) -> str:
-    """`<rel>[#frame | / for an unlisted folder] <size>:<mtime_ns>`; `-` for a file gone (read as unreadable)."""
+    """`<rel>[#frame | / for an unlisted folder] <size>:<mtime>`; `-` for a file gone (read as unreadable). The
+    modification time in whole seconds: copies by tar or zip keep no finer ones, and should not redo a whole job."""
     rel = item.rel + (f"#{item.frame}" if item.frame is not None else "/" if item.error else "")
     try:
         stat = os.stat(item.path)
     except OSError:
         return f"{rel} -"
-    return f"{rel} {stat.st_size}:{stat.st_mtime_ns}"
+    return f"{rel} {stat.st_size}:{int(stat.st_mtime)}"
 
 
 def _kind_of(path: str) -> str | None:
