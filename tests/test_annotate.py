@@ -383,10 +383,22 @@ def test_out_inside_the_inputs_of_a_glob_is_refused_on_the_rerun(tmp_path, capsy
     capsys.readouterr()
     assert _run(*args) == 2
     assert capsys.readouterr().err.strip() == (
-        f"error: {tmp_path / 'p' / 'annot'}: --images found inputs inside --out ({tmp_path / 'p' / 'annot' / 'edges' / 'cats'}): "
-        "its own maps would be read as images; choose an --out outside the inputs")
+        f"error: {tmp_path / 'p' / 'annot'}: --images found inputs among the maps of --out "
+        f"({tmp_path / 'p' / 'annot' / 'edges' / 'cats'}): they would be annotated as images; choose an --out outside "
+        "the inputs")
     assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "p").rglob("*.png")) == [
         "p/annot/edges/cats/coffee.png", "p/cats/coffee.png"]
+
+
+def test_inputs_under_out_but_outside_its_map_folders_are_fine(tmp_path, capsys):
+    """docs/scaling.md's layout: `--images annot/images --out annot` writes annot/edges/..., which no rerun reads."""
+    (tmp_path / "annot" / "images").mkdir(parents=True)
+    (tmp_path / "annot" / "images" / "coffee.png").write_bytes(_png_of("coffee"))
+    args = ("--images", tmp_path / "annot" / "images", "--out", tmp_path / "annot", "--tasks", "edges")
+    assert _run(*args) == 0 and (tmp_path / "annot" / "edges" / "coffee.png").is_file()
+    capsys.readouterr()
+    assert _run(*args) == 0
+    assert "(1 already complete)" in capsys.readouterr().out
 
 
 def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):

@@ -231,20 +231,23 @@ def _within(path: str, folder: Path) -> bool:
 
 
 def _check_out(job: Job, units: list[Unit]) -> None:
-    """Refuse an --out among the inputs: a rerun would annotate its own maps and never find its units complete.
+    """Refuse maps among the inputs: a rerun would annotate them and never find its units complete.
 
     A folder spec is checked by name, before a first run writes anything; for globs and brace patterns, which
-    match --out only once it exists, every folder holding a found input is checked (one resolve per folder).
+    match the maps only once they exist, every folder holding a found input is checked against the map folders
+    `<out>/<task>` (one resolve per folder). Inputs elsewhere under --out (`--images annot/images --out annot`)
+    are no maps and are fine.
     """
     out = job.out.resolve()
     for spec in job.images:
         if os.path.isdir(spec) and _within(str(out), Path(spec).resolve()):
             raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
+    maps = [out / task for task in TASKS]
     folders = sorted({os.path.dirname(item.path) for unit in units for item in unit.items})
-    inside = next((folder for folder in folders if _within(folder, out)), None)
+    inside = next((folder for folder in folders if any(_within(folder, task) for task in maps)), None)
     if inside is not None:
-        raise AnnotateError(f"{job.out}: --images found inputs inside --out ({inside}): its own maps would be read as "
-                            "images; choose an --out outside the inputs")
+        raise AnnotateError(f"{job.out}: --images found inputs among the maps of --out ({inside}): they would be "
+                            "annotated as images; choose an --out outside the inputs")
 
 
 def _check_keys(units: list[Unit]) -> None:
