@@ -78,6 +78,11 @@ def cpu_suite() -> Iterator[None]:
 
     A shell inside `torchrun` or `srun` has rank variables that the multi-GPU commands read (`lvm.tokenize` would
     take only its rank's share of the shards): they are removed too; the tests that want ranks set their own."""
+    if torch.cuda.is_available():
+        # Started now, with the GPUs visible: CUDA reads CUDA_VISIBLE_DEVICES once, when it starts, and a CPU test
+        # can start it (torch.compile asks for the current device), with none visible (`cpu_unless_marked_gpu`),
+        # which would leave every later `gpu` test of the session without a GPU.
+        torch.cuda.init()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.cuda, "is_available", lambda: False)
         patch.setattr(torch.cuda, "device_count", lambda: 0)
@@ -90,8 +95,8 @@ def cpu_suite() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A `gpu` test sees the real CUDA; any other test's subprocesses see no GPU either. (Not set for the whole
-    session: CUDA reads CUDA_VISIBLE_DEVICES once, when it starts, and the `gpu` tests need it.)"""
+    """A `gpu` test sees the real CUDA; any other test's subprocesses see no GPU either (the variable does not reach
+    this process's CUDA, started in `cpu_suite`)."""
     if request.node.get_closest_marker("gpu") is None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     else:
