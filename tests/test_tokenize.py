@@ -359,6 +359,19 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
         *(f"vid/cut/{n:06d}" for n in (0, 2, 3, 4, 5)), "vid/latin/000000", "vid/latin/000001"]
 
 
+def test_links_back_to_an_ancestor_folder_list_each_image_once(tmp_path, tiny_tokenizer_dir):
+    photos = tmp_path / "photos"
+    (photos / "cats").mkdir(parents=True)
+    for name in ("a.png", "b.png"):
+        (photos / "cats" / name).write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (photos / "cats" / "up").symlink_to("..")  # alone, it listed every image ~40 times (ELOOP depth)
+    assert [i.rel for u in find_units([str(photos)])[0] for i in u.items] == ["cats/a.png", "cats/b.png"]
+    (photos / "cats" / "parent").symlink_to("..")  # with a second one, the listing doubled per level: a hang
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, photos) == 0
+    assert list(_samples(out / "photos-img-000000.tar")) == ["cats/a", "cats/b"]
+
+
 def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, tiny_tokenizer_dir, capsys, deny_listing):
     src = tmp_path / "src"
     for name in ("ok/a.png", "locked/b.png", "locked/c.png"):

@@ -109,13 +109,43 @@ def default_out(specs: list[str]) -> Path:
 
 def walk(folder: str) -> tuple[list[str], list[OSError]]:
     """Every non-hidden file under a folder, recursively, in sorted order, and the errors of the folders that
-    could not be listed (which `os.walk` would leave out silently)."""
+    could not be listed (which `os.walk` would leave out silently).
+
+    Links to folders are followed, but each real folder is entered once: `os.walk` keeps no record of visited
+    folders, so a link back to an ancestor (`up -> ..`) would list every image again under ever longer keys,
+    and two such links would double the listing at every level, never finishing.
+    """
     found: list[str] = []
     errors: list[OSError] = []
+    entered = {_folder_id(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, onerror=errors.append, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = _unentered(dirpath, sorted(d for d in dirnames if not d.startswith(".")), entered)
         found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
     return found, errors
+
+
+def _folder_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the folder a path names, links followed; None when it cannot be stat'ed."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _unentered(dirpath: str, names: list[str], entered: set[tuple[int, int]]) -> list[str]:
+    """The subfolders of `dirpath` (sorted names) whose real folder is not yet in `entered`, now added to it.
+
+    A folder that cannot be stat'ed is kept, so that `os.walk` reports it through its error handler.
+    """
+    kept = []
+    for name in names:
+        ident = _folder_id(os.path.join(dirpath, name))
+        if ident is None or ident not in entered:
+            kept.append(name)
+            if ident is not None:
+                entered.add(ident)
+    return kept
 
 
 def _listing(paths: list[str], root: str) -> tuple[list[str], list[Item]]:
