@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -370,6 +371,22 @@ def test_links_back_to_an_ancestor_folder_list_each_image_once(tmp_path, tiny_to
     out = tmp_path / "out"
     assert _run(tiny_tokenizer_dir, out, photos) == 0
     assert list(_samples(out / "photos-img-000000.tar")) == ["cats/a", "cats/b"]
+
+
+def test_a_matroska_video_cut_short_is_reported_with_where_it_ends(tmp_path, tiny_tokenizer_dir):
+    src = tmp_path / "src"
+    src.mkdir()
+    _video(src / "full.mkv", 40, codec="ffv1")  # 10 fps: 4.0 s
+    data = (src / "full.mkv").read_bytes()
+    (src / "cut.mkv").write_bytes(data[: len(data) * 6 // 10])  # an interrupted download: the header still says 4.0 s
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, src, extra=("--video-stride", "8")) == 0
+    report = json.loads((out / "src-vid-000000.report.json").read_text())
+    assert report["skipped"] == {"corrupt_video": 1}  # the uncut copy: none
+    (skip,) = report["skipped_items"]
+    kept = sum(key.startswith("cut/") for key in _samples(out / "src-vid-000000.tar"))
+    assert skip["item"].startswith(f"{src}/cut.mkv#frame=") and 2 <= kept < 5
+    assert re.fullmatch(r"ends at [12]\.\d s of 4\.0 s", skip["detail"])
 
 
 def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, tiny_tokenizer_dir, capsys, deny_listing):
