@@ -388,6 +388,32 @@ def test_a_matroska_video_cut_short_is_reported_with_where_it_ends(tmp_path, tin
     assert skip["item"].startswith(f"{src}/cut.mkv#frame=") and 2 <= kept < 5
     assert re.fullmatch(r"ends at [12]\.\d s of 4\.0 s", skip["detail"])
 
+def _tar_entries(path: Path) -> list[tuple[str, str]]:
+    """What read_batches makes of a tar: (key, caption) of each picture, (item name, reason) of each skip."""
+    (unit,), _ = find_units([str(path)])
+    entries = []
+    for rows, skips, _last in read_batches(unit, DecodeOptions(), 8, lambda p: (p.key, p.meta.get("caption", ""))):
+        entries += rows + [(s.item.rsplit(":", 1)[1], s.reason) for s in skips]
+    return entries
+
+
+def test_tar_members_not_adjacent_are_a_split_sample_not_a_missing_image(tmp_path):
+    members = [(f"{k}.{ext}", _jpeg(8, 8) if ext == "jpg" else b"cap " + k.encode())
+               for ext in ("jpg", "txt") for k in ("a", "b")]  # what `tar cf s.tar *.jpg *.txt` writes
+    _write_tar(tmp_path / "s.tar", [*members, ("a.jpg", _jpeg(8, 8))])  # and a repeated key: a duplicate
+    assert _tar_entries(tmp_path / "s.tar") == [
+        ("a", ""), ("b", ""), ("a", "split_sample"), ("b", "split_sample"), ("a", "duplicate_key")]
+    (unit,), _ = find_units([str(tmp_path / "s.tar")])
+    skip = next(s for _, skips, _ in read_batches(unit, DecodeOptions(), 8, str) for s in skips)
+    assert skip.detail == "members of sample a are not adjacent in the tar (txt left out); write it in key order, " \
+        "e.g. tar --sort=name"
+
+
+def test_a_second_image_member_of_a_tar_sample_is_a_duplicate_key(tmp_path):
+    _write_tar(tmp_path / "s.tar", [("x.jpg", _jpeg(8, 8)), ("x.png", _png(np.zeros((8, 8, 3), np.uint8))),
+                                    ("x.txt", b"cap")])
+    assert _tar_entries(tmp_path / "s.tar") == [("x", "cap"), ("x.png", "duplicate_key")]
+
 
 def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, tiny_tokenizer_dir, capsys, deny_listing):
     src = tmp_path / "src"

@@ -35,7 +35,8 @@ REASONS = (
     "corrupt_image",  # PIL cannot decode it completely (truncated, garbage, unsupported)
     "not_label_map",  # --label-palette was given but the image has several distinct channels
     "no_image",  # a tar sample with no image member
-    "duplicate_key",  # a key already written to this shard (x.jpg and x.png in one folder, a repeated tar key)
+    "split_sample",  # tar members of a key already read, not adjacent to its first ones (tar --sort=name fixes it)
+    "duplicate_key",  # a key already written to this shard (x.jpg and x.png in one folder or tar sample, a repeated tar key)
     "corrupt_tar",  # the tar ends early or is not a tar; the samples before the damage are kept
     "unreadable_video",  # PyAV cannot open the file or it has no video frames
     "corrupt_video",  # packets that failed to decode (counted in the detail); every other frame is kept
@@ -135,11 +136,14 @@ def safe_key(rel: str) -> str:
     return str(path.with_name(path.stem.replace(".", "_")))
 
 
-def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Picture | Skip:
+def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Iterator[Picture | Skip]:
+    """A sample's picture, its json and txt merged in; a second image member (`x.jpg` and `x.png`) is a
+    `duplicate_key`, as the same pair in a folder is."""
     key = sample["__key__"]
-    ext = next((e for e in _IMAGE_EXTS if e in sample), None)
-    if ext is None:
-        return Skip(f"{path}:{key}", "no_image", "members: " + ",".join(k for k in sample if not k.startswith("__")))
+    exts = [e for e in _IMAGE_EXTS if e in sample]
+    if not exts:
+        yield Skip(f"{path}:{key}", "no_image", "members: " + _members(sample))
+        return
     try:
         source_json = json.loads(sample["json"]) if "json" in sample else {}
     except ValueError:
@@ -150,7 +154,27 @@ def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Picture | Skip:
     if "txt" in sample:
         meta.setdefault("caption", sample["txt"].decode("utf-8", "replace"))
     meta.update(source=path, key=key)
-    return decode_image(sample[ext], f"{path}:{key}.{ext}", key, meta, opts)
+    yield decode_image(sample[exts[0]], f"{path}:{key}.{exts[0]}", key, meta, opts)
+    for ext in exts[1:]:
+        yield Skip(f"{path}:{key}.{ext}", "duplicate_key", f"the sample's {exts[0]} member is used")
+
+
+def _members(sample: dict) -> str:
+    return ",".join(k for k in sample if not k.startswith("__"))
+
+
+def _split_or_sample(path: str, sample: dict, opts: DecodeOptions, had_image: dict[str, bool]) -> Iterator[Picture | Skip]:
+    """`_tar_sample`, unless the key was read before: webdataset groups only adjacent members, so a tar written
+    `tar cf s.tar *.jpg *.json` gives each key twice, and its json would be counted as a sample without image.
+    A key read again is a `split_sample` skip, unless both times have an image (a repeated key: `duplicate_key`)."""
+    key = sample["__key__"]
+    has_image = any(e in sample for e in _IMAGE_EXTS)
+    if key in had_image and not (has_image and had_image[key]):
+        yield Skip(f"{path}:{key}", "split_sample", f"members of sample {key} are not adjacent in the tar "
+                   f"({_members(sample)} left out); write it in key order, e.g. tar --sort=name")
+    else:
+        yield from _tar_sample(path, sample, opts)
+    had_image[key] = had_image.get(key, False) or has_image
 
 
 def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
@@ -171,9 +195,10 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         repeated.append(error)
         return True
 
+    had_image: dict[str, bool] = {}  # the keys read so far: whether one of their samples had an image
     with stream:
         for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext, handler=skip_repeated):
-            yield _tar_sample(path, sample, opts)
+            yield from _split_or_sample(path, sample, opts, had_image)
     for error in repeated:
         yield Skip(path, "duplicate_key", _detail(error))
     if errors:
