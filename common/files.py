@@ -8,7 +8,10 @@ final name.
 
 from __future__ import annotations
 
+import bz2
 import glob
+import gzip
+import lzma
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -76,21 +79,41 @@ def commit_file(path: str | Path) -> None:
 
 
 TAR_END = 2 * 512  # every complete tar archive ends with two zero blocks
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}  # by magic number
 
 
 def tar_is_complete(path: str | Path) -> bool:
     """Whether a tar file ends as a complete archive does: whole 512-byte blocks, the last two zero. Python's
     tarfile (and so webdataset) reads a file cut between two members, a copy that did not finish, as a complete
-    and shorter archive; this tells the two apart. An unreadable file counts as complete: reading it says why."""
+    and shorter archive; this tells the two apart. An unreadable file counts as complete: reading it says why.
+    A gzip, bz2 or xz tar (which tarfile's `r|*` reads under any name) is checked decompressed: its own end
+    blocks are compressed, and a cut one can end silently at a member boundary too."""
     try:
-        size = os.path.getsize(path)
-        if size < TAR_END or size % 512:
-            return False
         with open(path, "rb") as f:
-            f.seek(size - TAR_END)
-            return not any(f.read(TAR_END))
-    except OSError:
+            head = f.read(6)
+            decompress = next((d for magic, d in _DECOMPRESSORS.items() if head.startswith(magic)), None)
+            if decompress is None:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - TAR_END))
+                return _ends_as_tar(size, f.read(TAR_END))
+        return _decompressed_is_complete(decompress(path, "rb"))
+    except EOFError:  # the compressed stream ends before its end marker
+        return False
+    except (OSError, lzma.LZMAError):
         return True
+
+
+def _decompressed_is_complete(stream: IO[bytes]) -> bool:
+    """The end-block check of a decompressed stream, read through once (its last blocks only kept)."""
+    size, tail = 0, b""
+    with stream:
+        while chunk := stream.read(1 << 20):
+            size, tail = size + len(chunk), (tail + chunk)[-TAR_END:]
+    return _ends_as_tar(size, tail)
+
+
+def _ends_as_tar(size: int, tail: bytes) -> bool:
+    return size >= TAR_END and size % 512 == 0 and not any(tail)
 
 
 def output_file(path: str | Path, option: str) -> Path:

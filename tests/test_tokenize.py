@@ -393,7 +393,7 @@ def _tar_entries(path: Path) -> list[tuple[str, str]]:
     (unit,), _ = find_units([str(path)])
     entries = []
     for rows, skips, _last in read_batches(unit, DecodeOptions(), 8, lambda p: (p.key, p.meta.get("caption", ""))):
-        entries += rows + [(s.item.rsplit(":", 1)[1], s.reason) for s in skips]
+        entries += rows + [(Path(s.item).name.rsplit(":", 1)[-1], s.reason) for s in skips]
     return entries
 
 
@@ -413,6 +413,16 @@ def test_a_second_image_member_of_a_tar_sample_is_a_duplicate_key(tmp_path):
     _write_tar(tmp_path / "s.tar", [("x.jpg", _jpeg(8, 8)), ("x.png", _png(np.zeros((8, 8, 3), np.uint8))),
                                     ("x.txt", b"cap")])
     assert _tar_entries(tmp_path / "s.tar") == [("x", "cap"), ("x.png", "duplicate_key")]
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
+def test_a_compressed_tar_named_tar_is_read_and_a_cut_one_is_corrupt(tmp_path, compress):
+    _write_tar(tmp_path / "plain", [(f"k{i}.jpg", _jpeg(8, 8)) for i in range(3)])
+    packed = __import__(compress).compress((tmp_path / "plain").read_bytes())
+    (tmp_path / "whole.tar").write_bytes(packed)
+    assert _tar_entries(tmp_path / "whole.tar") == [("k0", ""), ("k1", ""), ("k2", "")]
+    (tmp_path / "cut.tar").write_bytes(packed[: len(packed) * 3 // 4])
+    assert _tar_entries(tmp_path / "cut.tar")[-1] == ("cut.tar", "corrupt_tar")
 
 
 def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, tiny_tokenizer_dir, capsys, deny_listing):
