@@ -28,7 +28,7 @@ import tokenizer
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError, pipeline
 from lvm.tokenize.__main__ import main
-from lvm.tokenize.decode import DecodeOptions, read_batches, read_video
+from lvm.tokenize.decode import DecodeOptions, decode_image, read_batches, read_video
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
@@ -423,6 +423,17 @@ def test_a_compressed_tar_named_tar_is_read_and_a_cut_one_is_corrupt(tmp_path, c
     assert _tar_entries(tmp_path / "whole.tar") == [("k0", ""), ("k1", ""), ("k2", "")]
     (tmp_path / "cut.tar").write_bytes(packed[: len(packed) * 3 // 4])
     assert _tar_entries(tmp_path / "cut.tar")[-1] == ("cut.tar", "corrupt_tar")
+
+
+@pytest.mark.parametrize("fmt,orientation", [("JPEG", 3), ("JPEG", 6), ("PNG", 6), ("WEBP", 6), ("TIFF", 6), ("TIFF", 8)])
+def test_exif_orientation_gives_the_displayed_size_in_every_format(fmt, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(buffer, fmt, exif=exif)  # stored 60 wide, 40 high
+    picture = decode_image(buffer.getvalue(), "x", "x", {}, DecodeOptions())
+    width, height = (60, 40) if orientation == 3 else (40, 60)
+    assert (picture.meta["width"], picture.meta["height"], *picture.pixels.shape[1:]) == (width, height, height, width)
 
 
 def test_a_folder_that_cannot_be_listed_is_a_counted_skip(tmp_path, tiny_tokenizer_dir, capsys, deny_listing):

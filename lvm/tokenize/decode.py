@@ -113,12 +113,14 @@ def decode_image(data: bytes, name: str, key: str, meta: dict, opts: DecodeOptio
         return Skip(name, "empty_file")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING:
-                width, height = height, width
+            width, height = img.size  # before draft, which shrinks a JPEG
             if opts.draft and not opts.labels:
                 img.draft(None, (opts.draft, opts.draft))  # JPEG DCT scaling; a no-op for other formats
             img.load()
+            # Read after load: Pillow's TIFF plugin reports the displayed size, turns the image on load and then
+            # drops the tag, so reading it before would swap an already displayed size back.
+            if img.getexif().get(ExifTags.Base.Orientation, 1) in _TRANSPOSING:
+                width, height = height, width
             img = ImageOps.exif_transpose(img)
             indices = to_labels(img) if opts.labels else None
             if opts.labels and indices is None:
