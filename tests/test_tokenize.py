@@ -489,6 +489,23 @@ def test_empty_shards_fail_with_one_line_before_any_work(tmp_path, tiny_tokenize
     assert not out.exists()
 
 
+def test_out_among_the_inputs_fails_with_one_line_before_any_work(inputs, tmp_path, capsys, monkeypatch):
+    data = tmp_path / "laion"
+    data.mkdir()
+    _write_tar(data / "00000.tar", [("k.jpg", _jpeg(8, 8))])
+    monkeypatch.chdir(data)  # the default --out, tokens/laion, is inside the data folder
+    with pytest.raises(SystemExit, match="2"):
+        main(["--shards", ".", "--tokenizer", str(tmp_path / "nope")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: tokens/laion: --out is inside the input folder . (without " \
+        "--out: run from outside the data, or give one); a rerun would read its token shards as inputs"
+    (data / "tokens").mkdir()
+    _write_tar(data / "tokens" / "00000.tar", [("k.jpg", _jpeg(8, 8))])  # a first run's shard, found by a glob
+    assert _run(tmp_path / "nope", data / "tokens", f"{data}/**/*.tar") == 2
+    assert capsys.readouterr().err.strip() == f"error: {data / 'tokens'}: --shards found tars inside --out " \
+        f"({data / 'tokens'}): token shards would be read as inputs; choose an --out outside the inputs"
+    assert not (data / "tokens" / "laion").exists()
+
+
 def test_wrong_tokenizer_fails_with_one_line_before_any_work(inputs, tmp_path, capsys):
     (tmp_path / "tok").mkdir()
     assert _run(tmp_path / "nope", tmp_path / "out", inputs / "laion") == 2

@@ -34,7 +34,7 @@ from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches, safe_key
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
-from lvm.tokenize.sources import Unit, find_units
+from lvm.tokenize.sources import Unit, find_units, folder_within, spec_holding
 from lvm.tokenize.writer import recorded_skips, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
@@ -224,12 +224,6 @@ def _units(job: Job, prefix: str) -> list[Unit]:
     return units
 
 
-def _within(path: str, folder: Path) -> bool:
-    """Whether `path`, links resolved, is the resolved `folder` or lies below it."""
-    resolved = Path(path).resolve()
-    return resolved == folder or folder in resolved.parents
-
-
 def _check_out(job: Job, units: list[Unit]) -> None:
     """Refuse maps among the inputs: a rerun would annotate them and never find its units complete.
 
@@ -238,13 +232,10 @@ def _check_out(job: Job, units: list[Unit]) -> None:
     `<out>/<task>` (one resolve per folder). Inputs elsewhere under --out (`--images annot/images --out annot`)
     are no maps and are fine.
     """
-    out = job.out.resolve()
-    for spec in job.images:
-        if os.path.isdir(spec) and _within(str(out), Path(spec).resolve()):
-            raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
-    maps = [out / task for task in TASKS]
-    folders = sorted({os.path.dirname(item.path) for unit in units for item in unit.items})
-    inside = next((folder for folder in folders if any(_within(folder, task) for task in maps)), None)
+    spec = spec_holding(job.out, job.images)
+    if spec is not None:
+        raise AnnotateError(f"{job.out}: --out is inside the input folder {spec}; a rerun would read its outputs as images")
+    inside = folder_within(units, [job.out.resolve() / task for task in TASKS])
     if inside is not None:
         raise AnnotateError(f"{job.out}: --images found inputs among the maps of --out ({inside}): they would be "
                             "annotated as images; choose an --out outside the inputs")

@@ -30,7 +30,7 @@ from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary, log
-from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
+from lvm.tokenize.sources import Unit, default_out, find_units, folder_within, leftover_shards, spec_holding
 from lvm.tokenize.writer import ShardWriter, recorded_skips, shard_paths, shard_state
 from sentences.formats import ORIGINAL
 from tokenizer.preprocess import resize_square, to_value_range
@@ -228,6 +228,19 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
     return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity, earlier)
 
 
+def _check_out(out: Path, specs: list[str], units: list[Unit]) -> None:
+    """Refuse token shards among the inputs: every rerun, the documented resume included, would read the
+    earlier shards as img2dataset tars, write a nested empty shard and count their images as skipped."""
+    spec = spec_holding(out, specs)
+    if spec is not None:
+        raise TokenizeError(out, f"--out is inside the input folder {spec} (without --out: run from outside the "
+                            "data, or give one); a rerun would read its token shards as inputs")
+    inside = folder_within([u for u in units if u.kind == "tar"], [out.resolve()])  # images there are no shards
+    if inside is not None:
+        raise TokenizeError(out, f"--shards found tars inside --out ({inside}): token shards would be read as "
+                            "inputs; choose an --out outside the inputs")
+
+
 def run(job: Job) -> Summary:
     """Tokenize this rank's share of the units; every input or option problem raises TokenizeError first."""
     rank, world, local_rank = ranks_from_env()
@@ -242,6 +255,7 @@ def run(job: Job) -> Summary:
     units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard, job.frame_folders)
     if missing:
         log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
+    _check_out(job.out, job.shards, units)
     leftovers = leftover_shards(job.out, units)
     if leftovers:
         raise TokenizeError(

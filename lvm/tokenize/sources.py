@@ -206,6 +206,26 @@ def leftover_shards(out: Path, units: list[Unit]) -> list[Path]:
     )
 
 
+def within(path: str, folder: Path) -> bool:
+    """Whether `path`, links resolved, is the resolved `folder` or lies below it."""
+    resolved = Path(path).resolve()
+    return resolved == folder or folder in resolved.parents
+
+
+def spec_holding(out: Path, specs: list[str]) -> str | None:
+    """The folder spec that `out` lies in, if any: checked by name, so before a first run has written anything,
+    since a rerun would read the outputs as inputs."""
+    resolved = out.resolve()
+    return next((spec for spec in specs if os.path.isdir(spec) and within(str(resolved), Path(spec).resolve())), None)
+
+
+def folder_within(units: list[Unit], folders: list[Path]) -> str | None:
+    """The first folder holding a found input that lies in one of `folders` (resolved), if any: for globs and
+    brace patterns, which match outputs only once they exist. One resolve per folder, not per file."""
+    holding = sorted({os.path.dirname(item.path) for unit in units for item in unit.items})
+    return next((h for h in holding if any(within(h, folder) for folder in folders)), None)
+
+
 def number_frames(items: list[Item]) -> list[Item]:
     """The images with their frame index: their position among their folder's images in natural name order."""
     folders: dict[str, list[Item]] = defaultdict(list)
