@@ -500,10 +500,21 @@ def test_out_among_the_inputs_fails_with_one_line_before_any_work(inputs, tmp_pa
         "--out: run from outside the data, or give one); a rerun would read its token shards as inputs"
     (data / "tokens").mkdir()
     _write_tar(data / "tokens" / "00000.tar", [("k.jpg", _jpeg(8, 8))])  # a first run's shard, found by a glob
+    (data / "tokens" / "00000.report.json").write_text("{}")
     assert _run(tmp_path / "nope", data / "tokens", f"{data}/**/*.tar") == 2
-    assert capsys.readouterr().err.strip() == f"error: {data / 'tokens'}: --shards found tars inside --out " \
-        f"({data / 'tokens'}): token shards would be read as inputs; choose an --out outside the inputs"
+    assert capsys.readouterr().err.strip() == f"error: {data / 'tokens'}: --shards found a token shard of --out " \
+        f"({data / 'tokens' / '00000.tar'}): token shards would be read as inputs; choose an --out outside the inputs"
     assert not (data / "tokens" / "laion").exists()
+
+
+def test_raw_tars_under_out_are_inputs_like_any_other(tiny_tokenizer_dir, tmp_path, capsys):
+    """`--shards data/raw --out data`: the shards go to data/<name>.tar, and a rerun reads only data/raw again."""
+    (tmp_path / "data" / "raw").mkdir(parents=True)
+    _write_tar(tmp_path / "data" / "raw" / "00000.tar", [("k.jpg", _jpeg(8, 8))])
+    for _ in range(2):
+        assert _run(tiny_tokenizer_dir, tmp_path / "data", tmp_path / "data" / "raw") == 0
+    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert (tmp_path / "data" / "00000.tar").is_file()
 
 
 def test_wrong_tokenizer_fails_with_one_line_before_any_work(inputs, tmp_path, capsys):

@@ -30,9 +30,9 @@ from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary, log
-from lvm.tokenize.sources import Unit, default_out, find_units, folder_within, leftover_shards, spec_holding
+from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards, spec_holding, within
 from lvm.tokenize.writer import ShardWriter, recorded_skips, shard_paths, shard_state
-from sentences.formats import ORIGINAL
+from sentences.formats import ORIGINAL, token_report
 from tokenizer.preprocess import resize_square, to_value_range
 
 
@@ -235,9 +235,12 @@ def _check_out(out: Path, specs: list[str], units: list[Unit]) -> None:
     if spec is not None:
         raise TokenizeError(out, f"--out is inside the input folder {spec} (without --out: run from outside the "
                             "data, or give one); a rerun would read its token shards as inputs")
-    inside = folder_within([u for u in units if u.kind == "tar"], [out.resolve()])  # images there are no shards
-    if inside is not None:
-        raise TokenizeError(out, f"--shards found tars inside --out ({inside}): token shards would be read as "
+    # Found by a glob or brace pattern once they exist: tars under --out with a token-shard report beside them
+    # (raw tars under --out, `--shards data/raw --out data`, are inputs like any other).
+    tars = (item.path for unit in units if unit.kind == "tar" for item in unit.items)
+    shard = next((t for t in tars if token_report(t).exists() and within(t, out.resolve())), None)
+    if shard is not None:
+        raise TokenizeError(out, f"--shards found a token shard of --out ({shard}): token shards would be read as "
                             "inputs; choose an --out outside the inputs")
 
 
