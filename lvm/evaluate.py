@@ -43,7 +43,7 @@ from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tok
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm, trained_layout
-from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout
+from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
 from sentences import formats
 
@@ -118,6 +118,8 @@ def target_token_nlls(
     (default: all that fit the model's context); BOS is prepended when the model uses one."""
     T = sentences[0].images.shape[1]
     fit = context_frames(model, T)
+    if fit < 1:
+        raise ValueError(too_small_for_one_frame(model, T))
     k = fit if num_context is None else num_context
     frames = [s.images[-1 - min(k, fit, len(s.images) - 1) :] for s in sentences]
     device = model.head.weight.device
@@ -128,8 +130,9 @@ def target_token_nlls(
         if model.cfg.bos_id is not None:
             tokens = torch.cat([torch.full_like(tokens[:, :1], model.cfg.bos_id), tokens], 1)
         logits = model(tokens[:, :-1])[:, -T:].float()  # the target's last token is never an input
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, -T:], reduction="none")
-        out[indices] = nll.double().cpu()
+        # [B*T, V] rows, not the [B, V, T] view: cross-entropy over a strided class dimension is a few e-6 off
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, -T:].flatten(), reduction="none")
+        out[indices] = nll.view(len(indices), T).double().cpu()
         bar.update(len(indices))
     bar.close()
     return out
@@ -338,6 +341,8 @@ def run(args: argparse.Namespace) -> dict:
         raise EvaluationError("--tokens-per-image", f"{args.tokens_per_image}, but the model was trained on "
                               f"{recorded} tokens per image ({trained.get('name')}); leave it out")
     T = tok.tokens_per_image if tok else args.tokens_per_image or trained_layout(model)[0]
+    if context_frames(model, T) < 1:
+        raise EvaluationError(spec or "--tokens-per-image", too_small_for_one_frame(model, T))
     sentences, skipped = read_sentences(shards, T, args.max_sentences)
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")

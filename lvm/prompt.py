@@ -175,7 +175,9 @@ def run(args: argparse.Namespace) -> None:
     truth = resolve_prompts(args.ground_truth, "--ground-truth", sort=True) if args.ground_truth else None
     if truth and (len(truth) != len(prompts) or any(len(t) != args.num_frames for t in truth)):
         raise PromptError("--ground-truth", f"need {args.num_frames} frame(s) for each of the {len(prompts)} prompt(s)")
-    check_outputs_spare_inputs(args.out, (len(prompts), args.candidates, args.num_frames), prompts + (truth or []))
+    folders = [Path(f) for f in (args.frames or args.pairs) + (args.ground_truth or []) if Path(f).is_dir()]
+    check_outputs_spare_inputs(args.out, (len(prompts), args.candidates, args.num_frames), prompts + (truth or []),
+                               folders)
     images = [[read_image(f) for f in prompt] for prompt in prompts]
     truth_images = [[read_image(f) for f in frames] for frames in truth] if truth else None
     try:
@@ -219,9 +221,15 @@ def grid_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_grid.png")
 
 
-def check_outputs_spare_inputs(out: Path, counts: tuple[int, int, int], inputs: list[list[Path]]) -> None:
-    """Refuse an --out whose files would replace an input image: the prompt would be lost, and a rerun with the
-    same glob or folder would read the last run's prediction and grid as frames."""
+def check_outputs_spare_inputs(
+    out: Path, counts: tuple[int, int, int], inputs: list[list[Path]], folders: list[Path]
+) -> None:
+    """Refuse an --out whose files would replace an input image (the prompt would be lost), or land in a folder
+    given as a prompt: a rerun with the same folder would read the last run's prediction and grid as frames."""
+    for folder in folders:
+        if folder.resolve() == out.resolve().parent:
+            raise PromptError("--out", f"would write into the prompt folder {folder}, whose images are all read as "
+                                       "frames; write elsewhere")
     P, C, N = counts
     planned = [output_path(out, (p, c, f), counts) for p in range(P) for c in range(C) for f in range(N)]
     planned += [output_path(out, (p, c, -1), counts, ".gif") for p in range(P) for c in range(C) if N > 1]

@@ -1,5 +1,6 @@
 """The miniature's own code: the extra training views of a clip, pans over photos, and the report's verdicts."""
 
+import math
 import random
 import subprocess
 import sys
@@ -128,8 +129,8 @@ def test_report_states_verdicts_as_they_come_out():
     }
     text = report.markdown(figures)
     assert "produced by `make demo` (seed 0)" in text and "4 of 6 pass." in text
-    assert "| video: perplexity with 8 context frames <= 0.85x that with 1 | 380.0 vs 400.0 (0.95x) | **no** |" in text
-    assert "| video: perplexity with 8 context frames <= 0.5x that with 0 | 380.0 vs 1000.0 (0.38x) | yes |" in text
+    assert "| video: perplexity with 8 context frames <= 0.85x that with 1 | 380.0 vs 400.0 (0.950x) | **no** |" in text
+    assert "| video: perplexity with 8 context frames <= 0.5x that with 0 | 380.0 vs 1000.0 (0.380x) | yes |" in text
     # a tie is the copy itself: it passes, as the criterion says "at least as close", and is shown as a tie
     assert "copying the last frame's tokens on 2+ clips | 2 of 2 clips (1 closer, 1 equal: the copy itself) | yes |" in text
     assert "| colorization: answer perplexity falls from 0 to 7 example pairs | 50.0 -> 40.0 (0.80x) | yes |" in text
@@ -144,6 +145,16 @@ def test_report_states_verdicts_as_they_come_out():
     assert "the 15% that change 3.90 -> 3.57 (predicting what moves)" in text
     assert "| bikes | 5 | 0.0200 | 0.0100 | 0.0300 | 0.0100 | 50% / 25% | **no** / yes |" in text  # closer than tokens
     assert "| inpainting | chelsea | 0.0300 | 0.0500 | 0.0200 | 0.0100 | yes / **no** |" in text
+
+
+def test_ratio_criteria_need_finite_figures():
+    """inf <= 0.85 * inf is True: a model whose perplexity overflowed must not pass on it."""
+    figures = {"vs_context": {0: math.inf, 1: math.inf, 8: math.inf}, "vs_pairs": {},
+               "video": [{"mse_prediction": 0.02, "mse_copy_last_tokens": 0.01}] * 3}
+    rows = report.criteria(figures)
+    assert [passed for _, _, passed in rows[:2]] == [False, False]
+    figures["vs_context"] = {0: 100.0, 1: 10.0, 8: 8.506}  # 0.8506x fails: not printed as "0.85x" beside the fail
+    assert rows[0][0].endswith("<= 0.85x that with 1") and report.criteria(figures)[0][1:] == ("8.5 vs 10.0 (0.851x)", False)
 
 
 def test_demo_takes_only_a_seed(capsys):

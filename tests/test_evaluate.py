@@ -24,6 +24,7 @@ from lvm.evaluate import (
     target_nlls,
     unigram_perplexity,
 )
+from lvm.metrics import perplexities
 from lvm.model import LVM, LVMConfig
 
 T = 16  # tokens per image of the tiny tokenizer
@@ -95,6 +96,13 @@ def test_perplexity_matches_direct_computation(model, sentences):
     assert report["all"]["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls)))
     assert report["all"]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(nlls)))
     assert report["pairs"]["mean_perplexity"] == pytest.approx(np.mean(np.exp(nlls[3:])))
+
+
+def test_perplexities_of_a_broken_model_are_inf_not_an_error():
+    """Past ~709 nats per token exp overflows a float: the report says inf (math.exp raised OverflowError)."""
+    summary = perplexities(torch.tensor([800.0, 900.0]))
+    assert summary["mean_perplexity"] == math.inf and summary["perplexity_of_mean_nll"] == math.inf
+    assert summary["mean_nll"] == 850.0 and summary["count"] == 2
 
 
 def test_perplexity_vs_context_frames(model, sentences):
@@ -241,6 +249,22 @@ def test_tokens_per_image_may_not_contradict_the_models_record(tmp_path, shards,
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"error: --tokens-per-image: 3, but the model was trained on {T} tokens per image (tiny); leave it out\n")
+
+
+def test_a_context_that_holds_no_frame_is_refused(tmp_path, shards, model, capsys):
+    """A model fed images too large for its context would report the 0-frame perplexity as its headline."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--tokens-per-image", "57",
+              "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --tokens-per-image: the model's context of 112 tokens cannot hold one context frame and the frame to "
+        "generate (57 tokens per image): is this the model's tokenizer?\n")
+    assert not (tmp_path / "eval").exists()
+    with pytest.raises(ValueError, match="cannot hold one context frame"):
+        target_nlls(model, [Sentence("s", "video", torch.zeros(3, 57, dtype=torch.long))])
 
 
 def test_cli_smooths_the_unigram_over_the_models_codebook(tmp_path, shards, model, monkeypatch):

@@ -192,6 +192,12 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
         assert run_error(["--frames", given, *common[:4], option, 2, "--out", tmp_path / "g" / "p.png"], capsys) == (
             f"error: --out: would overwrite the input image {given}; write elsewhere"), option
     assert frames[1].read_bytes() == before
+    # a new name inside a folder given as the prompt: the next run of that folder would take it as a frame
+    folder = tmp_path / "seq"
+    assert run_error(["--frames", folder, *common[:4], "--out", folder / "new.png"], capsys) == (
+        f"error: --out: would write into the prompt folder {folder}, whose images are all read as frames; "
+        "write elsewhere")
+    assert not (folder / "new.png").exists()
     assert run_error(["--frames", frames[0], "--model", tmp_path / "x.ckpt", *common[2:]], capsys) == (
         f"error: {tmp_path / 'x.ckpt'}: no such file or directory")
     assert run_error(["--frames", frames[0], "--model", ckpt, "--tokenizer", tmp_path, "--out", tmp_path / "o.png"],
