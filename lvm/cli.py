@@ -138,6 +138,8 @@ def main(args: list[str] | None = None) -> None:
                 subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True},
                 args=args,
+                # the console script, or `python -m lvm.cli` under torchrun/srun: never "cli.py", not runnable
+                parser_kwargs={"prog": "lightning" if Path(sys.argv[0]).stem == "lightning" else "python -m lvm.cli"},
             )
     except SIGTERMException:
         signum = StopOnSignal.received or signal.SIGTERM

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
+from common.files import atomic_write, commit_file, tmp_path
 from common.vocab import CODEBOOK_SIZE, EOS_ID, PAD_ID
 from lvm.model import LVM, LVMConfig
 
@@ -191,9 +194,19 @@ def save_hf(
     # A tied head is written once, as the embedding (what transformers saves and expects with tie_word_embeddings).
     state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "head.weight")}
-    save_torch_state_dict(state, out, max_shard_size=max_shard_size, safe_serialization=True)
+    # Every file is written whole (staged, then renamed in), the configs last: a killed export leaves the folder's
+    # earlier files, or weights without a config.json, never a cut shard that a loader would take.
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        save_torch_state_dict(state, staging, max_shard_size=max_shard_size, safe_serialization=True)
+        for staged in sorted(staging.iterdir()):
+            staged.replace(tmp_path(out / staged.name))
+            commit_file(out / staged.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     config = config_to_hf(model.cfg, dtype, getattr(model, "tokenizer_info", None))
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = generation_config(model.cfg, tokens_per_image, codebook_size)
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name, content in (("generation_config.json", gen), ("config.json", config)):
+        with atomic_write(out / name, "w") as file:
+            file.write(json.dumps(content, indent=2) + "\n")
     return out

@@ -321,7 +321,8 @@ def summary(cli: LightningCLI) -> str:
 def main(argv: list[str] | None = None) -> None:
     """`python -m lvm.train -c CONFIG [--model.size 1b ...]`: print the summary of a training config."""
     with config_errors_as_one_line():
-        cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv)
+        cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
+                         parser_kwargs={"prog": "python -m lvm.train"})
     print(summary(cli))
 
 

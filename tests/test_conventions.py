@@ -203,7 +203,8 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND_FILES = sorted(path.relative_to(ROOT) for package in ("lvm", "sentences", "tokenizer")
-                       for path in (ROOT / package).rglob("*.py") if "ArgumentParser(" in path.read_text())
+                       for path in (ROOT / package).rglob("*.py")
+                       if "ArgumentParser(" in path.read_text() or "LightningCLI)" in path.read_text())
 
 
 @pytest.mark.parametrize("path", COMMAND_FILES, ids=str)
@@ -215,6 +216,15 @@ def test_every_command_names_itself_as_it_is_run(path, capsys) -> None:
         importlib.import_module(module).main(["--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
+
+
+def test_the_lightning_console_script_names_itself(monkeypatch, capsys) -> None:
+    from lvm.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/lightning"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("usage: lightning [-c CONFIG] {fit,")
 
 
 def test_atomic_write_replaces_the_file_only_when_the_block_completes(tmp_path) -> None:

@@ -137,6 +137,25 @@ def test_tied_head_round_trips_through_checkpoint_and_transformers(tmp_path):
         torch.testing.assert_close(hf_model(tmp_path / "hf")(tokens).logits, tied(tokens), atol=1e-5, rtol=1e-4)
 
 
+def test_a_killed_export_leaves_the_earlier_export_whole(ours, tmp_path, monkeypatch):
+    """Re-exporting into a folder: until each file is complete the folder keeps the old one, never a cut shard."""
+    import huggingface_hub
+
+    save_hf(ours, tmp_path / "hf")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+
+    def killed(state, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"cut short")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_hf(ours, tmp_path / "hf")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before  # no staging or .tmp left either
+    monkeypatch.undo()
+    assert torch.equal(load_lvm(tmp_path / "hf").head.weight, ours.head.weight)
+
+
 def test_export_takes_the_recorded_tokenizers_layout(ours, tmp_path):
     """A model trained on 64 tokens per image from 1000 codes: HF `generate` writes one image and samples only codes."""
     state = {f"model.{k}": v for k, v in ours.state_dict().items()}

@@ -142,6 +142,23 @@ def test_save_load_round_trip_is_exact(tiny_tokenizer: tokenizer.VQTokenizer, tm
         assert torch.equal(a, b), name
 
 
+def test_a_killed_save_leaves_the_earlier_save_whole(
+    tiny_tokenizer: tokenizer.VQTokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tiny_tokenizer.save(tmp_path / "tok")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "tok").iterdir()}
+
+    def killed(state: dict, path: str, metadata: dict) -> None:
+        Path(path).write_bytes(b"cut short")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tokenizer.model.save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_tokenizer.save(tmp_path / "tok")
+    after = {f.name: f.read_bytes() for f in (tmp_path / "tok").iterdir() if not f.name.endswith(".tmp")}
+    assert after == before
+
+
 def test_load_errors_are_one_line_and_name_the_path(tmp_path: Path, tiny_tokenizer_dir: Path) -> None:
     cases = {}
     cases[tmp_path / "missing"] = "no such file or directory"

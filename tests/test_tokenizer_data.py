@@ -85,8 +85,25 @@ def test_shards_without_images_are_refused_before_training_waits_on_them(tmp_pat
         info = tarfile.TarInfo("000000.tokens.npy")
         info.size = 4
         tar.addfile(info, io.BytesIO(b"\x00" * 4))
-    with pytest.raises(TrainingDataError, match="holds no jpg/jpeg/png/webp image"):
+    with pytest.raises(TrainingDataError, match=r"tokens.tar: holds no image member \(.bmp, .gif, .jpeg, .jpg,"):
         webdataset_images([str(tmp_path / "tokens.tar")], make_transform(32, train=True), train=True)
+
+
+def test_shards_give_every_image_type_tokenize_reads(tmp_path: Path) -> None:
+    """A tar of .jpg and .bmp/.ppm/.tif members trains on all of them (only jpg/jpeg/png/webp once: half the data)."""
+    suffixes = ["jpg", "bmp", "ppm", "tif", "png", "pgm"]
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        for i, suffix in enumerate(suffixes):
+            data = io.BytesIO()
+            image = Image.new("RGB", (40, 36), (40 * i,) * 3).convert("L" if suffix == "pgm" else "RGB")
+            image.save(data, format=Image.registered_extensions()[f".{suffix}"])
+            info = tarfile.TarInfo(f"{i:06d}.{suffix}")
+            info.size = len(data.getvalue())
+            tar.addfile(info, io.BytesIO(data.getvalue()))
+    images = list(webdataset_images([str(tmp_path / "mixed.tar")], make_transform(32, train=False), train=False))
+    assert len(images) == len(suffixes) and all(image.shape == (3, 32, 32) for image in images)
+    means = sorted(round(float(image.mean()) * 255) for image in images)
+    assert means == [40 * i for i in range(len(suffixes))]  # each sample its own image, jpg within rounding
 
 
 def _taming_lpips(vgg16: Path, linear: Path, monkeypatch: pytest.MonkeyPatch) -> torch.nn.Module:

@@ -150,6 +150,17 @@ def test_all_loss_terms_and_ema_train(
     assert int(module.ema.n_averaged) == 2
 
 
+def test_lightnings_advice_for_manual_optimization_checkpoints_is_not_printed() -> None:
+    """Every periodic VQGAN checkpoint made Lightning print 12 lines asking to save the pre-step state in
+    training_step; the post-step state it saves is the one a resume continues from (tokenizer.training's filter)."""
+    warn = ("from lightning.pytorch.utilities import rank_zero_warn; rank_zero_warn('Using ModelCheckpoint with "
+            "manual optimization and every_n_train_steps, but no pre-optimization state was saved.')")
+    # in a fresh process, as a user runs it: pytest drops the warning filters that modules set while it collects
+    for imports, printed in (("", True), ("import tokenizer.training; ", False)):
+        run = subprocess.run([sys.executable, "-c", imports + warn], capture_output=True, text=True, check=True)
+        assert ("pre-optimization state" in run.stderr) is printed, imports
+
+
 def test_hinge_d_loss_exact_values() -> None:
     """Real logits are pushed above +1 and fake ones below -1; beyond the margins nothing is left to learn."""
     assert float(hinge_d_loss(torch.tensor([2.0]), torch.tensor([-2.0]))) == 0.0

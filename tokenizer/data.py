@@ -27,7 +27,7 @@ from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards
 from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
 log = logging.getLogger(__name__)
-WDS_IMAGE_KEYS = "jpg;jpeg;png;webp"
+WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # the tar members lvm.tokenize reads
 
 
 def image_files(root: str | Path) -> list[Path]:
@@ -103,7 +103,7 @@ def _check_holds_images(shard: str) -> None:
     try:
         with tarfile.open(shard) as tar:
             if not any(member.name.lower().endswith(suffixes) for member in tar):
-                raise TrainingDataError(shard, f"holds no {'/'.join(WDS_IMAGE_KEYS.split(';'))} image (token or sentence shards?)")
+                raise TrainingDataError(shard, f"holds no image member ({', '.join(suffixes)}): token or sentence shards?")
     except (tarfile.TarError, OSError) as err:
         raise TrainingDataError(shard, f"not a readable tar shard ({type(err).__name__})") from None
 

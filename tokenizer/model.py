@@ -21,6 +21,7 @@ from taming.modules.diffusionmodules.model import AttnBlock, Downsample, Normali
 from torch import Tensor, nn
 
 import weights
+from common.files import atomic_write, commit_file, tmp_path
 from tokenizer.config import VQGANConfig
 from tokenizer.preprocess import ImageLike, from_value_range, preprocess_image
 from tokenizer.quantizer import FiniteScalarQuantizer, QuantizerOutput, VectorQuantizer
@@ -241,11 +242,15 @@ class VQTokenizer(nn.Module):
         return (self.decode_pixels(tokens) * 255).round().to(torch.uint8)
 
     def save(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` (float32), readable by `tokenizer.load`."""
+        """Write `model.safetensors` (float32) + `config.json`, readable by `tokenizer.load`. Each file is
+        written atomically, the config last: a killed save leaves the folder's earlier files whole (or no config,
+        which `tokenizer.load` names), never a cut weights file beside a config."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT_NAME, "version": 1, "config": self.config.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": FORMAT_NAME})
+        save_file(state, str(tmp_path(directory / WEIGHTS_NAME)), metadata={"format": FORMAT_NAME})
+        commit_file(directory / WEIGHTS_NAME)
+        meta = {"format": FORMAT_NAME, "version": 1, "config": self.config.to_dict()}
+        with atomic_write(directory / CONFIG_NAME, "w") as file:
+            file.write(json.dumps(meta, indent=2) + "\n")
         return directory

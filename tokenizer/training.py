@@ -17,6 +17,7 @@ optimizers `global_step` would advance twice per batch once the GAN starts).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -37,6 +38,10 @@ from tokenizer.lpips import LPIPS, load_lpips
 from tokenizer.model import VQTokenizer
 from tokenizer.preprocess import from_value_range, to_value_range
 from tokenizer.quantizer import codebook_stats
+
+# Checkpoints during manual optimization hold the state after the step, which is what a resume continues from;
+# Lightning warns (12 lines, with code to paste into training_step) that they do not hold the state before it.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
