@@ -1,5 +1,6 @@
-"""The command-line conventions every `python -m` command shares: `--device` (checked here), count flags
-(`at_least`), `--dtype`, and `--model` / `--tokenizer` where they default to the release's weights.
+"""The command-line conventions every `python -m` command shares: `--help` showing defaults (`HelpFormatter`),
+`--device` (checked here), count flags (`at_least`), `--dtype`, and `--model` / `--tokenizer` where they default
+to the release's weights.
 
 Other shared flags are named alike by convention (docs/ARCHITECTURE.md): `--sentences`, `--out`. The
 release's hub ids live in `weights` (a layer above this one), so commands pass them in as defaults.
@@ -13,6 +14,18 @@ from collections.abc import Callable
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's `--help`: the description as written, and each flag's default after its help unless the
+    help says it already, so that what an unset flag does needs no trip to the docs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ((), [], argparse.SUPPRESS)
+        if not action.option_strings or unset or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
@@ -49,7 +62,8 @@ def parse_device(text: str) -> str:
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     """`--device`, default `cuda` when CUDA is available, else `cpu`."""
-    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=parse_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:N, mps (default: cuda when CUDA is available, else cpu)")
 
 
 def add_rank_device_arg(parser: argparse.ArgumentParser) -> None:

@@ -39,7 +39,15 @@ import tokenizer
 import weights
 from common.errors import UserError, exit_on
 from common.files import expand_shards
-from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
+from common.options import (
+    HelpFormatter,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_arg,
+    add_tokenizer_arg,
+    at_least,
+    torch_dtype,
+)
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm, trained_layout
@@ -311,7 +319,7 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lvm.evaluate", description="Perplexity and pixel metrics of an LVM.")
+    p = argparse.ArgumentParser(prog="python -m lvm.evaluate", description="Perplexity and pixel metrics of an LVM.", formatter_class=HelpFormatter)
     add_model_arg(p, weights.DEFAULT_MODEL)
     p.add_argument("--sentences", required=True, nargs="+",
                    help="sentence shards: folders, globs or brace patterns ('sent/sentences-{000000..000009}.tar')")
@@ -322,7 +330,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="used when no tokenizer is loaded and the model records none (default: 256)")
     p.add_argument("--max-sentences", type=at_least(1), help="evaluate the first N readable sentences")
     p.add_argument("--pixel-sentences", type=at_least(0), default=16, help="sentences to generate for pixel metrics")
-    p.add_argument("--batch-size", type=at_least(1), default=8)
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="sentences per forward pass")
     add_device_arg(p)
     add_dtype_arg(p)
     return p.parse_args(argv)

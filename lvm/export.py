@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from common.errors import UserError, exit_on
-from common.options import add_dtype_arg, at_least, torch_dtype
+from common.options import HelpFormatter, add_dtype_arg, at_least, torch_dtype
 from lvm.checkpoint import load_lvm, trained_layout
 from lvm.hf import save_hf
 
@@ -33,7 +33,7 @@ def shard_size(text: str) -> int:
 
 @exit_on
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lvm.export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lvm.export", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--model", "--ckpt", required=True, dest="model",
                         help="our Lightning .ckpt (or an HF Llama directory to re-export); --ckpt is the old name")
     parser.add_argument("--to-hf", required=True, metavar="OUT", help="output directory")

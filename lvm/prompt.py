@@ -25,7 +25,15 @@ import tokenizer
 import weights
 from common.errors import UserError, exit_on
 from common.files import IMAGE_SUFFIXES, natural_key, output_file
-from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
+from common.options import (
+    HelpFormatter,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_arg,
+    add_tokenizer_arg,
+    at_least,
+    torch_dtype,
+)
 from common.vocab import NUM_RESERVED
 from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm
@@ -140,7 +148,7 @@ def output_path(out: Path, index: tuple[int, int, int], counts: tuple[int, int, 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Continue visual prompts.")
+    p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Continue visual prompts.", formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--frames", nargs="+", help="one prompt's frames (natural order), or directories (a prompt each)")
     src.add_argument("--pairs", nargs="+", help="analogy prompt in order: a a' [b b' ...] query")
@@ -152,10 +160,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidates", type=at_least(1), default=1, help="samples per prompt")
     p.add_argument("--ground-truth", nargs="+", help="true next frames (files, or directories matching --frames)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=at_least(0), default=50, help="0 disables")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling; 0 is greedy")
+    p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest codes; 0 disables")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest codes holding this much "
+                                                             "probability (nucleus); 1 disables")
+    p.add_argument("--seed", type=int, default=0, help="of the sampling generator: the same seed gives the same frames")
     add_device_arg(p)
     add_dtype_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")

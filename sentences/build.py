@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from common.errors import exit_on
 from common.files import atomic_write
+from common.options import HelpFormatter
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
 from sentences.formats import (
@@ -283,7 +284,7 @@ def _report(summary: SentenceIndex, resumed_shards: int, out: str, seconds: floa
 
 @exit_on
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sentences.build", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sentences.build", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--spec", required=True, help="mixing spec (YAML), see docs/sentences.md")
     parser.add_argument("--out", required=True, help="output folder for sentence shards and index.json")
     args = parser.parse_args(argv)

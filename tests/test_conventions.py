@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 import gc
 import importlib
@@ -26,6 +27,7 @@ from PIL import Image
 from common import files
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import ShardPatternError, expand_shards
+from common.options import HelpFormatter
 from common.vocab import BOS_ID, EOS_ID
 from lvm.prompt import main as prompt_main
 from lvm.tokenize.__main__ import main as tokenize_main
@@ -216,6 +218,25 @@ def test_every_command_names_itself_as_it_is_run(path, capsys) -> None:
         importlib.import_module(module).main(["--help"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: python -m {command} ")
+
+
+@pytest.mark.parametrize("path", [p for p in COMMAND_FILES if "ArgumentParser(" in (ROOT / p).read_text()], ids=str)
+def test_every_flag_has_help_that_shows_its_default(path, monkeypatch, capsys) -> None:
+    """`--help` alone says what each flag does and what it is when unset (a default or the help's own words)."""
+    parsers = []
+    real = argparse.ArgumentParser.print_help
+    monkeypatch.setattr(argparse.ArgumentParser, "print_help", lambda self, file=None: parsers.append(self) or real(self))
+    with pytest.raises(SystemExit):
+        importlib.import_module(".".join(path.with_suffix("").parts)).main(["--help"])
+    printed = capsys.readouterr().out
+    [parser] = parsers
+    assert parser.formatter_class is HelpFormatter
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS and action.dest != "help":
+            assert action.help, f"{action.option_strings[0]} has no help"
+            if not (action.default is None or action.default is False or action.default in ((), [])):
+                assert f"default: {action.default}" in " ".join(printed.split()) or "default" in action.help, (
+                    action.option_strings[0])
 
 
 def test_the_lightning_console_script_names_itself(monkeypatch, capsys) -> None:

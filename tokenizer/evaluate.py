@@ -30,7 +30,7 @@ import tokenizer
 import weights
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import output_file
-from common.options import add_device_arg, add_tokenizer_arg, at_least
+from common.options import HelpFormatter, add_device_arg, add_tokenizer_arg, at_least
 from tokenizer.data import image_files
 from tokenizer.preprocess import UNREADABLE_IMAGE, from_value_range
 from tokenizer.quantizer import codebook_stats
@@ -115,11 +115,11 @@ def evaluate(
 
 @exit_on
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tokenizer.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tokenizer.evaluate", description=__doc__, formatter_class=HelpFormatter)
     add_tokenizer_arg(parser, weights.DEFAULT_TOKENIZER)
     parser.add_argument("--config", default=None, help="yaml of a taming .ckpt when not beside it")
     parser.add_argument("--images", required=True, type=Path, help="folder of held-out images (searched recursively)")
-    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=32, help="images per encode/decode pass")
     parser.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes (decoding)")
     parser.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N images (sorted by path)")
     add_device_arg(parser)

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.errors import UserError, exit_on
-from common.options import at_least
+from common.options import HelpFormatter, at_least
 
 
 def synthetic_image(size: int, rng: np.random.Generator) -> Image.Image:
@@ -48,7 +48,7 @@ def write_images(out_dir: str | Path, count: int, size: int = 64, seed: int = 0)
 
 @exit_on
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tokenizer.synthetic", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tokenizer.synthetic", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("out", type=Path, help="output folder (train/ and val/ are created inside; must not hold images)")
     parser.add_argument("--train", type=at_least(1), default=64, help="number of training images")
     parser.add_argument("--val", type=at_least(1), default=16, help="number of validation images")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from common.errors import exit_on
-from common.options import add_rank_device_arg, at_least
+from common.options import HelpFormatter, add_rank_device_arg, at_least
 from lvm.annotate import TASKS
 from lvm.annotate.pipeline import Job, run
 from lvm.tokenize.pipeline import ranks_from_env
@@ -33,7 +33,7 @@ def _tasks(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None = None) -> Job:
     """Command line -> Job."""
-    p = argparse.ArgumentParser(prog="python -m lvm.annotate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lvm.annotate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--images", nargs="+", required=True, metavar="SRC",
                    help="image folders (recursive), img2dataset tars, globs or brace patterns: what lvm.tokenize takes")
     p.add_argument("--tasks", type=_tasks, required=True, metavar=",".join(TASKS), help="annotations to make")

@@ -3,6 +3,7 @@
 Runs the same commands a user runs at scale, one after another, each printed before it
 runs and logged to demo_out/logs/<step>.log, then writes the report (demo_out/report/).
 Every step is an ordinary command: copy one from the log to swap in your own data.
+Each run starts by removing demo_out/ (in the working directory).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from common.options import at_least
+from common.options import HelpFormatter, at_least
 from lvm.demo import report
 
 OUT = Path("demo_out")
@@ -125,7 +126,7 @@ def run_step(name: str, argv: list[str], logs: Path) -> float:
 def main(argv: list[str] | None = None) -> None:
     # Every path is fixed (demo_out/ in the working directory) so the printed commands can be copied as they
     # are; the seed is the one choice: every random draw of every step follows from it.
-    parser = argparse.ArgumentParser(prog="python -m lvm.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lvm.demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seed", type=at_least(0), default=0, help="seed of the data, the sentences and both trainings")
     args = parser.parse_args(argv)
     if OUT.exists():

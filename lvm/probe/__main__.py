@@ -23,7 +23,15 @@ import torch
 import tokenizer
 import weights
 from common.errors import exit_on
-from common.options import add_device_arg, add_dtype_arg, add_model_arg, add_tokenizer_arg, at_least, torch_dtype
+from common.options import (
+    HelpFormatter,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_arg,
+    add_tokenizer_arg,
+    at_least,
+    torch_dtype,
+)
 from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.probe import ProbeError, data, features, heads, report
 from lvm.probe.cache import Cache, module_fingerprint
@@ -31,7 +39,7 @@ from lvm.prompt import check_compatible
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lvm.probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lvm.probe", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_model_arg(p, weights.DEFAULT_MODEL)
     add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
     p.add_argument("--train", nargs="+", required=True, metavar="SRC",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import weights
 from common.errors import exit_on
-from common.options import add_rank_device_arg, add_tokenizer_arg, at_least
+from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
 
@@ -31,7 +31,7 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def parse_args(argv: list[str] | None = None) -> Job:
     """Command line -> Job."""
-    p = argparse.ArgumentParser(prog="python -m lvm.tokenize", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lvm.tokenize", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--shards", nargs="+", required=True, metavar="SRC",
                    help="folders, globs or brace patterns ('laion/{00000..01023}.tar') of img2dataset tars, "
                         "image folders (recursive) and video files")
