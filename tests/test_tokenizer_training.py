@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 import tokenizer
 from conftest import tiny_vqgan_config
@@ -243,3 +244,29 @@ def test_a_checkpoint_saved_before_code_usage_loads_with_every_code_in_its_grace
     model.on_load_checkpoint(old)
     model.load_state_dict(old["state_dict"])
     assert bool((model._code_usage * USAGE_DECAY >= DEAD_CODE_USAGE).all())  # none dead after one step unused
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_gradients_are_clipped_after_the_fp16_loss_scale_is_undone(tmp_path: Path, precision: str) -> None:
+    """Under 16-mixed the gradients carry the GradScaler's scale (65536) until Lightning unscales them: a clip
+    before that would leave an update of grad_clip / 65536. Lightning's own 16-mixed plugin, with a CPU GradScaler."""
+    write_images(tmp_path / "train", 2, size=64, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
+    torch.manual_seed(0)
+    module = VQGANTraining(tiny_vqgan_config(), lpips_weight=0.0, disc_start=100, grad_clip=0.5)
+    plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))] if precision == "16-mixed" else []
+    norms: list[float] = []
+
+    class StepNorms(Callback):
+        """Norm of the generator's gradients the optimizer stepped with (after the step: 32-true runs the closure, which
+        clips, inside `step`)."""
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            params = list(pl_module.tokenizer.parameters())
+            trainer.optimizers[0].register_step_post_hook(
+                lambda *_: norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))))
+
+    trainer = Trainer(max_steps=1, accelerator="cpu", plugins=plugins, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[StepNorms()])
+    trainer.fit(module, data)
+    assert norms == [pytest.approx(0.5, rel=1e-3)]  # unclipped it is ~3

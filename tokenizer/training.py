@@ -177,10 +177,7 @@ class VQGANTraining(LightningModule):
             logs.update(logits_real=logits_real.mean(), logits_fake=logits_fake.mean())
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.grad_clip is not None:
-            for group in opt.param_groups:
-                torch.nn.utils.clip_grad_norm_(group["params"], self.grad_clip)
-        opt.step()
+        opt.step()  # clips the gradients first: `on_before_optimizer_step`
         if self.ema is not None:
             self.ema.update_parameters(self.tokenizer)
         if perceptual is not None:
@@ -203,6 +200,14 @@ class VQGANTraining(LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=x.shape[0])  # generator + discriminator
         if self.image_log_every_n_steps and self.global_step % self.image_log_every_n_steps == 0:
             self._log_grid(batch, from_value_range(xrec.detach(), self.config.value_range), "train")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip each group's gradients here, not after `manual_backward`: the precision plugin calls this hook once the
+        gradients are unscaled. Under `16-mixed` they are multiplied by the GradScaler's loss scale (65536 at first)
+        until then, and a clip there would shrink every update to about 1/65536 of `grad_clip`."""
+        if self.grad_clip is not None:
+            for group in optimizer.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], self.grad_clip)
 
     def _eval_model(self) -> VQTokenizer:
         return self.ema.module if self.ema is not None else self.tokenizer
