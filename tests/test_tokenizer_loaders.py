@@ -262,6 +262,14 @@ def test_taming_yaml_passed_explicitly_or_missing(tmp_path: Path) -> None:
     assert tokenizer.load(moved, config=project).tokens_per_image == 64
 
 
+def test_taming_release_layout_finds_configs_model_yaml(tmp_path: Path) -> None:
+    """taming's downloads (`logs/vqgan_imagenet_f16_1024/`) are `checkpoints/last.ckpt` + `configs/model.yaml`."""
+    ckpt, _ = _taming_run(tmp_path)
+    (project,) = (tmp_path / "configs").glob("*.yaml")
+    project.rename(tmp_path / "configs" / "model.yaml")
+    assert tokenizer.load(ckpt).tokens_per_image == 64
+
+
 @pytest.mark.parametrize(
     "change,problem",
     [

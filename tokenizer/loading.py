@@ -6,7 +6,7 @@ Supported, detected from what is on disk:
     (EMA weights preferred when the run kept them);
   * an open-muse `VQGANModel` directory (config.json + pytorch_model.bin or *.safetensors),
     the format of the released LVM tokenizer;
-  * a taming-transformers `.ckpt` with its yaml (beside it, in the run's configs/ folder, or `config=`).
+  * a taming-transformers `.ckpt` with its yaml (beside it, in the run's or release's configs/ folder, or `config=`).
 A folder format (ours, open-muse) may also be named by a Hugging Face hub id (`Emma02/vqvae_ckpts`, the released
 tokenizer, optionally `@revision`), fetched into the hub cache by `weights.resolve`; a `.ckpt` on the hub is
 downloaded first (`hf download REPO FILE`) and named by its path.
@@ -163,9 +163,12 @@ def _read_ckpt(path: Path, config: Path | None) -> tuple[VQGANConfig, dict[str, 
 
 
 def _find_taming_yaml(ckpt: Path) -> Path:
-    """taming keeps `<run>/checkpoints/last.ckpt` and `<run>/configs/*-project.yaml`; releases put a yaml beside."""
-    candidates = [ckpt.with_suffix(".yaml")]
-    candidates += sorted(ckpt.parent.glob("*.yaml")) + sorted((ckpt.parent.parent / "configs").glob("*project.yaml"))
+    """taming's training runs keep `<run>/checkpoints/last.ckpt` and `<run>/configs/<date>-project.yaml`; its released
+    downloads (`vqgan_imagenet_f16_1024`, ...) the same `.ckpt` with `configs/model.yaml`; other copies put the yaml
+    beside. Not any `configs/*.yaml`: a run's `<date>-lightning.yaml` there holds no model."""
+    configs = ckpt.parent.parent / "configs"
+    candidates = [ckpt.with_suffix(".yaml"), *sorted(ckpt.parent.glob("*.yaml")), *sorted(configs.glob("*project.yaml")),
+                  configs / "model.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
