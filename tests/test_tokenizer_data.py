@@ -67,6 +67,29 @@ def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -
         assert train_batch.shape == (3, 3, 32, 32)
 
 
+def test_shards_convert_transparency_and_16_bit_as_folders_do(tmp_path: Path) -> None:
+    """An RGBA PNG (transparent half hiding red) and a 16-bit ramp, as files and as tar members: the same pixels,
+    transparency over white and the ramp unclipped (webdataset's own decoder gives red and white)."""
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[:, :16] = (0, 0, 255, 255)
+    rgba[:, 16:] = (255, 0, 0, 0)
+    ramp = np.linspace(0, 65535, 32 * 32).reshape(32, 32).astype(np.uint16)
+    (tmp_path / "folder").mkdir()
+    files = []
+    for name, image in (("a_rgba.png", Image.fromarray(rgba, "RGBA")), ("b_gray16.png", Image.fromarray(ramp))):
+        image.save(tmp_path / "folder" / name)
+        files.append(tmp_path / "folder" / name)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for path in files:
+            tar.add(path, arcname=path.name)
+    folder, shard = (next(iter(ImageDataModule(train=source, val=source, image_size=32, batch_size=2,
+                                               num_workers=0).val_dataloader()))
+                     for source in (str(tmp_path / "folder"), str(tmp_path / "shard.tar")))
+    torch.testing.assert_close(shard, folder, atol=1e-6, rtol=0)
+    torch.testing.assert_close(folder[0, :, :, 20:], torch.ones(3, 32, 12))  # white where transparent
+    assert 0.45 < float(folder[1].mean()) < 0.55  # the ramp's mean, not clipped to white
+
+
 def test_training_workers_leave_sigterm_and_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
     """A scheduler or terminal signals the whole process group; killed workers would end the step with a traceback.
     The workers get their rank for Lightning's per-worker seeding: rank 0's seeds on every rank would repeat the

@@ -9,6 +9,7 @@ images are skipped with a warning naming the file and never stop a run.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import tarfile
 from pathlib import Path
@@ -89,11 +90,18 @@ def webdataset_images(
     if train:
         dataset = dataset.shuffle(1000)
     return (
-        dataset.decode("pil", handler=wds.warn_and_continue)
-        .to_tuple(WDS_IMAGE_KEYS, handler=wds.warn_and_continue)
-        .map_tuple(transform, handler=wds.warn_and_continue)
+        dataset.to_tuple(WDS_IMAGE_KEYS, handler=wds.warn_and_continue)
+        .map_tuple(functools.partial(_decode_image, transform=transform), handler=wds.warn_and_continue)
         .map(lambda sample: sample[0])
     )
+
+
+def _decode_image(data: bytes, transform: Callable[[Image.Image], Tensor]) -> Tensor:
+    """A tar member's bytes opened as the file itself would be, so that `transform` converts it as it converts a
+    folder's images: webdataset's "pil" decoder converts to RGB first, which drops alpha instead of compositing
+    over white and clips 16-bit images to 8 bits."""
+    with Image.open(io.BytesIO(data)) as image:
+        return transform(image)
 
 
 def _check_holds_images(shard: str) -> None:
