@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -17,8 +18,9 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
+import tokenizer
 from common.errors import lightning_worker_init
-from conftest import next_batch_after_stop_signals_to_the_worker
+from conftest import next_batch_after_stop_signals_to_the_worker, tiny_vqgan_config
 from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
@@ -44,6 +46,17 @@ def test_training_transform_keeps_the_aspect_and_crops() -> None:
     assert crop.shape == (3, 16, 16)
     torch.testing.assert_close(crop[:, :, :6].mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.05, rtol=0)
     torch.testing.assert_close(crop[:, :, -6:].mean((1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.05, rtol=0)
+
+
+def test_training_transform_flips_half_the_images() -> None:
+    """Red left, blue right, already S x S (the crop keeps it whole): training sees both orientations, validation one."""
+    halves = np.zeros((16, 16, 3), np.uint8)
+    halves[:, :8, 0] = halves[:, 8:, 2] = 255
+    image = Image.fromarray(halves)
+    torch.manual_seed(0)
+    red_left = [bool(make_transform(16, train=True)(image)[0, :, :8].mean() > 0.5) for _ in range(20)]
+    assert 0 < sum(red_left) < 20
+    assert float(make_transform(16, train=False)(image)[0, :, :8].mean()) > 0.5
 
 
 def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -> None:
@@ -217,6 +230,18 @@ def test_evaluate_cli(tiny_tokenizer_dir: Path, tiny_tokenizer, tmp_path: Path, 
     assert summary == (f"5 images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, codebook usage "
                        f"{100 * result['codebook_usage']:.2f}% (perplexity {result['perplexity']:.1f}), "
                        f"rFID skipped ({result['rfid_skipped']}), 1 skipped")
+
+
+def test_evaluate_compares_a_minus_one_to_one_tokenizer_in_unit_range(tmp_path: Path) -> None:
+    """A taming-style [-1, 1] tokenizer: the target is its input mapped back to [0, 1], as its reconstruction is."""
+    files = write_images(tmp_path / "images", 2, size=40, seed=3)
+    torch.manual_seed(0)
+    tok = tokenizer.VQTokenizer(dataclasses.replace(tiny_vqgan_config(), value_range=(-1.0, 1.0))).eval()
+    code = evaluate_main(["--tokenizer", str(tok.save(tmp_path / "tok")), "--images", str(tmp_path / "images"),
+                          "--workers", "0", "--json", str(tmp_path / "result.json")])
+    assert code == 0
+    psnr, _, _ = _reference_quality(tok, files, batch_size=32)
+    assert json.loads((tmp_path / "result.json").read_text())["psnr"] == pytest.approx(sum(psnr) / 2, abs=1e-3)
 
 
 def test_evaluate_cli_bad_checkpoint_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

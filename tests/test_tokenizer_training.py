@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -112,11 +114,11 @@ class _FirstBatch(Callback):
 def test_all_loss_terms_and_ema_train(
     tmp_path: Path, fake_lpips_weights: tuple[Path, Path]
 ) -> None:
-    """Two batches with every loss term on (LPIPS from local files, GAN from step 0, EMA)."""
+    """Two batches with every loss term on (LPIPS from local files at weight 0.5, GAN from step 0, EMA)."""
     write_images(tmp_path / "train", 4, size=64, seed=0)
     torch.manual_seed(0)  # fixed weights: the g_loss sign check below needs a nonzero logit
     module = VQGANTraining(
-        tiny_vqgan_config(), lpips_weight=1.0, lpips_vgg16=str(fake_lpips_weights[0]),
+        tiny_vqgan_config(), lpips_weight=0.5, lpips_vgg16=str(fake_lpips_weights[0]),
         lpips_linear=str(fake_lpips_weights[1]), disc_start=0, disc_channels=8, disc_layers=1, ema_decay=0.9,
     )
     data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
@@ -137,7 +139,7 @@ def test_all_loss_terms_and_ema_train(
     xrec, _ = initial.tokenizer(x)
     last = initial.tokenizer.decoder.conv_out.weight
     lpips = initial._lpips[0](x * 2 - 1, xrec * 2 - 1).mean()
-    (F.l1_loss(xrec, x) + 1.0 * lpips).backward(retain_graph=True)
+    (F.l1_loss(xrec, x) + 0.5 * lpips).backward(retain_graph=True)  # lpips_weight scales LPIPS in the balance
     nll_norm, last.grad = last.grad.norm(), None
     g_loss = -initial.discriminator(xrec).mean()
     g_loss.backward()
@@ -270,3 +272,46 @@ def test_gradients_are_clipped_after_the_fp16_loss_scale_is_undone(tmp_path: Pat
                       enable_progress_bar=False, enable_model_summary=False, callbacks=[StepNorms()])
     trainer.fit(module, data)
     assert norms == [pytest.approx(0.5, rel=1e-3)]  # unclipped it is ~3
+
+
+def test_restarted_codes_get_a_grace_period(tmp_path: Path) -> None:
+    """The first step takes every code its batch misses for dead and restarts it; their usage is then set high enough
+    that the next step, picking few of them, restarts none (else they would move again every step)."""
+    write_images(tmp_path / "train", 4, size=64, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
+    torch.manual_seed(0)
+    module = VQGANTraining(tiny_vqgan_config(), lpips_weight=0.0, disc_start=100, restart_dead_codes=True)
+    restarted, log_dict = [], module.log_dict
+    module.log_dict = lambda values, **kwargs: (restarted.append(float(values["train/restarted_codes"])),
+                                                log_dict(values, **kwargs))
+    Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False).fit(module, data)
+    assert restarted[0] > 8000 and restarted[1] == 0  # 8192 codes, 32 latents a batch
+
+
+def test_a_minus_one_to_one_tokenizer_trains_on_its_range_and_lpips_on_minus_one_to_one(
+    tmp_path: Path, fake_lpips_weights: tuple[Path, Path]
+) -> None:
+    """Batches come in [0, 1]: a [-1, 1] (taming-style) tokenizer must see them mapped to [-1, 1], as tokenize will
+    feed it, and LPIPS, which takes [-1, 1], must get that same image, not a second mapping of it."""
+    write_images(tmp_path / "train", 2, size=64, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "train"), image_size=64, batch_size=2, num_workers=0)
+    torch.manual_seed(0)
+    module = VQGANTraining(dataclasses.replace(tiny_vqgan_config(), value_range=(-1.0, 1.0)), lpips_weight=1.0,
+                           lpips_vgg16=str(fake_lpips_weights[0]), lpips_linear=str(fake_lpips_weights[1]), disc_start=100)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep_first_input(name: str) -> Callable[[torch.nn.Module, tuple], None]:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            seen.setdefault(name, args[0].detach().clone())
+        return hook
+
+    module.tokenizer.register_forward_pre_hook(keep_first_input("tokenizer"))
+    module._lpips[0].register_forward_pre_hook(keep_first_input("lpips"))
+    first_batch = _FirstBatch()
+    Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[first_batch]).fit(module, data)
+    expected = first_batch.batch * 2 - 1
+    assert float(expected.min()) < -0.5
+    torch.testing.assert_close(seen["tokenizer"], expected)
+    torch.testing.assert_close(seen["lpips"], expected)
