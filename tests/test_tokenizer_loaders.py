@@ -290,6 +290,39 @@ def test_taming_models_other_than_a_vqgan_are_refused(tmp_path: Path, change: di
     assert str(info.value) == f"{project}: invalid tokenizer config: {problem}"
 
 
+@pytest.mark.parametrize("yaml_text,problem", [("- a\n- b\n", "the file must be a mapping, not a list"),
+                                               ("model: hello\n", "model must be a mapping, not a str")])
+def test_a_taming_yaml_of_another_shape_is_one_line(tmp_path: Path, yaml_text: str, problem: str) -> None:
+    """Any stray `*.yaml` beside a .ckpt is read as its config: a list or a string section must not be a traceback."""
+    ckpt, _ = _taming_run(tmp_path)
+    (project,) = (tmp_path / "configs").glob("*.yaml")
+    project.write_text(yaml_text)
+    with pytest.raises(tokenizer.TokenizerLoadError) as info:
+        tokenizer.load(ckpt)
+    assert str(info.value) == f"{project}: invalid tokenizer config: {problem}"
+
+
+@pytest.mark.parametrize("checkpoint,problem", [
+    ({"lvm_tokenizer": {"config": {}}, "state_dict": {}}, "its lvm_tokenizer entry is not a mapping with a config and a prefix"),
+    ({"lvm_tokenizer": "oops", "state_dict": {}}, "its lvm_tokenizer entry is not a mapping with a config and a prefix"),
+    ({"state_dict": 5}, "its state_dict is not a mapping of names to tensors (int)"),
+])
+def test_malformed_checkpoint_entries_are_one_line(tmp_path: Path, checkpoint: dict, problem: str) -> None:
+    path = tmp_path / "x.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(tokenizer.TokenizerLoadError) as info:
+        tokenizer.load(path)
+    assert str(info.value) == f"{path}: {problem}"
+
+
+def test_weights_that_are_not_tensors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_MUSE_CONFIG))
+    torch.save({key: [0.0] for key in open_muse_shapes(TINY_MUSE_CONFIG)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(tokenizer.TokenizerLoadError) as info:
+        tokenizer.load(tmp_path)
+    assert str(info.value) == f"{tmp_path}: encoder.conv_in.weight is not a tensor (list)"
+
+
 class _RunsCodeWhenUnpickled:
     """What a malicious checkpoint holds: unpickling it calls os.makedirs(marker)."""
 

@@ -68,6 +68,8 @@ def build(cfg: VQGANConfig, state: dict[str, Tensor], path: str | Path) -> VQTok
     if missing or unexpected:
         raise TokenizerLoadError(path, f"state dict does not match the config: {_key_summary(missing, unexpected)}")
     for key, tensor in expected.items():
+        if not isinstance(state[key], Tensor):
+            raise TokenizerLoadError(path, f"{key} is not a tensor ({type(state[key]).__name__})")
         if tuple(state[key].shape) != tuple(tensor.shape):
             raise TokenizerLoadError(path, f"{key} has shape {tuple(state[key].shape)}, the config needs {tuple(tensor.shape)}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
@@ -148,18 +150,21 @@ def open_muse_config(cfg: dict[str, Any]) -> VQGANConfig:
 # -- .ckpt files ---------------------------------------------------------------
 def _read_ckpt(path: Path, config: Path | None) -> tuple[VQGANConfig, dict[str, Tensor]]:
     ckpt = _torch_load(path)
+    state = ckpt.get("state_dict", {})
+    if not isinstance(state, dict):
+        raise TokenizerLoadError(path, f"its state_dict is not a mapping of names to tensors ({type(state).__name__})")
     if LIGHTNING_KEY in ckpt:  # written by `lightning fit` with VQGANTraining
         entry = ckpt[LIGHTNING_KEY]
+        if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
+            raise TokenizerLoadError(path, f"its {LIGHTNING_KEY} entry is not a mapping with a config and a prefix")
         cfg = _config(path, VQGANConfig.from_dict, entry.get("config"))
         prefix = entry["prefix"]
-        state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
-        return cfg, state
-    if "quantize.embedding.weight" not in ckpt.get("state_dict", {}):
+        return cfg, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if "quantize.embedding.weight" not in state:
         raise TokenizerLoadError(path, "not a VQGAN checkpoint (no state_dict with quantize.embedding.weight)")
     yaml_path = config or _find_taming_yaml(path)
     cfg = _config(yaml_path, taming_config, _read_yaml(yaml_path))
-    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("loss.")}  # discriminator + LPIPS
-    return cfg, state
+    return cfg, {k: v for k, v in state.items() if not k.startswith("loss.")}  # discriminator + LPIPS
 
 
 def _find_taming_yaml(ckpt: Path) -> Path:
@@ -186,12 +191,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def taming_config(data: dict[str, Any]) -> VQGANConfig:
     """taming-transformers yaml (`model.params` with ddconfig, n_embed, embed_dim) -> VQGANConfig."""
-    model = data.get("model", data)
-    target = model.get("target", "taming.models.vqgan.VQModel")
+    model = _mapping(_mapping(data, "the file").get("model", data), "model")
+    target = str(model.get("target", "taming.models.vqgan.VQModel"))
     if target.rsplit(".", 1)[-1] != "VQModel":
         raise ValueError(f"only taming.models.vqgan.VQModel is supported, not {target}")
-    params = model["params"]
-    dd = params["ddconfig"]
+    params = _mapping(model["params"], "model.params")
+    dd = _mapping(params["ddconfig"], "model.params.ddconfig")
     if dd.get("double_z", False):
         raise ValueError("ddconfig.double_z=true is a VAE, not a VQGAN")
     if int(dd.get("out_ch", dd["in_channels"])) != int(dd["in_channels"]):
@@ -213,6 +218,14 @@ def taming_config(data: dict[str, Any]) -> VQGANConfig:
         value_range=(-1.0, 1.0),
         resize="center_crop",
     )
+
+
+def _mapping(value: Any, name: str) -> dict[str, Any]:
+    """`value` if it is a mapping: a yaml of another kind (a list, a string where a section belongs) is a config
+    error naming the section, not an AttributeError."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a mapping, not a {type(value).__name__}")
+    return value
 
 
 # -- raw readers -----------------------------------------------------------------
