@@ -114,6 +114,7 @@ def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
         ({"num_res_blocks": 0}, "needs num_res_blocks >= 1"),
         ({"value_range": (1.0, 1.0)}, r"value_range \(low, high\) with low < high"),
         ({"dropout": 2.0}, "0 <= dropout < 1"),
+        ({"in_channels": 1}, r"in_channels must be 3 \(preprocessing and the training data give RGB\), got 1"),
     ],
 )
 def test_impossible_configs_are_refused_by_name(change: dict, message: str) -> None:

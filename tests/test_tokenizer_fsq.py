@@ -76,3 +76,13 @@ def test_inconsistent_fsq_settings_are_refused_by_name() -> None:
         _miniature_config(fsq_levels=[8, 8, 8])
     with pytest.raises(tokenizer.VQGANConfigError, match="restart_dead_codes needs a codebook"):
         VQGANTraining(_miniature_config(), restart_dead_codes=True, lpips_weight=0.0)
+
+
+@pytest.mark.parametrize("change,fields", [({"l2_normalized_codes": True}, "l2_normalized_codes"),
+                                           ({"commitment_cost": 3.0}, "commitment_cost"),
+                                           ({"l2_normalized_codes": True, "commitment_cost": 0.0},
+                                            "l2_normalized_codes and commitment_cost")])
+def test_codebook_only_fields_are_refused_with_fsq(change: dict, fields: str) -> None:
+    """FSQ has no codebook: a cosine lookup or a commitment weight given with it would be silently unused."""
+    with pytest.raises(tokenizer.VQGANConfigError, match=f"^VQGANConfig: {fields} set, but fsq_levels have no codebook"):
+        _miniature_config(**change)

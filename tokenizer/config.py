@@ -62,10 +62,13 @@ class VQGANConfig:
         self.attn_resolutions = [int(r) for r in self.attn_resolutions]
         self.fsq_levels = [int(level) for level in self.fsq_levels]
         self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
-        sizes = ("resolution", "in_channels", "hidden_channels", "z_channels", "embed_dim", "codebook_size", "patch_size")
+        sizes = ("resolution", "hidden_channels", "z_channels", "embed_dim", "codebook_size", "patch_size")
         for name in sizes:
             if getattr(self, name) < 1:
                 raise VQGANConfigError(f"VQGANConfig: {name} must be at least 1, got {getattr(self, name)}")
+        if self.in_channels != 3:  # kept as a field: taming and open-muse configs name it
+            raise VQGANConfigError(f"VQGANConfig: in_channels must be 3 (preprocessing and the training data give RGB), "
+                                   f"got {self.in_channels}")
         if self.num_res_blocks < 1 or not self.channel_mult or min(self.channel_mult) < 1:
             raise VQGANConfigError(  # (0 blocks cannot change a level's channels: the first forward would fail)
                 f"VQGANConfig: needs num_res_blocks >= 1 and a non-empty channel_mult of positive integers, got "
@@ -93,6 +96,10 @@ class VQGANConfig:
                 )
             if min(self.fsq_levels) < 2:
                 raise VQGANConfigError(f"VQGANConfig: every fsq level must be >= 2, got {self.fsq_levels}")
+            unused = [name for name in ("l2_normalized_codes", "commitment_cost") if getattr(self, name) != getattr(VQGANConfig, name)]
+            if unused:  # set, they would look like part of the recipe while doing nothing
+                raise VQGANConfigError(f"VQGANConfig: {' and '.join(unused)} set, but fsq_levels have no codebook for them "
+                                       "to act on; leave them at their defaults")
         if self.resize not in ("stretch", "center_crop"):
             raise VQGANConfigError(f"VQGANConfig: resize must be 'stretch' or 'center_crop', got {self.resize!r}")
 
