@@ -24,6 +24,7 @@ from conftest import next_batch_after_stop_signals_to_the_worker, tiny_vqgan_con
 from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
+from tokenizer.preprocess import MAX_ASPECT, cut_aspect, preprocess_image
 from tokenizer.synthetic import write_images
 
 
@@ -46,6 +47,25 @@ def test_training_transform_keeps_the_aspect_and_crops() -> None:
     assert crop.shape == (3, 16, 16)
     torch.testing.assert_close(crop[:, :, :6].mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.05, rtol=0)
     torch.testing.assert_close(crop[:, :, -6:].mean((1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.05, rtol=0)
+
+
+def test_a_banner_is_cut_before_it_is_resized() -> None:
+    """A 1x3000 banner: resizing its shorter side to 64 first would allocate [3, 64, 192000] floats (140 MiB; 2.2 GiB at
+    256) per image, per DataLoader worker, to keep 1/3000 of them. Training, validation and a centre-crop tokenizer's
+    preprocessing cut it to 4:1 first; a 4:1 photo keeps every pixel of the plain resize."""
+    banner = Image.fromarray(np.full((1, 3000, 3), 128, np.uint8))
+    for convert in (make_transform(64, train=True), make_transform(64, train=False),
+                    lambda image: preprocess_image(image, 64, "center_crop", (0.0, 1.0))):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            out = convert(banner)
+        torch.testing.assert_close(out, torch.full((3, 64, 64), 128 / 255))
+        assert max(event.cpu_memory_usage for event in profile.events()) <= (MAX_ASPECT + 1) * out.nbytes
+    tall = torch.arange(30.0).view(1, 30, 1).expand(3, 30, 2)
+    assert torch.equal(cut_aspect(tall), tall[:, 11:19])  # the central 8 rows: 4 x the 2 columns
+    wide = torch.rand(3, 16, 64)
+    assert cut_aspect(wide) is wide and cut_aspect(wide, at_random=True) is wide  # 4:1 and below: untouched
+    draws = {int(cut_aspect(tall, at_random=True)[0, 0, 0]) for _ in range(50)}
+    assert min(draws) >= 0 and max(draws) <= 22 and len(draws) > 5  # a random 8-row window of the 30
 
 
 def test_training_transform_flips_half_the_images() -> None:

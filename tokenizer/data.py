@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 
 from common.errors import UserError, lightning_worker_init
 from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards
-from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
+from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, to_rgb_float
 
 log = logging.getLogger(__name__)
 WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # the tar members lvm.tokenize reads
@@ -37,11 +37,12 @@ def image_files(root: str | Path) -> list[Path]:
 
 
 def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
-    """Turned as EXIF says (as `lvm.tokenize` turns what it encodes), shorter side to `size`, then a random crop and
-    flip (training) or the centre crop (validation): undistorted content, whatever `resize` the config encodes with."""
+    """Turned as EXIF says (as `lvm.tokenize` turns what it encodes), shorter side to `size` (a banner first cut to
+    `MAX_ASPECT`:1), then a random crop and flip (training) or the centre crop (validation): undistorted content,
+    whatever `resize` the config encodes with."""
     crop = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()]) if train else v2.CenterCrop(size)
     resize = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return lambda image: crop(resize(to_rgb_float(ImageOps.exif_transpose(image)))).clamp(0.0, 1.0)
+    return lambda image: crop(resize(cut_aspect(to_rgb_float(ImageOps.exif_transpose(image)), train))).clamp(0.0, 1.0)
 
 
 class ImageFolder(Dataset):

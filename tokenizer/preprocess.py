@@ -89,13 +89,31 @@ def from_value_range(x: Tensor, value_range: tuple[float, float]) -> Tensor:
     return (x - low) / (high - low)
 
 
+MAX_ASPECT = 4
+"""How much longer than the shorter side the longer one may be when the shorter is resized first (`cut_aspect`)."""
+
+
+def cut_aspect(x: Tensor, at_random: bool = False) -> Tensor:
+    """[C, H, W] with its longer side cut to at most MAX_ASPECT x the shorter: the centre, or a random window.
+
+    Resizing the shorter side of a 1x3000 banner to 256 would make a [3, 256, 768000] tensor (2.2 GiB) to keep
+    1/3000 of it; after this cut it is [3, 256, 1024]. Photos and video frames (up to 4:1) are left as they are,
+    so their pixels, and the random draws of training, are those of the plain resize-then-crop."""
+    height, width = x.shape[-2:]
+    limit = MAX_ASPECT * min(height, width)
+    if max(height, width) <= limit:
+        return x
+    start = int((max(height, width) - limit) * (float(torch.rand(())) if at_random else 0.5))
+    return x[..., start : start + limit, :] if height > width else x[..., start : start + limit]
+
+
 def resize_square(x: Tensor, size: int, mode: str) -> Tensor:
     """[C, H, W] -> [C, size, size]: 'stretch' straight to the square, 'center_crop' keeps the aspect ratio."""
     if x.shape[-2:] == (size, size):
         return x
     if mode == "stretch":
         return TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    x = TF.resize(x, size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side -> size
+    x = TF.resize(cut_aspect(x), size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side -> size
     return TF.center_crop(x, [size, size])
 
 
