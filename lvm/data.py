@@ -4,8 +4,9 @@ Exact resume works by counting: the datamodule counts the training batches this 
 current epoch, Lightning stores that count with every checkpoint (`state_dict`) and restores it before the
 dataloader is iterated (`load_state_dict`), and the stream then starts at the next batch. Batches that were
 prefetched but not yet trained are produced again, so a resumed run neither repeats nor skips a batch. This
-needs the same shards, seed, `num_workers` and number of devices as the run that saved the checkpoint; the
-checkpoint records the last two, and a resume with others is refused by name.
+needs the same shards, seed, batch shape, `num_workers` and number of devices as the run that saved the
+checkpoint: the count means another place in the stream under any other. The checkpoint records them all, and a
+resume with others is refused by name.
 
 One Lightning epoch is one pass of the stream (the stream's epochs reshuffle with `(seed, epoch)`); runs are
 bounded by `trainer.max_steps`.
@@ -14,6 +15,8 @@ bounded by `trainer.max_steps`.
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import warnings
 from collections.abc import Callable, Iterator
 
@@ -26,11 +29,22 @@ from common.files import expand_shards
 from lvm.errors import ConfigError
 from sentences.errors import SentenceError
 from sentences.formats import sentences_tokenizer
-from sentences.stream import PackedStream
+from sentences.stream import PackedStream, shard_tokens
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
 # Lightning still warns that the list is empty.
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
+
+_LAYOUT_FIXES = {
+    "num_workers": "set data.num_workers: {saved}",
+    "world_size": "resume on {saved} devices in all (docs/training.md: when the device count changes for good)",
+    "batch_size": "set data.batch_size: {saved} (change it only when starting a run)",
+    "seq_len": "set data.seq_len: {saved}",
+    "seed": "set data.seed: {saved}",
+    "train_shards": "give data.train_shards the shards the checkpoint was trained on",
+}
+"""What decides which batches a stream position points at, besides the position, and what to do when a resume
+has another value than the checkpoint."""
 
 
 class _PositionedLoader(DataLoader):
@@ -158,24 +172,38 @@ class LVMDataModule(L.LightningDataModule):
     def _world_size(self) -> int:
         return self.trainer.world_size if self.trainer else 1
 
+    @functools.cached_property
+    def _shards_id(self) -> str:
+        """The train shards as the stream sees them: their count, tokens and a digest of their names and token
+        counts in order. Names without their folder: a copy of the shards elsewhere yields the same batches."""
+        paths = expand_shards(self.train_shards)
+        tokens = shard_tokens(paths)
+        digest = hashlib.sha256(repr([(os.path.basename(p), int(t)) for p, t in zip(paths, tokens)]).encode())
+        return f"{len(paths)} shards, {int(tokens.sum()):,} tokens, sha256 {digest.hexdigest()[:16]}"
+
+    def _layout(self) -> dict:
+        """What a stream position counts in, keyed as `_LAYOUT_FIXES`."""
+        return {"num_workers": self.num_workers, "world_size": self._world_size(), "batch_size": self.batch_size,
+                "seq_len": self.seq_len, "seed": self.seed, "train_shards": self._shards_id}
+
     def _position(self, epoch: int, batches_consumed: int) -> dict:
-        """A stream position, with the reader layout it counts in (workers per device and devices): which
-        batches the stream yields depends on both."""
-        return {"epoch": epoch, "batches_consumed": batches_consumed, "num_workers": self.num_workers,
-                "world_size": self._world_size()}
+        """A stream position, with the layout it counts in: which batches come next depends on all of it."""
+        return {"epoch": epoch, "batches_consumed": batches_consumed, **self._layout()}
 
     def state_dict(self) -> dict:
         """The position a checkpoint saves: after the batches of finished optimizer steps."""
         return self._position(self.epoch, self._position_saved())
 
     def load_state_dict(self, state: dict) -> None:
-        for key, now, change in (("num_workers", self.num_workers, "set data.num_workers: {saved}"),
-                                 ("world_size", self._world_size(), "resume on {saved} devices in all")):
-            saved = state.get(key, now)  # checkpoints from before these were recorded carry neither
+        """Resume at a saved position, refusing one counted in another layout, where the count would point
+        elsewhere in the stream: the run would repeat and skip data silently."""
+        for key, now in self._layout().items():
+            saved = state.get(key, now)  # checkpoints from before a key was recorded lack it
             if saved != now:
                 raise ConfigError(
-                    f"data.{key}: the checkpoint's stream position was counted with {key} {saved}, this run has "
-                    f"{now}; the stream would go on with other batches than it left off: {change.format(saved=saved)}"
+                    f"data.{key}: the checkpoint's stream position was counted with {key} {saved!r}, this run has "
+                    f"{now!r}; the stream would go on with other batches than it left off: "
+                    + _LAYOUT_FIXES[key].format(saved=saved)
                 )
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
         self._trained, self._step_seen, self._lightning_epoch = self.batches_consumed, None, None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,10 @@ def test_resume_continues_exactly_after_the_consumed_batches(shards):
     dm = LVMDataModule(**kwargs)
     reference = _take(dm.train_dataloader(), dm, 9)
     assert reference[0].shape == (2, 32)
-    assert dm.state_dict() == {"epoch": 0, "batches_consumed": 9, "num_workers": 2, "world_size": 1}
+    saved = dm.state_dict()
+    assert saved.pop("train_shards").startswith("4 shards, 8,160 tokens, sha256 ")
+    assert saved == {"epoch": 0, "batches_consumed": 9, "num_workers": 2, "world_size": 1, "batch_size": 2,
+                     "seq_len": 32, "seed": 0}
 
     first = LVMDataModule(**kwargs)
     _take(first.train_dataloader(), first, 4)  # the workers prefetched more than these 4
@@ -79,6 +83,36 @@ def test_resume_continues_exactly_after_the_consumed_batches(shards):
     with pytest.raises(ConfigError, match="data.num_workers: the checkpoint's stream position was counted with "
                                           "num_workers 2, this run has 1; .*: set data.num_workers: 2"):
         other_workers.load_state_dict(first.state_dict())
+
+
+@pytest.mark.parametrize("key, other", [("batch_size", 1), ("seq_len", 16), ("seed", 1)])
+def test_resume_with_another_batch_shape_or_seed_is_refused_by_name(shards, key, other):
+    """The count of consumed batches means another place in the stream under another batch shape or seed: going
+    on would repeat and skip data silently (halving the batch for memory repeated half of the epoch so far)."""
+    kwargs = dict(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=0, seed=0)
+    saved = LVMDataModule(**kwargs).state_dict()
+    changed = LVMDataModule(**{**kwargs, key: other})
+    with pytest.raises(ConfigError, match=rf"^data\.{key}: the checkpoint's stream position was counted with {key} "
+                                          rf"{kwargs[key]}, this run has {other}; .*: set data\.{key}: {kwargs[key]}"):
+        changed.load_state_dict(saved)
+
+
+def test_resume_over_other_shards_is_refused_but_a_moved_copy_is_not(shards, tmp_path):
+    kwargs = dict(seq_len=32, batch_size=2, num_workers=0)
+    saved = LVMDataModule(train_shards=str(shards), **kwargs).state_dict()
+    more = write_sentence_shards(tmp_path / "more", shards=5)  # the same 4 shards and one more
+    with pytest.raises(ConfigError, match=r"^data\.train_shards: the checkpoint's stream position was counted with "
+                                          r"train_shards '4 shards, 8,160 tokens, sha256 \w+', this run has '5 shards, "
+                                          r"10,200 tokens, sha256 \w+'; .*: give data\.train_shards the shards"):
+        LVMDataModule(train_shards=str(more), **kwargs).load_state_dict(saved)
+    copy = shutil.copytree(shards, tmp_path / "copy")
+    LVMDataModule(train_shards=str(copy), **kwargs).load_state_dict(saved)
+
+
+def test_positions_saved_before_the_layout_was_recorded_still_load(shards):
+    dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=0)
+    dm.load_state_dict({"epoch": 1, "batches_consumed": 3})
+    assert (dm.epoch, dm.batches_consumed) == (1, 3)
 
 
 def test_workers_leave_sigterm_and_ctrl_c_to_the_trainer(shards):
