@@ -109,6 +109,19 @@ def test_resume_over_other_shards_is_refused_but_a_moved_copy_is_not(shards, tmp
     LVMDataModule(train_shards=str(copy), **kwargs).load_state_dict(saved)
 
 
+def test_a_resume_mid_epoch_says_in_one_line_what_each_reader_re_reads(shards, capsys):
+    """Readers skip the consumed batches by re-reading them, for hours late in a paper-size epoch: silent, that
+    looks like a hang. Worker w skips ceil((n - (w + n) % W) / W) batches: 3 and 2 of n = 5 with W = 2."""
+    dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=2)
+    dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": 5})
+    assert capsys.readouterr().err == (
+        "resuming epoch 1 after 5 batches per device: each of its readers (2 per device) first re-reads ~198 tokens "
+        "(3 batches) to skip them, ~0:00:00 at the ~1M tokens/s per reader of a 2-core CPU\n"
+    )
+    dm.load_state_dict({**dm.state_dict(), "batches_consumed": 0})  # the start of an epoch: nothing to skip
+    assert capsys.readouterr().err == ""
+
+
 def test_positions_saved_before_the_layout_was_recorded_still_load(shards):
     dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=0)
     dm.load_state_dict({"epoch": 1, "batches_consumed": 3})

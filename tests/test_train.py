@@ -406,6 +406,7 @@ def test_ddp_with_two_cpu_processes_splits_the_stream_and_resumes(shards, tmp_pa
     # Resumed from the checkpoint after step 6 in a new run: the same batches on each rank, the same losses.
     done = _ddp_fit(shards, tmp_path / "b", tmp_path / "b_batches", "--ckpt_path", str(tmp_path / "a_batches/step_6.ckpt"))
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("resuming epoch 0 after 6 batches per device: ") == 1  # said once, by rank 0
     resumed = logged(tmp_path / "b")
     assert sorted(resumed) == list(range(6, 12))
     for step in resumed:
