@@ -138,6 +138,8 @@ class LVMModule(L.LightningModule):
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for tokens/s and MFU
         self.skipped_batches = 0
         self._drop_step = False  # set by a non-finite loss under `skip`: the next optimizer step makes no update
+        # The rank-reduced losses of this optimizer step's micro-batches so far, logged as their mean once per step.
+        self._step_losses: list[torch.Tensor] = []
         rank_zero_info(
             f"LVM {size}: {self.cfg.num_params():,} parameters, "
             f"{self.cfg.flops_per_token() / 1e9:.3g} GFLOP per training token at seq {self.cfg.max_seq_len}"
@@ -185,6 +187,9 @@ class LVMModule(L.LightningModule):
         # The tokenizer behind the training sentences (None if unrecorded), so readers can check theirs.
         checkpoint["tokenizer"] = getattr(self.trainer.datamodule, "tokenizer", None)
 
+    def on_train_start(self) -> None:
+        self._step_losses = []  # a fit stopped inside an accumulation (a second Ctrl-C) leaves some behind
+
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Lightning labels logged metrics with its own counter of stepped batches. After a resume from a checkpoint
         # saved inside a step (a second Ctrl-C, an error) or on an epoch's last batch, its restore adds one too many,
@@ -220,10 +225,8 @@ class LVMModule(L.LightningModule):
             self._drop_step = True
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
-        # The loss of the whole batch (mean over ranks, equal shares), not only rank 0's share of it.
-        mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
-        self.log("train/loss", mean, prog_bar=True)
-        self.log("train/ppl", mean.exp())
+        # The loss of the whole micro-batch (mean over ranks, equal shares), not only rank 0's share of it.
+        self._step_losses.append(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -250,6 +253,15 @@ class LVMModule(L.LightningModule):
             schedule=hp.schedule, decay_fraction=hp.decay_fraction, decay_shape=hp.decay_shape,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the loss of the optimizer step that is about to be taken: the mean over its micro-batches (equal
+        token counts), each already the mean over ranks. Logged per micro-batch, Lightning would keep only the last
+        one's, a quarter of the step's tokens under accumulation 4."""
+        loss = torch.stack(self._step_losses).mean()
+        self._step_losses = []
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/ppl", loss.exp())
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm (`trainer.gradient_clip_val`) and log that norm every step.

@@ -498,6 +498,37 @@ def test_nan_stop_checkpoints_the_last_good_state_and_skips_are_logged(shards, t
     assert min(skipped) == 3 and set(skipped.values()) == {1.0}  # from the skipped step on
 
 
+class MicroBatchLosses(L.Callback):
+    """Each micro-batch's loss, computed here from the model and the batch (the weights stay the same within an
+    optimizer step), by the optimizer step it belongs to."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, list[float]] = {}
+
+    @torch.no_grad()
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        logits = pl_module.model(batch["input_ids"])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        self.losses.setdefault(trainer.global_step, []).append(loss.item())
+
+
+def test_train_loss_is_the_mean_over_the_micro_batches_of_each_optimizer_step(shards, tmp_path):
+    """Logged per micro-batch, Lightning kept the last one's loss only: a third of the step's tokens here."""
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    micro = MicroBatchLosses()
+    trainer = quick_trainer(max_steps=4, accumulate_grad_batches=3, callbacks=[micro], log_every_n_steps=1,
+                            logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(LVMModule(overrides=MINI, warmup_steps=1), dm)
+    rows = [row for row in csv.DictReader((tmp_path / "metrics.csv").open()) if row.get("train/loss")]
+    assert [int(row["step"]) for row in rows] == [0, 1, 2, 3]  # once per optimizer step
+    assert [len(micro.losses[step]) for step in range(4)] == [3, 3, 3, 3]
+    for row in rows:
+        mean = sum(micro.losses[int(row["step"])]) / 3
+        assert float(row["train/loss"]) == pytest.approx(mean, rel=1e-6), row["step"]
+        assert float(row["train/ppl"]) == pytest.approx(math.exp(mean), rel=1e-6)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(mean, rel=1e-6)  # TrainingProgress's
+
+
 @pytest.mark.parametrize("precision,logged_mfu", [("bf16-mixed", True), ("32-true", False)])
 def test_mfu_is_logged_against_the_peak_table_of_lvm_peaks(shards, tmp_path, monkeypatch, precision, logged_mfu):
     """The training log's MFU uses the benchmarks' table (Lightning's lacks the H200 and doubles some cards),
