@@ -175,7 +175,7 @@ def main() -> None:
     parser.add_argument("--sharded", nargs="*", default=["1b"], help="GPU mode: sizes trained with FSDP2 + recomputation")
     parser.add_argument("--json", help="GPU mode: also write the figures here")
     parser.add_argument("--sizes", nargs="+", default=["300m", "1b"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[8, 4], help="GPU mode: rows per step, per size")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 4], help="GPU mode: rows per step, one per size")
     parser.add_argument("--seq", type=int, default=None, help="default: 256 on CPU, 4096 on GPU")
     parser.add_argument("--batch", type=int, default=8, help="CPU mode: rows per step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 CPU, 30 GPU)")
@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="CPU mode: alternations of the models")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU mode: torch threads")
     args = parser.parse_args()
+    if args.gpu and len(args.sizes) != len(args.batches):  # zip would drop the sizes without a batch, silently
+        parser.error(f"--batches: {len(args.batches)} value(s) for {len(args.sizes)} --sizes; give one batch per size")
     args.seq = args.seq or (4096 if args.gpu else 256)
     args.steps = args.steps or (30 if args.gpu else 10)
     gpu(args) if args.gpu else cpu(args)

@@ -18,3 +18,12 @@ def test_bench_stream_writes_its_synthetic_shards_and_reports_a_rate():
     found = re.search(r"packed stream: ([\d,]+) tokens/s .*?; (\d+) batches of 2 x 512, 0 workers", done.stdout)
     assert found, done.stdout
     assert int(found.group(1).replace(",", "")) > 0 and int(found.group(2)) >= 2
+
+
+def test_bench_train_refuses_sizes_without_a_batch_each():
+    """zip() measured only the sizes that had a batch, and the missing rows went unnoticed."""
+    command = [sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--gpu", "--device", "cpu", "--sizes", "tiny",
+               "300m", "--batches", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines()[-1].endswith("error: --batches: 1 value(s) for 2 --sizes; give one batch per size")
