@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -213,6 +216,20 @@ TAMING_DDCONFIG = {
 }
 
 
+def _save_as_lightning_1_0(state: dict, path: Path) -> None:
+    """A checkpoint as PyTorch Lightning 1.0 (taming's releases) saves one: each callback's state keyed by the
+    callback's class, which the pickle names (pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint)."""
+    name = "pytorch_lightning.callbacks.model_checkpoint"
+    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": name})
+    fakes = {package: types.ModuleType(package) for package in ("pytorch_lightning", "pytorch_lightning.callbacks", name)}
+    fakes[name].ModelCheckpoint = ModelCheckpoint
+    checkpoint = {"epoch": 3, "global_step": 10, "pytorch-lightning_version": "1.0.8", "state_dict": state,
+                  "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
+                  "optimizer_states": [], "lr_schedulers": []}
+    with mock.patch.dict(sys.modules, fakes):  # the class is found by its name while it is pickled, never after
+        torch.save(checkpoint, path)
+
+
 def _taming_run(tmp_path: Path) -> tuple[Path, dict[str, torch.nn.Module]]:
     """A taming-style run folder: checkpoints/last.ckpt + configs/<date>-project.yaml, built from taming's modules."""
     torch.manual_seed(0)
@@ -229,7 +246,7 @@ def _taming_run(tmp_path: Path) -> tuple[Path, dict[str, torch.nn.Module]]:
     state["loss.discriminator.main.0.weight"] = torch.zeros(4, 3, 4, 4)  # training-only, must be ignored
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "configs").mkdir()
-    torch.save({"state_dict": state, "global_step": 10}, tmp_path / "checkpoints" / "last.ckpt")
+    _save_as_lightning_1_0(state, tmp_path / "checkpoints" / "last.ckpt")
     project = {"model": {"target": "taming.models.vqgan.VQModel", "params": {
         "embed_dim": 8, "n_embed": 256, "ddconfig": TAMING_DDCONFIG,
         "lossconfig": {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"}}}}

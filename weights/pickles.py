@@ -19,12 +19,23 @@ import torch
 from weights.errors import WeightsError
 
 
+_OLD_LIGHTNING_CALLBACK_KEYS = [
+    (type(name.rpartition(".")[2], (), {"__doc__": "An inert stand-in, never the class itself."}), name)
+    for name in ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+                 "pytorch_lightning.callbacks.early_stopping.EarlyStopping")
+]
+"""PyTorch Lightning before 1.5 (taming-transformers' released VQGANs: 1.0) keyed each callback's state by the
+callback's class, so those checkpoints name these classes. They are read as names of inert stand-in classes: nothing
+is imported or run, and the callback states are never used."""
+
+
 def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """`torch.load(path, weights_only=True)`; every failure is one `WeightsError` line naming the file."""
     if not Path(path).is_file():
         raise WeightsError(path, "no such file")
     try:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        with torch.serialization.safe_globals(_OLD_LIGHTNING_CALLBACK_KEYS):
+            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except PermissionError:
         raise WeightsError(path, "permission denied") from None
     except pickle.UnpicklingError as err:
