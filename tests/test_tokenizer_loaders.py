@@ -25,6 +25,7 @@ from taming.modules.diffusionmodules.model import Encoder as TamingEncoder
 from taming.modules.vqvae.quantize import VectorQuantizer as TamingQuantizer
 
 import tokenizer
+import weights
 from tokenizer.loading import build, open_muse_config
 
 RELEASED_LVM_CONFIG = {  # config.json of the released LVM tokenizer (open-muse VQGANModel)
@@ -353,7 +354,7 @@ class _RunsCodeWhenUnpickled:
 @pytest.mark.parametrize("pickled", ["os.makedirs", "argparse.Namespace"])  # torch words the two refusals differently
 def test_checkpoints_that_pickle_other_objects_are_refused_unrun(tmp_path: Path, pickled: str) -> None:
     ckpt, _ = _taming_run(tmp_path)
-    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint = {k: v for k, v in weights.torch_load(ckpt).items() if k != "callbacks"}  # (keyed by stand-ins)
     marker = tmp_path / "code_ran"
     extra = _RunsCodeWhenUnpickled(marker) if pickled == "os.makedirs" else argparse.Namespace(lr=1e-4)
     torch.save({**checkpoint, "hyper_parameters": extra}, ckpt)

@@ -18,7 +18,6 @@ import torch
 
 from weights.errors import WeightsError
 
-
 _OLD_LIGHTNING_CALLBACK_KEYS = [
     (type(name.rpartition(".")[2], (), {"__doc__": "An inert stand-in, never the class itself."}), name)
     for name in ("pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
