@@ -22,8 +22,10 @@ def test_bench_stream_writes_its_synthetic_shards_and_reports_a_rate():
 
 def test_bench_train_refuses_sizes_without_a_batch_each():
     """zip() measured only the sizes that had a batch, and the missing rows went unnoticed."""
-    command = [sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--gpu", "--device", "cpu", "--sizes", "tiny",
-               "300m", "--batches", "2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines()[-1].endswith("error: --batches: 1 value(s) for 2 --sizes; give one batch per size")
+    for sizes, batches in ((["tiny", "300m"], ["2"]), (["tiny"], ["2", "4"])):  # a batch too few, a batch too many
+        command = [sys.executable, str(ROOT / "benchmarks/bench_train.py"), "--gpu", "--device", "cpu", "--sizes",
+                   *sizes, "--batches", *batches]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr.splitlines()[-1].endswith(
+            f"error: --batches: {len(batches)} value(s) for {len(sizes)} --sizes; give one batch per size")

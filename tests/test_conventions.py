@@ -239,6 +239,15 @@ def test_every_flag_has_help_that_shows_its_default(path, monkeypatch, capsys) -
                     action.option_strings[0])
 
 
+def test_help_gives_a_default_once_and_none_for_switches() -> None:
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--a", type=int, default=3, help="count (default: 3 per device)")
+    parser.add_argument("--b", type=int, default=0, help="offset")
+    parser.add_argument("--flag", action="store_true", help="a switch")
+    text = " ".join(parser.format_help().split())
+    assert text.count("default") == 2 and "offset (default: 0)" in text and "default: False" not in text
+
+
 def test_the_lightning_console_script_names_itself(monkeypatch, capsys) -> None:
     from lvm.cli import main
 

@@ -97,6 +97,14 @@ def test_resume_with_another_batch_shape_or_seed_is_refused_by_name(shards, key,
         changed.load_state_dict(saved)
 
 
+def test_resume_on_another_device_count_is_refused(shards):
+    """Each rank reads its own part of the stream: on another device count the same count is other batches."""
+    dm = LVMDataModule(train_shards=str(shards), seq_len=32, batch_size=2, num_workers=0)
+    with pytest.raises(ConfigError, match=r"^data\.world_size: the checkpoint's stream position was counted with "
+                                          r"world_size 2, this run has 1; .*: resume on 2 devices in all"):
+        dm.load_state_dict({**dm.state_dict(), "world_size": 2})
+
+
 def test_resume_over_other_shards_is_refused_but_a_moved_copy_is_not(shards, tmp_path):
     kwargs = dict(seq_len=32, batch_size=2, num_workers=0)
     saved = LVMDataModule(train_shards=str(shards), **kwargs).state_dict()

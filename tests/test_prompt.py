@@ -198,6 +198,10 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
         f"error: --out: would write into the prompt folder {folder}, whose images are all read as frames; "
         "write elsewhere")
     assert not (folder / "new.png").exists()
+    truth = write_frames(tmp_path / "truth", ["t.png"])[0].parent  # the same for a --ground-truth folder
+    assert run_error(["--frames", *frames[:2], *common[:4], "--ground-truth", truth, "--out", truth / "new.png"],
+                     capsys) == (f"error: --out: would write into the prompt folder {truth}, whose images are all read "
+                                 "as frames; write elsewhere")
     assert run_error(["--frames", frames[0], "--model", tmp_path / "x.ckpt", *common[2:]], capsys) == (
         f"error: {tmp_path / 'x.ckpt'}: no such file or directory")
     assert run_error(["--frames", frames[0], "--model", ckpt, "--tokenizer", tmp_path, "--out", tmp_path / "o.png"],

@@ -68,6 +68,14 @@ def test_a_banner_is_cut_before_it_is_resized() -> None:
     assert min(draws) >= 0 and max(draws) <= 22 and len(draws) > 5  # a random 8-row window of the 30
 
 
+def test_training_takes_a_random_window_of_a_banner() -> None:
+    """A 16 x 640 ramp (40:1), dark to light: training sees windows from all along it, not only the centre's."""
+    ramp = np.tile(np.linspace(0, 255, 640).astype(np.uint8)[None, :, None], (16, 1, 3))
+    torch.manual_seed(0)
+    means = [float(make_transform(16, train=True)(Image.fromarray(ramp)).mean()) for _ in range(30)]
+    assert max(means) - min(means) > 0.5  # the central 64-column window alone spans 0.45..0.55
+
+
 def test_training_transform_flips_half_the_images() -> None:
     """Red left, blue right, already S x S (the crop keeps it whole): training sees both orientations, validation one."""
     halves = np.zeros((16, 16, 3), np.uint8)

@@ -220,13 +220,16 @@ TAMING_DDCONFIG = {
 def _save_as_lightning_1_0(state: dict, path: Path) -> None:
     """A checkpoint as PyTorch Lightning 1.0 (taming's releases) saves one: each callback's state keyed by the
     callback's class, which the pickle names (pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint)."""
-    name = "pytorch_lightning.callbacks.model_checkpoint"
-    ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": name})
-    fakes = {package: types.ModuleType(package) for package in ("pytorch_lightning", "pytorch_lightning.callbacks", name)}
-    fakes[name].ModelCheckpoint = ModelCheckpoint
+    fakes = {package: types.ModuleType(package) for package in ("pytorch_lightning", "pytorch_lightning.callbacks")}
+    callbacks = {}
+    for module, name, callback_state in (("model_checkpoint", "ModelCheckpoint", {"best_model_score": torch.tensor(0.5)}),
+                                         ("early_stopping", "EarlyStopping", {"wait_count": 0, "patience": 3})):
+        fakes[f"pytorch_lightning.callbacks.{module}"] = types.ModuleType(f"pytorch_lightning.callbacks.{module}")
+        callback = type(name, (), {"__module__": f"pytorch_lightning.callbacks.{module}"})
+        setattr(fakes[f"pytorch_lightning.callbacks.{module}"], name, callback)
+        callbacks[callback] = callback_state
     checkpoint = {"epoch": 3, "global_step": 10, "pytorch-lightning_version": "1.0.8", "state_dict": state,
-                  "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}},
-                  "optimizer_states": [], "lr_schedulers": []}
+                  "callbacks": callbacks, "optimizer_states": [], "lr_schedulers": []}
     with mock.patch.dict(sys.modules, fakes):  # the class is found by its name while it is pickled, never after
         torch.save(checkpoint, path)
 
@@ -309,7 +312,10 @@ def test_taming_models_other_than_a_vqgan_are_refused(tmp_path: Path, change: di
 
 
 @pytest.mark.parametrize("yaml_text,problem", [("- a\n- b\n", "the file must be a mapping, not a list"),
-                                               ("model: hello\n", "model must be a mapping, not a str")])
+                                               ("model: hello\n", "model must be a mapping, not a str"),
+                                               ("model: {params: [1]}\n", "model.params must be a mapping, not a list"),
+                                               ("model: {params: {ddconfig: [1, 2]}}\n",
+                                                "model.params.ddconfig must be a mapping, not a list")])
 def test_a_taming_yaml_of_another_shape_is_one_line(tmp_path: Path, yaml_text: str, problem: str) -> None:
     """Any stray `*.yaml` beside a .ckpt is read as its config: a list or a string section must not be a traceback."""
     ckpt, _ = _taming_run(tmp_path)

@@ -529,6 +529,16 @@ def test_train_loss_is_the_mean_over_the_micro_batches_of_each_optimizer_step(sh
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(mean, rel=1e-6)  # TrainingProgress's
 
 
+def test_losses_left_by_a_stopped_fit_are_not_logged_by_the_next(shards, tmp_path):
+    module = LVMModule(overrides=MINI, warmup_steps=1)
+    module._step_losses = [torch.tensor(100.0)]  # what a fit stopped inside an accumulation leaves behind
+    trainer = quick_trainer(max_steps=2, log_every_n_steps=1,
+                            logger=L.pytorch.loggers.CSVLogger(tmp_path, name="", version=""))
+    trainer.fit(module, LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
+    first, _ = [row for row in csv.DictReader((tmp_path / "metrics.csv").open()) if row.get("train/loss")]
+    assert float(first["train/loss"]) < 20  # ~ln(vocabulary) = 9, not a mean with the stale 100
+
+
 @pytest.mark.parametrize("precision,logged_mfu", [("bf16-mixed", True), ("32-true", False)])
 def test_mfu_is_logged_against_the_peak_table_of_lvm_peaks(shards, tmp_path, monkeypatch, precision, logged_mfu):
     """The training log's MFU uses the benchmarks' table (Lightning's lacks the H200 and doubles some cards),
