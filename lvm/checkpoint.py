@@ -102,11 +102,28 @@ def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[st
     except (ValueError, KeyError, TypeError) as e:
         problem = f"missing config field {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(path / "config.json", problem) from e
-    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+    shards = _weight_files(path)
     if not shards:
         raise CheckpointError(path, "no *.safetensors or pytorch_model*.bin weight files")
     info = config.get(hf.TOKENIZER_KEY) or (RELEASED_TOKENIZER if released or hf.is_released(config) else None)
     return cfg, _hf_tensors(shards), info
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files of an HF folder: those its index names when it has one (as transformers reads them: other
+    `*.safetensors` there, such as a copied-in file, are not this model's), else every safetensors or .bin file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (path / index).is_file():
+            try:
+                names = json.loads((path / index).read_text())["weight_map"].values()
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(path / index, f"not a weight index ({type(e).__name__}: {e})") from None
+            files = sorted({path / name for name in names})
+            for file in files:
+                if not file.is_file():
+                    raise CheckpointError(file, f"missing: {index} names it")
+            return files
+    return sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
 
 
 def _hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:

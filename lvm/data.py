@@ -215,7 +215,9 @@ class LVMDataModule(L.LightningDataModule):
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
         self._trained, self._step_seen, self._lightning_epoch = self.batches_consumed, None, None
         if self.batches_consumed and (self.trainer is None or self.trainer.is_global_zero):
-            print(self._skip_note(), file=sys.stderr, flush=True)
+            # at the epoch's end the stream reads nothing (Lightning then starts the next epoch): no note
+            if self.batches_consumed < self._stream(self.train_shards).batches_per_epoch(self.num_workers):
+                print(self._skip_note(), file=sys.stderr, flush=True)
 
     def _skip_note(self) -> str:
         """The resume's one line: before its first batch each reader re-reads what it already gave this epoch,

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from common.files import atomic_write, commit_file, tmp_path
+from common.files import atomic_write
 from common.vocab import CODEBOOK_SIZE, EOS_ID, PAD_ID
 from lvm.model import LVM, LVMConfig
 
@@ -194,16 +192,11 @@ def save_hf(
     # A tied head is written once, as the embedding (what transformers saves and expects with tie_word_embeddings).
     state = {hf_name(k): v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
              if not (model.cfg.tie_embeddings and k == "head.weight")}
-    # Every file is written whole (staged, then renamed in), the configs last: a killed export leaves the folder's
-    # earlier files, or weights without a config.json, never a cut shard that a loader would take.
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
-    try:
-        save_torch_state_dict(state, staging, max_shard_size=max_shard_size, safe_serialization=True)
-        for staged in sorted(staging.iterdir()):
-            staged.replace(tmp_path(out / staged.name))
-            commit_file(out / staged.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    # The configs go first and come back last, each written whole: a folder without config.json is no model to any
+    # loader, so an export killed part-way is refused, never read as a mix of an earlier export's weights and these.
+    for name in ("config.json", "generation_config.json"):
+        (out / name).unlink(missing_ok=True)
+    save_torch_state_dict(state, out, max_shard_size=max_shard_size, safe_serialization=True)  # drops older shards
     config = config_to_hf(model.cfg, dtype, getattr(model, "tokenizer_info", None))
     gen = generation_config(model.cfg, tokens_per_image, codebook_size)
     for name, content in (("generation_config.json", gen), ("config.json", config)):

@@ -143,6 +143,8 @@ class PackedStream(IterableDataset):
         pieces = self._span(reader * span, (reader + 1) * span)
         shuffled = _shuffle(pieces, np.random.default_rng([self.seed, self.epoch, reader]))
         skip = max(0, -(-(consumed - part) // workers))  # batches i < consumed with i % workers == part
+        if skip >= span // batch_tokens:  # the epoch was over when the position was saved: nothing to re-read
+            return
         for i, (tokens, docs) in enumerate(_pack(shuffled, batch_tokens, self.doc_ids)):
             if i >= skip:
                 yield self._batch(tokens, docs)

@@ -127,6 +127,8 @@ def test_a_resume_mid_epoch_says_in_one_line_what_each_reader_re_reads(shards, c
         "(3 batches) to skip them, ~0:00:00 at the ~1M tokens/s per reader of a 2-core CPU\n"
     )
     dm.load_state_dict({**dm.state_dict(), "batches_consumed": 0})  # the start of an epoch: nothing to skip
+    per_epoch = dm._stream(dm.train_shards).batches_per_epoch(2)
+    dm.load_state_dict({**dm.state_dict(), "batches_consumed": per_epoch})  # its end: the stream reads nothing
     assert capsys.readouterr().err == ""
 
 

@@ -137,12 +137,26 @@ def test_tied_head_round_trips_through_checkpoint_and_transformers(tmp_path):
         torch.testing.assert_close(hf_model(tmp_path / "hf")(tokens).logits, tied(tokens), atol=1e-5, rtol=1e-4)
 
 
-def test_a_killed_export_leaves_the_earlier_export_whole(ours, tmp_path, monkeypatch):
-    """Re-exporting into a folder: until each file is complete the folder keeps the old one, never a cut shard."""
+def test_re_exports_into_one_folder_load_the_last_and_a_killed_one_is_refused(ours, tmp_path, monkeypatch):
+    """An export over an earlier one: the loader reads the new weights only (the index's files), and an export
+    killed part-way leaves no config.json, so it is refused rather than read as a mix of the two models."""
     import huggingface_hub
 
-    save_hf(ours, tmp_path / "hf")
-    before = {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()}
+    torch.manual_seed(3)
+    other = LVM(LVMConfig(**TINY)).eval()
+    save_hf(ours, tmp_path / "hf", max_shard_size="100KB")  # sharded, with an index
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
+    save_hf(other, tmp_path / "hf")  # one file over the shards
+    assert torch.equal(load_lvm(tmp_path / "hf").head.weight, other.head.weight)
+    save_hf(ours, tmp_path / "hf", max_shard_size="100KB")  # shards again, then another model's file copied in
+    (tmp_path / "hf" / "model.safetensors").write_bytes(save_hf(other, tmp_path / "single").joinpath(
+        "model.safetensors").read_bytes())
+    assert torch.equal(load_lvm(tmp_path / "hf").head.weight, ours.head.weight)  # what the index names
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[-1]
+    shard.rename(tmp_path / "moved")
+    with pytest.raises(CheckpointError, match=f"^{shard}: missing: model.safetensors.index.json names it$"):
+        load_lvm(tmp_path / "hf")
+    (tmp_path / "moved").rename(shard)
 
     def killed(state, folder, **kwargs):
         (folder / "model.safetensors").write_bytes(b"cut short")
@@ -150,10 +164,10 @@ def test_a_killed_export_leaves_the_earlier_export_whole(ours, tmp_path, monkeyp
 
     monkeypatch.setattr(huggingface_hub, "save_torch_state_dict", killed)
     with pytest.raises(KeyboardInterrupt):
-        save_hf(ours, tmp_path / "hf")
-    assert {f.name: f.read_bytes() for f in (tmp_path / "hf").iterdir()} == before  # no staging or .tmp left either
+        save_hf(other, tmp_path / "hf")
     monkeypatch.undo()
-    assert torch.equal(load_lvm(tmp_path / "hf").head.weight, ours.head.weight)
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_lvm(tmp_path / "hf")
 
 
 def test_export_takes_the_recorded_tokenizers_layout(ours, tmp_path):

@@ -141,6 +141,20 @@ def test_resume_mid_epoch_continues_exactly(shards: tuple[Path, Counter], worker
     assert torch.equal(windows(taken + rest), windows(full))
 
 
+def test_a_position_at_the_epochs_end_yields_nothing_and_reads_nothing(
+    shards: tuple[Path, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint saved on an epoch's last batch: the resumed stream re-read the whole epoch to skip it all."""
+    folder, _ = shards
+    stream = PackedStream(str(folder), SEQ, BATCH, seed=3, rank=1, world_size=2)
+    stream.load_state_dict({"epoch": 2, "batches_consumed": stream.batches_per_epoch()})
+    monkeypatch.setattr("sentences.stream.read_sentences", lambda shard: pytest.fail(f"read {shard}"))
+    assert list(stream) == []
+    stream.load_state_dict({"epoch": 2, "batches_consumed": stream.batches_per_epoch() - 1})  # one batch left
+    with pytest.raises(pytest.fail.Exception, match="read "):
+        list(stream)
+
+
 def test_shards_without_index_are_counted_by_reading(tmp_path: Path, shards: tuple[Path, Counter]) -> None:
     folder, _ = shards
     with_index = PackedStream(str(folder), SEQ, BATCH, seed=4)

@@ -46,5 +46,6 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
             f"refused: it pickles {unsafe.group(1)}, which is code, not weights (only tensors and plain data are "
             "read); re-save its state_dict from a trusted environment",
         ) from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    # TypeError: a pickle that calls one of the stand-ins above with arguments
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError) as err:
         raise WeightsError(path, f"corrupt or not a PyTorch checkpoint ({type(err).__name__})") from None
