@@ -17,6 +17,7 @@ How an epoch is laid out (all of it follows from ``seed`` and the epoch, nothing
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Iterator
 
@@ -53,8 +54,16 @@ def shard_tokens(paths: list[str]) -> np.ndarray:
                 )
             counts.append(int(entry["tokens"]))
         else:
-            counts.append(sum(len(sentence.tokens) for sentence in read_sentences(path)))
+            stat = os.stat(path)
+            counts.append(_tokens_read(path, stat.st_size, stat.st_mtime_ns))
     return np.array(counts, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _tokens_read(path: str, size: int, mtime_ns: int) -> int:
+    """Tokens in a shard without an index, read in full once for the file as it is (its size and modification
+    time): a training run asks for them several times (the resume checks, the stream of each epoch)."""
+    return sum(len(sentence.tokens) for sentence in read_sentences(path))
 
 
 class PackedStream(IterableDataset):

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+import sentences.stream
 from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
 from sentences.stream import PackedStream
@@ -164,6 +165,27 @@ def test_shards_without_index_are_counted_by_reading(tmp_path: Path, shards: tup
     plain = PackedStream(str(tmp_path / "plain"), SEQ, BATCH, seed=4)
     assert np.array_equal(plain.tokens, with_index.tokens)
     assert torch.equal(windows(epoch(plain, 0)), windows(epoch(with_index, 0)))
+
+
+def test_shards_are_counted_once_until_they_change(
+    tmp_path: Path, shards: tuple[Path, Counter], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without index.json every count reads the shards in full; a run asks for them several times (the resume
+    checks, each epoch's stream): once is enough while the files stay as they are."""
+    folder, _ = shards
+    (tmp_path / "plain").mkdir()
+    for shard in folder.glob("*.tar"):
+        (tmp_path / "plain" / shard.name).write_bytes(shard.read_bytes())
+    read = Counter()
+    real = sentences.stream.read_sentences
+    monkeypatch.setattr(sentences.stream, "read_sentences", lambda path: read.update([path]) or real(path))
+    first = PackedStream(str(tmp_path / "plain"), SEQ, BATCH, seed=4).tokens
+    again = PackedStream(str(tmp_path / "plain"), SEQ, BATCH, seed=5).tokens
+    assert len(read) == 9 and set(read.values()) == {1} and np.array_equal(first, again)
+    plain = sorted((tmp_path / "plain").glob("*.tar"))
+    plain[0].write_bytes(plain[-1].read_bytes())  # a shard replaced: counted again, the others not
+    assert PackedStream(str(tmp_path / "plain"), SEQ, BATCH, seed=4).tokens[0] == again[-1]
+    assert read[str(plain[0])] == 2 and read[str(plain[1])] == 1
 
 
 def test_out_of_vocabulary_id_is_an_error_naming_the_shard(tmp_path: Path) -> None:
