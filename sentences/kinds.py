@@ -45,10 +45,15 @@ def _group_chunks(order: np.ndarray, groups: np.ndarray | None, size: int) -> li
     their first row comes in ``order``; without groups, plain ``_chunks``."""
     if groups is None:
         return _chunks(order, size)
-    runs = []
-    for group in dict.fromkeys(groups[order].tolist()):
-        runs += _chunks(order[groups[order] == group], size)
-    return runs
+    # One stable sort by each group's first place, not a scan of every row per group: that was images x groups
+    # (a minute per pass at 1M images in 20k folders, days at LAION size).
+    in_order = groups[order]
+    present, first = np.unique(in_order, return_index=True)
+    rank = np.empty(int(groups.max()) + 1, dtype=np.int64)
+    rank[present[np.argsort(first)]] = np.arange(len(present))
+    by_group = np.argsort(rank[in_order], kind="stable")
+    starts = np.flatnonzero(np.diff(rank[in_order][by_group])) + 1
+    return [run for rows in np.split(order[by_group], starts) for run in _chunks(rows, size)]
 
 
 class Builder:

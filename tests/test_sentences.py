@@ -20,6 +20,7 @@ from sentences import build as build_module
 from sentences.build import build, main
 from sentences.errors import SentenceError
 from sentences.formats import read_report, token_member
+from sentences.kinds import _group_chunks
 from sentences.spec import load_spec
 from sentences.stream import PackedStream
 
@@ -222,6 +223,22 @@ def test_group_by_keeps_each_sentences_pairs_in_one_group(tmp_path: Path, tokens
         assert len(slots) in (8, 4)  # 6 images of a folder in 4-pair sentences: 4 + 2
         seen += [m["key"] for m in info["images"] if m["variant"] == "original" and m["set"] == "image"]
     assert sorted(seen) == [f"img{i:03d}" for i in range(IMAGES)]  # each image once per pass
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_runs_follow_each_groups_first_place_and_keep_the_order_within(seed: int) -> None:
+    """The runs a pass of grouped pairs is cut into, against the plain definition (a scan per group, which grew as
+    images x groups): groups in the order their first row comes, rows in pass order, runs of at most `size`."""
+    rng = np.random.default_rng(seed)
+    groups = rng.integers(0, rng.integers(1, 40), size=rng.integers(1, 300))
+    order = rng.permutation(len(groups))
+    size = int(rng.integers(1, 9))
+    expected = []
+    for group in dict.fromkeys(groups[order].tolist()):
+        rows = order[groups[order] == group]
+        expected += [rows[i : i + size] for i in range(0, len(rows), size)]
+    got = _group_chunks(order, groups, size)
+    assert [run.tolist() for run in got] == [run.tolist() for run in expected]
 
 
 def test_group_by_names_the_shard_when_the_field_is_missing(tmp_path: Path, tokens: Path, capsys) -> None:
