@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +70,12 @@ class TokenSet:
         return rows
 
 
+def _json_object(pairs: list[tuple[str, object]]) -> dict:
+    """A json object with its keys interned: every image's json repeats the same keys (img2dataset's ~17), and a
+    build holds millions of them (measured on a 0.5 KB LAION json: 2.2 -> 1.3 KB per image, parsing ~1.5x slower)."""
+    return {sys.intern(key): value for key, value in pairs}
+
+
 def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], skipped: Counter) -> TokenSet:
     """Read every sample of ``paths`` that has all ``variants``; count the others in ``skipped`` by reason.
 
@@ -110,7 +117,7 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
                 arrays[variant] = array.astype(np.uint16)
             else:
                 try:
-                    info = json.loads(sample["json"]) if "json" in sample else {}
+                    info = json.loads(sample["json"], object_pairs_hook=_json_object) if "json" in sample else {}
                 except ValueError:
                     skipped["unreadable json"] += 1
                     continue

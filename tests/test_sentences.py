@@ -6,6 +6,7 @@ import io
 import json
 import re
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,15 +15,17 @@ import torch
 import webdataset as wds
 import yaml
 
+from common.files import expand_shards
 from common.vocab import BOS_ID, EOS_ID
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from sentences import build as build_module
 from sentences.build import build, main
 from sentences.errors import SentenceError
-from sentences.formats import read_report, token_member
+from sentences.formats import ORIGINAL, read_report, token_member
 from sentences.kinds import _group_chunks
 from sentences.spec import load_spec
 from sentences.stream import PackedStream
+from sentences.tokens import load_token_set
 
 N = 16  # tokens per image of the tiny tokenizer
 IMAGES = 24  # images 0..23: image i holds codes i*N .. i*N+N-1
@@ -239,6 +242,15 @@ def test_group_runs_follow_each_groups_first_place_and_keep_the_order_within(see
         expected += [rows[i : i + size] for i in range(0, len(rows), size)]
     got = _group_chunks(order, groups, size)
     assert [run.tolist() for run in got] == [run.tolist() for run in expected]
+
+
+def test_token_sets_hold_each_json_key_once(tokens: Path) -> None:
+    """A build holds every image's json: the keys, the same in each, are one string each (interned), the values
+    as json.loads gives them."""
+    found = load_token_set("images", expand_shards(str(tokens / "images")), [ORIGINAL], Counter())
+    first, second = found.meta[0], found.meta[1]
+    assert first == {"key": "img000", "folder": "cat0", "path": "cat0/000.jpg"}
+    assert all(a is b for a, b in zip(first, second))  # the same key objects, not copies
 
 
 def test_group_by_names_the_shard_when_the_field_is_missing(tmp_path: Path, tokens: Path, capsys) -> None:
