@@ -6,8 +6,9 @@ dataloader is iterated (`load_state_dict`), and the stream then starts at the ne
 prefetched but not yet trained are produced again, so a resumed run neither repeats nor skips a batch. This
 needs the same shards, seed, batch shape, `num_workers` and number of devices as the run that saved the
 checkpoint: the count means another place in the stream under any other. The checkpoint records them all, and a
-resume with others is refused by name. The stream gets to its place by re-reading the batches already consumed
-in the epoch, so a resume late in an epoch takes a while; it says so in one line.
+resume with others is refused by name. The stream finds its place from the sentence lengths of the build
+(``lengths.npy``); shards without them are re-read up to it, which late in an epoch takes a while: the resume
+says which in one line.
 
 One Lightning epoch is one pass of the stream (the stream's epochs reshuffle with `(seed, epoch)`); runs are
 bounded by `trainer.max_steps`.
@@ -31,7 +32,7 @@ from common.files import expand_shards
 from lvm.errors import ConfigError
 from lvm.tokenize.progress import clock
 from sentences.errors import SentenceError
-from sentences.formats import sentences_tokenizer
+from sentences.formats import has_lengths, sentences_tokenizer
 from sentences.stream import PackedStream, shard_tokens
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
@@ -39,8 +40,9 @@ from sentences.stream import PackedStream, shard_tokens
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 _SKIP_TOKENS_PER_S = 1e6
-"""Tokens one reader re-reads per second to skip consumed batches: measured with single-image sentences (the
-worst case: tar headers bound it, per sentence) on a 2-core CPU. Only for the estimate the resume line gives."""
+"""Tokens one reader re-reads per second to skip consumed batches of shards without lengths.npy: measured with
+single-image sentences (the worst case: tar headers bound it, per sentence) on a 2-core CPU. Only for the
+estimate the resume line gives."""
 
 _LAYOUT_FIXES = {
     "num_workers": "set data.num_workers: {saved}",
@@ -220,13 +222,16 @@ class LVMDataModule(L.LightningDataModule):
                 print(self._skip_note(), file=sys.stderr, flush=True)
 
     def _skip_note(self) -> str:
-        """The resume's one line: before its first batch each reader re-reads what it already gave this epoch,
-        which late in an epoch takes long enough to pass for a hang."""
+        """The resume's one line: where the shards have no lengths.npy, each reader re-reads what it already gave
+        this epoch before its first batch, which late in an epoch takes long enough to pass for a hang."""
+        head = f"resuming epoch {self.epoch} after {self.batches_consumed:,} batches per device: "
+        if all(has_lengths(folder) for folder in {os.path.dirname(p) for p in expand_shards(self.train_shards)}):
+            return head + "each reader finds its place from the sentence lengths (lengths.npy) and reads only the shards it still needs"
         readers = max(1, self.num_workers)
         batches = -(-self.batches_consumed // readers)  # the most any worker skips (its share of the round-robin)
         tokens = batches * self.batch_size * (self.seq_len + 1)
-        return (
-            f"resuming epoch {self.epoch} after {self.batches_consumed:,} batches per device: each of its readers "
-            f"({readers} per device) first re-reads ~{tokens:,} tokens ({batches:,} batches) to skip them, "
-            f"~{clock(tokens / _SKIP_TOKENS_PER_S)} at the ~{_SKIP_TOKENS_PER_S / 1e6:g}M tokens/s per reader of a 2-core CPU"
+        return head + (
+            f"each of its readers ({readers} per device) first re-reads ~{tokens:,} tokens ({batches:,} batches) to skip "
+            f"them, ~{clock(tokens / _SKIP_TOKENS_PER_S)} at the ~{_SKIP_TOKENS_PER_S / 1e6:g}M tokens/s per reader of a "
+            "2-core CPU (shards without lengths.npy: rebuild them with sentences.build to resume without re-reading)"
         )

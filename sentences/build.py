@@ -40,6 +40,7 @@ from sentences.formats import (
     read_report,
     tar_writer,
     token_report,
+    write_lengths,
 )
 from sentences.kinds import KINDS, Builder, Sentence
 from sentences.spec import MixSpec, SourceSpec, load_spec
@@ -208,10 +209,12 @@ def _prepare_out(spec: MixSpec, out: Path) -> None:
 def write_shards(
     spec: MixSpec, planned: list[Planned], out: Path, tokens_per_image: int
 ) -> tuple[SentenceIndex, int]:
-    """Write the planned sentences into shards, skipping shards a previous run completed; returns the index
-    of what the shards hold (shards and kinds) and how many shards were already done."""
+    """Write the planned sentences into shards, skipping shards a previous run completed, and the lengths of all
+    sentences (``write_lengths``); returns the index of what the shards hold (shards and kinds) and how many
+    shards were already done."""
     kinds = {s.kind: {"sentences": 0, "tokens": 0} for s in spec.sources}
     index, resumed = SentenceIndex(tokens_per_image, spec.seed, spec.window, kinds=kinds), 0
+    lengths = np.array([len(item.images) for item in planned], dtype=np.int64) * tokens_per_image + 2
     per = spec.sentences_per_shard
     bar = tqdm(total=len(planned), desc="write", unit="sentence", dynamic_ncols=True)
     for k in range(math.ceil(len(planned) / per)):
@@ -224,12 +227,12 @@ def write_shards(
                 for item in items:
                     tokens, info = assemble(item)
                     tar.write({"__key__": item.key, "tokens.npy": tokens, "json": info})
-        shard_tokens = sum(len(item.images) * tokens_per_image + 2 for item in items)
+        shard_tokens = int(lengths[k * per : (k + 1) * per].sum())
         index.shards[path.name] = {"sentences": len(items), "tokens": shard_tokens, "bytes": path.stat().st_size}
         bar.update(len(items))
     bar.close()
-    for item in planned:
-        n = len(item.images) * tokens_per_image + 2
+    write_lengths(out, lengths)
+    for item, n in zip(planned, lengths.tolist()):
         kind = index.kinds[item.source.spec.kind]
         kind["sentences"] += 1
         kind["tokens"] += n

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -43,6 +44,10 @@ INDEX_NAME = "index.json"
 SPEC_NAME = "spec.json"
 """Written by ``sentences.build`` when it starts, before any shard; ``index.json`` comes last, when it is done."""
 INDEX_FORMAT = "lvm-sentences/1"
+LENGTHS_NAME = "lengths.npy"
+"""Beside ``index.json``: every sentence's token count (int64), shard after shard in the order ``index.json`` lists
+them. Training resumes from it without re-reading what it consumed (``sentences.stream``); folders without it
+(older builds, other tools) resume by reading."""
 
 
 def token_member(variant: str) -> str:
@@ -203,6 +208,58 @@ def _read_index(folder: str) -> dict:
 def indexed_shards(folder: str) -> dict[str, dict]:
     """The ``shards`` entry of the ``index.json`` in ``folder`` ({} when there is none)."""
     return _read_index(folder).get("shards", {})
+
+
+def write_lengths(folder: str | Path, lengths: np.ndarray) -> None:
+    """``<folder>/LENGTHS_NAME``, atomically: the token count of every sentence of the shards ``index.json`` lists,
+    in its order. Write it before ``index.json``, which marks the folder complete."""
+    with atomic_write(Path(folder) / LENGTHS_NAME) as f:
+        np.save(f, np.asarray(lengths, dtype=np.int64), allow_pickle=False)
+
+
+def has_lengths(folder: str) -> bool:
+    """Whether ``folder`` holds the ``LENGTHS_NAME`` and ``index.json`` of a build."""
+    return all(os.path.isfile(os.path.join(folder, name)) for name in (LENGTHS_NAME, INDEX_NAME))
+
+
+def indexed_lengths(path: str) -> np.ndarray | None:
+    """The token count of each sentence of the shard ``path``, in order, from the ``LENGTHS_NAME`` of its folder;
+    None when the folder has none or its ``index.json`` does not list the shard. Lengths that do not add up to the
+    index's counts are an error: the file belongs to another build."""
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    lengths_path = os.path.join(folder, LENGTHS_NAME)
+    try:
+        stat = os.stat(lengths_path)
+    except FileNotFoundError:
+        return None
+    lengths, slices = _folder_lengths(folder, stat.st_size, stat.st_mtime_ns)
+    if name not in slices:
+        return None
+    entry, where = slices[name]
+    shard = np.asarray(lengths[where], dtype=np.int64)
+    if int(shard.sum()) != int(entry["tokens"]):
+        raise SentenceError(lengths_path, f"{int(shard.sum()):,} tokens for {name}, index.json lists "
+                            f"{int(entry['tokens']):,}: it belongs to another build (remove it to resume by reading)")
+    return shard
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_lengths(folder: str, size: int, mtime_ns: int) -> tuple[np.ndarray, dict[str, tuple[dict, slice]]]:
+    """A folder's lengths (memory-mapped) and, per shard its index lists, its entry and slice of them; cached for
+    the file as it is (its size and modification time)."""
+    path = os.path.join(folder, LENGTHS_NAME)
+    try:
+        lengths = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exn:
+        raise SentenceError(path, f"unreadable ({exn})") from None
+    slices, start = {}, 0
+    for name, entry in indexed_shards(folder).items():
+        slices[name] = entry, slice(start, start + int(entry["sentences"]))
+        start += int(entry["sentences"])
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or len(lengths) != start:
+        raise SentenceError(path, f"{lengths.dtype} {lengths.shape}, index.json lists {start:,} sentences: it "
+                            "belongs to another build (remove it to resume by reading)")
+    return lengths, slices
 
 
 def one_tokenizer(records: Iterable[tuple[str, dict | None]]) -> dict | None:

@@ -18,8 +18,10 @@ How an epoch is laid out (all of it follows from ``seed`` and the epoch, nothing
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common.files import expand_shards
 from sentences.errors import SentenceError
-from sentences.formats import indexed_shards, read_sentences
+from sentences.formats import indexed_lengths, indexed_shards, read_sentences
 
 SHUFFLE_BUFFER = 4096
 """Sentences a reader holds to shuffle (at most ~32 MB at 16 images of 256 tokens); the build already shuffled
@@ -66,6 +68,17 @@ def _tokens_read(path: str, size: int, mtime_ns: int) -> int:
     return sum(len(sentence.tokens) for sentence in read_sentences(path))
 
 
+def sentence_lengths(path: str, tokens: int) -> np.ndarray:
+    """The token count of each sentence of a shard, in order: from the ``lengths.npy`` ``sentences.build`` wrote
+    beside it, else by reading the shard. ``tokens`` is the shard's count as ``shard_tokens`` gave it."""
+    lengths = indexed_lengths(path)
+    if lengths is None:
+        lengths = np.array([len(sentence.tokens) for sentence in read_sentences(path)], dtype=np.int64)
+        if int(lengths.sum()) != tokens:
+            raise SentenceError(path, f"holds {int(lengths.sum())} tokens, expected {tokens} (changed while training?)")
+    return lengths
+
+
 class PackedStream(IterableDataset):
     """Sentence shards as ready batches of packed windows; see the module docstring for the epoch layout.
 
@@ -81,9 +94,11 @@ class PackedStream(IterableDataset):
     (``n``) and saves ``{"epoch": e, "batches_consumed": n}``; after ``load_state_dict`` the next iteration
     yields batch ``n`` of epoch ``e`` first, then the same batches in the same order as the uninterrupted run.
     The DataLoader hands batches out round-robin (batch ``i`` from worker ``i % W``), so worker ``w`` takes the
-    part of worker ``(w + n) % W`` and skips the batches that part already produced (re-reading them, which
-    costs time proportional to ``n``). Batches prefetched but not consumed are simply produced again. This
-    needs the same shards, seed, ``world_size`` and ``num_workers`` as the run that saved the state.
+    part of worker ``(w + n) % W`` and starts after the batches that part already produced. It finds that place
+    from the sentence lengths alone (``lengths.npy``, written by ``sentences.build``; shards without one are read
+    to count them) and then reads only the shards holding sentences still to come. Batches prefetched but not
+    consumed are simply produced again. This needs the same shards, seed, ``world_size`` and ``num_workers`` as
+    the run that saved the state.
     """
 
     def __init__(
@@ -149,36 +164,107 @@ class PackedStream(IterableDataset):
         reader, readers = rank * workers + part, world * workers
         batch_tokens = self.batch_size * (self.seq_len + 1)
         span = self._batches_per_reader(readers) * batch_tokens
-        pieces = self._span(reader * span, (reader + 1) * span)
-        shuffled = _shuffle(pieces, np.random.default_rng([self.seed, self.epoch, reader]))
         skip = max(0, -(-(consumed - part) // workers))  # batches i < consumed with i % workers == part
         if skip >= span // batch_tokens:  # the epoch was over when the position was saved: nothing to re-read
             return
-        for i, (tokens, docs) in enumerate(_pack(shuffled, batch_tokens, self.doc_ids)):
-            if i >= skip:
-                yield self._batch(tokens, docs)
+        start, end = reader * span, (reader + 1) * span
+        shards = self._span_shards(start, end)
+        rng = np.random.default_rng([self.seed, self.epoch, reader])
+        if skip:
+            shuffled = self._resumed(shards, start, end, skip * batch_tokens, rng)
+        else:
+            shuffled = _shuffle(itertools.chain.from_iterable(self._pieces(*shard, start, end) for shard in shards), rng)
+        for tokens, docs in _pack(shuffled, batch_tokens, self.doc_ids):
+            yield self._batch(tokens, docs)
 
-    def _span(self, start: int, end: int) -> Iterator[np.ndarray]:
-        """The sentences (cut at the ends) between token offsets ``start`` and ``end`` of this epoch's stream."""
+    def _span_shards(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The shards holding tokens ``start`` to ``end`` of this epoch's stream, in stream order, each as (its
+        number in ``self.shards``, the stream offset of its first token)."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
         offsets = np.concatenate([[0], np.cumsum(self.tokens[order])])
-        for shard, first, last in zip(order, offsets[:-1], offsets[1:]):
-            if last <= start or first >= end:
-                continue
-            position = int(first)
-            for _, tokens, _ in read_sentences(self.shards[shard]):
-                begin, position = position, position + len(tokens)
-                if position > start:
-                    yield tokens[max(start - begin, 0) : min(end, position) - begin]
-                if position >= end:
-                    break
-            else:
-                if position == last:
+        return [
+            (int(shard), int(first))
+            for shard, first, last in zip(order, offsets[:-1], offsets[1:])
+            if last > start and first < end
+        ]
+
+    def _pieces(self, shard: int, first: int, start: int, end: int) -> Iterator[np.ndarray]:
+        """The sentences of one shard (its first token at stream offset ``first``) that lie between stream offsets
+        ``start`` and ``end``, cut at those ends."""
+        position = first
+        for _, tokens, _ in read_sentences(self.shards[shard]):
+            begin, position = position, position + len(tokens)
+            if position > start:
+                yield tokens[max(start - begin, 0) : min(end, position) - begin]
+            if position >= end:
+                return
+        if position != first + self.tokens[shard]:
+            raise SentenceError(
+                f"{self.shards[shard]}: holds {position - first} tokens, expected {self.tokens[shard]} "
+                "(index.json out of date?)"
+            )
+
+    def _piece_lengths(self, shard: int, first: int, start: int, end: int) -> np.ndarray:
+        """The lengths of what ``_pieces`` yields, from the sentence lengths, without reading the shard's tokens."""
+        lengths = sentence_lengths(self.shards[shard], int(self.tokens[shard]))
+        ends = first + np.cumsum(lengths)
+        begins = ends - lengths
+        inside = (ends > start) & (begins < end)
+        return np.minimum(ends[inside], end) - np.maximum(begins[inside], start)
+
+    def _resumed(
+        self, shards: list[tuple[int, int]], start: int, end: int, consumed: int, rng: np.random.Generator
+    ) -> Iterator[np.ndarray]:
+        """What ``_shuffle`` over the span's pieces yields after its first ``consumed`` tokens, without re-reading
+        them: where the shuffle stands is worked out from the pieces' lengths (``_place``), and only the shards
+        holding pieces still to come are read."""
+        counts: list[int] = []  # pieces in each shard, as far as _place asked for them
+
+        def lengths() -> Iterator[np.ndarray]:
+            for shard in shards:
+                counts.append(len(cut := self._piece_lengths(*shard, start, end)))
+                yield cut
+
+        place = _place(lengths(), rng, consumed)
+        wanted = {place.piece, *place.held}
+        found: dict[int, np.ndarray] = {}
+        later: Iterator[np.ndarray] = iter(())
+        pieces = self._numbered_pieces(shards, counts, start, end, wanted, place.next_piece)
+        for number, piece in pieces:
+            if place.next_piece is not None and number >= place.next_piece:
+                later = itertools.chain([piece], (piece for _, piece in pieces))
+                break
+            found[number] = piece
+        if len(rest := found[place.piece][place.offset :]):
+            yield rest
+        if place.next_piece is None:  # the shuffle was draining its buffer
+            yield from (found[number] for number in place.held)
+        else:
+            yield from _shuffle(later, rng, [found[number] for number in place.held])
+
+    def _numbered_pieces(
+        self, shards: list[tuple[int, int]], counts: list[int], start: int, end: int, wanted: set[int],
+        after: int | None,
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """The span's pieces numbered in order, only those in ``wanted`` or from ``after`` on (None: none); shards
+        before ``after`` holding none of them (``counts`` gives their piece counts) are not read."""
+        marks = np.array(sorted(wanted), dtype=np.int64)
+        number = 0
+        for k, shard in enumerate(shards):
+            first, stop = number, None  # stop: past the last piece wanted from a shard read only for some
+            if k < len(counts) and (after is None or first + counts[k] <= after):
+                inside = marks[(marks >= first) & (marks < first + counts[k])]
+                if not len(inside):
+                    number += counts[k]
                     continue
-                raise SentenceError(
-                    f"{self.shards[shard]}: holds {position - first} tokens, expected {self.tokens[shard]} "
-                    "(index.json out of date?)"
-                )
+                stop = int(inside[-1]) + 1
+            for piece in self._pieces(*shard, start, end):
+                if number in wanted or (after is not None and number >= after):
+                    yield number, piece
+                number += 1
+                if number == stop:
+                    number = first + counts[k]
+                    break
 
     def _batch(self, tokens: np.ndarray, docs: np.ndarray | None) -> dict[str, torch.Tensor]:
         windows = torch.from_numpy(tokens.astype(np.int64)).view(self.batch_size, self.seq_len + 1)
@@ -189,9 +275,12 @@ class PackedStream(IterableDataset):
         return batch
 
 
-def _shuffle(items: Iterable[np.ndarray], rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """Buffer shuffle: hold SHUFFLE_BUFFER items, emit a random one for each new one, then the rest permuted."""
-    buffer: list[np.ndarray] = []
+def _shuffle(
+    items: Iterable[np.ndarray], rng: np.random.Generator, buffer: list[np.ndarray] | None = None
+) -> Iterator[np.ndarray]:
+    """Buffer shuffle: hold SHUFFLE_BUFFER items, emit a random one for each new one, then the rest permuted.
+    ``buffer`` (with ``rng`` in its state of that moment) goes on from where ``_place`` found a shuffle to stand."""
+    buffer = [] if buffer is None else buffer
     for item in items:
         if len(buffer) < SHUFFLE_BUFFER:
             buffer.append(item)
@@ -201,6 +290,78 @@ def _shuffle(items: Iterable[np.ndarray], rng: np.random.Generator) -> Iterator[
         buffer[i] = item
     for i in rng.permutation(len(buffer)):
         yield buffer[i]
+
+
+@dataclass
+class _Place:
+    """Where ``_shuffle`` stands, in numbers of the items it takes in (0, 1, ...)."""
+
+    piece: int
+    """the item being emitted"""
+    offset: int
+    """its tokens emitted already"""
+    held: list[int]
+    """the items in its buffer, by slot; when draining (``next_piece`` None), the items still to come, in order"""
+    next_piece: int | None
+    """the first item it has not taken in yet; None when its input has run out and it drains its buffer"""
+
+
+def _place(lengths: Iterable[np.ndarray], rng: np.random.Generator, consumed: int) -> _Place:
+    """Where ``_shuffle`` over items of these lengths (given chunk by chunk) stands after emitting ``consumed``
+    tokens, found from the lengths alone, and ``rng`` left in the state ``_shuffle`` has there.
+
+    Each chunk is worked out at once: ``rng.integers(n, size=k)`` draws what ``k`` calls of ``rng.integers(n)``
+    draw (numpy keeps any spare bits in the generator's state), and the item a step emits is the one the last
+    earlier step put in its slot, else the slot's item from before the chunk. That takes seconds for an epoch a
+    reader needed hours to re-read.
+    """
+    size = SHUFFLE_BUFFER
+    held = np.empty(0, dtype=np.int64)  # the buffer's items by slot, and their lengths
+    held_lengths = np.empty(0, dtype=np.int64)
+    emitted, taken = 0, 0
+    for chunk in lengths:
+        numbers = np.arange(taken, taken + len(chunk))
+        taken += len(chunk)
+        fill = min(size - len(held), len(chunk))
+        held, held_lengths = np.concatenate([held, numbers[:fill]]), np.concatenate([held_lengths, chunk[:fill]])
+        numbers, chunk = numbers[fill:], chunk[fill:]
+        if not len(chunk):
+            continue
+        state = rng.bit_generator.state
+        slots = rng.integers(size, size=len(chunk))
+        order = np.argsort(slots, kind="stable")
+        repeat = np.flatnonzero(slots[order][1:] == slots[order][:-1]) + 1  # sorted positions sharing a slot
+        previous = np.full(len(chunk), -1)  # the earlier step of this chunk that filled the same slot
+        previous[order[repeat]] = order[repeat - 1]
+        out = np.where(previous >= 0, numbers[previous], held[slots])
+        out_lengths = np.where(previous >= 0, chunk[previous], held_lengths[slots])
+        ends = emitted + np.cumsum(out_lengths)
+        step = int(np.searchsorted(ends, consumed, side="right"))
+        if step == len(chunk):
+            _settle(held, held_lengths, slots, numbers, chunk)
+            emitted = int(ends[-1])
+            continue
+        rng.bit_generator.state = state
+        rng.integers(size, size=step + 1)
+        _settle(held, held_lengths, slots[: step + 1], numbers[: step + 1], chunk[: step + 1])
+        offset = consumed - int(ends[step] - out_lengths[step])
+        return _Place(int(out[step]), offset, held.tolist(), int(numbers[step]) + 1)
+    order = rng.permutation(len(held))  # the input ran out: the buffer drains in a random order
+    ends = emitted + np.cumsum(held_lengths[order])
+    step = int(np.searchsorted(ends, consumed, side="right"))
+    if step == len(order):
+        raise ValueError(f"{consumed} tokens consumed, but the items hold {int(ends[-1]) if len(ends) else 0}")
+    offset = consumed - int(ends[step] - held_lengths[order[step]])
+    return _Place(int(held[order[step]]), offset, held[order[step + 1 :]].tolist(), None)
+
+
+def _settle(held: np.ndarray, held_lengths: np.ndarray, slots: np.ndarray, numbers: np.ndarray, lengths: np.ndarray) -> None:
+    """Put each step's item into its slot, in step order: of the steps drawing one slot, the last stays (numpy
+    leaves the winner of repeated indices in one assignment undefined, so it is picked out first)."""
+    order = np.argsort(slots, kind="stable")
+    last = order[np.r_[slots[order][1:] != slots[order][:-1], True]]
+    held[slots[last]] = numbers[last]
+    held_lengths[slots[last]] = lengths[last]
 
 
 def _pack(pieces: Iterable[np.ndarray], size: int, with_docs: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:

@@ -18,6 +18,9 @@ def test_bench_stream_writes_its_synthetic_shards_and_reports_a_rate():
     found = re.search(r"packed stream: ([\d,]+) tokens/s .*?; (\d+) batches of 2 x 512, 0 workers", done.stdout)
     assert found, done.stdout
     assert int(found.group(1).replace(",", "")) > 0 and int(found.group(2)) >= 2
+    resumed = re.search(r"resume after (\d+) of one reader's batches: first batch in [\d.]+ s from lengths.npy, "
+                        r"[\d.]+ s by re-reading \(\d+x\)", done.stdout)
+    assert resumed and int(resumed.group(1)) == int(found.group(2)) // 2, done.stdout
 
 
 def test_bench_train_refuses_sizes_without_a_batch_each():

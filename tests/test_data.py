@@ -19,6 +19,7 @@ from common.vocab import BOS_ID, EOS_ID
 from conftest import next_batch_after_stop_signals_to_the_worker
 from lvm.data import LVMDataModule
 from lvm.errors import ConfigError
+from sentences.formats import SentenceIndex, read_sentences, write_lengths
 
 
 def write_sentence_shards(out: Path, shards: int = 4, sentences: int = 60, images: int = 2, tokens_per_image: int = 16) -> Path:
@@ -124,12 +125,29 @@ def test_a_resume_mid_epoch_says_in_one_line_what_each_reader_re_reads(shards, c
     dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": 5})
     assert capsys.readouterr().err == (
         "resuming epoch 1 after 5 batches per device: each of its readers (2 per device) first re-reads ~198 tokens "
-        "(3 batches) to skip them, ~0:00:00 at the ~1M tokens/s per reader of a 2-core CPU\n"
+        "(3 batches) to skip them, ~0:00:00 at the ~1M tokens/s per reader of a 2-core CPU (shards without "
+        "lengths.npy: rebuild them with sentences.build to resume without re-reading)\n"
     )
     dm.load_state_dict({**dm.state_dict(), "batches_consumed": 0})  # the start of an epoch: nothing to skip
     per_epoch = dm._stream(dm.train_shards).batches_per_epoch(2)
     dm.load_state_dict({**dm.state_dict(), "batches_consumed": per_epoch})  # its end: the stream reads nothing
     assert capsys.readouterr().err == ""
+
+
+def test_a_resume_from_sentence_lengths_says_it_reads_no_more(shards, tmp_path, capsys):
+    """What sentences.build writes beside its shards: index.json and lengths.npy."""
+    copy, index = shutil.copytree(shards, tmp_path / "copy"), SentenceIndex(16, 0, 1024)
+    lengths = [[len(s.tokens) for s in read_sentences(str(shard))] for shard in sorted(copy.glob("*.tar"))]
+    for shard, counts in zip(sorted(copy.glob("*.tar")), lengths):
+        index.shards[shard.name] = {"sentences": len(counts), "tokens": sum(counts), "bytes": shard.stat().st_size}
+    write_lengths(copy, np.concatenate(lengths))
+    index.write(copy)
+    dm = LVMDataModule(train_shards=str(copy), seq_len=32, batch_size=2, num_workers=2)
+    dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": 5})
+    assert capsys.readouterr().err == (
+        "resuming epoch 1 after 5 batches per device: each reader finds its place from the sentence lengths "
+        "(lengths.npy) and reads only the shards it still needs\n"
+    )
 
 
 def test_positions_saved_before_the_layout_was_recorded_still_load(shards):

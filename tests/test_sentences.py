@@ -21,7 +21,7 @@ from lvm.tokenize.derive import apply_mask, gray, mask_params
 from sentences import build as build_module
 from sentences.build import build, main
 from sentences.errors import SentenceError
-from sentences.formats import ORIGINAL, read_report, token_member
+from sentences.formats import LENGTHS_NAME, ORIGINAL, read_report, token_member
 from sentences.kinds import _group_chunks
 from sentences.spec import load_spec
 from sentences.stream import PackedStream
@@ -99,13 +99,14 @@ def run_build(tmp_path: Path, sources: list[dict], **top) -> tuple[dict, list[tu
     out = tmp_path / "out"
     build(load_spec(spec_path), out)
     index = json.loads((out / "index.json").read_text())
-    sentences = []
+    sentences, lengths = [], []
     for shard in sorted(out.glob("sentences-*.tar")):
         listed, counted = index["shards"][shard.name], {"sentences": 0, "tokens": 0}
         for sample in wds.tarfile_samples([{"url": str(shard)}]):
             t = np.load(io.BytesIO(sample["tokens.npy"]))
             counted["sentences"] += 1
             counted["tokens"] += len(t)
+            lengths.append(len(t))
             assert t.dtype == np.uint16 and t[0] == BOS_ID and t[-1] == EOS_ID
             assert (len(t) - 2) % N == 0 and not np.isin(t[1:-1], [BOS_ID, EOS_ID]).any()
             info = json.loads(sample["json"])
@@ -114,6 +115,8 @@ def run_build(tmp_path: Path, sources: list[dict], **top) -> tuple[dict, list[tu
             sentences.append((sample["__key__"], slots, info))
         # the stream trusts these counts without reading the shard: they must be what it holds
         assert counted == {k: listed[k] for k in ("sentences", "tokens")} and listed["bytes"] == shard.stat().st_size
+    # a resume finds its place from these lengths without reading the shards
+    assert list(index["shards"]) == sorted(index["shards"]) and np.load(out / LENGTHS_NAME).tolist() == lengths
     return index, sentences
 
 

@@ -16,13 +16,17 @@ from torch.utils.data import DataLoader
 import sentences.stream
 from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
+from sentences.formats import LENGTHS_NAME, write_lengths
 from sentences.stream import PackedStream
 
 SEQ, BATCH = 31, 2
 
 
-def write_sentences(folder: Path, sentences: list[np.ndarray], per_shard: int, index: bool = True) -> None:
-    """Sentence shards as sentences.build writes them (with index.json unless ``index`` is False)."""
+def write_sentences(
+    folder: Path, sentences: list[np.ndarray], per_shard: int, index: bool = True, lengths: bool = True
+) -> None:
+    """Sentence shards as sentences.build writes them (with index.json unless ``index`` is False, and lengths.npy
+    unless ``lengths`` is False)."""
     folder.mkdir(parents=True, exist_ok=True)
     shards = {}
     for k, start in enumerate(range(0, len(sentences), per_shard)):
@@ -34,6 +38,8 @@ def write_sentences(folder: Path, sentences: list[np.ndarray], per_shard: int, i
         shards[path.name] = {"sentences": len(chunk), "tokens": sum(map(len, chunk)), "bytes": path.stat().st_size}
     if index:
         (folder / "index.json").write_text(json.dumps({"shards": shards}))
+        if lengths:
+            write_lengths(folder, np.array([len(tokens) for tokens in sentences]))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +146,74 @@ def test_resume_mid_epoch_continues_exactly(shards: tuple[Path, Counter], worker
     assert resumed.state_dict() == state
     rest = epoch(resumed, workers)
     assert torch.equal(windows(taken + rest), windows(full))
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 sentences of 3..60 tokens in 24 shards, with index.json and lengths.npy."""
+    rng = np.random.default_rng(1)
+    sentences = [
+        np.concatenate([[BOS_ID], rng.integers(0, 8192, n), [EOS_ID]]).astype(np.uint16)
+        for n in rng.integers(1, 58, size=300)
+    ]
+    folder = tmp_path_factory.mktemp("many")
+    write_sentences(folder, sentences, per_shard=13)
+    return folder
+
+
+@pytest.mark.parametrize("lengths", [True, False], ids=["lengths.npy", "by reading"])
+@pytest.mark.parametrize("buffer", [1, 3, 16, 4096])
+def test_resume_finds_the_shuffles_place_exactly(
+    tmp_path: Path, many_shards: Path, monkeypatch: pytest.MonkeyPatch, buffer: int, lengths: bool
+) -> None:
+    """A resumed reader works out where its buffer shuffle stood from the sentence lengths: every position of the
+    epoch continues with exactly the batches of the uninterrupted run, whether the shuffle was still filling its
+    buffer, swapping items through it, or draining it at the end of the span (4096: all of this data fits)."""
+    monkeypatch.setattr(sentences.stream, "SHUFFLE_BUFFER", buffer)
+    folder = many_shards
+    if not lengths:
+        for path in many_shards.iterdir():
+            if path.name != LENGTHS_NAME:
+                (tmp_path / path.name).write_bytes(path.read_bytes())
+        folder = tmp_path
+    for seq_len, batch_size, world in [(31, 2, 2), (6, 1, 1)]:
+        stream = PackedStream(str(folder), seq_len, batch_size, seed=5, rank=world - 1, world_size=world, doc_ids=True)
+        stream.set_epoch(1)
+        full = list(stream)
+        for consumed in sorted({1, 2, len(full) // 3, len(full) // 2, len(full) - 2, len(full) - 1}):
+            stream.load_state_dict({"epoch": 1, "batches_consumed": consumed})
+            rest = list(stream)
+            assert len(rest) == len(full) - consumed
+            for got, want in zip(rest, full[consumed:]):
+                assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_resume_from_lengths_reads_only_the_shards_still_needed(many_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Late in an epoch a resumed reader opens the few shards whose sentences its shuffle buffer still holds or
+    has still to take in, not the ones it consumed (it used to re-read them all to skip them)."""
+    monkeypatch.setattr(sentences.stream, "SHUFFLE_BUFFER", 4)
+    stream = PackedStream(str(many_shards), 6, 1, seed=5)
+    full = list(stream)
+    read = Counter()
+    real = sentences.stream.read_sentences
+    monkeypatch.setattr(sentences.stream, "read_sentences", lambda path: read.update([path]) or real(path))
+    stream.load_state_dict({"epoch": 0, "batches_consumed": len(full) - 3})
+    assert [b["input_ids"].tolist() for b in stream] == [b["input_ids"].tolist() for b in full[-3:]]
+    assert 1 <= len(read) <= 4 and set(read.values()) == {1}  # of the 24
+
+
+def test_lengths_of_another_build_are_refused(tmp_path: Path, many_shards: Path) -> None:
+    for path in many_shards.iterdir():
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    write_lengths(tmp_path, np.full(300, 9))
+    stream = PackedStream(str(tmp_path), 6, 1, seed=5)
+    stream.load_state_dict({"epoch": 0, "batches_consumed": 3})
+    with pytest.raises(SentenceError, match=r"lengths.npy: 117 tokens for sentences-0000\d\d.tar, index.json lists "
+                       r"[\d,]+: it belongs to another build"):
+        list(stream)
+    write_lengths(tmp_path, np.full(299, 9))
+    with pytest.raises(SentenceError, match=r"lengths.npy: int64 \(299,\), index.json lists 300 sentences"):
+        list(stream)
 
 
 def test_a_position_at_the_epochs_end_yields_nothing_and_reads_nothing(
