@@ -3,8 +3,9 @@
 `lvm.tokenize --label-palette` colours single-channel label maps through it before tokenizing, and
 `lvm.annotate --tasks segmentation` writes its label maps as palette PNGs carrying it, so a label means the
 same colour whichever way a map reaches the tokenizer. The release coloured segmentation through a fixed
-random 256-entry palette too (/work/shared/REFERENCE.md). It is drawn from Python's `random` seeded by a
-string, whose stream is stable across Python and NumPy versions, so the colours never change.
+random 256-entry palette too (ytongbai/LVM, tokenize_examples/map_color.py), whose colours were never published.
+This one is drawn from Python's `random` seeded by a string, whose stream is stable across Python and NumPy
+versions, so the colours never change.
 """
 
 from __future__ import annotations

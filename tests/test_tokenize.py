@@ -230,6 +230,53 @@ def test_video_frames_at_a_stride(inputs, reference):
     assert len(set(frames)) == 3  # the frames differ, so do their tokens
 
 
+def test_the_release_video_resize_is_opencvs_bilinear_resize():
+    """The LVM release resized video frames with cv2.resize(frame, (256, 256)): bilinear, no antialiasing."""
+    import cv2
+
+    frame = RNG.integers(0, 256, (270, 480, 3), dtype=np.uint8)
+    frame[::2] //= 3  # fine stripes: what antialiasing smooths away and plain bilinear aliases
+    want = cv2.resize(frame, (64, 64)).astype(np.float64)
+    got = {mode: resize_square(to_rgb_float(frame), 64, mode).permute(1, 2, 0).double().numpy() * 255
+           for mode in ("release_video", "stretch")}
+    assert np.abs(got["release_video"] - want).max() <= 1.0  # uint8 rounding
+    assert np.abs(got["stretch"] - want).mean() > 10  # the tokenizer's own resize, for images
+
+
+def test_video_frames_resized_as_the_release_with_video_resize_release(inputs, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
+    (tmp_path / "clips").mkdir()
+    with av.open(str(tmp_path / "clips" / "fine.mkv"), "w") as container:  # lossless, 4x the tokenizer's size
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 256, 192, "yuv444p"
+        for _ in range(3):
+            pixels = RNG.integers(0, 256, (192, 256, 3), dtype=np.uint8)
+            pixels[::2] //= 4  # fine stripes, which antialiasing smooths away and plain bilinear aliases
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    for how in ("tokenizer", "release"):
+        assert _run(tiny_tokenizer_dir, tmp_path / how, tmp_path / "clips", inputs / "photos",
+                    extra=("--video-resize", how)) == 0
+    frames = list(read_video(str(tmp_path / "clips" / "fine.mkv"), "fine.mkv", 1, "clips"))
+    resized = [to_value_range(resize_square(p.pixels, tiny_tokenizer.image_size, "release_video").clamp(0, 1),
+                              tiny_tokenizer.config.value_range) for p in frames]
+    want = np.concatenate([tiny_tokenizer.encode_pixels(torch.stack(resized[i : i + 2])).numpy()
+                           for i in range(0, len(resized), 2)])  # the run's batches of 2
+    got = {how: _samples(tmp_path / how / "clips-vid-000000.tar") for how in ("tokenizer", "release")}
+    assert [_tokens(got["release"][p.key]["tokens.npy"]).tolist() for p in frames] == want.tolist()
+    assert any(got["release"][key]["tokens.npy"] != got["tokenizer"][key]["tokens.npy"] for key in got["release"])
+    for shard in ("photos-img-000000.tar",):  # images keep the tokenizer's resize
+        assert (tmp_path / "release" / shard).read_bytes() == (tmp_path / "tokenizer" / shard).read_bytes()
+    # the setting is part of a shard's fingerprint; left at its default it is left out, so shards made before the
+    # option existed are still complete
+    reports = {how: json.loads((tmp_path / how / "clips-vid-000000.report.json").read_text()) for how in got}
+    assert reports["release"]["fingerprint"] != reports["tokenizer"]["fingerprint"]
+    assert "video_resize" not in Options().fingerprinted() and Options(video_resize="release").fingerprinted()["video_resize"] == "release"
+    with pytest.raises(TokenizeError, match=r"--video-resize: 'cv2', choose from tokenizer, release"):
+        Options(video_resize="cv2")
+
+
 def test_equally_named_videos_of_two_roots_stay_two_videos(inputs, tiny_tokenizer_dir, tmp_path):
     """ds1/clip.mp4 and ds2/clip.mp4: the sentence builders group frames by `video`, which must tell them apart."""
     (tmp_path / "other").mkdir()

@@ -108,11 +108,15 @@ def cut_aspect(x: Tensor, at_random: bool = False) -> Tensor:
 
 
 def resize_square(x: Tensor, size: int, mode: str) -> Tensor:
-    """[C, H, W] -> [C, size, size]: 'stretch' straight to the square, 'center_crop' keeps the aspect ratio."""
+    """[C, H, W] -> [C, size, size]: 'stretch' straight to the square, 'center_crop' keeps the aspect ratio,
+    'release_video' stretches as the LVM release resized video frames: OpenCV's ``cv2.resize(frame, (size,
+    size))``, bilinear without antialiasing (its images went through PIL, bicubic with it: 'stretch')."""
     if x.shape[-2:] == (size, size):
         return x
     if mode == "stretch":
         return TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    if mode == "release_video":
+        return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=False)
     x = TF.resize(cut_aspect(x), size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side -> size
     return TF.center_crop(x, [size, size])
 

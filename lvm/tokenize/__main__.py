@@ -18,7 +18,7 @@ import weights
 from common.errors import exit_on
 from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least
 from lvm.tokenize.derive import VARIANTS
-from lvm.tokenize.pipeline import Job, Options, ranks_from_env, run
+from lvm.tokenize.pipeline import VIDEO_RESIZES, Job, Options, ranks_from_env, run
 
 
 def _variants(text: str) -> tuple[str, ...]:
@@ -53,6 +53,10 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--jpeg-draft", action="store_true",
                    help="decode JPEGs of at least twice the tokenizer's input size at 1/2, 1/4 or 1/8 scale "
                         "(libjpeg DCT scaling): several times faster on large images, slightly different pixels")
+    p.add_argument("--video-resize", choices=VIDEO_RESIZES, default="tokenizer",
+                   help="how video frames reach the tokenizer's size: its own resize policy, as images, or 'release': "
+                        "as the LVM release tokenized video (OpenCV's bilinear resize to the square, no antialiasing), "
+                        "for video the released LVM-7B is to read as it was trained")
     p.add_argument("--seed", type=int, default=0, help="seed of the inpainting masks (each drawn from seed + key)")
     p.add_argument("--images-per-shard", type=at_least(1), default=1000, help="images of a folder per output shard")
     p.add_argument("--videos-per-shard", type=at_least(1), default=8, help="video files per output shard")
@@ -61,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     add_rank_device_arg(p)
     a = p.parse_args(argv)
     options = Options(derive=a.derive, video_stride=a.video_stride, label_palette=a.label_palette, seed=a.seed,
-                      jpeg_draft=a.jpeg_draft)
+                      jpeg_draft=a.jpeg_draft, video_resize=a.video_resize)
     return Job(
         shards=a.shards, out=a.out, tokenizer=a.tokenizer, options=options, batch_size=a.batch_size,
         workers=a.workers, images_per_shard=a.images_per_shard, videos_per_shard=a.videos_per_shard,

@@ -64,6 +64,7 @@ class Picture:
     key: str
     pixels: Tensor
     meta: dict
+    video_file: bool = False  # a frame of a video file (not an image, nor a frame folder's image)
 
 
 @dataclass
@@ -330,7 +331,7 @@ def _video_frame(frame: av.VideoFrame, path: str, key: str, video: str, index: i
         "width": pixels.shape[2],
         "height": pixels.shape[1],
     }
-    return Picture(f"{key}/{index:06d}", pixels, meta)
+    return Picture(f"{key}/{index:06d}", pixels, meta, video_file=True)
 
 
 def read_unit(unit: Unit, opts: DecodeOptions) -> Iterator[Picture | Skip]:

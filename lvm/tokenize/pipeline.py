@@ -35,6 +35,11 @@ from lvm.tokenize.writer import ShardWriter, recorded_skips, shard_paths, shard_
 from sentences.formats import ORIGINAL, token_report
 from tokenizer.preprocess import resize_square, to_value_range
 
+VIDEO_RESIZES = ("tokenizer", "release")
+"""How ``--video-resize`` brings video frames to the tokenizer's size: by the tokenizer's own resize policy (the
+released tokenizer's: bicubic with antialiasing, as for images), or as the LVM release tokenized video, with
+OpenCV's bilinear resize without antialiasing (``tokenizer.preprocess.resize_square``'s 'release_video')."""
+
 
 @dataclass(frozen=True)
 class Options:
@@ -45,6 +50,7 @@ class Options:
     label_palette: bool = False
     seed: int = 0
     jpeg_draft: bool = False  # decode large JPEGs at reduced scale (faster, slightly different pixels)
+    video_resize: str = "tokenizer"  # video frames resized by the tokenizer's policy, or "release": as the LVM release
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.derive) - set(VARIANTS))
@@ -52,7 +58,17 @@ class Options:
             raise TokenizeError(f"unknown derived variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
         if self.video_stride < 1:
             raise TokenizeError("--video-stride must be at least 1")
+        if self.video_resize not in VIDEO_RESIZES:
+            raise TokenizeError(f"--video-resize: {self.video_resize!r}, choose from {', '.join(VIDEO_RESIZES)}")
         object.__setattr__(self, "derive", tuple(v for v in VARIANTS if v in self.derive))
+
+    def fingerprinted(self) -> dict:
+        """The options as a shard's fingerprint records them. A field added since leaves it when it has its
+        default, so that shards made before the field existed stay complete."""
+        options = asdict(self)
+        if options["video_resize"] == "tokenizer":
+            del options["video_resize"]
+        return options
 
 
 @dataclass
@@ -83,9 +99,14 @@ class Resize:
     size: int
     mode: str
     value_range: tuple[float, float]
+    video_mode: str | None = None  # the resize mode of video-file frames (None: ``mode``)
 
-    def __call__(self, x01: Tensor) -> Tensor:
-        return to_value_range(resize_square(x01, self.size, self.mode).clamp(0.0, 1.0), self.value_range).contiguous()
+    def mode_for(self, video_file: bool) -> str:
+        return self.video_mode if video_file and self.video_mode else self.mode
+
+    def __call__(self, x01: Tensor, video_file: bool = False) -> Tensor:
+        resized = resize_square(x01, self.size, self.mode_for(video_file)).clamp(0.0, 1.0)
+        return to_value_range(resized, self.value_range).contiguous()
 
 
 @dataclass
@@ -125,11 +146,11 @@ class UnitBatches(IterableDataset):
                 images.append(gray(picture.pixels))
             else:
                 meta["mask"] = mask_params(picture.key, self.options.seed)
-                images.append(apply_mask(picture.pixels, meta["mask"], self.resize.mode))
+                images.append(apply_mask(picture.pixels, meta["mask"], self.resize.mode_for(picture.video_file)))
         if self.options.label_palette:
             meta["label_palette"] = PALETTE_SEED
         meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-        return picture.key, meta_json, [self.resize(image) for image in images]
+        return picture.key, meta_json, [self.resize(image, picture.video_file) for image in images]
 
     def _batch(self, index: int, rows: list, skips: list[Skip], last: bool) -> Batch:
         variants = 1 + len(self.options.derive)
@@ -212,7 +233,7 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
     # Config plus the weights' digest: a shard made by another tokenizer is never taken as done.
     made_by = {"config": tok.config.to_dict(), "weights": identity["digest"]}
     recipe = {"mask_recipe": MASK_RECIPE} if "masked" in job.options.derive else {}  # masks change with it
-    settings = json.dumps({"options": asdict(job.options), "tokenizer": made_by, **recipe}, sort_keys=True)
+    settings = json.dumps({"options": job.options.fingerprinted(), "tokenizer": made_by, **recipe}, sort_keys=True)
     mine = units[rank::world]  # split before checking what is done, so every rank sees the same split
     fingerprints = [hashlib.sha1(f"{settings}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine]
     states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
@@ -273,7 +294,8 @@ def run(job: Job) -> Summary:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
     summary = Summary(shards_already_done=todo.already_done, skipped_earlier=todo.skipped_earlier)
     encode = Encoder(tok)
-    resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range)
+    video_mode = "release_video" if job.options.video_resize == "release" else None
+    resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range, video_mode)
     dataset = UnitBatches(todo.units, job.options, resize, job.batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda,
                         worker_init_fn=leave_stop_signals_to_main)
