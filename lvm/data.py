@@ -225,7 +225,11 @@ class LVMDataModule(L.LightningDataModule):
         """The resume's one line: where the shards have no lengths.npy, each reader re-reads what it already gave
         this epoch before its first batch, which late in an epoch takes long enough to pass for a hang."""
         head = f"resuming epoch {self.epoch} after {self.batches_consumed:,} batches per device: "
-        if all(has_lengths(folder) for folder in {os.path.dirname(p) for p in expand_shards(self.train_shards)}):
+        try:
+            known = has_lengths(expand_shards(self.train_shards))
+        except SentenceError as e:
+            raise ConfigError(f"data.train_shards: {e}") from None
+        if known:
             return head + "each reader finds its place from the sentence lengths (lengths.npy) and reads only the shards it still needs"
         readers = max(1, self.num_workers)
         batches = -(-self.batches_consumed // readers)  # the most any worker skips (its share of the round-robin)

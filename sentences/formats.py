@@ -217,48 +217,60 @@ def write_lengths(folder: str | Path, lengths: np.ndarray) -> None:
         np.save(f, np.asarray(lengths, dtype=np.int64), allow_pickle=False)
 
 
-def has_lengths(folder: str) -> bool:
-    """Whether ``folder`` holds the ``LENGTHS_NAME`` and ``index.json`` of a build."""
-    return all(os.path.isfile(os.path.join(folder, name)) for name in (LENGTHS_NAME, INDEX_NAME))
+def has_lengths(paths: Sequence[str]) -> bool:
+    """Whether the ``LENGTHS_NAME`` of their folders gives the sentence lengths of all these shards."""
+    return all(os.path.basename(path) in _lengths_of(os.path.dirname(path))[1] for path in paths)
 
 
 def indexed_lengths(path: str) -> np.ndarray | None:
     """The token count of each sentence of the shard ``path``, in order, from the ``LENGTHS_NAME`` of its folder;
-    None when the folder has none or its ``index.json`` does not list the shard. Lengths that do not add up to the
-    index's counts are an error: the file belongs to another build."""
+    None when the folder has none or its ``index.json`` does not list the shard with its counts. Lengths that do
+    not add up to the index's counts, or of less than a sentence's two tokens, are an error: the file belongs to
+    another build."""
     folder, name = os.path.dirname(path), os.path.basename(path)
-    lengths_path = os.path.join(folder, LENGTHS_NAME)
-    try:
-        stat = os.stat(lengths_path)
-    except FileNotFoundError:
-        return None
-    lengths, slices = _folder_lengths(folder, stat.st_size, stat.st_mtime_ns)
+    lengths, slices = _lengths_of(folder)
     if name not in slices:
         return None
     entry, where = slices[name]
     shard = np.asarray(lengths[where], dtype=np.int64)
-    if int(shard.sum()) != int(entry["tokens"]):
-        raise SentenceError(lengths_path, f"{int(shard.sum()):,} tokens for {name}, index.json lists "
-                            f"{int(entry['tokens']):,}: it belongs to another build (remove it to resume by reading)")
+    if int(shard.sum()) != int(entry["tokens"]) or (len(shard) and int(shard.min()) < 2):
+        raise SentenceError(os.path.join(folder, LENGTHS_NAME), f"{int(shard.sum()):,} tokens in {len(shard):,} "
+                            f"sentences of at least {int(shard.min()) if len(shard) else 0} for {name}, index.json lists "
+                            f"{int(entry['tokens']):,}: {ANOTHER_BUILD}")
     return shard
+
+
+ANOTHER_BUILD = "it belongs to another build (remove it to resume by re-reading)"
+"""What lengths that do not fit their shards mean, and what to do."""
+
+
+def _lengths_of(folder: str) -> tuple[np.ndarray, dict[str, tuple[dict, slice]]]:
+    """``_folder_lengths`` of the folder's file as it is now; nothing for a folder without one."""
+    try:
+        stat = os.stat(os.path.join(folder, LENGTHS_NAME))
+    except FileNotFoundError:
+        return np.empty(0, dtype=np.int64), {}
+    return _folder_lengths(folder, stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
 def _folder_lengths(folder: str, size: int, mtime_ns: int) -> tuple[np.ndarray, dict[str, tuple[dict, slice]]]:
     """A folder's lengths (memory-mapped) and, per shard its index lists, its entry and slice of them; cached for
-    the file as it is (its size and modification time)."""
+    the file as it is (its size and modification time). An index whose entries lack their counts (not one
+    ``sentences.build`` wrote) places no shard."""
     path = os.path.join(folder, LENGTHS_NAME)
     try:
         lengths = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exn:
-        raise SentenceError(path, f"unreadable ({exn})") from None
+    except (OSError, ValueError, EOFError) as exn:
+        raise SentenceError(path, f"unreadable ({type(exn).__name__}: {exn})") from None
     slices, start = {}, 0
     for name, entry in indexed_shards(folder).items():
-        slices[name] = entry, slice(start, start + int(entry["sentences"]))
-        start += int(entry["sentences"])
+        if not (isinstance(entry, dict) and isinstance(entry.get("sentences"), int) and isinstance(entry.get("tokens"), int)):
+            return lengths, {}
+        slices[name] = entry, slice(start, start + entry["sentences"])
+        start += entry["sentences"]
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu" or len(lengths) != start:
-        raise SentenceError(path, f"{lengths.dtype} {lengths.shape}, index.json lists {start:,} sentences: it "
-                            "belongs to another build (remove it to resume by reading)")
+        raise SentenceError(path, f"{lengths.dtype} {lengths.shape}, index.json lists {start:,} sentences: {ANOTHER_BUILD}")
     return lengths, slices
 
 

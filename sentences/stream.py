@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common.files import expand_shards
 from sentences.errors import SentenceError
-from sentences.formats import indexed_lengths, indexed_shards, read_sentences
+from sentences.formats import ANOTHER_BUILD, LENGTHS_NAME, has_lengths, indexed_lengths, indexed_shards, read_sentences
 
 SHUFFLE_BUFFER = 4096
 """Sentences a reader holds to shuffle (at most ~32 MB at 16 images of 256 tokens); the build already shuffled
@@ -68,17 +68,6 @@ def _tokens_read(path: str, size: int, mtime_ns: int) -> int:
     return sum(len(sentence.tokens) for sentence in read_sentences(path))
 
 
-def sentence_lengths(path: str, tokens: int) -> np.ndarray:
-    """The token count of each sentence of a shard, in order: from the ``lengths.npy`` ``sentences.build`` wrote
-    beside it, else by reading the shard. ``tokens`` is the shard's count as ``shard_tokens`` gave it."""
-    lengths = indexed_lengths(path)
-    if lengths is None:
-        lengths = np.array([len(sentence.tokens) for sentence in read_sentences(path)], dtype=np.int64)
-        if int(lengths.sum()) != tokens:
-            raise SentenceError(path, f"holds {int(lengths.sum())} tokens, expected {tokens} (changed while training?)")
-    return lengths
-
-
 class PackedStream(IterableDataset):
     """Sentence shards as ready batches of packed windows; see the module docstring for the epoch layout.
 
@@ -95,9 +84,9 @@ class PackedStream(IterableDataset):
     yields batch ``n`` of epoch ``e`` first, then the same batches in the same order as the uninterrupted run.
     The DataLoader hands batches out round-robin (batch ``i`` from worker ``i % W``), so worker ``w`` takes the
     part of worker ``(w + n) % W`` and starts after the batches that part already produced. It finds that place
-    from the sentence lengths alone (``lengths.npy``, written by ``sentences.build``; shards without one are read
-    to count them) and then reads only the shards holding sentences still to come. Batches prefetched but not
-    consumed are simply produced again. This needs the same shards, seed, ``world_size`` and ``num_workers`` as
+    from the sentence lengths alone (``lengths.npy``, written by ``sentences.build``) and then reads only the
+    shards holding sentences still to come; without them it re-reads the batches already produced to skip them.
+    Batches prefetched but not consumed are simply produced again. This needs the same shards, seed, ``world_size`` and ``num_workers`` as
     the run that saved the state.
     """
 
@@ -170,12 +159,13 @@ class PackedStream(IterableDataset):
         start, end = reader * span, (reader + 1) * span
         shards = self._span_shards(start, end)
         rng = np.random.default_rng([self.seed, self.epoch, reader])
-        if skip:
-            shuffled = self._resumed(shards, start, end, skip * batch_tokens, rng)
-        else:
+        if skip and has_lengths([self.shards[shard] for shard, _ in shards]):
+            shuffled, skip = self._resumed(shards, start, end, skip * batch_tokens, rng), 0
+        else:  # from the start of the span; a resume without the sentence lengths re-reads what it skips
             shuffled = _shuffle(itertools.chain.from_iterable(self._pieces(*shard, start, end) for shard in shards), rng)
-        for tokens, docs in _pack(shuffled, batch_tokens, self.doc_ids):
-            yield self._batch(tokens, docs)
+        for i, (tokens, docs) in enumerate(_pack(shuffled, batch_tokens, self.doc_ids)):
+            if i >= skip:
+                yield self._batch(tokens, docs)
 
     def _span_shards(self, start: int, end: int) -> list[tuple[int, int]]:
         """The shards holding tokens ``start`` to ``end`` of this epoch's stream, in stream order, each as (its
@@ -206,7 +196,7 @@ class PackedStream(IterableDataset):
 
     def _piece_lengths(self, shard: int, first: int, start: int, end: int) -> np.ndarray:
         """The lengths of what ``_pieces`` yields, from the sentence lengths, without reading the shard's tokens."""
-        lengths = sentence_lengths(self.shards[shard], int(self.tokens[shard]))
+        lengths = indexed_lengths(self.shards[shard])
         ends = first + np.cumsum(lengths)
         begins = ends - lengths
         inside = (ends > start) & (begins < end)
@@ -258,7 +248,14 @@ class PackedStream(IterableDataset):
                     number += counts[k]
                     continue
                 stop = int(inside[-1]) + 1
+            assumed = self._piece_lengths(*shard, start, end) if k < len(counts) else None
             for piece in self._pieces(*shard, start, end):
+                if assumed is not None and len(piece) != assumed[number - first]:
+                    raise SentenceError(
+                        os.path.join(os.path.dirname(self.shards[shard[0]]), LENGTHS_NAME),
+                        f"sentence {number - first} of {os.path.basename(self.shards[shard[0]])} holds "
+                        f"{len(piece)} tokens here, {assumed[number - first]} there: {ANOTHER_BUILD}",
+                    )
                 if number in wanted or (after is not None and number >= after):
                     yield number, piece
                 number += 1

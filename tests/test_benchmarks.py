@@ -19,7 +19,7 @@ def test_bench_stream_writes_its_synthetic_shards_and_reports_a_rate():
     assert found, done.stdout
     assert int(found.group(1).replace(",", "")) > 0 and int(found.group(2)) >= 2
     resumed = re.search(r"resume after (\d+) of one reader's batches: first batch in [\d.]+ s from lengths.npy, "
-                        r"[\d.]+ s by re-reading \(\d+x\)", done.stdout)
+                        r"[\d.]+ s by re-reading \(from lengths.npy: [\d.]+x the time\)", done.stdout)
     assert resumed and int(resumed.group(1)) == int(found.group(2)) // 2, done.stdout
 
 

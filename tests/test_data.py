@@ -148,6 +148,9 @@ def test_a_resume_from_sentence_lengths_says_it_reads_no_more(shards, tmp_path, 
         "resuming epoch 1 after 5 batches per device: each reader finds its place from the sentence lengths "
         "(lengths.npy) and reads only the shards it still needs\n"
     )
+    (copy / "lengths.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ConfigError, match=r"^data\.train_shards: .*lengths.npy: unreadable"):
+        dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": 5})
 
 
 def test_positions_saved_before_the_layout_was_recorded_still_load(shards):

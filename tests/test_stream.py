@@ -202,18 +202,61 @@ def test_resume_from_lengths_reads_only_the_shards_still_needed(many_shards: Pat
     assert 1 <= len(read) <= 4 and set(read.values()) == {1}  # of the 24
 
 
+def _copy(folder: Path, to: Path) -> Path:
+    for path in folder.iterdir():
+        (to / path.name).write_bytes(path.read_bytes())
+    return to
+
+
+def _resume_at(folder: Path, consumed: int) -> list[dict[str, torch.Tensor]]:
+    stream = PackedStream(str(folder), 6, 1, seed=5)
+    stream.load_state_dict({"epoch": 0, "batches_consumed": consumed})
+    return list(stream)
+
+
 def test_lengths_of_another_build_are_refused(tmp_path: Path, many_shards: Path) -> None:
-    for path in many_shards.iterdir():
-        (tmp_path / path.name).write_bytes(path.read_bytes())
-    write_lengths(tmp_path, np.full(300, 9))
-    stream = PackedStream(str(tmp_path), 6, 1, seed=5)
-    stream.load_state_dict({"epoch": 0, "batches_consumed": 3})
-    with pytest.raises(SentenceError, match=r"lengths.npy: 117 tokens for sentences-0000\d\d.tar, index.json lists "
-                       r"[\d,]+: it belongs to another build"):
-        list(stream)
-    write_lengths(tmp_path, np.full(299, 9))
+    """lengths.npy must fit its shards: by count, by each shard's tokens, by each sentence the reader opens."""
+    folder = _copy(many_shards, tmp_path)
+    lengths = np.load(folder / LENGTHS_NAME)
+    write_lengths(folder, np.full(300, 9))
+    with pytest.raises(SentenceError, match=r"lengths.npy: 117 tokens in 13 sentences of at least 9 for "
+                       r"sentences-0000\d\d.tar, index.json lists [\d,]+: it belongs to another build"):
+        _resume_at(folder, 3)
+    write_lengths(folder, lengths[:-1])
     with pytest.raises(SentenceError, match=r"lengths.npy: int64 \(299,\), index.json lists 300 sentences"):
-        list(stream)
+        _resume_at(folder, 3)
+    (folder / LENGTHS_NAME).write_bytes(b"")
+    with pytest.raises(SentenceError, match=r"lengths.npy: unreadable \(EOFError"):
+        _resume_at(folder, 3)
+    shifted = lengths.copy()  # every shard's tokens as listed, but no sentence of at least 2 tokens
+    shifted[0], shifted[1] = lengths[0] + lengths[1] - 1, 1
+    write_lengths(folder, shifted)
+    with pytest.raises(SentenceError, match=r"at least 1 for sentences-000000.tar"):
+        _resume_at(folder, 3)
+
+
+def test_swapped_lengths_are_caught_in_the_shards_a_resume_reads(tmp_path: Path, many_shards: Path) -> None:
+    """Lengths that add up per shard but are in the wrong order: the shards the reader opens show it."""
+    folder = _copy(many_shards, tmp_path)
+    lengths = np.load(folder / LENGTHS_NAME)
+    for first in range(0, 299, 13):  # in every shard of two or more, its first two sentences swapped
+        lengths[first], lengths[first + 1] = lengths[first + 1], lengths[first]
+    assert (lengths != np.load(many_shards / LENGTHS_NAME)).any()
+    write_lengths(folder, lengths)
+    with pytest.raises(SentenceError, match=r"lengths.npy: sentence \d+ of sentences-0000\d\d.tar holds \d+ tokens "
+                       r"here, \d+ there: it belongs to another build"):
+        _resume_at(folder, 100)
+
+
+def test_without_usable_lengths_a_resume_re_reads(tmp_path: Path, many_shards: Path) -> None:
+    """An index.json without per-shard counts (another tool's) places no shard in lengths.npy."""
+    folder = _copy(many_shards, tmp_path)
+    index = json.loads((folder / "index.json").read_text())
+    for entry in index["shards"].values():
+        del entry["sentences"]
+    (folder / "index.json").write_text(json.dumps(index))
+    full = list(PackedStream(str(many_shards), 6, 1, seed=5))
+    assert [b["input_ids"].tolist() for b in _resume_at(folder, 100)] == [b["input_ids"].tolist() for b in full[100:]]
 
 
 def test_a_position_at_the_epochs_end_yields_nothing_and_reads_nothing(
