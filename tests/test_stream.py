@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import sentences.stream
 from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
-from sentences.formats import LENGTHS_NAME, write_lengths
+from sentences.formats import LENGTHS_NAME, read_sentences, write_lengths
 from sentences.stream import PackedStream
 
 SEQ, BATCH = 31, 2
@@ -257,6 +257,103 @@ def test_without_usable_lengths_a_resume_re_reads(tmp_path: Path, many_shards: P
     (folder / "index.json").write_text(json.dumps(index))
     full = list(PackedStream(str(many_shards), 6, 1, seed=5))
     assert [b["input_ids"].tolist() for b in _resume_at(folder, 100)] == [b["input_ids"].tolist() for b in full[100:]]
+
+
+# Review 35: spans that end exactly on sentence and shard ends, mixed folders, indexes without counts.
+@pytest.fixture(params=[4, 3], ids=["span ends on shard ends", "span ends mid-shard"])
+def aligned(tmp_path: Path, request) -> Path:
+    """64 sentences of exactly 8 tokens, 4 per shard (32 tokens a shard): with seq_len 7 and batch 1 (8 tokens a
+    batch) and 2 readers, every span boundary falls on a sentence and on a shard boundary."""
+    rng = np.random.default_rng(3)
+    sentences = [np.concatenate([[BOS_ID], rng.integers(0, 8192, 6), [EOS_ID]]).astype(np.uint16) for _ in range(64)]
+    write_sentences(tmp_path / "aligned", sentences, per_shard=request.param)
+    return tmp_path / "aligned"
+
+
+def test_spans_on_shard_and_sentence_boundaries(aligned: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sentences.stream, "SHUFFLE_BUFFER", 3)
+    shard_of = {tuple(t.tolist()): str(p) for p in sorted(aligned.glob("*.tar")) for _, t, _ in read_sentences(str(p))}
+    read = Counter()
+    real = sentences.stream.read_sentences
+    monkeypatch.setattr(sentences.stream, "read_sentences", lambda path: read.update([path]) or real(path))
+    for rank in (0, 1):
+        read.clear()
+        stream = PackedStream(str(aligned), 7, 1, seed=5, rank=rank, world_size=2, doc_ids=True)
+        full = list(stream)
+        assert len(full) == 32 and set(read.values()) == {1}
+        mine = {shard_of[tuple(torch.cat([b["input_ids"][0], b["labels"][0, -1:]]).tolist())] for b in full}
+        assert set(read) == mine  # the shards holding its sentences, no other
+        for b in full:  # whole sentences only: no empty pieces, no sentence cut
+            step = b["doc_ids"][:, 1:] - b["doc_ids"][:, :-1]
+            assert ((step == 0) | (step == 1)).all() and b["input_ids"][0, 0] == BOS_ID
+        for consumed in range(1, len(full)):
+            stream.load_state_dict({"epoch": 0, "batches_consumed": consumed})
+            read.clear()
+            rest = list(stream)
+            assert len(rest) == len(full) - consumed
+            # a resume opens only shards holding sentences still to come (one batch = one whole sentence here)
+            assert set(read) == {shard_of[tuple(torch.cat([b["input_ids"][0], b["labels"][0, -1:]]).tolist())] for b in rest}
+            for got, want in zip(rest, full[consumed:]):
+                assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_an_index_out_of_date_is_refused(aligned: Path) -> None:
+    index = json.loads((aligned / "index.json").read_text())
+    entry = index["shards"]["sentences-000003.tar"]
+    entry["tokens"] += 8
+    (aligned / "index.json").write_text(json.dumps(index))
+    (aligned / LENGTHS_NAME).unlink()
+    with pytest.raises(SentenceError, match=r"sentences-000003.tar: holds (32|24) tokens, expected (40|32) \(index.json out of date"):
+        for _ in range(4):
+            for rank in (0, 1):
+                list(PackedStream(str(aligned), 7, 1, seed=5, rank=rank, world_size=2))
+
+
+def test_a_fresh_epoch_does_not_read_lengths(aligned: Path) -> None:
+    """lengths.npy is only for resuming: a fresh epoch neither needs it nor is stopped by a broken one."""
+    full = list(PackedStream(str(aligned), 7, 1, seed=5))
+    (aligned / LENGTHS_NAME).write_bytes(b"")
+    assert [b["input_ids"].tolist() for b in PackedStream(str(aligned), 7, 1, seed=5)] == [b["input_ids"].tolist() for b in full]
+
+
+def _two_folders(tmp_path: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(4)
+    def some(n):
+        return [np.concatenate([[BOS_ID], rng.integers(0, 8192, k), [EOS_ID]]).astype(np.uint16) for k in rng.integers(1, 40, n)]
+    write_sentences(tmp_path / "a", some(40), per_shard=5)
+    write_sentences(tmp_path / "b", some(40), per_shard=5)
+    (tmp_path / "b" / LENGTHS_NAME).unlink()  # an older build: no lengths.npy
+    return tmp_path / "a", tmp_path / "b"
+
+
+def test_a_resume_over_folders_with_and_without_lengths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sentences.stream, "SHUFFLE_BUFFER", 3)
+    a, b = _two_folders(tmp_path)
+    shards = sorted(map(str, a.glob("*.tar"))) + sorted(map(str, b.glob("*.tar")))
+    stream = PackedStream(shards, 6, 1, seed=5)
+    full = list(stream)
+    for consumed in range(1, len(full), 7):
+        stream.load_state_dict({"epoch": 0, "batches_consumed": consumed})
+        assert [x["input_ids"].tolist() for x in stream] == [x["input_ids"].tolist() for x in full[consumed:]]
+
+
+def test_an_index_without_token_counts_resumes_by_reading(aligned: Path) -> None:
+    index = json.loads((aligned / "index.json").read_text())
+    for entry in index["shards"].values():
+        del entry["tokens"]
+    (aligned / "index.json").write_text(json.dumps(index))
+    stream = PackedStream(str(aligned), 7, 1, seed=5)
+    full = list(stream)
+    stream.load_state_dict({"epoch": 0, "batches_consumed": 20})
+    assert [x["input_ids"].tolist() for x in stream] == [x["input_ids"].tolist() for x in full[20:]]
+
+
+def test_float_lengths_are_refused(aligned: Path) -> None:
+    np.save(aligned / LENGTHS_NAME, np.load(aligned / LENGTHS_NAME).astype(np.float64))
+    stream = PackedStream(str(aligned), 7, 1, seed=5)
+    stream.load_state_dict({"epoch": 0, "batches_consumed": 20})
+    with pytest.raises(SentenceError, match=r"lengths.npy: float64"):
+        list(stream)
 
 
 def test_a_position_at_the_epochs_end_yields_nothing_and_reads_nothing(

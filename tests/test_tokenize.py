@@ -27,8 +27,8 @@ from PIL import Image, ImageOps
 import tokenizer
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError, pipeline
-from lvm.tokenize.__main__ import main
-from lvm.tokenize.decode import DecodeOptions, decode_image, read_batches, read_video
+from lvm.tokenize.__main__ import main, parse_args
+from lvm.tokenize.decode import DecodeOptions, Picture, decode_image, read_batches, read_video
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 from lvm.tokenize.pipeline import Options
 from lvm.tokenize.sources import find_units
@@ -243,6 +243,17 @@ def test_the_release_video_resize_is_opencvs_bilinear_resize():
     assert np.abs(got["stretch"] - want).mean() > 10  # the tokenizer's own resize, for images
 
 
+def test_the_release_video_resize_overrides_a_centre_crop_tokenizer_for_video_files_only():
+    """The release stretched its video frames whatever the tokenizer does with images; masks follow the resize."""
+    resize = pipeline.Resize(16, "center_crop", (0.0, 1.0), "release_video")
+    frame = torch.rand(3, 24, 40)
+    dataset = pipeline.UnitBatches([], Options(derive=("masked",), video_resize="release"), resize, 2)
+    for video_file, mode, mask_mode in ((True, "release_video", "stretch"), (False, "center_crop", "center_crop")):
+        _, _, (image, masked) = dataset._prepare(Picture("k", frame, {}, video_file=video_file))
+        assert torch.equal(image, resize_square(frame, 16, mode).clamp(0, 1))
+        assert torch.equal(masked, resize_square(apply_mask(frame, mask_params("k", 0), mask_mode), 16, mode).clamp(0, 1))
+
+
 def test_video_frames_resized_as_the_release_with_video_resize_release(inputs, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
     (tmp_path / "clips").mkdir()
     with av.open(str(tmp_path / "clips" / "fine.mkv"), "w") as container:  # lossless, 4x the tokenizer's size
@@ -273,6 +284,7 @@ def test_video_frames_resized_as_the_release_with_video_resize_release(inputs, t
     reports = {how: json.loads((tmp_path / how / "clips-vid-000000.report.json").read_text()) for how in got}
     assert reports["release"]["fingerprint"] != reports["tokenizer"]["fingerprint"]
     assert "video_resize" not in Options().fingerprinted() and Options(video_resize="release").fingerprinted()["video_resize"] == "release"
+    assert parse_args(["--shards", "in/"]).options == Options()  # the default: the tokenizer's own resize
     with pytest.raises(TokenizeError, match=r"--video-resize: 'cv2', choose from tokenizer, release"):
         Options(video_resize="cv2")
 
