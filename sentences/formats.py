@@ -253,7 +253,7 @@ def _lengths_of(folder: str) -> tuple[np.ndarray, dict[str, tuple[dict, slice]]]
     return _folder_lengths(folder, stat.st_size, stat.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=None)  # one entry per folder: a reader visits its folders in shuffled order
 def _folder_lengths(folder: str, size: int, mtime_ns: int) -> tuple[np.ndarray, dict[str, tuple[dict, slice]]]:
     """A folder's lengths (memory-mapped) and, per shard its index lists, its entry and slice of them; cached for
     the file as it is (its size and modification time). An index whose entries lack their counts (not one

@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+import sentences.formats
 import sentences.stream
 from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
@@ -354,6 +355,24 @@ def test_float_lengths_are_refused(aligned: Path) -> None:
     stream.load_state_dict({"epoch": 0, "batches_consumed": 20})
     with pytest.raises(SentenceError, match=r"lengths.npy: float64"):
         list(stream)
+
+
+def test_a_resume_over_many_folders_reads_each_index_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader visits its shards' folders in shuffled order: with a bounded cache of 64 folders, 70 folders parsed
+    their index.json (15 MB for a LAION-size build) again and again."""
+    rng = np.random.default_rng(6)
+    for k in range(70):
+        write_sentences(tmp_path / f"build{k:02d}", [np.concatenate([[BOS_ID], rng.integers(0, 8192, 9), [EOS_ID]])
+                                                   .astype(np.uint16) for _ in range(4)], per_shard=4)
+    monkeypatch.setattr(sentences.stream, "SHUFFLE_BUFFER", 2)
+    stream = PackedStream(str(tmp_path), 6, 1, seed=5)
+    full = list(stream)
+    parsed = Counter()
+    real = sentences.formats.indexed_shards
+    monkeypatch.setattr(sentences.formats, "indexed_shards", lambda folder: parsed.update([folder]) or real(folder))
+    stream.load_state_dict({"epoch": 0, "batches_consumed": len(full) - 2})
+    assert [b["input_ids"].tolist() for b in stream] == [b["input_ids"].tolist() for b in full[-2:]]
+    assert len(parsed) == 70 and set(parsed.values()) == {1}
 
 
 def test_a_position_at_the_epochs_end_yields_nothing_and_reads_nothing(
