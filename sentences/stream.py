@@ -225,8 +225,7 @@ class PackedStream(IterableDataset):
                 later = itertools.chain([piece], (piece for _, piece in pieces))
                 break
             found[number] = piece
-        if len(rest := found[place.piece][place.offset :]):
-            yield rest
+        yield found[place.piece][place.offset :]  # never empty: the place lies inside the piece
         if place.next_piece is None:  # the shuffle was draining its buffer
             yield from (found[number] for number in place.held)
         else:
@@ -240,27 +239,28 @@ class PackedStream(IterableDataset):
         before ``after`` holding none of them (``counts`` gives their piece counts) are not read."""
         marks = np.array(sorted(wanted), dtype=np.int64)
         number = 0
-        for k, shard in enumerate(shards):
-            first, stop = number, None  # stop: past the last piece wanted from a shard read only for some
-            if k < len(counts) and (after is None or first + counts[k] <= after):
-                inside = marks[(marks >= first) & (marks < first + counts[k])]
+        for k, (shard, offset) in enumerate(shards):
+            base, stop = number, None  # stop: past the last piece wanted from a shard read only for some
+            if k < len(counts) and (after is None or base + counts[k] <= after):
+                inside = marks[(marks >= base) & (marks < base + counts[k])]
                 if not len(inside):
                     number += counts[k]
                     continue
                 stop = int(inside[-1]) + 1
-            assumed = self._piece_lengths(*shard, start, end) if k < len(counts) else None
-            for piece in self._pieces(*shard, start, end):
-                if assumed is not None and len(piece) != assumed[number - first]:
+            assumed = self._piece_lengths(shard, offset, start, end) if k < len(counts) else None
+            for piece in self._pieces(shard, offset, start, end):
+                if assumed is not None and len(piece) != assumed[number - base]:
+                    path = self.shards[shard]
                     raise SentenceError(
-                        os.path.join(os.path.dirname(self.shards[shard[0]]), LENGTHS_NAME),
-                        f"sentence {number - first} of {os.path.basename(self.shards[shard[0]])} holds "
-                        f"{len(piece)} tokens here, {assumed[number - first]} there: {ANOTHER_BUILD}",
+                        os.path.join(os.path.dirname(path), LENGTHS_NAME),
+                        f"sentence {number - base} of {os.path.basename(path)} holds {len(piece)} tokens here, "
+                        f"{assumed[number - base]} there: {ANOTHER_BUILD}",
                     )
                 if number in wanted or (after is not None and number >= after):
                     yield number, piece
                 number += 1
                 if number == stop:
-                    number = first + counts[k]
+                    number = base + counts[k]
                     break
 
     def _batch(self, tokens: np.ndarray, docs: np.ndarray | None) -> dict[str, torch.Tensor]:
