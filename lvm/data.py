@@ -237,5 +237,5 @@ class LVMDataModule(L.LightningDataModule):
         return head + (
             f"each of its readers ({readers} per device) first re-reads ~{tokens:,} tokens ({batches:,} batches) to skip "
             f"them, ~{clock(tokens / _SKIP_TOKENS_PER_S)} at the ~{_SKIP_TOKENS_PER_S / 1e6:g}M tokens/s per reader of a "
-            "2-core CPU (shards without lengths.npy: rebuild them with sentences.build to resume without re-reading)"
+            "2-core CPU (shards without lengths.npy: run their sentences.build again, which keeps them and adds it)"
         )

@@ -126,7 +126,7 @@ def test_a_resume_mid_epoch_says_in_one_line_what_each_reader_re_reads(shards, c
     assert capsys.readouterr().err == (
         "resuming epoch 1 after 5 batches per device: each of its readers (2 per device) first re-reads ~198 tokens "
         "(3 batches) to skip them, ~0:00:00 at the ~1M tokens/s per reader of a 2-core CPU (shards without "
-        "lengths.npy: rebuild them with sentences.build to resume without re-reading)\n"
+        "lengths.npy: run their sentences.build again, which keeps them and adds it)\n"
     )
     dm.load_state_dict({**dm.state_dict(), "batches_consumed": 0})  # the start of an epoch: nothing to skip
     per_epoch = dm._stream(dm.train_shards).batches_per_epoch(2)

@@ -536,6 +536,12 @@ def test_build_is_deterministic_and_resumes_after_a_kill(
         == 52
         == sum(k["sentences"] for k in index["kinds"].values())
     )
+    # A build made before lengths.npy existed: the same command again adds it and leaves the shards as they are.
+    shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("sentences-*.tar")}
+    (tmp_path / "a" / LENGTHS_NAME).unlink()
+    assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / LENGTHS_NAME).read_bytes() == (tmp_path / "b" / LENGTHS_NAME).read_bytes()
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("sentences-*.tar")} == shards
 
 
 def test_tokens_mode_weights_set_each_sources_share(tmp_path: Path, tokens: Path) -> None:
