@@ -27,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from common.files import expand_shards
 from common.vocab import BOS_ID, EOS_ID, TOKENS_PER_IMAGE
-from sentences.formats import LENGTHS_NAME, tar_writer, write_lengths
+from sentences.formats import LENGTHS_NAME, has_lengths, tar_writer, write_lengths
 from sentences.stream import PackedStream
 
 GPU_TOKENS_PER_S = 50_000  # one GPU training the 1B model (issue 4)
@@ -75,7 +76,7 @@ def measure_resume(shards: str, seq_len: int, batch_size: int, fraction: float) 
     """Seconds one reader (no workers) takes to its first batch when resumed after ``fraction`` of its epoch, and
     the batches it skipped."""
     stream = PackedStream(shards, seq_len=seq_len, batch_size=batch_size, seed=0)
-    consumed = int(stream.batches_per_epoch() * fraction)
+    consumed = max(1, int(stream.batches_per_epoch() * fraction))
     stream.load_state_dict({"epoch": 0, "batches_consumed": consumed})
     start = time.perf_counter()
     next(iter(stream))
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--resume-at", type=float, default=0.5, help="where in the epoch the resume starts (0..1)")
     args = parser.parse_args()
+    if not 0 < args.resume_at < 1:
+        parser.error(f"--resume-at: {args.resume_at} is not inside the epoch (0 < it < 1)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
@@ -99,7 +102,7 @@ def main() -> None:
             shards = tmp
         result = measure(shards, args.seq_len, args.batch_size, args.workers)
         resumed, skipped = measure_resume(shards, args.seq_len, args.batch_size, args.resume_at)
-        how = "from lengths.npy" if (Path(shards) / LENGTHS_NAME).exists() else "by re-reading"
+        how = "from lengths.npy" if has_lengths(expand_shards(shards)) else "by re-reading"
         if args.shards is None:
             (Path(tmp) / LENGTHS_NAME).unlink()
             reread, _ = measure_resume(shards, args.seq_len, args.batch_size, args.resume_at)

@@ -32,6 +32,7 @@ from common.options import HelpFormatter
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
 from sentences.formats import (
+    INDEX_NAME,
     ORIGINAL,
     SENTENCE_SHARD,
     SPEC_NAME,
@@ -215,6 +216,7 @@ def write_shards(
     kinds = {s.kind: {"sentences": 0, "tokens": 0} for s in spec.sources}
     index, resumed = SentenceIndex(tokens_per_image, spec.seed, spec.window, kinds=kinds), 0
     lengths = np.array([len(item.images) for item in planned], dtype=np.int64) * tokens_per_image + 2
+    earlier = _earlier_shards(out)
     per = spec.sentences_per_shard
     bar = tqdm(total=len(planned), desc="write", unit="sentence", dynamic_ncols=True)
     for k in range(math.ceil(len(planned) / per)):
@@ -229,6 +231,10 @@ def write_shards(
                     tar.write({"__key__": item.key, "tokens.npy": tokens, "json": info})
         shard_tokens = int(lengths[k * per : (k + 1) * per].sum())
         index.shards[path.name] = {"sentences": len(items), "tokens": shard_tokens, "bytes": path.stat().st_size}
+        if path.name in earlier and earlier[path.name] != index.shards[path.name]:
+            # a shard kept from a finished run that this plan would not write: another version's planning
+            raise SentenceError(path, f"kept from the earlier run, whose index.json lists {earlier[path.name]}, but "
+                                f"this build plans {index.shards[path.name]}: build into a new --out")
         bar.update(len(items))
     bar.close()
     write_lengths(out, lengths)
@@ -239,6 +245,15 @@ def write_shards(
         item.source.sentences += 1
         item.source.tokens += n
     return index, resumed
+
+
+def _earlier_shards(out: Path) -> dict[str, dict]:
+    """The shards the ``index.json`` of an earlier, finished run in ``out`` lists ({} when there is none)."""
+    try:
+        shards = json.loads((out / INDEX_NAME).read_text()).get("shards", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return shards if isinstance(shards, dict) else {}
 
 
 def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:

@@ -27,6 +27,18 @@ def test_bench_stream_writes_its_synthetic_shards_and_reports_a_rate():
     assert ratio == pytest.approx(lengths / reread, rel=0.3, abs=0.05)  # (the times are printed rounded to 0.01 s)
 
 
+def test_bench_stream_names_the_resume_path_of_shards_in_subfolders(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_stream import write_synthetic
+
+    (tmp_path / "build").mkdir()
+    write_synthetic(tmp_path / "build", 40_000)  # given as its parent folder, as training takes it
+    command = [sys.executable, str(ROOT / "benchmarks/bench_stream.py"), "--shards", str(tmp_path), "--seq-len", "512",
+               "--batch-size", "2", "--workers", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0 and re.search(r"first batch in [\d.]+ s from lengths.npy\n", done.stdout), done.stdout
+
+
 def test_bench_train_refuses_sizes_without_a_batch_each():
     """zip() measured only the sizes that had a batch, and the missing rows went unnoticed."""
     for sizes, batches in ((["tiny", "300m"], ["2"]), (["tiny"], ["2", "4"])):  # a batch too few, a batch too many

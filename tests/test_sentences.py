@@ -542,6 +542,12 @@ def test_build_is_deterministic_and_resumes_after_a_kill(
     assert main(["--spec", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "a")]) == 0
     assert (tmp_path / "a" / LENGTHS_NAME).read_bytes() == (tmp_path / "b" / LENGTHS_NAME).read_bytes()
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "a").glob("sentences-*.tar")} == shards
+    # ... unless the earlier run's index.json says it planned other shards (another version's planning)
+    index["shards"]["sentences-000001.tar"]["tokens"] += 1
+    (tmp_path / "a" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SentenceError, match=r"sentences-000001.tar: kept from the earlier run, whose index.json lists "
+                       r"\{.*\}, but this build plans \{.*\}: build into a new --out"):
+        build(load_spec(tmp_path / "mix.yaml"), tmp_path / "a")
 
 
 def test_tokens_mode_weights_set_each_sources_share(tmp_path: Path, tokens: Path) -> None:

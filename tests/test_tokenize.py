@@ -283,7 +283,11 @@ def test_video_frames_resized_as_the_release_with_video_resize_release(inputs, t
     # option existed are still complete
     reports = {how: json.loads((tmp_path / how / "clips-vid-000000.report.json").read_text()) for how in got}
     assert reports["release"]["fingerprint"] != reports["tokenizer"]["fingerprint"]
-    assert "video_resize" not in Options().fingerprinted() and Options(video_resize="release").fingerprinted()["video_resize"] == "release"
+    release = Options(video_resize="release")
+    assert "video_resize" not in Options().fingerprinted(videos=True) and release.fingerprinted(True)["video_resize"] == "release"
+    # image shards: the option changes nothing, so a run with it keeps image shards made without it
+    image_reports = [json.loads((tmp_path / how / "photos-img-000000.report.json").read_text()) for how in got]
+    assert image_reports[0]["fingerprint"] == image_reports[1]["fingerprint"]
     assert parse_args(["--shards", "in/"]).options == Options()  # the default: the tokenizer's own resize
     with pytest.raises(TokenizeError, match=r"--video-resize: 'cv2', choose from tokenizer, release"):
         Options(video_resize="cv2")

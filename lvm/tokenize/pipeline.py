@@ -62,11 +62,12 @@ class Options:
             raise TokenizeError(f"--video-resize: {self.video_resize!r}, choose from {', '.join(VIDEO_RESIZES)}")
         object.__setattr__(self, "derive", tuple(v for v in VARIANTS if v in self.derive))
 
-    def fingerprinted(self) -> dict:
-        """The options as a shard's fingerprint records them. A field added since leaves it when it has its
-        default, so that shards made before the field existed stay complete."""
+    def fingerprinted(self, videos: bool) -> dict:
+        """The options as the fingerprint of a shard of video files (``videos``) or of images records them.
+        ``video_resize`` is left out where it changes nothing (image shards) or has its default, so that shards
+        made before the option existed, and image shards made with it, stay complete."""
         options = asdict(self)
-        if options["video_resize"] == "tokenizer":
+        if not videos or options["video_resize"] == "tokenizer":
             del options["video_resize"]
         return options
 
@@ -233,9 +234,14 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
     # Config plus the weights' digest: a shard made by another tokenizer is never taken as done.
     made_by = {"config": tok.config.to_dict(), "weights": identity["digest"]}
     recipe = {"mask_recipe": MASK_RECIPE} if "masked" in job.options.derive else {}  # masks change with it
-    settings = json.dumps({"options": job.options.fingerprinted(), "tokenizer": made_by, **recipe}, sort_keys=True)
+    settings = {
+        videos: json.dumps({"options": job.options.fingerprinted(videos), "tokenizer": made_by, **recipe}, sort_keys=True)
+        for videos in (False, True)
+    }
     mine = units[rank::world]  # split before checking what is done, so every rank sees the same split
-    fingerprints = [hashlib.sha1(f"{settings}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine]
+    fingerprints = [
+        hashlib.sha1(f"{settings[u.kind == 'videos']}\n{u.inputs_digest()}".encode()).hexdigest() for u in mine
+    ]
     states = [shard_state(job.out, u.name, f) for u, f in zip(mine, fingerprints)]
     todo = [i for i, state in enumerate(states) if state != "done"][: job.max_shards]
     stale = sum(states[i] == "stale" for i in todo)
