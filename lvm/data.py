@@ -103,16 +103,18 @@ class LVMDataModule(L.LightningDataModule):
         for field, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
             if value < low:
                 raise ConfigError(f"data.{field}: must be >= {low}, got {value}")
+        # Listed once here and reused (stream, resume checks): a glob over a million shards takes seconds.
+        self._paths: dict[str, list[str]] = {}
         for field, shards in (("train_shards", train_shards), ("val_shards", val_shards)):
             if shards is not None:
                 try:  # lists the files only; nothing is read before training starts
-                    expand_shards(shards)
+                    self._paths[field] = expand_shards(shards)
                 except ValueError as e:
                     how = "; make them with `python -m sentences.build --spec mix.yaml --out DIR` (docs/sentences.md)"
                     raise ConfigError(f"data.{field}: {e}{how}") from None
         try:
             # The tokenizer that made these sentences (their index.json), saved into checkpoints by LVMModule.
-            self.tokenizer: dict | None = sentences_tokenizer(expand_shards(train_shards))
+            self.tokenizer: dict | None = sentences_tokenizer(self._paths["train_shards"])
         except SentenceError as e:
             raise ConfigError(f"data.train_shards: {e}") from None
         self.save_hyperparameters()
@@ -124,9 +126,9 @@ class LVMDataModule(L.LightningDataModule):
         self._trained, self._step_seen = 0, None
         self._lightning_epoch: int | None = None  # Lightning's epoch when the loader was last iterated
 
-    def _stream(self, shards: str | list[str]) -> PackedStream:
+    def _stream(self, field: str) -> PackedStream:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (None, None)
-        return PackedStream(shards, self.seq_len, self.batch_size, self.seed, rank, world, self.doc_ids)
+        return PackedStream(self._paths[field], self.seq_len, self.batch_size, self.seed, rank, world, self.doc_ids)
 
     def _loader(self, stream: PackedStream, position: Callable[[], dict]) -> DataLoader:
         try:  # here, in the main process: raised in a worker, the error would come wrapped in its traceback
@@ -155,12 +157,12 @@ class LVMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Built here, not in setup(), so that config checks in the module's setup() run before any shard is read.
-        return self._loader(self._stream(self.train_shards), self._train_position)
+        return self._loader(self._stream("train_shards"), self._train_position)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
             return []
-        return self._loader(self._stream(self.val_shards), lambda: {"epoch": 0, "batches_consumed": 0})
+        return self._loader(self._stream("val_shards"), lambda: {"epoch": 0, "batches_consumed": 0})
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is None or self.trainer.training:
@@ -185,7 +187,7 @@ class LVMDataModule(L.LightningDataModule):
     def _shards_id(self) -> str:
         """The train shards as the stream sees them: their count, tokens and a digest of their names and token
         counts in order. Names without their folder: a copy of the shards elsewhere yields the same batches."""
-        paths = expand_shards(self.train_shards)
+        paths = self._paths["train_shards"]
         tokens = shard_tokens(paths)
         digest = hashlib.sha256(repr([(os.path.basename(p), int(t)) for p, t in zip(paths, tokens)]).encode())
         return f"{len(paths)} shards, {int(tokens.sum()):,} tokens, sha256 {digest.hexdigest()[:16]}"
@@ -218,7 +220,7 @@ class LVMDataModule(L.LightningDataModule):
         self._trained, self._step_seen, self._lightning_epoch = self.batches_consumed, None, None
         if self.batches_consumed and (self.trainer is None or self.trainer.is_global_zero):
             # at the epoch's end the stream reads nothing (Lightning then starts the next epoch): no note
-            if self.batches_consumed < self._stream(self.train_shards).batches_per_epoch(self.num_workers):
+            if self.batches_consumed < self._stream("train_shards").batches_per_epoch(self.num_workers):
                 print(self._skip_note(), file=sys.stderr, flush=True)
 
     def _skip_note(self) -> str:
@@ -226,7 +228,7 @@ class LVMDataModule(L.LightningDataModule):
         this epoch before its first batch, which late in an epoch takes long enough to pass for a hang."""
         head = f"resuming epoch {self.epoch} after {self.batches_consumed:,} batches per device: "
         try:
-            known = has_lengths(expand_shards(self.train_shards))
+            known = has_lengths(self._paths["train_shards"])
         except SentenceError as e:
             raise ConfigError(f"data.train_shards: {e}") from None
         if known:

@@ -15,6 +15,8 @@ import pytest
 import torch
 import webdataset as wds
 
+import lvm.data
+from common.files import expand_shards
 from common.vocab import BOS_ID, EOS_ID
 from conftest import next_batch_after_stop_signals_to_the_worker
 from lvm.data import LVMDataModule
@@ -129,7 +131,7 @@ def test_a_resume_mid_epoch_says_in_one_line_what_each_reader_re_reads(shards, c
         "lengths.npy: run their sentences.build again, which keeps them and adds it)\n"
     )
     dm.load_state_dict({**dm.state_dict(), "batches_consumed": 0})  # the start of an epoch: nothing to skip
-    per_epoch = dm._stream(dm.train_shards).batches_per_epoch(2)
+    per_epoch = dm._stream("train_shards").batches_per_epoch(2)
     dm.load_state_dict({**dm.state_dict(), "batches_consumed": per_epoch})  # its end: the stream reads nothing
     assert capsys.readouterr().err == ""
 
@@ -154,6 +156,17 @@ def test_a_resume_from_sentence_lengths_says_it_reads_no_more(shards, tmp_path, 
     (copy / "lengths.npy").write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(ConfigError, match=r"^data\.train_shards: .*lengths.npy: unreadable"):
         dm.load_state_dict({**dm.state_dict(), "epoch": 1, "batches_consumed": 5})
+
+
+def test_a_resumed_run_lists_its_shards_once(shards, monkeypatch):
+    """Listing a million shards takes seconds per rank: the start, the resume checks and the loader share one list."""
+    calls = []
+    monkeypatch.setattr(lvm.data, "expand_shards", lambda spec: calls.append(spec) or expand_shards(spec))
+    dm = LVMDataModule(train_shards=str(shards), val_shards=str(shards), seq_len=32, batch_size=2, num_workers=0)
+    dm.load_state_dict({**dm.state_dict(), "epoch": 0, "batches_consumed": 3})
+    _take(dm.train_dataloader(), dm, 1)
+    dm.val_dataloader()
+    assert calls == [str(shards), str(shards)]  # train and val, once each
 
 
 def test_positions_saved_before_the_layout_was_recorded_still_load(shards):
