@@ -831,6 +831,29 @@ def test_units_are_named_from_file_names_alone(inputs, tmp_path):
         find_units([str(tmp_path / "a" / "x"), str(tmp_path / "b" / "x")])
 
 
+def test_every_spelling_of_a_folder_lists_each_file_once_under_its_relative_path(tmp_path, monkeypatch):
+    """Relative paths are cut from the listed paths rather than computed by `os.path.relpath` (20 us a file); every
+    spelling of the same folder gives the same items, and a folder named twice (`d ./d`) gives each file once."""
+    for rel in ("b/f10.png", "b/f2.png", "top.png", "b/c/x.png"):
+        (tmp_path / "d" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "d" / rel).write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    monkeypatch.chdir(tmp_path)
+    expected = [("d/b/c/x.png", "b/c/x.png", 0), ("d/b/f10.png", "b/f10.png", 1), ("d/b/f2.png", "b/f2.png", 0),
+                ("d/top.png", "top.png", 0)]
+
+    def listed(*specs: str) -> list[tuple[str, str, int | None]]:
+        units, _ = find_units(list(specs), frame_folders=True)
+        return [(os.path.relpath(i.path), i.rel, i.frame) for u in units for i in u.items]  # where the file is
+
+    for spec in ("d", "d/", "./d", "d//", "d/../d", "d/*", "d/**/*.png", str(tmp_path / "d")):
+        assert listed(spec) == expected, spec
+    assert listed("d", "./d", str(tmp_path / "d")) == expected  # each file once, not three times
+    assert listed("d/*/../*.png") == [("d/top.png", "top.png", 0)]  # not "b/../top.png"
+    monkeypatch.chdir(tmp_path / "d")
+    for spec in (".", "./", "*", "**/*.png"):
+        assert listed(spec) == [(rel, rel, frame) for _, rel, frame in expected], spec
+
+
 def test_options_normalise_and_validate_derived_variants():
     assert Options(derive=("masked", "gray")).derive == ("gray", "masked")
     with pytest.raises(TokenizeError, match="unknown derived variant depth"):

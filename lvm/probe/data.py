@@ -48,8 +48,8 @@ def check_class_folders(specs: list[str]) -> None:
         if not root.is_dir() or any(root.glob(f"*{TAR_SUFFIX}")):
             continue
         for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            files, unlisted = walk(str(folder))
-            if any(Path(f).suffix.lower() in IMAGE_SUFFIXES or f.endswith(TAR_SUFFIX) for f in files):
+            unlisted: list[OSError] = []
+            if any(Path(f).suffix.lower() in IMAGE_SUFFIXES or f.endswith(TAR_SUFFIX) for f in walk(str(folder), unlisted)):
                 continue
             if unlisted:
                 raise ProbeError(unlisted[0].filename, f"cannot list the folder ({unlisted[0].strerror.lower()})")

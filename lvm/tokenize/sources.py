@@ -28,8 +28,9 @@ import hashlib
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key
@@ -53,12 +54,33 @@ class Item:
 
 @dataclass(frozen=True)
 class Unit:
-    """The inputs of one output shard."""
+    """The inputs of one output shard.
+
+    Every rank plans every unit (it takes its share afterwards), so a folder of ten million images is held by each
+    rank: a file is kept as its relative path alone, a string shared with the sorted listing, and becomes an `Item`
+    only when asked (`items`). Items are kept for tars and folders that could not be listed, which are few.
+    """
 
     name: str  # output shard path relative to --out, without ".tar"
     kind: Kind
-    items: tuple[Item, ...]
+    entries: tuple[str | Item, ...]  # relative paths under `root`, in order, or whole Items
     dataset: str = ""  # images and videos: the name of their root, which heads their `video` ids (decode.py)
+    root: str = ""  # the folder the relative paths of `entries` start from
+    frames: tuple[int | None, ...] = ()  # with frame_folders: each entry's frame index (None: an unlisted folder)
+
+    @property
+    def items(self) -> tuple[Item, ...]:
+        return tuple(self._item(n) for n in range(len(self.entries)))
+
+    @property
+    def first_path(self) -> str:
+        return self._item(0).path
+
+    def _item(self, n: int) -> Item:
+        entry = self.entries[n]
+        if isinstance(entry, Item):
+            return entry
+        return Item(_joined(self.root, entry), entry, self.frames[n] if self.frames else None)
 
     def inputs_digest(self) -> str:
         """A digest of the unit's inputs as they are now: relative paths (so a rerun from another working
@@ -66,6 +88,24 @@ class Unit:
         redoes a shard whose inputs changed, a file replaced under its name included (a re-downloaded image)."""
         text = "\n".join([self.kind, *map(_digest_line, self.items)])
         return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _joined(root: str, rel: str) -> str:
+    """The path of `rel` under `root` as the listing spelt it (`x.jpg`, not `./x.jpg`, for the working folder)."""
+    return rel if root in (".", "") else os.path.join(root, rel)
+
+
+def _relative(path: str, root: str) -> str:
+    """`path` relative to `root`, by cutting the prefix that listing under `root` gave it (`os.path.relpath` costs
+    ~20 us a file: minutes for ten million), or by `relpath` where the rest is not a plain relative path."""
+    if root in (".", "./"):
+        rel: str | None = path[2:] if path.startswith("./") else path
+    else:
+        prefix = root if root.endswith("/") else root + "/"
+        rel = path[len(prefix):] if path.startswith(prefix) else None
+    if rel is None or rel.startswith("/") or {"", ".", ".."} & set(rel.split("/")):
+        return Path(os.path.relpath(path, root)).as_posix()
+    return rel
 
 
 def _digest_line(item: Item) -> str:
@@ -107,21 +147,19 @@ def default_out(specs: list[str]) -> Path:
     return Path("tokens") / (name or "tokens")
 
 
-def walk(folder: str) -> tuple[list[str], list[OSError]]:
-    """Every non-hidden file under a folder, recursively, in sorted order, and the errors of the folders that
-    could not be listed (which `os.walk` would leave out silently).
+def walk(folder: str, errors: list[OSError]) -> Iterator[str]:
+    """Every non-hidden file under a folder, recursively, in sorted order, yielded as found (a list of ten million
+    paths would cost every rank a gigabyte), with the errors of the folders that could not be listed appended to
+    `errors` (`os.walk` would leave them out silently).
 
     Links to folders are followed, but each real folder is entered once: `os.walk` keeps no record of visited
     folders, so a link back to an ancestor (`up -> ..`) would list every image again under ever longer keys,
     and two such links would double the listing at every level, never finishing.
     """
-    found: list[str] = []
-    errors: list[OSError] = []
     entered = {_folder_id(folder)}
     for dirpath, dirnames, filenames in os.walk(folder, onerror=errors.append, followlinks=True):
         dirnames[:] = _unentered(dirpath, sorted(d for d in dirnames if not d.startswith(".")), entered)
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-    return found, errors
+        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
 
 
 def _folder_id(path: str) -> tuple[int, int] | None:
@@ -148,19 +186,20 @@ def _unentered(dirpath: str, names: list[str], entered: set[tuple[int, int]]) ->
     return kept
 
 
-def _listing(paths: list[str], root: str) -> tuple[list[str], list[Item]]:
-    """The files of a spec's paths (folders walked), and an item for each subfolder that could not be listed;
-    a root that cannot be listed is an error."""
-    files, unlisted = [], []
+def _listing(paths: list[str], root: str, unlisted: list[Item]) -> Iterator[str]:
+    """The files of a spec's paths (folders walked), yielded as found, and an item appended to `unlisted` for each
+    subfolder that could not be listed; a root that cannot be listed is an error."""
     for path in paths:
-        walked, errors = walk(path) if os.path.isdir(path) else ([path], [])
-        files += walked
+        if not os.path.isdir(path):
+            yield path
+            continue
+        errors: list[OSError] = []
+        yield from walk(path, errors)
         for error in errors:
             rel = Path(os.path.relpath(error.filename, root)).as_posix()
             if rel == ".":
                 raise TokenizeError(error.filename, f"cannot list the folder ({error.strerror.lower()})")
             unlisted.append(Item(error.filename, rel, error=f"{type(error).__name__}: {error.strerror}"))
-    return files, unlisted
 
 
 def _expand(spec: str) -> tuple[list[str], list[str]]:
@@ -176,13 +215,13 @@ def _expand(spec: str) -> tuple[list[str], list[str]]:
     return paths, missing
 
 
-def _group(root: str, items: list[Item], kind: str, per_shard: int) -> list[Unit]:
+def _group(root: str, real_root: str, entries: list[str | Item], frames: list[int | None], kind: str, per_shard: int) -> list[Unit]:
     label = "img" if kind == "images" else "vid"
-    base = Path(root).resolve().name or "root"
-    items = sorted(set(items), key=lambda i: i.rel)
+    base = Path(real_root).name or "root"
     return [
-        Unit(f"{base}-{label}-{n:06d}", kind, tuple(items[start : start + per_shard]), base)
-        for n, start in enumerate(range(0, len(items), per_shard))
+        Unit(f"{base}-{label}-{n:06d}", kind, tuple(entries[start : start + per_shard]), base, root,
+             tuple(frames[start : start + per_shard]))
+        for n, start in enumerate(range(0, len(entries), per_shard))
     ]
 
 
@@ -222,21 +261,24 @@ def spec_holding(out: Path, specs: list[str]) -> str | None:
 def folder_within(units: list[Unit], folders: list[Path]) -> str | None:
     """The first folder holding a found input that lies in one of `folders` (resolved), if any: for globs and
     brace patterns, which match outputs only once they exist. One resolve per folder, not per file."""
-    holding = sorted({os.path.dirname(item.path) for unit in units for item in unit.items})
+    parents = {(u.root, e.rpartition("/")[0]) if isinstance(e, str) else ("", os.path.dirname(e.path)) for u in units for e in u.entries}
+    holding = sorted({_joined(root, parent) if root else parent for root, parent in parents})
     return next((h for h in holding if any(within(h, folder) for folder in folders)), None)
 
 
-def number_frames(items: list[Item]) -> list[Item]:
-    """The images with their frame index: their position among their folder's images in natural name order."""
-    folders: dict[str, list[Item]] = defaultdict(list)
-    for item in items:
-        if not item.error:
-            folders[str(PurePosixPath(item.rel).parent)].append(item)
-    numbered = [item for item in items if item.error]  # unlisted folders: no frames
+def number_frames(entries: list[str | Item]) -> list[int | None]:
+    """Each entry's frame index: its position among its folder's images in natural name order (None for an
+    unlisted folder, which holds no frame)."""
+    folders: dict[str, list[int]] = defaultdict(list)
+    for n, entry in enumerate(entries):
+        if isinstance(entry, str):
+            folders[entry.rpartition("/")[0]].append(n)
+    frames: list[int | None] = [None] * len(entries)
     for members in folders.values():
-        ordered = sorted(members, key=lambda i: (natural_key(PurePosixPath(i.rel).name), i.rel))
-        numbered += [Item(item.path, item.rel, frame) for frame, item in enumerate(ordered)]
-    return numbered
+        members.sort(key=lambda n: (natural_key(entries[n].rpartition("/")[2]), entries[n]))
+        for frame, n in enumerate(members):
+            frames[n] = frame
+    return frames
 
 
 def find_units(
@@ -256,37 +298,40 @@ def find_units(
     if images_per_shard < 1 or videos_per_shard < 1:
         raise TokenizeError("--images-per-shard and --videos-per-shard must be at least 1")
     units: list[Unit] = []
-    grouped: dict[tuple[str, str], list[Item]] = defaultdict(list)
+    # (real root, kind) -> (the root as first spelt, relative paths, unlisted folders by relative path): a file
+    # named by two specs (`d` and `./d`) is one input
+    grouped: dict[tuple[str, str], tuple[str, set[str], dict[str, Item]]] = {}
     all_missing: list[str] = []
     for spec in specs:
         root = _root_of(spec)
+        real_root = os.path.realpath(root)
         paths, missing = _expand(spec)
         all_missing.extend(missing)
-        files, unlisted = _listing(paths, root)
-        if unlisted:
-            grouped[(os.path.realpath(root), "images")] += unlisted
-        found = len(unlisted)
-        for path in files:
+        unlisted: list[Item] = []
+        found = 0
+        for path in _listing(paths, root, unlisted):
             kind = _kind_of(path)
             if kind is None:
                 continue
             found += 1
-            item = Item(path, Path(os.path.relpath(path, root)).as_posix())
+            rel = _relative(path, root)
             if kind == "tar":
-                units.append(Unit(item.rel[: -len(TAR_SUFFIX)], "tar", (item,)))
+                units.append(Unit(rel[: -len(TAR_SUFFIX)], "tar", (Item(path, rel),)))
             else:
-                grouped[(os.path.realpath(root), kind)].append(item)
-        if not found:
+                grouped.setdefault((real_root, kind), (root, set(), {}))[1].add(rel)
+        if unlisted:
+            grouped.setdefault((real_root, "images"), (root, set(), {}))[2].update((item.rel, item) for item in unlisted)
+        if not found + len(unlisted):
             raise TokenizeError(f"{spec}: matches no tar shard, image or video file")
-    for (root, kind), items in sorted(grouped.items()):
-        if frame_folders and kind == "images":
-            items = number_frames(sorted(set(items), key=lambda i: i.rel))
-        units.extend(_group(root, items, kind, images_per_shard if kind == "images" else videos_per_shard))
-    units = sorted(set(units), key=lambda u: (u.name, u.items[0].path))
+    for (real_root, kind), (root, rels, unlisted_items) in sorted(grouped.items(), key=lambda group: group[0]):
+        entries = sorted([*rels, *unlisted_items.values()], key=lambda e: e if isinstance(e, str) else e.rel)
+        frames = number_frames(entries) if frame_folders and kind == "images" else []
+        units.extend(_group(root, real_root, entries, frames, kind, images_per_shard if kind == "images" else videos_per_shard))
+    units = sorted(set(units), key=lambda u: (u.name, u.first_path))
     for a, b in zip(units, units[1:]):
         if inputs_flag and a.name == b.name:
             raise TokenizeError(
-                f"{a.items[0].path}: writes the same output shard {a.name}.tar as {b.items[0].path}; "
+                f"{a.first_path}: writes the same output shard {a.name}.tar as {b.first_path}; "
                 f"give their common parent folder as {inputs_flag}, or write them into different --out folders"
             )
     return units, all_missing
