@@ -48,3 +48,12 @@ def test_bench_train_refuses_sizes_without_a_batch_each():
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.splitlines()[-1].endswith(
             f"error: --batches: {len(batches)} value(s) for {len(sizes)} --sizes; give one batch per size")
+
+
+def test_bench_plan_reports_time_and_memory_per_file_against_the_bare_listing():
+    command = [sys.executable, str(ROOT / "benchmarks/bench_plan.py"), "--files", "3000"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"bare listing: [\d.]+ s, \d+ B per file held \(3,000 files\)", done.stdout), done.stdout
+    assert re.search(r"plan: [\d.]+ s \([\d.]+x the bare listing\), \d+ B per file held \([\d.]+x the listing's "
+                     r"paths\), peak \d+ B per file", done.stdout), done.stdout
