@@ -68,14 +68,16 @@ def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path
 
 
 def read_image(path: Path) -> Image.Image:
-    """An image file as 8-bit RGB, seen as `lvm.tokenize` sees it: turned as its EXIF orientation says, 16-bit
-    scaled (not clipped), alpha composited over white (the tokenizer's own `to_rgb_float`)."""
+    """An image file decoded and turned as its EXIF orientation says, in its own mode: the tokenizer converts it as
+    `lvm.tokenize` does (`to_rgb_float`: 16-bit scaled, not rounded to 8 bits; alpha composited over white), so a
+    prompt frame gets the codes its file got in training. Checked here, so a bad file fails before the model loads."""
     try:
         with Image.open(path) as image:
-            pixels = to_rgb_float(ImageOps.exif_transpose(image))
+            turned = ImageOps.exif_transpose(image)  # a decoded copy, also when nothing turns
+        to_rgb_float(turned)
     except UNREADABLE_IMAGE as e:
         raise PromptError(path, f"not a readable image ({e})") from e
-    return to_pil_image((pixels * 255).round().to(torch.uint8))
+    return turned
 
 
 def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str | Path) -> None:

@@ -14,6 +14,8 @@ from lvm.generate import GREEDY, rollout
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
 from lvm.prompt import main, read_image
+from lvm.tokenize.decode import DecodeOptions, decode_image
+from tokenizer.preprocess import to_rgb_float
 
 S = 64
 
@@ -234,20 +236,25 @@ def test_tokenizer_codebook_must_fit_the_model(tmp_path, tiny_tokenizer_dir, cap
 
 
 def test_prompt_images_are_read_as_tokenize_reads_them(tmp_path):
-    """16-bit maps keep their values, transparency becomes white, EXIF orientation is applied."""
+    """16-bit maps keep their 16 bits, transparency becomes white, EXIF orientation is applied: the pixels equal those
+    the tokenize pipeline decodes from the same file (`decode_image`), to the last bit."""
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))  # a depth map as lvm.annotate writes it
     Image.fromarray(ramp).save(tmp_path / "depth.png")
-    gray = np.asarray(read_image(tmp_path / "depth.png"))[..., 0].astype(float)
-    np.testing.assert_allclose(gray[0], np.linspace(0, 255, 64), atol=0.51)
-
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 200
     rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    rgba[:1, :2, 3] = 77  # and a little half-transparent
     Image.fromarray(rgba).save(tmp_path / "alpha.png")
-    pixels = np.asarray(read_image(tmp_path / "alpha.png"))
-    assert (pixels[:2] == [200, 0, 0]).all() and (pixels[2:] == 255).all()
-
     exif = Image.Exif()
     exif[0x0112] = 6  # shown rotated by 90 degrees
     Image.new("RGB", (40, 20), (10, 120, 30)).save(tmp_path / "turned.jpg", exif=exif)
+    for name in ("depth.png", "alpha.png", "turned.jpg"):
+        path = tmp_path / name
+        decoded = decode_image(path.read_bytes(), name, name, {}, DecodeOptions())
+        assert torch.equal(to_rgb_float(read_image(path)), decoded.pixels), name
+    gray = to_rgb_float(read_image(tmp_path / "depth.png"))[0, 0].numpy()
+    np.testing.assert_allclose(gray, ramp[0] / 65535, atol=1e-7)  # not rounded to 8 bits
+    pixels = to_rgb_float(read_image(tmp_path / "alpha.png"))
+    assert torch.equal(pixels[:, 1:2], torch.tensor([200 / 255, 0, 0])[:, None, None].expand(3, 1, 4))
+    assert torch.equal(pixels[:, 2:], torch.ones(3, 2, 4))
     assert read_image(tmp_path / "turned.jpg").size == (20, 40)
