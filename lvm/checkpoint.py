@@ -98,6 +98,8 @@ def _lightning_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.
 def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[str, torch.Tensor]], dict | None]:
     try:
         config = json.loads((path / "config.json").read_text())
+        if not isinstance(config, dict):
+            raise ValueError(f"not a JSON object but {type(config).__name__}")
         cfg = hf.config_from_hf(config)
     except (ValueError, KeyError, TypeError) as e:
         problem = f"missing config field {e}" if isinstance(e, KeyError) else str(e)

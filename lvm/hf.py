@@ -92,30 +92,31 @@ def config_from_hf(hf: dict) -> LVMConfig:
     """
     if hf.get("model_type", "llama") != "llama":
         raise ValueError(f"unsupported config: model_type {hf.get('model_type')!r} (expected 'llama')")
-    heads, kv_heads, dim = hf["num_attention_heads"], hf.get("num_key_value_heads"), hf["hidden_size"]
-    checks = [
-        (kv_heads not in (None, heads), f"grouped-query attention ({kv_heads} key/value heads for {heads} heads)"),
-        (hf.get("attention_bias", False) or hf.get("mlp_bias", False), "biases (attention_bias/mlp_bias true)"),
-        (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (expected 'silu')"),
-        ((hf.get("head_dim") or dim // heads) * heads != dim, f"head_dim {hf.get('head_dim')} x {heads} heads != {dim}"),
-    ]
-    for failed, what in checks:
-        if failed:
-            raise ValueError(f"unsupported config: {what}")
-    bos = hf.get("bos_token_id")
-    return LVMConfig(
+    bos, vocab = hf.get("bos_token_id"), hf["vocab_size"]
+    cfg = LVMConfig(  # checks the shape's types and sizes first, so the checks below compare numbers
         dim=hf["hidden_size"],
         mlp_dim=hf["intermediate_size"],
         n_layers=hf["num_hidden_layers"],
-        n_heads=heads,
-        vocab_size=hf["vocab_size"],
+        n_heads=hf["num_attention_heads"],
+        vocab_size=vocab,
         max_seq_len=hf.get("max_position_embeddings") or 4096,  # null, as transformers writes some fields, = absent
         rope_theta=_rope_theta(hf),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         init_std=hf.get("initializer_range", 0.02),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_id=bos if isinstance(bos, int) and CODEBOOK_SIZE <= bos < hf["vocab_size"] else None,
+        bos_id=bos if isinstance(bos, int) and isinstance(vocab, int) and CODEBOOK_SIZE <= bos < vocab else None,
     )
+    kv_heads, heads = hf.get("num_key_value_heads"), cfg.n_heads
+    checks = [
+        (kv_heads not in (None, heads), f"grouped-query attention ({kv_heads} key/value heads for {heads} heads)"),
+        (hf.get("attention_bias", False) or hf.get("mlp_bias", False), "biases (attention_bias/mlp_bias true)"),
+        (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} (expected 'silu')"),
+        (hf.get("head_dim") not in (None, cfg.head_dim), f"head_dim {hf.get('head_dim')} x {heads} heads != {cfg.dim}"),
+    ]
+    for failed, what in checks:
+        if failed:
+            raise ValueError(f"unsupported config: {what}")
+    return cfg
 
 
 def is_released(hf: dict) -> bool:

@@ -58,8 +58,11 @@ class LVMConfig:
 
     def __post_init__(self) -> None:
         for name in ("dim", "mlp_dim", "n_layers", "n_heads", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"LVMConfig.{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"LVMConfig.{name} must be a positive integer, got {value!r}")
+        if self.bos_id is not None and not (isinstance(self.bos_id, int) and 0 <= self.bos_id < self.vocab_size):
+            raise ValueError(f"LVMConfig.bos_id ({self.bos_id!r}) must be a token id below vocab_size ({self.vocab_size})")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(
                 f"LVMConfig.dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size"

@@ -208,6 +208,30 @@ def test_unsupported_hf_configs_are_named(tmp_path, change, message):
         load_lvm(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (None, "not a JSON object but NoneType"),
+        ([1, 2], "not a JSON object but list"),
+        ({**BASE, "hidden_size": "64"}, "LVMConfig.dim must be a positive integer, got '64'"),
+        ({**BASE, "num_hidden_layers": None}, "LVMConfig.n_layers must be a positive integer, got None"),
+    ],
+)
+def test_malformed_hf_configs_are_one_line_errors(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"config.json: {message}$"):
+        load_lvm(tmp_path)
+
+
+def test_a_checkpoint_whose_bos_is_outside_its_vocabulary_is_refused(tmp_path):
+    """1000 codes + 100 reserved, with BOS left at 8192: every prompt's first token would index past the embedding."""
+    torch.save({"state_dict": {}, "lvm_config": LVMConfig(**TINY).to_dict() | {"vocab_size": 1100}}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match=r"x.ckpt: invalid lvm_config: LVMConfig.bos_id \(8192\) must be a token "
+                                              r"id below vocab_size \(1100\)$"):
+        load_lvm(tmp_path / "x.ckpt")
+
+
 def test_rope_theta_read_from_transformers_5_layout():
     hf = {k: v for k, v in BASE.items() if k not in ("rope_theta", "rope_scaling")}
     assert config_from_hf({**hf, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
