@@ -1,13 +1,14 @@
 """`python -m lvm.export --model CKPT --to-hf OUT`: write a checkpoint as a Hugging Face Llama directory.
 
 The result loads with `transformers.LlamaForCausalLM.from_pretrained(OUT)` and its
-`generate` produces the same tokens as `lvm.generate` (its generation_config
-suppresses the special ids, as our sampler does).
+`generate` produces the same tokens as `lvm.generate` in float32 (its generation_config
+suppresses the special ids, as our sampler does; docs/inference.md says why bf16 can differ).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from common.errors import UserError, exit_on
@@ -31,19 +32,36 @@ def shard_size(text: str) -> int:
     return int(size)
 
 
+def check_out(out: Path, model: Path) -> None:
+    """`--to-hf` must be a new folder or an earlier Llama export, and not the model's own folder: the export replaces
+    config.json and the weight files there before the new ones are complete, so it would overwrite another model's
+    files (a tokenizer folder holds the same names) or, killed part-way, lose the only copy of its own input."""
+    if out.exists() and not out.is_dir():
+        raise UserError(out, "--to-hf exists and is not a folder")
+    if out.is_dir() and model.is_dir() and out.resolve() == model.resolve():
+        raise UserError(out, "--to-hf is the --model folder; export into another folder (then replace this one)")
+    config = out / "config.json"
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            model_type = "unreadable"
+        if model_type != "llama":
+            raise UserError(out, f"--to-hf holds another model (config.json: model_type {model_type!r}), which the "
+                                 "export would overwrite; give a new folder or an earlier export")
+
+
 @exit_on
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lvm.export", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", "--ckpt", required=True, dest="model",
-                        help="our Lightning .ckpt (or an HF Llama directory to re-export); --ckpt is the old name")
+    parser.add_argument("--model", required=True, help="our Lightning .ckpt, or an HF Llama directory to re-export")
     parser.add_argument("--to-hf", required=True, metavar="OUT", help="output directory")
     add_dtype_arg(parser, "as stored")
     parser.add_argument("--tokens-per-image", type=at_least(1),
                         help="max_new_tokens in generation_config.json (default: what the model records, else 256)")
     parser.add_argument("--max-shard-size", type=shard_size, default="5GB", help="safetensors shard size, e.g. 2GB")
     args = parser.parse_args(argv)
-    if Path(args.to_hf).exists() and not Path(args.to_hf).is_dir():
-        raise UserError(args.to_hf, "--to-hf exists and is not a folder")
+    check_out(Path(args.to_hf), Path(args.model))
     model = load_lvm(args.model, dtype=torch_dtype(args.dtype, device=None))
     tokens_per_image, codebook_size = trained_layout(model)
     out = save_hf(model, args.to_hf, tokens_per_image=args.tokens_per_image or tokens_per_image,

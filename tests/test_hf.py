@@ -269,16 +269,27 @@ def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
 
 def test_export_cli_error_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o")])
+        export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'x.ckpt'}: no such file or directory\n"
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit) as exit_info:
-        export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "afile")])
+        export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "afile")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'afile'}: --to-hf exists and is not a folder\n"
+    tokenizer_folder = tmp_path / "tok"
+    tokenizer_folder.mkdir()
+    (tokenizer_folder / "config.json").write_text('{"_class_name": "VQGANModel"}')  # open-muse's: no model_type
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(tokenizer_folder)])
+    assert capsys.readouterr().err == (f"error: {tokenizer_folder}: --to-hf holds another model (config.json: model_type "
+                                       "None), which the export would overwrite; give a new folder or an earlier export\n")
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(tokenizer_folder), "--to-hf", f"{tokenizer_folder}/"])
+    assert capsys.readouterr().err == (f"error: {tokenizer_folder}: --to-hf is the --model folder; export into another "
+                                       "folder (then replace this one)\n")
     with pytest.raises(SystemExit) as exit_info:
-        export_main(["--ckpt", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o"), "--max-shard-size", "5XB"])
+        export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o"), "--max-shard-size", "5XB"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "error: argument --max-shard-size: '5XB' is not a size such as 2GB or 500MB (units: KB, MB, GB, TB)")

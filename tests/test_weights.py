@@ -276,7 +276,7 @@ def test_a_checkpoint_that_pickles_a_command_is_refused_everywhere_and_never_run
         (lvm_prompt.main, ["--frames", tmp_path / "0.png", "--model", hf_dir, "--tokenizer", tiny_tokenizer_dir]),
         (lvm_prompt.main, ["--frames", tmp_path / "0.png", "--tokenizer", evil]),
         (lvm_evaluate.main, ["--model", evil, "--sentences", tmp_path / "sentences", "--out", tmp_path / "report"]),
-        (lvm_export.main, ["--ckpt", evil, "--to-hf", tmp_path / "out"]),
+        (lvm_export.main, ["--model", evil, "--to-hf", tmp_path / "out"]),
     ]
     for main, args in commands:
         with pytest.raises(SystemExit) as exit_info:
@@ -344,7 +344,7 @@ def test_tokenizer_digest_travels_from_token_shards_to_checkpoint_and_hf_config(
     model = load_lvm(tmp_path / "lvm.ckpt")
     assert model.tokenizer_info == identity
 
-    lvm_export.main(["--ckpt", str(tmp_path / "lvm.ckpt"), "--to-hf", str(tmp_path / "hf")])
+    lvm_export.main(["--model", str(tmp_path / "lvm.ckpt"), "--to-hf", str(tmp_path / "hf")])
     assert json.loads((tmp_path / "hf" / "config.json").read_text())[TOKENIZER_KEY] == identity
     assert load_lvm(tmp_path / "hf").tokenizer_info == identity
     capsys.readouterr()
