@@ -348,6 +348,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.tokens_per_image and recorded and args.tokens_per_image != recorded:
         raise EvaluationError("--tokens-per-image", f"{args.tokens_per_image}, but the model was trained on "
                               f"{recorded} tokens per image ({trained.get('name')}); leave it out")
+    if tok and args.tokens_per_image and args.tokens_per_image != tok.tokens_per_image:
+        raise EvaluationError("--tokens-per-image", f"{args.tokens_per_image}, but the tokenizer {spec} gives "
+                              f"{tok.tokens_per_image} tokens per image; leave it out")
     T = tok.tokens_per_image if tok else args.tokens_per_image or trained_layout(model)[0]
     if context_frames(model, T) < 1:
         raise EvaluationError(spec or "--tokens-per-image", too_small_for_one_frame(model, T))

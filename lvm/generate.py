@@ -54,7 +54,8 @@ def sample(
     logits = logits[:, :num_codes].float()
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / sampling.temperature
+    # Shifted so the largest is 0 first: a tiny temperature (1e-40) then sends the others to -inf, not all to inf.
+    logits = (logits - logits.amax(-1, keepdim=True)) / sampling.temperature
     if sampling.top_k is not None and sampling.top_k < num_codes:
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

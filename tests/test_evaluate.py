@@ -251,6 +251,17 @@ def test_tokens_per_image_may_not_contradict_the_models_record(tmp_path, shards,
         f"error: --tokens-per-image: 3, but the model was trained on {T} tokens per image (tiny); leave it out\n")
 
 
+def test_tokens_per_image_may_not_contradict_the_tokenizer(tmp_path, shards, model, tiny_tokenizer_dir, capsys):
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--tokens-per-image", "256",
+              "--tokenizer", str(tiny_tokenizer_dir), "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: --tokens-per-image: 256, but the tokenizer {tiny_tokenizer_dir} gives {T} tokens per image; leave it out\n")
+
+
 def test_a_context_that_holds_no_frame_is_refused(tmp_path, shards, model, capsys):
     """A model fed images too large for its context would report the 0-frame perplexity as its headline."""
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},

@@ -121,6 +121,8 @@ def test_temperature_sharpens_as_softmax_of_logits_over_t():
                    generator=torch.Generator().manual_seed(0))
     expected = (probs**2 / (probs**2).sum())[1].item()
     assert (drawn == 1).float().mean().item() == pytest.approx(expected, abs=0.03)  # T applied twice: 0.88
+    nearly_greedy = sample(probs.log().expand(8, 4), Sampling(temperature=1e-40, top_k=None), num_codes=4)
+    assert nearly_greedy.tolist() == [1] * 8  # logits / 1e-40 overflowed to inf, and softmax to NaN
 
 
 def test_seeded_sampling_is_reproducible_and_candidates_differ(model):
