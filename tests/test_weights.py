@@ -42,6 +42,7 @@ from lvm.callbacks import AtomicCheckpointIO
 from lvm.checkpoint import RELEASED_TOKENIZER, CheckpointError, check_tokenizer, load_lvm
 from lvm.data import LVMDataModule
 from lvm.hf import TOKENIZER_KEY
+from lvm.model import LVM, LVMConfig
 from lvm.tokenize.pipeline import Job
 from lvm.tokenize.pipeline import run as tokenize
 from lvm.train import LVMModule
@@ -373,3 +374,12 @@ def test_released_model_checks_tokens_per_image_and_mixed_tokenizers_are_refused
     assert one_tokenizer([("x.tar", None), ("y.tar", a), ("z.tar", a)]) == a
     with pytest.raises(SentenceError, match=r"^w\.tar: made by tokenizer t2 \(digest bbbbbbbbbbbb\), but y\.tar by t1"):
         one_tokenizer([("y.tar", a), ("w.tar", b)])
+
+
+def test_checkpoints_in_the_pre_zip_format_load_though_they_cannot_be_memory_mapped(tmp_path):
+    """torch < 1.6 wrote pickles that `mmap=True` refuses; transformers loads such pytorch_model.bin files, so must we."""
+    model = LVM(LVMConfig(dim=16, mlp_dim=32, n_layers=1, n_heads=2, max_seq_len=32))
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    loaded = weights.torch_load(tmp_path / "pytorch_model.bin", mmap=True)
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())

@@ -32,6 +32,7 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
     """`torch.load(path, weights_only=True)`; every failure is one `WeightsError` line naming the file."""
     if not Path(path).is_file():
         raise WeightsError(path, "no such file")
+    mmap = mmap and zipfile.is_zipfile(path)  # files saved before torch 1.6's zip format load, but cannot be mapped
     try:
         with torch.serialization.safe_globals(_OLD_LIGHTNING_CALLBACK_KEYS):
             return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
