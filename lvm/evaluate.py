@@ -129,14 +129,14 @@ def target_token_nlls(
     if fit < 1:
         raise ValueError(too_small_for_one_frame(model, T))
     k = fit if num_context is None else num_context
+    if k == 0 and not model.cfg.prefix_len:
+        raise ValueError("num_context 0 scores the frame after BOS alone, and this model has no BOS")
     frames = [s.images[-1 - min(k, fit, len(s.images) - 1) :] for s in sentences]
     device = model.head.weight.device
     out = torch.empty(len(sentences), T, dtype=torch.float64)
     bar = tqdm(total=len(sentences), desc="perplexity", unit="sentence", disable=not progress)
     for indices, batch in _batches(frames, batch_size):
-        tokens = batch.flatten(1).to(device)
-        if model.cfg.bos_id is not None:
-            tokens = torch.cat([torch.full_like(tokens[:, :1], model.cfg.bos_id), tokens], 1)
+        tokens = model.with_bos(batch.flatten(1).to(device))
         logits = model(tokens[:, :-1])[:, -T:].float()  # the target's last token is never an input
         # [B*T, V] rows, not the [B, V, T] view: cross-entropy over a strided class dimension is a few e-6 off
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, -T:].flatten(), reduction="none")
@@ -185,7 +185,7 @@ def perplexity_vs_context(
     if not sentences:
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
-    ks = range(0 if model.cfg.bos_id is not None else 1, K + 1)
+    ks = range(1 - model.cfg.prefix_len, K + 1)  # k = 0 (BOS alone) needs a BOS
     return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None)
 
 

@@ -130,8 +130,7 @@ def context_frames(model: LVM, tokens_per_image: int) -> int:
     cannot fit them plus the frame being generated (and BOS when the model uses one). The target's last
     token is never an input, so BOS + (k + 1) frames may exceed the context by one token: a 4096-token
     model with BOS fits the release's 15 frames of 256 tokens."""
-    prefix = int(model.cfg.bos_id is not None)
-    return min(MAX_CONTEXT_FRAMES, (model.cfg.max_seq_len - prefix + 1) // tokens_per_image - 1)
+    return min(MAX_CONTEXT_FRAMES, (model.cfg.max_seq_len - model.cfg.prefix_len + 1) // tokens_per_image - 1)
 
 
 def too_small_for_one_frame(model: LVM, tokens_per_image: int) -> str:
@@ -143,8 +142,7 @@ def too_small_for_one_frame(model: LVM, tokens_per_image: int) -> str:
 def rollout_cache_len(model: LVM, tokens_per_image: int) -> int:
     """Positions the KV cache of a rollout holds: BOS (when the model uses one), the context frames and the
     frame being generated, but for its last token."""
-    prefix = int(model.cfg.bos_id is not None)
-    return prefix + (context_frames(model, tokens_per_image) + 1) * tokens_per_image - 1
+    return model.cfg.prefix_len + (context_frames(model, tokens_per_image) + 1) * tokens_per_image - 1
 
 
 def rollout(
@@ -166,10 +164,9 @@ def rollout(
         raise ValueError(too_small_for_one_frame(model, T))
     if F > window:
         raise ValueError(f"{F} context frames given; the model's context fits at most {window}")
-    bos = [] if model.cfg.bos_id is None else [torch.full((B, 1), model.cfg.bos_id, device=frames.device)]
     with Decoder(model, B, rollout_cache_len(model, T), compile=compile) as decoder:
         for _ in range(num_frames):
-            prompt = torch.cat([*bos, frames[:, -window:].reshape(B, -1)], 1)
+            prompt = model.with_bos(frames[:, -window:].reshape(B, -1))
             new = decoder.generate(prompt, T, sampling, num_codes, generator)
             frames = torch.cat([frames, new[:, None]], 1)
     return frames[:, F:]

@@ -85,6 +85,11 @@ class LVMConfig:
         return asdict(self)
 
     @property
+    def prefix_len(self) -> int:
+        """Tokens before the first image of a prompt: BOS, or none for the released LVM-7B."""
+        return int(self.bos_id is not None)
+
+    @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
@@ -259,6 +264,13 @@ class LVM(nn.Module):
         if self.cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
+    def with_bos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image tokens [B, N] as the model reads them: after BOS, when it uses one (the released LVM-7B does not).
+        The one place prompting, scoring and probing prepend it."""
+        if self.cfg.bos_id is None:
+            return tokens
+        return torch.cat([torch.full_like(tokens[:, :1], self.cfg.bos_id), tokens], 1)
+
     def setup_cache(self, batch_size: int, max_len: int) -> None:
         """Allocate a static KV cache for generation of up to `max_len` positions, in the weights' dtype."""
         if max_len > self.cfg.max_seq_len:
@@ -301,6 +313,8 @@ class LVM(nn.Module):
         else:
             if not self.cache_len:
                 raise ValueError("input_pos given but no KV cache is set up; call setup_cache first")
+            if doc_ids is not None:
+                raise ValueError("doc_ids with a KV cache: decoding attends within one sentence, give no doc_ids")
             # Query at position p sees cached keys 0..p.
             mask = torch.arange(self.cache_len, device=tokens.device)[None, :] <= input_pos[:, None]
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]

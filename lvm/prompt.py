@@ -211,8 +211,8 @@ def run(args: argparse.Namespace) -> None:
     written = write_outputs(args.out, context_seen, preds, truth_seen, tok.image_size)
     P, C, N = preds.shape[:3]
     print(
-        f"{P * C * N} frame(s) ({P} prompt(s) x {C} candidate(s) x {N}) in {seconds:.1f}s: "
-        f"{seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
+        f"{P * C * N} frame(s) ({P} prompt(s) x {C} candidate(s) x {N}) in {seconds:.1f}s end to end (encode, "
+        f"generate, decode): {seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
     )
     print("wrote " + ", ".join(map(str, written)))
     if truth_seen:

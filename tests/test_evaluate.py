@@ -138,6 +138,8 @@ def test_no_context_row_needs_bos(model, sentences):
     """Without BOS (the released LVM) an image's first token has nothing to be predicted from: start at 1."""
     no_bos = LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None})).eval()
     assert list(perplexity_vs_context(no_bos, sentences[0][:3], max_frames=2)) == [1, 2]
+    with pytest.raises(ValueError, match="num_context 0 scores the frame after BOS alone, and this model has no BOS"):
+        target_nlls(no_bos, sentences[0][:3], num_context=0)
 
 
 def test_context_curve_stops_at_the_frames_the_sentences_have(model):

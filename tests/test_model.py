@@ -121,6 +121,19 @@ def test_errors_are_clear(model):
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="no KV cache"):
         model(torch.zeros(1, 2, dtype=torch.long), input_pos=torch.arange(2))
+    model.setup_cache(1, 8)
+    try:
+        with pytest.raises(ValueError, match="doc_ids with a KV cache"):  # would be ignored: the cache has no sentences
+            model(torch.zeros(1, 2, dtype=torch.long), input_pos=torch.arange(2), doc_ids=torch.zeros(1, 2))
+    finally:
+        model.clear_cache()
+
+
+def test_bos_is_prepended_only_by_models_that_use_one(model):
+    tokens = torch.tensor([[5, 6, 7]])
+    assert model.with_bos(tokens).tolist() == [[model.cfg.bos_id, 5, 6, 7]] and model.cfg.prefix_len == 1
+    released = LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None}))
+    assert released.with_bos(tokens).tolist() == [[5, 6, 7]] and released.cfg.prefix_len == 0
 
 
 def test_tied_head_shares_the_embedding_and_counts_once():

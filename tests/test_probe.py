@@ -260,7 +260,7 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
     assert "--layers: layer 9 is outside 0..3" in _error(base + ["--train", str(train), "--val", str(val), "--layers", "9"], capsys)
     assert _error(base + ["--train", str(train), "--val", str(val), "--lr", "nan"], capsys) == "error: --lr: must be positive, got nan"
     torch.manual_seed(0)
-    other = LVM(LVMConfig(**{**TINY, "vocab_size": 1024 + 100}))
+    other = LVM(LVMConfig(**{**TINY, "vocab_size": 1024 + 100, "bos_id": None}))  # no BOS: 8192 is past its vocabulary
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},
                 "lvm_config": other.cfg.to_dict()}, tmp_path / "other.ckpt")
     err = _error(base[2:] + ["--model", str(tmp_path / "other.ckpt"), "--train", str(train), "--val", str(val)], capsys)

@@ -211,7 +211,7 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
 
 
 def test_tokenizer_codebook_must_fit_the_model(tmp_path, tiny_tokenizer_dir, capsys):
-    small = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=1124, max_seq_len=64))
+    small = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=1124, max_seq_len=64, bos_id=None))
     torch.save({"state_dict": {f"model.{k}": v for k, v in small.state_dict().items()},
                 "lvm_config": small.cfg.to_dict()}, tmp_path / "small.ckpt")
     frame = write_frames(tmp_path / "seq", ["0.png"])[0]

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
     model = load_lvm(args.model, device=device, dtype=torch_dtype(args.dtype, args.device))
     check_compatible(model, tok, args.tokenizer)
     check_tokenizer(model, args.model, tok.identity(args.tokenizer))
-    if tok.tokens_per_image + (model.cfg.bos_id is not None) > model.cfg.max_seq_len:
+    if tok.tokens_per_image + model.cfg.prefix_len > model.cfg.max_seq_len:
         raise ProbeError(args.model, f"context of {model.cfg.max_seq_len} tokens cannot hold one image "
                                      f"({tok.tokens_per_image} tokens)")
     depths = features.resolve_depths(args.layers, model.cfg.n_layers)

@@ -53,9 +53,8 @@ class _Enough(Exception):
 def hidden_states(model: LVM, tokens: Tensor, depths: list[int]) -> dict[int, Tensor]:
     """{depth: hidden states [B, T, dim]} for image tokens [B, T], read with forward hooks on `model`'s
     own modules, so the features are exactly what the model computes."""
-    first = int(model.cfg.bos_id is not None)  # BOS's position is dropped from the features
-    if first:
-        tokens = torch.cat([torch.full_like(tokens[:, :1], model.cfg.bos_id), tokens], 1)
+    first = model.cfg.prefix_len  # BOS's position is dropped from the features
+    tokens = model.with_bos(tokens)
     found: dict[int, Tensor] = {}
 
     def keep(depth: int):
