@@ -12,8 +12,10 @@ is a bug and keeps its traceback.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import errno
 import functools
+import multiprocessing
 import multiprocessing.util  # noqa: F401 -- its exit handler first, so that `_kill_leftover_workers` runs before it
 import os
 import signal
@@ -73,6 +75,23 @@ def leave_stop_signals_to_main(worker_id: int) -> None:
     would make torch raise "DataLoader worker is killed by signal" in the middle of that."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the process that started it dies, however it dies (`kill -9`,
+    the OOM killer). A worker that ignores SIGTERM would otherwise live on, holding its batches and blocked on a
+    pipe nobody reads, until someone kills it by hand. Python has no binding for prctl; ctypes calls libc's."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl: nobody to work for
+        os._exit(1)
 
 
 def lightning_worker_init(worker_id: int, rank: int) -> None:

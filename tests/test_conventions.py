@@ -152,6 +152,45 @@ def test_an_error_with_a_live_dataloader_worker_still_exits(tmp_path) -> None:
     assert proc.returncode == 1 and "RuntimeError: a crash with the iterator alive" in err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_dataloader_workers_die_with_a_main_process_killed_outright(tmp_path) -> None:
+    """Workers ignore SIGTERM; after a `kill -9` or an OOM kill of the main process they lived on, blocked on a pipe
+    nobody reads, until killed by hand (review 37 #1)."""
+    script = textwrap.dedent("""
+        import os, signal, sys
+        from torch.utils.data import DataLoader, IterableDataset
+        from common.errors import leave_stop_signals_to_main
+        class Pids(IterableDataset):
+            def __iter__(self):
+                while True:  # big enough to fill the pipe, where a worker's exit would wait for ever
+                    yield os.getpid(), bytes(1 << 20)
+        batches = iter(DataLoader(Pids(), batch_size=None, num_workers=2, worker_init_fn=leave_stop_signals_to_main))
+        print(*{int(next(batches)[0]) for _ in range(8)}, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out, err = tmp_path / "out", tmp_path / "err"  # files, not pipes, which workers left alive would hold open
+    with out.open("w") as stdout, err.open("w") as stderr:
+        returncode = subprocess.run([sys.executable, "-c", script], stdout=stdout, stderr=stderr, env=env, timeout=60).returncode
+    assert returncode == -signal.SIGKILL, err.read_text()
+    workers = [int(pid) for pid in out.read_text().split()]
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in workers if alive(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "DataLoader workers outlived their killed main process"
+
+
 @pytest.mark.parametrize("command", ["lvm.tokenize", "lvm.annotate", "tokenizer.evaluate"])
 def test_every_commands_loader_leaves_stop_signals_to_main(command, tmp_path, tiny_tokenizer_dir, monkeypatch) -> None:
     """Workers ignore SIGTERM and Ctrl-C, which reach the whole process group: the main process stops cleanly and
