@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -24,8 +25,10 @@ from PIL import Image
 from lvm.annotate.__main__ import main
 from lvm.annotate.pipeline import _needs
 from lvm.annotate.render import RELIEF, encode_normals, nearness, normals_from_depth, normals_from_nearness
+from lvm.annotate.writer import UnitOutput, is_done
 from lvm.palette import label_palette
 from lvm.tokenize.__main__ import main as tokenize
+from lvm.tokenize.sources import find_units
 from sentences.build import build
 from sentences.spec import load_spec
 
@@ -278,6 +281,9 @@ def test_normals_from_another_depth_model_are_redone(photos, models, tmp_path, c
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
     assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    copy = shutil.copytree(models["depth"], tmp_path / "moved" / "depth")  # the same model found elsewhere
+    assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", copy) == 0
+    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", tmp_path / "depth2") == 0
     assert "(0 already complete)" in capsys.readouterr().out.splitlines()[-1]
 
@@ -295,6 +301,34 @@ def test_rerun_keeps_complete_outputs_and_redoes_partial_ones(photos, tmp_path, 
     assert set(after) == set(before)
     redone = {p.name for p in after if after[p] != before.get(p)}
     assert redone == {"coffee.png", "chelsea.png"}  # the whole unit [cat/coffee, chelsea]; [astronaut, broken], [rocket] kept
+
+
+def test_a_unit_being_redone_is_complete_under_no_settings_until_its_report(photos, tmp_path, capsys):
+    """A redo with other settings killed part-way left maps of both settings, which the old report called complete
+    when the old settings came back (review 37 #2): the old report goes before the first new map."""
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0
+    (unit,), _ = find_units([str(photos)])
+    report = json.loads((out / "edges" / f"{unit.name}.report.json").read_text())
+    assert is_done(out / "edges", unit, report["fingerprint"])
+    with ThreadPoolExecutor(1) as pool:
+        UnitOutput(out / "edges", "edges", unit, "other settings", pool).add("astronaut", lambda: b"a new map")
+    assert not is_done(out / "edges", unit, report["fingerprint"])
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0
+    assert "in 1 units (0 already complete)" in capsys.readouterr().out
+    assert is_done(out / "edges", unit, report["fingerprint"])
+
+
+def test_the_summary_counts_units_complete_in_every_task(photos, models, tmp_path, capsys):
+    """It counted (unit, task) outputs as units: "in 12 units (35 already complete)" of a 20-unit job."""
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2") == 0
+    capsys.readouterr()
+    assert _run("--images", photos, "--out", out, "--tasks", "edges,depth", "--images-per-shard", "2",
+                "--depth-model", models["depth"]) == 0
+    captured = capsys.readouterr()
+    assert "3 task outputs already complete; doing 3 units now (depth)" in captured.err
+    assert "in 3 units (0 already complete)" in captured.out.splitlines()[-1]
 
 
 def _tar(shard: Path) -> Path:

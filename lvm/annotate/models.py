@@ -94,9 +94,12 @@ def load(role: str, name: str, device: torch.device) -> Model:
     if role == "segmentation" and not hasattr(processor, "post_process_semantic_segmentation"):
         raise AnnotateError(f"{name}: its image processor has no post_process_semantic_segmentation")
     model = model.to(device).eval()
+    # What decides the maps, not where the model was found: the same weights under another path or as a hub id
+    # keep every complete output (the config records the path it was loaded from as `_name_or_path`).
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)
     identity = {
-        "name": name,
-        "config": json.loads(model.config.to_json_string(use_diff=False)),
+        "config": config,
         "processor": json.loads(processor.to_json_string()),
         "weights": module_digest(model),
     }

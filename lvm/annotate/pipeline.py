@@ -175,11 +175,11 @@ def _needs(role: str, tasks: dict[str, str], loaded: Iterable[str]) -> bool:
 
 def plan(
     job: Job, units: list[Unit], models: dict[str, Model], rank: int, world: int
-) -> tuple[list[Work], int, Counter]:
-    """This rank's units with the tasks they lack, how many (unit, task) outputs were complete already, and what
-    the units complete in every task left out (as their first task's report records it)."""
+) -> tuple[list[Work], int, int, Counter]:
+    """This rank's units with the tasks they lack, how many (unit, task) outputs were complete already, how many
+    units were complete in every task, and what those units left out (as their first task's report records it)."""
     settings = {task: json.dumps(_settings(task, job, models), sort_keys=True, default=str) for task in job.tasks}
-    works, done, earlier = [], 0, Counter()
+    works, done, complete, earlier = [], 0, 0, Counter()
     for unit in units[rank::world]:
         lacking, inputs = {}, unit.inputs_digest()  # one stat per input
         for task in job.tasks:
@@ -191,8 +191,9 @@ def plan(
         if lacking:
             works.append(Work(unit, lacking))
         else:
+            complete += 1
             earlier += recorded_skips(shard_paths(job.out / job.tasks[0], unit.name)[1])
-    return works[: job.max_shards], done, earlier
+    return works[: job.max_shards], done, complete, earlier
 
 
 def _check(job: Job) -> None:
@@ -268,7 +269,7 @@ def run(job: Job) -> Summary:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     models = {role: load(role, name, device) for role, name in roles.items()}
-    works, done, earlier = plan(job, units, models, rank, world)
+    works, done, complete, earlier = plan(job, units, models, rank, world)
     log(
         prefix,
         f"annotate: {len(units)} units in all, {len(units[rank::world])} for this rank; {done} task outputs already "
@@ -277,7 +278,7 @@ def run(job: Job) -> Summary:
     )
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))  # leave the workers their cores
-    summary = Summary(units_done_before=done, skipped_earlier=earlier)
+    summary = Summary(units_done_before=complete, skipped_earlier=earlier)
     processors = {role: m.processor for role, m in models.items()}
     dataset = UnitBatches(works, job.max_size, job.batch_size, processors)
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=device.type == "cuda",

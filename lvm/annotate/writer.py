@@ -49,6 +49,9 @@ class UnitOutput(UnitReport):
         self.root, self.task, self.unit, self.fingerprint, self.pool = root, task, unit, fingerprint, pool
         self.tar_path, self.report_path = shard_paths(root, unit.name)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
+        # Not complete under any settings from here until commit: a run killed while redoing the unit with other
+        # settings would otherwise leave maps of both, which the old report calls complete under the old ones.
+        self.report_path.unlink(missing_ok=True)
         self.pending: list[tuple[str, Future]] = []
         self.images = 0
         self._commit = ExitStack()  # closing it renames the tar into place
