@@ -387,6 +387,27 @@ def test_annotations_tokenize_and_build_pairs_and_multitask_sentences(photos, an
     assert keys == set(PHOTOS)
 
 
+def test_models_that_cannot_run_are_refused_before_any_work(photos, models, tmp_path, capsys, monkeypatch):
+    """A truncated weights file was a traceback; a model wanting more than images (OneFormer's task_inputs) loaded,
+    then failed on its first batch (review 37 #5, #6)."""
+    cut = shutil.copytree(models["depth"], tmp_path / "cut")
+    weights_file = cut / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[: weights_file.stat().st_size // 2])
+    assert _run("--images", photos, "--out", tmp_path / "a", "--tasks", "depth", "--depth-model", cut) == 2
+    assert capsys.readouterr().err.startswith(f"error: {cut}: cannot load a depth model (")
+    from transformers import SegformerForSemanticSegmentation
+
+    def forward(self, pixel_values, task_inputs, labels=None):
+        raise AssertionError("never run")
+
+    monkeypatch.setattr(SegformerForSemanticSegmentation, "forward", forward)
+    assert _run("--images", photos, "--out", tmp_path / "a", "--tasks", "segmentation", "--seg-model", models["seg"]) == 2
+    assert capsys.readouterr().err == (f"error: {models['seg']}: SegformerForSemanticSegmentation needs task_inputs "
+                                       "besides pixel_values, which annotate does not give; use a model that takes "
+                                       "images alone\n")
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tasks", "depth"], "error: --depth-model is needed (depth)"),
     (["--tasks", "normals"], "error: --depth-model is needed (normals without --normals-model come from depth)"),

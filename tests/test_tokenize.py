@@ -791,6 +791,13 @@ def test_ranks_come_from_torchrun_else_slurm(inputs, tiny_tokenizer_dir, tmp_pat
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert pipeline.ranks_from_env() == (0, 3, 0)  # torchrun's variables win
+    for rank, world, message in (("3", "2", "RANK=3, WORLD_SIZE=2: need 0 <= RANK < WORLD_SIZE"),  # did nothing, exit 0
+                                 ("0", "0", "RANK=0, WORLD_SIZE=0: need 0 <= RANK < WORLD_SIZE"),
+                                 ("x", "2", "RANK='x', WORLD_SIZE='2', LOCAL_RANK='0': not whole numbers")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(TokenizeError, match=f"^{re.escape(message)}$"):
+            pipeline.ranks_from_env()
 
 
 def test_jpeg_draft_decodes_large_jpegs_smaller_and_keeps_the_displayed_size(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):

@@ -3,7 +3,8 @@
 An `AutoModelForDepthEstimation` checkpoint of a type in `METRIC_DEPTH`, `INVERSE_DEPTH` or `EITHER_DEPTH`
 (Depth Anything V2, DPT, ZoeDepth, GLPN, ...), and any `AutoModelForNormalEstimation` and
 `AutoModelForSemanticSegmentation` / `AutoModelForUniversalSegmentation` (SegFormer, Mask2Former, ...) checkpoint
-works, with its own image processor. The processors run in the DataLoader workers (`preprocess`), the models
+whose forward takes images alone works (OneFormer, which also wants text task inputs, is refused), with its own
+image processor. The processors run in the DataLoader workers (`preprocess`), the models
 in the main process on `cuda:LOCAL_RANK` in float32 (TF32 matmuls): depth precision matters, since normals
 come from its gradients.
 """
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import Tensor
 
 import weights
@@ -79,10 +81,16 @@ def load(role: str, name: str, device: torch.device) -> Model:
         try:
             model = auto.from_pretrained(folder)
             break
-        except (OSError, ValueError, KeyError) as error:  # not found, offline, or not this kind of model
+        # not found, offline, not this kind of model, or damaged weights (a truncated safetensors file)
+        except (OSError, ValueError, KeyError, SafetensorError) as error:
             errors.append(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
     else:
         raise AnnotateError(f"{name}: cannot load a {role} model ({errors[-1][:300]})")
+    needs = [p.name for p in inspect.signature(model.forward).parameters.values() if p.name != "pixel_values"
+             and p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if needs:  # `predict` gives pixel_values alone (OneFormer also wants task_inputs from a text processor)
+        raise AnnotateError(f"{name}: {type(model).__name__} needs {', '.join(needs)} besides pixel_values, which "
+                            f"annotate does not give; use a model that takes images alone")
     try:
         processor = AutoImageProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:

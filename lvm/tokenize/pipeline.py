@@ -173,12 +173,21 @@ def worker_share(count: int) -> range:
 
 
 def ranks_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM; (0, 1, 0) alone."""
+    """(rank, world size, local rank) from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM; (0, 1, 0) alone.
+
+    Checked: a rank at or past the world size would do nothing and exit 0, leaving its share undone unnoticed."""
     env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    for names in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
+        rank_name, world_name, local_name = names
+        if rank_name in env and world_name in env:
+            try:
+                rank, world, local = int(env[rank_name]), int(env[world_name]), int(env.get(local_name, 0))
+            except ValueError:
+                raise TokenizeError(f"{rank_name}={env[rank_name]!r}, {world_name}={env[world_name]!r}, "
+                                    f"{local_name}={env.get(local_name, '0')!r}: not whole numbers") from None
+            if not 0 <= rank < world or local < 0:
+                raise TokenizeError(f"{rank_name}={rank}, {world_name}={world}: need 0 <= {rank_name} < {world_name}")
+            return rank, world, local
     return 0, 1, 0
 
 
