@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 
 from lvm.annotate.__main__ import main
-from lvm.annotate.pipeline import _needs
+from lvm.annotate.pipeline import Batch, _needs
 from lvm.annotate.render import RELIEF, encode_normals, nearness, normals_from_depth, normals_from_nearness
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.palette import label_palette
@@ -385,6 +385,20 @@ def test_annotations_tokenize_and_build_pairs_and_multitask_sentences(photos, an
         else:
             assert len({image["key"] for image in info["images"][:3]}) == 1 and sorted(sets[:3]) == ["depth", "edges", "image"]
     assert keys == set(PHOTOS)
+
+
+def test_a_loader_pinning_memory_pins_the_processors_batches(monkeypatch):
+    """DataLoader(pin_memory=True) pins tensors, mappings, sequences and objects with a `pin_memory` method; a Batch
+    without one kept its pixels pageable (review 37 #8). Pinning needs a GPU: here Tensor.pin_memory records."""
+    from torch.utils.data._utils.pin_memory import pin_memory as pin_as_the_loader_does
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: pinned.append(self) or self.clone())
+    batch = Batch(0, ["k"], [(4, 4)], [], {"depth": torch.zeros(1, 3, 4, 4), "segmentation": torch.ones(1, 3, 4, 4)},
+                  [], True)
+    out = pin_as_the_loader_does(batch)
+    assert isinstance(out, Batch) and len(pinned) == 2
+    assert all(out.pixel_values[role] is not batch_pixels for role, batch_pixels in zip(out.pixel_values, pinned))
 
 
 def test_models_that_cannot_run_are_refused_before_any_work(photos, models, tmp_path, capsys, monkeypatch):

@@ -78,6 +78,12 @@ class Batch:
     skips: list[Skip]
     last: bool
 
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True), which pins only tensors, mappings, sequences and objects with
+        this method: without it the processors' batches stayed pageable and every copy to the GPU waited."""
+        self.pixel_values = {role: pixels.pin_memory() for role, pixels in self.pixel_values.items()}
+        return self
+
 
 @dataclass
 class Summary:
