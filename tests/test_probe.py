@@ -92,6 +92,17 @@ def test_bfloat16_features_on_cuda_match_float32_on_cpu(model):
         torch.testing.assert_close(states.float().cpu(), expected[depth], rtol=0.05, atol=0.05)
 
 
+def test_the_fingerprint_sees_weights_moved_within_a_tensor(model):
+    """Sums of values and squares alone missed a flipped or permuted matrix, whose features differ (review 37 #10)."""
+    changed = LVM(model.cfg)
+    changed.load_state_dict(model.state_dict())
+    before = module_fingerprint(changed, changed.cfg.to_dict())
+    assert module_fingerprint(model, model.cfg.to_dict()) == before
+    with torch.no_grad():
+        changed.layers[0].attn.q_proj.weight.copy_(changed.layers[0].attn.q_proj.weight.flip(0))
+    assert module_fingerprint(changed, changed.cfg.to_dict()) != before
+
+
 def test_cached_features_are_computed_once(model, tmp_path, monkeypatch):
     tokens = np.random.default_rng(0).integers(0, CODEBOOK_SIZE, (5, 16)).astype(np.uint16)
     cache, fingerprint = Cache(tmp_path), module_fingerprint(model, model.cfg.to_dict())
@@ -113,6 +124,7 @@ def test_layers_are_fractions_or_depths():
     assert resolve_depths("0.25,0.5,0.75,1.0", 22) == [6, 11, 17, 22]
     assert resolve_depths("0.25,0.5,0.75,1.0", 4) == [1, 2, 3, 4]
     assert resolve_depths("0,2, 2, 0.01", 4) == [0, 1, 2]  # 0 = embeddings; a fraction above 0 is at least 1
+    assert resolve_depths("0.7", 45) == [32] and resolve_depths("0.29", 50) == [15]  # 31.5, 14.5: half up, exactly
     for bad, message in [("1.5", r"outside \[0, 1\]"), ("5", "outside 0..4"), ("x", "neither"), (",", "no layers")]:
         with pytest.raises(ProbeError, match=message):
             resolve_depths(bad, 4)
@@ -273,6 +285,9 @@ def test_val_images_that_are_train_images_are_warned_about(folders, model_ckpt, 
           "--out", str(tmp_path), "--layers", "0", "--epochs", "1", "--workers", "0", "--batch-size", "16"])
     assert ("warning: 48 of the 48 --val images have the tokens of a --train image (the same images in both splits?): "
             "their scores measure memory, not features") in capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())  # what gets shared says so too
+    assert (report["val_shared_with_train"], report["dtype"], report["device"]) == (48, "float32", "cpu")
+    assert "Warning: 48 val images have the tokens of a train image" in (tmp_path / "report.md").read_text()
 
 
 def test_a_probe_comes_back_with_the_weights_of_its_best_holdout_epoch(monkeypatch):

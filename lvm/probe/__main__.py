@@ -113,6 +113,9 @@ def run(args: argparse.Namespace) -> dict:
         "n_layers": model.cfg.n_layers,
         "dim": model.cfg.dim,
         "tokens_per_image": tok.tokens_per_image,
+        "device": str(device),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "val_shared_with_train": shared,  # val images with a train image's tokens: scores of memory, not features
         "classes": classes,
         "chance": 1 / len(classes),
         "majority": max(val_counts.values()) / len(y_val),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def resolve_depths(text: str, n_layers: int) -> list[int]:
         if "." in value:
             if not 0.0 <= number <= 1.0:
                 raise ProbeError("--layers", f"fraction {value} is outside [0, 1]")
-            depth = math.floor(number * n_layers + 0.5)
+            depth = math.floor(Fraction(value) * n_layers + Fraction(1, 2))  # exact: 0.7 of 45 is 31.5 -> 32
             depths.add(max(depth, 1) if number > 0 else 0)
         elif not 0 <= number <= n_layers:
             raise ProbeError("--layers", f"layer {value} is outside 0..{n_layers} (0: embeddings, {n_layers}: last block)")

@@ -15,7 +15,8 @@ def markdown(report: dict) -> str:
         f"# Representation probe of {report['model']}", "",
         f"{len(report['classes'])} classes; chance {report['chance']:.3f} (1 / classes), majority class of val "
         f"{report['majority']:.3f}. Features: hidden states after k of {n} blocks over one image's "
-        f"{report['tokens_per_image']} tokens (k = 0: token embeddings). Top-1 accuracy on val:", "",
+        f"{report['tokens_per_image']} tokens (k = 0: token embeddings), {report['dtype']} on {report['device']}. "
+        "Top-1 accuracy on val:", "",
         "| depth k | k / layers | attentive probe | linear probe (mean-pooled) |", "| ---: | ---: | ---: | ---: |",
     ]
     for row in report["results"]:
@@ -23,6 +24,9 @@ def markdown(report: dict) -> str:
     lines += ["", "| class | train | val |", "| --- | ---: | ---: |"]
     counts = report["counts"]
     lines += [f"| {c} | {counts['train'].get(c, 0)} | {counts['val'].get(c, 0)} |" for c in report["classes"]]
+    if report["val_shared_with_train"]:
+        lines += ["", f"Warning: {report['val_shared_with_train']} val images have the tokens of a train image (the "
+                  "same images in both splits?): their scores measure memory, not features."]
     lines += ["", f"Skipped: train {report['skipped']['train'] or 'none'}, val {report['skipped']['val'] or 'none'}.",
               "Probes: AdamW (lr {lr}, weight decay {weight_decay}), batches of {batch_size}, the epoch with the lowest "
               "loss on a {holdout:.0%} holdout of train kept, stopping {patience} epochs after it or at {epochs}; "
