@@ -58,11 +58,29 @@ def check_accelerator(config: Namespace) -> None:
     raise ConfigError(f"{source} trains on {gpus} (accelerator {accelerator}) and this machine has {have}; {advice}")
 
 
+def check_fresh_start(config: Namespace) -> None:
+    """A fit without --ckpt_path starts at step 0. Into a checkpoint folder of an earlier run (our configs name a
+    fixed one, with no version counter, so that resumes keep one `last.ckpt`), it would overwrite that run's
+    checkpoints of the same steps and move `last.ckpt` to itself: a rerun of the first command after a preemption
+    would lose the run it meant to continue."""
+    for callback in config.trainer.get("callbacks") or []:
+        if not isinstance(callback, Namespace) or not str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+            continue
+        folder = (callback.get("init_args") or {}).get("dirpath")
+        if folder and any(Path(folder).glob("*.ckpt")):
+            raise ConfigError(f"{folder} holds the checkpoints of an earlier run, which a fresh start would overwrite "
+                              "(last.ckpt included): continue it with --ckpt_path last, or start anew in another folder "
+                              "(move this one away, or change the run's paths)")
+
+
 class CLI(LightningCLI):
     """LightningCLI that checks the machine can run the config before building the Trainer."""
 
     def before_instantiate_classes(self) -> None:
-        check_accelerator(self.config[self.subcommand] if self.subcommand else self.config)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config)
+        if self.subcommand == "fit" and not config.get("ckpt_path"):
+            check_fresh_start(config)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's step that reads the model's hyperparameters from `--ckpt_path` into the config, done here

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from common.errors import lightning_worker_init
@@ -32,7 +33,7 @@ from common.files import expand_shards
 from lvm.errors import ConfigError
 from lvm.tokenize.progress import clock
 from sentences.errors import SentenceError
-from sentences.formats import has_lengths, sentences_tokenizer
+from sentences.formats import has_lengths, largest_image, sentences_tokenizer
 from sentences.stream import PackedStream, shard_tokens
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
@@ -115,8 +116,13 @@ class LVMDataModule(L.LightningDataModule):
         try:
             # The tokenizer that made these sentences (their index.json), saved into checkpoints by LVMModule.
             self.tokenizer: dict | None = sentences_tokenizer(self._paths["train_shards"])
+            image = largest_image(self._paths["train_shards"])
         except SentenceError as e:
             raise ConfigError(f"data.train_shards: {e}") from None
+        if image and seq_len < 2 * image + 1:
+            rank_zero_warn(f"data.seq_len {seq_len} holds no two images of {image} tokens (BOS + 2 x {image}): no row "
+                           "shows the model an image after another, so it learns single images only; give it a context "
+                           f"of several images (--data.seq_len and --model.overrides max_seq_len, e.g. {8 * image})")
         self.save_hyperparameters()
         self.train_shards, self.val_shards = train_shards, val_shards
         self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers

@@ -302,6 +302,12 @@ def token_shards_tokenizer(paths: Sequence[str]) -> dict | None:
     return one_tokenizer((path, read_report(token_report(path)).get("tokenizer")) for path in paths)
 
 
+def largest_image(paths: Sequence[str]) -> int | None:
+    """The most tokens per image the ``index.json`` of these shards' folders records (None when none says)."""
+    sizes = [_read_index(folder).get("tokens_per_image") for folder in sorted({os.path.dirname(p) for p in paths})]
+    return max((size for size in sizes if isinstance(size, int)), default=None)
+
+
 def sentences_tokenizer(paths: Sequence[str]) -> dict | None:
     """The tokenizer recorded in the ``index.json`` of the folders holding these sentence shards (None if none)."""
     folders = sorted({os.path.dirname(path) for path in paths})

@@ -187,6 +187,28 @@ def test_lightning_fit_stopped_by_a_signal_exits_128_plus_its_number_with_one_li
     assert torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
 
 
+def test_a_fresh_fit_into_an_earlier_runs_checkpoints_is_refused(shards, tmp_path, monkeypatch, capsys):
+    """The first command again after a preemption (no --ckpt_path) started at step 0 and overwrote the run's
+    checkpoints of the same steps, moving last.ckpt to itself (review 39 #3)."""
+    enter(tmp_path / "a", monkeypatch)
+    command = ["fit", "-c", TINY, "--data.train_shards", str(shards), *FAST, "--model.warmup_steps", "1",
+               "--trainer.max_steps", "2"]
+    lvm_cli.main(command)
+    checkpoints = tmp_path / "a/runs/lvm_tiny/checkpoints"
+    kept = (checkpoints / "step=00000002.ckpt").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        lvm_cli.main(command)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: runs/lvm_tiny/checkpoints holds the checkpoints of an earlier run, which a fresh start would overwrite "
+        "(last.ckpt included): continue it with --ckpt_path last, or start anew in another folder (move this one "
+        "away, or change the run's paths)\n")
+    assert (checkpoints / "step=00000002.ckpt").read_bytes() == kept
+    lvm_cli.main([*command[:-1], "3", "--ckpt_path", "last"])  # the resume goes on
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
 @pytest.mark.parametrize("when", ["before training", "twice in training"])
 def test_lightning_fit_interrupted_exits_130_with_one_line(shards, tmp_path, monkeypatch, capsys, when):
     """Ctrl-C that Lightning handles itself (a second one stops at once) or that comes before the trainer runs is
