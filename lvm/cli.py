@@ -50,7 +50,7 @@ def check_accelerator(config: Namespace) -> None:
     source = " + ".join(str(path) for path in config.get("config") or []) or "this run"
     gpus = f"{wanted} GPU{'s' * (wanted != 1)}" if wanted else "GPUs"
     if found == 0:
-        advice = "on a CPU use configs/lvm_tiny.yaml or override --trainer.accelerator"
+        advice = "on a CPU use a tiny config (configs/lvm_tiny.yaml, configs/vqgan_tiny.yaml) or override --trainer.accelerator"
         have = "none"
     else:
         advice = f"override --trainer.devices {found}"

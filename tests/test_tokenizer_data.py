@@ -19,7 +19,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 import tokenizer
-from common.errors import lightning_worker_init
+from common.errors import UserError, lightning_worker_init
 from conftest import next_batch_after_stop_signals_to_the_worker, tiny_vqgan_config
 from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
 from tokenizer.evaluate import main as evaluate_main
@@ -141,6 +141,16 @@ def test_training_workers_leave_sigterm_and_ctrl_c_to_the_trainer(tmp_path: Path
     loader = data.train_dataloader()
     assert loader.worker_init_fn.func is lightning_worker_init and loader.worker_init_fn.keywords == {"rank": 3}
     assert next_batch_after_stop_signals_to_the_worker(loader).shape == (2, 3, 32, 32)
+
+
+def test_sources_that_name_nothing_are_refused_when_the_config_is_built(tmp_path: Path) -> None:
+    """On 8 devices Lightning started 8 processes and built the model in each before one said "no .tar shards
+    found", 8 times, for a folder of images that does not exist (review 39 #2)."""
+    with pytest.raises(TrainingDataError, match=r"val_images: no such file or directory$"):
+        ImageDataModule(train=str(tmp_path), val=str(tmp_path / "val_images"))
+    with pytest.raises(UserError, match=r"train-000000\.tar: no \.tar shards found \(no such file or directory\)$"):
+        ImageDataModule(train=str(tmp_path / "train-{000000..000003}.tar"))
+    ImageDataModule(train="pipe:curl -s https://example.org/{000..009}.tar")  # remote: read when training starts
 
 
 def test_shards_without_images_are_refused_before_training_waits_on_them(tmp_path: Path) -> None:

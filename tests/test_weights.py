@@ -297,7 +297,8 @@ def test_gpu_config_without_gpus_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # no data/sentences here either: the GPUs are named first
     monkeypatch.setattr(sys, "argv", ["lightning"])
     config = str(ROOT / "configs" / "lvm_3b.yaml")
-    for gpus, found, advice in ((0, "none", "on a CPU use configs/lvm_tiny.yaml or override --trainer.accelerator"),
+    tiny = "on a CPU use a tiny config (configs/lvm_tiny.yaml, configs/vqgan_tiny.yaml) or override --trainer.accelerator"
+    for gpus, found, advice in ((0, "none", tiny),
                                 (2, "only 2", "override --trainer.devices 2")):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
         with pytest.raises(SystemExit) as exit_info:
@@ -305,6 +306,13 @@ def test_gpu_config_without_gpus_is_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and not any("Traceback" in line for line in err)
         assert err[-1] == f"error: {config} trains on 8 GPUs (accelerator gpu) and this machine has {found}; {advice}"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    vqgan = str(ROOT / "configs" / "vqgan_f16_8192.yaml")  # on a CPU it started 8 processes (review 39 #2)
+    with pytest.raises(SystemExit):
+        lvm_cli.main(["fit", "-c", vqgan, "--trainer.devices=8", "--data.init_args.train=/data/laion"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {vqgan} trains on 8 GPUs (accelerator gpu) and this machine has none; on a CPU use a tiny config "
+        "(configs/lvm_tiny.yaml, configs/vqgan_tiny.yaml) or override --trainer.accelerator")
 
 
 def test_missing_training_data_says_how_to_make_it(tmp_path, monkeypatch, capsys):

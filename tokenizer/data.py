@@ -9,6 +9,7 @@ images are skipped with a warning naming the file and never stop a run.
 from __future__ import annotations
 
 import functools
+import glob
 import io
 import logging
 import tarfile
@@ -117,6 +118,16 @@ def _check_holds_images(shard: str) -> None:
         raise TrainingDataError(shard, f"not a readable tar shard ({type(err).__name__})") from None
 
 
+def _check_source(source: str) -> None:
+    """A local source that names nothing, said here, when the config is built: on 8 devices Lightning would first
+    start 8 processes and build the model in each, then report it 8 times."""
+    if any(marker in source for marker in ("://", "pipe:")) or Path(source).is_dir():
+        return  # remote, or a folder (of images or of tars: read when the loader is made)
+    if not glob.has_magic(source) and "{" not in source and not Path(source).exists():
+        raise TrainingDataError(source, "no such file or directory")
+    expand_shards(source)  # a glob or brace pattern naming no shard: one line naming it
+
+
 class ImageDataModule(LightningDataModule):
     """`train`/`val`: a folder of images, local webdataset shards named as every command names them (a folder
     of tars, a glob, a brace pattern), or a remote webdataset URL pattern."""
@@ -130,6 +141,9 @@ class ImageDataModule(LightningDataModule):
         num_workers: int = 4,
     ) -> None:
         super().__init__()
+        for source in (train, val):
+            if source is not None:
+                _check_source(source)
         self.train, self.val = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
 
