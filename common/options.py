@@ -9,6 +9,7 @@ release's hub ids live in `weights` (a layer above this one), so commands pass t
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 import torch
@@ -26,6 +27,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if not action.option_strings or unset or "default" in text:
             return text
         return f"{text} (default: %(default)s)".lstrip()
+
+
+def default_workers() -> int:
+    """Decoding processes per rank when none are asked for: one per core this process may run on (a Slurm task's
+    `--cpus-per-task`, not the node's count), at most 8."""
+    return min(8, len(os.sched_getaffinity(0)))
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

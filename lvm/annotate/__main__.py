@@ -12,12 +12,11 @@ See docs/FORMATS.md. Exit codes: 0 done, 2 bad input, options or models (one lin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from common.errors import exit_on
-from common.options import HelpFormatter, add_rank_device_arg, at_least
+from common.options import HelpFormatter, add_rank_device_arg, at_least, default_workers
 from lvm.annotate import TASKS
 from lvm.annotate.pipeline import Job, run
 from lvm.tokenize.pipeline import ranks_from_env
@@ -46,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--max-size", type=at_least(0), default=512,
                    help="longer side of the annotations: larger images are shrunk first (0: keep their size)")
     p.add_argument("--batch-size", type=at_least(1), default=16, help="images per model call")
-    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=at_least(0), default=default_workers(),
                    help="DataLoader worker processes per rank (decoding, edges, model preprocessing)")
     p.add_argument("--images-per-shard", type=at_least(1), default=1000, help="images of a folder per unit (one report each)")
     p.add_argument("--max-shards", type=at_least(1), default=None,

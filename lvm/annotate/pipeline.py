@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import leave_stop_signals_to_main
+from common.options import default_workers
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
@@ -52,7 +53,7 @@ class Job:
     seg_model: str | None = None
     max_size: int = 512  # working size: longer side of the annotations (0: the images' own size)
     batch_size: int = 16
-    workers: int = 4
+    workers: int = field(default_factory=default_workers)
     images_per_shard: int = 1000
     max_shards: int | None = None
     device: str | None = None

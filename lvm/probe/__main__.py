@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -30,6 +29,7 @@ from common.options import (
     add_model_arg,
     add_tokenizer_arg,
     at_least,
+    default_workers,
     torch_dtype,
 )
 from lvm.checkpoint import check_tokenizer, load_lvm
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(integers; 0 = token embeddings)")
     p.add_argument("--label-field", default="label", help="json field of a tar sample that holds its class")
     p.add_argument("--batch-size", type=at_least(1), default=64, help="images per tokenizer and LVM forward call")
-    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1), help="image decoding processes")
+    p.add_argument("--workers", type=at_least(0), default=default_workers(), help="image decoding processes")
     p.add_argument("--epochs", type=at_least(1), default=heads.Training.epochs, help="most epochs per probe (early stopping)")
     p.add_argument("--lr", type=float, default=heads.Training.lr, help="AdamW learning rate of the probes")
     p.add_argument("--seed", type=int, default=0, help="seed of the holdout split, probe initialisation and order")

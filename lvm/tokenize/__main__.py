@@ -10,13 +10,12 @@ See docs/tokenize.md. Exit codes: 0 done, 2 bad input or options (one line: `err
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import weights
 from common.errors import exit_on
-from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least
+from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least, default_workers
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import VIDEO_RESIZES, Job, Options, ranks_from_env, run
 
@@ -39,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
                                             "first source>)")
     add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
     p.add_argument("--batch-size", type=at_least(1), default=64, help="images per encoder call (derived variants ride along)")
-    p.add_argument("--workers", type=at_least(0), default=min(8, os.cpu_count() or 1),
+    p.add_argument("--workers", type=at_least(0), default=default_workers(),
                    help="DataLoader worker processes per rank; each reads whole shards (default: min(8, cores))")
     p.add_argument("--video-stride", type=at_least(1), default=1, help="keep frames 0, k, 2k, ... of every video")
     p.add_argument("--frame-folders", action="store_true",

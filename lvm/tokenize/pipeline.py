@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import tokenizer
 import weights
 from common.errors import leave_stop_signals_to_main
+from common.options import default_workers
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
@@ -81,7 +82,7 @@ class Job:
     tokenizer: str = weights.DEFAULT_TOKENIZER  # anything tokenizer.load reads, a hub id included
     options: Options = field(default_factory=Options)
     batch_size: int = 64
-    workers: int = 8
+    workers: int = field(default_factory=default_workers)
     images_per_shard: int = 1000
     videos_per_shard: int = 8
     frame_folders: bool = False  # image folders are frame sequences (the frame indices enter each unit's digest)
