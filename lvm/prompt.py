@@ -39,6 +39,7 @@ from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm
 from lvm.generate import GREEDY, Sampling, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
+from lvm.tokenize.sources import VIDEO_SUFFIXES
 from tokenizer.preprocess import UNREADABLE_IMAGE, to_rgb_float
 
 CHUNK = 16  # images per tokenizer call
@@ -76,6 +77,9 @@ def read_image(path: Path) -> Image.Image:
             turned = ImageOps.exif_transpose(image)  # a decoded copy, also when nothing turns
         to_rgb_float(turned)
     except UNREADABLE_IMAGE as e:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            raise PromptError(path, "a video: prompts are image files; give its frames (e.g. "
+                              "`ffmpeg -i clip.mp4 -vf fps=4 frames/%04d.png`, then --frames frames/)") from e
         raise PromptError(path, f"not a readable image ({e})") from e
     return turned
 
@@ -179,8 +183,11 @@ def run(args: argparse.Namespace) -> None:
         raise PromptError("--out", f"give a .png file name (the grid and GIF are named after it), got {args.out}")
     option = "--frames" if args.frames else "--pairs"
     prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
-    if args.pairs and len(prompts[0]) % 2 == 0:
-        raise PromptError("--pairs", f"needs example pairs then one query image (an odd count), got {len(prompts[0])}")
+    if args.pairs and (len(prompts[0]) % 2 == 0 or len(prompts[0]) < 3):
+        raise PromptError("--pairs", f"needs example pairs then one query image (an odd count, at least 3), got "
+                          f"{len(prompts[0])}")
+    if args.pairs and args.num_frames != 1:
+        raise PromptError("--num-frames", f"an analogy has one answer, got {args.num_frames} (for frames use --frames)")
     if len({len(p) for p in prompts}) > 1:
         raise PromptError(option, f"batched prompts need equal frame counts, got {[len(p) for p in prompts]}")
     truth = resolve_prompts(args.ground_truth, "--ground-truth", sort=True) if args.ground_truth else None

@@ -174,8 +174,15 @@ def test_bad_input_gives_one_line_errors(tmp_path, lvm_ckpt, tiny_tokenizer_dir,
         main([str(a) for a in ["--frames", frames[0], "--num-frames", 0, *common]])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith("error: argument --num-frames: 0 is below the minimum of 1")
-    assert run_error(["--pairs", *frames[:4], *common], capsys) == (
-        "error: --pairs: needs example pairs then one query image (an odd count), got 4")
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    assert run_error(["--frames", tmp_path / "clip.mp4", *common], capsys) == (
+        f"error: {tmp_path / 'clip.mp4'}: a video: prompts are image files; give its frames (e.g. `ffmpeg -i clip.mp4 "
+        "-vf fps=4 frames/%04d.png`, then --frames frames/)")
+    for count in (4, 1):  # no example pair at all is no analogy either
+        assert run_error(["--pairs", *frames[:count], *common], capsys) == (
+            f"error: --pairs: needs example pairs then one query image (an odd count, at least 3), got {count}")
+    assert run_error(["--pairs", *frames[:3], "--num-frames", "3", *common], capsys) == (
+        "error: --num-frames: an analogy has one answer, got 3 (for frames use --frames)")
     # --out may not replace an input: a rerun with the same folder would read the last prediction as a frame.
     before = frames[1].read_bytes()
     assert run_error(["--frames", *frames[:2], *common[:4], "--out", frames[1]], capsys) == (
