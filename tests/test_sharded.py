@@ -94,7 +94,7 @@ def test_sharded_1b_config_matches_one_rank_resumes_exactly_and_exports(tmp_path
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values()):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-4, msg=name)
 
-    export.main(["--ckpt", str(ckpt_path), "--to-hf", str(tmp_path / "hf")])
+    export.main(["--model", str(ckpt_path), "--to-hf", str(tmp_path / "hf")])
     exported = load_lvm(tmp_path / "hf")
     for name, tensor in model.state_dict().items():
         assert torch.equal(exported.state_dict()[name], tensor), name
