@@ -164,11 +164,18 @@ def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 
 
 
 def _perplexity_curve(
-    model: LVM, sentences: list[Sentence], contexts: dict[int, int], batch_size: int, desc: str | None
+    model: LVM, sentences: list[Sentence], contexts: dict[int, int], batch_size: int, desc: str | None,
+    keep: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, dict]:
-    """{x: perplexity summary of each sentence's last image given the `contexts[x]` images before it}."""
-    return {x: metrics.perplexities(target_nlls(model, sentences, k, batch_size))
-            for x, k in tqdm(contexts.items(), desc=desc, disable=desc is None)}
+    """{x: perplexity summary of each sentence's last image given the `contexts[x]` images before it}; each x's
+    per-token NLLs [N, T] also go into `keep` when given."""
+    curve = {}
+    for x, k in tqdm(contexts.items(), desc=desc, disable=desc is None):
+        nll = target_token_nlls(model, sentences, k, batch_size)
+        if keep is not None:
+            keep[x] = nll
+        curve[x] = metrics.perplexities(nll.mean(1))
+    return curve
 
 
 def perplexity_vs_context(
@@ -177,26 +184,31 @@ def perplexity_vs_context(
     max_frames: int = MAX_CONTEXT_FRAMES,
     batch_size: int = 8,
     progress: bool = False,
+    token_nlls: dict[int, torch.Tensor] | None = None,
 ) -> dict[int, dict]:
     """Last-frame perplexity given 0..K context frames, K = min(max_frames, what fits, shortest sentence - 1),
     so every k is measured on the same sentences and the same target frames. k = 0 (the frame after BOS
     alone) is the no-context baseline; it is left out for models without BOS (the released LVM), which
-    cannot score an image's first token without a token before it."""
+    cannot score an image's first token without a token before it. `token_nlls`, when given, receives each k's
+    per-token NLLs, which `context_gain_by_token` on the same sentences then reuses rather than scores again."""
     if not sentences:
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     ks = range(1 - model.cfg.prefix_len, K + 1)  # k = 0 (BOS alone) needs a BOS
-    return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None)
+    return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None,
+                             token_nlls)
 
 
 def context_gain_by_token(
-    model: LVM, sentences: list[Sentence], contexts: tuple[int, ...] = (1, 2, 8), batch_size: int = 8
+    model: LVM, sentences: list[Sentence], contexts: tuple[int, ...] = (1, 2, 8), batch_size: int = 8,
+    token_nlls: dict[int, torch.Tensor] | None = None,
 ) -> dict:
     """Where the gain from more context frames comes from: the last frame's mean NLL per token (nats) given
     k frames, split into tokens that keep the previous frame's code at their place and tokens that change.
     Copying needs one frame; telling a flickering place from a stable one needs a place's history; the
     changing tokens need the motion seen. (docs/demo.md: on still-camera footage context helps the first
-    two and barely the third.) k is capped at what fits and at the shortest sentence."""
+    two and barely the third.) k is capped at what fits and at the shortest sentence. `token_nlls`: per-token NLLs
+    by k already computed on these sentences (`perplexity_vs_context`'s)."""
     K = min(context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     stays = torch.stack([s.images[-1] == s.images[-2] for s in sentences])
 
@@ -205,7 +217,7 @@ def context_gain_by_token(
 
     split = {}
     for k in sorted({min(k, K) for k in contexts}):
-        nll = target_token_nlls(model, sentences, k, batch_size)
+        nll = token_nlls[k] if token_nlls and k in token_nlls else target_token_nlls(model, sentences, k, batch_size)
         split[k] = {"stay": mean(nll[stays]), "change": mean(nll[~stays]), "all": nll.mean().item()}
     return {"stay_fraction": stays.double().mean().item(), "nll": split}
 
@@ -359,6 +371,7 @@ def run(args: argparse.Namespace) -> dict:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
     video = [s for s in sentences if s.kind == "video"]
     pairs = {kind: [s for s in sentences if s.kind == kind and len(s.images) % 2 == 0] for kind in PAIR_KINDS}
+    video_nlls: dict[int, torch.Tensor] = {}  # scored once per context length, read by two figures
     report = {
         "model": str(args.model),
         "sentences": len(sentences),
@@ -366,8 +379,9 @@ def run(args: argparse.Namespace) -> dict:
         "skipped": dict(skipped),
         "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
         "unigram": unigram_perplexity(sentences, tok.codebook_size if tok else trained_layout(model)[1]),
-        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True),
-        "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size) if video else None,
+        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True, token_nlls=video_nlls),
+        "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size, token_nlls=video_nlls)
+        if video else None,
         "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True)
                      for kind, found in pairs.items() if found},
     }

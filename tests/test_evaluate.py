@@ -2,6 +2,7 @@
 
 import json
 import math
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -128,6 +129,12 @@ def test_context_gain_splits_tokens_by_whether_their_code_stays(model):
     for k in (1, 6):
         nll = torch.stack([direct_token_nlls(model, im[-1 - k :]) for im in images])
         assert gain["nll"][k]["stay"] == pytest.approx(nll[stays].mean().item(), rel=1e-5)
+    # lvm.evaluate scores each context length once: the curve's per-token NLLs serve the split, and give its figures
+    scored = {}
+    curve = perplexity_vs_context(model, video, batch_size=2, token_nlls=scored)
+    assert sorted(scored) == list(curve) == [0, 1, 2, 3, 4, 5, 6]
+    with patch("lvm.evaluate.target_token_nlls", side_effect=AssertionError("scored again")):
+        assert context_gain_by_token(model, video, contexts=(1, 4, 99), token_nlls=scored) == gain
         assert gain["nll"][k]["change"] == pytest.approx(nll[~stays].mean().item(), rel=1e-5)
         assert gain["nll"][k]["all"] == pytest.approx(nll.mean().item(), rel=1e-5)
     still = [Sentence("s", "video", torch.cat([images[0, :7], images[0, 6:7]]))]  # the last frame repeats
