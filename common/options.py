@@ -29,10 +29,16 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a Slurm task's `--cpus-per-task`, not the node's count (where the system
+    cannot say, as on macOS, all of them)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
+
+
 def default_workers() -> int:
-    """Decoding processes per rank when none are asked for: one per core this process may run on (a Slurm task's
-    `--cpus-per-task`, not the node's count), at most 8."""
-    return min(8, len(os.sched_getaffinity(0)))
+    """Decoding processes per rank when none are asked for: one per usable core, at most 8."""
+    return min(8, usable_cores())
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

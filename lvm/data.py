@@ -119,7 +119,7 @@ class LVMDataModule(L.LightningDataModule):
             image = largest_image(self._paths["train_shards"])
         except SentenceError as e:
             raise ConfigError(f"data.train_shards: {e}") from None
-        if image and seq_len < 2 * image + 1:
+        if image and seq_len < 2 * image:  # a row is seq_len + 1 tokens: inputs and the label after them
             rank_zero_warn(f"data.seq_len {seq_len} holds no two images of {image} tokens (BOS + 2 x {image}): no row "
                            "shows the model an image after another, so it learns single images only; give it a context "
                            f"of several images (--data.seq_len and --model.overrides max_seq_len, e.g. {8 * image})")

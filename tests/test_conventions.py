@@ -27,7 +27,7 @@ from PIL import Image
 from common import files
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import ShardPatternError, expand_shards
-from common.options import HelpFormatter
+from common.options import HelpFormatter, default_workers, usable_cores
 from common.vocab import BOS_ID, EOS_ID
 from lvm.prompt import main as prompt_main
 from lvm.tokenize.__main__ import main as tokenize_main
@@ -150,6 +150,15 @@ def test_an_error_with_a_live_dataloader_worker_still_exits(tmp_path) -> None:
         proc.communicate()
         pytest.fail("the exit hung with the DataLoader worker alive")
     assert proc.returncode == 1 and "RuntimeError: a crash with the iterator alive" in err
+
+
+def test_worker_counts_follow_the_usable_cores_also_where_affinity_is_unknown(monkeypatch) -> None:
+    """macOS has no sched_getaffinity: `--help` of tokenize, annotate and probe was a traceback there."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert usable_cores() == 3 and default_workers() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert usable_cores() == 16 and default_workers() == 8
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")

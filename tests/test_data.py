@@ -175,11 +175,11 @@ def test_a_context_too_short_for_two_images_is_warned_about(shards, tmp_path):
     another, and training said nothing (review 39 #1)."""
     copy = shutil.copytree(shards, tmp_path / "copy")
     SentenceIndex(16, 0, 1024).write(copy)  # images of 16 tokens
-    with pytest.warns(UserWarning, match=r"data.seq_len 32 holds no two images of 16 tokens \(BOS \+ 2 x 16\)"):
-        LVMDataModule(train_shards=str(copy), seq_len=32)
+    with pytest.warns(UserWarning, match=r"data.seq_len 31 holds no two images of 16 tokens \(BOS \+ 2 x 16\)"):
+        LVMDataModule(train_shards=str(copy), seq_len=31)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LVMDataModule(train_shards=str(copy), seq_len=33)  # BOS and two images
+        LVMDataModule(train_shards=str(copy), seq_len=32)  # rows of 33 tokens: BOS and two images
         LVMDataModule(train_shards=str(shards), seq_len=8)  # no index.json: image size unknown
 
 

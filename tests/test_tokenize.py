@@ -798,6 +798,10 @@ def test_ranks_come_from_torchrun_else_slurm(inputs, tiny_tokenizer_dir, tmp_pat
         monkeypatch.setenv("WORLD_SIZE", world)
         with pytest.raises(TokenizeError, match=f"^{re.escape(message)}$"):
             pipeline.ranks_from_env()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "-1")
+    with pytest.raises(TokenizeError, match="^LOCAL_RANK=-1: need 0 or more$"):
+        pipeline.ranks_from_env()
 
 
 def test_jpeg_draft_decodes_large_jpegs_smaller_and_keeps_the_displayed_size(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):

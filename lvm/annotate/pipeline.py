@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import leave_stop_signals_to_main
-from common.options import default_workers
+from common.options import default_workers, usable_cores
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
@@ -284,7 +284,7 @@ def run(job: Job) -> Summary:
         f"on {device}, {job.workers} workers",
     )
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))  # leave the workers their cores
+        torch.set_num_threads(max(1, usable_cores() - job.workers))  # leave the workers their cores
     summary = Summary(units_done_before=complete, skipped_earlier=earlier)
     processors = {role: m.processor for role, m in models.items()}
     dataset = UnitBatches(works, job.max_size, job.batch_size, processors)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import tokenizer
 import weights
 from common.errors import leave_stop_signals_to_main
-from common.options import default_workers
+from common.options import default_workers, usable_cores
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
@@ -186,8 +186,10 @@ def ranks_from_env() -> tuple[int, int, int]:
             except ValueError:
                 raise TokenizeError(f"{rank_name}={env[rank_name]!r}, {world_name}={env[world_name]!r}, "
                                     f"{local_name}={env.get(local_name, '0')!r}: not whole numbers") from None
-            if not 0 <= rank < world or local < 0:
+            if not 0 <= rank < world:
                 raise TokenizeError(f"{rank_name}={rank}, {world_name}={world}: need 0 <= {rank_name} < {world_name}")
+            if local < 0:
+                raise TokenizeError(f"{local_name}={local}: need 0 or more")
             return rank, world, local
     return 0, 1, 0
 
@@ -307,7 +309,7 @@ def run(job: Job) -> Summary:
     todo = plan(job, units, tok, rank, world, prefix)
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the decoding workers their cores: oversubscribed, a 2-core machine encodes 3x slower.
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - job.workers))
+        torch.set_num_threads(max(1, usable_cores() - job.workers))
     summary = Summary(shards_already_done=todo.already_done, skipped_earlier=todo.skipped_earlier)
     encode = Encoder(tok)
     video_mode = "release_video" if job.options.video_resize == "release" else None
