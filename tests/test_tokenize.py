@@ -859,6 +859,9 @@ def test_every_spelling_of_a_folder_lists_each_file_once_under_its_relative_path
     for spec in ("d", "d/", "./d", "d//", "d/../d", "d/*", "d/**/*.png", str(tmp_path / "d")):
         assert listed(spec) == expected, spec
     assert listed("d", "./d", str(tmp_path / "d")) == expected  # each file once, not three times
+    (tmp_path / "d" / "b" / "s.tar").write_bytes(b"")  # planning reads no tar
+    assert [u.name for u in find_units(["d", "./d"])[0]] == ["b/s", "d-img-000000"]  # tars too, not a name clash
+    (tmp_path / "d" / "b" / "s.tar").unlink()
     assert listed("d/*/../*.png") == [("d/top.png", "top.png", 0)]  # not "b/../top.png"
     monkeypatch.chdir(tmp_path / "d")
     for spec in (".", "./", "*", "**/*.png"):

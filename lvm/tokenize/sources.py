@@ -328,6 +328,8 @@ def find_units(
         frames = number_frames(entries) if frame_folders and kind == "images" else []
         units.extend(_group(root, real_root, entries, frames, kind, images_per_shard if kind == "images" else videos_per_shard))
     units = sorted(set(units), key=lambda u: (u.name, u.first_path))
+    units = [u for n, u in enumerate(units) if not (n and u.name == units[n - 1].name and  # a tar named twice (d ./d)
+                                                    os.path.realpath(u.first_path) == os.path.realpath(units[n - 1].first_path))]
     for a, b in zip(units, units[1:]):
         if inputs_flag and a.name == b.name:
             raise TokenizeError(
