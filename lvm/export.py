@@ -13,6 +13,7 @@ from pathlib import Path
 
 from common.errors import UserError, exit_on
 from common.options import HelpFormatter, add_dtype_arg, at_least, torch_dtype
+from common.vocab import EOS_ID, PAD_ID
 from lvm.checkpoint import load_lvm, trained_layout
 from lvm.hf import save_hf
 
@@ -43,12 +44,14 @@ def check_out(out: Path, model: Path) -> None:
     config = out / "config.json"
     if config.is_file():
         try:
-            model_type = json.loads(config.read_text()).get("model_type")
+            found = json.loads(config.read_text())
+            ours = (found.get("model_type"), found.get("eos_token_id"), found.get("pad_token_id")) == ("llama", EOS_ID, PAD_ID)
+            what = f"model_type {found.get('model_type')!r}" if found.get("model_type") != "llama" else "a Llama model not exported by lvm.export"
         except (ValueError, AttributeError, UnicodeDecodeError):
-            model_type = "unreadable"
-        if model_type != "llama":
-            raise UserError(out, f"--to-hf holds another model (config.json: model_type {model_type!r}), which the "
-                                 "export would overwrite; give a new folder or an earlier export")
+            ours, what = False, "unreadable"
+        if not ours:  # an earlier export of ours (its EOS and PAD are our special ids) may be replaced
+            raise UserError(out, f"--to-hf holds another model (config.json: {what}), which the export would "
+                                 "overwrite; give a new folder or an earlier export")
 
 
 @exit_on

@@ -1,6 +1,7 @@
 """Hugging Face interop: round trips with equal logits, parity with transformers, token-for-token generate."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -46,8 +47,11 @@ def hf_model(path):
     return transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def test_export_writes_sharded_llama_dir(exported):
+def test_export_writes_sharded_llama_dir(exported, tmp_path):
     assert len(list(exported.glob("*.safetensors"))) > 1
+    again = shutil.copytree(exported, tmp_path / "again")  # an earlier export may be replaced (one file this time)
+    export_main(["--model", str(exported.parent / "last.ckpt"), "--to-hf", str(again)])
+    assert sorted(p.name for p in again.glob("*.safetensors")) == ["model.safetensors"]
     assert (exported / "model.safetensors.index.json").is_file()
     gen = json.loads((exported / "generation_config.json").read_text())
     assert gen["suppress_tokens"] == list(range(CODEBOOK_SIZE, VOCAB_SIZE))
@@ -284,6 +288,14 @@ def test_export_cli_error_is_one_line(tmp_path, capsys):
         export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(tokenizer_folder)])
     assert capsys.readouterr().err == (f"error: {tokenizer_folder}: --to-hf holds another model (config.json: model_type "
                                        "None), which the export would overwrite; give a new folder or an earlier export\n")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama", "bos_token_id": 1, "eos_token_id": 2}')  # LVM-7B's kind
+    with pytest.raises(SystemExit):
+        export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(llama)])
+    assert capsys.readouterr().err == (f"error: {llama}: --to-hf holds another model (config.json: a Llama model not "
+                                       "exported by lvm.export), which the export would overwrite; give a new folder or "
+                                       "an earlier export\n")
     with pytest.raises(SystemExit):
         export_main(["--model", str(tokenizer_folder), "--to-hf", f"{tokenizer_folder}/"])
     assert capsys.readouterr().err == (f"error: {tokenizer_folder}: --to-hf is the --model folder; export into another "
