@@ -6,6 +6,7 @@ initialised transformers models (Depth Anything, SegFormer) saved to a temporary
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -31,6 +32,7 @@ from lvm.tokenize.__main__ import main as tokenize
 from lvm.tokenize.sources import find_units
 from sentences.build import build
 from sentences.spec import load_spec
+from weights import module_digest
 
 skimage_data = pytest.importorskip("skimage.data")
 PHOTOS = {"astronaut": (512, 512), "chelsea": (300, 451), "cat/coffee": (400, 600), "rocket": (427, 640)}
@@ -282,6 +284,22 @@ def test_normals_from_another_depth_model_are_redone(photos, models, tmp_path, c
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
     assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
     copy = shutil.copytree(models["depth"], tmp_path / "moved" / "depth")  # the same model found elsewhere
+    assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", copy) == 0
+    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    # A report of a version before 2026-12-07, whose fingerprint held the model's path as given: still complete
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+    model = AutoModelForDepthEstimation.from_pretrained(copy)
+    legacy_model = {"name": str(copy), "config": json.loads(model.config.to_json_string(use_diff=False)),
+                    "processor": json.loads(AutoImageProcessor.from_pretrained(copy).to_json_string()),
+                    "weights": module_digest(model)}
+    settings = {"task": "normals", "max_size": 512, "format": 1, "relief": RELIEF, "depth": legacy_model}
+    (unit,), _ = find_units([str(photos)])
+    report_path = out / "normals" / f"{unit.name}.report.json"
+    report = json.loads(report_path.read_text())
+    text = json.dumps(settings, sort_keys=True, default=str)
+    report["fingerprint"] = hashlib.sha1(f"{text}\n{unit.inputs_digest()}".encode()).hexdigest()
+    report_path.write_text(json.dumps(report))
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", copy) == 0
     assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", tmp_path / "depth2") == 0
@@ -537,7 +555,7 @@ def test_padding_of_a_normals_processor_is_cropped_before_resizing():
             normals[:, :, :128] = normals[:, :, -128:] = torch.tensor([1.0, 0, 0])[:, None, None]
             return SimpleNamespace(normals=normals)
 
-    model = Model("normals", "fake", PaddedNormals(), processor, {})
+    model = Model("normals", "fake", PaddedNormals(), processor, {}, {})
     (normals,) = predict(model, pixel_values, [(48, 64)])
     assert normals.shape == (3, 48, 64) and (normals[2] > 0.99).all()
 
@@ -607,7 +625,7 @@ def test_padding_of_a_depth_processor_is_cropped_before_resizing():
     rgb = np.zeros((96, 128, 3), np.uint8)
     rgb[:, 32:] = 255  # a vertical step at column 32
     processor = ZoeDepthImageProcessor()
-    model = Model("depth", "fake", EchoDepth(), processor, {})
+    model = Model("depth", "fake", EchoDepth(), processor, {}, {})
     (near,) = predict(model, preprocess(processor, [_square(rgb)]), [(96, 128)])
     edge = int(np.argmax(near[48].numpy() > 0.5))
     assert near.shape == (96, 128) and abs(edge - 32) <= 1

@@ -45,6 +45,7 @@ class Model:
     model: torch.nn.Module
     processor: Any
     identity: dict
+    legacy_identity: dict  # the identity fingerprints of versions before 2026-12-07 held
 
 
 def _auto_classes(role: str) -> list:
@@ -105,13 +106,16 @@ def load(role: str, name: str, device: torch.device) -> Model:
     # What decides the maps, not where the model was found: the same weights under another path or as a hub id
     # keep every complete output (the config records the path it was loaded from as `_name_or_path`).
     config = json.loads(model.config.to_json_string(use_diff=False))
-    config.pop("_name_or_path", None)
+    processor_json, weights_digest = json.loads(processor.to_json_string()), module_digest(model)
     identity = {
-        "config": config,
-        "processor": json.loads(processor.to_json_string()),
-        "weights": module_digest(model),
+        "config": {key: value for key, value in config.items() if key != "_name_or_path"},
+        "processor": processor_json,
+        "weights": weights_digest,
     }
-    return Model(role, name, model, processor, identity)
+    # How versions before 2026-12-07 identified the same model, path included: their complete outputs stay complete
+    # when the model is given as it was then (recomputing them would cost as much GPU time as making them).
+    legacy = {"name": name, "config": config, "processor": processor_json, "weights": weights_digest}
+    return Model(role, name, model, processor, identity, legacy)
 
 
 def preprocess(processor: Any, squares: list[np.ndarray]) -> Tensor:

@@ -125,15 +125,17 @@ def model_roles(tasks: tuple[str, ...], job: Job) -> dict[str, str]:
     return roles
 
 
-def _settings(task: str, job: Job, models: dict[str, Model]) -> dict:
-    """Everything besides the inputs that decides a task's outputs."""
+def _settings(task: str, job: Job, models: dict[str, Model], legacy: bool = False) -> dict:
+    """Everything besides the inputs that decides a task's outputs (`legacy`: with the models identified as versions
+    before 2026-12-07 did)."""
     settings: dict = {"task": task, "max_size": job.max_size, "format": 1}
+    identity = (lambda model: model.legacy_identity) if legacy else (lambda model: model.identity)
     if task == "edges":
         settings["canny"] = render.CANNY_THRESHOLDS
     elif task == "normals" and "normals" not in models:
-        settings.update(relief=render.RELIEF, depth=models["depth"].identity)
+        settings.update(relief=render.RELIEF, depth=identity(models["depth"]))
     else:
-        settings["model"] = models["segmentation" if task == "segmentation" else task].identity
+        settings["model"] = identity(models["segmentation" if task == "segmentation" else task])
     return settings
 
 
@@ -185,13 +187,14 @@ def plan(
 ) -> tuple[list[Work], int, int, Counter]:
     """This rank's units with the tasks they lack, how many (unit, task) outputs were complete already, how many
     units were complete in every task, and what those units left out (as their first task's report records it)."""
-    settings = {task: json.dumps(_settings(task, job, models), sort_keys=True, default=str) for task in job.tasks}
+    settings = {task: [json.dumps(_settings(task, job, models, legacy), sort_keys=True, default=str)
+                       for legacy in (False, True)] for task in job.tasks}
     works, done, complete, earlier = [], 0, 0, Counter()
     for unit in units[rank::world]:
         lacking, inputs = {}, unit.inputs_digest()  # one stat per input
         for task in job.tasks:
-            fingerprint = hashlib.sha1(f"{settings[task]}\n{inputs}".encode()).hexdigest()
-            if is_done(job.out / task, unit, fingerprint):
+            fingerprint, legacy = (hashlib.sha1(f"{text}\n{inputs}".encode()).hexdigest() for text in settings[task])
+            if is_done(job.out / task, unit, fingerprint) or is_done(job.out / task, unit, legacy):
                 done += 1
             else:
                 lacking[task] = fingerprint
