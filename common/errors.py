@@ -82,16 +82,25 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def _die_with_parent() -> None:
-    """Linux: have the kernel kill this worker when the process that started it dies, however it dies (`kill -9`,
-    the OOM killer). A worker that ignores SIGTERM would otherwise live on, holding its batches and blocked on a
-    pipe nobody reads, until someone kills it by hand. Python has no binding for prctl; ctypes calls libc's."""
+    """Linux: exit when the process that started this worker dies, however it dies (`kill -9`, the OOM killer). A
+    worker that ignores SIGTERM would otherwise live on, holding its batches and blocked on a pipe nobody reads,
+    until someone kills it by hand. The kernel's parent-death signal (prctl; Python has no binding, ctypes calls
+    libc's) comes when the *thread* that started the worker ends, too: a loader made in a thread that then ends must
+    keep its workers, so the signal only makes the worker look whether its parent process is still there."""
     if not sys.platform.startswith("linux"):
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     parent = multiprocessing.parent_process()
-    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl: nobody to work for
-        os._exit(1)
+    if parent is None:
+        return
+    parent_pid = parent.pid
+
+    def exit_if_orphaned(signum: int, frame: object) -> None:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    signal.signal(signal.SIGUSR2, exit_if_orphaned)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGUSR2)
+    exit_if_orphaned(signal.SIGUSR2, None)  # it may have died before the prctl: nobody to work for
 
 
 def lightning_worker_init(worker_id: int, rank: int) -> None:

@@ -200,6 +200,31 @@ def test_dataloader_workers_die_with_a_main_process_killed_outright(tmp_path) ->
     assert not left, "DataLoader workers outlived their killed main process"
 
 
+def test_a_loader_made_in_a_thread_that_ends_keeps_its_workers() -> None:
+    """The kernel's parent-death signal also comes when the thread that started a worker ends (review 40 #5)."""
+    script = textwrap.dedent("""
+        import threading, time
+        from torch.utils.data import DataLoader, IterableDataset
+        from common.errors import leave_stop_signals_to_main
+        class Count(IterableDataset):
+            def __iter__(self):
+                yield from range(1000)
+        made = []
+        def make():
+            made.append(iter(DataLoader(Count(), batch_size=None, num_workers=2, worker_init_fn=leave_stop_signals_to_main)))
+            next(made[0])
+        thread = threading.Thread(target=make)
+        thread.start()
+        thread.join()
+        time.sleep(1)
+        print(sum(1 for _ in made[0]))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1999"]  # each of the 2 workers yields the range; one item was taken in the thread
+
+
 @pytest.mark.parametrize("command", ["lvm.tokenize", "lvm.annotate", "tokenizer.evaluate"])
 def test_every_commands_loader_leaves_stop_signals_to_main(command, tmp_path, tiny_tokenizer_dir, monkeypatch) -> None:
     """Workers ignore SIGTERM and Ctrl-C, which reach the whole process group: the main process stops cleanly and
