@@ -63,7 +63,8 @@ def check_fresh_start(config: Namespace) -> None:
     fixed one, with no version counter, so that resumes keep one `last.ckpt`), it would overwrite that run's
     checkpoints of the same steps and move `last.ckpt` to itself: a rerun of the first command after a preemption
     would lose the run it meant to continue."""
-    for callback in config.trainer.get("callbacks") or []:
+    callbacks = config.trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:  # one mapping is one callback
         if not isinstance(callback, Namespace) or not str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
             continue
         folder = (callback.get("init_args") or {}).get("dirpath")

@@ -157,6 +157,8 @@ class LVMModule(L.LightningModule):
                 raise ConfigError(
                     f"model.warmup_steps: {self.hparams.warmup_steps} must be below trainer.max_steps ({trainer.max_steps})"
                 )
+            if trainer.accumulate_grad_batches < 1:
+                raise ConfigError(f"trainer.accumulate_grad_batches: must be >= 1, got {trainer.accumulate_grad_batches}")
             if trainer.gradient_clip_algorithm not in (None, "norm"):
                 raise ConfigError("trainer.gradient_clip_algorithm: only 'norm' (global norm clipping) is supported")
         seq_len = getattr(trainer.datamodule, "seq_len", None)
@@ -198,9 +200,6 @@ class LVMModule(L.LightningModule):
         self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
 
     # -- steps ----------------------------------------------------------------------------------------------
-
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(tokens, input_pos=input_pos, doc_ids=doc_ids)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = self.model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
@@ -271,14 +270,27 @@ class LVMModule(L.LightningModule):
         optimizer step and before the update, so it is also where a step with a non-finite loss (`skip`) is
         dropped: without gradients AdamW leaves every parameter and its moments as they are.
         """
-        if self._drop_step:
-            self._drop_step = False
-            for param in self.parameters():
-                param.grad = None
-            return
-        max_norm = float("inf") if gradient_clip_val is None else float(gradient_clip_val)
-        norm = nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-        self.log("train/grad_norm", norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        if not self._drop_step:
+            # The global norm (DTensor shards reduce over ranks, DDP's gradients are alike): every rank agrees.
+            norm = nn.utils.get_total_norm([p.grad for p in self.parameters() if p.grad is not None])
+            full = norm.full_tensor() if isinstance(norm, DTensor) else norm
+            self.log("train/grad_norm", full)
+            if torch.isfinite(full).item():
+                # None or <= 0: no clipping, as in Lightning (torch would zero or negate every gradient)
+                max_norm = float(gradient_clip_val) if gradient_clip_val and gradient_clip_val > 0 else float("inf")
+                nn.utils.clip_grads_with_norm_(self.parameters(), max_norm, norm)
+                return
+            # A finite loss with an overflow in the backward: clipped, it would write NaN into every weight it reaches.
+            if self.hparams.on_nonfinite_loss == "stop":
+                raise NonFiniteLossError(
+                    f"gradient norm is {full.item()} at step {self.global_step} (the loss was finite); lower model.lr, "
+                    "or set model.on_nonfinite_loss=skip to drop such steps"
+                )
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+        self._drop_step = False
+        for param in self.parameters():
+            param.grad = None
 
 
 def _describe_schedule(hp) -> str:

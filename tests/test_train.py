@@ -207,6 +207,12 @@ def test_a_fresh_fit_into_an_earlier_runs_checkpoints_is_refused(shards, tmp_pat
     assert (checkpoints / "step=00000002.ckpt").read_bytes() == kept
     lvm_cli.main([*command[:-1], "3", "--ckpt_path", "last"])  # the resume goes on
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+    single = tmp_path / "single.yaml"  # `callbacks:` as one mapping, which Lightning takes too (review 42 #3)
+    single.write_text("trainer:\n  callbacks:\n    class_path: lvm.callbacks.ModelCheckpoint\n    init_args:\n"
+                      "      dirpath: runs/lvm_tiny/checkpoints\n")
+    with pytest.raises(SystemExit) as exit_info:
+        lvm_cli.main([*command, "-c", str(single)])
+    assert exit_info.value.code == 2 and "holds the checkpoints of an earlier run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("when", ["before training", "twice in training"])
@@ -476,6 +482,47 @@ def test_nonfinite_loss_can_skip_the_batch(shards):
     # the step with the NaN batch (the 4th, global_step 3 -> 4) left every parameter as it was; the others moved
     assert all(torch.equal(a, b) for a, b in zip(snapshots.after[3], snapshots.after[4]))
     assert not all(torch.equal(a, b) for a, b in zip(snapshots.after[4], snapshots.after[5]))
+
+
+class InfGradientAtStep3(LVMModule):
+    """A finite loss whose backward overflowed: one gradient entry inf, as bf16 or an fp16 scale can leave it."""
+
+    def on_after_backward(self) -> None:
+        if self.global_step == 3:
+            self.model.norm.weight.grad[0] = float("inf")
+
+
+def test_a_nonfinite_gradient_with_a_finite_loss_stops_or_is_skipped_before_the_update(shards):
+    """Clipping by an infinite norm wrote NaN into the weights, which the NaN stop a step later then saved as the last
+    good state (review 42 #8)."""
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    module = InfGradientAtStep3(overrides=MINI, warmup_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"^gradient norm is inf at step 3 \(the loss was finite\)"):
+        quick_trainer().fit(module, dm)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    module, snapshots = InfGradientAtStep3(overrides=MINI, warmup_steps=1, on_nonfinite_loss="skip"), Snapshots()
+    quick_trainer(callbacks=[snapshots]).fit(module, dm)
+    assert module.skipped_batches == 1 and all(torch.isfinite(p).all() for p in module.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.after[3], snapshots.after[4]))
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0])
+def test_a_clip_value_of_zero_or_below_means_no_clipping_as_in_lightning(shards, clip):
+    """torch's clipping by 0 zeroed every update and by -1 trained by gradient ascent (review 42 #4)."""
+    params = []
+    for value in (None, clip):
+        torch.manual_seed(0)
+        module = LVMModule(overrides=MINI, warmup_steps=1)
+        quick_trainer(gradient_clip_val=value).fit(module, LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
+        params.append([p.detach().clone() for p in module.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params))
+
+
+def test_no_gradient_accumulation_is_one_line(shards):
+    with pytest.raises(ConfigError, match=r"^trainer.accumulate_grad_batches: must be >= 1, got 0$"):
+        quick_trainer(accumulate_grad_batches=0).fit(LVMModule(overrides=MINI, warmup_steps=1),
+                                                     LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
 
 
 class NaNOnRank0AtStep3(LVMModule):
