@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 import weights
 from common.files import atomic_write
 from common.vocab import BOS_ID
+from lvm.errors import ConfigError
 from lvm.generate import Decoder, Sampling
 from lvm.parallelize import gather
 from lvm.peaks import dense_bf16_peak
@@ -219,10 +220,21 @@ class SampleImages(Callback):
         temperature: float = 1.0,
         top_k: int | None = 50,
     ) -> None:
+        for name, value in (("every_n_steps", every_n_steps), ("context_images", context_images)):
+            if value < 1:
+                raise ConfigError(f"SampleImages.{name}: must be >= 1, got {value}")
         self.tokenizer_path, self.every_n_steps, self.context_images = tokenizer, every_n_steps, context_images
         self.sampling = Sampling(temperature=temperature, top_k=top_k)
         self._tokenizer = None
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Load the tokenizer before the first step: a wrong path would otherwise stop the run at its first sample,
+        thousands of steps in."""
+        if self.tokenizer_path is not None and self._tokenizer is None and trainer.is_global_zero:
+            import tokenizer  # only runs that sample need the VQGAN
+
+            self._tokenizer = tokenizer.load(self.tokenizer_path)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         step = trainer.global_step
@@ -234,10 +246,6 @@ class SampleImages(Callback):
         out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{step:08d}.png"
         if not trainer.is_global_zero:
             return
-        if self._tokenizer is None:
-            import tokenizer  # only runs that sample need the VQGAN
-
-            self._tokenizer = tokenizer.load(self.tokenizer_path)
         images = self.sample(model, batch["input_ids"][0], trainer.precision_plugin.forward_context())
         if images is None:
             return

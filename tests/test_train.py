@@ -24,6 +24,7 @@ import torch
 import torchvision
 from lightning.pytorch.cli import LightningCLI
 
+from common.errors import UserError
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import cli as lvm_cli
 from lvm import train
@@ -863,6 +864,18 @@ def test_sample_images_writes_a_png_during_training(tiny_tokenizer_dir, tiny_tok
     sentence = _first_sentence(third_batch["input_ids"][0], 1 + 2 * 16)  # the batch of step 3
     context, true = tiny_tokenizer.decode(torch.stack([sentence[1:17], sentence[17:]]))
     assert torch.equal(image[:, 2:66, 2:66], context) and torch.equal(image[:, 2:66, 134:198], true)
+
+
+def test_sample_images_settings_are_checked_before_the_first_step(shards, tmp_path):
+    """A wrong tokenizer path stopped the run at its first sample (5,000 steps into the paper configs), and an
+    interval of 0 was a ZeroDivisionError (review 42 #7)."""
+    with pytest.raises(ConfigError, match=r"^SampleImages.every_n_steps: must be >= 1, got 0$"):
+        SampleImages(tokenizer="t", every_n_steps=0)
+    module = LVMModule(overrides=MINI, warmup_steps=1)
+    with pytest.raises(UserError, match=r"nope: no such file or directory"):
+        quick_trainer(max_steps=3, callbacks=[SampleImages(tokenizer=str(tmp_path / "nope"), every_n_steps=3)]).fit(
+            module, LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0))
+    assert module.global_step == 0
 
 
 @pytest.mark.parametrize("size", ["tiny", "300m", "600m", "1b", "3b"])
