@@ -6,8 +6,10 @@ import dataclasses
 import io
 import json
 import math
+import shutil
 import sys
 import tarfile
+import time
 import types
 import warnings
 from pathlib import Path
@@ -151,6 +153,29 @@ def test_sources_that_name_nothing_are_refused_when_the_config_is_built(tmp_path
     with pytest.raises(UserError, match=r"train-000000\.tar: no \.tar shards found \(no such file or directory\)$"):
         ImageDataModule(train=str(tmp_path / "train-{000000..000003}.tar"))
     ImageDataModule(train="pipe:curl -s https://example.org/{000..009}.tar")  # remote: read when training starts
+
+
+def test_training_data_that_gives_no_batch_is_one_error_not_endless_empty_epochs(tmp_path: Path, caplog) -> None:
+    """Shards of failed downloads (HTML saved as .jpg) gave empty epochs for ever, deaf to SIGTERM; fewer images than
+    a batch trained 0 steps and exited 0; tars beside an image in one folder were ignored (review 41 #1, #3, #6)."""
+    with tarfile.open(tmp_path / "failed.tar", "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"{i:06d}.jpg")
+            info.size = 16
+            tar.addfile(info, io.BytesIO(b"<html>404</html>"))
+    data = ImageDataModule(train=str(tmp_path / "failed.tar"), image_size=32, batch_size=2, num_workers=0)
+    start = time.perf_counter()
+    with pytest.raises(TrainingDataError, match=r"failed.tar: a pass gave no batch of 2: no readable image in its shards"):
+        list(data.train_dataloader())
+    assert time.perf_counter() - start < 1.0  # webdataset's own handler slept 0.5 s per bad member
+    assert f"skipping {tmp_path / 'failed.tar'}: 000000.jpg: unreadable image" in caplog.text  # shard and member named
+    write_images(tmp_path / "few", 3, size=40, seed=0)
+    data = ImageDataModule(train=str(tmp_path / "few"), image_size=32, batch_size=8, num_workers=0)
+    with pytest.raises(TrainingDataError, match=r"few: 3 images, fewer than data.batch_size 8"):
+        data.train_dataloader()
+    shutil.copy(tmp_path / "failed.tar", tmp_path / "few" / "s.tar")
+    with pytest.raises(TrainingDataError, match=r"few: holds both image files and 1 .tar shards; name one kind"):
+        ImageDataModule(train=str(tmp_path / "few"), image_size=32, batch_size=2, num_workers=0).train_dataloader()
 
 
 def test_shards_without_images_are_refused_before_training_waits_on_them(tmp_path: Path) -> None:

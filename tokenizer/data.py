@@ -74,6 +74,44 @@ class TrainingDataError(UserError):
     """Training or validation images that cannot be read at all, named by the path or pattern given."""
 
 
+class _BatchesOrError(DataLoader):
+    """A DataLoader that raises when a whole pass gives no batch: shards whose image members are all unreadable
+    (what failed downloads leave) or fewer images than a batch. Lightning would start one empty epoch after another,
+    for ever, and a stop "after this optimizer step" would never come."""
+
+    def __init__(self, source: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = source
+
+    def __iter__(self) -> "_CheckedPass":
+        return _CheckedPass(super().__iter__(), self)
+
+
+class _CheckedPass:
+    """One pass of `_BatchesOrError`: torch's iterator (its other attributes are read through), counting batches."""
+
+    def __init__(self, inner, loader: _BatchesOrError) -> None:
+        self.inner, self.loader, self.batches = inner, loader, 0
+
+    def __iter__(self) -> "_CheckedPass":
+        return self
+
+    def __next__(self):
+        try:
+            batch = next(self.inner)
+        except StopIteration:
+            if not self.batches:
+                raise TrainingDataError(
+                    self.loader.source, f"a pass gave no batch of {self.loader.batch_size}: no readable image in its "
+                    "shards, or fewer images than a batch (the log names the skipped ones)") from None
+            raise
+        self.batches += 1
+        return batch
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 def webdataset_images(
     urls: str | list[str], transform: Callable[[Image.Image], Tensor], train: bool
 ) -> IterableDataset:
@@ -86,24 +124,34 @@ def webdataset_images(
         urls,
         shardshuffle=100 if train else False,
         nodesplitter=wds.split_by_node,
-        handler=wds.warn_and_continue,
+        handler=_skip_with_warning,
         empty_check=False,
     )
     if train:
         dataset = dataset.shuffle(1000)
-    return (
-        dataset.to_tuple(WDS_IMAGE_KEYS, handler=wds.warn_and_continue)
-        .map_tuple(functools.partial(_decode_image, transform=transform), handler=wds.warn_and_continue)
-        .map(lambda sample: sample[0])
-    )
+    return dataset.map(functools.partial(_decode_sample, transform=transform), handler=_skip_with_warning)
 
 
-def _decode_image(data: bytes, transform: Callable[[Image.Image], Tensor]) -> Tensor:
-    """A tar member's bytes opened as the file itself would be, so that `transform` converts it as it converts a
-    folder's images: webdataset's "pil" decoder converts to RGB first, which drops alpha instead of compositing
-    over white and clips 16-bit images to 8 bits."""
-    with Image.open(io.BytesIO(data)) as image:
-        return transform(image)
+def _skip_with_warning(error: Exception) -> bool:
+    """webdataset's handler for a bad sample or shard: log it and go on. Its own `warn_and_continue` sleeps half a
+    second per bad sample and names only a BytesIO object."""
+    log.warning("skipping %s", error)
+    return True
+
+
+def _decode_sample(sample: dict, transform: Callable[[Image.Image], Tensor]) -> Tensor:
+    """A sample's first image member opened as the file itself would be, so that `transform` converts it as it
+    converts a folder's images: webdataset's "pil" decoder converts to RGB first, which drops alpha instead of
+    compositing over white and clips 16-bit images to 8 bits. Errors name the shard and member."""
+    where = f"{sample.get('__url__')}: {sample.get('__key__')}"
+    name = next((key for key in WDS_IMAGE_KEYS.split(";") if key in sample), None)
+    if name is None:
+        raise ValueError(f"{where}: no image member")
+    try:
+        with Image.open(io.BytesIO(sample[name])) as image:
+            return transform(image)
+    except UNREADABLE_IMAGE as err:
+        raise ValueError(f"{where}.{name}: unreadable image ({err})") from None
 
 
 def _check_holds_images(shard: str) -> None:
@@ -155,6 +203,10 @@ class ImageDataModule(LightningDataModule):
             return webdataset_images(source, transform, train)
         folder = Path(source).is_dir()
         if folder and image_files(source):
+            tars = sorted(Path(source).rglob("*.tar"))
+            if tars:  # read as images only, the shards would be left out without a word
+                raise TrainingDataError(source, f"holds both image files and {len(tars)} .tar shards; name one kind "
+                                                f"(a glob such as {Path(source) / '*.tar'}, or a folder of images)")
             return ImageFolder(source, transform)
         try:
             shards = expand_shards(source)
@@ -168,7 +220,11 @@ class ImageDataModule(LightningDataModule):
     def _loader(self, source: str, train: bool) -> DataLoader:
         dataset = self._dataset(source, train)
         is_map = isinstance(dataset, Dataset) and not isinstance(dataset, IterableDataset)
-        return DataLoader(
+        if train and is_map and len(dataset) < self.batch_size:  # Lightning would train 0 steps and exit 0
+            raise TrainingDataError(source, f"{len(dataset)} images, fewer than data.batch_size {self.batch_size} "
+                                            "(training drops the last, partial batch)")
+        return _BatchesOrError(
+            source,
             dataset,
             batch_size=self.batch_size,
             shuffle=train and is_map,
