@@ -17,6 +17,7 @@ import torchvision
 from lightning.fabric.plugins.io import TorchCheckpointIO
 from lightning.pytorch import callbacks
 from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
 
 import weights
 from common.files import atomic_write
@@ -123,6 +124,18 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
     `last.ckpt` at step 600, the last 50 steps lost to every later user of it. The same holds for checkpoints
     that follow validation (no `every_n_train_steps`: Lightning's `every_n_epochs=1`, as in
     lvm/demo/configs/vqgan.yaml): the steps after the last validation were lost."""
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """The stop's checkpoint (SIGTERM, Ctrl-C, a NaN stop) joins the `save_top_k` rotation: Lightning writes it
+        outside, so a paper-size config keeping the 3 newest kept every preemption's checkpoint for good (39 GB
+        each at 3b). Lightning's line for it ("An SIGTERMException was raised with message: , ...") read like a
+        crash after a plain stop."""
+        if not self._should_save_on_exception(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        rank_zero_info(f"stopping ({type(exception).__name__}): saved a checkpoint of step {trainer.global_step} in {self.dirpath}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         periodic = self._every_n_train_steps or self._every_n_epochs

@@ -316,6 +316,28 @@ def test_ctrl_c_stops_after_the_step_or_at_once_and_resumes_the_same_loss_curve(
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
 
 
+def test_a_stops_checkpoint_joins_the_rotation_of_the_newest_kept(shards, tmp_path, monkeypatch):
+    """The paper configs keep the 3 newest periodic checkpoints; each preemption's checkpoint was kept for good
+    besides them (39 GB at 3b) (review 42 #12)."""
+    enter(tmp_path / "a", monkeypatch)
+
+    def run(*args: str, ckpt_path: str | None = None) -> None:
+        cli = tiny_cli(shards, "--trainer.max_steps", "16", *args)
+        checkpoint = cli.trainer.checkpoint_callback
+        checkpoint._every_n_train_steps, checkpoint.save_top_k, checkpoint.monitor, checkpoint.mode = 4, 2, "step", "max"
+        checkpoint.kth_value = torch.tensor(-float("inf"))  # as Lightning sets it up for mode max
+        if not ckpt_path:
+            cli.trainer.callbacks.append(SignalAt(5))
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+
+    with pytest.raises(SystemExit):
+        run()  # stopped after step 6, between the periodic ones at 4 and 8
+    checkpoints = tmp_path / "a/runs/lvm_tiny/checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step=*.ckpt")) == ["step=00000004.ckpt", "step=00000006.ckpt"]
+    run(ckpt_path="last")
+    assert sorted(p.name for p in checkpoints.glob("step=*.ckpt")) == ["step=00000012.ckpt", "step=00000016.ckpt"]
+
+
 def test_last_ckpt_follows_a_run_resumed_from_its_first_periodic_checkpoint(shards, tmp_path, monkeypatch):
     """That checkpoint was saved before `last.ckpt` existed; Lightning's version counter would then write the newer
     ones as last-v1.ckpt and leave last.ckpt, which loading and export read, on the old step."""
