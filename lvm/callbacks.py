@@ -113,7 +113,9 @@ class StopOnSignal(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
         stepped = trainer.global_step > self._step_at_start
-        if stepped and trainer.strategy.reduce_boolean_decision(self._pending, all=False):
+        # A signal in the last step needs no stop: the run is complete, and it ends as a finished one (exit 0).
+        unfinished = trainer.max_steps < 0 or trainer.global_step < trainer.max_steps
+        if stepped and unfinished and trainer.strategy.reduce_boolean_decision(self._pending, all=False):
             # Lightning's flag (private: there is no public setter): it stops after logging this step.
             trainer._signal_connector.received_sigterm = True
 

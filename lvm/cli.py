@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -162,8 +163,9 @@ def main(args: list[str] | None = None) -> None:
             )
     except SIGTERMException:
         signum = StopOnSignal.received or signal.SIGTERM
-        print(f"stopped by {signal.Signals(signum).name} with a checkpoint; continue with the same command and "
-              "--ckpt_path last", file=sys.stderr)
+        if getattr(rank_zero_only, "rank", 0) == 0:  # once per run, not once per rank (32 times on 4 nodes)
+            print(f"stopped by {signal.Signals(signum).name} with a checkpoint; continue with the same command and "
+                  "--ckpt_path last", file=sys.stderr)
         sys.exit(128 + signum)
     except KeyboardInterrupt:  # before Lightning's trainer runs: building the model, reading a checkpoint
         print("interrupted", file=sys.stderr)

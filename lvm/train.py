@@ -184,6 +184,21 @@ class LVMModule(L.LightningModule):
             param_dtype=torch.bfloat16 if bf16 else None,
         )
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A resume must train the model it saved: another shape, or weight decay over other parameter groups, would
+        otherwise stop with a 20-60 line traceback from the state dict or AdamW's group sizes."""
+        saved = checkpoint.get("lvm_config")
+        if saved is not None:
+            differ = {key: (value, getattr(self.cfg, key)) for key, value in saved.items()
+                      if hasattr(self.cfg, key) and value != getattr(self.cfg, key)}
+            shape = {k: v for k, v in differ.items() if k not in ("dropout", "init_std")}  # free to change
+            if shape:
+                what = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in shape.items())
+                raise ConfigError(f"model.size / model.overrides: the checkpoint's model has {what}; resume with its shape")
+        decay = checkpoint.get("hyper_parameters", {}).get("decay_norms_and_embeddings")
+        if decay is not None and decay != self.hparams.decay_norms_and_embeddings:
+            raise ConfigError(f"model.decay_norms_and_embeddings: the checkpoint was trained with {decay}; resume with it")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lvm_config"] = self.cfg.to_dict()
         # The tokenizer behind the training sentences (None if unrecorded), so readers can check theirs.

@@ -338,6 +338,25 @@ def test_a_stops_checkpoint_joins_the_rotation_of_the_newest_kept(shards, tmp_pa
     assert sorted(p.name for p in checkpoints.glob("step=*.ckpt")) == ["step=00000012.ckpt", "step=00000016.ckpt"]
 
 
+def test_a_resume_with_another_shape_or_decay_groups_is_one_line_and_a_signal_in_the_last_step_finishes(
+        shards, tmp_path, monkeypatch):
+    """Both were 20-60 line tracebacks; a SIGTERM in the last step reported a stop (exit 143) of a finished run
+    (review 42 #2, #14b)."""
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "12")
+    cli.trainer.callbacks.append(SignalAt(11))  # after the last step's check: the run is complete anyway
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 12 and not cli.trainer.received_sigterm
+    wider = str({**MINI, "dim": 64})
+    cli = tiny_cli(shards, "--trainer.max_steps", "14", "--model.overrides", wider)
+    with pytest.raises(ConfigError, match=r"^model.size / model.overrides: the checkpoint's model has dim 32 \(now "
+                                          r"64\); resume with its shape$"):
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
+    cli = tiny_cli(shards, "--trainer.max_steps", "14", "--model.decay_norms_and_embeddings", "true")
+    with pytest.raises(ConfigError, match=r"^model.decay_norms_and_embeddings: the checkpoint was trained with False"):
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
+
+
 def test_last_ckpt_follows_a_run_resumed_from_its_first_periodic_checkpoint(shards, tmp_path, monkeypatch):
     """That checkpoint was saved before `last.ckpt` existed; Lightning's version counter would then write the newer
     ones as last-v1.ckpt and leave last.ckpt, which loading and export read, on the old step."""
