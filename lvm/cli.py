@@ -85,10 +85,12 @@ class CLI(LightningCLI):
             check_fresh_start(config)
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning's step that reads the model's hyperparameters from `--ckpt_path` into the config, done here
-        with the checkpoint memory-mapped: Lightning loads all of it for these few fields, on every rank (39 GB
-        of host memory each for a 3b checkpoint). A folder, a corrupt file or the checkpoint of another kind of
-        model is one line naming it."""
+        """Lightning's step that reads the model's hyperparameters from `--ckpt_path` into the config, replaced: the
+        command line and config win, as they do with `--ckpt_path last` (Lightning's step gave a named checkpoint's
+        settings precedence, so the NaN stop's advice, a lower model.lr or on_nonfinite_loss=skip, did nothing).
+        A model of another shape is refused when the checkpoint is loaded (`LVMModule.on_load_checkpoint`). Here,
+        with the checkpoint memory-mapped (Lightning read all of it, on every rank: 39 GB of host memory each at
+        3b): a folder, a corrupt file or the checkpoint of another kind of model is one line naming it."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
@@ -112,13 +114,6 @@ class CLI(LightningCLI):
         wanted_class = wanted.get("class_path") if isinstance(wanted, Namespace) else None
         if saved_class and wanted_class and saved_class != wanted_class:
             raise ConfigError(f"--ckpt_path: {ckpt_path} was saved by {saved_class}; this config trains {wanted_class}")
-        if hparams:
-            model = {"class_path": saved_class, "dict_kwargs": hparams} if saved_class else hparams
-            try:
-                self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
-            except SystemExit:  # jsonargparse has printed what does not fit; say where it came from
-                print(f"error: --ckpt_path: the model settings saved in {ckpt_path} do not fit this config", file=sys.stderr)
-                raise
 
 
 def user_error(exc: BaseException) -> UserError | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import fields
 from functools import partial
@@ -198,6 +199,16 @@ class LVMModule(L.LightningModule):
         decay = checkpoint.get("hyper_parameters", {}).get("decay_norms_and_embeddings")
         if decay is not None and decay != self.hparams.decay_norms_and_embeddings:
             raise ConfigError(f"model.decay_norms_and_embeddings: the checkpoint was trained with {decay}; resume with it")
+        # The optimizer's settings are this run's, as the schedule's are: AdamW's saved groups would bring back the
+        # old lr, weight decay, betas and eps, and a resume "at a lower model.lr" (the NaN stop's advice) would not be.
+        hp, step = self.hparams, checkpoint.get("global_step", 0)
+        lr = hp.lr * self._schedule()(step)
+        for state in checkpoint.get("optimizer_states", []):
+            for group, weight_decay in zip(state.get("param_groups", []), (hp.weight_decay, 0.0)):
+                group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas), eps=hp.eps)
+        for scheduler in checkpoint.get("lr_schedulers", []):
+            scheduler.update(base_lrs=[hp.lr] * len(scheduler.get("base_lrs", [])),
+                             _last_lr=[lr] * len(scheduler.get("_last_lr", [])))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lvm_config"] = self.cfg.to_dict()
@@ -262,11 +273,15 @@ class LVMModule(L.LightningModule):
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # The fused kernel (CPU and GPU) updates all parameters in one pass instead of a loop over tensors.
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=True)
-        schedule = partial(
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, self._schedule()), "interval": "step"}}
+
+    def _schedule(self) -> Callable[[int], float]:
+        """The learning-rate multiplier by step, from this run's settings."""
+        hp = self.hparams
+        return partial(
             lr_multiplier, warmup_steps=hp.warmup_steps, max_steps=self.trainer.max_steps, min_ratio=hp.min_lr / hp.lr,
             schedule=hp.schedule, decay_fraction=hp.decay_fraction, decay_shape=hp.decay_shape,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log the loss of the optimizer step that is about to be taken: the mean over its micro-batches (equal

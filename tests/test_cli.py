@@ -97,8 +97,9 @@ def test_bad_ckpt_path_is_one_line_error(tmp_path, capsys):
         assert not any("Traceback" in line for line in err)
 
 
-def test_ckpt_path_brings_the_model_settings_saved_in_the_checkpoint(tmp_path):
-    """As Lightning's own step does: a run resumed from a file trains with the checkpoint's lr, not the yaml's."""
+def test_ckpt_path_keeps_the_model_settings_of_the_command_line(tmp_path):
+    """A run resumed from a named file trains with the yaml's and the command line's settings, as `--ckpt_path last`
+    does: Lightning's own step gave the checkpoint's precedence, so a lower --model.lr after a NaN stop did nothing."""
     torch.save({"hyper_parameters": {"_class_path": "lvm.train.LVMModule", "size": "tiny", "lr": 0.0123,
                                      "_instantiator": "lightning.pytorch.cli.instantiate_module"},
                 "state_dict": {}}, tmp_path / "run.ckpt")
@@ -109,14 +110,14 @@ def test_ckpt_path_brings_the_model_settings_saved_in_the_checkpoint(tmp_path):
 
     class Probe(CLI):
         def before_instantiate_classes(self) -> None:
-            parsed.update(self.config["fit"]["model"]["init_args"], model=str(self.config["fit"]["model"]))
+            parsed.update(self.config["fit"]["model"]["init_args"])
             raise Parsed
 
     with pytest.raises(Parsed):
         Probe(subclass_mode_model=True, subclass_mode_data=True, args=[
-            "fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), "--ckpt_path",
-            str(tmp_path / "run.ckpt")])
-    assert parsed["lr"] == 0.0123 and parsed["size"] == "tiny" and "_instantiator" not in parsed["model"]
+            "fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), "--model.min_lr", "1e-5",
+            "--ckpt_path", str(tmp_path / "run.ckpt")])
+    assert parsed["lr"] == 1e-3 and parsed["min_lr"] == 1e-5  # the yaml's, and the command line's
 
 
 def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_path, capsys):

@@ -357,6 +357,25 @@ def test_a_resume_with_another_shape_or_decay_groups_is_one_line_and_a_signal_in
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_a_resume_trains_with_this_runs_optimizer_settings(shards, tmp_path, monkeypatch, named):
+    """AdamW's saved groups brought back the old lr, weight decay and betas (a resume at a lower lr after a NaN stop
+    kept the old one), and a named checkpoint's settings replaced the command line's (review 42 #1)."""
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "12", "--model.schedule", "constant")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    ckpt_path = str(tmp_path / "a/runs/lvm_tiny/checkpoints/step=00000012.ckpt") if named else "last"
+    changed = ["--model.schedule", "constant", "--model.lr", "1e-3", "--model.weight_decay", "0.0",
+               "--model.betas", "[0.8, 0.9]", "--trainer.max_steps", "16"]
+    cli = lvm_cli.CLI(subclass_mode_model=True, subclass_mode_data=True, run=False,
+                      args=["-c", TINY, "--data.train_shards", str(shards), *FAST, *changed])
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
+    lrs = logged(tmp_path / "a", version=1, key="lr-AdamW/pg1")
+    assert sorted(lrs) == list(range(12, 16)) and set(lrs.values()) == {1e-3}
+    groups = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"]
+    assert [(g["lr"], g["initial_lr"], g["weight_decay"], tuple(g["betas"])) for g in groups] == [(1e-3, 1e-3, 0.0, (0.8, 0.9))] * 2
+
+
 def test_last_ckpt_follows_a_run_resumed_from_its_first_periodic_checkpoint(shards, tmp_path, monkeypatch):
     """That checkpoint was saved before `last.ckpt` existed; Lightning's version counter would then write the newer
     ones as last-v1.ckpt and leave last.ckpt, which loading and export read, on the old step."""
