@@ -18,6 +18,7 @@ import functools
 import multiprocessing
 import multiprocessing.util  # noqa: F401 -- its exit handler first, so that `_kill_leftover_workers` runs before it
 import os
+import re
 import signal
 import sys
 import threading
@@ -32,10 +33,22 @@ class UserError(Exception):
 
     def __init__(self, where: str | os.PathLike | None, what: str | None = None) -> None:
         if what is None:
-            where, what = None, str(where)
+            where, what = None, _unwrapped(str(where))
         super().__init__(what if where is None else f"{where}: {what}")
         self.where = None if where is None else str(where)
         self.what = what
+
+
+_FROM_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _unwrapped(message: str) -> str:
+    """A DataLoader re-raises a worker's error as the same type with the worker's whole traceback for its message;
+    the error's own line is the traceback's last (`package.SomeError: <where>: <what>`)."""
+    if not _FROM_WORKER.match(message):
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 PATH_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.EROFS,

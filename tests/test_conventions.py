@@ -152,6 +152,21 @@ def test_an_error_with_a_live_dataloader_worker_still_exits(tmp_path) -> None:
     assert proc.returncode == 1 and "RuntimeError: a crash with the iterator alive" in err
 
 
+class _Refuses(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int):
+        raise UserError("bad10", "no readable image among its 10 image files")
+
+
+def test_a_user_error_raised_in_a_dataloader_worker_stays_one_line() -> None:
+    """torch re-raises it with the worker's traceback for a message, which `error:` printed whole (review 41 #5)."""
+    with pytest.raises(UserError) as raised:
+        next(iter(torch.utils.data.DataLoader(_Refuses(), num_workers=1)))
+    assert str(raised.value) == "bad10: no readable image among its 10 image files"
+
+
 def test_worker_counts_follow_the_usable_cores_also_where_affinity_is_unknown(monkeypatch) -> None:
     """macOS has no sched_getaffinity: `--help` of tokenize, annotate and probe was a traceback there."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
