@@ -24,6 +24,7 @@ import tokenizer
 from common.errors import UserError, lightning_worker_init
 from conftest import next_batch_after_stop_signals_to_the_worker, tiny_vqgan_config
 from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
+from tokenizer.evaluate import MAX_PSNR, image_psnr
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
 from tokenizer.preprocess import MAX_ASPECT, cut_aspect, preprocess_image
@@ -153,6 +154,15 @@ def test_sources_that_name_nothing_are_refused_when_the_config_is_built(tmp_path
     with pytest.raises(UserError, match=r"train-000000\.tar: no \.tar shards found \(no such file or directory\)$"):
         ImageDataModule(train=str(tmp_path / "train-{000000..000003}.tar"))
     ImageDataModule(train="pipe:curl -s https://example.org/{000..009}.tar")  # remote: read when training starts
+
+
+def test_psnr_is_per_image_and_capped_so_one_exact_image_cannot_make_the_mean_infinite() -> None:
+    """A blank frame reconstructed exactly made the evaluation's mean PSNR inf and its --json invalid (review 41 #2)."""
+    target = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    recon = target.clone()
+    recon[1] = (recon[1] + 0.1).clamp(0, 1)
+    mse = ((recon[1] - target[1]) ** 2).mean().item()
+    assert image_psnr(recon, target).tolist() == pytest.approx([MAX_PSNR, 10 * math.log10(1 / mse)], rel=1e-5)
 
 
 def test_training_data_that_gives_no_batch_is_one_error_not_endless_empty_epochs(tmp_path: Path, caplog) -> None:

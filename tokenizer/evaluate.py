@@ -72,6 +72,16 @@ def _fid_metric(device: torch.device) -> tuple[Any, str]:
     return FrechetInceptionDistance(feature=2048).to(device), ""
 
 
+MAX_PSNR = 100.0
+"""Where an image's PSNR is capped: an exact reconstruction (a blank frame, after the clamp) has infinite PSNR,
+which made the mean over a whole evaluation infinite and its JSON invalid."""
+
+
+def image_psnr(recon: Tensor, target: Tensor) -> Tensor:
+    """PSNR [B] in dB of each image in [0, 1] ([B, 3, H, W]), at most `MAX_PSNR`."""
+    return peak_signal_noise_ratio(recon, target, data_range=1.0, reduction="none", dim=(1, 2, 3)).clamp(max=MAX_PSNR)
+
+
 @torch.no_grad()
 def evaluate(
     tok: tokenizer.VQTokenizer, files: list[Path], batch_size: int = 32, num_workers: int = 2, progress: bool = True
@@ -91,7 +101,7 @@ def evaluate(
         counts += torch.bincount(tokens.flatten().cpu(), minlength=tok.codebook_size)
         target = from_value_range(pixels.to(tok.device).float(), tok.config.value_range).clamp(0, 1)
         recon = tok.decode_pixels(tokens)
-        psnr_sum += float(peak_signal_noise_ratio(recon, target, data_range=1.0, reduction="none", dim=(1, 2, 3)).sum())
+        psnr_sum += float(image_psnr(recon, target).sum())
         ssim_sum += float(structural_similarity_index_measure(recon, target, data_range=1.0, reduction="none").sum())
         if fid is not None:
             fid.update((target * 255).round().to(torch.uint8), real=True)
@@ -137,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result["images"]:
         raise UserError(args.images, f"none of its {len(result['skipped'])} image files could be read")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")  # JSON has no Infinity
     rfid = f"rFID {result['rfid']:.2f}" if result["rfid"] is not None else f"rFID skipped ({result.get('rfid_skipped', 'too few images')})"
     print(
         f"{result['images']} images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, "

@@ -30,9 +30,9 @@ from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from torch import Tensor
 from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from tokenizer.config import VQGANConfig, VQGANConfigError
+from tokenizer.evaluate import image_psnr
 from tokenizer.loading import LIGHTNING_KEY
 from tokenizer.lpips import LPIPS, load_lpips
 from tokenizer.model import VQTokenizer
@@ -222,7 +222,7 @@ class VQGANTraining(LightningModule):
         self._code_counts += torch.bincount(quantized.indices.flatten(), minlength=self.config.codebook_size)
         self.log("val/rec_loss", self._rec_loss(x, xrec), batch_size=x.shape[0], sync_dist=True)
         # The mean of per-image PSNRs over every rank's images, as `tokenizer.evaluate` reports it.
-        psnr = peak_signal_noise_ratio(rec01.float(), batch.float(), data_range=1.0, reduction="none", dim=(1, 2, 3))
+        psnr = image_psnr(rec01.float(), batch.float())
         self.log("val/psnr", psnr.mean(), batch_size=x.shape[0], sync_dist=True)
         if batch_idx == 0:
             self._log_grid(batch, rec01, "val")
