@@ -249,9 +249,21 @@ def test_lpips_from_local_files_equals_taming(fake_lpips_weights: tuple[Path, Pa
     torch.testing.assert_close(distance, reference, rtol=1e-5, atol=1e-7)
 
 
-def test_lpips_absent_warns_and_returns_none(tmp_path: Path) -> None:
+def test_lpips_absent_from_the_hub_cache_warns_but_a_path_given_must_hold_its_weights(
+        tmp_path: Path, fake_lpips_weights: tuple[Path, Path], monkeypatch) -> None:
+    """Without weights in the cache training goes on without the perceptual loss; a typo in a path given, or a file
+    of another kind, dropped it silently or was an 86-line traceback (review 41 #4, #8)."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setitem(sys.modules, "lpips", None)  # nor the lpips package's own file
     with pytest.warns(UserWarning, match="LPIPS weights not found .* training without the perceptual loss"):
-        assert load_lpips(tmp_path / "none.pth", tmp_path / "none2.pth") is None
+        assert load_lpips() is None
+    with pytest.raises(UserError, match=r"typo.pth: no such file \(LPIPS weights\)"):
+        load_lpips(tmp_path / "typo.pth", fake_lpips_weights[1])
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(UserError, match=r"junk.pth: corrupt or not a PyTorch checkpoint"):
+        load_lpips(tmp_path / "junk.pth", fake_lpips_weights[1])
+    with pytest.raises(UserError, match=r"vgg16.pth: no lin0.model.1.weight: not LPIPS v0.1 vgg.pth weights"):
+        load_lpips(fake_lpips_weights[0], fake_lpips_weights[0])
 
 
 def _ssim(x: np.ndarray, y: np.ndarray) -> float:

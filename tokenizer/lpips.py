@@ -17,6 +17,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
+import weights
+from common.errors import UserError
+
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, as cached by torch.hub
 LINEAR_FILE = "vgg.pth"  # LPIPS v0.1 linear heads (lpips package / taming)
 _TAPS = (4, 9, 16, 23, 30)  # VGG16 feature indices ending relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -45,8 +48,12 @@ class LPIPS(nn.Module):
         return total
 
     def load_weights(self, vgg16: Path, linear: Path) -> "LPIPS":
-        vgg_state = torch.load(vgg16, map_location="cpu", weights_only=True)
-        lin_state = torch.load(linear, map_location="cpu", weights_only=True)
+        """torchvision's VGG16 file and LPIPS v0.1's linear layers; a file of another kind is one line naming it."""
+        vgg_state, lin_state = weights.torch_load(vgg16), weights.torch_load(linear)
+        for path, found, key, kind in ((vgg16, vgg_state, "features.0.weight", "torchvision's VGG16"),
+                                       (linear, lin_state, "lin0.model.1.weight", "LPIPS v0.1 vgg.pth")):
+            if not isinstance(found, dict) or key not in found:
+                raise UserError(path, f"no {key}: not {kind} weights")
         state = {}
         for key, value in vgg_state.items():  # features.{i}.weight -> slices.{slice of i}.{i}.weight
             parts = key.split(".")
@@ -76,6 +83,9 @@ def load_lpips(vgg16: str | Path | None = None, linear: str | Path | None = None
     hub = Path(torch.hub.get_dir()) / "checkpoints"
     vgg16_path = Path(vgg16) if vgg16 else hub / VGG16_FILE
     linear_path = Path(linear) if linear else _default_linear_path(hub)
+    for given in (vgg16, linear):  # a path the user typed is a request: a typo must not drop the perceptual loss
+        if given and not Path(given).is_file():
+            raise UserError(given, "no such file (LPIPS weights); leave it unset to look in the torch hub cache")
     missing = [str(p) for p in (vgg16_path, linear_path) if not p.is_file()]
     if missing:
         rank_zero_warn(f"LPIPS weights not found ({', '.join(missing)}); training without the perceptual loss")

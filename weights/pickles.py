@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -48,5 +49,5 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
             "read); re-save its state_dict from a trusted environment",
         ) from None
     # TypeError: a pickle that calls one of the stand-ins above with arguments
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError) as err:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError, struct.error) as err:
         raise WeightsError(path, f"corrupt or not a PyTorch checkpoint ({type(err).__name__})") from None
