@@ -13,6 +13,7 @@ from PIL import Image
 
 import tokenizer
 from conftest import tiny_vqgan_config
+from tokenizer.preprocess import resize_square
 
 F16_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_f16_8192.yaml"
 
@@ -113,6 +114,8 @@ def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
         ({"channel_mult": []}, "a non-empty channel_mult of positive integers"),
         ({"num_res_blocks": 0}, "needs num_res_blocks >= 1"),
         ({"value_range": (1.0, 1.0)}, r"value_range \(low, high\) with low < high"),
+        ({"value_range": [0.0]}, r"value_range must be two numbers \(low, high\), got \[0.0\]"),  # was an IndexError
+        ({"value_range": [0, 1, 2]}, r"value_range must be two numbers \(low, high\), got \[0, 1, 2\]"),  # was taken
         ({"dropout": 2.0}, "0 <= dropout < 1"),
         ({"in_channels": 1}, r"in_channels must be 3 \(preprocessing and the training data give RGB\), got 1"),
     ],
@@ -120,6 +123,16 @@ def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
 def test_impossible_configs_are_refused_by_name(change: dict, message: str) -> None:
     with pytest.raises(tokenizer.VQGANConfigError, match=message):
         tokenizer.VQGANConfig(**{**vars(tiny_vqgan_config()), **change})
+
+
+def test_decode_takes_this_tokenizers_images_only_and_resize_modes_are_known(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
+    """Any square count decoded an image of another size, and float ids were truncated (review 41 #14, #18)."""
+    T = tiny_tokenizer.tokens_per_image
+    for bad in (torch.zeros(2, 4, dtype=torch.long), torch.zeros(T, dtype=torch.long), torch.zeros(1, T)):
+        with pytest.raises(ValueError, match=rf"expected integer tokens \[B, {T}\] \(this tokenizer's tokens per image\)"):
+            tiny_tokenizer.decode(bad)
+    with pytest.raises(ValueError, match="unknown resize mode 'centre_crop'"):
+        resize_square(torch.zeros(3, 8, 16), 8, "centre_crop")
 
 
 def test_decode_clamps_out_of_range_ids(tiny_tokenizer: tokenizer.VQTokenizer) -> None:

@@ -61,6 +61,8 @@ class VQGANConfig:
         self.channel_mult = [int(m) for m in self.channel_mult]
         self.attn_resolutions = [int(r) for r in self.attn_resolutions]
         self.fsq_levels = [int(level) for level in self.fsq_levels]
+        if len(self.value_range) != 2:
+            raise VQGANConfigError(f"VQGANConfig: value_range must be two numbers (low, high), got {list(self.value_range)}")
         self.value_range = (float(self.value_range[0]), float(self.value_range[1]))
         sizes = ("resolution", "hidden_channels", "z_channels", "embed_dim", "codebook_size", "patch_size")
         for name in sizes:

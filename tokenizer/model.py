@@ -230,10 +230,11 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def decode_pixels(self, tokens: Tensor) -> Tensor:
         """LongTensor[B, N] -> FloatTensor[B, 3, S, S] in [0, 1] (clamped)."""
+        if tokens.ndim != 2 or tokens.shape[1] != self.tokens_per_image or tokens.is_floating_point():
+            raise ValueError(f"expected integer tokens [B, {self.tokens_per_image}] (this tokenizer's tokens per image), "
+                             f"got {tokens.dtype} {list(tokens.shape)}")
         tokens = tokens.to(self.device).long().clamp(0, self.codebook_size - 1)
         side = int(round(tokens.shape[1] ** 0.5))
-        if side * side != tokens.shape[1]:
-            raise ValueError(f"expected a square number of tokens per image, got {tokens.shape[1]}")
         image = self.decode_latents(self.quantize.lookup(tokens, (side, side)))
         return from_value_range(image.float(), self.config.value_range).clamp(0, 1)
 

@@ -4,7 +4,8 @@ Callers pass PIL images, numpy arrays or uint8 tensors of any size and mode; thi
 module turns them into RGB float tensors with the resize policy and value range
 of the loaded checkpoint. Transparent images are composited over white (dropping
 alpha would expose whatever colour hides under transparent pixels), grayscale is
-replicated to RGB, 16-bit images keep their precision until the final resize.
+replicated to RGB, 16-bit grayscale images and uint16 arrays keep their precision until the final resize (Pillow
+opens 16-bit RGB files as 8-bit).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def resize_square(x: Tensor, size: int, mode: str) -> Tensor:
         return TF.resize(x, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=True)
     if mode == "release_video":
         return TF.resize(x, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=False)
+    if mode != "center_crop":  # a misspelt mode would otherwise crop without a word
+        raise ValueError(f"unknown resize mode {mode!r} (stretch, center_crop or release_video)")
     x = TF.resize(cut_aspect(x), size, interpolation=InterpolationMode.BICUBIC, antialias=True)  # shorter side -> size
     return TF.center_crop(x, [size, size])
 

@@ -9,7 +9,8 @@ Manual optimisation of generator and discriminator with ONE AdamW holding two
 parameter groups and ONE backward pass per batch: the generator's GAN term sees the
 discriminator's weights detached (`torch.func.functional_call`), the discriminator's
 hinge loss sees detached images, so a single backward fills each group with exactly
-its own gradients. That is the usual alternating GAN update, but it keeps DDP's one
+its own gradients. Both groups step from the same forward (a simultaneous update: taming's
+two optimizers let the discriminator see the generator after its step, one step later here), which keeps DDP's one
 backward per forward, and Lightning counts one optimizer step per batch, so
 `max_steps`, `disc_start` and logging intervals all count batches (with two
 optimizers `global_step` would advance twice per batch once the GAN starts).
