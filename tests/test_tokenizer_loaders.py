@@ -347,6 +347,17 @@ def test_weights_that_are_not_tensors_are_one_line(tmp_path: Path) -> None:
     assert str(info.value) == f"{tmp_path}: encoder.conv_in.weight is not a tensor (list)"
 
 
+def test_a_bare_state_dict_and_an_unused_config_are_said_to_be_so(tmp_path: Path, tiny_tokenizer) -> None:
+    """A bare model.safetensors was "not a VQGAN checkpoint" though it holds the weights; --config was ignored
+    unless the checkpoint was taming's (review 41 #12, #13)."""
+    folder = tiny_tokenizer.save(tmp_path / "tok")
+    with pytest.raises(tokenizer.TokenizerLoadError, match=r"model.safetensors: a bare state dict without its config; "
+                                                           r"give the folder that holds it and its config.json$"):
+        tokenizer.load(folder / "model.safetensors")
+    with pytest.raises(tokenizer.TokenizerLoadError, match=r"^--config: only for a taming .ckpt; .*tok is a folder"):
+        tokenizer.load(folder, config=tmp_path / "taming.yaml")
+
+
 class _RunsCodeWhenUnpickled:
     """What a malicious checkpoint holds: unpickling it calls os.makedirs(marker)."""
 

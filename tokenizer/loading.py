@@ -51,6 +51,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", config: str | Pat
     except weights.WeightsError as err:
         raise TokenizerLoadError(err.where, err.what) from None
     if path.is_dir():
+        if config is not None:  # a flag given and not used is a typo or a misunderstanding
+            raise TokenizerLoadError("--config", f"only for a taming .ckpt; {path} is a folder, whose config.json is read")
         cfg, state = _read_directory(path)
     else:
         cfg, state = _read_ckpt(path, None if config is None else Path(config))
@@ -154,6 +156,9 @@ def _read_ckpt(path: Path, config: Path | None) -> tuple[VQGANConfig, dict[str, 
     if not isinstance(state, dict):
         raise TokenizerLoadError(path, f"its state_dict is not a mapping of names to tensors ({type(state).__name__})")
     if LIGHTNING_KEY in ckpt:  # written by `lightning fit` with VQGANTraining
+        if config is not None:
+            raise TokenizerLoadError("--config", f"only for a taming .ckpt; {path} is a training checkpoint of ours, "
+                                                 "which holds its config")
         entry = ckpt[LIGHTNING_KEY]
         if not isinstance(entry, dict) or not isinstance(entry.get("prefix"), str):
             raise TokenizerLoadError(path, f"its {LIGHTNING_KEY} entry is not a mapping with a config and a prefix")
@@ -161,6 +166,9 @@ def _read_ckpt(path: Path, config: Path | None) -> tuple[VQGANConfig, dict[str, 
         prefix = entry["prefix"]
         return cfg, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if "quantize.embedding.weight" not in state:
+        if "quantize.embedding.weight" in ckpt:  # a bare state dict (model.safetensors, pytorch_model.bin)
+            raise TokenizerLoadError(path, "a bare state dict without its config; give the folder that holds it and "
+                                           "its config.json")
         raise TokenizerLoadError(path, "not a VQGAN checkpoint (no state_dict with quantize.embedding.weight)")
     yaml_path = config or _find_taming_yaml(path)
     cfg = _config(yaml_path, taming_config, _read_yaml(yaml_path))
