@@ -141,6 +141,7 @@ class LVMModule(L.LightningModule):
         self._drop_step = False  # set by a non-finite loss under `skip`: the next optimizer step makes no update
         # The rank-reduced losses of this optimizer step's micro-batches so far, logged as their mean once per step.
         self._step_losses: list[torch.Tensor] = []
+        self._val_losses: list[torch.Tensor] = []  # this validation epoch's batch losses, for val/ppl
         rank_zero_info(
             f"LVM {size}: {self.cfg.num_params():,} parameters, "
             f"{self.cfg.flops_per_token() / 1e9:.3g} GFLOP per training token at seq {self.cfg.max_seq_len}"
@@ -257,7 +258,15 @@ class LVMModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         loss = self._loss(batch)
         self.log("val/loss", loss, sync_dist=True, prog_bar=True)
-        self.log("val/ppl", loss.exp(), sync_dist=True)
+        self._val_losses.append(loss.detach())
+
+    def on_validation_epoch_end(self) -> None:
+        """val/ppl: exp of the mean loss over the epoch's batches and ranks, as train/ppl is exp of its loss. A mean
+        of per-batch exp (what logging it per batch gives) exceeds it (Jensen), by more the more the batches differ."""
+        if self._val_losses:
+            mean = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(), reduce_op="mean")
+            self.log("val/ppl", mean.exp())
+        self._val_losses = []
 
     # -- optimisation ---------------------------------------------------------------------------------------
 

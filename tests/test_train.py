@@ -642,6 +642,19 @@ class MicroBatchLosses(L.Callback):
         self.losses.setdefault(trainer.global_step, []).append(loss.item())
 
 
+def test_val_ppl_is_exp_of_the_mean_val_loss(shards, tmp_path):
+    """It was the mean of per-batch exp, which exceeds it (review 42 #10)."""
+    val = write_sentence_shards(tmp_path / "val", shards=1)
+    dm = LVMDataModule(str(shards), val_shards=str(val), seq_len=32, batch_size=2, num_workers=0)
+    logger = L.pytorch.loggers.CSVLogger(tmp_path)
+    quick_trainer(max_steps=4, logger=logger, val_check_interval=4, limit_val_batches=5, num_sanity_val_steps=0).fit(
+        LVMModule(overrides=MINI, warmup_steps=1), dm)
+    rows = [row for row in csv.DictReader(open(tmp_path / "lightning_logs/version_0/metrics.csv")) if row.get("val/loss")]
+    ppl = next(float(row["val/ppl"]) for row in csv.DictReader(open(tmp_path / "lightning_logs/version_0/metrics.csv"))
+               if row.get("val/ppl"))
+    assert ppl == pytest.approx(math.exp(float(rows[0]["val/loss"])), rel=1e-5)
+
+
 def test_train_loss_is_the_mean_over_the_micro_batches_of_each_optimizer_step(shards, tmp_path):
     """Logged per micro-batch, Lightning kept the last one's loss only: a third of the step's tokens here."""
     dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
