@@ -101,7 +101,8 @@ class LVMDataModule(L.LightningDataModule):
         doc_ids: bool = False,
     ) -> None:
         super().__init__()
-        for field, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        for field, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                  ("seed", seed, 0)):
             if value < low:
                 raise ConfigError(f"data.{field}: must be >= {low}, got {value}")
         # Listed once here and reused (stream, resume checks): a glob over a million shards takes seconds.

@@ -159,6 +159,10 @@ class LVMModule(L.LightningModule):
                 raise ConfigError(
                     f"model.warmup_steps: {self.hparams.warmup_steps} must be below trainer.max_steps ({trainer.max_steps})"
                 )
+            if trainer.limit_train_batches not in (None, 1.0):
+                raise ConfigError(f"trainer.limit_train_batches: {trainer.limit_train_batches} is not supported: each "
+                                  "Lightning epoch would end early and the stream start a new shuffle, so most of the "
+                                  "data would never be read; bound the run with trainer.max_steps")
             if trainer.accumulate_grad_batches < 1:
                 raise ConfigError(f"trainer.accumulate_grad_batches: must be >= 1, got {trainer.accumulate_grad_batches}")
             if trainer.gradient_clip_algorithm not in (None, "norm"):
@@ -197,14 +201,17 @@ class LVMModule(L.LightningModule):
             if shape:
                 what = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in shape.items())
                 raise ConfigError(f"model.size / model.overrides: the checkpoint's model has {what}; resume with its shape")
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
         decay = checkpoint.get("hyper_parameters", {}).get("decay_norms_and_embeddings")
         if decay is not None and decay != self.hparams.decay_norms_and_embeddings:
             raise ConfigError(f"model.decay_norms_and_embeddings: the checkpoint was trained with {decay}; resume with it")
         # The optimizer's settings are this run's, as the schedule's are: AdamW's saved groups would bring back the
         # old lr, weight decay, betas and eps, and a resume "at a lower model.lr" (the NaN stop's advice) would not be.
+        if not checkpoint.get("optimizer_states"):
+            return
         hp, step = self.hparams, checkpoint.get("global_step", 0)
         lr = hp.lr * self._schedule()(step)
-        for state in checkpoint.get("optimizer_states", []):
+        for state in checkpoint["optimizer_states"]:
             for group, weight_decay in zip(state.get("param_groups", []), (hp.weight_decay, 0.0)):
                 group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas), eps=hp.eps)
         for scheduler in checkpoint.get("lr_schedulers", []):
@@ -213,6 +220,7 @@ class LVMModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lvm_config"] = self.cfg.to_dict()
+        checkpoint["skipped_batches"] = self.skipped_batches  # train/skipped_batches counts on after a resume
         # The tokenizer behind the training sentences (None if unrecorded), so readers can check theirs.
         checkpoint["tokenizer"] = getattr(self.trainer.datamodule, "tokenizer", None)
 

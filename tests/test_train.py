@@ -539,6 +539,11 @@ def test_nonfinite_loss_can_skip_the_batch(shards):
     snapshots = Snapshots()
     quick_trainer(callbacks=[snapshots]).fit(module, dm)
     assert module.skipped_batches == 1 and dm.batches_consumed == 6
+    saved = {}
+    module.on_save_checkpoint(saved)  # the count goes on after a resume (it restarted at 0)
+    resumed = LVMModule(overrides=MINI, warmup_steps=1)
+    resumed.on_load_checkpoint(saved)
+    assert resumed.skipped_batches == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
     # the step with the NaN batch (the 4th, global_step 3 -> 4) left every parameter as it was; the others moved
     assert all(torch.equal(a, b) for a, b in zip(snapshots.after[3], snapshots.after[4]))
@@ -580,10 +585,15 @@ def test_a_clip_value_of_zero_or_below_means_no_clipping_as_in_lightning(shards,
     assert all(torch.equal(a, b) for a, b in zip(*params))
 
 
-def test_no_gradient_accumulation_is_one_line(shards):
-    with pytest.raises(ConfigError, match=r"^trainer.accumulate_grad_batches: must be >= 1, got 0$"):
-        quick_trainer(accumulate_grad_batches=0).fit(LVMModule(overrides=MINI, warmup_steps=1),
-                                                     LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
+def test_no_gradient_accumulation_or_a_limit_on_train_batches_is_one_line(shards):
+    """A limit on train batches ended every Lightning epoch early and reshuffled the stream: most data never read."""
+    for setting, message in ((dict(accumulate_grad_batches=0), r"trainer.accumulate_grad_batches: must be >= 1, got 0$"),
+                             (dict(limit_train_batches=10), r"trainer.limit_train_batches: 10 is not supported")):
+        with pytest.raises(ConfigError, match=f"^{message}"):
+            quick_trainer(**setting).fit(LVMModule(overrides=MINI, warmup_steps=1),
+                                         LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
+    with pytest.raises(ConfigError, match=r"^data.seed: must be >= 0, got -1$"):  # a worker's traceback
+        LVMDataModule(str(shards), seed=-1)
 
 
 class NaNOnRank0AtStep3(LVMModule):
