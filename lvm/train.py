@@ -153,23 +153,9 @@ class LVMModule(L.LightningModule):
         """Cross-checks with the trainer and data, before the network is built or any data is read."""
         trainer = self.trainer
         if stage == "fit":
-            if trainer.max_steps is None or trainer.max_steps <= 0:
-                raise ConfigError("trainer.max_steps: must be set (> 0); the learning-rate schedule decays over it")
-            if self.hparams.warmup_steps >= trainer.max_steps:
-                raise ConfigError(
-                    f"model.warmup_steps: {self.hparams.warmup_steps} must be below trainer.max_steps ({trainer.max_steps})"
-                )
-            if trainer.limit_train_batches not in (None, 1.0):
-                raise ConfigError(f"trainer.limit_train_batches: {trainer.limit_train_batches} is not supported: each "
-                                  "Lightning epoch would end early and the stream start a new shuffle, so most of the "
-                                  "data would never be read; bound the run with trainer.max_steps")
-            if trainer.accumulate_grad_batches < 1:
-                raise ConfigError(f"trainer.accumulate_grad_batches: must be >= 1, got {trainer.accumulate_grad_batches}")
-            if trainer.gradient_clip_algorithm not in (None, "norm"):
-                raise ConfigError("trainer.gradient_clip_algorithm: only 'norm' (global norm clipping) is supported")
-        seq_len = getattr(trainer.datamodule, "seq_len", None)
-        if seq_len is not None and seq_len > self.cfg.max_seq_len:
-            raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context (max_seq_len {self.cfg.max_seq_len})")
+            check_fit(self.hparams.warmup_steps, trainer.max_steps, trainer.limit_train_batches,
+                      trainer.accumulate_grad_batches, trainer.gradient_clip_algorithm)
+        check_seq_len(getattr(trainer.datamodule, "seq_len", None), self.cfg)
 
     def configure_model(self) -> None:
         if self.model is not None:  # already built (a second fit, or a model loaded by the user)
@@ -340,6 +326,28 @@ class LVMModule(L.LightningModule):
             param.grad = None
 
 
+def check_fit(warmup_steps: int, max_steps: int | None, limit_train_batches: float | int | None,
+              accumulate_grad_batches: int, gradient_clip_algorithm: str | None) -> None:
+    """The trainer settings a fit needs, checked by `LVMModule.setup` and by the dry run alike."""
+    if max_steps is None or max_steps <= 0:
+        raise ConfigError("trainer.max_steps: must be set (> 0); the learning-rate schedule decays over it")
+    if warmup_steps >= max_steps:
+        raise ConfigError(f"model.warmup_steps: {warmup_steps} must be below trainer.max_steps ({max_steps})")
+    if limit_train_batches not in (None, 1.0):
+        raise ConfigError(f"trainer.limit_train_batches: {limit_train_batches} is not supported: each Lightning epoch "
+                          "would end early and the stream start a new shuffle, so most of the data would never be read; "
+                          "bound the run with trainer.max_steps")
+    if accumulate_grad_batches < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches: must be >= 1, got {accumulate_grad_batches}")
+    if gradient_clip_algorithm not in (None, "norm"):
+        raise ConfigError("trainer.gradient_clip_algorithm: only 'norm' (global norm clipping) is supported")
+
+
+def check_seq_len(seq_len: int | None, cfg: LVMConfig) -> None:
+    if seq_len is not None and seq_len > cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context (max_seq_len {cfg.max_seq_len})")
+
+
 def _describe_schedule(hp) -> str:
     if hp.schedule == "wsd":
         return f"wsd, {hp.decay_shape} decay over the last {hp.decay_fraction:g}"
@@ -382,7 +390,7 @@ def summary(cli: LightningCLI) -> str:
         f"tokens     {per_device:,} per optimizer step per device (batch {data.batch_size} x seq {data.seq_len} x "
         f"accumulation {trainer.accumulate_grad_batches})"
         + (f"; {per_device * devices * trainer.num_nodes:,} on {devices * trainer.num_nodes} devices" if devices else ""),
-        f"schedule   AdamW lr {hp.lr:g} -> {hp.min_lr:g} ({_describe_schedule(hp)}), warmup {hp.warmup_steps}, {trainer.max_steps} steps, "
+        f"schedule   AdamW lr {hp.lr:g}{'' if hp.schedule == 'constant' else f' -> {hp.min_lr:g}'} ({_describe_schedule(hp)}), warmup {hp.warmup_steps}, {trainer.max_steps} steps, "
         f"weight decay {hp.weight_decay:g}, clip {trainer.gradient_clip_val}",
         f"trainer    {strategy}, precision {trainer.precision}, {trainer.num_nodes} node(s) x {trainer.devices} device(s)",
     ]
@@ -394,6 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     with config_errors_as_one_line():
         cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
                          parser_kwargs={"prog": "python -m lvm.train"})
+        trainer = cli.config["trainer"]  # what `lightning fit` would refuse, refused here too
+        check_fit(cli.model.hparams.warmup_steps, trainer.max_steps, trainer.limit_train_batches,
+                  trainer.accumulate_grad_batches, trainer.gradient_clip_algorithm)
+        check_seq_len(cli.config["data"].init_args.seq_len, cli.model.cfg)
     print(summary(cli))
 
 

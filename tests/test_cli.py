@@ -20,6 +20,13 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: model.lr: must be > 0, got -1.0"
     assert not any("Traceback" in line for line in err)
+    # and what only the trainer and data settings show, which it printed a normal summary for (review 42 #5)
+    for args, message in ((["--model.warmup_steps", "5000"], "model.warmup_steps: 5000 must be below trainer.max_steps"),
+                          (["--data.seq_len", "8192"], "data.seq_len: 8192 exceeds the model's context"),
+                          (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            dry_run(["-c", "configs/lvm_tiny.yaml", *args])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
 def test_impossible_tokenizer_architecture_is_one_line_error(tmp_path, capsys):
@@ -40,6 +47,13 @@ def test_dry_run_config_error_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: model.lr: must be > 0, got -1.0"
     assert not any("Traceback" in line for line in err)
+    # and what only the trainer and data settings show, which it printed a normal summary for (review 42 #5)
+    for args, message in ((["--model.warmup_steps", "5000"], "model.warmup_steps: 5000 must be below trainer.max_steps"),
+                          (["--data.seq_len", "8192"], "data.seq_len: 8192 exceeds the model's context"),
+                          (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: must be >= 1")):
+        with pytest.raises(SystemExit) as exit_info:
+            dry_run(["-c", "configs/lvm_tiny.yaml", *args])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
 @pytest.mark.parametrize(("train", "problem"), [
