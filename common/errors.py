@@ -106,6 +106,12 @@ def _die_with_parent() -> None:
     if parent is None:
         return
     parent_pid = parent.pid
+    if os.getppid() != parent_pid:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)  # it died before this worker got here: nobody to work for
+        return  # started by a fork server (forkserver): the kernel's parent is not the loader's process
 
     def exit_if_orphaned(signum: int, frame: object) -> None:
         if os.getppid() != parent_pid:
@@ -113,7 +119,7 @@ def _die_with_parent() -> None:
 
     signal.signal(signal.SIGUSR2, exit_if_orphaned)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGUSR2)
-    exit_if_orphaned(signal.SIGUSR2, None)  # it may have died before the prctl: nobody to work for
+    exit_if_orphaned(signal.SIGUSR2, None)  # it may have died before the prctl
 
 
 def lightning_worker_init(worker_id: int, rank: int) -> None:

@@ -136,6 +136,8 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             return
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
+        if self._last_global_step_saved != trainer.global_step:  # not among the top k of a monitored metric: kept
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))  # outside, as Lightning keeps it
         self._save_last_checkpoint(trainer, candidates)
         rank_zero_info(f"stopping ({type(exception).__name__}): saved a checkpoint of step {trainer.global_step} in {self.dirpath}")
 

@@ -178,31 +178,32 @@ class LVMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume must train the model it saved: another shape, or weight decay over other parameter groups, would
-        otherwise stop with a 20-60 line traceback from the state dict or AdamW's group sizes."""
+        stop with a 20-60 line traceback from the state dict or AdamW's group sizes. (Under FSDP2 Lightning restores
+        the model and optimizer before this hook, and its own error comes first.)"""
         saved = checkpoint.get("lvm_config")
         if saved is not None:
-            differ = {key: (value, getattr(self.cfg, key)) for key, value in saved.items()
-                      if hasattr(self.cfg, key) and value != getattr(self.cfg, key)}
-            shape = {k: v for k, v in differ.items() if k not in ("dropout", "init_std")}  # free to change
+            shape = {key: (value, getattr(self.cfg, key)) for key, value in saved.items() if hasattr(self.cfg, key)
+                     and key not in ("dropout", "init_std") and value != getattr(self.cfg, key)}  # those two may change
             if shape:
                 what = ", ".join(f"{k} {old} (now {new})" for k, (old, new) in shape.items())
                 raise ConfigError(f"model.size / model.overrides: the checkpoint's model has {what}; resume with its shape")
-        self.skipped_batches = checkpoint.get("skipped_batches", 0)
         decay = checkpoint.get("hyper_parameters", {}).get("decay_norms_and_embeddings")
         if decay is not None and decay != self.hparams.decay_norms_and_embeddings:
             raise ConfigError(f"model.decay_norms_and_embeddings: the checkpoint was trained with {decay}; resume with it")
-        # The optimizer's settings are this run's, as the schedule's are: AdamW's saved groups would bring back the
-        # old lr, weight decay, betas and eps, and a resume "at a lower model.lr" (the NaN stop's advice) would not be.
-        if not checkpoint.get("optimizer_states"):
-            return
-        hp, step = self.hparams, checkpoint.get("global_step", 0)
-        lr = hp.lr * self._schedule()(step)
-        for state in checkpoint["optimizer_states"]:
-            for group, weight_decay in zip(state.get("param_groups", []), (hp.weight_decay, 0.0)):
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)  # train/skipped_batches counts on
+
+    def _apply_optimizer_settings(self) -> None:
+        """The optimizer's settings are this run's, as the schedule's are: AdamW's restored groups bring back the old
+        lr, weight decay, betas and eps, and a resume "at a lower model.lr" (the NaN stop's advice) would not be one.
+        Run when training starts, after every strategy has restored the optimizer (a fresh run changes nothing)."""
+        hp = self.hparams
+        lr = hp.lr * self._schedule()(self.trainer.global_step)
+        for optimizer in self.trainer.optimizers:
+            for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0)):
                 group.update(lr=lr, initial_lr=hp.lr, weight_decay=weight_decay, betas=tuple(hp.betas), eps=hp.eps)
-        for scheduler in checkpoint.get("lr_schedulers", []):
-            scheduler.update(base_lrs=[hp.lr] * len(scheduler.get("base_lrs", [])),
-                             _last_lr=[lr] * len(scheduler.get("_last_lr", [])))
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.base_lrs = [hp.lr] * len(config.scheduler.base_lrs)
+            config.scheduler._last_lr = [lr] * len(config.scheduler.base_lrs)  # what LearningRateMonitor reads
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lvm_config"] = self.cfg.to_dict()
@@ -212,6 +213,7 @@ class LVMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._step_losses = []  # a fit stopped inside an accumulation (a second Ctrl-C) leaves some behind
+        self._apply_optimizer_settings()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Lightning labels logged metrics with its own counter of stepped batches. After a resume from a checkpoint
@@ -313,6 +315,8 @@ class LVMModule(L.LightningModule):
                 max_norm = float(gradient_clip_val) if gradient_clip_val and gradient_clip_val > 0 else float("inf")
                 nn.utils.clip_grads_with_norm_(self.parameters(), max_norm, norm)
                 return
+            if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+                return  # fp16's loss scaler: overflows are its signal to skip this step and lower the scale
             # A finite loss with an overflow in the backward: clipped, it would write NaN into every weight it reaches.
             if self.hparams.on_nonfinite_loss == "stop":
                 raise NonFiniteLossError(
@@ -333,7 +337,7 @@ def check_fit(warmup_steps: int, max_steps: int | None, limit_train_batches: flo
         raise ConfigError("trainer.max_steps: must be set (> 0); the learning-rate schedule decays over it")
     if warmup_steps >= max_steps:
         raise ConfigError(f"model.warmup_steps: {warmup_steps} must be below trainer.max_steps ({max_steps})")
-    if limit_train_batches not in (None, 1.0):
+    if limit_train_batches is not None and (isinstance(limit_train_batches, int) or limit_train_batches != 1.0):
         raise ConfigError(f"trainer.limit_train_batches: {limit_train_batches} is not supported: each Lightning epoch "
                           "would end early and the stream start a new shuffle, so most of the data would never be read; "
                           "bound the run with trainer.max_steps")

@@ -160,6 +160,23 @@ class _Refuses(torch.utils.data.Dataset):
         raise UserError("bad10", "no readable image among its 10 image files")
 
 
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn", "forkserver"])
+def test_workers_run_under_every_start_method(start: str) -> None:
+    """Under forkserver a worker's parent is the fork server: every worker took that for an orphan's and exited
+    (review 43 #5)."""
+    loader = torch.utils.data.DataLoader(_Numbers(), num_workers=2, multiprocessing_context=start,
+                                         worker_init_fn=leave_stop_signals_to_main)
+    assert sorted(int(x) for x in loader) == [0, 1, 2, 3]
+
+
 def test_a_user_error_raised_in_a_dataloader_worker_stays_one_line() -> None:
     """torch re-raises it with the worker's traceback for a message, which `error:` printed whole (review 41 #5)."""
     with pytest.raises(UserError) as raised:

@@ -109,6 +109,19 @@ def _loss_and_grads(model: LVM, tokens: torch.Tensor) -> tuple[torch.Tensor, dic
     return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
+def test_a_sharded_resume_trains_with_this_runs_optimizer_settings(tmp_path):
+    """FSDP2 restores the optimizer where the settings of the run's config are applied too late for a one-process
+    resume's hook: the old weight decay and betas stayed, and the first step kept the old lr (review 43 #1)."""
+    run = tmp_path / "two"
+    fit_1b(run, 2, "--trainer.max_steps", "2")
+    fit_1b(run, 2, "--trainer.max_steps", "4", "--ckpt_path", "last", "--model.lr", "1e-3", "--model.min_lr", "1e-3",
+           "--model.weight_decay", "0.0", "--model.betas", "[0.8, 0.9]")
+    assert set(logged(run, 1, "lr-AdamW/pg1").values()) == {1e-3}
+    groups = torch.load(run / "runs/lvm_1b/checkpoints/last.ckpt", weights_only=False)["optimizer_states"][0]["param_groups"]
+    assert {(g["lr"], g["weight_decay"], tuple(g["betas"])) for g in groups} == {(1e-3, 0.0, (0.8, 0.9))}
+
+
 def test_activation_checkpointing_recomputes_each_block_with_the_same_numbers():
     cfg = LVMConfig(**MINI)
     tokens = torch.randint(0, 8192, (2, 33), generator=torch.Generator().manual_seed(0))

@@ -376,6 +376,20 @@ def test_a_resume_trains_with_this_runs_optimizer_settings(shards, tmp_path, mon
     assert [(g["lr"], g["initial_lr"], g["weight_decay"], tuple(g["betas"])) for g in groups] == [(1e-3, 1e-3, 0.0, (0.8, 0.9))] * 2
 
 
+def test_a_stop_is_saved_even_when_its_step_is_not_among_the_best_of_a_monitored_metric(shards, tmp_path, monkeypatch):
+    """Through the top-k rotation alone, a stop that a monitored metric ranks out saved nothing and last.ckpt stayed
+    behind (review 43 #3)."""
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "16")
+    checkpoint = cli.trainer.checkpoint_callback
+    checkpoint._every_n_train_steps, checkpoint.save_top_k, checkpoint.monitor, checkpoint.mode = 4, 1, "step", "min"
+    checkpoint.kth_value = torch.tensor(float("inf"))  # as Lightning sets it up for mode min
+    cli.trainer.callbacks.append(SignalAt(5))
+    with pytest.raises(SystemExit):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=True)["global_step"] == 6
+
+
 def test_last_ckpt_follows_a_run_resumed_from_its_first_periodic_checkpoint(shards, tmp_path, monkeypatch):
     """That checkpoint was saved before `last.ckpt` existed; Lightning's version counter would then write the newer
     ones as last-v1.ckpt and leave last.ckpt, which loading and export read, on the old step."""
@@ -573,6 +587,16 @@ def test_a_nonfinite_gradient_with_a_finite_loss_stops_or_is_skipped_before_the_
     assert all(torch.equal(a, b) for a, b in zip(snapshots.after[3], snapshots.after[4]))
 
 
+def test_a_nonfinite_gradient_under_a_loss_scaler_is_left_to_it(shards):
+    """fp16 (16-mixed on CUDA) overflows by design: its GradScaler skips the step and lowers the scale. Stopping
+    there would end such runs at the first overflow (review 43 #7); the scaler is faked, as a CPU run has none."""
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    trainer = quick_trainer(max_steps=4)
+    trainer.precision_plugin.scaler = object()
+    trainer.fit(InfGradientAtStep3(overrides=MINI, warmup_steps=1), dm)  # no NonFiniteLossError
+    assert trainer.global_step == 4
+
+
 @pytest.mark.parametrize("clip", [0.0, -1.0])
 def test_a_clip_value_of_zero_or_below_means_no_clipping_as_in_lightning(shards, clip):
     """torch's clipping by 0 zeroed every update and by -1 trained by gradient ascent (review 42 #4)."""
@@ -588,7 +612,8 @@ def test_a_clip_value_of_zero_or_below_means_no_clipping_as_in_lightning(shards,
 def test_no_gradient_accumulation_or_a_limit_on_train_batches_is_one_line(shards):
     """A limit on train batches ended every Lightning epoch early and reshuffled the stream: most data never read."""
     for setting, message in ((dict(accumulate_grad_batches=0), r"trainer.accumulate_grad_batches: must be >= 1, got 0$"),
-                             (dict(limit_train_batches=10), r"trainer.limit_train_batches: 10 is not supported")):
+                             (dict(limit_train_batches=10), r"trainer.limit_train_batches: 10 is not supported"),
+                             (dict(limit_train_batches=1), r"trainer.limit_train_batches: 1 is not supported")):  # 1 batch
         with pytest.raises(ConfigError, match=f"^{message}"):
             quick_trainer(**setting).fit(LVMModule(overrides=MINI, warmup_steps=1),
                                          LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0))
