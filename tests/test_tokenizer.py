@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
+from PIL import Image, ImageOps
 
 import tokenizer
 from conftest import tiny_vqgan_config
@@ -123,6 +123,18 @@ def test_seen_is_the_image_the_tokenizer_encodes(resize: str) -> None:
 def test_impossible_configs_are_refused_by_name(change: dict, message: str) -> None:
     with pytest.raises(tokenizer.VQGANConfigError, match=message):
         tokenizer.VQGANConfig(**{**vars(tiny_vqgan_config()), **change})
+
+
+def test_encode_turns_a_photo_as_its_exif_says_as_tokenize_does(tiny_tokenizer: tokenizer.VQTokenizer, tmp_path) -> None:
+    """tok.encode / tok.seen of a phone photo gave other tokens than lvm.tokenize, which turns it (review 41 #10)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated by 90 degrees
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif)
+    with Image.open(tmp_path / "turned.jpg") as image:
+        as_opened, as_shown = tiny_tokenizer.encode([image]), tiny_tokenizer.encode([ImageOps.exif_transpose(image)])
+        assert torch.equal(tiny_tokenizer.seen([image]), tiny_tokenizer.seen([ImageOps.exif_transpose(image)]))
+    assert torch.equal(as_opened, as_shown)
 
 
 def test_decode_takes_this_tokenizers_images_only_and_resize_modes_are_known(tiny_tokenizer: tokenizer.VQTokenizer) -> None:

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import webdataset as wds
 from lightning.pytorch import LightningDataModule
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
@@ -38,12 +38,12 @@ def image_files(root: str | Path) -> list[Path]:
 
 
 def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
-    """Turned as EXIF says (as `lvm.tokenize` turns what it encodes), shorter side to `size` (a banner first cut to
-    `MAX_ASPECT`:1), then a random crop and flip (training) or the centre crop (validation): undistorted content,
-    whatever `resize` the config encodes with."""
+    """Turned as EXIF says (`to_rgb_float`, as `lvm.tokenize` turns what it encodes), shorter side to `size` (a
+    banner first cut to `MAX_ASPECT`:1), then a random crop and flip (training) or the centre crop (validation):
+    undistorted content, whatever `resize` the config encodes with."""
     crop = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()]) if train else v2.CenterCrop(size)
     resize = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return lambda image: crop(resize(cut_aspect(to_rgb_float(ImageOps.exif_transpose(image)), train))).clamp(0.0, 1.0)
+    return lambda image: crop(resize(cut_aspect(to_rgb_float(image), train))).clamp(0.0, 1.0)
 
 
 class ImageFolder(Dataset):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
@@ -50,7 +50,7 @@ class _Images(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | None, str]:
         try:
             with Image.open(self.files[index]) as image:  # turned by EXIF, as lvm.tokenize and training see it
-                return self.tok.preprocess(ImageOps.exif_transpose(image)), str(self.files[index])
+                return self.tok.preprocess(image), str(self.files[index])
         except UNREADABLE_IMAGE:
             return None, str(self.files[index])
 

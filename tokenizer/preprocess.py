@@ -14,7 +14,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
@@ -56,8 +56,12 @@ def _array_to_float(array: np.ndarray) -> np.ndarray:
 
 
 def to_rgb_float(image: ImageLike) -> Tensor:
-    """Any supported image -> FloatTensor[3, H, W] in [0, 1], alpha composited over white."""
+    """Any supported image -> FloatTensor[3, H, W] in [0, 1], alpha composited over white; a PIL image turned as its
+    EXIF orientation says first, as viewers show it (and as `lvm.tokenize` encodes the file), so `tok.encode` of a
+    phone photo gives the tokens training saw."""
     if isinstance(image, Image.Image):
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:  # no copy for the usual unturned image
+            image = ImageOps.exif_transpose(image)
         x = torch.from_numpy(np.ascontiguousarray(_pil_to_array(image))).permute(2, 0, 1)
     elif isinstance(image, np.ndarray):
         if image.ndim not in (2, 3):
