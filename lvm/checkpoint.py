@@ -201,7 +201,9 @@ def tokenizer_mismatch(trained: dict | None, given: dict) -> bool:
     if not trained:
         return False
     if trained.get("digest"):
-        return trained["digest"] != given["digest"]
+        # the same weights under another preprocessing make other tokens (records before 2026-12-07 lack it)
+        preprocessing = trained.get("preprocessing")
+        return trained["digest"] != given["digest"] or bool(preprocessing) and preprocessing != given.get("preprocessing")
     trained_hub, given_hub = (weights.hub_repo(i["name"]) if i.get("name") else None for i in (trained, given))
     if trained_hub and given_hub:
         return trained_hub[0] != given_hub[0]

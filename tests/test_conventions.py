@@ -6,6 +6,7 @@ import argparse
 import errno
 import gc
 import importlib
+import json
 import os
 import random
 import re
@@ -24,6 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
+import tokenizer
 from common import files
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import ShardPatternError, expand_shards
@@ -542,6 +544,22 @@ def test_a_tokenizer_without_digest_or_hub_id_is_matched_by_layout() -> None:
     assert not tokenizer_mismatch(trained, same)
     assert tokenizer_mismatch(trained, {**same, "codebook_size": 1000})
     assert tokenizer_mismatch(trained, {**same, "tokens_per_image": 64})
+
+
+def test_the_same_tokenizer_weights_under_another_preprocessing_are_another_tokenizer(tiny_tokenizer, tmp_path) -> None:
+    """The record held only the weights' digest: a copy re-wrapped with another resize, value range or lookup passed
+    the check and gave other tokens (review 41 #11); records made before lack the field and are matched as before."""
+    from lvm.checkpoint import tokenizer_mismatch
+
+    trained = tiny_tokenizer.identity("tok")
+    folder = tiny_tokenizer.save(tmp_path / "tok")
+    config = json.loads((folder / "config.json").read_text())
+    for change in ({"resize": "center_crop"}, {"value_range": [-1.0, 1.0]}):
+        (folder / "config.json").write_text(json.dumps({**config, "config": {**config["config"], **change}}))
+        other = tokenizer.load(folder).identity("tok")
+        assert other["digest"] == trained["digest"] and tokenizer_mismatch(trained, other), change
+    assert not tokenizer_mismatch(trained, tiny_tokenizer.identity("elsewhere"))
+    assert not tokenizer_mismatch({k: v for k, v in trained.items() if k != "preprocessing"}, other)  # an old record
 
 
 def test_an_unreadable_checkpoint_is_permission_denied_not_corrupt(tmp_path, monkeypatch) -> None:

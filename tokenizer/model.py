@@ -185,9 +185,14 @@ class VQTokenizer(nn.Module):
         return weights.module_digest(self)
 
     def identity(self, name: str | None = None) -> dict:
-        """What a model trained on this tokenizer's tokens records about it (`name`: how it was given)."""
+        """What a model trained on this tokenizer's tokens records about it (`name`: how it was given). The weights'
+        digest does not cover how images become pixels and codes become lookups: the same weights under another
+        resize, value range or lookup give other tokens, hence `preprocessing`."""
+        cfg = self.config
         return {"name": None if name is None else str(name), "digest": self.digest(),
-                "tokens_per_image": self.tokens_per_image, "codebook_size": self.codebook_size}
+                "tokens_per_image": self.tokens_per_image, "codebook_size": self.codebook_size,
+                "preprocessing": {"resize": cfg.resize, "value_range": list(cfg.value_range),
+                                  "l2_normalized_codes": cfg.l2_normalized_codes}}
 
     # -- training path ------------------------------------------------------
     def forward(self, x: Tensor) -> VQOutput:
