@@ -139,8 +139,8 @@ class LVMModule(L.LightningModule):
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for tokens/s and MFU
         self.skipped_batches = 0
         self._drop_step = False  # set by a non-finite loss under `skip`: the next optimizer step makes no update
-        # The rank-reduced losses of this optimizer step's micro-batches so far, logged as their mean once per step.
-        self._step_losses: list[torch.Tensor] = []
+        # (batch index, loss) of this optimizer step's micro-batches so far on this rank, checked and logged per step.
+        self._step_losses: list[tuple[int, torch.Tensor]] = []
         self._val_losses: list[torch.Tensor] = []  # this validation epoch's batch losses, for val/ppl
         rank_zero_info(
             f"LVM {size}: {self.cfg.num_params():,} parameters, "
@@ -232,23 +232,10 @@ class LVMModule(L.LightningModule):
         tokens = batch["input_ids"]
         self.flops_per_batch = self.cfg.flops_per_token(tokens.shape[1]) * tokens.numel()
         loss = self._loss(batch)
-        # Decided across ranks, so that every rank stops, or every rank drops the step, together.
-        flag = torch.tensor(float(not torch.isfinite(loss).item()), device=loss.device)
-        if (bad := int(self.trainer.strategy.reduce(flag, reduce_op="sum").item())) > 0:
-            if self.hparams.on_nonfinite_loss == "stop":
-                world = self.trainer.world_size
-                what = loss.item() if world == 1 else f"non-finite on {bad} of {world} ranks (this rank: {loss.item()})"
-                raise NonFiniteLossError(
-                    f"loss is {what} at step {self.global_step} (batch {batch_idx} of epoch {self.current_epoch}); "
-                    "lower model.lr, or set model.on_nonfinite_loss=skip to drop such batches"
-                )
-            # The loss still goes to backward: Lightning refuses a skipped training_step with several ranks, and
-            # DDP/FSDP2 need the same collectives on every rank. configure_gradient_clipping drops the update.
-            self._drop_step = True
-            self.skipped_batches += 1
-            self.log("train/skipped_batches", float(self.skipped_batches))
-        # The loss of the whole micro-batch (mean over ranks, equal shares), not only rank 0's share of it.
-        self._step_losses.append(self.trainer.strategy.reduce(loss.detach(), reduce_op="mean"))
+        # Checked once per optimizer step (on_before_optimizer_step): a check here would stall the GPU on every
+        # micro-batch. A non-finite loss still goes to backward, as Lightning refuses a skipped training_step with
+        # several ranks and DDP/FSDP2 need the same collectives on every rank; its step makes no update.
+        self._step_losses.append((batch_idx, loss.detach()))
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -289,13 +276,36 @@ class LVMModule(L.LightningModule):
         )
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Log the loss of the optimizer step that is about to be taken: the mean over its micro-batches (equal
-        token counts), each already the mean over ranks. Logged per micro-batch, Lightning would keep only the last
-        one's, a quarter of the step's tokens under accumulation 4."""
-        loss = torch.stack(self._step_losses).mean()
+        """Log the loss of the optimizer step about to be taken, and stop or drop the step if a loss was not finite.
+
+        The loss is the mean over the step's micro-batches and the ranks (equal token counts); logged per
+        micro-batch, Lightning would keep only the last one's. One collective and one host sync per step decide, on
+        every rank together, whether any rank's loss was not finite; configure_gradient_clipping (next) then drops
+        the update under `skip`.
+        """
+        batches, losses = zip(*self._step_losses)
         self._step_losses = []
+        local = torch.stack(losses)
+        finite = torch.isfinite(local)
+        totals = torch.stack([local.sum(), (~finite).any().to(local.dtype)])
+        totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+        loss = totals[0] / (len(losses) * self.trainer.world_size)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", loss.exp())
+        if (bad := int(totals[1].item())) == 0:
+            return
+        if self.hparams.on_nonfinite_loss == "stop":
+            first = int((~finite).nonzero()[0]) if not finite.all() else 0
+            here, batch = local[first].item(), batches[first]
+            world = self.trainer.world_size
+            what = here if world == 1 else f"non-finite on {bad} of {world} ranks (this rank: {here})"
+            raise NonFiniteLossError(
+                f"loss is {what} at step {self.global_step} (batch {batch} of epoch {self.current_epoch}); "
+                "lower model.lr, or set model.on_nonfinite_loss=skip to drop such batches"
+            )
+        self._drop_step = True
+        self.skipped_batches += 1
+        self.log("train/skipped_batches", float(self.skipped_batches))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm (`trainer.gradient_clip_val`) and log that norm every step.

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import traceback
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -1057,3 +1058,32 @@ def test_fsdp2_trains_on_one_gpu_in_bf16(shards):
     weights = list(module.model.parameters())
     assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in weights)  # fp32 master shards
     assert all(torch.isfinite(p.full_tensor()).all() for p in weights)
+
+
+class NaNAtBatch4(LVMModule):
+    def _loss(self, batch):
+        loss = super()._loss(batch)
+        return loss * float("nan") if self.trainer.fit_loop.epoch_loop.batch_idx == 4 else loss
+
+
+def test_a_nonfinite_loss_is_checked_once_per_optimizer_step_in_any_of_its_micro_batches(shards, monkeypatch):
+    """Checked per micro-batch, every micro-batch made two collectives and stalled the GPU on the host; one per step
+    must still catch a NaN in the first micro-batch of an accumulated step and name that batch."""
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    trainer = quick_trainer(max_steps=6, accumulate_grad_batches=3)
+    calls = []
+    reduce = trainer.strategy.reduce
+    ours = lambda: any(frame.filename.endswith("lvm/train.py") for frame in traceback.extract_stack())  # noqa: E731
+    monkeypatch.setattr(trainer.strategy, "reduce", lambda *a, **k: calls.append(ours()) or reduce(*a, **k))
+    trainer.fit(LVMModule(overrides=MINI, warmup_steps=1), dm)
+    assert calls.count(True) == 6  # the module's: one per optimizer step, none per micro-batch
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 2 \(batch 4 of epoch 0\)"):
+        quick_trainer(max_steps=6, accumulate_grad_batches=2).fit(NaNAtBatch4(overrides=MINI, warmup_steps=1), dm)
+    dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
+    module, snapshots = NaNAtBatch4(overrides=MINI, warmup_steps=1, on_nonfinite_loss="skip"), Snapshots()
+    quick_trainer(max_steps=4, accumulate_grad_batches=2, callbacks=[snapshots]).fit(module, dm)
+    assert module.skipped_batches == 1
+    # batches 4 and 5 make step 2 (global_step 2 -> 3): no update; the steps around it moved the weights
+    assert all(torch.equal(a, b) for a, b in zip(snapshots.after[2], snapshots.after[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(snapshots.after[3], snapshots.after[4]))
