@@ -46,17 +46,30 @@ def tmp_path(path: str | Path) -> Path:
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "wb", durable: bool = True) -> Iterator[IO]:
     """A file opened on `<path>.tmp` that becomes `path` only when the block completes.
 
     On completion the data is flushed and fsynced, the file renamed over `path`, and the directory
     fsynced, so the rename itself survives a power cut. If the block raises, `path` is untouched and the
-    `.tmp` file stays for the next run to overwrite.
+    `.tmp` file stays for the next run to overwrite. `durable=False` only renames: for one of many files
+    that a later completion marker covers, made durable together by `sync_files` before the marker is
+    written (per file, the two fsyncs cost ~5 ms; ~0.6 ms in one pass at the end).
     """
     path = Path(path)
     with open(tmp_path(path), mode) as file:
         yield file
-    commit_file(path)
+    if durable:
+        commit_file(path)
+    else:
+        os.replace(tmp_path(path), path)
+
+
+def _fsync(path: str | Path) -> None:
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def commit_file(path: str | Path) -> None:
@@ -64,18 +77,17 @@ def commit_file(path: str | Path) -> None:
     `atomic_write` ends with it; a writer that cannot stream through a file object (a memory-mapped array)
     fills `tmp_path(path)` itself and calls it."""
     path = Path(path)
-    tmp = tmp_path(path)
-    file = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(file)
-    finally:
-        os.close(file)
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    _fsync(tmp_path(path))
+    os.replace(tmp_path(path), path)
+    _fsync(path.parent)
+
+
+def sync_files(paths: Sequence[str | Path]) -> None:
+    """Make files written with `atomic_write(durable=False)` durable: fsync each, then each folder once."""
+    for path in paths:
+        _fsync(path)
+    for folder in dict.fromkeys(Path(path).parent for path in paths):
+        _fsync(folder)
 
 
 TAR_END = 2 * 512  # every complete tar archive ends with two zero blocks

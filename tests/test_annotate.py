@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -712,3 +713,23 @@ def test_max_shards_stops_after_that_many_units(photos, tmp_path, capsys):
     assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2", "--max-shards", "1") == 0
     assert "in 1 units (0 already complete)" in capsys.readouterr().out
     assert [p.name for p in (out / "edges").glob("*.report.json")] == ["photos-img-000000.report.json"]
+
+
+def test_a_folder_units_maps_are_synced_in_one_pass_before_its_report(photos, tmp_path, monkeypatch):
+    """Each map fsynced with its folder on its own took ~5 ms; the report marks the unit complete, so the maps must
+    be durable before it is written."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda src, dst: events.append(("rename", Path(dst).name)) or replace(src, dst))
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0
+    maps = sorted((out / "edges").rglob("*.png"))
+    report = out / "edges" / "photos-img-000000.report.json"
+    folders = {p.parent.stat().st_ino for p in maps}
+    n = len(maps)
+    assert sorted(events[:n]) == sorted(("rename", p.name) for p in maps)  # written with no fsync each
+    assert sorted(events[n : 2 * n]) == sorted(("fsync", p.stat().st_ino) for p in maps)  # then synced in one pass
+    assert sorted(events[2 * n : 2 * n + len(folders)]) == sorted(("fsync", ino) for ino in folders)
+    assert events[2 * n + len(folders) :] == [("fsync", report.stat().st_ino), ("rename", report.name),
+                                              ("fsync", report.parent.stat().st_ino)]  # then the report
