@@ -258,35 +258,56 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
     except (av.FFmpegError, IndexError, OSError) as error:
         yield Skip(path, "unreadable_video", _detail(error))
         return
-    # Decoded packet by packet, so that one damaged packet costs its frame, not the rest of the video. `index`
-    # counts decoded frames and undecodable packets alike, so the frames after a damaged one keep their numbers.
-    index, damaged, last = 0, [], None  # damaged: (frame index, error) of each packet that failed; last: frame time
+    # Decoded packet by packet, so that one damaged packet costs its frame, not the rest of the video. Frames are
+    # numbered by their presentation time, round((time - start) * fps) from the first frame's: after a damaged
+    # packet a B-frame decoder flushes its delayed frames late and out of order, and counting them would renumber
+    # them (the sentence builders order frames by number). A number given twice (a concealed frame) keeps its
+    # first frame; in a faster stretch of variable-rate video, where two frames round to one number, the later
+    # gets the next. Without a time, frames are counted; either way each damaged packet counts as one frame, so the
+    # frames after it keep their numbers. (The stream's start time is no anchor: AVI starts B-frame video a frame late.)
+    fps = float(stream.average_rate) if stream.average_rate else None
+    start = None  # the time of frame 0
+    damaged, last = [], None  # damaged: (frame number, error) of each packet that failed; last: latest frame time
+    numbers: set[int] = set()  # of the frames kept so far
+    highest = -1  # of them
+    upcoming = 0  # the number of the next frame without a time: one past the highest so far or damaged packet
     with container:
-        fps = float(stream.average_rate) if stream.average_rate else None
         try:
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
                 except (av.FFmpegError, OSError) as error:
-                    damaged.append((index, _detail(error)))
-                    index += 1
+                    damaged.append((upcoming, _detail(error)))
+                    upcoming += 1
                     continue
                 for frame in frames:
-                    if index % stride == 0:
-                        yield _video_frame(frame, path, key, video, index, fps)
-                    last = frame.time if frame.time is not None else last
-                    index += 1
+                    if start is None and frame.time is not None and fps:
+                        start = frame.time - upcoming / fps
+                    if frame.time is not None and start is not None:
+                        number = round((frame.time - start) * fps)
+                        if last is not None and frame.time > last and number <= highest:
+                            number = highest + 1  # later than every frame so far, so numbered after them
+                    else:
+                        number = upcoming
+                    if number in numbers or number < 0:  # a frame decoded twice (concealment), or before frame 0
+                        continue
+                    numbers.add(number)
+                    highest = max(highest, number)
+                    upcoming = max(upcoming, number + 1)
+                    if number % stride == 0:
+                        yield _video_frame(frame, path, key, video, number, fps)
+                    last = frame.time if last is None or (frame.time is not None and frame.time > last) else last
         except (av.FFmpegError, OSError) as error:  # the container itself is damaged: nothing after it can be read
-            damaged.append((index, _detail(error)))
+            damaged.append((upcoming, _detail(error)))
         short = _cut_short(container, stream, last, fps)
-    if damaged:
+    if not numbers:
+        yield Skip(path, "unreadable_video", "no video frames" + (f" (first error: {damaged[0][1]})" if damaged else ""))
+    elif damaged:
         (first, problem), count = damaged[0], len(damaged)
         detail = f"{count} undecodable packet(s), first: {problem}" + (f"; {short}" if short else "")
         yield Skip(f"{path}#frame={first}", "corrupt_video", detail)
     elif short:
-        yield Skip(f"{path}#frame={index}", "corrupt_video", short)
-    if index == 0:
-        yield Skip(path, "unreadable_video", "no video frames")
+        yield Skip(f"{path}#frame={upcoming}", "corrupt_video", short)
 
 
 def _duration(container: av.container.InputContainer, stream: av.VideoStream) -> tuple[float, float] | None:
