@@ -15,11 +15,13 @@ Reads sentence shards (docs/FORMATS.md) and reports, as the release does:
 - for pairs sentences (pairs, colorization, inpainting: [x1, y1, ..., xn, yn]), the
   answer's perplexity against 0..7 example pairs before the query, the paper's
   measure of in-context analogy (table + PNG plot per kind);
-- baselines: the unigram perplexity of the evaluation tokens and, with a tokenizer,
+- baselines: the unigram perplexity of each kind's targets under code frequencies counted on
+  that kind's sentences (a context-free model fitted on the evaluation set: optimistic) and, with a tokenizer,
   the pixel MSE of copying the last context frame, beside the model's own greedy
   next-frame MSE/PSNR (both against the tokenizer's decoding of the true tokens).
 The functions are importable (`read_sentences`, `target_nlls`, `target_token_nlls`, `perplexity_by_kind`,
-`perplexity_vs_context`, `context_gain_by_token`, `perplexity_vs_pairs`, `unigram_perplexity`, `pixel_metrics`).
+`perplexity_vs_context`, `context_gain_by_token`, `perplexity_vs_pairs`, `unigram_perplexity`, `unigram_by_kind`,
+`pixel_metrics`).
 """
 
 from __future__ import annotations
@@ -71,15 +73,16 @@ class Sentence:
 
 
 def read_sentences(
-    shards: list[str | Path], tokens_per_image: int, limit: int | None = None
+    shards: list[str | Path], tokens_per_image: int, limit: int | None = None, codebook_size: int = CODEBOOK_SIZE
 ) -> tuple[list[Sentence], Counter]:
     """Sentences with at least two images from sentence shards (read with `sentences.formats`), and a count
-    of skipped items by reason."""
+    of skipped items by reason; a sentence holding a code the tokenizer's `codebook_size` codes cannot give
+    (tokenized with another tokenizer) is skipped."""
     skipped: Counter = Counter()
     sentences = []
     for shard in shards:
         for key, tokens, info in formats.read_sentences(str(shard), skipped):
-            sentence = _parse(key, tokens, info, tokens_per_image, skipped)
+            sentence = _parse(key, tokens, info, tokens_per_image, codebook_size, skipped)
             if sentence is not None:
                 sentences.append(sentence)
                 if len(sentences) == limit:
@@ -87,7 +90,7 @@ def read_sentences(
     return sentences, skipped
 
 
-def _parse(key: str, tokens: np.ndarray, info: bytes | None, T: int, skipped: Counter) -> Sentence | None:
+def _parse(key: str, tokens: np.ndarray, info: bytes | None, T: int, codebook_size: int, skipped: Counter) -> Sentence | None:
     """A sentence of whole images, [BOS, k x T codes, EOS] with k >= 2, and its kind (from its json)."""
     if info is None:
         skipped["missing tokens.npy or json"] += 1
@@ -101,8 +104,8 @@ def _parse(key: str, tokens: np.ndarray, info: bytes | None, T: int, skipped: Co
         skipped[f"not [BOS, k x {T} tokens, EOS]"] += 1
         return None
     images = torch.from_numpy(tokens[1:-1].astype(np.int64)).view(-1, T)
-    if len(images) < 2 or images.max() >= CODEBOOK_SIZE:
-        skipped["fewer than 2 images" if len(images) < 2 else "id outside the codebook"] += 1
+    if len(images) < 2 or images.max() >= codebook_size:
+        skipped["fewer than 2 images" if len(images) < 2 else f"codes past the tokenizer's {codebook_size}"] += 1
         return None
     return Sentence(key, kind, images)
 
@@ -235,14 +238,22 @@ def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int =
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int) -> dict:
-    """Perplexity of each last image under code frequencies counted over all evaluation images (add-one
+    """Perplexity of each last image under code frequencies counted over all images of these sentences (add-one
     smoothed over the tokenizer's `codebook_size` codes, the ones that can occur): the score of a model that
-    ignores context, fitted on the evaluation set itself (optimistic)."""
+    ignores context, fitted on the evaluation sentences themselves (optimistic)."""
     counts = torch.ones(codebook_size, dtype=torch.float64)
     for s in sentences:
         counts += torch.bincount(s.images.flatten(), minlength=codebook_size).double()
     logp = (counts / counts.sum()).log()
     return metrics.perplexities(torch.stack([-logp[s.images[-1]].mean() for s in sentences]))
+
+
+def unigram_by_kind(sentences: list[Sentence], codebook_size: int) -> dict:
+    """{"all": summary, kind: summary, ...}: `unigram_perplexity` fitted on each kind's sentences alone, the baseline
+    of that kind's figures (video codes and analogy answers follow different frequencies)."""
+    kinds = sorted({s.kind for s in sentences})
+    return {"all": unigram_perplexity(sentences, codebook_size),
+            **{kind: unigram_perplexity([s for s in sentences if s.kind == kind], codebook_size) for kind in kinds}}
 
 
 @torch.inference_mode()
@@ -292,16 +303,22 @@ def plot_curve(curve: dict[int, dict], unigram: float, path: Path, xlabel: str, 
 
 
 def markdown(report: dict) -> str:
-    def row(name: str, s: dict) -> str:
-        return f"| {name} | {s['count']} | {s['mean_perplexity']:.2f} | {s['perplexity_of_mean_nll']:.2f} |"
+    def row(name: str, s: dict, *extra: str) -> str:
+        return f"| {name} | {s['count']} | {s['mean_perplexity']:.2f} | {s['perplexity_of_mean_nll']:.2f} |" + \
+            "".join(f" {x} |" for x in extra)
 
     head = "| {} | sentences | mean per-example perplexity | exp(mean NLL) |\n| --- | ---: | ---: | ---: |"
+    unigram = report["unigram"]
     lines = [f"# Evaluation of {report['model']}", "",
              f"{report['sentences']} sentences, {report['tokens_per_image']} tokens per image; "
              f"skipped: {report['skipped'] or 'none'}", "",
-             "## Perplexity of the last image given the images before it", "", head.format("kind")]
-    lines += [row(k, s) for k, s in report["perplexity"].items()]
-    lines.append(row("unigram baseline", report["unigram"]))
+             "## Perplexity of the last image given the images before it", "",
+             "| kind | sentences | mean per-example perplexity | exp(mean NLL) | unigram baseline (mean per-example) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [row(k, s, f"{unigram[k]['mean_perplexity']:.2f}") for k, s in report["perplexity"].items()]
+    lines += ["", "Unigram baseline: each kind's last images under code frequencies counted on all images of that kind's "
+              "sentences (add-one smoothed over the tokenizer's codes): a model that ignores context, fitted on the "
+              "evaluation set itself, so optimistic."]
     if report["vs_context"]:
         lines += ["", "## Video: last-frame perplexity against context frames", "", head.format("context frames")]
         lines += [row(str(k), s) for k, s in report["vs_context"].items()]
@@ -320,6 +337,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"## {kind}: answer perplexity against example pairs before the query", "",
                   head.format("example pairs")]
         lines += [row(str(n), s) for n, s in curve.items()]
+        if report.get("vs_pairs_left_out", {}).get(kind):
+            lines += ["", f"{report['vs_pairs_left_out'][kind]} {kind} sentences of odd length (not [x1, y1, ..., xn, "
+                      "yn]) are left out of this table."]
     if report.get("pixels"):
         p = report["pixels"]
         lines += ["", f"## Last-image pixels (greedy, the first {p['count']} sentences of any kind, vs decoded true "
@@ -366,11 +386,13 @@ def run(args: argparse.Namespace) -> dict:
     T = tok.tokens_per_image if tok else args.tokens_per_image or trained_layout(model)[0]
     if context_frames(model, T) < 1:
         raise EvaluationError(spec or "--tokens-per-image", too_small_for_one_frame(model, T))
-    sentences, skipped = read_sentences(shards, T, args.max_sentences)
+    codebook_size = tok.codebook_size if tok else trained_layout(model)[1]
+    sentences, skipped = read_sentences(shards, T, args.max_sentences, codebook_size)
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
     video = [s for s in sentences if s.kind == "video"]
     pairs = {kind: [s for s in sentences if s.kind == kind and len(s.images) % 2 == 0] for kind in PAIR_KINDS}
+    odd = {kind: n for kind in PAIR_KINDS if (n := sum(s.kind == kind and len(s.images) % 2 == 1 for s in sentences))}
     video_nlls: dict[int, torch.Tensor] = {}  # scored once per context length, read by two figures
     report = {
         "model": str(args.model),
@@ -378,24 +400,25 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_image": T,
         "skipped": dict(skipped),
         "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
-        "unigram": unigram_perplexity(sentences, tok.codebook_size if tok else trained_layout(model)[1]),
+        "unigram": unigram_by_kind(sentences, codebook_size),
         "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True, token_nlls=video_nlls),
         "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size, token_nlls=video_nlls)
         if video else None,
         "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True)
                      for kind, found in pairs.items() if found},
+        "vs_pairs_left_out": odd,  # pairs sentences of odd length: no [x1, y1, ..., xn, yn] to cut
     }
     if tok and args.pixel_sentences:
         report["pixels"] = pixel_metrics(model, tok, sentences[: args.pixel_sentences], args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "report.md").write_text(markdown(report))
-    unigram, name = report["unigram"]["mean_perplexity"], Path(args.model).name
+    unigram, name = report["unigram"], Path(args.model).name
     if report["vs_context"]:
-        plot_curve(report["vs_context"], unigram, args.out / "perplexity_vs_context.png",
+        plot_curve(report["vs_context"], unigram["video"]["mean_perplexity"], args.out / "perplexity_vs_context.png",
                    "context frames", f"{name}: video, last frame")
     for kind, curve in report["vs_pairs"].items():
-        plot_curve(curve, unigram, args.out / f"perplexity_vs_pairs_{kind}.png",
+        plot_curve(curve, unigram[kind]["mean_perplexity"], args.out / f"perplexity_vs_pairs_{kind}.png",
                    "example pairs before the query", f"{name}: {kind}, answer image")
     return report
 
@@ -407,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown(report))
     all_ = report["perplexity"]["all"]
     print(f"evaluated {all_['count']} sentences: perplexity {all_['mean_perplexity']:.2f} "
-          f"(unigram {report['unigram']['mean_perplexity']:.2f}); wrote {args.out}")
+          f"(unigram {report['unigram']['all']['mean_perplexity']:.2f}); wrote {args.out}")
 
 
 if __name__ == "__main__":

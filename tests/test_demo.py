@@ -116,8 +116,10 @@ def test_report_states_verdicts_as_they_come_out():
         "tokenizer": {"psnr": 20.0, "ssim": 0.5, "codebook_usage": 0.1, "codebook_size": 1000},
         "loss": {"first": 9.0, "last": 4.0, "steps": 600},
         "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
-        "vs_pairs": {"colorization": {0: 50.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0}, "pairs": {0: 20.0, 7: 10.0}},
-        "unigram": 800.0,
+        "vs_pairs": {"colorization": {0: 50.0, 1: 39.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0},
+                     "pairs": {0: 20.0, 1: 15.0, 7: 10.0}},
+        "unigram": {"all": 300.0, "video": 800.0, "colorization": 60.0},
+        "sentences": {"all": 90, "video": 18, "colorization": 24, "inpainting": 24, "pairs": 24},
         "context_gain": {"stay_fraction": 0.85, "nll": {"1": {"stay": 0.44, "change": 3.9, "all": 0.96},
                                                         "8": {"stay": 0.32, "change": 3.57, "all": 0.81}}},
         "video": [{"clip": "bikes", "places": 5, "mse_prediction": 0.02, "mse_copy_last": 0.01, "mse_copy_last_tokens": 0.03,
@@ -129,18 +131,22 @@ def test_report_states_verdicts_as_they_come_out():
     }
     text = report.markdown(figures)
     assert "produced by `make demo` (seed 0)" in text and "4 of 6 pass." in text
-    assert "| video: perplexity with 8 context frames <= 0.85x that with 1 | 380.0 vs 400.0 (0.950x) | **no** |" in text
-    assert "| video: perplexity with 8 context frames <= 0.5x that with 0 | 380.0 vs 1000.0 (0.380x) | yes |" in text
+    assert "| video: perplexity with 8 context frames <= 0.85x that with 1 | 380.00 vs 400.00 (0.950x) | **no** |" in text
+    assert "| video: perplexity with 8 context frames <= 0.5x that with 0 | 380.00 vs 1000.00 (0.380x) | yes |" in text
     # a tie is the copy itself: it passes, as the criterion says "at least as close", and is shown as a tie
     assert "copying the last frame's tokens on 2+ clips | 2 of 2 clips (1 closer, 1 equal: the copy itself) | yes |" in text
-    assert "| colorization: answer perplexity falls from 0 to 7 example pairs | 50.0 -> 40.0 (0.80x) | yes |" in text
-    assert "| inpainting: answer perplexity falls from 0 to 7 example pairs | 30.0 -> 31.0 (1.03x) | **no** |" in text
-    assert "| edges (pairs): answer perplexity falls from 0 to 7 example pairs | 20.0 -> 10.0 (0.50x) | yes |" in text
-    assert "| colorization | 50.0 | 40.0 |" in text and "| edges (pairs) | 20.0 | 10.0 |" in text
+    assert "| colorization: answer perplexity falls from 0 to 7 example pairs | 50.00 -> 40.00 (0.800x) | yes |" in text
+    assert "| inpainting: answer perplexity falls from 0 to 7 example pairs | 30.00 -> 31.00 (1.033x) | **no** |" in text
+    assert "| edges (pairs): answer perplexity falls from 0 to 7 example pairs | 20.00 -> 10.00 (0.500x) | yes |" in text
+    assert "| colorization | 50.00 | 39.00 | 40.00 |" in text and "| edges (pairs) | 20.00 | 15.00 | 10.00 |" in text
+    # the criterion compares 0 with 7 pairs; where the first pair alone gives the lowest point, the report says so
+    assert "Analogies: for colorization the answer perplexity is lowest after one example pair" in text
+    assert "Last frame of 18 held-out video sentences" in text and "colorization 24, inpainting 24, edges (pairs) 24 sentences" in text
     assert "| **total** | **3** |" in text
     assert "codebook usage 10.0% (~100 of 1000 codes)" in text
-    assert "Falls from 1 to 8 context frames: yes (400.0 -> 380.0)" in text
-    assert "Below the unigram perplexity with 15 frames: **no**" in text
+    assert "Falls from 1 to 8" not in text  # the criterion's figures again, under a laxer threshold
+    assert "Below the unigram perplexity with 15 frames: **no**" in text  # the video unigram (800), not all kinds' (300)
+    assert "so optimistic): 800.0." in text
     assert "from 1 to 8 frames: the 85% of tokens that keep the\n  previous frame's code 0.44 -> 0.32" in text
     assert "the 15% that change 3.90 -> 3.57 (predicting what moves)" in text
     assert "| bikes | 5 | 0.0200 | 0.0100 | 0.0300 | 0.0100 | 50% / 25% | **no** / yes |" in text  # closer than tokens
@@ -154,7 +160,18 @@ def test_ratio_criteria_need_finite_figures():
     rows = report.criteria(figures)
     assert [passed for _, _, passed in rows[:2]] == [False, False]
     figures["vs_context"] = {0: 100.0, 1: 10.0, 8: 8.506}  # 0.8506x fails: not printed as "0.85x" beside the fail
-    assert rows[0][0].endswith("<= 0.85x that with 1") and report.criteria(figures)[0][1:] == ("8.5 vs 10.0 (0.851x)", False)
+    assert rows[0][0].endswith("<= 0.85x that with 1") and report.criteria(figures)[0][1:] == ("8.51 vs 10.00 (0.851x)", False)
+    # analogy ratios likewise: 47.13 -> 47.05 passes and 10.00 -> 10.04 fails, both "1.00x" with two decimals (review 46 #2)
+    figures["vs_pairs"] = {"colorization": {0: 47.13, 7: 47.05}, "inpainting": {0: 10.0, 7: 10.04}}
+    assert [row[1:] for row in report.criteria(figures)[3:5]] == [("47.13 -> 47.05 (0.998x)", True),
+                                                                 ("10.00 -> 10.04 (1.004x)", False)]
+
+
+def test_criteria_without_enough_held_out_video_fail_saying_so():
+    """An empty curve raised ValueError; frames of 2 compared 1 frame with itself (review 46 #8)."""
+    for curve in ({}, {0: 50.0, 1: 10.0}):
+        rows = report.criteria({"vs_context": curve, "vs_pairs": {}, "video": []})
+        assert rows[0][1:] == ("not measured: no held-out video sentences of 3 or more frames", False)
 
 
 def test_demo_takes_only_a_seed(capsys):

@@ -214,7 +214,13 @@ def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir,
     assert list(report["vs_pairs"]["pairs"]) == ["0", "1"]  # 2 pairs per sentence: 0 or 1 example before the query
     assert "## pairs: answer perplexity against example pairs before the query" in (out / "report.md").read_text()
     assert Image.open(out / "perplexity_vs_pairs_pairs.png").format == "PNG"
-    assert "| unigram baseline | 5 |" in (out / "report.md").read_text()
+    found, _ = read_sentences(sorted(shards.glob("*.tar")), T)
+    for kind, members in (("all", found), ("video", found[:3]), ("pairs", found[3:])):  # each kind its own baseline
+        assert kind == "all" or [s.kind for s in members] == [kind] * len(members)
+        assert report["unigram"][kind] == pytest.approx(unigram_perplexity(members, CODEBOOK_SIZE)), kind
+    text = (out / "report.md").read_text()
+    video = next(line for line in text.splitlines() if line.startswith("| video | 3 |"))
+    assert video.endswith(f" | {report['unigram']['video']['mean_perplexity']:.2f} |")
     assert list(report["context_gain"]["nll"]) == ["1", "2", "6"]  # 8 frames asked, 6 fit
     assert "## Video: which tokens the context helps" in (out / "report.md").read_text()
     assert "| copy the image before (video: the last frame; pairs: the query) |" in printed and "evaluated 5 sentences: perplexity" in printed
@@ -287,13 +293,27 @@ def test_a_context_that_holds_no_frame_is_refused(tmp_path, shards, model, capsy
         target_nlls(model, [Sentence("s", "video", torch.zeros(3, 57, dtype=torch.long))])
 
 
-def test_cli_smooths_the_unigram_over_the_models_codebook(tmp_path, shards, model, monkeypatch):
+def test_cli_smooths_the_unigram_over_the_models_codebook_and_skips_codes_past_it(tmp_path, model, monkeypatch):
+    """A sentence with a code the model's 1000-code tokenizer cannot give (tokenized with another) crashed the unigram
+    after all the scoring (review 46 #5); it is skipped and counted like other unusable sentences."""
+    g = torch.Generator().manual_seed(0)
+    with wds.TarWriter(str(tmp_path / "sentences-000000.tar")) as tar:
+        for i in range(3):
+            tokens = sentence(4, g)
+            tokens[1:-1] %= 1000
+            tar.write({"__key__": f"v{i}", "tokens.npy": tokens, "json": {"kind": "video"}})
+        tar.write({"__key__": "other", "tokens.npy": sentence(4, g), "json": {"kind": "video"}})  # codes up to 8191
+        odd = sentence(3, g)
+        odd[1:-1] %= 1000
+        tar.write({"__key__": "odd", "tokens.npy": odd, "json": {"kind": "colorization"}})  # no [x1, y1, ...] to cut
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                 "lvm_config": model.cfg.to_dict(), "tokenizer": {"name": "fsq", "tokens_per_image": T, "codebook_size": 1000}},
                tmp_path / "m.ckpt")
     seen = []
     real = unigram_perplexity
     monkeypatch.setattr("lvm.evaluate.unigram_perplexity",
-                        lambda found, codebook: seen.append(codebook) or real(found, CODEBOOK_SIZE))
-    run(parse_args(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--out", str(tmp_path / "eval")]))
-    assert seen == [1000]
+                        lambda found, codebook: seen.append(codebook) or real(found, codebook))
+    report = run(parse_args(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(tmp_path), "--out", str(tmp_path / "eval")]))
+    assert seen == [1000, 1000, 1000]  # all, colorization, video
+    assert report["sentences"] == 4 and report["skipped"] == {"codes past the tokenizer's 1000": 1}
+    assert report["vs_pairs"] == {} and report["vs_pairs_left_out"] == {"colorization": 1}

@@ -20,6 +20,7 @@ import yaml
 
 from common.options import HelpFormatter, at_least
 from lvm.demo import report
+from lvm.demo.data import analogy_files
 
 OUT = Path("demo_out")
 CONFIGS = resources.files("lvm.demo") / "configs"  # package data, so installed copies find them too
@@ -94,16 +95,10 @@ def commands(seed: int) -> list[tuple[str, list[str]]]:
                                "--frames", str(prompts / "video" / "bikes" / "context"),
                                "--ground-truth", str(prompts / "video" / "bikes" / "truth"), "--num-frames", "4", "--out", str(rep / "video_bikes.png")]),
         ("prompt-inpainting", py + ["-m", "lvm.prompt", "--model", str(LVM), "--tokenizer", str(TOKENIZER), "--greedy",
-                                    "--pairs", *analogy_files(prompts / "inpainting" / "chelsea"),
+                                    "--pairs", *map(str, analogy_files(prompts / "inpainting" / "chelsea")),
                                     "--ground-truth", str(prompts / "inpainting" / "chelsea" / "truth.png"), "--out", str(rep / "inpainting_chelsea.png")]),
     ]
     return steps
-
-
-def analogy_files(folder: Path) -> list[str]:
-    """[x1, y1, ..., x7, y7, query] as written by lvm.demo.data (file names known in advance)."""
-    pairs = [str(folder / f"{i:02d}_{side}.png") for i in range(7) for side in ("a", "b")]
-    return pairs + [str(folder / "query.png")]
 
 
 def run_step(name: str, argv: list[str], logs: Path) -> float:

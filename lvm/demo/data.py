@@ -69,6 +69,11 @@ ANALOGY_EXAMPLES = 7  # [x1, y1, ..., x7, y7, query] fills a 16-image sentence w
 MASK_SEED = 0  # the seed `python -m lvm.tokenize --derive masked` uses by default
 
 
+def analogy_files(folder: Path) -> list[Path]:
+    """[x1, y1, ..., x7, y7, query] of one analogy prompt folder, as `prompts` writes them."""
+    return [folder / f"{i:02d}_{side}.png" for i in range(ANALOGY_EXAMPLES) for side in ("a", "b")] + [folder / "query.png"]
+
+
 def random_crops(image: Image.Image, count: int, rng: random.Random, size: int = 160) -> list[Image.Image]:
     """Square crops of 30%..100% of the short side, resized to `size`: more views of few photos."""
     w, h = image.size
