@@ -948,3 +948,28 @@ def test_video_frames_are_numbered_by_their_time_when_a_cut_or_variable_rate_mak
     pictures = list(read_video(str(tmp_path / "vfr.mkv"), "vfr.mkv", 1, "d"))
     numbers = [p.meta["frame"] for p in pictures]
     assert [_index_shown(p) for p in pictures] == list(range(len(times))) and numbers == sorted(set(numbers))
+
+
+def test_names_that_are_not_utf8_and_broken_captions_are_tokenized_not_fatal(tmp_path, tiny_tokenizer_dir):
+    """A latin-1 file name (on disk or in a tar) or a caption cut inside an emoji stopped the whole job with a
+    UnicodeEncodeError, again on every rerun (review 45 #1)."""
+    latin = os.fsdecode(b"caf\xe9")  # how Python names the file: a surrogate escape for the byte 0xe9
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / f"{latin}.png").write_bytes(_png(np.full((8, 8, 3), 90, np.uint8)))
+    (tmp_path / "photos" / "ok.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (tmp_path / "laion").mkdir()
+    with tarfile.open(tmp_path / "laion" / "00000.tar", "w") as tar:
+        for name, data in ((f"{latin}.png", _png(np.full((8, 8, 3), 90, np.uint8))),
+                           ("k1.png", _png(np.zeros((8, 8, 3), np.uint8))),
+                           ("k1.json", b'{"caption": "cut \\ud83d"}')):  # a lone surrogate escape, valid JSON
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "photos", tmp_path / "laion") == 0
+    photos, laion = _samples(out / "photos-img-000000.tar"), _samples(out / "00000.tar")
+    assert sorted(photos) == sorted([latin, "ok"]) and sorted(laion) == sorted([latin, "k1"])
+    assert json.loads(photos[latin]["json"])["source"] == str(tmp_path / "photos" / f"{latin}.png")  # the same name
+    assert json.loads(laion["k1"]["json"])["caption"] == "cut \ud83d"
+    assert json.loads(photos["ok"]["json"])["source"].endswith("ok.png")
+    assert _run(tiny_tokenizer_dir, out, tmp_path / "photos", tmp_path / "laion") == 0  # the rerun finds them complete

@@ -128,6 +128,16 @@ class Batch:
         return self
 
 
+def meta_bytes(meta: dict) -> bytes:
+    """A sample's json as UTF-8, its text as is; a string UTF-8 cannot hold (a file name that is not UTF-8, read
+    with Python's surrogate escapes, or a caption cut inside an emoji) is written as JSON `\\u` escapes, which
+    read back to the same string."""
+    try:
+        return json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
 class UnitBatches(IterableDataset):
     """Batches of preprocessed images (and derived variants), unit after unit, split over workers."""
 
@@ -151,8 +161,7 @@ class UnitBatches(IterableDataset):
                 images.append(apply_mask(picture.pixels, meta["mask"], self.resize.mode_for(picture.video_file)))
         if self.options.label_palette:
             meta["label_palette"] = PALETTE_SEED
-        meta_json = json.dumps(meta, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
-        return picture.key, meta_json, [self.resize(image, picture.video_file) for image in images]
+        return picture.key, meta_bytes(meta), [self.resize(image, picture.video_file) for image in images]
 
     def _batch(self, index: int, rows: list, skips: list[Skip], last: bool) -> Batch:
         variants = 1 + len(self.options.derive)

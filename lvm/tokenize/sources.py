@@ -87,7 +87,7 @@ class Unit:
         folder or mount point still recognises its shards) with each file's size and mtime, so that a rerun
         redoes a shard whose inputs changed, a file replaced under its name included (a re-downloaded image)."""
         text = "\n".join([self.kind, *map(_digest_line, self.items)])
-        return hashlib.sha1(text.encode()).hexdigest()
+        return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes, UTF-8 or not
 
 
 def _joined(root: str, rel: str) -> str:
