@@ -474,6 +474,24 @@ def test_tar_members_not_adjacent_are_a_split_sample_not_a_missing_image(tmp_pat
         "e.g. tar --sort=name"
 
 
+def test_a_tar_with_its_captions_before_its_images_keeps_every_image_with_its_caption(tmp_path):
+    """`tar cf s.tar *.json *.jpg` lost every image: each key's json was a `no_image` at once, its image then a
+    `split_sample` (review 45 #3). A sample with no image at all is still `no_image`, at the end of the tar."""
+    members = [(f"{k}.{ext}", _jpeg(8, 8) if ext == "jpg" else b"cap " + k.encode())
+               for ext in ("txt", "jpg") for k in ("a", "b")] + [("c.txt", b"cap c")]
+    _write_tar(tmp_path / "s.tar", members)
+    assert _tar_entries(tmp_path / "s.tar") == [("a", "cap a"), ("b", "cap b"), ("c", "no_image")]
+
+
+def test_a_tar_key_with_a_dot_says_why_it_has_no_image(tmp_path):
+    """webdataset cuts a member name at its first dot: `photo.v2.jpg` is key `photo`, member `v2.jpg`."""
+    _write_tar(tmp_path / "s.tar", [("photo.v2.jpg", _jpeg(8, 8)), ("plain.jpg", _jpeg(8, 8))])
+    (unit,), _ = find_units([str(tmp_path / "s.tar")])
+    (skip,) = [s for _, skips, _ in read_batches(unit, DecodeOptions(), 8, str) for s in skips]
+    assert (skip.reason, skip.detail) == ("no_image", "members: v2.jpg (a member name with a dot: the key ends at "
+                                                      "the first dot, as in webdataset; name it photo_v2.jpg)")
+
+
 def test_a_second_image_member_of_a_tar_sample_is_a_duplicate_key(tmp_path):
     _write_tar(tmp_path / "s.tar", [("x.jpg", _jpeg(8, 8)), ("x.png", _png(np.zeros((8, 8, 3), np.uint8))),
                                     ("x.txt", b"cap")])

@@ -145,7 +145,10 @@ def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Iterator[Pictur
     key = sample["__key__"]
     exts = [e for e in _IMAGE_EXTS if e in sample]
     if not exts:
-        yield Skip(f"{path}:{key}", "no_image", "members: " + _members(sample))
+        dotted = [k for k in sample if not k.startswith("__") and k.rsplit(".", 1)[-1] in _IMAGE_EXTS]
+        why = f" (a member name with a dot: the key ends at the first dot, as in webdataset; name it {key}_" \
+              f"{dotted[0].replace('.', '_', dotted[0].count('.') - 1)})" if dotted else ""
+        yield Skip(f"{path}:{key}", "no_image", "members: " + _members(sample) + why)
         return
     try:
         source_json = json.loads(sample["json"]) if "json" in sample else {}
@@ -166,18 +169,26 @@ def _members(sample: dict) -> str:
     return ",".join(k for k in sample if not k.startswith("__"))
 
 
-def _split_or_sample(path: str, sample: dict, opts: DecodeOptions, had_image: dict[str, bool]) -> Iterator[Picture | Skip]:
-    """`_tar_sample`, unless the key was read before: webdataset groups only adjacent members, so a tar written
-    `tar cf s.tar *.jpg *.json` gives each key twice, and its json would be counted as a sample without image.
-    A key read again is a `split_sample` skip, unless both times have an image (a repeated key: `duplicate_key`)."""
+def _split_or_sample(
+    path: str, sample: dict, opts: DecodeOptions, seen: set[str], held: dict[str, dict]
+) -> Iterator[Picture | Skip]:
+    """`_tar_sample`, for samples whose members are not adjacent too: webdataset groups only adjacent members.
+
+    A sample without an image is held back until its key comes again with one (a tar written `tar cf s.tar
+    *.json *.jpg`: the jsons first), then merged with it; what is still held when the tar ends is `no_image`
+    (`held`, emitted by `read_tar`). Members of a key that come after its image (`*.jpg *.json`) are a
+    `split_sample` skip, and a key read twice with an image a `duplicate_key`. `seen`: the keys emitted so far.
+    """
     key = sample["__key__"]
-    has_image = any(e in sample for e in _IMAGE_EXTS)
-    if key in had_image and not (has_image and had_image[key]):
-        yield Skip(f"{path}:{key}", "split_sample", f"members of sample {key} are not adjacent in the tar "
-                   f"({_members(sample)} left out); write it in key order, e.g. tar --sort=name")
-    else:
-        yield from _tar_sample(path, sample, opts)
-    had_image[key] = had_image.get(key, False) or has_image
+    if not any(e in sample for e in _IMAGE_EXTS):
+        if key in seen:
+            yield Skip(f"{path}:{key}", "split_sample", f"members of sample {key} are not adjacent in the tar "
+                       f"({_members(sample)} left out); write it in key order, e.g. tar --sort=name")
+        else:
+            held[key] = {**held.get(key, {}), **sample}
+        return
+    seen.add(key)
+    yield from _tar_sample(path, {**held.pop(key, {}), **sample}, opts)
 
 
 def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
@@ -198,10 +209,13 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         repeated.append(error)
         return True
 
-    had_image: dict[str, bool] = {}  # the keys read so far: whether one of their samples had an image
+    seen: set[str] = set()  # keys emitted with an image
+    held: dict[str, dict] = {}  # samples without an image so far, by key
     with stream:
         for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext, handler=skip_repeated):
-            yield from _split_or_sample(path, sample, opts, had_image)
+            yield from _split_or_sample(path, sample, opts, seen, held)
+    for sample in held.values():
+        yield from _tar_sample(path, sample, opts)  # no image ever came: `no_image`
     for error in repeated:
         yield Skip(path, "duplicate_key", _detail(error))
     if errors:
