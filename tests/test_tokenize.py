@@ -991,3 +991,17 @@ def test_names_that_are_not_utf8_and_broken_captions_are_tokenized_not_fatal(tmp
     assert json.loads(laion["k1"]["json"])["caption"] == "cut \ud83d"
     assert json.loads(photos["ok"]["json"])["source"].endswith("ok.png")
     assert _run(tiny_tokenizer_dir, out, tmp_path / "photos", tmp_path / "laion") == 0  # the rerun finds them complete
+
+
+def test_options_that_cannot_change_a_shard_leave_its_fingerprint_alone(inputs, tiny_tokenizer_dir, tmp_path, capsys):
+    """A new --video-stride or --seed re-tokenized every image and tar shard into the same bytes (review 45 #5)."""
+    out = tmp_path / "out"
+    assert _run(tiny_tokenizer_dir, out, inputs / "photos", inputs / "laion") == 0
+    capsys.readouterr()
+    assert _run(tiny_tokenizer_dir, out, inputs / "photos", inputs / "laion", extra=("--video-stride", "2", "--seed", "5")) == 0
+    assert "4 shards in all, 4 for this rank, 4 already complete; doing 0 now" in capsys.readouterr().err
+    default, other = Options(), Options(video_stride=2, seed=5)
+    assert other.fingerprinted(videos=False) == default.fingerprinted(videos=False)
+    assert other.fingerprinted(videos=True) != default.fingerprinted(videos=True)  # the stride changes video shards
+    masked, masked5 = Options(derive=("masked",)), Options(derive=("masked",), seed=5)
+    assert masked.fingerprinted(videos=False) != masked5.fingerprinted(videos=False)  # the seed places the masks

@@ -65,9 +65,16 @@ class Options:
 
     def fingerprinted(self, videos: bool) -> dict:
         """The options as the fingerprint of a shard of video files (``videos``) or of images records them.
-        ``video_resize`` is left out where it changes nothing (image shards) or has its default, so that shards
-        made before the option existed, and image shards made with it, stay complete."""
+
+        An option that cannot change a shard is recorded at its default, so that changing it redoes nothing that
+        would come out byte-identical (a new ``--video-stride`` re-tokenized every image shard): ``video_stride``
+        for image shards, ``seed`` without ``--derive masked``. ``video_resize`` is left out where it changes
+        nothing or has its default, so that shards made before the option existed stay complete."""
         options = asdict(self)
+        if not videos:
+            options["video_stride"] = Options.video_stride
+        if "masked" not in self.derive:
+            options["seed"] = Options.seed
         if not videos or options["video_resize"] == "tokenizer":
             del options["video_resize"]
         return options
