@@ -1005,3 +1005,41 @@ def test_options_that_cannot_change_a_shard_leave_its_fingerprint_alone(inputs, 
     assert other.fingerprinted(videos=True) != default.fingerprinted(videos=True)  # the stride changes video shards
     masked, masked5 = Options(derive=("masked",)), Options(derive=("masked",), seed=5)
     assert masked.fingerprinted(videos=False) != masked5.fingerprinted(videos=False)  # the seed places the masks
+
+
+def test_inputs_that_would_be_tokenized_twice_or_merged_are_refused_before_any_work(tmp_path, tiny_tokenizer_dir, capsys):
+    """A folder named beside a folder inside it tokenized its images twice; `clip.mp4` and `clip.mkv` became one video
+    with every frame number twice (review 45 #11, #4)."""
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    for name in ("x.png", "a/y.png"):
+        (tmp_path / "photos" / name).write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "photos", tmp_path / "photos" / "a") == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'photos' / 'a' / 'y.png'}: listed twice, under "
+                                       f"{tmp_path / 'photos'} and under {tmp_path / 'photos' / 'a'}, which lies inside "
+                                       f"it; give only {tmp_path / 'photos'}\n")
+    assert find_units([str(tmp_path / "photos" / "a"), str(tmp_path / "photos" / "x.png")])[0]  # no file in common: fine
+    (tmp_path / "clips").mkdir()
+    _video(tmp_path / "clips" / "clip.mp4", 2)
+    _video(tmp_path / "clips" / "clip.mkv", 2, codec="ffv1")
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "clips") == 2
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'clips' / 'clip.mp4'}: has the key clip of "
+                                       f"{tmp_path / 'clips' / 'clip.mkv'} (keys drop the suffix), so their frames "
+                                       "would be one video; rename one\n")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_an_out_that_cannot_be_made_and_a_file_without_video_are_one_line(tmp_path, tiny_tokenizer_dir, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "x.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    (tmp_path / "file").write_text("")
+    assert _run(tiny_tokenizer_dir, tmp_path / "file" / "sub", tmp_path / "in") == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'file' / 'sub'}: cannot create --out (Not a directory)\n"
+    with av.open(str(tmp_path / "sound.mkv"), "w") as container:  # audio only
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    assert [(s.reason, s.detail) for s in read_video(str(tmp_path / "sound.mkv"), "sound.mkv", 1, "d")] == [
+        ("unreadable_video", "no video stream")]

@@ -32,10 +32,10 @@ from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches, safe_key
+from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
-from lvm.tokenize.sources import Unit, find_units, folder_within, spec_holding
+from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key, spec_holding
 from lvm.tokenize.writer import recorded_skips, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports

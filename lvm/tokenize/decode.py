@@ -25,7 +25,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_itera
 
 from common.files import IMAGE_SUFFIXES, tar_is_complete
 from lvm.palette import colour_labels, label_palette
-from lvm.tokenize.sources import Item, Unit
+from lvm.tokenize.sources import Item, Unit, safe_key
 from tokenizer.preprocess import to_rgb_float
 
 REASONS = (
@@ -131,12 +131,6 @@ def decode_image(data: bytes, name: str, key: str, meta: dict, opts: DecodeOptio
     except Exception as error:  # PIL raises a dozen types for corrupt data (OSError, SyntaxError, ValueError, ...)
         return Skip(name, "corrupt_image", _detail(error))
     return Picture(key, pixels, {**meta, "width": width, "height": height})
-
-
-def safe_key(rel: str) -> str:
-    """A relative path without suffix whose file-name part has no dots (webdataset splits keys at the first dot)."""
-    path = PurePosixPath(rel)
-    return str(path.with_name(path.stem.replace(".", "_")))
 
 
 def _tar_sample(path: str, sample: dict, opts: DecodeOptions) -> Iterator[Picture | Skip]:
@@ -268,10 +262,14 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
             yield Skip(path, "empty_file")
             return
         container = av.open(path, metadata_errors="replace")  # a non-UTF-8 title must not stop the job
-        stream = container.streams.video[0]
-    except (av.FFmpegError, IndexError, OSError) as error:
+    except (av.FFmpegError, OSError) as error:
         yield Skip(path, "unreadable_video", _detail(error))
         return
+    if not container.streams.video:
+        container.close()
+        yield Skip(path, "unreadable_video", "no video stream")
+        return
+    stream = container.streams.video[0]
     # Decoded packet by packet, so that one damaged packet costs its frame, not the rest of the video. Frames are
     # numbered by their presentation time, round((time - start) * fps) from the first frame's: after a damaged
     # packet a B-frame decoder flushes its delayed frames late and out of order, and counting them would renumber

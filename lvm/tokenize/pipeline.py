@@ -322,6 +322,10 @@ def run(job: Job) -> Summary:
             "the sentence builder would read their images twice: remove them or choose another --out",
         )
     tok = _load_tokenizer(job.tokenizer, pick_device(job.device, local_rank))
+    try:  # before any decoding: a folder that cannot be made fails in one line, not in the first shard's writer
+        job.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TokenizeError(job.out, f"cannot create --out ({error.strerror})") from None
     todo = plan(job, units, tok, rank, world, prefix)
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the decoding workers their cores: oversubscribed, a 2-core machine encodes 3x slower.

@@ -30,13 +30,14 @@ import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key
 from lvm.tokenize import TokenizeError
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv"})  # what FFmpeg (PyAV) reads
+VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".ts", ".m2ts",
+                            ".mts", ".3gp", ".3g2", ".flv", ".wmv", ".asf", ".vob", ".mxf"})  # what FFmpeg (PyAV) reads
 TAR_SUFFIX = ".tar"
 Kind = Literal["tar", "images", "videos"]
 _MAGIC = re.compile(r"[{*?\[]")
@@ -88,6 +89,12 @@ class Unit:
         redoes a shard whose inputs changed, a file replaced under its name included (a re-downloaded image)."""
         text = "\n".join([self.kind, *map(_digest_line, self.items)])
         return hashlib.sha1(text.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes, UTF-8 or not
+
+
+def safe_key(rel: str) -> str:
+    """A relative path without suffix whose file-name part has no dots (webdataset splits keys at the first dot)."""
+    path = PurePosixPath(rel)
+    return str(path.with_name(path.stem.replace(".", "_")))
 
 
 def _joined(root: str, rel: str) -> str:
@@ -281,6 +288,30 @@ def number_frames(entries: list[str | Item]) -> list[int | None]:
     return frames
 
 
+def _check_overlaps(grouped: dict[tuple[str, str], tuple[str, set[str], dict]]) -> None:
+    """Refuse a folder named beside a folder inside it (`photos/ photos/a/`) when both list a file: its images would
+    be tokenized twice, under two keys."""
+    for (outer, kind), (outer_spelt, outer_rels, _) in grouped.items():
+        for (inner, inner_kind), (inner_spelt, inner_rels, _) in grouped.items():
+            if inner_kind == kind and inner.startswith(outer.rstrip(os.sep) + os.sep):
+                prefix = os.path.relpath(inner, outer) + "/"
+                twice = next((rel for rel in sorted(inner_rels) if prefix + rel in outer_rels), None)
+                if twice is not None:
+                    raise TokenizeError(f"{_joined(inner_spelt, twice)}: listed twice, under {outer_spelt} and under "
+                                        f"{inner_spelt}, which lies inside it; give only {outer_spelt}")
+
+
+def _check_video_keys(root: str, rels: set[str]) -> None:
+    """Refuse two videos of one key (`clip.mp4` and `clip.mkv`): their frames would be one video to the sentence
+    builders, each frame number twice."""
+    first: dict[str, str] = {}
+    for rel in sorted(rels):
+        other = first.setdefault(safe_key(rel), rel)
+        if other != rel:
+            raise TokenizeError(f"{_joined(root, rel)}: has the key {safe_key(rel)} of {_joined(root, other)} (keys drop "
+                                "the suffix), so their frames would be one video; rename one")
+
+
 def find_units(
     specs: list[str],
     images_per_shard: int = 1000,
@@ -323,7 +354,10 @@ def find_units(
             grouped.setdefault((real_root, "images"), (root, set(), {}))[2].update((item.rel, item) for item in unlisted)
         if not found + len(unlisted):
             raise TokenizeError(f"{spec}: matches no tar shard, image or video file")
+    _check_overlaps(grouped)
     for (real_root, kind), (root, rels, unlisted_items) in sorted(grouped.items(), key=lambda group: group[0]):
+        if kind == "videos":
+            _check_video_keys(root, rels)
         entries = sorted([*rels, *unlisted_items.values()], key=lambda e: e if isinstance(e, str) else e.rel)
         frames = number_frames(entries) if frame_folders and kind == "images" else []
         units.extend(_group(root, real_root, entries, frames, kind, images_per_shard if kind == "images" else videos_per_shard))
