@@ -1043,3 +1043,43 @@ def test_an_out_that_cannot_be_made_and_a_file_without_video_are_one_line(tmp_pa
             container.mux(packet)
     assert [(s.reason, s.detail) for s in read_video(str(tmp_path / "sound.mkv"), "sound.mkv", 1, "d")] == [
         ("unreadable_video", "no video stream")]
+
+
+def test_a_held_last_frame_is_no_loss_and_a_cut_webm_with_sound_is_reported(tmp_path):
+    """A complete video whose last picture stays on screen 3 s was `corrupt_video` "ends at 2.0 s of 5.0 s"; a WebM
+    with an audio track cut in half lost three quarters of its frames with no skip (review 45 #8, #6)."""
+    path = tmp_path / "slides.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25, options={"bf": "0"})
+        stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        packets = []
+        for i, time in enumerate([40 * i for i in range(50)] + [2000]):
+            frame = av.VideoFrame.from_ndarray(_painted(i), format="rgb24")
+            frame.pts, frame.time_base = time, fractions.Fraction(1, 1000)
+            packets += stream.encode(frame)
+        for packet in [*packets, *stream.encode()]:
+            if packet.pts == 2000:
+                packet.duration = 3000  # the last picture stays 3 s
+            container.mux(packet)
+    read = list(read_video(str(path), "slides.mp4", 1, "d"))
+    assert len(read) == 51 and all(isinstance(p, Picture) for p in read)
+    path = tmp_path / "talk.webm"
+    with av.open(str(path), "w") as container:
+        video, audio = container.add_stream("libvpx", rate=25), container.add_stream("libopus", rate=48000)
+        video.width, video.height, video.pix_fmt = 96, 48, "yuv420p"
+        for i in range(50):
+            for packet in video.encode(av.VideoFrame.from_ndarray(_painted(i), format="rgb24")):
+                container.mux(packet)
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
+            sound.sample_rate, sound.pts = 48000, i * 960
+            for packet in audio.encode(sound):
+                container.mux(packet)
+        for packet in [*video.encode(), *audio.encode()]:
+            container.mux(packet)
+    data = path.read_bytes()
+    (tmp_path / "cut.webm").write_bytes(data[: len(data) // 2])
+    read = list(read_video(str(tmp_path / "cut.webm"), "cut.webm", 1, "d"))
+    pictures, (skip,) = [p for p in read if isinstance(p, Picture)], [s for s in read if not isinstance(s, Picture)]
+    assert 5 < len(pictures) < 40 and skip.reason == "corrupt_video"
+    assert skip.detail == f"ends at {len(pictures) / 25:.1f} s of 2.0 s"

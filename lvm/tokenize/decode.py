@@ -43,6 +43,7 @@ REASONS = (
 )
 _IMAGE_EXTS = tuple(sorted(s[1:] for s in IMAGE_SUFFIXES))  # tar member suffixes, without the dot
 _DROPPED_META = frozenset({"exif"})  # bulky source json fields not worth copying into every token sample
+_DURATION_TAG = re.compile(r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)")
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PALETTE = label_palette()
 _TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -279,7 +280,7 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
     # frames after it keep their numbers. (The stream's start time is no anchor: AVI starts B-frame video a frame late.)
     fps = float(stream.average_rate) if stream.average_rate else None
     start = None  # the time of frame 0
-    damaged, last = [], None  # damaged: (frame number, error) of each packet that failed; last: latest frame time
+    damaged, last, end = [], None, None  # (frame number, error) of each packet that failed; latest frame time, its end
     numbers: set[int] = set()  # of the frames kept so far
     highest = -1  # of them
     upcoming = 0  # the number of the next frame without a time: one past the highest so far or damaged packet
@@ -308,10 +309,13 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
                     upcoming = max(upcoming, number + 1)
                     if number % stride == 0:
                         yield _video_frame(frame, path, key, video, number, fps)
-                    last = frame.time if last is None or (frame.time is not None and frame.time > last) else last
+                    if frame.time is not None:  # it stops showing after its own duration (a held last frame), or a period
+                        shown = float(frame.duration * frame.time_base) if frame.duration and frame.time_base else 1 / (fps or 1)
+                        last = frame.time if last is None else max(last, frame.time)
+                        end = frame.time + shown if end is None else max(end, frame.time + shown)
         except (av.FFmpegError, OSError) as error:  # the container itself is damaged: nothing after it can be read
             damaged.append((upcoming, _detail(error)))
-        short = _cut_short(container, stream, last, fps)
+        short = _cut_short(container, stream, end, fps)
     if not numbers:
         yield Skip(path, "unreadable_video", "no video frames" + (f" (first error: {damaged[0][1]})" if damaged else ""))
     elif damaged:
@@ -324,28 +328,31 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
 
 def _duration(container: av.container.InputContainer, stream: av.VideoStream) -> tuple[float, float] | None:
     """(start, duration) in seconds of the video: the stream's own when the file records it (mp4, avi), else
-    the container's, but only when the video is its one stream: an audio track may outlast the video, and its
-    length is no promise of frames (Matroska and WebM record no duration per stream)."""
+    its `DURATION` tag (Matroska and WebM muxers write one per track), else the container's, but only when the video
+    is its one stream: an audio track may outlast the video, and its length is no promise of frames."""
+    start = float(stream.start_time * stream.time_base) if stream.start_time is not None and stream.time_base else 0.0
     if stream.duration is not None and stream.time_base:
-        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         return start, float(stream.duration * stream.time_base)
+    tag = _DURATION_TAG.fullmatch(stream.metadata.get("DURATION", ""))  # what Matroska muxers write per track
+    if tag:
+        return start, int(tag["h"]) * 3600 + int(tag["m"]) * 60 + float(tag["s"])
     if container.duration is not None and len(container.streams) == 1:
         start = container.start_time / av.time_base if container.start_time is not None else 0.0
         return start, container.duration / av.time_base
     return None
 
 
-def _cut_short(container: av.container.InputContainer, stream: av.VideoStream, last: float | None, fps: float | None) -> str:
-    """"ends at 2.2 s of 4.0 s" when the decoded frames stop more than about 2 frame periods before the recorded
-    duration, else "". A file cut short (an interrupted download or copy) ends like a normal end of stream in
-    Matroska and WebM, and costs mp4 or avi one undecodable packet for all its lost frames: without this check
-    the loss would go unreported or be understated."""
+def _cut_short(container: av.container.InputContainer, stream: av.VideoStream, end: float | None, fps: float | None) -> str:
+    """"ends at 2.2 s of 4.0 s" when the decoded frames (`end`: when the latest one stops showing) stop more than
+    about 2 frame periods before the recorded duration, else "". A file cut short (an interrupted download or
+    copy) ends like a normal end of stream in Matroska and WebM, and costs mp4 or avi one undecodable packet for
+    all its lost frames: without this check the loss would go unreported or be understated."""
     known = _duration(container, stream)
-    if last is None or not fps or known is None:
+    if not fps or known is None:
         return ""
     start, duration = known
-    missing = duration - (last - start + 1 / fps)  # the last frame lasts one period
-    return f"ends at {last - start:.1f} s of {duration:.1f} s" if missing > 2.5 / fps else ""
+    end = start if end is None else end  # nothing decoded
+    return f"ends at {end - start:.1f} s of {duration:.1f} s" if duration - (end - start) > 2.5 / fps else ""
 
 
 def _video_frame(frame: av.VideoFrame, path: str, key: str, video: str, index: int, fps: float | None) -> Picture:
