@@ -375,7 +375,7 @@ def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenize
     # Resumed after shard a was lost: the last line still counts what every shard left out, this run's and earlier.
     (out / "a.tar").unlink()
     assert _run(tiny_tokenizer_dir, out, src, extra=("--images-per-shard", "10")) == 0
-    assert "(6 already complete); skipped 17: corrupt_image 4, corrupt_tar 3, empty_file 6, no_image 3, " \
+    assert "(6 already complete, 3 images); skipped 17: corrupt_image 4, corrupt_tar 3, empty_file 6, no_image 3, " \
            "unreadable_video 1 (14 of them in shards completed by earlier runs); " in capsys.readouterr().out
 
 
@@ -596,7 +596,7 @@ def test_raw_tars_under_out_are_inputs_like_any_other(tiny_tokenizer_dir, tmp_pa
     _write_tar(tmp_path / "data" / "raw" / "00000.tar", [("k.jpg", _jpeg(8, 8))])
     for _ in range(2):
         assert _run(tiny_tokenizer_dir, tmp_path / "data", tmp_path / "data" / "raw") == 0
-    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert "(1 already complete, 1 images)" in capsys.readouterr().out.splitlines()[-1]
     assert (tmp_path / "data" / "00000.tar").is_file()
 
 
@@ -686,7 +686,7 @@ def test_ranks_split_the_shards_and_a_stopped_rank_resumes(inputs, reference, ti
         written.append({p.name for p in out.glob("*.tar")} - set().union(*written))
     assert written == [{"00000.tar", "00002.tar", "photos-img-000000.tar"}, {"00001.tar"},
                        {"clips-vid-000000.tar", "photos-img-000001.tar"}]
-    assert "in 2 shards (1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert "in 2 shards (1 already complete, 3 images)" in capsys.readouterr().out.splitlines()[-1]
     assert _tree(out) == _tree(reference)
 
 
@@ -714,12 +714,12 @@ def test_an_image_replaced_under_its_name_redoes_its_shard(tiny_tokenizer_dir, t
         seconds = int(image.stat().st_mtime)
         os.utime(image, ns=(seconds * 10**9, seconds * 10**9))
     assert _run(tiny_tokenizer_dir, out, tmp_path / "src", extra=extra) == 0
-    assert "in 0 shards (2 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert "in 0 shards (2 already complete, 2 images)" in capsys.readouterr().out.splitlines()[-1]
     white = np.full((64, 64, 3), 255, np.uint8)
     (tmp_path / "src" / "b.png").write_bytes(_png(white))
     assert _run(tiny_tokenizer_dir, out, tmp_path / "src", extra=extra) == 0
     captured = capsys.readouterr()
-    assert "1 made with other settings or inputs (redone)" in captured.err and "(1 already complete)" in captured.out
+    assert "1 made with other settings or inputs (redone)" in captured.err and "(1 already complete, 1 images)" in captured.out
     tokens = _tokens(_samples(out / "src-img-000001.tar")["b"]["tokens.npy"])
     assert np.array_equal(tokens, tiny_tokenizer.encode([white]).numpy()[0])
 
@@ -746,7 +746,7 @@ def test_a_new_mask_recipe_redoes_only_shards_with_masked_images(inputs, tiny_to
     capsys.readouterr()
     monkeypatch.setattr("lvm.tokenize.pipeline.MASK_RECIPE", 999)
     assert _run(tiny_tokenizer_dir, plain, inputs / "laion") == 0
-    assert "in 0 shards (3 already complete)" in capsys.readouterr().out
+    assert "in 0 shards (3 already complete, 9 images)" in capsys.readouterr().out
     assert _run(tiny_tokenizer_dir, masked, inputs / "laion", extra=("--derive", "masked")) == 0
     assert "3 made with other settings or inputs (redone)" in capsys.readouterr().err
 

@@ -36,7 +36,7 @@ from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
 from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key, spec_holding
-from lvm.tokenize.writer import recorded_skips, shard_paths
+from lvm.tokenize.writer import recorded, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
 
@@ -202,7 +202,7 @@ def plan(
             works.append(Work(unit, lacking))
         else:
             complete += 1
-            earlier += recorded_skips(shard_paths(job.out / job.tasks[0], unit.name)[1])
+            earlier += recorded(shard_paths(job.out / job.tasks[0], unit.name)[1])[1]
     return works[: job.max_shards], done, complete, earlier
 
 

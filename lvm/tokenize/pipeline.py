@@ -32,7 +32,7 @@ from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary, log
 from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards, spec_holding, within
-from lvm.tokenize.writer import ShardWriter, recorded_skips, shard_paths, shard_state
+from lvm.tokenize.writer import ShardWriter, recorded, shard_paths, shard_state
 from sentences.formats import ORIGINAL, token_report
 from tokenizer.preprocess import resize_square, to_value_range
 
@@ -253,7 +253,8 @@ class Plan:
     fingerprints: list[str]
     already_done: int
     tokenizer: dict  # VQTokenizer.identity(), recorded in every shard's report
-    skipped_earlier: Counter  # what the reports of the shards already done left out
+    images_earlier: int  # what the reports of the shards already done hold
+    skipped_earlier: Counter  # and what they left out
 
 
 def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, world: int, prefix: str) -> Plan:
@@ -279,8 +280,12 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
         f"{f', {stale} made with other settings or inputs (redone)' if stale else ''}; doing {len(todo)} now with "
         f"{tok.tokens_per_image} tokens per image on {tok.device}, {job.workers} workers",
     )
-    earlier = sum((recorded_skips(shard_paths(job.out, u.name)[1]) for u, s in zip(mine, states) if s == "done"), Counter())
-    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity, earlier)
+    images, skipped = 0, Counter()
+    for unit, state in zip(mine, states):
+        if state == "done":
+            held, left_out = recorded(shard_paths(job.out, unit.name)[1])
+            images, skipped = images + held, skipped + left_out
+    return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity, images, skipped)
 
 
 def _check_out(out: Path, specs: list[str], units: list[Unit]) -> None:
@@ -330,7 +335,8 @@ def run(job: Job) -> Summary:
     if tok.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave the decoding workers their cores: oversubscribed, a 2-core machine encodes 3x slower.
         torch.set_num_threads(max(1, usable_cores() - job.workers))
-    summary = Summary(shards_already_done=todo.already_done, skipped_earlier=todo.skipped_earlier)
+    summary = Summary(shards_already_done=todo.already_done, images_earlier=todo.images_earlier,
+                      skipped_earlier=todo.skipped_earlier)
     encode = Encoder(tok)
     video_mode = "release_video" if job.options.video_resize == "release" else None
     resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range, video_mode)

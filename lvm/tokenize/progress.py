@@ -50,6 +50,7 @@ class Summary:
     tokens: int = 0  # tokens written, derived ones included
     shards_written: int = 0
     shards_already_done: int = 0
+    images_earlier: int = 0  # in the shards already complete, as their reports say
     skipped: Counter = field(default_factory=Counter)
     skipped_earlier: Counter = field(default_factory=Counter)  # in the reports of shards already complete
     wall_s: float = 0.0
@@ -58,7 +59,8 @@ class Summary:
         """The final one-line summary."""
         return (
             f"tokenize: {self.images:,} images tokenized (+{self.derived:,} derived) in {self.shards_written} shards "
-            f"({self.shards_already_done} already complete); {skipped_text(self.skipped, self.skipped_earlier)}; "
+            f"({self.shards_already_done} already complete{f', {self.images_earlier:,} images' if self.shards_already_done else ''}); "
+            f"{skipped_text(self.skipped, self.skipped_earlier)}; "
             f"{self.tokens:,} tokens written; {wall_text(self.images, self.wall_s)}"
         )
 

@@ -42,10 +42,12 @@ def shard_state(out: Path, name: str, fingerprint: str) -> str:
     return "done" if read_report(report).get("fingerprint") == fingerprint else "stale"
 
 
-def recorded_skips(report: Path) -> Counter:
-    """The inputs a complete shard's (or annotate unit's) report says were left out, by reason."""
-    skipped = read_report(report).get("skipped")
-    return Counter({str(k): v for k, v in skipped.items() if isinstance(v, int)}) if isinstance(skipped, dict) else Counter()
+def recorded(report: Path) -> tuple[int, Counter]:
+    """The images a complete shard's (or annotate unit's) report says it holds, and the inputs it left out by reason."""
+    fields = read_report(report)
+    skipped, images = fields.get("skipped"), fields.get("images")
+    return (images if isinstance(images, int) else 0,
+            Counter({str(k): v for k, v in skipped.items() if isinstance(v, int)}) if isinstance(skipped, dict) else Counter())
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
