@@ -130,5 +130,11 @@ def resize_square(x: Tensor, size: int, mode: str) -> Tensor:
 
 def preprocess_image(image: ImageLike, size: int, resize: str, value_range: tuple[float, float]) -> Tensor:
     """The tokenizer's input for one image: FloatTensor[3, size, size] in `value_range`."""
-    x = resize_square(to_rgb_float(image), size, resize).clamp(0.0, 1.0)  # bicubic overshoots
+    return finish_preprocessing(to_rgb_float(image), size, resize, value_range)
+
+
+def finish_preprocessing(x01: Tensor, size: int, resize: str, value_range: tuple[float, float]) -> Tensor:
+    """`preprocess_image` after the colour conversion: [3, H, W] RGB in [0, 1] -> the tokenizer's input. Separate
+    for the tokenize step, which derives images (gray, masked) in between."""
+    x = resize_square(x01, size, resize).clamp(0.0, 1.0)  # bicubic overshoots
     return to_value_range(x, value_range).contiguous()

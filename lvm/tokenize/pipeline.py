@@ -34,7 +34,7 @@ from lvm.tokenize.progress import Progress, Summary, log
 from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards, spec_holding, within
 from lvm.tokenize.writer import ShardWriter, recorded, shard_paths, shard_state
 from sentences.formats import ORIGINAL, token_report
-from tokenizer.preprocess import resize_square, to_value_range
+from tokenizer.preprocess import finish_preprocessing
 
 VIDEO_RESIZES = ("tokenizer", "release")
 """How ``--video-resize`` brings video frames to the tokenizer's size: by the tokenizer's own resize policy (the
@@ -101,8 +101,8 @@ class Job:
 class Resize:
     """The tokenizer's preprocessing after colour conversion, as a small picklable callable for workers.
 
-    These are `tokenizer.preprocess.preprocess_image`'s last steps; the tokenize step converts colours
-    itself first (`to_rgb_float`) because the derived images are made in between.
+    `tokenizer.preprocess.finish_preprocessing`, `preprocess_image`'s steps after the colour conversion, which the
+    tokenize step makes itself first (`to_rgb_float`) because the derived images are made in between.
     """
 
     size: int
@@ -114,8 +114,7 @@ class Resize:
         return self.video_mode if video_file and self.video_mode else self.mode
 
     def __call__(self, x01: Tensor, video_file: bool = False) -> Tensor:
-        resized = resize_square(x01, self.size, self.mode_for(video_file)).clamp(0.0, 1.0)
-        return to_value_range(resized, self.value_range).contiguous()
+        return finish_preprocessing(x01, self.size, self.mode_for(video_file), self.value_range)
 
 
 @dataclass
