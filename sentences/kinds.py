@@ -64,6 +64,7 @@ class Builder:
     """
 
     options: ClassVar[dict[str, object]] = {}
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # the values a text option may take
     variants: ClassVar[tuple[str, ...]] = (ORIGINAL,)
     annotations: ClassVar[tuple[int, int | None]] = (0, 0)
 
@@ -104,7 +105,8 @@ class Video(Builder):
     stride gets the largest stride that fits, and one with fewer than ``frames`` frames gives no clip (counted).
     """
 
-    options = {"frames": 16, "strides": [8], "group_by": "video", "order_by": "frame"}
+    options = {"frames": 16, "strides": [8], "group_by": "video", "order_by": "frame", "starts": "random"}
+    choices = {"starts": ("random", "every")}
 
     def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
         super().__init__(images, annotations, options, notes)
@@ -137,12 +139,20 @@ class Video(Builder):
         return [tuple((self.images, ORIGINAL, int(row)) for row in clip) for clip in self.clips(rng)]
 
     def clips(self, rng: np.random.Generator) -> list[np.ndarray]:
-        """The rows of each clip of one pass, group by group."""
+        """The rows of each clip of one pass, group by group: one clip per stride from a random start, or with
+        ``starts: every`` every clip once, from every start, at each stride of ``strides`` (capped at what fits):
+        a held-out evaluation set whose windows are all distinct, none drawn twice."""
         clips, n = [], self.opt["frames"]
         for rows in self.groups:
             if len(rows) < n:
                 continue
-            for stride in self.strides(rng, (len(rows) - 1) // (n - 1)):
+            fit = (len(rows) - 1) // (n - 1)
+            if self.opt["starts"] == "every":
+                for stride in dict.fromkeys(min(stride, fit) for stride in self.opt["strides"]):
+                    clips += [rows[start : start + (n - 1) * stride + 1 : stride]
+                              for start in range(len(rows) - (n - 1) * stride)]
+                continue
+            for stride in self.strides(rng, fit):
                 start = int(rng.integers(0, len(rows) - (n - 1) * stride))
                 clips.append(rows[start : start + (n - 1) * stride + 1 : stride])
         return clips
@@ -161,7 +171,7 @@ class Sequence(Video):
     ``lvm.tokenize --frame-folders`` records each image's folder as ``video`` and its place in the folder as ``frame``.
     """
 
-    options = {"frames": 16, "strides": [1, 2, 3, 4], "group_by": "video", "order_by": "frame"}
+    options = {"frames": 16, "strides": [1, 2, 3, 4], "group_by": "video", "order_by": "frame", "starts": "random"}
 
     def strides(self, rng: np.random.Generator, fit: int) -> list[int]:
         fitting = [stride for stride in self.opt["strides"] if stride <= fit] or [fit]
@@ -178,7 +188,7 @@ class MultiView(Sequence):
     the view's folder (`_annotation_of_each_view`). Views without one are not used (counted).
     """
 
-    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "path", "shots": 1}
+    options = {"frames": 16, "strides": [1], "group_by": "folder", "order_by": "path", "shots": 1, "starts": "random"}
     annotations = (0, 1)
 
     def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:

@@ -118,6 +118,9 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
             allowed = ", ".join(sorted(_SOURCE | set(builder.options)))
             raise SentenceError(f"{where}.{key}: unknown field for kind {kind} (allowed: {allowed})")
     options = {k: _option(raw.get(k, d), d, f"{where}.{k}") for k, d in builder.options.items()}
+    for option, allowed in builder.choices.items():
+        if options[option] not in allowed:
+            raise SentenceError(f"{where}.{option}: expected one of {', '.join(allowed)}, got {options[option]!r}")
     if options.get("frames", 2) < 2:
         raise SentenceError(f"{where}.frames: a clip needs at least 2 frames, got {options['frames']}")
 

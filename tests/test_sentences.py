@@ -158,6 +158,20 @@ def test_video_clips_are_consecutive_frames_at_each_stride(tmp_path: Path, token
     assert index["sources"]["vid"]["unused"] == {"groups with fewer than 6 frames": 1}
 
 
+def test_video_clips_from_every_start_are_each_window_once(tmp_path: Path, tokens: Path) -> None:
+    """Random starts drawn over several passes held the same window twice (the demo's 18 held-out video sentences
+    held 14 distinct windows, review 46 #4); `starts: every` gives each window once, at each stride."""
+    _, sentences = run_build(tmp_path, [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"),
+                                         "frames": 6, "strides": [1, 5], "starts": "every"}])
+    windows = sorted(tuple((s - VIDEO) // N for s in slots) for _, slots, _ in sentences)
+    expected = sorted(tuple(range(v * 20 + start, v * 20 + start + 6 * stride, stride))[:6]
+                      for v in (0, 1) for stride in (1, 3) for start in range(20 - 5 * stride))
+    assert windows == expected and len(windows) == 2 * (15 + 5)  # stride 5 does not fit 20 frames: 3 does
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(SentenceError, match=r"sources\[0\]\.starts: expected one of random, every, got 'all'$"):
+        run_build(tmp_path / "bad", [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "starts": "all"}])
+
+
 def test_sequences_draw_a_stride_at_which_the_folder_holds_all_frames(tmp_path: Path, tokens: Path) -> None:
     """The release's rule for frame folders: a stride from [1, min(4, (length - 1) // 15)]."""
     _, sentences = run_build(

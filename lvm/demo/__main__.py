@@ -53,7 +53,8 @@ def sentence_specs(seed: int) -> dict[str, dict]:
         "seed": seed + 1,
         "window": WINDOW,
         "sources": [
-            {"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "epochs": 6},
+            # every 16-frame window of the held-out tails once (random starts drew some twice)
+            {"name": "video-heldout", "kind": "video", "shards": str(tokens / "video_heldout"), "strides": [1], "starts": "every"},
             {"name": "color-heldout", "kind": "colorization", "shards": str(tokens / "crops_heldout"), "group_by": "folder", "epochs": 4},
             {"name": "inpaint-heldout", "kind": "inpainting", "shards": str(tokens / "crops_heldout"), "group_by": "folder", "epochs": 4},
             {"name": "edges-heldout", "kind": "pairs", "shards": str(tokens / "crops_heldout"),
