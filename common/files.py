@@ -158,7 +158,9 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Shard paths named by ``spec``: a folder (its ``*.tar``, recursively), a glob, a brace pattern, or a list.
 
     Order is kept as given and each folder or glob is sorted, so the same spec always lists the same shards in
-    the same order (the builders and the stream derive their randomness from positions in this list).
+    the same order (the builders and the stream derive their randomness from positions in this list). A shard
+    named twice (`[tok/, tok/a.tar]`, a folder and a folder inside it, a link) is listed once, where first named:
+    its images would be built, or its sentences trained on, twice.
     """
     patterns = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     paths: list[str] = []
@@ -177,4 +179,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             paths.extend(shards)
     if not paths:
         raise ShardPatternError(spec, "no .tar shards found")
-    return paths
+    first = {}  # real path -> the path as first named
+    for path in paths:
+        first.setdefault(os.path.realpath(path), path)
+    return list(first.values())

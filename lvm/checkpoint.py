@@ -34,6 +34,7 @@ import weights
 from common.errors import UserError
 from lvm import hf
 from lvm.model import LVM, LVMConfig, rope_tables
+from sentences.formats import other_tokenizer
 
 
 class CheckpointError(UserError):
@@ -201,9 +202,7 @@ def tokenizer_mismatch(trained: dict | None, given: dict) -> bool:
     if not trained:
         return False
     if trained.get("digest"):
-        # the same weights under another preprocessing make other tokens (records before 2026-12-07 lack it)
-        preprocessing = trained.get("preprocessing")
-        return trained["digest"] != given["digest"] or bool(preprocessing) and preprocessing != given.get("preprocessing")
+        return other_tokenizer(trained, given)
     trained_hub, given_hub = (weights.hub_repo(i["name"]) if i.get("name") else None for i in (trained, given))
     if trained_hub and given_hub:
         return trained_hub[0] != given_hub[0]

@@ -274,10 +274,17 @@ def _folder_lengths(folder: str, size: int, mtime_ns: int) -> tuple[np.ndarray, 
     return lengths, slices
 
 
+def other_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two tokenizer records with digests make different tokens: other weights, or the same weights under
+    another preprocessing (resize, value range) where both record it (records before 2026-12-07 lack it)."""
+    return a["digest"] != b["digest"] or bool(a.get("preprocessing") and b.get("preprocessing")) and \
+        a["preprocessing"] != b["preprocessing"]
+
+
 def one_tokenizer(records: Iterable[tuple[str, dict | None]]) -> dict | None:
     """The tokenizer that made all of some shards, from (shard, ``VQTokenizer.identity()`` or None) pairs.
 
-    None when no shard records one; two different digests mean tokens of two tokenizers mixed together,
+    None when no shard records one; two tokenizers (`other_tokenizer`) mean tokens of both mixed together,
     which no model can learn from, so that is an error naming a shard of each.
     """
     found: tuple[str, dict] | None = None
@@ -286,11 +293,13 @@ def one_tokenizer(records: Iterable[tuple[str, dict | None]]) -> dict | None:
             continue
         if found is None:
             found = path, record
-        elif record["digest"] != found[1]["digest"]:
+        elif other_tokenizer(record, found[1]):
+            how = "" if record["digest"] != found[1]["digest"] else \
+                f" under other preprocessing ({record['preprocessing']} against {found[1]['preprocessing']})"
             raise SentenceError(
                 path,
                 f"made by tokenizer {record.get('name')} (digest {record['digest'][:12]}), but {found[0]} by "
-                f"{found[1].get('name')} (digest {found[1]['digest'][:12]}); tokenize everything with one tokenizer",
+                f"{found[1].get('name')} (digest {found[1]['digest'][:12]}){how}; tokenize everything with one tokenizer",
             )
     return None if found is None else found[1]
 

@@ -424,6 +424,10 @@ def test_shard_patterns_folder_glob_and_braces_name_the_same_shards(tmp_path) ->
     assert expand_shards(f"{tmp_path}/sentences-{{000000..000002}}.tar") == folder
     with pytest.raises(ShardPatternError, match=r"sentences-000003\.tar: no \.tar shards found \(no such file"):
         expand_shards(f"{tmp_path}/sentences-{{000000..000003}}.tar")
+    # a shard named twice is listed once, where first named: its sentences were trained on twice (review 44 #1)
+    (tmp_path.parent / f"{tmp_path.name}-link").symlink_to(tmp_path)
+    named_twice = expand_shards([f"{tmp_path}/sentences-000001.tar", str(tmp_path), f"{tmp_path}-link"])
+    assert named_twice == [folder[1], folder[0], folder[2]]
 
 
 def test_shard_patterns_sort_folders_refuse_any_empty_pattern_recurse_and_take_named_files(tmp_path) -> None:

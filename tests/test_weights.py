@@ -382,6 +382,13 @@ def test_released_model_checks_tokens_per_image_and_mixed_tokenizers_are_refused
     assert one_tokenizer([("x.tar", None), ("y.tar", a), ("z.tar", a)]) == a
     with pytest.raises(SentenceError, match=r"^w\.tar: made by tokenizer t2 \(digest bbbbbbbbbbbb\), but y\.tar by t1"):
         one_tokenizer([("y.tar", a), ("w.tar", b)])
+    # the same weights under two preprocessing policies make other tokens: refused as checkpoints refuse them (review
+    # 44 #2); a record from before preprocessing was recorded matches either
+    squash, crop = ({**a, "preprocessing": {"resize": r}} for r in ("stretch", "center_crop"))
+    with pytest.raises(SentenceError, match=r"^w\.tar: .* under other preprocessing \(\{'resize': 'center_crop'\} "
+                                            r"against \{'resize': 'stretch'\}\)"):
+        one_tokenizer([("y.tar", squash), ("w.tar", crop)])
+    assert one_tokenizer([("y.tar", a), ("w.tar", crop)]) == a
 
 
 def test_checkpoints_in_the_pre_zip_format_load_though_they_cannot_be_memory_mapped(tmp_path):
