@@ -29,15 +29,22 @@ def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
     return [order[i : i + size] for i in range(0, len(order), size)]
 
 
-def _group_ids(metas: list[dict], field: str | None, shard: str) -> np.ndarray | None:
-    """The group of each image (the value of its json ``field``), as ints; None when ``field`` is None."""
+def _where(images: TokenSet, row: int) -> str:
+    """`<shard>: sample '<key>'`: where image ``row`` of a set came from, for errors about it."""
+    return f"{images.shards[images.shard_of[row]]}: sample '{images.keys[row]}'"
+
+
+def _group_ids(images: TokenSet, rows: list[int] | np.ndarray, field: str | None) -> np.ndarray | None:
+    """The group of each of these image rows (the value of its json ``field``), as ints; None when ``field`` is None."""
     if field is None:
         return None
-    missing = [i for i, meta in enumerate(metas) if field not in meta]
+    missing = [int(row) for row in rows if field not in images.meta[row]]
     if missing:
-        raise SentenceError(f"{shard}: {len(missing)} images have no '{field}' in their json to group by")
-    names = {name: i for i, name in enumerate(dict.fromkeys(str(meta[field]) for meta in metas))}
-    return np.array([names[str(meta[field])] for meta in metas], dtype=np.int64)
+        raise SentenceError(f"{_where(images, missing[0])}: no '{field}' in its json to group by "
+                            f"({len(missing)} images of the set lack it)")
+    values = [str(images.meta[row][field]) for row in rows]
+    names = {name: i for i, name in enumerate(dict.fromkeys(values))}
+    return np.array([names[value] for value in values], dtype=np.int64)
 
 
 def _group_chunks(order: np.ndarray, groups: np.ndarray | None, size: int) -> list[np.ndarray]:
@@ -120,10 +127,17 @@ class Video(Builder):
                 continue
             order = meta[order_by]  # names in natural order: frame2 before frame10
             groups[str(meta[group_by])].append((natural_key(order) if isinstance(order, str) else order, row))
-        try:
-            self.groups = [np.array([row for _, row in sorted(members)]) for members in groups.values()]
-        except TypeError as exn:
-            raise SentenceError(f"{images.shards[0]}: json field '{order_by}' cannot order frames ({exn})") from None
+        self.groups = []
+        for members in groups.values():
+            try:
+                self.groups.append(np.array([row for _, row in sorted(members)]))
+            except TypeError:  # values that do not compare (a number and a null): name one that differs from the first
+                kinds = [str if isinstance(order, tuple) else type(order) if not isinstance(order, (int, float)) else float
+                         for order, _ in members]
+                row = next(row for (_, row), kind in zip(members, kinds) if kind != kinds[0])
+                raise SentenceError(f"{_where(images, row)}: json field '{order_by}' is "
+                                    f"{images.meta[row][order_by]!r}, which cannot order it among its video's frames "
+                                    f"(such as {images.meta[members[0][1]][order_by]!r})") from None
         if short := sum(len(rows) < self.opt["frames"] for rows in self.groups):
             notes[f"groups with fewer than {self.opt['frames']} frames"] += short
 
@@ -235,7 +249,7 @@ class Pairs(Builder):
     def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
         super().__init__(images, annotations, options, notes)
         self.rows = _join(list(self.sets.values()), notes)
-        self.groups = _group_ids([images.meta[row] for row in self.rows[:, 0]], self.opt["group_by"], images.shards[0])
+        self.groups = _group_ids(images, self.rows[:, 0], self.opt["group_by"])
 
     @classmethod
     def images_per_sentence(cls, options: dict, n_annotations: int) -> int:
@@ -290,7 +304,7 @@ class Colorization(Builder):
 
     def __init__(self, images: TokenSet, annotations: dict[str, TokenSet], options: dict, notes: Counter) -> None:
         super().__init__(images, annotations, options, notes)
-        self.groups = _group_ids(images.meta, self.opt["group_by"], images.shards[0])
+        self.groups = _group_ids(images, range(len(images)), self.opt["group_by"])
 
     @classmethod
     def images_per_sentence(cls, options: dict, n_annotations: int) -> int:

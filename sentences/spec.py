@@ -66,7 +66,7 @@ class MixSpec:
 def _positive(value: object, where: str, kind: type = int) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not 0 < value < math.inf:
         hint = ""
-        if isinstance(value, str):
+        if isinstance(value, str) and "e" in value.lower():
             try:
                 float(value)
                 hint = " (YAML reads 1e3 as text: write 1000 or 1.0e+3)"
@@ -110,7 +110,7 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
     name, kind = raw["name"], raw["kind"]
     if not isinstance(name, str) or not _NAME.match(name):
         raise SentenceError(f"{where}.name: expected letters, digits, '-' or '_', got {name!r}")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise SentenceError(f"{where}.kind: unknown kind {kind!r} (one of: {', '.join(KINDS)})")
     builder = KINDS[kind]
     for key in raw:

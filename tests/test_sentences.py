@@ -270,10 +270,20 @@ def test_token_sets_hold_each_json_key_once(tokens: Path) -> None:
     assert all(a is b for a, b in zip(first, second))  # the same key objects, not copies
 
 
-def test_group_by_names_the_shard_when_the_field_is_missing(tmp_path: Path, tokens: Path, capsys) -> None:
+def test_a_json_that_cannot_group_or_order_names_its_shard_and_sample(tmp_path: Path, tokens: Path) -> None:
+    """Errors named the set's first shard, not the one holding the sample (review 44 #4)."""
     source = {"name": "c", "kind": "colorization", "shards": str(tokens / "images"), "group_by": "video"}
-    with pytest.raises(SentenceError, match=r"a\.tar: 24 images have no 'video' in their json to group by"):
+    with pytest.raises(SentenceError, match=r"a\.tar: sample 'img000': no 'video' in its json to group by \(24 images "
+                                            r"of the set lack it\)$"):
         run_build(tmp_path, [source])
+    write_tokens(tmp_path / "v" / "0.tar", [{"__key__": f"f{f}", "tokens.npy": codes(VIDEO + f * N),
+                                             "json": {"video": "v", "frame": f}} for f in range(3)])
+    write_tokens(tmp_path / "v" / "1.tar", [{"__key__": "bad", "tokens.npy": codes(VIDEO + 3 * N),
+                                             "json": {"video": "v", "frame": None}}])
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SentenceError, match=r"1\.tar: sample 'bad': json field 'frame' is None, which cannot order it "
+                                            r"among its video's frames \(such as 0\)$"):
+        run_build(tmp_path / "b", [{"name": "v", "kind": "video", "shards": str(tmp_path / "v"), "frames": 2}])
 
 
 def test_category_groups_k_images_of_n_different_categories(tmp_path: Path, tokens: Path) -> None:
@@ -703,6 +713,10 @@ BAD_SPECS = [
      "tokens: expected a positive integer, got '2e6' (YAML reads 1e3 as text: write 1000 or 1.0e+3)"),
     ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 1}]},
      "sources[0].frames: a clip needs at least 2 frames, got 1"),
+    ({"sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": "16"}]},
+     "sources[0].frames: expected a positive integer, got '16'$"),  # no hint about 1e3: it has no exponent
+    ({"sources": [{"name": "a", "kind": ["single"], "shards": "{tok}/images"}]},
+     "sources[0].kind: unknown kind ['single'] (one of: "),  # was a TypeError traceback (review 44 #3, #5)
     (
         {"tokens": 1000, "window": 512,
          "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 21, "weight": 1}]},
@@ -740,7 +754,8 @@ def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     err = err[err.find("error: "):]  # after what a cleared progress bar leaves on the line (cursor moves)
-    assert err.startswith(f"error: {path}: {message.replace('{tok}', str(tokens))}")
+    expected = f"error: {path}: {message.replace('{tok}', str(tokens))}"
+    assert err == expected[:-1] if expected.endswith("$") else err.startswith(expected)  # `$`: the whole line
     assert not (tmp_path / "out").exists()  # nothing claimed: the corrected spec may use the same --out
 
 
