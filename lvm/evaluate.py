@@ -121,12 +121,20 @@ def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[
             yield chunk, torch.stack([items[i] for i in chunk])
 
 
+Scores = dict[tuple[int, int], torch.Tensor]
+"""Per-token NLLs [T] already computed, by (id of the Sentence, context images): figures that score the same
+sentence at the same context (the headline and the curves' longest context, the curve and the token split) share
+them instead of scoring it again."""
+
+
 @torch.inference_mode()
 def target_token_nlls(
-    model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False
+    model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False,
+    scores: Scores | None = None,
 ) -> torch.Tensor:
     """NLL [N, T] (nats) of each token of the last image given the `num_context` images before it
-    (default: all that fit the model's context); BOS is prepended when the model uses one."""
+    (default: all that fit the model's context); BOS is prepended when the model uses one. With `scores`, what it
+    holds is reused and what is computed is added."""
     T = sentences[0].images.shape[1]
     fit = context_frames(model, T)
     if fit < 1:
@@ -134,31 +142,37 @@ def target_token_nlls(
     k = fit if num_context is None else num_context
     if k == 0 and not model.cfg.prefix_len:
         raise ValueError("num_context 0 scores the frame after BOS alone, and this model has no BOS")
-    frames = [s.images[-1 - min(k, fit, len(s.images) - 1) :] for s in sentences]
+    scores = {} if scores is None else scores
+    keys = [(id(s), min(k, fit, len(s.images) - 1)) for s in sentences]
+    todo = [i for i, key in enumerate(keys) if key not in scores]
+    frames = [sentences[i].images[-1 - keys[i][1] :] for i in todo]
     device = model.head.weight.device
-    out = torch.empty(len(sentences), T, dtype=torch.float64)
-    bar = tqdm(total=len(sentences), desc="perplexity", unit="sentence", disable=not progress)
+    bar = tqdm(total=len(todo), desc="perplexity", unit="sentence", disable=not progress)
     for indices, batch in _batches(frames, batch_size):
         tokens = model.with_bos(batch.flatten(1).to(device))
         logits = model(tokens[:, :-1])[:, -T:].float()  # the target's last token is never an input
         # [B*T, V] rows, not the [B, V, T] view: cross-entropy over a strided class dimension is a few e-6 off
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, -T:].flatten(), reduction="none")
-        out[indices] = nll.view(len(indices), T).double().cpu()
+        for i, row in zip(indices, nll.view(len(indices), T).double().cpu()):
+            scores[keys[todo[i]]] = row
         bar.update(len(indices))
     bar.close()
-    return out
+    return torch.stack([scores[key] for key in keys])
 
 
 def target_nlls(
-    model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False
+    model: LVM, sentences: list[Sentence], num_context: int | None = None, batch_size: int = 8, progress: bool = False,
+    scores: Scores | None = None,
 ) -> torch.Tensor:
     """Per-sentence mean NLL [N] (nats) of the last image: `target_token_nlls` averaged over its tokens."""
-    return target_token_nlls(model, sentences, num_context, batch_size, progress).mean(1)
+    return target_token_nlls(model, sentences, num_context, batch_size, progress, scores).mean(1)
 
 
-def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict:
+def perplexity_by_kind(
+    model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False, scores: Scores | None = None
+) -> dict:
     """{"all": summary, kind: summary, ...} of the last image's perplexity given all context that fits."""
-    nlls = target_nlls(model, sentences, batch_size=batch_size, progress=progress)
+    nlls = target_nlls(model, sentences, batch_size=batch_size, progress=progress, scores=scores)
     kinds = [s.kind for s in sentences]
     report = {"all": metrics.perplexities(nlls)}
     for kind in sorted(set(kinds)):
@@ -168,17 +182,11 @@ def perplexity_by_kind(model: LVM, sentences: list[Sentence], batch_size: int = 
 
 def _perplexity_curve(
     model: LVM, sentences: list[Sentence], contexts: dict[int, int], batch_size: int, desc: str | None,
-    keep: dict[int, torch.Tensor] | None = None,
+    scores: Scores | None,
 ) -> dict[int, dict]:
-    """{x: perplexity summary of each sentence's last image given the `contexts[x]` images before it}; each x's
-    per-token NLLs [N, T] also go into `keep` when given."""
-    curve = {}
-    for x, k in tqdm(contexts.items(), desc=desc, disable=desc is None):
-        nll = target_token_nlls(model, sentences, k, batch_size)
-        if keep is not None:
-            keep[x] = nll
-        curve[x] = metrics.perplexities(nll.mean(1))
-    return curve
+    """{x: perplexity summary of each sentence's last image given the `contexts[x]` images before it}."""
+    return {x: metrics.perplexities(target_nlls(model, sentences, k, batch_size, scores=scores))
+            for x, k in tqdm(contexts.items(), desc=desc, disable=desc is None)}
 
 
 def perplexity_vs_context(
@@ -187,31 +195,29 @@ def perplexity_vs_context(
     max_frames: int = MAX_CONTEXT_FRAMES,
     batch_size: int = 8,
     progress: bool = False,
-    token_nlls: dict[int, torch.Tensor] | None = None,
+    scores: Scores | None = None,
 ) -> dict[int, dict]:
     """Last-frame perplexity given 0..K context frames, K = min(max_frames, what fits, shortest sentence - 1),
     so every k is measured on the same sentences and the same target frames. k = 0 (the frame after BOS
     alone) is the no-context baseline; it is left out for models without BOS (the released LVM), which
-    cannot score an image's first token without a token before it. `token_nlls`, when given, receives each k's
-    per-token NLLs, which `context_gain_by_token` on the same sentences then reuses rather than scores again."""
+    cannot score an image's first token without a token before it."""
     if not sentences:
         return {}
     K = min(max_frames, context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     ks = range(1 - model.cfg.prefix_len, K + 1)  # k = 0 (BOS alone) needs a BOS
     return _perplexity_curve(model, sentences, {k: k for k in ks}, batch_size, "context frames" if progress else None,
-                             token_nlls)
+                             scores)
 
 
 def context_gain_by_token(
     model: LVM, sentences: list[Sentence], contexts: tuple[int, ...] = (1, 2, 8), batch_size: int = 8,
-    token_nlls: dict[int, torch.Tensor] | None = None,
+    scores: Scores | None = None,
 ) -> dict:
     """Where the gain from more context frames comes from: the last frame's mean NLL per token (nats) given
     k frames, split into tokens that keep the previous frame's code at their place and tokens that change.
     Copying needs one frame; telling a flickering place from a stable one needs a place's history; the
     changing tokens need the motion seen. (docs/demo.md: on still-camera footage context helps the first
-    two and barely the third.) k is capped at what fits and at the shortest sentence. `token_nlls`: per-token NLLs
-    by k already computed on these sentences (`perplexity_vs_context`'s)."""
+    two and barely the third.) k is capped at what fits and at the shortest sentence."""
     K = min(context_frames(model, sentences[0].images.shape[1]), min(len(s.images) for s in sentences) - 1)
     stays = torch.stack([s.images[-1] == s.images[-2] for s in sentences])
 
@@ -220,12 +226,14 @@ def context_gain_by_token(
 
     split = {}
     for k in sorted({min(k, K) for k in contexts}):
-        nll = token_nlls[k] if token_nlls and k in token_nlls else target_token_nlls(model, sentences, k, batch_size)
+        nll = target_token_nlls(model, sentences, k, batch_size, scores=scores)
         split[k] = {"stay": mean(nll[stays]), "change": mean(nll[~stays]), "all": nll.mean().item()}
     return {"stay_fraction": stays.double().mean().item(), "nll": split}
 
 
-def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False) -> dict[int, dict]:
+def perplexity_vs_pairs(
+    model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False, scores: Scores | None = None
+) -> dict[int, dict]:
     """Perplexity of the answer (each pairs sentence's last image) given the query and the n example pairs
     before it, n = 0..K (K = min(7, what fits, shortest sentence's pairs - 1)): the paper's in-context
     analogy measure. Sentences must be [x1, y1, ..., xn, yn]; n = 0 scores the answer given the query alone."""
@@ -234,7 +242,7 @@ def perplexity_vs_pairs(model: LVM, sentences: list[Sentence], batch_size: int =
     T = sentences[0].images.shape[1]
     K = min(MAX_EXAMPLE_PAIRS, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
     return _perplexity_curve(model, sentences, {n: 2 * n + 1 for n in range(K + 1)}, batch_size,
-                             "example pairs" if progress else None)
+                             "example pairs" if progress else None, scores)
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int) -> dict:
@@ -393,18 +401,17 @@ def run(args: argparse.Namespace) -> dict:
     video = [s for s in sentences if s.kind == "video"]
     pairs = {kind: [s for s in sentences if s.kind == kind and len(s.images) % 2 == 0] for kind in PAIR_KINDS}
     odd = {kind: n for kind in PAIR_KINDS if (n := sum(s.kind == kind and len(s.images) % 2 == 1 for s in sentences))}
-    video_nlls: dict[int, torch.Tensor] = {}  # scored once per context length, read by two figures
+    scores: Scores = {}  # each sentence scored once per context length, whichever figures read it
     report = {
         "model": str(args.model),
         "sentences": len(sentences),
         "tokens_per_image": T,
         "skipped": dict(skipped),
-        "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True),
+        "perplexity": perplexity_by_kind(model, sentences, args.batch_size, progress=True, scores=scores),
         "unigram": unigram_by_kind(sentences, codebook_size),
-        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True, token_nlls=video_nlls),
-        "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size, token_nlls=video_nlls)
-        if video else None,
-        "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True)
+        "vs_context": perplexity_vs_context(model, video, batch_size=args.batch_size, progress=True, scores=scores),
+        "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size, scores=scores) if video else None,
+        "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True, scores=scores)
                      for kind, found in pairs.items() if found},
         "vs_pairs_left_out": odd,  # pairs sentences of odd length: no [x1, y1, ..., xn, yn] to cut
     }

@@ -11,6 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from lvm import evaluate as evaluate_module
 from lvm.evaluate import (
     Sentence,
     context_gain_by_token,
@@ -131,10 +132,10 @@ def test_context_gain_splits_tokens_by_whether_their_code_stays(model):
         assert gain["nll"][k]["stay"] == pytest.approx(nll[stays].mean().item(), rel=1e-5)
     # lvm.evaluate scores each context length once: the curve's per-token NLLs serve the split, and give its figures
     scored = {}
-    curve = perplexity_vs_context(model, video, batch_size=2, token_nlls=scored)
-    assert sorted(scored) == list(curve) == [0, 1, 2, 3, 4, 5, 6]
-    with patch("lvm.evaluate.target_token_nlls", side_effect=AssertionError("scored again")):
-        assert context_gain_by_token(model, video, contexts=(1, 4, 99), token_nlls=scored) == gain
+    curve = perplexity_vs_context(model, video, batch_size=2, scores=scored)
+    assert sorted({k for _, k in scored}) == list(curve) == [0, 1, 2, 3, 4, 5, 6] and len(scored) == 3 * 7
+    with patch.object(model, "forward", side_effect=AssertionError("scored again")):
+        assert context_gain_by_token(model, video, contexts=(1, 4, 99), scores=scored) == gain
         assert gain["nll"][k]["change"] == pytest.approx(nll[~stays].mean().item(), rel=1e-5)
         assert gain["nll"][k]["all"] == pytest.approx(nll.mean().item(), rel=1e-5)
     still = [Sentence("s", "video", torch.cat([images[0, :7], images[0, 6:7]]))]  # the last frame repeats
@@ -317,3 +318,18 @@ def test_cli_smooths_the_unigram_over_the_models_codebook_and_skips_codes_past_i
     assert seen == [1000, 1000, 1000]  # all, colorization, video
     assert report["sentences"] == 4 and report["skipped"] == {"codes past the tokenizer's 1000": 1}
     assert report["vs_pairs"] == {} and report["vs_pairs_left_out"] == {"colorization": 1}
+
+
+def test_each_sentence_is_scored_once_per_context_length(tmp_path, shards, model, monkeypatch):
+    """The headline scored every video and pairs sentence again at the curves' longest context (review 46 #12):
+    3 video sentences x 7 lengths (0..6 frames) and 2 pairs sentences x 2 (the query, and one pair before it)."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    scored = []
+    batches = evaluate_module._batches
+    monkeypatch.setattr(evaluate_module, "_batches", lambda items, size: scored.extend(items) or batches(items, size))
+    report = run(parse_args(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--out",
+                             str(tmp_path / "eval"), "--pixel-sentences", "0", "--tokens-per-image", str(T)]))
+    assert len(scored) == 3 * 7 + 2 * 2
+    assert report["perplexity"]["video"]["mean_perplexity"] == report["vs_context"][6]["mean_perplexity"]
+    assert report["perplexity"]["pairs"]["mean_perplexity"] == report["vs_pairs"]["pairs"][1]["mean_perplexity"]
