@@ -130,7 +130,8 @@ class Video(Builder):
         self.groups = []
         for members in groups.values():
             try:
-                self.groups.append(np.array([row for _, row in sorted(members)]))
+                members.sort()
+                self.groups.append(np.array([row for _, row in members]))
             except TypeError:  # values that do not compare (a number and a null): name one that differs from the first
                 kinds = [str if isinstance(order, tuple) else type(order) if not isinstance(order, (int, float)) else float
                          for order, _ in members]
@@ -138,6 +139,11 @@ class Video(Builder):
                 raise SentenceError(f"{_where(images, row)}: json field '{order_by}' is "
                                     f"{images.meta[row][order_by]!r}, which cannot order it among its video's frames "
                                     f"(such as {images.meta[members[0][1]][order_by]!r})") from None
+            twice = next(((a, b) for (x, a), (y, b) in zip(members, members[1:]) if x == y), None)
+            if twice:  # the same video tokenized twice and listed twice: its clips would step through both copies
+                raise SentenceError(f"{_where(images, twice[1])}: the same {group_by} and {order_by} as "
+                                    f"{_where(images, twice[0])} ({images.meta[twice[1]][group_by]!r}, "
+                                    f"{images.meta[twice[1]][order_by]!r}): is a video listed twice?")
         if short := sum(len(rows) < self.opt["frames"] for rows in self.groups):
             notes[f"groups with fewer than {self.opt['frames']} frames"] += short
 

@@ -91,8 +91,13 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
 
     for index, path in enumerate(tqdm(paths, desc=f"load {name}", unit="shard", leave=False)):
         errors: list[Exception] = []  # a damaged tar ends its shard; webdataset may report it more than once
+        seen: set[str] = set()
         for sample in iter_samples(path, on_error=lambda exn: not errors.append(exn)):
             key = sample["__key__"]
+            if key in seen:  # webdataset groups adjacent members only: a second part would be read as another image
+                raise SentenceError(f"{path}: sample '{key}' comes twice: its files are not next to each other in the "
+                                    "tar (a shard keeps each sample's files together, as lvm.tokenize writes them)")
+            seen.add(key)
             arrays = {}
             for variant in variants:
                 raw = sample.get(token_member(variant))

@@ -830,3 +830,33 @@ def test_a_report_that_is_no_json_object_counts_as_missing(tmp_path: Path) -> No
         (tmp_path / name).write_text(text)
     assert [read_report(tmp_path / n) for n in ("list.json", "null.json", "torn.json", "missing.json", "ok.json")] == [
         {}, {}, {}, {}, {"a": 1}]
+
+
+def test_a_video_listed_twice_and_a_sample_split_in_its_tar_are_refused(tmp_path: Path) -> None:
+    """The same video tokenized into two folders became clips stepping through both copies (stride 2 read as 1);
+    a tar with its jsons first gave every image an empty json (review 44 #3, #7)."""
+    frames = [{"__key__": f"f{f}", "tokens.npy": codes(VIDEO + f * N), "json": {"video": "v", "frame": f}}
+              for f in range(4)]
+    write_tokens(tmp_path / "run1" / "0.tar", frames)
+    write_tokens(tmp_path / "run2" / "0.tar", frames)
+    (tmp_path / "a").mkdir()
+    with pytest.raises(SentenceError, match=r"run2/0\.tar: sample 'f0': the same video and frame as .*run1/0\.tar: "
+                                            r"sample 'f0' \('v', 0\): is a video listed twice\?$"):
+        run_build(tmp_path / "a", [{"name": "v", "kind": "video", "frames": 2, "strides": [1],
+                                    "shards": [str(tmp_path / "run1"), str(tmp_path / "run2")]}])
+    with tarfile.open(tmp_path / "split.tar", "w") as tar:  # every json, then every tokens.npy
+        for member, data in [(f"f{f}.json", json.dumps({"video": "v", "frame": f}).encode()) for f in range(2)] + \
+                            [(f"f{f}.tokens.npy", _npy(codes(f * N))) for f in range(2)]:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SentenceError, match=r"split\.tar: sample 'f0' comes twice: its files are not next to each "
+                                            r"other in the tar"):
+        run_build(tmp_path / "b", [{"name": "v", "kind": "single", "shards": str(tmp_path / "split.tar")}])
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
