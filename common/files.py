@@ -90,6 +90,19 @@ def sync_files(paths: Sequence[str | Path]) -> None:
         _fsync(folder)
 
 
+def within(path: str, folder: Path) -> bool:
+    """Whether `path`, links resolved, is the resolved `folder` or lies below it."""
+    resolved = Path(path).resolve()
+    return resolved == folder or folder in resolved.parents
+
+
+def spec_holding(out: Path, specs: Sequence[str]) -> str | None:
+    """The folder spec that `out` lies in, if any: checked by name, so before a first run has written anything,
+    since a rerun would read the outputs as inputs."""
+    resolved = out.resolve()
+    return next((spec for spec in specs if os.path.isdir(spec) and within(str(resolved), Path(spec).resolve())), None)
+
+
 TAR_END = 2 * 512  # every complete tar archive ends with two zero blocks
 _DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}  # by magic number
 

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import exit_on
-from common.files import atomic_write
+from common.files import atomic_write, spec_holding, within
 from common.options import HelpFormatter
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from sentences.errors import SentenceError
@@ -256,10 +256,25 @@ def _earlier_shards(out: Path) -> dict[str, dict]:
     return shards if isinstance(shards, dict) else {}
 
 
+def _check_out_outside_inputs(spec: MixSpec, out: Path) -> None:
+    """Refuse an `out` among the inputs: a rerun, the resume after a crash included, would read the sentence
+    shards as token shards. A folder pattern is checked by name, before the first run writes anything; a glob is
+    caught by the shards it found there."""
+    for i, src in enumerate(spec.sources):
+        folder = spec_holding(out, src.patterns)
+        inside = next((p for p in [*src.shards, *(q for v in src.annotations.values() for q in v)]
+                       if within(p, out.resolve())), None)
+        if folder or inside:
+            raise SentenceError(f"{out}: --out is {f'inside the input folder {folder}' if folder else f'where {inside} lies'}"
+                                f" (sources[{i}], {src.name}); a rerun would read its sentence shards as token shards: "
+                                "choose an --out outside the inputs")
+
+
 def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:
     """Run a whole build (resuming one that was interrupted); returns what ``index.json`` records and how many
     shards an earlier run had completed."""
     out = Path(out)
+    _check_out_outside_inputs(spec, out)
     sources, tokens_per_image, skipped, tokenizer = load_sources(spec)
     planned = plan(spec, sources, tokens_per_image)
     _prepare_out(spec, out)  # only once the spec has proved buildable: a refused spec must not claim `out`

@@ -45,6 +45,7 @@ class SourceSpec:
     epochs: float | None = None  # passes over the source (epochs mode)
     weight: float | None = None  # share of the mixture's tokens (tokens mode)
     options: dict = field(default_factory=dict)  # the kind's options, defaults filled in
+    patterns: list[str] = field(default_factory=list)  # shards and annotations as the spec names them (not hashed)
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,10 @@ class MixSpec:
 
     def to_json(self) -> dict:
         """Everything that determines the output, for the build's fingerprint and index."""
-        return {k: v for k, v in asdict(self).items() if k != "path"}
+        record = {k: v for k, v in asdict(self).items() if k != "path"}
+        for source in record["sources"]:
+            del source["patterns"]  # the shards they name are recorded
+        return record
 
 
 def _positive(value: object, where: str, kind: type = int) -> float:
@@ -151,6 +155,7 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
         epochs=epochs,
         weight=weight,
         options=options,
+        patterns=[p for value in (raw["shards"], *annotations.values()) for p in ([value] if isinstance(value, str) else value)],
     )
 
 

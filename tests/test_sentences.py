@@ -860,3 +860,17 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def test_an_out_inside_an_input_folder_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    """The first build succeeded, and every rerun, the resume after a crash included, read its own sentence shards
+    as token shards (review 44 #4)."""
+    write_tokens(tmp_path / "tok" / "a.tar", [{"__key__": f"k{i}", "tokens.npy": codes(i * N)} for i in range(3)])
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(yaml.safe_dump({"sources": [{"name": "s", "kind": "single", "shards": str(tmp_path / "tok")}]}))
+    with pytest.raises(SystemExit):
+        main(["--spec", str(spec), "--out", str(tmp_path / "tok" / "sent")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'tok' / 'sent'}: --out is inside the input folder {tmp_path / 'tok'} (sources[0], s); a "
+        "rerun would read its sentence shards as token shards: choose an --out outside the inputs")
+    assert not (tmp_path / "tok" / "sent").exists()

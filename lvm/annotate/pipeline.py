@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import leave_stop_signals_to_main
+from common.files import spec_holding
 from common.options import default_workers, usable_cores
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, predict, preprocess
@@ -35,7 +36,7 @@ from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
-from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key, spec_holding
+from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key
 from lvm.tokenize.writer import recorded, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports

@@ -25,13 +25,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 import tokenizer
 import weights
 from common.errors import leave_stop_signals_to_main
+from common.files import spec_holding, within
 from common.options import default_workers, usable_cores
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
 from lvm.tokenize.progress import Progress, Summary, log
-from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards, spec_holding, within
+from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
 from lvm.tokenize.writer import ShardWriter, recorded, shard_paths, shard_state
 from sentences.formats import ORIGINAL, token_report
 from tokenizer.preprocess import finish_preprocessing

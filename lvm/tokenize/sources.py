@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key
+from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key, within
 from lvm.tokenize import TokenizeError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".ts", ".m2ts",
@@ -250,19 +250,6 @@ def leftover_shards(out: Path, units: list[Unit]) -> list[Path]:
         for tar in out.glob(f"{glob.escape(family)}-{'[0-9]' * 6}{TAR_SUFFIX}")
         if tar.name[: -len(TAR_SUFFIX)] not in names
     )
-
-
-def within(path: str, folder: Path) -> bool:
-    """Whether `path`, links resolved, is the resolved `folder` or lies below it."""
-    resolved = Path(path).resolve()
-    return resolved == folder or folder in resolved.parents
-
-
-def spec_holding(out: Path, specs: list[str]) -> str | None:
-    """The folder spec that `out` lies in, if any: checked by name, so before a first run has written anything,
-    since a rerun would read the outputs as inputs."""
-    resolved = out.resolve()
-    return next((spec for spec in specs if os.path.isdir(spec) and within(str(resolved), Path(spec).resolve())), None)
 
 
 def folder_within(units: list[Unit], folders: list[Path]) -> str | None:
