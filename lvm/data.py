@@ -33,7 +33,7 @@ from common.files import expand_shards
 from lvm.errors import ConfigError
 from lvm.tokenize.progress import clock
 from sentences.errors import SentenceError
-from sentences.formats import has_lengths, largest_image, sentences_tokenizer
+from sentences.formats import check_folders_whole, has_lengths, sentences_tokenizer, tokens_per_image
 from sentences.stream import PackedStream, shard_tokens
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
@@ -114,12 +114,18 @@ class LVMDataModule(L.LightningDataModule):
                 except ValueError as e:
                     how = "; make them with `python -m sentences.build --spec mix.yaml --out DIR` (docs/sentences.md)"
                     raise ConfigError(f"data.{field}: {e}{how}") from None
+                try:
+                    check_folders_whole(shards, self._paths[field])
+                except SentenceError as e:
+                    raise ConfigError(f"data.{field}: {e}") from None
+        every = self._paths["train_shards"] + self._paths.get("val_shards", [])
         try:
-            # The tokenizer that made these sentences (their index.json), saved into checkpoints by LVMModule.
-            self.tokenizer: dict | None = sentences_tokenizer(self._paths["train_shards"])
-            image = largest_image(self._paths["train_shards"])
+            # The tokenizer that made these sentences (their index.json), saved into checkpoints by LVMModule; the
+            # validation sentences must come from it too, or val/loss measures tokens the model never learnt.
+            self.tokenizer: dict | None = sentences_tokenizer(every)
+            image = tokens_per_image(every)
         except SentenceError as e:
-            raise ConfigError(f"data.train_shards: {e}") from None
+            raise ConfigError(f"data.{'train_shards, data.val_shards' if val_shards is not None else 'train_shards'}: {e}") from None
         if image and seq_len < 2 * image:  # a row is seq_len + 1 tokens: inputs and the label after them
             rank_zero_warn(f"data.seq_len {seq_len} holds no two images of {image} tokens (BOS + 2 x {image}): no row "
                            "shows the model an image after another, so it learns single images only; give it a context "

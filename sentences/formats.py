@@ -210,6 +210,20 @@ def indexed_shards(folder: str) -> dict[str, dict]:
     return _read_index(folder).get("shards", {})
 
 
+def check_folders_whole(patterns: str | Sequence[str], paths: Sequence[str]) -> None:
+    """Refuse a sentence folder, named as a folder, that lacks shards its ``index.json`` lists (`paths`: what the
+    patterns found): a copy that lost files would train on the rest without a word, where one shard cut short is
+    refused (``sentences.stream.shard_tokens``). A glob or brace pattern may pick a subset."""
+    found = {os.path.normpath(path) for path in paths}
+    for pattern in [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns:
+        if os.path.isdir(pattern):
+            listed = indexed_shards(str(pattern))
+            missing = sorted(name for name in listed if os.path.normpath(os.path.join(pattern, name)) not in found)
+            if missing:
+                raise SentenceError(os.path.join(pattern, missing[0]), f"listed in index.json but not there ({len(missing)} "
+                                    f"of {len(listed)} shards missing): copy them again, or rebuild")
+
+
 def write_lengths(folder: str | Path, lengths: np.ndarray) -> None:
     """``<folder>/LENGTHS_NAME``, atomically: the token count of every sentence of the shards ``index.json`` lists,
     in its order. Write it before ``index.json``, which marks the folder complete."""
@@ -311,10 +325,19 @@ def token_shards_tokenizer(paths: Sequence[str]) -> dict | None:
     return one_tokenizer((path, read_report(token_report(path)).get("tokenizer")) for path in paths)
 
 
-def largest_image(paths: Sequence[str]) -> int | None:
-    """The most tokens per image the ``index.json`` of these shards' folders records (None when none says)."""
-    sizes = [_read_index(folder).get("tokens_per_image") for folder in sorted({os.path.dirname(p) for p in paths})]
-    return max((size for size in sizes if isinstance(size, int)), default=None)
+def tokens_per_image(paths: Sequence[str]) -> int | None:
+    """The tokens per image the ``index.json`` of these shards' folders records (None when none says); folders that
+    record two sizes are images of two tokenizers, an error even where no tokenizer record says so."""
+    sizes: dict[int, str] = {}
+    for folder in sorted({os.path.dirname(p) for p in paths}):
+        size = _read_index(folder).get("tokens_per_image")
+        if isinstance(size, int):
+            sizes.setdefault(size, folder)
+    if len(sizes) > 1:
+        (a, first), (b, second) = list(sizes.items())[:2]
+        raise SentenceError(second, f"{b} tokens per image, but {first} holds {a}: sentences of two tokenizers; "
+                                    "tokenize everything with one tokenizer")
+    return next(iter(sizes), None)
 
 
 def sentences_tokenizer(paths: Sequence[str]) -> dict | None:

@@ -30,7 +30,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from common.files import expand_shards
 from sentences.errors import SentenceError
-from sentences.formats import ANOTHER_BUILD, LENGTHS_NAME, has_lengths, indexed_lengths, indexed_shards, read_sentences
+from sentences.formats import (
+    ANOTHER_BUILD,
+    LENGTHS_NAME,
+    check_folders_whole,
+    has_lengths,
+    indexed_lengths,
+    indexed_shards,
+    read_sentences,
+)
 
 SHUFFLE_BUFFER = 4096
 """Sentences a reader holds to shuffle (at most ~32 MB at 16 images of 256 tokens); the build already shuffled
@@ -104,6 +112,7 @@ class PackedStream(IterableDataset):
         if seq_len < 1 or batch_size < 1:
             raise SentenceError(f"{shards}: seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
         self.shards = expand_shards(shards)
+        check_folders_whole(shards, self.shards)
         self.tokens = shard_tokens(self.shards)
         self.seq_len, self.batch_size, self.seed, self.doc_ids = seq_len, batch_size, seed, doc_ids
         self.rank, self.world_size = rank, world_size

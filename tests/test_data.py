@@ -211,3 +211,34 @@ def test_too_few_tokens_for_every_worker_is_a_config_error_before_any_worker_sta
     dm = LVMDataModule(train_shards=str(shards), seq_len=4096, batch_size=64, num_workers=2)
     with pytest.raises(ConfigError, match=r"^data: .* cannot give one batch of 64 x 4097 tokens to each of 2 readers"):
         dm.train_dataloader()
+
+
+def _indexed(shards: Path, out: Path, tokens_per_image: int = 16, tokenizer: dict | None = None) -> Path:
+    """A copy of the shards with the index.json sentences.build writes beside them."""
+    copy, index = shutil.copytree(shards, out), SentenceIndex(tokens_per_image, 0, 1024)
+    for shard in sorted(copy.glob("*.tar")):
+        counts = [len(s.tokens) for s in read_sentences(str(shard))]
+        index.shards[shard.name] = {"sentences": len(counts), "tokens": sum(counts), "bytes": shard.stat().st_size}
+    index.tokenizer = tokenizer
+    index.write(copy)
+    return copy
+
+
+def test_a_folder_missing_shards_and_validation_of_another_tokenizer_are_refused(shards, tmp_path):
+    """A copy that lost a whole shard trained on the rest without a word; validation sentences of another tokenizer,
+    or train folders of two image sizes, were accepted (review 44 #5, #6, #15e)."""
+    whole = _indexed(shards, tmp_path / "whole", tokenizer={"name": "a", "digest": "aa" * 16})
+    LVMDataModule(train_shards=str(whole), seq_len=32)
+    (whole / "00002.tar").unlink()
+    with pytest.raises(ConfigError, match=r"^data\.train_shards: .*whole/00002\.tar: listed in index\.json but not there "
+                                          r"\(1 of 4 shards missing\): copy them again, or rebuild$"):
+        LVMDataModule(train_shards=str(whole), seq_len=32)
+    LVMDataModule(train_shards=f"{whole}/0000[013].tar", seq_len=32)  # a glob may pick a subset
+    train = _indexed(shards, tmp_path / "train", tokenizer={"name": "a", "digest": "aa" * 16})
+    val = _indexed(shards, tmp_path / "val", tokenizer={"name": "b", "digest": "bb" * 16})
+    with pytest.raises(ConfigError, match=r"^data\.train_shards, data\.val_shards: .*val: made by tokenizer b"):
+        LVMDataModule(train_shards=str(train), val_shards=str(val), seq_len=32)
+    big = _indexed(shards, tmp_path / "big", tokens_per_image=64)
+    small = _indexed(shards, tmp_path / "small", tokens_per_image=16)
+    with pytest.raises(ConfigError, match=r"^data\.train_shards: .*small: 16 tokens per image, but .*big holds 64"):
+        LVMDataModule(train_shards=[str(big), str(small)], seq_len=256)
