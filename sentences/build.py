@@ -29,7 +29,7 @@ from tqdm import tqdm
 from common.errors import exit_on
 from common.files import atomic_write, spec_holding, within
 from common.options import HelpFormatter
-from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
+from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
 from sentences.formats import (
     INDEX_NAME,
@@ -79,8 +79,9 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dic
     Returns the sources, the tokens per image, per set of token shards the samples skipped by reason, and the
     tokenizer that made every set (None when their reports do not say; two different ones are an error).
 
-    Shards used by several sources with the same variants (a LAION set drawn as single, colorization and
-    inpainting sentences) are loaded once and shared.
+    Shards used by several sources with the same variants (one set drawn by two `single` sources, or as `pairs`
+    of two tasks) are loaded once and shared; a set read with other variants (`single`: the originals;
+    `colorization`: originals and gray) is loaded again for them, originals and jsons included.
     """
     loaded: dict[tuple, tuple[TokenSet, Counter]] = {}
 
@@ -107,7 +108,7 @@ def load_sources(spec: MixSpec) -> tuple[list[Source], int, dict[str, dict], dic
         images = KINDS[src.kind].images_per_sentence(src.options, len(src.annotations))
         if images * tokens_per_image > spec.window:
             raise SentenceError(
-                f"{spec.path}: sources[{i}] ({src.kind}): sentences of {images} images x {tokens_per_image} tokens "
+                f"{spec.path}: sources[{i}] ({src.name}): sentences of {images} images x {tokens_per_image} tokens "
                 f"exceed the window of {spec.window} tokens (at most {spec.window // tokens_per_image} images fit)"
             )
     # Per set of shards, however many variant sets read it: one damaged sample read for the originals and for the
@@ -156,13 +157,10 @@ def plan(spec: MixSpec, sources: list[Source], tokens_per_image: int) -> list[Pl
 
 
 def assemble(item: Planned) -> tuple[np.ndarray, dict]:
-    """``[BOS, image tokens..., EOS]`` as uint16 and the sentence json; every id is checked once more here."""
+    """``[BOS, image tokens..., EOS]`` as uint16 and the sentence json (every id was checked on loading)."""
     tokens = np.concatenate(
         [[BOS_ID], *(images.tokens[variant][row] for images, variant, row in item.images), [EOS_ID]]
     ).astype(np.uint16)
-    inner = tokens[1:-1]
-    if inner.size and int(inner.max()) >= CODEBOOK_SIZE:
-        raise SentenceError(f"{item.key}: image token id {int(inner.max())} outside the codebook")
     info = {
         "kind": item.source.spec.kind,
         "source": item.source.spec.name,

@@ -29,7 +29,7 @@ from common.files import ShardPatternError, expand_shards
 from sentences.errors import SentenceError
 from sentences.kinds import KINDS
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _TOP = ("seed", "window", "sentences_per_shard", "tokens", "sources")
 _SOURCE = {"name", "kind", "shards", "annotations", "epochs", "weight"}
 
@@ -112,7 +112,7 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
         if required not in raw:
             raise SentenceError(f"{where}.{required}: missing")
     name, kind = raw["name"], raw["kind"]
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise SentenceError(f"{where}.name: expected letters, digits, '-' or '_', got {name!r}")
     if not isinstance(kind, str) or kind not in KINDS:
         raise SentenceError(f"{where}.kind: unknown kind {kind!r} (one of: {', '.join(KINDS)})")
@@ -136,7 +136,7 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
         count = f"exactly {low}" if low == high else f"at least {low}" if len(annotations) < low else f"at most {high}"
         raise SentenceError(f"{where}.annotations: kind {kind} takes {count} annotation sets, got {len(annotations)}")
     for task in annotations:
-        if not isinstance(task, str) or not _NAME.match(task) or task == "image":
+        if not isinstance(task, str) or not _NAME.fullmatch(task) or task == "image":
             raise SentenceError(f"{where}.annotations: bad task name {task!r} (letters, digits, '-', '_'; not 'image')")
 
     if tokens_mode:
@@ -159,16 +159,29 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise SentenceError(f"line {node.start_mark.line + 1}: {twice!r} given twice in one mapping")
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_spec(path: str | Path) -> MixSpec:
     """Parse and validate a mixing spec; raises SentenceError(``<path>: <field>: <problem>``)."""
     path = str(path)
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as exn:
         raise SentenceError(f"{path}: cannot read ({exn.strerror})") from None
     except yaml.YAMLError as exn:
         raise SentenceError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
+    except SentenceError as exn:
+        raise SentenceError(f"{path}: {exn}") from None
     try:
         return _validate(raw, path)
     except SentenceError as exn:

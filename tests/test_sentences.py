@@ -717,6 +717,8 @@ BAD_SPECS = [
      "sources[0].frames: expected a positive integer, got '16'$"),  # no hint about 1e3: it has no exponent
     ({"sources": [{"name": "a", "kind": ["single"], "shards": "{tok}/images"}]},
      "sources[0].kind: unknown kind ['single'] (one of: "),  # was a TypeError traceback (review 44 #3, #5)
+    ({"sources": [{"name": "laion\n", "kind": "single", "shards": "{tok}/images"}]},
+     "sources[0].name: expected letters, digits, '-' or '_', got 'laion\\n'"),  # `$` let a final newline in
     (
         {"tokens": 1000, "window": 512,
          "sources": [{"name": "a", "kind": "video", "shards": "{tok}/videos", "frames": 21, "weight": 1}]},
@@ -739,7 +741,7 @@ BAD_SPECS = [
      "sources[0].annotations: kind multiview takes at most 1 annotation sets, got 2"),
     (
         {"window": 64, "sources": [{"name": "a", "kind": "colorization", "shards": "{tok}/images"}]},
-        "sources[0] (colorization): sentences of 16 images x 16 tokens exceed the window of 64 tokens "
+        "sources[0] (a): sentences of 16 images x 16 tokens exceed the window of 64 tokens "
         "(at most 4 images fit)",
     ),
 ]
@@ -860,6 +862,16 @@ def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def test_a_key_given_twice_in_the_spec_is_refused(tmp_path: Path, tokens: Path, capsys) -> None:
+    """PyYAML keeps the last of two equal keys without a word: `epochs: 1, epochs: 2` built 2 epochs (review 44 #15)."""
+    spec = tmp_path / "mix.yaml"
+    spec.write_text(f"sources:\n  - name: a\n    kind: single\n    shards: {tokens / 'images'}\n    epochs: 1\n"
+                    "    epochs: 2\n")
+    with pytest.raises(SystemExit):
+        main(["--spec", str(spec), "--out", str(tmp_path / "out")])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {spec}: line 2: 'epochs' given twice in one mapping"
 
 
 def test_an_out_inside_an_input_folder_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
