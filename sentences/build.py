@@ -293,7 +293,7 @@ def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:
 
 def _report(summary: SentenceIndex, resumed_shards: int, out: str, seconds: float) -> str:
     """The per-source and per-kind table, then the one-line summary."""
-    lines = [f"{'source':<16}{'kind':<14}{'epochs':>8}{'sentences':>12}{'tokens':>15}  unused images"]
+    lines = [f"{'source':<16}{'kind':<14}{'epochs':>8}{'sentences':>12}{'tokens':>15}  unused (images, groups or categories, by reason)"]
     for name, s in summary.sources.items():
         notes = "; ".join(f"{n} {r}" for r, n in s["unused"].items()) or "-"
         lines.append(f"{name:<16}{s['kind']:<14}{s['epochs']:>8.2f}{s['sentences']:>12,}{s['tokens']:>15,}  {notes}")
