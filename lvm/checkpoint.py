@@ -4,8 +4,8 @@
   `checkpoint["lvm_config"]` (an `LVMConfig.to_dict()`);
 - Hugging Face `LlamaForCausalLM` directories (config.json + safetensors or
   `pytorch_model*.bin` shards), such as the released LVM-7B;
-- either one named by a Hugging Face hub id (`Emma02/LVM_ckpts`, optionally `@revision`), fetched into the
-  hub cache by `weights.resolve`.
+- a Hugging Face hub id of such a directory (`Emma02/LVM_ckpts`, optionally `@revision`), fetched into the
+  hub cache by `weights.resolve` (a `.ckpt` on the hub: `hf download REPO FILE`, then its path).
 
 Weights are data: pickles are read with `torch.load(weights_only=True)` (`weights.torch_load`), so a
 checkpoint that pickles code is refused with the global it names, and nothing in it runs.
@@ -65,6 +65,10 @@ def load_lvm(path: str | Path, device: str | torch.device = "cpu", dtype: torch.
     except weights.WeightsError as err:
         raise CheckpointError(err.where, err.what) from None
     if resolved.is_dir():
+        if (resolved / ".metadata").is_file() and any(resolved.glob("*.distcp")):
+            raise CheckpointError(resolved, "a sharded (distributed) Lightning checkpoint, which is not read here: resume "
+                                            "it with --ckpt_path and save with save_distributed_checkpoint false for "
+                                            "one .ckpt (docs/training.md)")
         if not (resolved / "config.json").is_file():
             raise CheckpointError(resolved, "not a Hugging Face model directory (no config.json)")
         cfg, tensors, info = _hf_source(resolved, released=_is_released(path))
@@ -88,6 +92,8 @@ def _lightning_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.
         raise CheckpointError(path, err.what) from None
     if not isinstance(ckpt, dict) or "lvm_config" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(path, "not an LVM training checkpoint (no 'lvm_config' / 'state_dict')")
+    if not isinstance(ckpt["lvm_config"], dict) or not isinstance(ckpt["state_dict"], dict):
+        raise CheckpointError(path, "not an LVM training checkpoint ('lvm_config' and 'state_dict' must be mappings)")
     try:
         cfg = LVMConfig.from_dict(ckpt["lvm_config"])
     except (TypeError, ValueError) as e:
@@ -101,6 +107,8 @@ def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[st
         config = json.loads((path / "config.json").read_text())
         if not isinstance(config, dict):
             raise ValueError(f"not a JSON object but {type(config).__name__}")
+        if config.get("format") == "lvm-vqgan" or config.get("_class_name") == "VQGANModel":  # the flags swapped
+            raise ValueError("a VQGAN tokenizer, not a Llama model: pass it as --tokenizer")
         cfg = hf.config_from_hf(config)
     except (ValueError, KeyError, TypeError) as e:
         problem = f"missing config field {e}" if isinstance(e, KeyError) else str(e)
@@ -113,8 +121,9 @@ def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[st
 
 
 def _weight_files(path: Path) -> list[Path]:
-    """The weight files of an HF folder: those its index names when it has one (as transformers reads them: other
-    `*.safetensors` there, such as a copied-in file, are not this model's), else every safetensors or .bin file."""
+    """The weight files of an HF folder as transformers reads them: those its index names when it has one, else
+    `model.safetensors`, else `pytorch_model.bin` (other files beside them, a copied-in or Meta-format
+    `consolidated.safetensors`, are not this model's); a folder with none of these: its safetensors or .bin files."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (path / index).is_file():
             try:
@@ -126,6 +135,9 @@ def _weight_files(path: Path) -> list[Path]:
                 if not file.is_file():
                     raise CheckpointError(file, f"missing: {index} names it")
             return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return [path / single]
     return sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
 
 
@@ -139,12 +151,15 @@ def _hf_tensors(shards: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                         if (name := _our_name(shard, key)) is not None:
                             yield name, f.get_tensor(key)
             except (SafetensorError, OSError) as err:
-                raise CheckpointError(shard, f"corrupt safetensors file ({err})") from None
+                raise CheckpointError(shard, weights.LFS_POINTER if weights.is_lfs_pointer(shard) else
+                                      f"corrupt safetensors file ({err})") from None
         else:
             try:
                 state = weights.torch_load(shard, mmap=True)
             except weights.WeightsError as err:
                 raise CheckpointError(shard, err.what) from None
+            if not isinstance(state, dict):
+                raise CheckpointError(shard, f"not a state dict (a {type(state).__name__}, not a mapping of names to tensors)")
             for key, tensor in state.items():
                 if (name := _our_name(shard, key)) is not None:
                     yield name, tensor
@@ -174,6 +189,8 @@ def _materialize(
             continue
         if name not in expected:
             raise CheckpointError(path, f"unexpected weight {name!r} for this config")
+        if not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(path, f"{name}: a {type(tensor).__name__}, not a tensor")
         if tensor.shape != expected[name].shape:
             want = tuple(expected[name].shape)
             raise CheckpointError(path, f"{name}: shape {tuple(tensor.shape)} != {want} expected from the config")

@@ -83,6 +83,12 @@ def _rope_theta(hf: dict) -> float:
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
+def _field(hf: dict, name: str, default: object) -> object:
+    """A config field, null read as absent (as transformers writes some fields)."""
+    value = hf.get(name)
+    return default if value is None else value
+
+
 def config_from_hf(hf: dict) -> LVMConfig:
     """Translate a Llama config.json into an LVMConfig; ValueError names what we cannot represent.
 
@@ -101,9 +107,9 @@ def config_from_hf(hf: dict) -> LVMConfig:
         vocab_size=vocab,
         max_seq_len=hf.get("max_position_embeddings") or 4096,  # null, as transformers writes some fields, = absent
         rope_theta=_rope_theta(hf),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        init_std=hf.get("initializer_range", 0.02),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=_field(hf, "rms_norm_eps", 1e-6),
+        init_std=_field(hf, "initializer_range", 0.02),
+        tie_embeddings=_field(hf, "tie_word_embeddings", False),  # checked as a bool: "false" is no False
         bos_id=bos if isinstance(bos, int) and isinstance(vocab, int) and CODEBOOK_SIZE <= bos < vocab else None,
     )
     kv_heads, heads = hf.get("num_key_value_heads"), cfg.n_heads

@@ -67,6 +67,15 @@ class LVMConfig:
             raise ValueError(
                 f"LVMConfig.dim ({self.dim}) must split into n_heads ({self.n_heads}) heads of even size"
             )
+        for name in ("rope_theta", "norm_eps", "init_std", "dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"LVMConfig.{name} must be a number, got {value!r}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError(f"LVMConfig.rope_theta, norm_eps and init_std must be > 0, got {self.rope_theta}, "
+                             f"{self.norm_eps}, {self.init_std}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"LVMConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LVMConfig.dropout must be in [0, 1), got {self.dropout}")
 

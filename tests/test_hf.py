@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from common.vocab import BOS_ID, CODEBOOK_SIZE, VOCAB_SIZE
 from lvm.checkpoint import CheckpointError, load_lvm
@@ -269,6 +270,61 @@ def test_bad_model_paths_give_one_line_errors(tmp_path, ours):
     torch.save({"state_dict": state, "lvm_config": ours.cfg.to_dict()}, tmp_path / "partial.ckpt")
     with pytest.raises(CheckpointError, match="partial.ckpt: missing weights: norm.weight"):
         load_lvm(tmp_path / "partial.ckpt")
+
+
+def test_odd_weight_files_are_one_line_errors_saying_what_they_are(tmp_path, ours, exported):
+    """Tracebacks or misleading lines for contents that are not a state dict, a swapped --tokenizer, git-lfs pointers,
+    a sharded Lightning checkpoint and text read as a pickle (review 48 #2, #6, #9, #10, #13)."""
+    config = (exported / "config.json").read_text()
+    cases = {}
+    for name, content in (("binlist", [torch.ones(2)]), ("binint", {"model.norm.weight": 3})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        torch.save(content, tmp_path / name / "pytorch_model.bin")
+    cases["binlist"] = r"binlist/pytorch_model\.bin: not a state dict \(a list, not a mapping of names to tensors\)$"
+    cases["binint"] = r"binint: norm\.weight: a int, not a tensor$"
+    torch.save({"state_dict": [1], "lvm_config": ours.cfg.to_dict()}, tmp_path / "list.ckpt")
+    cases["list.ckpt"] = r"list\.ckpt: not an LVM training checkpoint \('lvm_config' and 'state_dict' must be mappings\)$"
+    torch.save({"state_dict": {}, "lvm_config": {**ours.cfg.to_dict(), "rope_theta": "x"}}, tmp_path / "theta.ckpt")
+    cases["theta.ckpt"] = r"theta\.ckpt: invalid lvm_config: LVMConfig\.rope_theta must be a number, got 'x'$"
+    (tmp_path / "hello.ckpt").write_text("hello world")  # text starting with "h": the unpickler's BINGET
+    cases["hello.ckpt"] = r"hello\.ckpt: corrupt or not a PyTorch checkpoint \(KeyError\)$"
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({"format": "lvm-vqgan", "config": {}}))
+    cases["tok"] = r"tok/config\.json: a VQGAN tokenizer, not a Llama model: pass it as --tokenizer$"
+    (tmp_path / "lfs").mkdir()
+    (tmp_path / "lfs" / "config.json").write_text(config)
+    (tmp_path / "lfs" / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n")
+    cases["lfs"] = r"lfs/model\.safetensors: a git-lfs pointer, not the weights: run `git lfs pull`"
+    (tmp_path / "dcp.ckpt").mkdir()
+    (tmp_path / "dcp.ckpt" / ".metadata").write_bytes(b"")
+    (tmp_path / "dcp.ckpt" / "__0_0.distcp").write_bytes(b"")
+    cases["dcp.ckpt"] = r"dcp\.ckpt: a sharded \(distributed\) Lightning checkpoint, which is not read here"
+    for name, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            load_lvm(tmp_path / name)
+
+
+def test_config_numbers_and_flags_are_checked_when_loading(tmp_path, exported):
+    """A string rms_norm_eps loaded and failed at the first forward pass; "false" tied the head (review 48 #5)."""
+    for field, value, message in (("rms_norm_eps", "1e-6", r"LVMConfig\.norm_eps must be a number, got '1e-6'"),
+                                  ("tie_word_embeddings", "false", r"tie_embeddings must be true or false, got 'false'")):
+        folder = tmp_path / field
+        shutil.copytree(exported, folder)
+        (folder / "config.json").write_text(json.dumps({**json.loads((exported / "config.json").read_text()), field: value}))
+        with pytest.raises(CheckpointError, match=message):
+            load_lvm(folder)
+
+
+def test_a_single_file_folder_reads_model_safetensors_as_transformers_does(ours, tmp_path):
+    """A Meta-format `consolidated.safetensors` beside `model.safetensors` (repositories carry both) was read too and
+    refused (review 48 #3)."""
+    save_ckpt(ours, tmp_path / "last.ckpt")
+    export_main(["--model", str(tmp_path / "last.ckpt"), "--to-hf", str(tmp_path / "hf")])
+    assert sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors")) == ["model.safetensors"]
+    save_file({"tok_embeddings.weight": torch.zeros(2, 2)}, tmp_path / "hf" / "consolidated.safetensors")
+    tokens = torch.randint(0, CODEBOOK_SIZE, (1, 12))
+    torch.testing.assert_close(load_lvm(tmp_path / "hf")(tokens), ours(tokens), atol=0, rtol=0)
 
 
 def test_export_cli_error_is_one_line(tmp_path, capsys):

@@ -283,6 +283,26 @@ def test_taming_yaml_passed_explicitly_or_missing(tmp_path: Path) -> None:
     assert tokenizer.load(moved, config=project).tokens_per_image == 64
 
 
+def test_a_taming_run_copied_flat_finds_its_project_yaml(tmp_path: Path) -> None:
+    """last.ckpt with the run's two yamls beside it: the lightning one (which sorts first) holds no model (review 48 #7)."""
+    (tmp_path / "run").mkdir()
+    ckpt, _ = _taming_run(tmp_path / "run")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    ckpt.rename(flat / "last.ckpt")
+    (project,) = (tmp_path / "run" / "configs").glob("*.yaml")
+    project.rename(flat / project.name)
+    (flat / "2021-01-01T00-00-00-lightning.yaml").write_text(yaml.safe_dump({"lightning": {"trainer": {"gpus": 1}}}))
+    assert tokenizer.load(flat / "last.ckpt").tokens_per_image == 64
+
+
+def test_an_open_muse_class_other_than_vqganmodel_is_named(tmp_path: Path) -> None:
+    """A MOVQ folder was built as a VQGANModel and refused later for mismatched keys (review 48 #12)."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_MUSE_CONFIG, "_class_name": "MOVQ"}))
+    with pytest.raises(tokenizer.TokenizerLoadError, match=r"config\.json: an open-muse MOVQ, not a VQGANModel"):
+        tokenizer.load(tmp_path)
+
+
 def test_taming_release_layout_finds_configs_model_yaml(tmp_path: Path) -> None:
     """taming's downloads (`logs/vqgan_imagenet_f16_1024/`) are `checkpoints/last.ckpt` + `configs/model.yaml`."""
     ckpt, _ = _taming_run(tmp_path)

@@ -100,6 +100,20 @@ def offline(hub, monkeypatch) -> Path:
 
 
 # -- the resolver ------------------------------------------------------------------------------------------
+def test_the_cache_and_offline_switch_are_found_as_huggingface_hub_finds_them(offline, tmp_path, monkeypatch):
+    """The older HUGGINGFACE_HUB_CACHE and TRANSFORMERS_OFFLINE, and $VARs, were ignored: a cached release was "not in
+    the cache" (review 48 #1)."""
+    snapshot = offline / "hub/models--Emma02--vqvae_ckpts/snapshots" / COMMIT
+    monkeypatch.delenv("HF_HOME")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("CACHE_ROOT", str(offline))
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "$CACHE_ROOT/hub")
+    assert weights.resolve("Emma02/vqvae_ckpts") == snapshot
+    with pytest.raises(weights.WeightsError, match="HF_HUB_OFFLINE=1"):  # offline: no try at the network
+        weights.resolve("someone/not-cached")
+
+
 def test_hub_ids_resolve_to_cached_snapshots_and_paths_stay_paths(offline, tmp_path):
     tokenizer_snapshot = offline / "hub/models--Emma02--vqvae_ckpts/snapshots" / COMMIT
     assert weights.resolve("Emma02/vqvae_ckpts") == tokenizer_snapshot
@@ -129,7 +143,8 @@ def test_a_snapshot_without_weights_says_so_and_how_to_fetch_it(offline):
 def test_hub_fetch_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypatch):
     """Only the weights the loaders read are fetched: safetensors when the repo has them, else the .bin pickles."""
     repos = {"owner/bin-only": ["config.json", "pytorch_model.bin"],
-             "owner/both": ["config.json", "model.safetensors", "pytorch_model.bin"]}
+             "owner/both": ["config.json", "model.safetensors", "pytorch_model.bin", "original/params.json",
+                            "original/consolidated.safetensors"]}  # Meta's format beside the HF one: not fetched
     calls = []
 
     def fake_snapshot_download(repo_id, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None, **_):
@@ -139,7 +154,8 @@ def test_hub_fetch_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypat
         folder = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}" / "snapshots" / COMMIT
         folder.mkdir(parents=True, exist_ok=True)
         for name in repos[repo_id]:
-            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in allow_patterns):  # as huggingface_hub matches
+                (folder / name).parent.mkdir(exist_ok=True)
                 (folder / name).write_text(name)
         return str(folder)
 
@@ -148,25 +164,29 @@ def test_hub_fetch_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     folder = weights.resolve("owner/bin-only")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
-    assert calls == [("owner/bin-only", ["*.json", "*.safetensors"]), ("owner/bin-only", ["*.json", "*.bin"])]
+    configs = ["config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
+    assert calls == [("owner/bin-only", configs + ["model*.safetensors", "pytorch_model*.safetensors"]),
+                     ("owner/bin-only", configs + ["pytorch_model*.bin"])]
     calls.clear()
     folder = weights.resolve("owner/both")
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no pickle fetched
-    assert calls == [("owner/both", ["*.json", "*.safetensors"])]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # no pickle, no original/
+    assert len(calls) == 1
 
 
 def test_offline_without_a_cached_copy_is_one_line_naming_the_id_and_the_way_out(offline, tmp_path, capsys):
     with pytest.raises(CheckpointError) as info:
         load_lvm("someone/not-cached")
     message = str(info.value)
-    assert message.startswith("someone/not-cached: not in the Hugging Face cache") and "\n" not in message
+    assert message.startswith("someone/not-cached: no such local path, and as a hub id not in the Hugging Face cache")
+    assert "\n" not in message
     assert "HF_HUB_OFFLINE=1" in message and message.endswith("pass a local folder: --model PATH")
     Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
     with pytest.raises(SystemExit) as exit_info:
         lvm_prompt.main(["--frames", str(tmp_path / "0.png"), "--tokenizer", "someone/not-cached@v2"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
-    assert err.startswith("error: someone/not-cached@v2: not in the Hugging Face cache") and "--tokenizer PATH" in err
+    assert err.startswith("error: someone/not-cached@v2: no such local path, and as a hub id not in the Hugging Face "
+                          "cache") and "--tokenizer PATH" in err
     assert "`hf download someone/not-cached --revision v2`" in err  # the revision asked for, not main
 
 

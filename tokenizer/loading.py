@@ -101,7 +101,10 @@ def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     if meta.get("format") == FORMAT_NAME:
         cfg = _config(config_file, VQGANConfig.from_dict, meta.get("config", {}))
         return cfg, _read_safetensors(path / WEIGHTS_NAME)
-    if meta.get("_class_name") != "VQGANModel" and not {"hidden_channels", "num_embeddings"} <= set(meta):
+    named = meta.get("_class_name")
+    if named not in (None, "VQGANModel"):
+        raise TokenizerLoadError(config_file, f"an open-muse {named}, not a VQGANModel (the only open-muse class read)")
+    if named is None and not {"hidden_channels", "num_embeddings"} <= set(meta):
         raise TokenizerLoadError(config_file, "neither a tokenizer saved by this project nor an open-muse VQGANModel config")
     cfg = _config(config_file, open_muse_config, meta)
     for name in OPEN_MUSE_WEIGHTS:
@@ -180,8 +183,8 @@ def _find_taming_yaml(ckpt: Path) -> Path:
     downloads (`vqgan_imagenet_f16_1024`, ...) the same `.ckpt` with `configs/model.yaml`; other copies put the yaml
     beside. Not any `configs/*.yaml`: a run's `<date>-lightning.yaml` there holds no model."""
     configs = ckpt.parent.parent / "configs"
-    candidates = [ckpt.with_suffix(".yaml"), *sorted(ckpt.parent.glob("*.yaml")), *sorted(configs.glob("*project.yaml")),
-                  configs / "model.yaml"]
+    beside = [y for y in sorted(ckpt.parent.glob("*.yaml")) if not y.name.endswith("-lightning.yaml")]
+    candidates = [ckpt.with_suffix(".yaml"), *beside, *sorted(configs.glob("*project.yaml")), configs / "model.yaml"]
     for candidate in candidates:
         if candidate.is_file():
             return candidate
@@ -253,4 +256,5 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise TokenizerLoadError(path, f"corrupt safetensors file ({err})") from None
+        problem = weights.LFS_POINTER if weights.is_lfs_pointer(path) else f"corrupt safetensors file ({err})"
+        raise TokenizerLoadError(path, problem) from None

@@ -5,11 +5,13 @@
 - `torch_load(path)`: `torch.load(weights_only=True)`: a pickle that names anything but tensors and plain
   containers is refused, naming the global, and nothing in it runs.
 - `module_digest(module)`: a digest of a module's weights, recorded by whatever its outputs feed.
+- `is_lfs_pointer(path)`, `LFS_POINTER`: a git-lfs stand-in where weights were expected, and what to say about it.
 """
 
 from weights.digest import module_digest
 from weights.errors import WeightsError
 from weights.hub import DEFAULT_MODEL, DEFAULT_TOKENIZER, hub_repo, resolve
-from weights.pickles import torch_load
+from weights.pickles import LFS_POINTER, is_lfs_pointer, torch_load
 
-__all__ = ["DEFAULT_MODEL", "DEFAULT_TOKENIZER", "WeightsError", "hub_repo", "module_digest", "resolve", "torch_load"]
+__all__ = ["DEFAULT_MODEL", "DEFAULT_TOKENIZER", "LFS_POINTER", "WeightsError", "hub_repo", "is_lfs_pointer", "module_digest",
+           "resolve", "torch_load"]

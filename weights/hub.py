@@ -6,8 +6,8 @@
 
 Hub ids are fetched with `huggingface_hub.snapshot_download` into its standard cache, so HF_HOME,
 HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and its progress bars behave as everywhere else. Only what the
-loaders read is fetched: the json files, then the safetensors weights, or the `.bin` pickles when the
-repository has no safetensors. The environment is read at each call, not at import.
+loaders read is fetched: the config and index json files, then the safetensors weights, or the `.bin` pickles
+when the repository has none, at the repository's top. The environment is read at each call, not at import.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ DEFAULT_MODEL = "Emma02/LVM_ckpts"
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[\w./-]+))?$")
 _LOCAL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".tar")
-_CONFIGS = ["*.json"]
-_WEIGHTS = (["*.safetensors"], ["*.bin"])  # preferred first: safetensors hold no code at all
+# The files the loaders read, named from the repository's top: "*.safetensors" would also match the checkpoints of
+# a subfolder (`original/consolidated.safetensors`, Meta's format beside the HF one), several times the model's size.
+_CONFIGS = ["config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
+_WEIGHTS = (["model*.safetensors", "pytorch_model*.safetensors"], ["pytorch_model*.bin"])  # safetensors hold no code
 
 
 def hub_repo(spec: str | Path) -> tuple[str, str | None] | None:
@@ -52,15 +54,24 @@ def resolve(spec: str | Path, option: str = "--model") -> Path:
     return _snapshot(str(spec), *hub, option)
 
 
-def _truthy(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+def _offline() -> bool:
+    """huggingface_hub's offline switch, read now: HF_HUB_OFFLINE or its older name TRANSFORMERS_OFFLINE."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    """The hub cache as huggingface_hub finds it (HF_HUB_CACHE, its older name HUGGINGFACE_HUB_CACHE, HF_HOME, then
+    XDG_CACHE_HOME, with `~` and `$VAR`s expanded), read now: its own constants are read once, at import, and a
+    caller may set the environment later (tests, notebooks)."""
+    def expand(path: str) -> Path:
+        return Path(os.path.expanduser(os.path.expandvars(path)))
+
+    cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if cache:
+        return expand(cache)
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
+    return expand(home) / "hub"
 
 
 def _snapshot(spec: str, repo: str, revision: str | None, option: str) -> Path:
@@ -73,14 +84,14 @@ def _snapshot(spec: str, repo: str, revision: str | None, option: str) -> Path:
         RevisionNotFoundError,
     )
 
-    offline, cache = _truthy("HF_HUB_OFFLINE"), _cache_dir()
+    offline, cache = _offline(), _cache_dir()
     fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
     try:
         folder = None
         for weights in _WEIGHTS:  # a second call only when the first found no weights of its kind
             folder = Path(snapshot_download(repo, revision=revision, cache_dir=cache, local_files_only=offline,
                                             allow_patterns=_CONFIGS + weights))
-            if any(folder.glob(weights[0])):
+            if any(any(folder.glob(pattern)) for pattern in weights):
                 return folder
         # What an interrupted download leaves (the json files come first), or a repository without weights.
         raise WeightsError(spec, f"no *.safetensors or *.bin weight files in its Hugging Face snapshot ({folder}): "
@@ -89,8 +100,8 @@ def _snapshot(spec: str, repo: str, revision: str | None, option: str) -> Path:
         why = "HF_HUB_OFFLINE=1" if offline else "the hub cannot be reached"
         raise WeightsError(
             spec,
-            f"not in the Hugging Face cache ({cache}) and {why}; fetch it once where there is network "
-            f"(`{fetch}`, into the same cache) or pass a local folder: {option} PATH",
+            f"no such local path, and as a hub id not in the Hugging Face cache ({cache}) and {why}; fetch it once "
+            f"where there is network (`{fetch}`, into the same cache) or pass a local folder: {option} PATH",
         ) from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise WeightsError(spec, f"no such Hugging Face repository (or it needs a token: HF_TOKEN); for a local "

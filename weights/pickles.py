@@ -33,6 +33,8 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
     """`torch.load(path, weights_only=True)`; every failure is one `WeightsError` line naming the file."""
     if not Path(path).is_file():
         raise WeightsError(path, "no such file")
+    if is_lfs_pointer(path):
+        raise WeightsError(path, LFS_POINTER)
     mmap = mmap and zipfile.is_zipfile(path)  # files saved before torch 1.6's zip format load, but cannot be mapped
     try:
         with torch.serialization.safe_globals(_OLD_LIGHTNING_CALLBACK_KEYS):
@@ -48,6 +50,18 @@ def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) 
             f"refused: it pickles {unsafe.group(1)}, which is code, not weights (only tensors and plain data are "
             "read); re-save its state_dict from a trusted environment",
         ) from None
-    # TypeError: a pickle that calls one of the stand-ins above with arguments
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError, struct.error) as err:
+    # TypeError: a pickle that calls one of the stand-ins above with arguments; KeyError, IndexError: text or random
+    # bytes, which the legacy unpickler reads as memo lookups (a file starting with "h" is BINGET)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, TypeError, struct.error, KeyError,
+            IndexError) as err:
         raise WeightsError(path, f"corrupt or not a PyTorch checkpoint ({type(err).__name__})") from None
+
+
+LFS_POINTER = "a git-lfs pointer, not the weights: run `git lfs pull` in its repository (or use the hub id)"
+
+
+def is_lfs_pointer(path: str | Path) -> bool:
+    """Whether a weights file is git-lfs's small text stand-in for it, what a model repository cloned without git-lfs
+    holds: the most common way a copied model folder is broken."""
+    with open(path, "rb") as file:
+        return file.read(len(b"version https://git-lfs")) == b"version https://git-lfs"
