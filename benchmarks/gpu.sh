@@ -9,17 +9,27 @@
 #                                       # BENCHMARKS.md) and one log per stage
 #   benchmarks/gpu.sh --dry-run [OUT]   # the same stages on CPU with tiny shapes (a test runs this)
 #
-# Each stage runs under a time limit cut to what is left of the 8 minutes; a stage that fails or runs
-# out of time is reported as such, the others still run, and the exit status is 1.
+# Runs with the project's .venv (what `make install` makes; PYTHON=... to choose another). Each stage runs under
+# a time limit cut to what is left of the 8 minutes; a stage that fails or runs out of time is reported as such,
+# the others still run, and the exit status is 1.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
+usage="usage: benchmarks/gpu.sh [--dry-run] [OUT]"
 dry=0
 if [[ ${1:-} == --dry-run ]]; then dry=1; shift; fi
-out=${1:-runs/gpu_bench}
+if (($# > 1)) || [[ ${1:-} == -* ]]; then echo "$usage" >&2; exit 2; fi
+out=$(realpath -m "${1:-$(dirname "$0")/../runs/gpu_bench}")  # relative to where it is run, before the cd
+cd "$(dirname "$0")/.."
+if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PY" -c "import torch, pytest" 2> /dev/null; then
+  echo "error: $PY: cannot import torch and pytest; run make install first (or set PYTHON)" >&2; exit 2
+fi
+if ((!dry)) && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
+  echo "error: no CUDA device (torch.cuda.is_available() is False); on a CPU, --dry-run runs the stages small" >&2
+  exit 2
+fi
 mkdir -p "$out"
+rm -f "$out"/*.json "$out"/*.xml "$out"/*.log "$out"/gpu.md  # a stage that fails must not show an earlier run's figure
 : > "$out/stages.tsv"
 budget=470  # seconds for all stages: leaves the report and start-up well inside 8 minutes
 start=$SECONDS
@@ -31,9 +41,12 @@ stage() {
   if ((left < 10)); then
     status=skipped
   else
-    timeout -k 10 $((limit < left ? limit : left)) "$@" > "$out/$name.log" 2>&1
+    local cap=$((limit < left ? limit : left))
+    timeout -k 10 $cap "$@" > "$out/$name.log" 2>&1
     rc=$?
-    if ((rc == 0)); then status=ok; elif ((rc == 124)); then status=timeout; else status="failed($rc)"; fi
+    if ((rc == 0)); then status=ok
+    elif ((rc == 124)) || ((rc == 137 && SECONDS - began >= cap)); then status=timeout  # 137: killed after the grace
+    else status="failed($rc)"; fi
   fi
   printf '%s\t%s\t%s\n' "$name" "$status" $((SECONDS - began)) >> "$out/stages.tsv"
   echo "$name: $status ($((SECONDS - began)) s)"
@@ -51,7 +64,7 @@ if ((dry)); then
     --tokens-per-image 16 --frames 1 --batch-sizes 1 2 --json "$out/decode.json"
   # --compile is parsed and applied, but TORCH_COMPILE_DISABLE makes it a no-op (compiling takes minutes on CPU)
   stage train_compiled 120 env TORCH_COMPILE_DISABLE=1 "$PY" benchmarks/bench_train.py --gpu --device cpu --compile \
-    --sizes tiny --batches 2 --seq 64 --sharded --steps 2 --warmup 1 --json "$out/train_compiled.json"
+    --sizes tiny --batches 2 --seq 64 --sharded tiny --steps 2 --warmup 1 --json "$out/train_compiled.json"
 else
   # Cheap, most wanted figures first; compiled training last: it takes what is left of the budget.
   stage pytest_gpu 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml "$out/pytest_gpu.xml"

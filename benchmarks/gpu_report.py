@@ -22,7 +22,11 @@ GOALS = {"mfu_1b": 0.5, "seconds_per_frame_batch1": 0.2}  # issue 15's goals
 
 
 def _read(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """A stage's JSON; None when it wrote none, or a file cut short (a stage killed while writing)."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def _pytest(path: Path) -> dict | None:
@@ -36,11 +40,17 @@ def _pytest(path: Path) -> dict | None:
 
 
 def collect(out: Path, dry_run: bool) -> dict:
+    """Each stage's status and result; a result only where the stage finished (`ok`), and GPU tests that all
+    skipped on a GPU run (a driver torch cannot use) are no `ok`."""
+    if not (out / "stages.tsv").is_file():
+        raise SystemExit(f"error: {out / 'stages.tsv'}: not found (run benchmarks/gpu.sh first)")
     stages = {}
     for line in (out / "stages.tsv").read_text().splitlines():
         name, status, seconds = line.split("\t")
-        stages[name] = {"status": status, "seconds": int(seconds)}
-        stages[name]["result"] = _pytest(out / f"{name}.xml") if name == "pytest_gpu" else _read(out / f"{name}.json")
+        result = _pytest(out / f"{name}.xml") if name == "pytest_gpu" else _read(out / f"{name}.json")
+        if name == "pytest_gpu" and status == "ok" and not dry_run and not (result and result["passed"]):
+            status = "no GPU test ran"
+        stages[name] = {"status": status, "seconds": int(seconds), "result": result if status == "ok" else None}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     return {
         "machine": device,
