@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 
@@ -135,6 +136,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="CPU threads for compare mode")
     p.add_argument("--json", help="throughput mode: also write the figures here")
     args = p.parse_args()
+    given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    if wrong := sorted(given & ({"--device", "--batch-sizes", "--frames", "--json"} if not args.throughput else
+                                {"--threads", "--repeats"})):  # accepted and ignored, they misled
+        p.error(f"{', '.join(wrong)}: not used in {'throughput' if args.throughput else 'compare'} mode")
     if args.throughput:
         args.size = args.size or "1b"
         throughput(args)

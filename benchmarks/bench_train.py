@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import lightning as L
@@ -62,7 +63,7 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize()
 
     def on_train_batch_start(self, trainer, pl_module, *_) -> None:
-        if trainer.global_step == self.warmup:
+        if trainer.global_step == self.warmup and not self.start:  # the first micro-batch of the first timed step
             self._sync(pl_module)
             self.start = time.perf_counter()
 
@@ -81,9 +82,11 @@ def lightning_tokens_per_sec(
     compile: bool,
     sharded: bool = False,
     overrides: dict | None = None,
+    accumulate: int = 1,
 ) -> float:
     """Tokens/s of `steps` optimizer steps of the real training path after `warmup` steps (bf16 on CUDA,
-    fp32 on CPU); `sharded`: FSDP2 + activation checkpointing, as the 1b/3b configs train."""
+    fp32 on CPU), each of `accumulate` micro-batches of `batch` rows; `sharded`: FSDP2 + activation checkpointing,
+    as the 1b/3b configs train."""
     L.seed_everything(0, verbose=False)
     module = LVMModule(size=size, overrides=overrides, warmup_steps=1, compile=compile, activation_checkpointing=sharded)
     timer = StepTimer(warmup)
@@ -92,10 +95,10 @@ def lightning_tokens_per_sec(
         accelerator="gpu" if cuda else "cpu", devices=1, precision="bf16-mixed" if cuda else "32-true",
         strategy=ModelParallelStrategy(save_distributed_checkpoint=False) if sharded else "auto",
         max_steps=warmup + steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], accumulate_grad_batches=accumulate,
     )
     trainer.fit(module, DataLoader(RandomTokens(batch, seq), batch_size=None, pin_memory=cuda))
-    return steps * batch * seq / (timer.end - timer.start)
+    return steps * accumulate * batch * seq / (timer.end - timer.start)
 
 
 def loop_tokens_per_sec(model: torch.nn.Module, logits_of, x: torch.Tensor, steps: int) -> float:
@@ -151,16 +154,17 @@ def gpu(args: argparse.Namespace) -> None:
     peak_text = f"peak {peak / 1e12:.0f} TFLOP/s" if peak else "peak unknown: no MFU"
     print(f"{name}, {'bf16' if device.type == 'cuda' else 'fp32'}, seq {args.seq}, compile={args.compile}, {peak_text}")
     rows = []
-    for size, batch in zip(args.sizes, args.batches):
+    for size, batch, accumulate in zip(args.sizes, args.batches, args.accumulate):
         sharded = size in args.sharded
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        rate = lightning_tokens_per_sec(size, batch, args.seq, args.steps, args.warmup, device.type, args.compile, sharded)
+        rate = lightning_tokens_per_sec(size, batch, args.seq, args.steps, args.warmup, device.type, args.compile, sharded,
+                                        accumulate=accumulate)
         mfu = rate * LVMConfig.from_name(size).flops_per_token(args.seq) / peak if peak else None
         memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        print(f"  {size:5s} batch {batch:2d}{' FSDP2+AC' if sharded else ''}: {rate:10,.0f} tokens/s  "
+        print(f"  {size:5s} batch {batch:2d} x {accumulate}{' FSDP2+AC' if sharded else ''}: {rate:10,.0f} tokens/s  "
               f"MFU {f'{mfu:.1%}' if mfu else 'n/a'}" + (f"  (peak memory {memory:.1f} GiB)" if memory else ""))
-        rows.append(dict(size=size, batch=batch, seq=args.seq, compile=args.compile, sharded=sharded,
+        rows.append(dict(size=size, batch=batch, accumulate=accumulate, seq=args.seq, compile=args.compile, sharded=sharded,
                          tokens_per_s=rate, mfu=mfu, peak_memory_gib=memory))
     if args.json:
         with open(args.json, "w") as f:
@@ -175,7 +179,10 @@ def main() -> None:
     parser.add_argument("--sharded", nargs="*", default=["1b"], help="GPU mode: sizes trained with FSDP2 + recomputation")
     parser.add_argument("--json", help="GPU mode: also write the figures here")
     parser.add_argument("--sizes", nargs="+", default=["300m", "1b"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[8, 4], help="GPU mode: rows per step, one per size")
+    # The configs' micro-batches and accumulation (configs/lvm_300m.yaml: 4 x 4, lvm_1b.yaml: 8 x 2)
+    parser.add_argument("--batches", nargs="+", type=int, default=[4, 8], help="GPU mode: rows per micro-batch, one per size")
+    parser.add_argument("--accumulate", nargs="+", type=int, default=[4, 2],
+                        help="GPU mode: micro-batches per optimizer step, one per size")
     parser.add_argument("--seq", type=int, default=None, help="default: 256 on CPU, 4096 on GPU")
     parser.add_argument("--batch", type=int, default=8, help="CPU mode: rows per step")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 CPU, 30 GPU)")
@@ -183,8 +190,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="CPU mode: alternations of the models")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU mode: torch threads")
     args = parser.parse_args()
-    if args.gpu and len(args.sizes) != len(args.batches):  # zip would drop the sizes without a batch, silently
-        parser.error(f"--batches: {len(args.batches)} value(s) for {len(args.sizes)} --sizes; give one batch per size")
+    given = {a.split("=")[0] for a in sys.argv[1:] if a.startswith("--")}
+    gpu_only, cpu_only = {"--compile", "--device", "--sharded", "--json", "--sizes", "--batches", "--accumulate", "--warmup"}, \
+        {"--batch", "--repeats", "--threads"}
+    if wrong := sorted(given & (cpu_only if args.gpu else gpu_only)):  # accepted and ignored, they misled
+        parser.error(f"{', '.join(wrong)}: not used in {'GPU' if args.gpu else 'CPU'} mode")
+    for name in ("batches", "accumulate"):  # zip would drop the sizes without one, silently
+        if args.gpu and len(args.sizes) != len(getattr(args, name)):
+            parser.error(f"--{name}: {len(getattr(args, name))} value(s) for {len(args.sizes)} --sizes; give one per size")
     args.seq = args.seq or (4096 if args.gpu else 256)
     args.steps = args.steps or (30 if args.gpu else 10)
     gpu(args) if args.gpu else cpu(args)

@@ -58,13 +58,13 @@ if ((dry)); then
     --iters 1 --warmup 0 --json "$out/encode.json"
   stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --images 16 --jpeg-side 64 --batch-size 4 --workers 1 \
     --threads 1 --json "$out/tokenize.json"
-  stage train 120 "$PY" benchmarks/bench_train.py --gpu --device cpu --sizes tiny --batches 2 --seq 64 \
+  stage train 120 "$PY" benchmarks/bench_train.py --gpu --device cpu --sizes tiny --batches 2 --accumulate 2 --seq 64 \
     --sharded tiny --steps 2 --warmup 1 --json "$out/train.json"
   stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --device cpu --size tiny \
     --tokens-per-image 16 --frames 1 --batch-sizes 1 2 --json "$out/decode.json"
   # --compile is parsed and applied, but TORCH_COMPILE_DISABLE makes it a no-op (compiling takes minutes on CPU)
   stage train_compiled 120 env TORCH_COMPILE_DISABLE=1 "$PY" benchmarks/bench_train.py --gpu --device cpu --compile \
-    --sizes tiny --batches 2 --seq 64 --sharded tiny --steps 2 --warmup 1 --json "$out/train_compiled.json"
+    --sizes tiny --batches 2 --accumulate 2 --seq 64 --sharded tiny --steps 2 --warmup 1 --json "$out/train_compiled.json"
 else
   # Cheap, most wanted figures first; compiled training last: it takes what is left of the budget.
   stage pytest_gpu 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml "$out/pytest_gpu.xml"

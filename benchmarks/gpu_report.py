@@ -100,7 +100,8 @@ def rows(report: dict) -> list[tuple[str, str, str, str, str]]:
         peak = result["peak_flops"]
         for r in result["rows"]:
             how = "FSDP2 + activation checkpointing" if r["sharded"] else "one replica"
-            table.append((f"train {r['size']}, batch {r['batch']} x seq {r['seq']}, {how}, compile {'on' if r['compile'] else 'off'}",
+            steps = f"batch {r['batch']} x {r.get('accumulate', 1)} micro-batches x seq {r['seq']}"
+            table.append((f"train {r['size']}, {steps}, {how}, compile {'on' if r['compile'] else 'off'}",
                           cmd, f"{r['tokens_per_s']:,.0f} tokens/s", f"{peak / 1e12:.0f} TFLOP/s peak" if peak else "n/a",
                           f"MFU {_pct(r['mfu'])}"))
     cmd = "`benchmarks/gpu.sh` (`bench_generate.py --throughput --compile`)"

@@ -90,6 +90,15 @@ def sync_files(paths: Sequence[str | Path]) -> None:
         _fsync(folder)
 
 
+def umask_mode(*paths: str | Path) -> None:
+    """Give files the mode any new file gets (0666 less the umask). safetensors writes 0600 whatever the umask, so an
+    exported model on shared storage was unreadable to the others the user's umask lets read it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        os.chmod(path, 0o666 & ~mask)
+
+
 def within(path: str, folder: Path) -> bool:
     """Whether `path`, links resolved, is the resolved `folder` or lies below it."""
     resolved = Path(path).resolve()

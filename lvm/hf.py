@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from common.files import atomic_write
+from common.files import atomic_write, umask_mode
 from common.vocab import CODEBOOK_SIZE, EOS_ID, PAD_ID
 from lvm.model import LVM, LVMConfig
 
@@ -204,6 +204,7 @@ def save_hf(
     for name in ("config.json", "generation_config.json"):
         (out / name).unlink(missing_ok=True)
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, safe_serialization=True)  # drops older shards
+    umask_mode(*out.glob("*.safetensors"))
     config = config_to_hf(model.cfg, dtype, getattr(model, "tokenizer_info", None))
     gen = generation_config(model.cfg, tokens_per_image, codebook_size)
     for name, content in (("generation_config.json", gen), ("config.json", config)):

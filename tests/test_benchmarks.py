@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def test_bench_train_refuses_sizes_without_a_batch_each():
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert done.returncode == 2 and done.stdout == ""
         assert done.stderr.splitlines()[-1].endswith(
-            f"error: --batches: {len(batches)} value(s) for {len(sizes)} --sizes; give one batch per size")
+            f"error: --batches: {len(batches)} value(s) for {len(sizes)} --sizes; give one per size")
 
 
 def test_bench_plan_reports_time_and_memory_per_file_against_the_bare_listing():
@@ -57,3 +58,30 @@ def test_bench_plan_reports_time_and_memory_per_file_against_the_bare_listing():
     assert re.search(r"bare listing: [\d.]+ s, \d+ B per file held \(3,000 files\)", done.stdout), done.stdout
     assert re.search(r"plan: [\d.]+ s \([\d.]+x the bare listing\), \d+ B per file held \([\d.]+x the listing's "
                      r"paths\), peak \d+ B per file", done.stdout), done.stdout
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def test_the_cpu_comparisons_behind_benchmarks_md_run_small(tmp_path):
+    """bench_train's and bench_generate's comparisons with transformers, the import memory and the probe's photos:
+    no test ran them, so they could rot unseen (review 47 #9, #10)."""
+    done = _bench("benchmarks/bench_train.py", "--threads", "1", "--steps", "1", "--repeats", "1", "--seq", "32", "--batch", "2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"transformers LlamaForCausalLM +[\d,]+ tokens/s +\(1\.00x transformers\)", done.stdout)
+    done = _bench("benchmarks/bench_generate.py", "--repeats", "1", "--tokens-per-image", "16")
+    assert done.returncode == 0 and "tokens identical" in done.stdout, done.stderr[-2000:]
+    done = _bench("benchmarks/bench_load.py", "--size", "tiny", "--shard", "1MB")
+    assert done.returncode == 0 and re.search(r"loaded as float32: weights [\d.]+ GB, peak resident growth", done.stdout)
+    done = _bench("benchmarks/probe_textures.py", "--out", str(tmp_path), "--train", "2", "--val", "1")
+    assert done.returncode == 0 and len(list(tmp_path.glob("*/*/*.png"))) == 3 * 3
+
+
+def test_a_flag_of_the_other_mode_is_refused_not_ignored():
+    """`--json` outside GPU or throughput mode wrote nothing, silently (review 47 #11)."""
+    done = _bench("benchmarks/bench_generate.py", "--json", "x.json", "--repeats", "1")
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].endswith("error: --json: not used in compare mode")
+    done = _bench("benchmarks/bench_train.py", "--gpu", "--batch", "2")
+    assert done.returncode == 2 and done.stderr.splitlines()[-1].endswith("error: --batch: not used in GPU mode")

@@ -33,8 +33,8 @@ def test_gpu_sh_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     assert train[0]["tokens_per_s"] > 0
     assert [r["batch"] for r in report["stages"]["decode"]["result"]["rows"]] == [1, 2]
     table = (tmp_path / "gpu.md").read_text()
-    assert "| train tiny, batch 2 x seq 64, FSDP2 + activation checkpointing, compile off |" in table
-    assert "| train tiny, batch 2 x seq 64, FSDP2 + activation checkpointing, compile on |" in table  # as the GPU run
+    assert "| train tiny, batch 2 x 2 micro-batches x seq 64, FSDP2 + activation checkpointing, compile off |" in table
+    assert "| train tiny, batch 2 x 2 micro-batches x seq 64, FSDP2 + activation checkpointing, compile on |" in table  # as the GPU run
     assert "| decode tiny, batch 1, " in table and "| tokenize pipeline, 16 JPEGs of 64 px" in table
     assert "| GPU tests |" in table
 

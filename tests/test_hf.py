@@ -1,7 +1,9 @@
 """Hugging Face interop: round trips with equal logits, parity with transformers, token-for-token generate."""
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -314,6 +316,18 @@ def test_config_numbers_and_flags_are_checked_when_loading(tmp_path, exported):
         (folder / "config.json").write_text(json.dumps({**json.loads((exported / "config.json").read_text()), field: value}))
         with pytest.raises(CheckpointError, match=message):
             load_lvm(folder)
+
+
+def test_exported_weights_are_readable_as_the_umask_lets_them_be(tiny_tokenizer, tmp_path):
+    """safetensors wrote the shards 0600 whatever the umask: others could not read a model on shared storage."""
+    mask = os.umask(0o027)  # the group may read, others not
+    try:
+        tiny_tokenizer.save(tmp_path / "tok")
+        save_hf(LVM(LVMConfig(**TINY)), tmp_path / "hf", max_shard_size="300KB")
+    finally:
+        os.umask(mask)
+    shards = [*(tmp_path / "hf").glob("*.safetensors"), tmp_path / "tok" / "model.safetensors"]
+    assert len(shards) > 2 and {stat.S_IMODE(path.stat().st_mode) for path in shards} == {0o640}
 
 
 def test_a_single_file_folder_reads_model_safetensors_as_transformers_does(ours, tmp_path):

@@ -21,7 +21,7 @@ from taming.modules.diffusionmodules.model import AttnBlock, Downsample, Normali
 from torch import Tensor, nn
 
 import weights
-from common.files import atomic_write, commit_file, tmp_path
+from common.files import atomic_write, commit_file, tmp_path, umask_mode
 from tokenizer.config import VQGANConfig
 from tokenizer.preprocess import ImageLike, from_value_range, preprocess_image
 from tokenizer.quantizer import FiniteScalarQuantizer, QuantizerOutput, VectorQuantizer
@@ -255,6 +255,7 @@ class VQTokenizer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(tmp_path(directory / WEIGHTS_NAME)), metadata={"format": FORMAT_NAME})
+        umask_mode(tmp_path(directory / WEIGHTS_NAME))
         commit_file(directory / WEIGHTS_NAME)
         meta = {"format": FORMAT_NAME, "version": 1, "config": self.config.to_dict()}
         with atomic_write(directory / CONFIG_NAME, "w") as file:
