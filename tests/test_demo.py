@@ -116,7 +116,7 @@ def test_report_states_verdicts_as_they_come_out():
         "tokenizer": {"psnr": 20.0, "ssim": 0.5, "codebook_usage": 0.1, "codebook_size": 1000},
         "loss": {"first": 9.0, "last": 4.0, "steps": 600},
         "vs_context": {0: 1000.0, 1: 400.0, 2: 390.0, 8: 380.0, 15: 900.0},
-        "vs_pairs": {"colorization": {0: 50.0, 1: 39.0, 7: 40.0}, "inpainting": {0: 30.0, 7: 31.0},
+        "vs_pairs": {"colorization": {0: 50.0, 1: 39.0, 7: 40.0}, "inpainting": {0: 30.0, 1: 29.0, 7: 31.0},
                      "pairs": {0: 20.0, 1: 15.0, 7: 10.0}},
         "unigram": {"all": 300.0, "video": 800.0, "colorization": 60.0},
         "sentences": {"all": 90, "video": 18, "colorization": 24, "inpainting": 24, "pairs": 24},
@@ -138,9 +138,9 @@ def test_report_states_verdicts_as_they_come_out():
     assert "| colorization: answer perplexity falls from 0 to 7 example pairs | 50.00 -> 40.00 (0.800x) | yes |" in text
     assert "| inpainting: answer perplexity falls from 0 to 7 example pairs | 30.00 -> 31.00 (1.033x) | **no** |" in text
     assert "| edges (pairs): answer perplexity falls from 0 to 7 example pairs | 20.00 -> 10.00 (0.500x) | yes |" in text
-    assert "| colorization | 50.00 | 39.00 | 40.00 |" in text and "| edges (pairs) | 20.00 | 15.00 | 10.00 |" in text
+    assert "| colorization | 50.00 | 39.00 | 40.00 |" in text and "| inpainting | 30.00 | 29.00 | 31.00 |" in text and "| edges (pairs) | 20.00 | 15.00 | 10.00 |" in text
     # the criterion compares 0 with 7 pairs; where the first pair alone gives the lowest point, the report says so
-    assert "Analogies: for colorization the answer perplexity is lowest after one example pair" in text
+    assert "Analogies: for colorization and inpainting the answer perplexity is lowest after one example pair" in text
     assert "Last frame of 18 held-out video sentences" in text and "colorization 24, inpainting 24, edges (pairs) 24 sentences" in text
     assert "| **total** | **3** |" in text
     assert "codebook usage 10.0% (~100 of 1000 codes)" in text

@@ -241,8 +241,8 @@ def markdown(f: dict) -> str:
         "| --- | --- | --- |",
         *[f"| {c} | {m} | {verdict(ok)} |" for c, m, ok in checks],
         "",
-        *([f"Analogies: for {', '.join(only_first)} the answer perplexity is lowest after one example pair; the later "
-           "examples add nothing (table below)."] if only_first else []),
+        *([f"Analogies: for {' and '.join(only_first)} the answer perplexity is lowest after one example pair; the "
+           "later examples add nothing (table below)."] if only_first else []),
         "",
         "How firm these verdicts are: at this size a margin of a few hundredths belongs to the run, not the recipe.",
         "Retraining only the LVM with another seed on the same tokens moves the video 8-vs-1 ratio by about a tenth and",
