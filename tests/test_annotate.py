@@ -716,8 +716,8 @@ def test_max_shards_stops_after_that_many_units(photos, tmp_path, capsys):
 
 
 def test_a_folder_units_maps_are_synced_in_one_pass_before_its_report(photos, tmp_path, monkeypatch):
-    """Each map fsynced with its folder on its own took ~5 ms; the report marks the unit complete, so the maps must
-    be durable before it is written."""
+    """Each map fsynced with its folder on its own cost 1.7-9x more (BENCHMARKS.md); the report marks the unit
+    complete, so the maps must be durable before it is written."""
     events = []
     fsync, replace = os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.fstat(fd).st_ino)) or fsync(fd))

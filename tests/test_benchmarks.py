@@ -85,3 +85,10 @@ def test_a_flag_of_the_other_mode_is_refused_not_ignored():
     assert done.returncode == 2 and done.stderr.splitlines()[-1].endswith("error: --json: not used in compare mode")
     done = _bench("benchmarks/bench_train.py", "--gpu", "--batch", "2")
     assert done.returncode == 2 and done.stderr.splitlines()[-1].endswith("error: --batch: not used in GPU mode")
+
+
+def test_bench_sync_compares_one_pass_with_an_fsync_per_file(tmp_path):
+    done = _bench("benchmarks/bench_sync.py", "--files", "20", "--out", str(tmp_path))
+    assert done.returncode == 0 and re.search(r"20 files of 20 KB: fsync per file [\d.]+ ms/file; one pass before the "
+                                              r"marker [\d.]+ ms/file \([\d.]+x faster\)", done.stdout), done.stderr
+    assert not any(tmp_path.iterdir())

@@ -4,7 +4,7 @@ A folder unit's images become files `<task folder>/<key>.png` (`cats/0001.jpg` -
 `lvm.tokenize` gives both), an input tar `<rel>.tar` becomes `<task folder>/<rel>.tar` with one `<key>.png`
 per sample, so tokenizing the task folder yields the keys of the images' tokens. Completion follows the
 tokenize writer: files and tars are written with `common.files.atomic_write` (under `*.tmp`, which no reader
-takes, then renamed; a folder unit's maps are fsynced in one pass at the end, ~9x faster than one by one), then
+takes, then renamed; a folder unit's maps are fsynced in one pass at the end, 1.7-9x faster than one by one), then
 `<unit>.report.json` is written with the fingerprint of inputs and settings; a unit is complete exactly when its report (and for a tar unit the tar) exists with the current
 fingerprint. Anything else is redone from scratch. PNG encoding runs on a thread pool (zlib releases the
 GIL), in order for tars.
