@@ -108,6 +108,9 @@ class Decoder:
         if T + num_tokens - 1 > self.model.cache_len:
             raise ValueError(f"prompt of {T} + {num_tokens} new tokens exceeds the cache of {self.model.cache_len}")
         start = self._reusable(prompt)
+        # From here the cache no longer holds what `cached` says: an interruption (Ctrl-C, OOM) before the end
+        # must not leave the next call to reuse it. Only the `start` tokens kept stay valid.
+        self.cached = self.cached[:, :start]
         # All positions made on the device up front: no host-to-device copy (and sync) inside the loop.
         positions = torch.arange(T + num_tokens - 1, device=prompt.device)
         logits = self.model(prompt[:, start:], input_pos=positions[start:T])[:, -1]

@@ -14,7 +14,10 @@ or directories (one prompt each). `--pairs` keeps the order given. See docs/infe
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
-from common.files import IMAGE_SUFFIXES, natural_key, output_file
+from common.files import IMAGE_SUFFIXES, atomic_write, natural_key, output_file
 from common.options import (
     HelpFormatter,
     add_device_arg,
@@ -49,12 +52,21 @@ class PromptError(UserError):
     """Bad prompt input: `PromptError(file or option, problem)`."""
 
 
+def _in_order(path: Path) -> tuple:
+    """Frames in natural order, folder by folder: `s1/*.png s2/*.png` is the first clip, then the second."""
+    return natural_key(str(path.parent)), natural_key(path)
+
+
 def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path]]:
-    """Files -> one prompt (naturally sorted if `sort`); directories -> one prompt per directory."""
+    """Files -> one prompt (naturally sorted, folder by folder, if `sort`); directories -> one prompt per directory
+    (not where the order is the user's: `sort` False, an analogy's pairs)."""
     items = [Path(p) for p in paths]
     for p in items:
         if not p.exists():
             raise PromptError(p, "no such file or directory")
+    if not sort and any(p.is_dir() for p in items):
+        raise PromptError(option, "give the image files in their order (a folder would be read in name order, which "
+                                  "may put an annotation before its image)")
     if all(p.is_dir() for p in items):
         prompts = []
         for d in items:
@@ -65,7 +77,7 @@ def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path
         return prompts
     if any(p.is_dir() for p in items):
         raise PromptError(option, "give either image files (one prompt) or directories (one prompt each), not both")
-    return [sorted(items, key=natural_key) if sort else items]
+    return [sorted(items, key=_in_order) if sort else items]
 
 
 def read_image(path: Path) -> Image.Image:
@@ -74,6 +86,9 @@ def read_image(path: Path) -> Image.Image:
     prompt frame gets the codes its file got in training. Checked here, so a bad file fails before the model loads."""
     try:
         with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) > 1:  # an animated GIF, WebP or TIFF: one still would be read
+                raise PromptError(path, f"holds {image.n_frames} frames: give its frames as image files (e.g. "
+                                        "`ffmpeg -i clip.gif frames/%04d.png`, then --frames frames/)")
             turned = ImageOps.exif_transpose(image)  # a decoded copy, also when nothing turns
         to_rgb_float(turned)
     except UNREADABLE_IMAGE as e:
@@ -153,6 +168,33 @@ def output_path(out: Path, index: tuple[int, int, int], counts: tuple[int, int, 
     return out.with_name("_".join([out.stem, *parts]) + suffix) if parts else out.with_suffix(suffix)
 
 
+def _number(low: float, high: float, what: str, open_low: bool = False) -> Callable[[str], float]:
+    """An argparse type for a real number in [low, high] ((low, high] with `open_low`): a usage error, not a
+    message after every image has been decoded."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or not (low < value <= high if open_low else low <= value <= high):
+            raise argparse.ArgumentTypeError(f"{text} is not {what}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _seed(text: str) -> int:
+    """A seed torch.Generator takes (64 bits); larger overflowed after the model had loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 2**63)")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Continue visual prompts.", formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -166,11 +208,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--candidates", type=at_least(1), default=1, help="samples per prompt")
     p.add_argument("--ground-truth", nargs="+", help="true next frames (files, or directories matching --frames)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of sampling; 0 is greedy")
+    p.add_argument("--temperature", type=_number(0.0, math.inf, "a finite number >= 0"), default=1.0,
+                   help="softmax temperature of sampling; 0 is greedy")
     p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest codes; 0 disables")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest codes holding this much "
-                                                             "probability (nucleus); 1 disables")
-    p.add_argument("--seed", type=int, default=0, help="of the sampling generator: the same seed gives the same frames")
+    p.add_argument("--top-p", type=_number(0.0, 1.0, "in (0, 1]", open_low=True), default=1.0,
+                   help="sample among the likeliest codes holding this much probability (nucleus); 1 disables")
+    p.add_argument("--seed", type=_seed, default=0, help="of the sampling generator: the same seed gives the same frames")
     add_device_arg(p)
     add_dtype_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
@@ -178,9 +221,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    output_file(args.out, "--out")
-    if args.out.suffix.lower() != ".png":
+    if args.out.suffix != ".png":
         raise PromptError("--out", f"give a .png file name (the grid and GIF are named after it), got {args.out}")
+    if args.out.is_dir():
+        raise PromptError(args.out, "--out is a folder; give a file name")
     option = "--frames" if args.frames else "--pairs"
     prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
     if args.pairs and (len(prompts[0]) % 2 == 0 or len(prompts[0]) < 3):
@@ -198,11 +242,12 @@ def run(args: argparse.Namespace) -> None:
                                folders)
     images = [[read_image(f) for f in prompt] for prompt in prompts]
     truth_images = [[read_image(f) for f in frames] for frames in truth] if truth else None
-    try:
-        sampling = GREEDY if args.greedy else Sampling(args.temperature, args.top_k or None, args.top_p)
-    except ValueError as e:
-        raise PromptError("sampling", str(e)) from e
+    sampling = GREEDY if args.greedy else Sampling(args.temperature, args.top_k or None, args.top_p)
+    if args.candidates > 1 and sampling.temperature == 0:
+        raise PromptError("--candidates", f"{args.candidates} greedy candidates would be {args.candidates} copies of "
+                                          "one; sample (no --greedy, --temperature above 0) or give one")
 
+    output_file(args.out, "--out")  # its folder made and writable: after the input checks, before the models load
     tok = tokenizer.load(args.tokenizer, device=args.device)
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     check_compatible(model, tok, args.tokenizer)
@@ -222,6 +267,9 @@ def run(args: argparse.Namespace) -> None:
         f"generate, decode): {seconds / N:.2f}s per frame step, {P * C * N * tok.tokens_per_image / seconds:.0f} tokens/s"
     )
     print("wrote " + ", ".join(map(str, written)))
+    if any(f.parent.resolve() == args.out.resolve().parent for files in prompts for f in files):
+        print(f"warning: the outputs lie beside the prompt images: a rerun over their folder (`{args.out.parent}/*.png`) "
+              "would read them as frames", file=sys.stderr)
     if truth_seen:
         mse = ground_truth_mse(preds, truth_seen)
         psnr = metrics.psnr(mse.mean())  # of the mean MSE: finite even if one frame is exact (as in lvm.evaluate)
@@ -243,7 +291,8 @@ def check_outputs_spare_inputs(
     out: Path, counts: tuple[int, int, int], inputs: list[list[Path]], folders: list[Path]
 ) -> None:
     """Refuse an --out whose files would replace an input image (the prompt would be lost), or land in a folder
-    given as a prompt: a rerun with the same folder would read the last run's prediction and grid as frames."""
+    given as a prompt: a rerun with the same folder would read the last run's prediction and grid as frames. (Beside
+    image files given one by one, `--frames seq/*.png`, `run` warns once the outputs are written.)"""
     for folder in folders:
         if folder.resolve() == out.resolve().parent:
             raise PromptError("--out", f"would write into the prompt folder {folder}, whose images are all read as "
@@ -274,15 +323,21 @@ def write_outputs(
             frames = [to_pil_image(preds[p, c, f]) for f in range(N)]
             for f, image in enumerate(frames):
                 written.append(output_path(out, (p, c, f), (P, C, N)))
-                image.save(written[-1])
+                _save(image, written[-1])
             if N > 1:
                 shown = [image.resize((size, size), Image.BICUBIC) for image in context[p]] + frames
                 written.append(output_path(out, (p, c, -1), (P, C, N), ".gif"))
-                shown[0].save(written[-1], save_all=True, append_images=shown[1:], duration=250, loop=0)
+                _save(shown[0], written[-1], save_all=True, append_images=shown[1:], duration=250, loop=0)
             rows.append([context[p], frames, *([truth[p]] if truth else [])])
     written.append(grid_path(out))
-    grid(rows, size).save(written[-1])
+    _save(grid(rows, size), written[-1])
     return written
+
+
+def _save(image: Image.Image, path: Path, **options) -> None:
+    """Written whole or not at all (`atomic_write`): a killed run or a full disk leaves no cut image under the name."""
+    with atomic_write(path) as file:
+        image.save(file, format=path.suffix.lstrip(".").upper(), **options)
 
 
 @exit_on

@@ -64,6 +64,19 @@ def test_decoder_feeds_only_new_tokens(model):
     assert fed == [10, 1, 1, 1, 1, 6, 1, 1, 9, 1]
 
 
+def test_a_generate_interrupted_after_its_prefill_leaves_no_stale_cache(model, monkeypatch):
+    """The cache held the interrupted prompt's keys while `cached` still described the earlier one: the next call
+    reused them and returned other tokens, without an error (review 50 #2)."""
+    a, b = torch.randint(0, CODEBOOK_SIZE, (2, 1, 10))
+    with Decoder(model, 1, 64) as decoder:
+        first = decoder.generate(a, 6)
+        with monkeypatch.context() as patched:
+            patched.setattr("lvm.generate.sample", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt()))
+            with pytest.raises(KeyboardInterrupt):
+                decoder.generate(b, 6)
+        assert torch.equal(decoder.generate(a, 6), first)
+
+
 def test_bos_is_omitted_for_models_without_one(model):
     no_bos = LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None})).eval()
     no_bos.load_state_dict(model.state_dict())

@@ -13,7 +13,7 @@ from common.files import natural_key
 from lvm.generate import GREEDY, rollout
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
-from lvm.prompt import main, read_image
+from lvm.prompt import _in_order, main, read_image
 from lvm.tokenize.decode import DecodeOptions, decode_image
 from tokenizer.preprocess import to_rgb_float
 
@@ -265,3 +265,42 @@ def test_prompt_images_are_read_as_tokenize_reads_them(tmp_path):
     assert torch.equal(pixels[:, 1:2], torch.tensor([200 / 255, 0, 0])[:, None, None].expand(3, 1, 4))
     assert torch.equal(pixels[:, 2:], torch.ones(3, 2, 4))
     assert read_image(tmp_path / "turned.jpg").size == (20, 40)
+
+
+def test_prompts_refused_or_warned_about_before_they_mislead(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+    """Review 50: a damaged EXIF block, an animated GIF, a folder as --pairs (read in name order), greedy candidates
+    that are copies, out-of-range sampling options and seeds were tracebacks, silent or late; outputs beside the
+    images of a glob are read back by the next run of it."""
+    ckpt, _ = lvm_ckpt
+    common = ["--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", tmp_path / "out" / "o.png"]
+    frames = write_frames(tmp_path / "seq", ["1.png", "2.png", "3.png"])
+    broken, exif = tmp_path / "exif.jpg", Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x0110] = 6, "Camera", "Model X"  # turned; the camera's make and model
+    Image.new("RGB", (16, 8), (10, 20, 30)).save(broken, exif=exif)
+    data = bytearray(broken.read_bytes())
+    data[data.find(b"Exif") + 17] = 0  # a damaged field: applying the orientation raises struct.error
+    broken.write_bytes(bytes(data))
+    assert run_error(["--frames", broken, *common], capsys) == (
+        f"error: {broken}: not a readable image (required argument is not an integer)")
+    gif = tmp_path / "anim.gif"
+    Image.new("L", (8, 8), 0).save(gif, save_all=True, append_images=[Image.new("L", (8, 8), 255)])
+    assert run_error(["--frames", gif, *common], capsys).startswith(f"error: {gif}: holds 2 frames: give its frames")
+    assert run_error(["--pairs", tmp_path / "seq", *common], capsys).startswith(
+        "error: --pairs: give the image files in their order (a folder would be read in name order")
+    assert run_error(["--frames", *frames, "--greedy", "--candidates", "2", *common], capsys).startswith(
+        "error: --candidates: 2 greedy candidates would be 2 copies of one")
+    for option, value, problem in (("--top-p", "0", "0 is not in (0, 1]"), ("--temperature", "nan", "nan is not a finite"),
+                                   ("--seed", str(2**64), f"{2**64} is not in [0, 2**63)")):
+        with pytest.raises(SystemExit):
+            main([str(a) for a in ["--frames", *frames, option, value, *common]])
+        assert problem in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "out").exists()  # nothing made before the checks
+    printed = prompt(["--frames", *frames, "--greedy", *common[:4], "--out", tmp_path / "seq" / "pred.png"], capsys)
+    assert "warning: the outputs lie beside the prompt images" in printed.err
+
+
+def test_frames_of_two_folders_are_read_folder_by_folder():
+    """Sorting by file name alone wove `s1/*.png s2/*.png` together (review 50 #6)."""
+    given = [Path("s2/f1.png"), Path("s1/f2.png"), Path("s1/f10.png"), Path("s1/f1.png"), Path("s2/f2.png")]
+    assert sorted(given, key=_in_order) == [Path("s1/f1.png"), Path("s1/f2.png"), Path("s1/f10.png"),
+                                            Path("s2/f1.png"), Path("s2/f2.png")]

@@ -10,6 +10,7 @@ opens 16-bit RGB files as 8-bit).
 
 from __future__ import annotations
 
+import struct
 from typing import Union
 
 import numpy as np
@@ -21,9 +22,11 @@ from torchvision.transforms.v2 import functional as TF
 
 ImageLike = Union[Image.Image, np.ndarray, Tensor]
 
-UNREADABLE_IMAGE = (OSError, Image.UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE_IMAGE = (OSError, Image.UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError,
+                    struct.error, TypeError)
 """What opening and decoding a damaged, truncated or oversized image file raises with Pillow (a decompression
-bomb is no OSError): the one list every reader of image files skips or reports."""
+bomb is no OSError; a damaged EXIF block raises struct.error or TypeError when the orientation is applied): the
+one list every reader of image files skips or reports."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG 16-bit grayscale opens as one of these
 
