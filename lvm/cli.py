@@ -151,6 +151,7 @@ def main(args: list[str] | None = None) -> None:
             CLI(
                 subclass_mode_model=True,
                 subclass_mode_data=True,
+                auto_configure_optimizers=False,  # LVMModule builds its optimizer groups and schedule itself
                 save_config_kwargs={"overwrite": True},
                 args=args,
                 # the console script, or `python -m lvm.cli` under torchrun/srun: never "cli.py", not runnable

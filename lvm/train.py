@@ -1,4 +1,7 @@
-"""LVMModule: next-token training of the LVM on Lightning, with the paper's recipe as defaults.
+"""LVMModule: next-token training of the LVM on Lightning. The defaults are the release's recipe in shape (AdamW
+0.9/0.95, weight decay 0.1, clipping 1.0, warmup then cosine decay) with a smaller model's numbers (lr 3e-4 -> 3e-5,
+2000 warmup steps, norms and embedding not decayed); configs/lvm_3b.yaml sets the release's lr and warmup
+(docs/training.md says where each config departs from the release and why).
 
     lightning fit -c configs/lvm_300m.yaml           # train (see docs/training.md)
     python -m lvm.train -c configs/lvm_3b.yaml       # dry run: parse the config, report the run's size
@@ -405,7 +408,8 @@ def summary(cli: LightningCLI) -> str:
         f"accumulation {trainer.accumulate_grad_batches})"
         + (f"; {per_device * devices * trainer.num_nodes:,} on {devices * trainer.num_nodes} devices" if devices else ""),
         f"schedule   AdamW lr {hp.lr:g}{'' if hp.schedule == 'constant' else f' -> {hp.min_lr:g}'} ({_describe_schedule(hp)}), warmup {hp.warmup_steps}, {trainer.max_steps} steps, "
-        f"weight decay {hp.weight_decay:g}, clip {trainer.gradient_clip_val}",
+        f"weight decay {hp.weight_decay:g} ({'all parameters' if hp.decay_norms_and_embeddings else 'matrices; norms and embedding 0'}), "
+        f"clip {trainer.gradient_clip_val}",
         f"trainer    {strategy}, precision {trainer.precision}, {trainer.num_nodes} node(s) x {trainer.devices} device(s)",
     ]
     return "\n".join(lines)
@@ -415,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m lvm.train -c CONFIG [--model.size 1b ...]`: print the summary of a training config."""
     with config_errors_as_one_line():
         cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
+                         auto_configure_optimizers=False,
                          parser_kwargs={"prog": "python -m lvm.train"})
         trainer = cli.config["trainer"]  # what `lightning fit` would refuse, refused here too
         check_fit(cli.model.hparams.warmup_steps, trainer.max_steps, trainer.limit_train_batches,

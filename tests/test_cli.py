@@ -158,3 +158,15 @@ def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path, capsys):
     with pytest.raises(ConfigError, match="is a folder but no sharded checkpoint"):
         CLI._parse_ckpt_path(parsed)
 
+
+
+def test_an_optimizer_of_the_cli_is_refused_by_the_fit_and_the_dry_run_alike(tmp_path, capsys):
+    """LightningCLI offered --optimizer and --lr_scheduler: the dry run reported AdamW and `lightning fit` crashed with
+    "optimizer got an empty parameter list" (review 49 #2). LVMModule builds its own groups and schedule."""
+    for run, args in ((main, ["fit", "--data.train_shards", str(tmp_path)]), (dry_run, [])):
+        with pytest.raises(SystemExit) as exit_info:
+            run([*args[:1], "-c", "configs/lvm_tiny.yaml", *args[1:], "--optimizer", "torch.optim.SGD"])
+        assert exit_info.value.code == 2
+        assert "nrecognized arguments: --optimizer torch.optim.SGD" in capsys.readouterr().err
+    dry_run(["-c", "configs/lvm_300m.yaml"])
+    assert "weight decay 0.1 (matrices; norms and embedding 0)" in capsys.readouterr().out
