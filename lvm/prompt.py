@@ -221,10 +221,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.out.suffix != ".png":
-        raise PromptError("--out", f"give a .png file name (the grid and GIF are named after it), got {args.out}")
     if args.out.is_dir():
         raise PromptError(args.out, "--out is a folder; give a file name")
+    if args.out.suffix != ".png":  # before output_file makes its folder
+        raise PromptError("--out", f"give a .png file name (the grid and GIF are named after it), got {args.out}")
+    output_file(args.out, "--out")  # its folder made and writable, before any work
     option = "--frames" if args.frames else "--pairs"
     prompts = resolve_prompts(args.frames or args.pairs, option, sort=bool(args.frames))
     if args.pairs and (len(prompts[0]) % 2 == 0 or len(prompts[0]) < 3):
@@ -247,7 +248,6 @@ def run(args: argparse.Namespace) -> None:
         raise PromptError("--candidates", f"{args.candidates} greedy candidates would be {args.candidates} copies of "
                                           "one; sample (no --greedy, --temperature above 0) or give one")
 
-    output_file(args.out, "--out")  # its folder made and writable: after the input checks, before the models load
     tok = tokenizer.load(args.tokenizer, device=args.device)
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     check_compatible(model, tok, args.tokenizer)
