@@ -382,7 +382,7 @@ def test_tokenizer_digest_travels_from_token_shards_to_checkpoint_and_hf_config(
     torch.manual_seed(1)
     other = tokenizer.VQTokenizer(tiny_vqgan_config()).save(tmp_path / "other")
     Image.new("RGB", (64, 64)).save(tmp_path / "0.png")
-    args = ["--frames", str(tmp_path / "0.png"), "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "p.png")]
+    args = ["--frames", str(tmp_path / "0.png"), "--model", str(tmp_path / "hf"), "--out", str(tmp_path / "out" / "p.png")]
     lvm_prompt.main([*args, "--tokenizer", str(tiny_tokenizer_dir)])
     assert capsys.readouterr().err == ""
     lvm_prompt.main([*args, "--tokenizer", str(other)])
