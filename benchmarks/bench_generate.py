@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from common.options import HelpFormatter
 from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm.generate import GREEDY, Decoder, context_frames, rollout, rollout_cache_len
 from lvm.hf import save_hf
@@ -124,7 +125,7 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--throughput", action="store_true", help="per-frame throughput mode (GPU)")
     p.add_argument("--size", help="model size (default: tiny for compare, 1b for throughput)")
     p.add_argument("--device", default="cuda", help="throughput mode device")

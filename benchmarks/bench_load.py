@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from common.options import HelpFormatter
 from lvm.checkpoint import load_lvm
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
@@ -41,7 +42,7 @@ def measure(folder: str, dtype: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--size", default="300m", help="LVMConfig size")
     parser.add_argument("--shard", default="200MB", help="safetensors shard size")
     parser.add_argument("--measure", nargs=2, metavar=("FOLDER", "DTYPE"), help=argparse.SUPPRESS)  # the child

@@ -19,6 +19,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from common.options import HelpFormatter
 from lvm.tokenize.sources import find_units
 
 
@@ -55,7 +56,7 @@ def traced(work) -> tuple[int, int, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--folder", help="a folder of images to plan (default: a temporary one of --files)")
     parser.add_argument("--files", type=int, default=200_000, help="empty files in the temporary folder")
     args = parser.parse_args()

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from common.files import expand_shards
+from common.options import HelpFormatter
 from common.vocab import BOS_ID, EOS_ID, TOKENS_PER_IMAGE
 from sentences.formats import LENGTHS_NAME, has_lengths, tar_writer, write_lengths
 from sentences.stream import PackedStream
@@ -84,7 +85,7 @@ def measure_resume(shards: str, seq_len: int, batch_size: int, fraction: float) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--shards", help="sentence shards to read (default: synthetic, written to a temp folder)")
     parser.add_argument("--tokens", type=int, default=30_000_000, help="size of the synthetic data")
     parser.add_argument("--seq-len", type=int, default=4096)

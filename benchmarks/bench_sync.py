@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from common.files import atomic_write, sync_files
+from common.options import HelpFormatter
 
 
 def seconds_per_file(folder: Path, files: int, data: bytes, durable: bool) -> float:
@@ -31,7 +32,7 @@ def seconds_per_file(folder: Path, files: int, data: bytes, durable: bool) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--files", type=int, default=500)
     parser.add_argument("--kb", type=int, default=20, help="size of each file")
     parser.add_argument("--out", type=Path, default=None, help="a folder on the disk to measure (default: a temporary one)")

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import tokenizer
+from common.options import HelpFormatter
 from lvm.tokenize.pipeline import Encoder, Job, Options, run
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
@@ -86,7 +87,7 @@ def encoder_only(tok_path: Path, device: str, batch_size: int, variants: int, se
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="CUDA + the released-LVM-shaped tokenizer")
     parser.add_argument("--shards", help="img2dataset tars to tokenize (default: synthetic, in a temp folder)")
     parser.add_argument("--images", type=int, help="synthetic images (default: 20000 GPU, 300 CPU)")

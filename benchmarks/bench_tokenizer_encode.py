@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.options import HelpFormatter
 from lvm.peaks import dense_bf16_peak
 from tokenizer import VQGANConfig, VQTokenizer
 
@@ -60,7 +61,7 @@ def time_encode(tok: VQTokenizer, batch: int, iters: int, warmup: int, autocast:
 
 def main() -> None:
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--batch-sizes", default="64,128,256" if cuda else "2")
     parser.add_argument("--iters", type=int, default=10 if cuda else 2)

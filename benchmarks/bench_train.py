@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
+from common.options import HelpFormatter
 from common.vocab import CODEBOOK_SIZE
 from lvm.hf import config_to_hf, hf_name
 from lvm.model import LVM, LVMConfig
@@ -172,7 +173,7 @@ def gpu(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="GPU mode: sizes at seq 4096, bf16")
     parser.add_argument("--compile", action="store_true", help="GPU mode: torch.compile each block")
     parser.add_argument("--device", default="cuda", help="GPU mode: cpu for a smoke run (fp32, no MFU)")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from common.options import HelpFormatter
+
 GOALS = {"mfu_1b": 0.5, "seconds_per_frame_batch1": 0.2}  # issue 15's goals
 
 
@@ -127,7 +129,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("out", type=Path, help="the folder benchmarks/gpu.sh wrote")
     parser.add_argument("--dry-run", action="store_true")
     args = parser.parse_args()

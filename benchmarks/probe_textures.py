@@ -20,6 +20,8 @@ from pathlib import Path
 import skimage.data
 from PIL import Image, ImageOps
 
+from common.options import HelpFormatter
+
 CLASSES = ("brick", "grass", "gravel")
 HALF = 256  # rows 0..255 give the train crops, rows 256..511 the val crops
 
@@ -36,7 +38,7 @@ def crops(photo: Image.Image, top: int, count: int, rng: random.Random) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for train/ and val/ (class subfolders)")
     p.add_argument("--train", type=int, default=36, help="train crops per class")
     p.add_argument("--val", type=int, default=18, help="val crops per class")

@@ -64,6 +64,12 @@ def atomic_write(path: str | Path, mode: str = "wb", durable: bool = True) -> It
         os.replace(tmp_path(path), path)
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """`path` holds `text`, written with `atomic_write`: a report another run or stage reads is whole or absent."""
+    with atomic_write(path, "w") as file:
+        file.write(text)
+
+
 def _fsync(path: str | Path) -> None:
     handle = os.open(path, os.O_RDONLY)
     try:

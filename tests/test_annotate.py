@@ -137,7 +137,7 @@ def test_one_edge_map_per_good_photo_and_the_corrupt_one_reported(photos, tmp_pa
     report = json.loads((out / "edges" / "photos-img-000000.report.json").read_text())
     assert report["skipped_items"][0]["item"] == str(photos / "broken.jpg") and report["images"] == 4
     assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0  # a rerun: all done, skips remembered
-    assert "(1 already complete); skipped 1: corrupt_image 1 (1 of them in shards completed by earlier runs)" in \
+    assert "(1 already complete); skipped 1: corrupt_image 1 (1 of them in units completed by earlier runs)" in \
         capsys.readouterr().out
     for name, (height, width) in PHOTOS.items():
         edges = np.asarray(Image.open(out / "edges" / f"{name}.png"))
@@ -158,7 +158,7 @@ def test_a_rerun_counts_the_skips_of_every_unit_already_complete(tmp_path, capsy
     for _ in range(2):
         assert _run("--images", *folders, "--out", tmp_path / "out", "--tasks", "edges") == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "(2 already complete); skipped 2: corrupt_image 2 (2 of them in shards completed by earlier runs);" in last
+    assert "(2 already complete); skipped 2: corrupt_image 2 (2 of them in units completed by earlier runs);" in last
 
 
 def test_normals_of_a_tilted_plane_are_constant_and_of_a_sphere_point_outward():

@@ -104,7 +104,7 @@ class Summary:
         tasks = ", ".join(f"{task} {n:,}" for task, n in self.written.items()) or "nothing new"
         return (
             f"annotate: {self.images:,} images annotated ({tasks}) in {self.units_written} units "
-            f"({self.units_done_before} already complete); {skipped_text(self.skipped, self.skipped_earlier)}; "
+            f"({self.units_done_before} already complete); {skipped_text(self.skipped, self.skipped_earlier, 'units')}; "
             f"{wall_text(self.images, self.wall_s)}"
         )
 

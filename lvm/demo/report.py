@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenizer  # noqa: E402
+from common.files import write_atomic  # noqa: E402
 from lvm.checkpoint import load_lvm  # noqa: E402
 from lvm.demo.data import analogy_files, read_frames  # noqa: E402
 from lvm.generate import GREEDY, rollout  # noqa: E402
@@ -183,9 +184,9 @@ def write(out: Path, timings: dict[str, float], seed: int) -> Path:
         "analogies": analogies(model, tok, prompts),
     }
     figures["criteria"] = [{"criterion": c, "measured": m, "passed": ok} for c, m, ok in criteria(figures)]
-    (rep / "report.json").write_text(json.dumps(figures, indent=2) + "\n")
+    write_atomic(rep / "report.json", json.dumps(figures, indent=2) + "\n")
     summary = rep / "summary.md"
-    summary.write_text(markdown(figures))
+    write_atomic(summary, markdown(figures))
     return summary
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from common.files import write_atomic
+
 PROBES = ("attentive", "linear")
 
 
@@ -56,6 +58,6 @@ def plot(report: dict, path: Path) -> None:
 
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.md", markdown(report))
     plot(report, out / "accuracy_vs_depth.png")

@@ -24,7 +24,7 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def skipped_text(skipped: Counter, earlier: Counter | None = None) -> str:
+def skipped_text(skipped: Counter, earlier: Counter | None = None, outputs: str = "shards") -> str:
     """`skipped N: reason n, ...` (reasons sorted) for the summary lines of tokenize and annotate: this run's skips
     with `earlier`, those recorded in the reports of shards an earlier run completed, so that the last line of a
     resumed job still tells what the whole output lacks."""
@@ -32,7 +32,7 @@ def skipped_text(skipped: Counter, earlier: Counter | None = None) -> str:
     reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(total.items()))
     before = sum((earlier or Counter()).values())
     return (f"skipped {sum(total.values()):,}{': ' + reasons if reasons else ''}"
-            f"{f' ({before:,} of them in shards completed by earlier runs)' if before else ''}")
+            f"{f' ({before:,} of them in {outputs} completed by earlier runs)' if before else ''}")
 
 
 def wall_text(images: int, wall_s: float) -> str:
