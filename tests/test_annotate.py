@@ -447,12 +447,15 @@ def test_models_that_cannot_run_are_refused_before_any_work(photos, models, tmp_
     (["--tasks", "segmentation", "--seg-model", "{missing}"], "error: {missing}: no such file or directory"),
     (["--tasks", "depth", "--depth-model", "nope/"], "error: nope/: no such file or directory"),  # at once, no hub retries
     (["--tasks", "depth", "--depth-model", "{seg}"], "error: {seg}: cannot load a depth model"),
+    # a hub id not cached: the error names the flag the user has, --seg-model (it said --segmentation-model)
+    (["--tasks", "segmentation", "--seg-model", "nope/missing"], "error: nope/missing: no such local path, and as a hub id"),
 ])
-def test_bad_options_and_models_are_one_line_errors(photos, models, tmp_path, capsys, args, message):
+def test_bad_options_and_models_are_one_line_errors(photos, models, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub id is looked up in the cache only
     fill = {"missing": str(tmp_path / "nope"), "seg": str(models["seg"])}
     assert _run("--images", photos, "--out", tmp_path / "annot", *[a.format(**fill) for a in args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(message.format(**fill))
+    assert len(err) == 1 and err[0].startswith(message.format(**fill)) and "--segmentation-model" not in err[0]
 
 
 def test_out_inside_the_inputs_is_refused(tmp_path, capsys):

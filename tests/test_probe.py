@@ -125,7 +125,8 @@ def test_layers_are_fractions_or_depths():
     assert resolve_depths("0.25,0.5,0.75,1.0", 4) == [1, 2, 3, 4]
     assert resolve_depths("0,2, 2, 0.01", 4) == [0, 1, 2]  # 0 = embeddings; a fraction above 0 is at least 1
     assert resolve_depths("0.7", 45) == [32] and resolve_depths("0.29", 50) == [15]  # 31.5, 14.5: half up, exactly
-    for bad, message in [("1.5", r"outside \[0, 1\]"), ("5", "outside 0..4"), ("x", "neither"), (",", "no layers")]:
+    for bad, message in [("1.5", r"outside \[0, 1\]"), ("5", "outside 0..4"), ("x", "neither"), (",", "no layers"),
+                         ("1e-1", "neither")]:  # it read as layer 0 (review 52 #11)
         with pytest.raises(ProbeError, match=message):
             resolve_depths(bad, 4)
 
@@ -271,6 +272,14 @@ def test_errors_are_one_line(folders, model_ckpt, tiny_tokenizer_dir, tmp_path, 
     assert "'cow' is not among the 3 train classes" in _error(base + ["--train", str(train), "--val", str(tmp_path / "v")], capsys)
     assert "--layers: layer 9 is outside 0..3" in _error(base + ["--train", str(train), "--val", str(val), "--layers", "9"], capsys)
     assert _error(base + ["--train", str(train), "--val", str(val), "--lr", "nan"], capsys) == "error: --lr: must be positive, got nan"
+    # review 52: --out inside --train (a rerun read its plot as a new class); a pattern matching folders (its classes
+    # were the folders under where the pattern starts)
+    assert _error(base[:4] + ["--out", str(train / "probe"), "--train", str(train), "--val", str(val)], capsys) == (
+        f"error: {train / 'probe'}: --out is inside the input folder {train}; a rerun would read its plot as an image "
+        "of a new class: choose an --out outside the inputs")
+    pattern = f"{train.parent}/{{train,val}}"
+    assert _error(base + ["--train", pattern, "--val", str(val)], capsys).startswith(
+        f"error: {pattern}: a pattern that matches folders: give each ImageFolder as a path")
     torch.manual_seed(0)
     other = LVM(LVMConfig(**{**TINY, "vocab_size": 1024 + 100, "bos_id": None}))  # no BOS: 8192 is past its vocabulary
     torch.save({"state_dict": {f"model.{k}": v for k, v in other.state_dict().items()},

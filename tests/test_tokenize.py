@@ -1083,3 +1083,15 @@ def test_a_held_last_frame_is_no_loss_and_a_cut_webm_with_sound_is_reported(tmp_
     pictures, (skip,) = [p for p in read if isinstance(p, Picture)], [s for s in read if not isinstance(s, Picture)]
     assert 5 < len(pictures) < 40 and skip.reason == "corrupt_video"
     assert skip.detail == f"ends at {len(pictures) / 25:.1f} s of 2.0 s"
+
+
+def test_a_pattern_that_climbs_out_of_its_root_is_refused(tmp_path, tiny_tokenizer_dir, capsys):
+    """`a/{.,../b}/*.png` gave keys starting with `../`: annotate with --out . replaced the input photo with its own
+    edge map (review 52 #3); shards landed outside --out likewise."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / f"{folder}.png").write_bytes(_png(np.zeros((8, 8, 3), np.uint8)))
+    pattern = f"{tmp_path}/a/{{.,../b}}/*.png"
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", pattern) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path}/a/../b/b.png: lies outside {tmp_path}/a, where its "
+                                              "pattern starts: its output would be written outside --out")

@@ -48,11 +48,16 @@ class Model:
     legacy_identity: dict  # the identity fingerprints of versions before 2026-12-07 held
 
 
+def model_flag(role: str) -> str:
+    """The command-line flag that names the model of `role` (segmentation's is the short `--seg-model`)."""
+    return "--seg-model" if role == "segmentation" else f"--{role}-model"
+
+
 def _auto_classes(role: str) -> list:
     try:
         import transformers
     except ImportError:
-        raise AnnotateError(f"--{role}-model needs transformers: pip install -e '.[annotate]'") from None
+        raise AnnotateError(f"{model_flag(role)} needs transformers: pip install -e '.[annotate]'") from None
 
     names = {
         "depth": ["AutoModelForDepthEstimation"],
@@ -61,7 +66,7 @@ def _auto_classes(role: str) -> list:
     }[role]
     classes = [getattr(transformers, n) for n in names if hasattr(transformers, n)]
     if not classes:
-        raise AnnotateError(f"--{role}-model needs a transformers with {names[0]} (installed: {transformers.__version__})")
+        raise AnnotateError(f"{model_flag(role)} needs a transformers with {names[0]} (installed: {transformers.__version__})")
     return classes
 
 
@@ -72,7 +77,7 @@ def load(role: str, name: str, device: torch.device) -> Model:
     is said to be missing at once, and a hub id comes from the Hugging Face cache (HF_HUB_OFFLINE=1 works with
     models fetched before) with the same offline advice."""
     classes = _auto_classes(role)
-    folder = weights.resolve(name, f"--{role}-model")
+    folder = weights.resolve(name, model_flag(role))
     from transformers import AutoImageProcessor
     from transformers.utils import logging
 

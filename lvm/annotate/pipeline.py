@@ -30,7 +30,7 @@ from common.errors import leave_stop_signals_to_main
 from common.files import spec_holding
 from common.options import default_workers, usable_cores
 from lvm.annotate import TASKS, AnnotateError, render
-from lvm.annotate.models import Model, load, predict, preprocess
+from lvm.annotate.models import Model, load, model_flag, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
@@ -121,7 +121,7 @@ def model_roles(tasks: tuple[str, ...], job: Job) -> dict[str, str]:
     for role, name in roles.items():
         if not name:
             why = "normals without --normals-model come from depth" if role == "depth" and "depth" not in tasks else role
-            flag = "--seg-model" if role == "segmentation" else f"--{role}-model"
+            flag = model_flag(role)
             raise AnnotateError(f"{flag} is needed ({why}): a local model folder or a hub id")
     return roles
 
@@ -161,7 +161,7 @@ class UnitBatches(IterableDataset):
     def _batch(self, index: int, roles: list[str], rows: list, skips: list[Skip], last: bool) -> Batch:
         images = [rgb for _, rgb in rows]
         edges = [render.png(render.edges(rgb)) for rgb in images] if "edges" in self.works[index].tasks else []
-        squares = [_square(rgb) for rgb in images]
+        squares = [_square(rgb) for rgb in images] if roles else []  # for the models only: edges run on the image
         pixel_values = {role: preprocess(self.processors[role], squares) for role in roles} if rows else {}
         sizes = [rgb.shape[:2] for rgb in images]
         return Batch(index, [key for key, _ in rows], sizes, edges, pixel_values, skips, last)

@@ -22,6 +22,7 @@ import torch
 import tokenizer
 import weights
 from common.errors import exit_on
+from common.files import spec_holding
 from common.options import (
     HelpFormatter,
     add_device_arg,
@@ -70,6 +71,9 @@ def run(args: argparse.Namespace) -> dict:
         raise ProbeError("--lr", f"must be positive, got {args.lr}")
     if args.out.exists() and not args.out.is_dir():
         raise ProbeError(args.out, "--out exists and is not a folder")
+    if spec := spec_holding(args.out, [*args.train, *args.val]):
+        raise ProbeError(args.out, f"--out is inside the input folder {spec}; a rerun would read its plot as an image "
+                                   "of a new class: choose an --out outside the inputs")
     settings = heads.Training(epochs=args.epochs, lr=args.lr, seed=args.seed)
     device = torch.device(args.device)
     tok = tokenizer.load(args.tokenizer, device=device)

@@ -9,8 +9,11 @@ Unreadable images are skipped and counted with the tokenize pipeline's reasons; 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,7 @@ from tqdm import tqdm
 
 import tokenizer
 from common.errors import leave_stop_signals_to_main
-from common.files import IMAGE_SUFFIXES
+from common.files import IMAGE_SUFFIXES, expand_pattern
 from lvm.probe import ProbeError
 from lvm.probe.cache import Cache
 from lvm.tokenize.pipeline import Encoder, Options, Resize, UnitBatches
@@ -42,8 +45,14 @@ class Split:
 
 def check_class_folders(specs: list[str]) -> None:
     """Every class folder of an ImageFolder must hold an image: an empty one is a mistake worth one line, and
-    one that cannot be listed (permissions) is said to be so rather than empty."""
+    one that cannot be listed (permissions) is said to be so rather than empty. A glob or brace pattern that matches
+    folders is refused: the class is the first folder under where the pattern starts (`br/{a,b}/train` gave classes
+    a and b), so the ImageFolders must be given as paths of their own."""
     for spec in specs:
+        if any(os.path.isdir(path) for name, found in expand_pattern(spec) if name != spec or glob.has_magic(spec)
+               for path in found):
+            raise ProbeError(spec, "a pattern that matches folders: give each ImageFolder as a path (the shell expands "
+                                   "br/*/train into them), so that classes are the folders under each")
         root = Path(spec)
         if not root.is_dir() or any(root.glob(f"*{TAR_SUFFIX}")):
             continue
@@ -131,7 +140,7 @@ def read_split(
 def class_indices(train: Split, val: Split, val_option: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(class names, train label indices, val label indices): the train split defines the classes, numeric
     labels in numeric order; a val class the probes never saw in training is an error."""
-    classes = sorted(set(train.labels), key=lambda c: (0, int(c), c) if c.lstrip("-").isdigit() else (1, 0, c))
+    classes = sorted(set(train.labels), key=lambda c: (0, int(c), c) if re.fullmatch(r"-?[0-9]+", c) else (1, 0, c))
     if len(classes) < 2:
         raise ProbeError("--train", f"needs at least 2 classes, found {len(classes)} ({', '.join(classes)})")
     unknown = sorted(set(val.labels) - set(classes))

@@ -29,7 +29,7 @@ def resolve_depths(text: str, n_layers: int) -> list[int]:
     depths = set()
     for value in (v.strip() for v in text.split(",") if v.strip()):
         try:
-            number = float(value)
+            number = float(value) if "." in value else int(value)  # `1e-1` is no layer index (it read as layer 0)
         except ValueError:
             raise ProbeError("--layers", f"{value!r} is neither a fraction of the layers nor a layer index") from None
         if "." in value:

@@ -111,7 +111,10 @@ def _relative(path: str, root: str) -> str:
         prefix = root if root.endswith("/") else root + "/"
         rel = path[len(prefix):] if path.startswith(prefix) else None
     if rel is None or rel.startswith("/") or {"", ".", ".."} & set(rel.split("/")):
-        return Path(os.path.relpath(path, root)).as_posix()
+        rel = Path(os.path.relpath(path, root)).as_posix()
+        if rel == ".." or rel.startswith("../"):  # a pattern that climbs out of its root (`a/{.,../b}/*.png`)
+            raise TokenizeError(path, f"lies outside {root}, where its pattern starts: its output would be written "
+                                      "outside --out (over the inputs, with --out .); give its folder as a path of its own")
     return rel
 
 
