@@ -55,6 +55,7 @@ from lvm import metrics
 from lvm.checkpoint import check_tokenizer, load_lvm, trained_layout
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
+from lvm.prompt import check_compatible
 from sentences import formats
 
 PAIR_KINDS = ("pairs", "colorization", "inpainting")  # sentences [x1, y1, ..., xn, yn] (sentences/kinds.py)
@@ -383,6 +384,7 @@ def run(args: argparse.Namespace) -> dict:
     spec = args.tokenizer or (weights.DEFAULT_TOKENIZER if trained.get("name") == weights.DEFAULT_TOKENIZER else None)
     tok = tokenizer.load(spec, device=args.device) if spec else None
     if tok:
+        check_compatible(model, tok, spec)  # a codebook larger than the model's code ids, as prompt and probe refuse
         check_tokenizer(model, args.model, tok.identity(spec))
     recorded = trained.get("tokens_per_image")
     if args.tokens_per_image and recorded and args.tokens_per_image != recorded:

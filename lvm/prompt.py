@@ -70,7 +70,9 @@ def resolve_prompts(paths: list[str], option: str, sort: bool) -> list[list[Path
     if all(p.is_dir() for p in items):
         prompts = []
         for d in items:
-            frames = sorted((f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES), key=natural_key)
+            # hidden files are no frames (a `.thumb.png`, macOS's `._f1.png`), as lvm.tokenize skips them
+            frames = sorted((f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")),
+                            key=natural_key)
             if not frames:
                 raise PromptError(d, f"no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             prompts.append(frames)

@@ -6,14 +6,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
 from common.files import natural_key
+from common.vocab import BOS_ID, EOS_ID
+from lvm.evaluate import main as evaluate_main
 from lvm.generate import GREEDY, rollout
 from lvm.hf import save_hf
 from lvm.model import LVM, LVMConfig
-from lvm.prompt import _in_order, main, read_image
+from lvm.prompt import _in_order, main, read_image, resolve_prompts
 from lvm.tokenize.decode import DecodeOptions, decode_image
 from tokenizer.preprocess import to_rgb_float
 
@@ -226,6 +229,12 @@ def test_tokenizer_codebook_must_fit_the_model(tmp_path, tiny_tokenizer_dir, cap
                      "--out", tmp_path / "o.png"], capsys)
     assert err == (f"error: {tiny_tokenizer_dir}: codebook of 8192 codes does not fit the model's 1024 code ids "
                    "(vocabulary 1124 = codes + 100 reserved)")
+    with wds.TarWriter(str(tmp_path / "sentences-000000.tar")) as tar:  # one sentence of two 16-token images
+        tar.write({"__key__": "s", "tokens.npy": np.array([BOS_ID, *range(32), EOS_ID], np.uint16), "json": {"kind": "video"}})
+    with pytest.raises(SystemExit) as exit_info:  # lvm.evaluate refuses it too: it warned and scored (review 51)
+        evaluate_main(["--model", str(tmp_path / "small.ckpt"), "--tokenizer", str(tiny_tokenizer_dir), "--sentences",
+                       str(tmp_path), "--out", str(tmp_path / "eval")])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == err
     short = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, vocab_size=8292, max_seq_len=16))
     torch.save({"state_dict": {f"model.{k}": v for k, v in short.state_dict().items()},
                 "lvm_config": short.cfg.to_dict()}, tmp_path / "short.ckpt")
@@ -303,3 +312,14 @@ def test_frames_of_two_folders_are_read_folder_by_folder():
     given = [Path("s2/f1.png"), Path("s1/f2.png"), Path("s1/f10.png"), Path("s1/f1.png"), Path("s2/f2.png")]
     assert sorted(given, key=_in_order) == [Path("s1/f1.png"), Path("s1/f2.png"), Path("s1/f10.png"),
                                             Path("s2/f1.png"), Path("s2/f2.png")]
+
+
+def test_hidden_files_of_a_prompt_folder_are_no_frames(tmp_path, lvm_ckpt, tiny_tokenizer_dir, capsys):
+    """A `.thumb.png` became a context frame and macOS's `._f1.png` stopped the prompt; lvm.tokenize skips hidden
+    files (review 51)."""
+    ckpt, _ = lvm_ckpt
+    write_frames(tmp_path / "seq", ["1.png", "2.png", ".thumb.png"])
+    (tmp_path / "seq" / "._1.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    assert [p.name for p in resolve_prompts([str(tmp_path / "seq")], "--frames", sort=True)[0]] == ["1.png", "2.png"]
+    prompt(["--frames", tmp_path / "seq", "--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--greedy",
+            "--out", tmp_path / "out" / "p.png"], capsys)
