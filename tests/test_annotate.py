@@ -736,3 +736,19 @@ def test_a_folder_units_maps_are_synced_in_one_pass_before_its_report(photos, tm
     assert sorted(events[2 * n : 2 * n + len(folders)]) == sorted(("fsync", ino) for ino in folders)
     assert events[2 * n + len(folders) :] == [("fsync", report.stat().st_ino), ("rename", report.name),
                                               ("fsync", report.parent.stat().st_ino)]  # then the report
+
+
+def test_a_lost_map_of_a_folder_unit_is_made_again(photos, tmp_path, capsys):
+    """The report alone marked a folder unit complete: maps deleted since were never made again, and a pairs build
+    then lacked their partners (review 52 #4). A lost map tar was already made again."""
+    out = tmp_path / "annot"
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0
+    report = json.loads((out / "edges" / "photos-img-000000.report.json").read_text())
+    assert sorted(report["maps"]) == sorted(PHOTOS)
+    lost = out / "edges" / "cat" / "coffee.png"
+    lost.unlink()
+    capsys.readouterr()
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0
+    assert lost.is_file() and "4 images annotated" in capsys.readouterr().out
+    assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0  # now complete: nothing redone
+    assert "0 images annotated" in capsys.readouterr().out

@@ -26,11 +26,15 @@ Encode = Callable[[], bytes]
 
 
 def is_done(root: Path, unit: Unit, fingerprint: str) -> bool:
-    """Whether the unit's outputs under `root` are complete and made from the same inputs and settings."""
+    """Whether the unit's outputs under `root` are complete and made from the same inputs and settings: for a tar
+    unit its tar is there, for a folder unit every map its report lists (one stat each; reports written before they
+    listed their maps are taken at their word)."""
     tar, report = shard_paths(root, unit.name)
     if unit.kind == "tar" and not tar.exists():
         return False
-    return read_report(report).get("fingerprint") == fingerprint
+    fields = read_report(report)
+    maps = fields.get("maps") if unit.kind == "images" else None
+    return fields.get("fingerprint") == fingerprint and all((root / f"{key}.png").exists() for key in maps or ())
 
 
 def _write_png(path: Path, encode: Encode) -> Path:
@@ -92,4 +96,6 @@ class UnitOutput(UnitReport):
             "fingerprint": self.fingerprint,
             "images": self.images,
         }
+        if self._tar is None:  # a folder unit: the maps it wrote, so a rerun sees one that was lost
+            fields["maps"] = [path.relative_to(self.root).with_suffix("").as_posix() for path in self.written]
         self.write_report(self.report_path, fields)
