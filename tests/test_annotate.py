@@ -752,3 +752,17 @@ def test_a_lost_map_of_a_folder_unit_is_made_again(photos, tmp_path, capsys):
     assert lost.is_file() and "4 images annotated" in capsys.readouterr().out
     assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0  # now complete: nothing redone
     assert "0 images annotated" in capsys.readouterr().out
+
+
+def test_a_json_after_its_image_is_no_skipped_image(tmp_path, capsys):
+    """`tar cf s.tar *.png *.json`: annotate reads no json and wrote every map, yet said "skipped 2: split_sample 2"
+    (review 52 #6)."""
+    (tmp_path / "laion").mkdir()
+    with tarfile.open(tmp_path / "laion" / "00000.tar", "w") as tar:
+        for member, data in [("k1.png", _png_of("astronaut")), ("k2.png", _png_of("chelsea")),
+                             ("k1.json", b"{}"), ("k2.json", b"{}")]:
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert _run("--images", tmp_path / "laion", "--out", tmp_path / "annot", "--tasks", "edges") == 0
+    assert "annotate: 2 images annotated (edges 2) in 1 units (0 already complete); skipped 0;" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """`lvm.probe`: features equal a manual forward, probes separate synthetic classes, data and error handling."""
 
 import io
+import tarfile
 import json
 
 import numpy as np
@@ -205,6 +206,16 @@ def test_tar_shards_with_a_label_field(tiny_tokenizer, tmp_path):
     assert split.keys == [f"shard-000/s{i}" for i in range(6)] and split.labels == ["0", "1", "2"] * 2
     assert split.skipped == {"no_label": 1, "corrupt_image": 1}
     np.testing.assert_array_equal(split.tokens, tiny_tokenizer.encode(images).numpy())  # the tokenizer's own path
+    # b's json after another sample: b is unlabelled, counted once (it was also a split_sample skip: review 52 #6)
+    (tmp_path / "late").mkdir()
+    with tarfile.open(tmp_path / "late" / "shard-001.tar", "w") as tar:
+        for name, data in [("a.png", png.getvalue()), ("a.json", b'{"label": 1}'), ("b.png", png.getvalue()),
+                           ("c.png", png.getvalue()), ("c.json", b'{"label": 2}'), ("b.json", b'{"label": 2}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    late = read_split("train", [str(tmp_path / "late")], tiny_tokenizer, "tok", Cache(tmp_path / "cache2"), workers=0)
+    assert late.labels == ["1", "2"] and late.skipped == {"no_label": 1}
 
 
 def test_an_image_replaced_under_its_name_is_tokenized_again(tiny_tokenizer, tmp_path):

@@ -33,7 +33,7 @@ from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, model_flag, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
-from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
+from lvm.tokenize.decode import MEMBERS_ONLY, DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
 from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key
@@ -307,7 +307,7 @@ def run(job: Job) -> Summary:
             summary.images += len(batch.keys)
             for task in work.tasks:
                 summary.written[task] += len(batch.keys)
-            for skip in batch.skips:
+            for skip in (s for s in batch.skips if s.reason not in MEMBERS_ONLY):  # no map lost: no skip
                 for output in outputs[batch.work].values():
                     output.skip(skip)
                 summary.skipped[skip.reason] += 1

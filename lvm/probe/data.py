@@ -27,6 +27,7 @@ from common.errors import leave_stop_signals_to_main
 from common.files import IMAGE_SUFFIXES, expand_pattern
 from lvm.probe import ProbeError
 from lvm.probe.cache import Cache
+from lvm.tokenize.decode import MEMBERS_ONLY
 from lvm.tokenize.pipeline import Encoder, Options, Resize, UnitBatches
 from lvm.tokenize.sources import TAR_SUFFIX, Unit, find_units, walk
 
@@ -126,7 +127,7 @@ def read_split(
                     skipped["no_label"] += 1
                 else:
                     rows.append((f"{unit.name}/{key}", label, codes[row]))
-            skipped.update(skip.reason for skip in batch.skips)
+            skipped.update(skip.reason for skip in batch.skips if skip.reason not in MEMBERS_ONLY)  # counted as no_label
             bar.update(len(batch.keys) + len(batch.skips))
     if not rows:
         raise ProbeError(specs[0], f"no labelled images (skipped: {dict(skipped) or 'none'})")

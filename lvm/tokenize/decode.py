@@ -43,6 +43,9 @@ REASONS = (
 )
 _IMAGE_EXTS = tuple(sorted(s[1:] for s in IMAGE_SUFFIXES))  # tar member suffixes, without the dot
 _DROPPED_META = frozenset({"exif"})  # bulky source json fields not worth copying into every token sample
+MEMBERS_ONLY = frozenset({"split_sample"})
+"""Skip reasons that lose members of a sample whose image was read (its json or caption), no image: lvm.tokenize counts
+them, lvm.annotate (which reads no json) and lvm.probe (whose unlabelled image counts already) do not."""
 _DURATION_TAG = re.compile(r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)")
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PALETTE = label_palette()
