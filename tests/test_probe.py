@@ -1,8 +1,8 @@
 """`lvm.probe`: features equal a manual forward, probes separate synthetic classes, data and error handling."""
 
 import io
-import tarfile
 import json
+import tarfile
 
 import numpy as np
 import pytest
