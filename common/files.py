@@ -11,7 +11,9 @@ from __future__ import annotations
 import bz2
 import glob
 import gzip
+import json
 import lzma
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -68,6 +70,29 @@ def write_atomic(path: str | Path, text: str) -> None:
     """`path` holds `text`, written with `atomic_write`: a report another run or stage reads is whole or absent."""
     with atomic_write(path, "w") as file:
         file.write(text)
+
+
+def json_text(data: object) -> str:
+    """A report as strict JSON: a non-finite float (a perplexity past exp(709), the PSNR of an exact copy)
+    becomes null, because JSON has no Infinity or NaN and strict readers (jq 1.6, browsers, most languages)
+    refuse the `Infinity` Python writes. `json_number` reads such a field back."""
+    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def json_number(value: float | None) -> float:
+    """A number of a `json_text` report: null (not finite) reads as +inf, the only non-finite value a
+    perplexity or PSNR takes."""
+    return math.inf if value is None else value
 
 
 def _fsync(path: str | Path) -> None:

@@ -40,7 +40,7 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on
-from common.files import expand_shards, write_atomic
+from common.files import expand_shards, json_text, write_atomic
 from common.options import (
     HelpFormatter,
     add_device_arg,
@@ -420,7 +420,7 @@ def run(args: argparse.Namespace) -> dict:
     if tok and args.pixel_sentences:
         report["pixels"] = pixel_metrics(model, tok, sentences[: args.pixel_sentences], args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(args.out / "report.json", json_text(report))
     write_atomic(args.out / "report.md", markdown(report))
     unigram, name = report["unigram"], Path(args.model).name
     if report["vs_context"]:

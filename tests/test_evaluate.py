@@ -233,6 +233,22 @@ def test_cli_writes_report_and_plot(tmp_path, shards, model, tiny_tokenizer_dir,
     assert plot.format == "PNG" and plot.size == (720, 480)
 
 
+def test_report_json_of_a_broken_model_is_strict_json(tmp_path, shards, model):
+    """A model past e^709 perplexity: report.json writes the infinite perplexities as null (Python's `Infinity`
+    is not JSON; strict readers refuse the file), and report.md still says inf."""
+    state = {f"model.{k}": v * 1e6 if k == "head.weight" else v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(shards), "--tokens-per-image", str(T),
+          "--out", str(tmp_path / "eval")])
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads((tmp_path / "eval" / "report.json").read_text(), parse_constant=refuse)
+    assert report["perplexity"]["all"]["mean_perplexity"] is None and report["perplexity"]["all"]["mean_nll"] > 709
+    assert "| inf |" in (tmp_path / "eval" / "report.md").read_text()
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "m.ckpt", "--sentences", str(tmp_path / "none"), "--out", str(tmp_path / "o")])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
-from common.files import output_file, write_atomic
+from common.files import json_text, output_file, write_atomic
 from common.options import HelpFormatter, add_device_arg, add_tokenizer_arg, at_least
 from tokenizer.data import image_files
 from tokenizer.preprocess import UNREADABLE_IMAGE, from_value_range
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if not result["images"]:
         raise UserError(args.images, f"none of its {len(result['skipped'])} image files could be read")
     if args.json:
-        write_atomic(args.json, json.dumps(result, indent=2, allow_nan=False) + "\n")  # JSON has no Infinity
+        write_atomic(args.json, json_text(result))
     rfid = f"rFID {result['rfid']:.2f}" if result["rfid"] is not None else f"rFID skipped ({result.get('rfid_skipped', 'too few images')})"
     print(
         f"{result['images']} images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f}, "

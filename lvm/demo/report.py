@@ -20,7 +20,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import tokenizer  # noqa: E402
-from common.files import write_atomic  # noqa: E402
+from common.files import json_number, json_text, write_atomic  # noqa: E402
 from lvm.checkpoint import load_lvm  # noqa: E402
 from lvm.demo.data import analogy_files, read_frames  # noqa: E402
 from lvm.generate import GREEDY, rollout  # noqa: E402
@@ -174,17 +174,17 @@ def write(out: Path, timings: dict[str, float], seed: int) -> Path:
         "timings_s": timings,
         "tokenizer": json.loads((rep / "tokenizer.json").read_text()),
         "loss": loss_curve(sorted((out / "lvm" / "logs").glob("version_*/metrics.csv"))[-1], rep / "loss.png"),
-        "vs_context": {int(k): v["mean_perplexity"] for k, v in evaluation["vs_context"].items()},
-        "vs_pairs": {kind: {int(n): v["mean_perplexity"] for n, v in curve.items()}
+        "vs_context": {int(k): json_number(v["mean_perplexity"]) for k, v in evaluation["vs_context"].items()},
+        "vs_pairs": {kind: {int(n): json_number(v["mean_perplexity"]) for n, v in curve.items()}
                      for kind, curve in evaluation.get("vs_pairs", {}).items()},
-        "unigram": {kind: u["mean_perplexity"] for kind, u in evaluation["unigram"].items()},
+        "unigram": {kind: json_number(u["mean_perplexity"]) for kind, u in evaluation["unigram"].items()},
         "sentences": {kind: p["count"] for kind, p in evaluation["perplexity"].items()},
         "context_gain": evaluation["context_gain"],
         "video": video_prediction(model, tok, out / "data" / "video" / "heldout"),
         "analogies": analogies(model, tok, prompts),
     }
     figures["criteria"] = [{"criterion": c, "measured": m, "passed": ok} for c, m, ok in criteria(figures)]
-    write_atomic(rep / "report.json", json.dumps(figures, indent=2) + "\n")
+    write_atomic(rep / "report.json", json_text(figures))
     summary = rep / "summary.md"
     write_atomic(summary, markdown(figures))
     return summary

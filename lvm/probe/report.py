@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from common.files import write_atomic
+from common.files import json_text, write_atomic
 
 PROBES = ("attentive", "linear")
 
@@ -58,6 +57,6 @@ def plot(report: dict, path: Path) -> None:
 
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(out / "report.json", json_text(report))
     write_atomic(out / "report.md", markdown(report))
     plot(report, out / "accuracy_vs_depth.png")
