@@ -24,8 +24,9 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
+from lvm.annotate import AnnotateError
 from lvm.annotate.__main__ import main
-from lvm.annotate.pipeline import Batch, _needs
+from lvm.annotate.pipeline import Batch, Job, model_roles, source
 from lvm.annotate.render import RELIEF, encode_normals, nearness, normals_from_depth, normals_from_nearness
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.palette import label_palette
@@ -528,11 +529,15 @@ def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer
 
 def test_the_depth_model_runs_for_normals_only_without_a_normals_model():
     """A unit that lacks only normals, with a normals model loaded, must not pay for a depth pass."""
-    lacking_normals = {"normals": "settings"}
-    assert not _needs("depth", lacking_normals, ["depth", "normals"])
-    assert _needs("depth", lacking_normals, ["depth"])  # normals from depth
-    assert _needs("depth", {"depth": "settings"}, ["depth", "normals"])
-    assert _needs("normals", lacking_normals, ["depth", "normals"])
+    assert source("normals", ["depth", "normals"]) == "normals"
+    assert source("normals", ["depth"]) == "depth"  # normals from depth
+    assert source("depth", ["depth", "normals"]) == "depth" and source("edges", ["depth"]) is None
+    job = Job(images=[], out=Path("o"), tasks=("normals", "depth"), depth_model="d", normals_model="n")
+    assert model_roles(("normals",), job) == {"normals": "n"} and model_roles(("depth", "normals"), job) == {
+        "depth": "d", "normals": "n"}
+    job = Job(images=[], out=Path("o"), tasks=("normals",), normals_model=None)
+    with pytest.raises(AnnotateError, match=r"--depth-model is needed \(normals without --normals-model come from depth\)"):
+        model_roles(("normals",), job)
 
 
 def test_padding_of_a_normals_processor_is_cropped_before_resizing():
@@ -598,7 +603,6 @@ def test_metric_depth_of_glpn_is_inverted_into_nearness(tmp_path):
 def test_depth_models_of_unknown_meaning_are_refused():
     from types import SimpleNamespace
 
-    from lvm.annotate import AnnotateError
     from lvm.annotate.models import is_metric
 
     assert is_metric(SimpleNamespace(model_type="depth_anything", depth_estimation_type="metric"), "m")

@@ -109,15 +109,19 @@ class Summary:
         )
 
 
+def source(task: str, roles: Iterable[str]) -> str | None:
+    """The model role whose output makes `task`'s maps, of the `roles` given: the one place that says normals come
+    from the depth model unless a normals model is given; edges need no model."""
+    if task == "edges":
+        return None
+    return "depth" if task == "normals" and "normals" not in roles else task
+
+
 def model_roles(tasks: tuple[str, ...], job: Job) -> dict[str, str]:
-    """The models the tasks need, role -> name; normals come from the depth model unless a normals model is given."""
-    roles = {}
-    if "depth" in tasks or ("normals" in tasks and not job.normals_model):
-        roles["depth"] = job.depth_model
-    if "normals" in tasks and job.normals_model:
-        roles["normals"] = job.normals_model
-    if "segmentation" in tasks:
-        roles["segmentation"] = job.seg_model
+    """The models the tasks need, role -> name."""
+    names = {"depth": job.depth_model, "normals": job.normals_model, "segmentation": job.seg_model}
+    given = [role for role, name in names.items() if name]
+    roles = {role: names[role] for task in tasks if (role := source(task, given))}
     for role, name in roles.items():
         if not name:
             why = "normals without --normals-model come from depth" if role == "depth" and "depth" not in tasks else role
@@ -133,10 +137,10 @@ def _settings(task: str, job: Job, models: dict[str, Model], legacy: bool = Fals
     identity = (lambda model: model.legacy_identity) if legacy else (lambda model: model.identity)
     if task == "edges":
         settings["canny"] = render.CANNY_THRESHOLDS
-    elif task == "normals" and "normals" not in models:
+    elif source(task, models) != task:  # normals from depth
         settings.update(relief=render.RELIEF, depth=identity(models["depth"]))
     else:
-        settings["model"] = identity(models["segmentation" if task == "segmentation" else task])
+        settings["model"] = identity(models[task])
     return settings
 
 
@@ -150,7 +154,7 @@ class UnitBatches(IterableDataset):
     def __iter__(self):
         for index in worker_share(len(self.works)):
             work = self.works[index]
-            roles = [role for role in self.processors if _needs(role, work.tasks, self.processors)]
+            roles = [role for role in self.processors if role in {source(task, self.processors) for task in work.tasks}]
             for rows, skips, last in read_batches(work.unit, self.decode, self.batch_size, self._prepare):
                 yield self._batch(index, roles, rows, skips, last)
 
@@ -173,14 +177,6 @@ def _square(rgb: np.ndarray) -> np.ndarray:
     pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
     square = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False)
     return square[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-
-
-def _needs(role: str, tasks: dict[str, str], loaded: Iterable[str]) -> bool:
-    """Whether a unit lacking `tasks` needs the model of `role`, of the `loaded` roles (depth also feeds normals
-    when no normals model is loaded)."""
-    if role == "depth":
-        return "depth" in tasks or ("normals" in tasks and "normals" not in loaded)
-    return role in tasks
 
 
 def plan(
@@ -337,7 +333,8 @@ def _write(batch: Batch, outputs: dict[str, UnitOutput], models: dict[str, Model
                 array = (predicted["depth"][i] * 65535).round().to(torch.int32).cpu().numpy().astype(np.uint16)
                 encode = partial(render.png, array)
             elif task == "normals":
-                normals = predicted["normals"][i] if "normals" in predicted else render.normals_from_nearness(predicted["depth"][i])
+                role = source(task, models)
+                normals = predicted[role][i] if role == "normals" else render.normals_from_nearness(predicted[role][i])
                 encode = partial(render.png, render.encode_normals(normals))
             else:
                 labels = (predicted["segmentation"][i] % 256).to(torch.uint8).cpu().numpy()
