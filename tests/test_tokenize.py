@@ -498,6 +498,29 @@ def test_a_second_image_member_of_a_tar_sample_is_a_duplicate_key(tmp_path):
     assert _tar_entries(tmp_path / "s.tar") == [("x", "cap"), ("x.png", "duplicate_key")]
 
 
+def test_an_image_stored_as_a_tar_link_is_reported_once_not_lost_silently(tmp_path):
+    """Tars of deduplicated folders store repeated files as links; webdataset's reader passed them over, so a
+    hard-linked image with a json was a `no_image` and a symlinked one vanished from the report (review 45 #10)."""
+    jpeg = _jpeg(8, 8)
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in [("a.jpg", jpeg), ("a.json", b'{"k": 1}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, kind in [("b.jpg", tarfile.LNKTYPE), ("c.jpg", tarfile.SYMTYPE)]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, "a.jpg"
+            tar.addfile(info)
+        info = tarfile.TarInfo("b.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    assert _tar_entries(tmp_path / "s.tar") == [("a", ""), ("b.jpg", "tar_link"), ("c.jpg", "tar_link")]
+    (unit,), _ = find_units([str(tmp_path / "s.tar")])
+    details = [s.detail for _, skips, _ in read_batches(unit, DecodeOptions(), 8, str) for s in skips]
+    assert details == ["a hard link to a.jpg: links are not read (tar -h / --hard-dereference stores the file)",
+                       "a symbolic link to a.jpg: links are not read (tar -h / --hard-dereference stores the file)"]
+
+
 @pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
 def test_a_compressed_tar_named_tar_is_read_and_a_cut_one_is_corrupt(tmp_path, compress):
     _write_tar(tmp_path / "plain", [(f"k{i}.jpg", _jpeg(8, 8)) for i in range(3)])

@@ -21,7 +21,7 @@ import av
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from common.files import IMAGE_SUFFIXES, tar_is_complete
 from lvm.palette import colour_labels, label_palette
@@ -38,6 +38,7 @@ REASONS = (
     "split_sample",  # tar members of a key already read, not adjacent to its first ones (tar --sort=name fixes it)
     "duplicate_key",  # a key already written to this shard (x.jpg and x.png in one folder or tar sample, a repeated tar key)
     "corrupt_tar",  # the tar ends early or is not a tar; the samples before the damage are kept
+    "tar_link",  # an image member stored as a hard or symbolic link (tar -h / --hard-dereference stores the file)
     "unreadable_video",  # PyAV cannot open the file or it has no video frames
     "corrupt_video",  # packets that failed to decode (counted in the detail); every other frame is kept
 )
@@ -46,6 +47,7 @@ _DROPPED_META = frozenset({"exif"})  # bulky source json fields not worth copyin
 MEMBERS_ONLY = frozenset({"split_sample"})
 """Skip reasons that lose members of a sample whose image was read (its json or caption), no image: lvm.tokenize counts
 them, lvm.annotate (which reads no json) and lvm.probe (whose unlabelled image counts already) do not."""
+_WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # members webdataset reads as the tar's metadata, not samples
 _DURATION_TAG = re.compile(r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)")
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PALETTE = label_palette()
@@ -202,6 +204,7 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         return
     errors: list[BaseException] = []
     repeated: list[BaseException] = []
+    links: list[tarfile.TarInfo] = []
 
     def skip_repeated(error: BaseException) -> bool:  # a member name seen twice in a row: drop it, read on
         repeated.append(error)
@@ -210,10 +213,21 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
     seen: set[str] = set()  # keys emitted with an image
     held: dict[str, dict] = {}  # samples without an image so far, by key
     with stream:
-        for sample in group_by_keys(_tar_members(stream, path, errors), keys=base_plus_ext, handler=skip_repeated):
+        members = _tar_members(stream, path, errors, links)
+        for sample in group_by_keys(members, keys=base_plus_ext, handler=skip_repeated):
             yield from _split_or_sample(path, sample, opts, seen, held)
-    for sample in held.values():
-        yield from _tar_sample(path, sample, opts)  # no image ever came: `no_image`
+    linked = {}  # key -> its image member that is a link
+    for link in links:
+        key, ext = base_plus_ext(link.name)
+        if ext in _IMAGE_EXTS and key not in seen:
+            linked[key] = link
+    for key, link in linked.items():
+        kind = "hard" if link.islnk() else "symbolic"
+        yield Skip(f"{path}:{link.name}", "tar_link", f"a {kind} link to {link.linkname}: links are not read "
+                   "(tar -h / --hard-dereference stores the file)")
+    for key, sample in held.items():
+        if key not in linked:
+            yield from _tar_sample(path, sample, opts)  # no image ever came: `no_image`
     for error in repeated:
         yield Skip(path, "duplicate_key", _detail(error))
     if errors:
@@ -222,14 +236,23 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
         yield Skip(path, "corrupt_tar", "cut short between members (no end-of-archive blocks)")
 
 
-def _tar_members(stream: BinaryIO, path: str, errors: list[BaseException]) -> Iterator[dict]:
-    """The complete members of a tar; damage ends the stream quietly (recorded in `errors`).
-
-    Ending quietly lets group_by_keys still emit the sample before the damage, which is complete.
+def _tar_members(
+    stream: BinaryIO, path: str, errors: list[BaseException], links: list[tarfile.TarInfo]
+) -> Iterator[dict]:
+    """The complete file members of a tar, as webdataset's tar_file_iterator gives them (its `__name__` metadata
+    members left out); read here because that iterator passes link members over without a trace, and an image
+    stored as a link (tars of folders deduplicated by `hardlink` or `rdfind`) then vanished from the report.
+    Links are recorded in `links`; a stream cannot go back to read their target. Damage ends the stream quietly
+    (recorded in `errors`), so that group_by_keys still emits the sample before the damage, which is complete.
     """
     try:
-        for member in tar_file_iterator(stream):
-            yield {**member, "__url__": path}
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.islnk() or member.issym():
+                    links.append(member)
+                elif member.isreg() and not _WEBDATASET_META.match(member.name):
+                    yield {"fname": member.name, "data": tar.extractfile(member).read(), "__url__": path}
+                tar.members = []  # a stream's TarFile keeps every header read otherwise
     except (tarfile.TarError, OSError, EOFError) as error:
         errors.append(error)
 
