@@ -758,6 +758,24 @@ def test_a_lost_map_of_a_folder_unit_is_made_again(photos, tmp_path, capsys):
     assert "0 images annotated" in capsys.readouterr().out
 
 
+def test_a_redone_folder_unit_removes_the_maps_of_images_gone_since(photos, tmp_path, capsys):
+    """An image deleted after a run kept its map, and tokenizing the task folder read it as an annotation of an image
+    that no longer exists (review 52 #5). A redo killed before its report still knows the earlier maps."""
+    shutil.copytree(photos, tmp_path / "photos")
+    out = tmp_path / "annot"
+    assert _run("--images", tmp_path / "photos", "--out", out, "--tasks", "edges") == 0
+    (tmp_path / "photos" / "cat" / "coffee.png").unlink()
+    (unit,), _ = find_units([str(tmp_path / "photos")])
+    with ThreadPoolExecutor(1) as pool:  # a redo killed at its first map
+        UnitOutput(out / "edges", "edges", unit, "killed", pool).add("astronaut", lambda: b"a new map")
+    assert (out / "edges" / "cat" / "coffee.png").is_file()
+    capsys.readouterr()
+    assert _run("--images", tmp_path / "photos", "--out", out, "--tasks", "edges") == 0
+    assert "3 images annotated" in capsys.readouterr().out
+    assert sorted(p.relative_to(out / "edges").as_posix() for p in out.rglob("*.png")) == [
+        f"{name}.png" for name in sorted(set(PHOTOS) - {"cat/coffee"})]
+
+
 def test_a_json_after_its_image_is_no_skipped_image(tmp_path, capsys):
     """`tar cf s.tar *.png *.json`: annotate reads no json and wrote every map, yet said "skipped 2: split_sample 2"
     (review 52 #6)."""

@@ -6,8 +6,9 @@ per sample, so tokenizing the task folder yields the keys of the images' tokens.
 tokenize writer: files and tars are written with `common.files.atomic_write` (under `*.tmp`, which no reader
 takes, then renamed; a folder unit's maps are fsynced in one pass at the end, 1.7-9x faster than one by one), then
 `<unit>.report.json` is written with the fingerprint of inputs and settings; a unit is complete exactly when its report (and for a tar unit the tar) exists with the current
-fingerprint. Anything else is redone from scratch. PNG encoding runs on a thread pool (zlib releases the
-GIL), in order for tars.
+fingerprint. Anything else is redone from scratch; a folder unit redone removes the maps its previous report listed
+that the new run does not write (an image deleted or become unreadable since). PNG encoding runs on a thread pool
+(zlib releases the GIL), in order for tars.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
-from common.files import atomic_write, sync_files
+from common.files import atomic_write, sync_files, within
 from lvm.tokenize.sources import Unit
 from lvm.tokenize.writer import UnitReport, shard_paths
 from sentences.formats import read_report, tar_writer
@@ -57,7 +58,13 @@ class UnitOutput(UnitReport):
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
         # Not complete under any settings from here until commit: a run killed while redoing the unit with other
         # settings would otherwise leave maps of both, which the old report calls complete under the old ones.
-        self.report_path.unlink(missing_ok=True)
+        # A folder unit's report stays, without a fingerprint, to name the earlier maps until commit removes those
+        # no longer made: a kill in between leaves them listed for the next run.
+        self.earlier_maps: list[str] = read_report(self.report_path).get("maps", []) if unit.kind == "images" else []
+        if self.earlier_maps:
+            self.write_report(self.report_path, {"task": task, "unit": unit.name, "maps": self.earlier_maps})
+        else:
+            self.report_path.unlink(missing_ok=True)
         self.pending: list[tuple[str, Future]] = []
         self.written: list[Path] = []  # a folder unit's maps, synced at commit
         self.images = 0
@@ -89,6 +96,10 @@ class UnitOutput(UnitReport):
         self._drain(block=True)
         self._commit.close()
         sync_files(self.written)
+        maps = [path.relative_to(self.root).with_suffix("").as_posix() for path in self.written]
+        for key in set(self.earlier_maps) - set(maps):
+            if within(str(self.root / f"{key}.png"), self.root.resolve()):  # a report edited by hand deletes nothing else
+                (self.root / f"{key}.png").unlink(missing_ok=True)
         fields = {
             "task": self.task,
             "unit": self.unit.name,
@@ -97,5 +108,5 @@ class UnitOutput(UnitReport):
             "images": self.images,
         }
         if self._tar is None:  # a folder unit: the maps it wrote, so a rerun sees one that was lost
-            fields["maps"] = [path.relative_to(self.root).with_suffix("").as_posix() for path in self.written]
+            fields["maps"] = maps
         self.write_report(self.report_path, fields)
