@@ -6,7 +6,8 @@
 Every rank lists and sorts the whole input before taking its share of the units (no rank talks to another), so
 at ten million images the plan is paid by every rank on a node. The figures: seconds and bytes per file of
 `find_units` (time and memory measured in separate passes, since tracing slows Python), the memory it holds
-once done and its peak. The anchor, in the same run: a bare sorted `os.walk` of the folder, which any plan must
+once done and its peak; then what `lvm.annotate` adds to the plan, the check that no two images of different units
+write one map (`_check_keys`). The anchor, in the same run: a bare sorted `os.walk` of the folder, which any plan must
 do, and the memory of its paths held as a list of strings.
 """
 
@@ -20,6 +21,7 @@ import tracemalloc
 from pathlib import Path
 
 from common.options import HelpFormatter
+from lvm.annotate.pipeline import _check_keys
 from lvm.tokenize.sources import find_units
 
 
@@ -72,11 +74,14 @@ def main() -> None:
         del units
         walk_held, _, paths = traced(lambda: bare_listing(folder))
         del paths
-        plan_held, plan_peak, plan = traced(lambda: find_units([folder]))
-        del plan
+        plan_held, plan_peak, (plan, _) = traced(lambda: find_units([folder]))
+        keys_s, _ = timed(lambda: _check_keys(plan))
+        _, keys_peak, _ = traced(lambda: _check_keys(plan))
     print(f"bare listing: {walk_s:.2f} s, {walk_held / files:.0f} B per file held ({files:,} files)")
     print(f"plan: {plan_s:.2f} s ({plan_s / walk_s:.1f}x the bare listing), {plan_held / files:.0f} B per file held "
           f"({plan_held / walk_held:.2f}x the listing's paths), peak {plan_peak / files:.0f} B per file")
+    print(f"annotate's key check: {keys_s:.2f} s more ({keys_s / walk_s:.1f}x the bare listing), "
+          f"peak {keys_peak / files:.0f} B per file more")
 
 
 if __name__ == "__main__":

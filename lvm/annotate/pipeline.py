@@ -36,7 +36,7 @@ from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import MEMBERS_ONLY, DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
 from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
-from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key
+from lvm.tokenize.sources import Item, Unit, find_units, folder_within, safe_key
 from lvm.tokenize.writer import recorded, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
@@ -253,15 +253,16 @@ def _check_keys(units: list[Unit]) -> None:
     """Refuse two folder images of different units with one key (two roots with the same relative paths, or
     `x.jpg` and `x.png` cut into two units): their maps are one file, the later overwriting the earlier. In one
     unit the second is a `duplicate_key` skip, as for tokenize."""
-    first: dict[str, tuple[str, str]] = {}  # key -> (unit name, path)
-    for unit in units:
-        for item in unit.items if unit.kind == "images" else ():
-            if item.error:  # an unreadable folder, no image
+    first: dict[str, int] = {}  # key -> index of its unit: no Item or path per file (ten million files on every rank)
+    for index, unit in enumerate(units):
+        for entry in unit.entries if unit.kind == "images" else ():
+            if isinstance(entry, Item) and entry.error:  # an unreadable folder, no image
                 continue
-            key = safe_key(item.rel)
-            name, path = first.setdefault(key, (unit.name, item.path))
-            if name != unit.name:
-                raise AnnotateError(f"{path}: writes the same map <task>/{key}.png as {item.path}; annotate them "
+            key = safe_key(entry.rel if isinstance(entry, Item) else entry)
+            if first.setdefault(key, index) != index:
+                earlier, this = (next(item.path for item in units[i].items if not item.error and safe_key(item.rel) == key)
+                                 for i in (first[key], index))
+                raise AnnotateError(f"{earlier}: writes the same map <task>/{key}.png as {this}; annotate them "
                                     "into different --out folders, or rename one")
 
 
