@@ -600,6 +600,29 @@ def test_metric_depth_of_glpn_is_inverted_into_nearness(tmp_path):
     assert written.flat[metres.argmax()] == 0 and written.flat[metres.argmin()] == 65535
 
 
+def test_a_model_given_by_hub_id_is_fetched_with_its_image_processor(models, tmp_path, monkeypatch):
+    """A first download fetches only the files weights.hub names: the processor's json was left out, so every hub
+    id of the docs (`depth-anything/Depth-Anything-V2-Large-hf`) failed on a fresh cache (review 53 #3). The hub is
+    played by a folder, filtered as huggingface_hub filters a repository's files."""
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from lvm.annotate.models import load
+
+    def download(repo, revision=None, cache_dir=None, local_files_only=False, allow_patterns=None):
+        snapshot = tmp_path / "snapshot"
+        for name in filter_repo_objects([p.name for p in models["depth"].iterdir()], allow_patterns=allow_patterns):
+            snapshot.mkdir(exist_ok=True)
+            shutil.copy(models["depth"] / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    model = load("depth", "org/depth-tiny", torch.device("cpu"))
+    assert type(model.processor).__name__ == "DPTImageProcessor"
+    assert sorted(p.name for p in (tmp_path / "snapshot").iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
+
+
 def test_depth_models_of_unknown_meaning_are_refused():
     from types import SimpleNamespace
 

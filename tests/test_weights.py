@@ -164,7 +164,8 @@ def test_hub_fetch_prefers_safetensors_and_falls_back_to_bin(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     folder = weights.resolve("owner/bin-only")
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
-    configs = ["config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
+    configs = ["config.json", "generation_config.json", "preprocessor_config.json",
+               "model.safetensors.index.json", "pytorch_model.bin.index.json"]
     assert calls == [("owner/bin-only", configs + ["model*.safetensors", "pytorch_model*.safetensors"]),
                      ("owner/bin-only", configs + ["pytorch_model*.bin"])]
     calls.clear()

@@ -6,7 +6,7 @@
 
 Hub ids are fetched with `huggingface_hub.snapshot_download` into its standard cache, so HF_HOME,
 HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN and its progress bars behave as everywhere else. Only what the
-loaders read is fetched: the config and index json files, then the safetensors weights, or the `.bin` pickles
+loaders read is fetched: the config, image processor and index json files, then the safetensors weights, or the `.bin` pickles
 when the repository has none, at the repository's top. The environment is read at each call, not at import.
 """
 
@@ -27,7 +27,9 @@ _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<r
 _LOCAL_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors", ".json", ".yaml", ".tar")
 # The files the loaders read, named from the repository's top: "*.safetensors" would also match the checkpoints of
 # a subfolder (`original/consolidated.safetensors`, Meta's format beside the HF one), several times the model's size.
-_CONFIGS = ["config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"]
+# preprocessor_config.json is the image processor lvm.annotate's depth, normals and segmentation models load.
+_CONFIGS = ["config.json", "generation_config.json", "preprocessor_config.json", "model.safetensors.index.json",
+            "pytorch_model.bin.index.json"]
 _WEIGHTS = (["model*.safetensors", "pytorch_model*.safetensors"], ["pytorch_model*.bin"])  # safetensors hold no code
 
 
