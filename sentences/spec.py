@@ -32,6 +32,9 @@ from sentences.kinds import KINDS
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _TOP = ("seed", "window", "sentences_per_shard", "tokens", "sources")
 _SOURCE = {"name", "kind", "shards", "annotations", "epochs", "weight"}
+_ADDED_LATER = {"starts": "random"}
+"""Options added after builds were recorded, with the value that writes what builds before them wrote: left out of
+the record at that value, so that such a build still resumes (its fingerprint holds every option)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class MixSpec:
         record = {k: v for k, v in asdict(self).items() if k != "path"}
         for source in record["sources"]:
             del source["patterns"]  # the shards they name are recorded
+            source["options"] = {k: v for k, v in source["options"].items() if (k, v) not in _ADDED_LATER.items()}
         return record
 
 
@@ -147,6 +151,9 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
         if "weight" in raw:
             raise SentenceError(f"{where}.weight: needs a total 'tokens' for the mixture (or give epochs instead)")
         weight, epochs = None, float(_positive(raw.get("epochs", 1), f"{where}.epochs", float))
+    if options.get("starts") == "every" and epochs != 1:
+        raise SentenceError(f"{where}.starts: 'every' gives every clip once, so it takes epochs: 1 (other passes, or a "
+                            f"weight, would repeat or cut the set), got {'a weight' if epochs is None else f'epochs: {epochs:g}'}")
     return SourceSpec(
         name=name,
         kind=kind,

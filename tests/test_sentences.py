@@ -170,6 +170,22 @@ def test_video_clips_from_every_start_are_each_window_once(tmp_path: Path, token
     (tmp_path / "bad").mkdir()
     with pytest.raises(SentenceError, match=r"sources\[0\]\.starts: expected one of random, every, got 'all'$"):
         run_build(tmp_path / "bad", [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "starts": "all"}])
+    with pytest.raises(SentenceError, match=r"sources\[0\]\.starts: 'every' gives every clip once, so it takes "
+                                            r"epochs: 1 .*got epochs: 2$"):  # two passes gave every window twice
+        run_build(tmp_path / "bad", [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"),
+                                      "starts": "every", "epochs": 2}])
+
+
+def test_an_option_added_later_at_its_old_behaviour_leaves_earlier_builds_resumable(tmp_path: Path, tokens: Path) -> None:
+    """`starts` joined every video source's recorded options: a build begun before it was "another spec" after an
+    upgrade, though `starts: random` writes the same bytes (review 53 #1). At that value it is not recorded."""
+    spec = tmp_path / "mix.yaml"
+    for starts, recorded in (("random", {"frames": 16, "strides": [8], "group_by": "video", "order_by": "frame"}),
+                             ("every", {"frames": 16, "strides": [8], "group_by": "video", "order_by": "frame",
+                                        "starts": "every"})):
+        spec.write_text(yaml.safe_dump({"sources": [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"),
+                                                     "starts": starts}]}))
+        assert load_spec(spec).to_json()["sources"][0]["options"] == recorded  # as builds of 7a7bafd recorded it
 
 
 def test_sequences_draw_a_stride_at_which_the_folder_holds_all_frames(tmp_path: Path, tokens: Path) -> None:
