@@ -9,6 +9,7 @@ final name.
 from __future__ import annotations
 
 import bz2
+import fnmatch
 import glob
 import gzip
 import json
@@ -205,6 +206,22 @@ def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
             yield name, sorted(glob.glob(name, recursive=True))
         else:
             yield name, [name] if os.path.exists(name) else []
+
+
+def pattern_names(pattern: str, path: str | Path) -> bool:
+    """Whether the glob or brace pattern `pattern` would name `path` once it exists (both taken absolute): a
+    command checks that the pattern names none of its own outputs before it writes the first. `*` and `?` stay
+    within one folder as in glob; `**` may cross folders."""
+    target = os.path.abspath(path)
+    for name in braceexpand(pattern):
+        name = os.path.abspath(name)
+        if "**" in name:  # `**/` is also no folder at all
+            if fnmatch.fnmatchcase(target, name) or fnmatch.fnmatchcase(target, name.replace("/**/", "/")):
+                return True
+        elif len(name.split("/")) == len(target.split("/")) and all(
+                fnmatch.fnmatchcase(part, glob_part) for part, glob_part in zip(target.split("/"), name.split("/"))):
+            return True
+    return False
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:

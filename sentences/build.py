@@ -12,6 +12,7 @@ keeps the finished shards and writes only the rest.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import math
@@ -27,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import exit_on
-from common.files import atomic_write, spec_holding, within
+from common.files import atomic_write, pattern_names, spec_holding
 from common.options import HelpFormatter
 from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
@@ -256,14 +257,15 @@ def _earlier_shards(out: Path) -> dict[str, dict]:
 
 def _check_out_outside_inputs(spec: MixSpec, out: Path) -> None:
     """Refuse an `out` among the inputs: a rerun, the resume after a crash included, would read the sentence
-    shards as token shards. A folder pattern is checked by name, before the first run writes anything; a glob is
-    caught by the shards it found there."""
+    shards as token shards. Checked by name, before the first run writes anything: `out` inside a folder pattern,
+    or a glob or brace pattern that names the first shard `out` would hold. Inputs in a folder below `out` are fine:
+    a build writes only `out/sentences-*.tar`."""
+    first_shard = out / SENTENCE_SHARD.format(0)
     for i, src in enumerate(spec.sources):
         folder = spec_holding(out, src.patterns)
-        inside = next((p for p in [*src.shards, *(q for v in src.annotations.values() for q in v)]
-                       if within(p, out.resolve())), None)
-        if folder or inside:
-            raise SentenceError(f"{out}: --out is {f'inside the input folder {folder}' if folder else f'where {inside} lies'}"
+        pattern = next((p for p in src.patterns if glob.has_magic(p) and pattern_names(p, first_shard)), None)
+        if folder or pattern:
+            raise SentenceError(f"{out}: --out is {f'inside the input folder {folder}' if folder else f'matched by {pattern}'}"
                                 f" (sources[{i}], {src.name}); a rerun would read its sentence shards as token shards: "
                                 "choose an --out outside the inputs")
 

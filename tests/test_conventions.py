@@ -28,7 +28,7 @@ from PIL import Image
 import tokenizer
 from common import files
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
-from common.files import ShardPatternError, expand_shards
+from common.files import ShardPatternError, expand_shards, pattern_names
 from common.options import HelpFormatter, default_workers, usable_cores
 from common.vocab import BOS_ID, EOS_ID
 from lvm.prompt import main as prompt_main
@@ -447,6 +447,16 @@ def test_shard_patterns_sort_folders_refuse_any_empty_pattern_recurse_and_take_n
     assert expand_shards(f"{tmp_path}/**/deep.tar") == [str(tmp_path / "nested" / "sub" / "deep.tar")]
     (tmp_path / "plain").write_bytes(b"")
     assert expand_shards(str(tmp_path / "plain")) == [str(tmp_path / "plain")]
+
+
+def test_a_pattern_names_a_path_as_glob_would_find_it() -> None:
+    """Commands refuse a pattern that would read their own outputs on a rerun, before the outputs exist."""
+    out = "data/out/sentences-000000.tar"
+    assert pattern_names("data/out/*.tar", out) and pattern_names("data/**/*.tar", out)
+    assert pattern_names("data/**/sentences-*.tar", "data/sentences-000000.tar")  # `**/` is also no folder
+    assert pattern_names("data/{in,out}/*.tar", out) and pattern_names(os.path.abspath("data/o?t/*.tar"), out)
+    assert not pattern_names("data/*.tar", out)  # `*` stays within one folder
+    assert not pattern_names("data/in/*.tar", out) and not pattern_names("data/out/a*.tar", out)
 
 
 def test_one_sentence_reader_raises_for_training_and_counts_for_evaluation(tmp_path) -> None:

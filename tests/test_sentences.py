@@ -902,3 +902,24 @@ def test_an_out_inside_an_input_folder_is_refused_before_any_work(tmp_path: Path
         f"error: {tmp_path / 'tok' / 'sent'}: --out is inside the input folder {tmp_path / 'tok'} (sources[0], s); a "
         "rerun would read its sentence shards as token shards: choose an --out outside the inputs")
     assert not (tmp_path / "tok" / "sent").exists()
+
+
+def test_an_out_holding_the_inputs_builds_and_one_a_pattern_names_is_refused(tmp_path: Path, capsys) -> None:
+    """`--out proj` with inputs in proj/tok was refused (review 53 #4), though a build writes only
+    proj/sentences-*.tar, which `proj/tok` never names; a glob that names them is refused before the first run."""
+    write_tokens(tmp_path / "proj" / "tok" / "a.tar", [{"__key__": f"k{i}", "tokens.npy": codes(i * N)} for i in range(3)])
+    spec = tmp_path / "mix.yaml"
+    for pattern in (str(tmp_path / "proj" / "tok"), str(tmp_path / "proj" / "*" / "*.tar")):
+        spec.write_text(yaml.safe_dump({"sources": [{"name": "s", "kind": "single", "shards": pattern}]}))
+        for _ in range(2):  # the build, then a rerun that finds it complete
+            main(["--spec", str(spec), "--out", str(tmp_path / "proj")])
+        assert "(1 already done)" in capsys.readouterr().out
+        for output in (tmp_path / "proj").glob("*.*"):
+            output.unlink()
+    for pattern in (str(tmp_path / "proj" / "**" / "*.tar"),):
+        spec.write_text(yaml.safe_dump({"sources": [{"name": "s", "kind": "single", "shards": pattern}]}))
+        with pytest.raises(SystemExit):
+            main(["--spec", str(spec), "--out", str(tmp_path / "proj")])
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {tmp_path / 'proj'}: --out is matched by {pattern} (sources[0], s); a rerun would read its "
+            "sentence shards as token shards: choose an --out outside the inputs")
