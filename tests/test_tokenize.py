@@ -953,14 +953,15 @@ def _index_shown(picture: Picture) -> int:
     return sum(1 << bit for bit in range(6) if bands[bit] > 0.5)
 
 
-def _painted_video(path: Path, times: list[int], container_options: dict | None = None) -> None:
-    """libx264 with B-frames (decoded out of order, delayed by the decoder), frame i shown at times[i] ms."""
+def _painted_video(path: Path, times: list[int], container_options: dict | None = None, first: int = 0) -> None:
+    """libx264 with B-frames (decoded out of order, delayed by the decoder), frame i shown at times[i] ms, painted
+    with the index first + i."""
     with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream("libx264", rate=25, options={"bf": "3", "g": "12"})
         stream.width, stream.height, stream.pix_fmt = 96, 48, "yuv420p"
         stream.codec_context.time_base = fractions.Fraction(1, 1000)
         for i, time in enumerate(times):
-            frame = av.VideoFrame.from_ndarray(_painted(i), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_painted(first + i), format="rgb24")
             frame.pts, frame.time_base = time, fractions.Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
@@ -989,6 +990,17 @@ def test_video_frames_are_numbered_by_their_time_when_a_cut_or_variable_rate_mak
     pictures = list(read_video(str(tmp_path / "vfr.mkv"), "vfr.mkv", 1, "d"))
     numbers = [p.meta["frame"] for p in pictures]
     assert [_index_shown(p) for p in pictures] == list(range(len(times))) and numbers == sorted(set(numbers))
+
+
+def test_video_frames_after_a_timestamp_reset_are_numbered_on_not_dropped(tmp_path):
+    """Two MPEG-TS segments joined with `cat`, each timed from 0: numbered by time, the second's frames took the
+    first's numbers and were dropped as decoded twice, half the video lost with no skip (review 53 #2)."""
+    for part, first in (("a", 0), ("b", 30)):
+        _painted_video(tmp_path / f"{part}.ts", [40 * i for i in range(30)], first=first)
+    (tmp_path / "joined.ts").write_bytes((tmp_path / "a.ts").read_bytes() + (tmp_path / "b.ts").read_bytes())
+    read = list(read_video(str(tmp_path / "joined.ts"), "joined.ts", 1, "d"))
+    assert all(isinstance(p, Picture) for p in read)  # nothing lost, no cut reported
+    assert [p.meta["frame"] for p in read] == [_index_shown(p) for p in read] == list(range(60))
 
 
 def test_names_that_are_not_utf8_and_broken_captions_are_tokenized_not_fatal(tmp_path, tiny_tokenizer_dir):

@@ -48,6 +48,9 @@ MEMBERS_ONLY = frozenset({"split_sample"})
 """Skip reasons that lose members of a sample whose image was read (its json or caption), no image: lvm.tokenize counts
 them, lvm.annotate (which reads no json) and lvm.probe (whose unlabelled image counts already) do not."""
 _WEBDATASET_META = re.compile(r"__[^/]*__($|/)")  # members webdataset reads as the tar's metadata, not samples
+REORDER_FRAMES = 16
+"""How far, in frame periods, a frame's time may lie before the latest and still be a late frame of the same
+timeline: the most B-frames an encoder reorders (x264 and FFmpeg cap them at 16)."""
 _DURATION_TAG = re.compile(r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)")
 _SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PALETTE = label_palette()
@@ -304,9 +307,12 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
     # first frame; in a faster stretch of variable-rate video, where two frames round to one number, the later
     # gets the next. Without a time, frames are counted; either way each damaged packet counts as one frame, so the
     # frames after it keep their numbers. (The stream's start time is no anchor: AVI starts B-frame video a frame late.)
+    # A time more than REORDER_FRAMES periods before the latest is a discontinuity (MPEG-TS segments joined with
+    # `cat`, DVD cells, a 33-bit timestamp wrap), not a late frame: its frames are numbered on after the highest.
     fps = float(stream.average_rate) if stream.average_rate else None
     start = None  # the time of frame 0
     damaged, last, end = [], None, None  # (frame number, error) of each packet that failed; latest frame time, its end
+    restarted = False  # the times started again: the recorded duration no longer says where the frames end
     numbers: set[int] = set()  # of the frames kept so far
     highest = -1  # of them
     upcoming = 0  # the number of the next frame without a time: one past the highest so far or damaged packet
@@ -323,6 +329,8 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
                     if start is None and frame.time is not None and fps:
                         start = frame.time - upcoming / fps
                     if frame.time is not None and start is not None:
+                        if last is not None and frame.time < last - REORDER_FRAMES / fps:
+                            start, last, restarted = frame.time - (highest + 1) / fps, None, True
                         number = round((frame.time - start) * fps)
                         if last is not None and frame.time > last and number <= highest:
                             number = highest + 1  # later than every frame so far, so numbered after them
@@ -341,7 +349,7 @@ def read_video(path: str, rel: str, stride: int, dataset: str) -> Iterator[Pictu
                         end = frame.time + shown if end is None else max(end, frame.time + shown)
         except (av.FFmpegError, OSError) as error:  # the container itself is damaged: nothing after it can be read
             damaged.append((upcoming, _detail(error)))
-        short = _cut_short(container, stream, end, fps)
+        short = "" if restarted else _cut_short(container, stream, end, fps)
     if not numbers:
         yield Skip(path, "unreadable_video", "no video frames" + (f" (first error: {damaged[0][1]})" if damaged else ""))
     elif damaged:
