@@ -21,10 +21,14 @@ STAGES = {"pytest_gpu", "train", "train_compiled", "decode", "encode", "tokenize
 @pytest.mark.slow
 def test_gpu_sh_dry_run_runs_every_stage_and_writes_the_report(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    theirs = {"settings.json": "{}", "build.log": "mine", "results.xml": "<x/>"}  # OUT's other files (review 53 #5)
+    for name, text in theirs.items():
+        (tmp_path / name).write_text(text)
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu.sh"), "--dry-run", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=600)
     logs = {p.name: p.read_text()[-1500:] for p in tmp_path.glob("*.log")}
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-2000:], logs)
+    assert {name: (tmp_path / name).read_text() for name in theirs} == theirs
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["dry_run"] and set(report["stages"]) == STAGES
     assert all(stage["status"] == "ok" for stage in report["stages"].values())
