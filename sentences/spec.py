@@ -167,10 +167,11 @@ def _source(raw: object, where: str, tokens_mode: bool) -> SourceSpec:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last without a word)."""
+    """PyYAML's safe loader, refusing a key given twice in one mapping (it keeps the last without a word). Merge keys
+    (`<<: *video`) are no keys of their own: a key they bring may be given again, which overrides it."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]
         twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
         if twice is not None:
             raise SentenceError(f"line {node.start_mark.line + 1}: {twice!r} given twice in one mapping")

@@ -888,6 +888,10 @@ def test_a_key_given_twice_in_the_spec_is_refused(tmp_path: Path, tokens: Path, 
     with pytest.raises(SystemExit):
         main(["--spec", str(spec), "--out", str(tmp_path / "out")])
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {spec}: line 2: 'epochs' given twice in one mapping"
+    # a merge key shares a source's fields, and a field given beside it overrides the merged one (review 53 #6)
+    spec.write_text(f"sources:\n  - &a {{name: a, kind: video, shards: {tokens / 'videos'}, frames: 4}}\n"
+                    "  - <<: *a\n    name: b\n    frames: 6\n")
+    assert [(s.name, s.options["frames"]) for s in load_spec(spec).sources] == [("a", 4), ("b", 6)]
 
 
 def test_an_out_inside_an_input_folder_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
