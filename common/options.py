@@ -58,6 +58,22 @@ def at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+SEEDS = 2**32
+"""Seeds are below 2**32: what Lightning's seed_everything and numpy's legacy generator take (torch's to 2**64)."""
+
+
+def parse_seed(text: str) -> int:
+    """An argparse `type` for `--seed`: an integer every seeded library takes, so that `--seed -1` is a usage error
+    rather than a traceback once the expensive part (a model loaded, features computed) is done."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < SEEDS:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 2**32)")
+    return value
+
+
 def parse_device(text: str) -> str:
     """An argparse `type` for `--device`: a device torch knows and this machine has, so that a typo or a
     missing GPU is a usage error here rather than a traceback from the first tensor moved there."""

@@ -35,6 +35,7 @@ from common.options import (
     add_model_arg,
     add_tokenizer_arg,
     at_least,
+    parse_seed,
     torch_dtype,
 )
 from common.vocab import NUM_RESERVED
@@ -164,8 +165,10 @@ def grid(rows: list[list[list[Image.Image]]], size: int, pad: int = 2, gap: int 
     return sheet
 
 
-def output_path(out: Path, index: tuple[int, int, int], counts: tuple[int, int, int], suffix: str = ".png") -> Path:
-    """`out` itself for a single image, else `<stem>_p<prompt>_c<candidate>_f<frame>` with only the parts that vary."""
+def output_path(out: Path, index: tuple[int, int, int], counts: tuple[int, int, int], suffix: str | None = None) -> Path:
+    """`out` itself for a single image, else `<stem>_p<prompt>_c<candidate>_f<frame>` with only the parts that vary;
+    images keep the suffix of `out` (`.png` in any case)."""
+    suffix = suffix or out.suffix
     parts = [f"{tag}{i}" for tag, i, n in zip("pcf", index, counts) if n > 1 and i >= 0]
     return out.with_name("_".join([out.stem, *parts]) + suffix) if parts else out.with_suffix(suffix)
 
@@ -186,17 +189,6 @@ def _number(low: float, high: float, what: str, open_low: bool = False) -> Calla
     return parse
 
 
-def _seed(text: str) -> int:
-    """A seed torch.Generator takes (64 bits); larger overflowed after the model had loaded."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{value} is not in [0, 2**63)")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m lvm.prompt", description="Continue visual prompts.", formatter_class=HelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -215,7 +207,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest codes; 0 disables")
     p.add_argument("--top-p", type=_number(0.0, 1.0, "in (0, 1]", open_low=True), default=1.0,
                    help="sample among the likeliest codes holding this much probability (nucleus); 1 disables")
-    p.add_argument("--seed", type=_seed, default=0, help="of the sampling generator: the same seed gives the same frames")
+    p.add_argument("--seed", type=parse_seed, default=0, help="of the sampling generator: the same seed gives the same frames")
     add_device_arg(p)
     add_dtype_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
@@ -225,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> None:
     if args.out.is_dir():
         raise PromptError(args.out, "--out is a folder; give a file name")
-    if args.out.suffix != ".png":  # before output_file makes its folder
+    if args.out.suffix.lower() != ".png":  # before output_file makes its folder
         raise PromptError("--out", f"give a .png file name (the grid and GIF are named after it), got {args.out}")
     output_file(args.out, "--out")  # its folder made and writable, before any work
     option = "--frames" if args.frames else "--pairs"
@@ -286,7 +278,7 @@ def ground_truth_mse(preds: torch.Tensor, truth: list[list[Image.Image]]) -> tor
 
 
 def grid_path(out: Path) -> Path:
-    return out.with_name(f"{out.stem}_grid.png")
+    return out.with_name(f"{out.stem}_grid{out.suffix}")
 
 
 def check_outputs_spare_inputs(

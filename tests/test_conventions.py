@@ -542,6 +542,18 @@ def test_count_flags_below_their_minimum_are_usage_errors(flag, value, problem, 
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {problem}")
 
 
+@pytest.mark.parametrize("command", ["lvm.prompt", "lvm.probe.__main__", "lvm.tokenize.__main__", "lvm.demo.__main__",
+                                     "lvm.demo.data"])
+@pytest.mark.parametrize(("value", "problem"), [("-1", "-1 is not in [0, 2**32)"), (str(2**32), f"{2**32} is not in [0, 2**32)")])
+def test_every_seed_flag_takes_what_every_seeded_library_takes(command, value, problem, capsys) -> None:
+    """`lvm.probe --seed -1` was a traceback once its features were computed (review 53 #8); the demo's went to
+    Lightning's seed_everything, which stops at 2**32."""
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(["--seed", value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument --seed: {problem}")
+
+
 def test_unset_dtype_is_bfloat16_on_cuda_float32_on_cpu_and_kept_without_a_device() -> None:
     from common.options import torch_dtype
 

@@ -64,12 +64,12 @@ def test_next_frame_is_the_greedy_rollout_of_naturally_sorted_frames(
 ):
     ckpt, model = lvm_ckpt
     paths = write_frames(tmp_path / "seq", ["frame_10.png", "frame_2.png", "frame_1.png"])
-    out = tmp_path / "out" / "pred.png"
+    out = tmp_path / "out" / "pred.PNG"  # the suffix in any case (review 53 #7)
     prompt(["--frames", *paths, "--model", ckpt, "--tokenizer", tiny_tokenizer_dir, "--out", out, "--greedy"], capsys)
     pred = Image.open(out)
-    assert pred.size == (S, S) and pred.mode == "RGB"
+    assert pred.size == (S, S) and pred.mode == "RGB" and pred.format == "PNG"
     # grid: 3 context + 1 prediction tiles of 64 + 2 px padding, 12 px between sections, one row.
-    assert Image.open(tmp_path / "out" / "pred_grid.png").size == (4 * (S + 2) + 12, S + 2)
+    assert Image.open(tmp_path / "out" / "pred_grid.PNG").size == (4 * (S + 2) + 12, S + 2)
     ordered = [Image.open(p).convert("RGB") for p in (paths[2], paths[1], paths[0])]
     tokens = tiny_tokenizer.encode(ordered)[None]
     expected = tiny_tokenizer.decode(rollout(model, tokens, 1, GREEDY)[0])[0]
@@ -299,7 +299,7 @@ def test_prompts_refused_or_warned_about_before_they_mislead(tmp_path, lvm_ckpt,
     assert run_error(["--frames", *frames, "--greedy", "--candidates", "2", *common], capsys).startswith(
         "error: --candidates: 2 greedy candidates would be 2 copies of one")
     for option, value, problem in (("--top-p", "0", "0 is not in (0, 1]"), ("--temperature", "nan", "nan is not a finite"),
-                                   ("--seed", str(2**64), f"{2**64} is not in [0, 2**63)")):
+                                   ("--seed", str(2**64), f"{2**64} is not in [0, 2**32)")):
         with pytest.raises(SystemExit):
             main([str(a) for a in ["--frames", *frames, option, value, *common]])
         assert problem in capsys.readouterr().err.splitlines()[-1]

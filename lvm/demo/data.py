@@ -43,7 +43,7 @@ except ModuleNotFoundError as missing:
     raise SystemExit(2) from None
 
 from common.errors import UserError, exit_on
-from common.options import HelpFormatter, at_least
+from common.options import HelpFormatter, parse_seed
 from lvm.tokenize.derive import apply_mask, gray, mask_params
 
 PHOTO_DIR = Path(skimage.__file__).parent / "data"
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lvm.demo.data", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="an empty or new folder for the photos, clips, "
                                                                  "frame folders and prompts")
-    parser.add_argument("--seed", type=at_least(0), default=0, help="crops, pans and analogy examples are drawn from it")
+    parser.add_argument("--seed", type=parse_seed, default=0, help="crops, pans and analogy examples are drawn from it")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):  # files of another seed would mix with this one's
         raise UserError(args.out, "--out is not empty; remove it or choose another folder (`make demo` starts afresh)")

@@ -31,6 +31,7 @@ from common.options import (
     add_tokenizer_arg,
     at_least,
     default_workers,
+    parse_seed,
     torch_dtype,
 )
 from lvm.checkpoint import check_tokenizer, load_lvm
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=at_least(0), default=default_workers(), help="image decoding processes")
     p.add_argument("--epochs", type=at_least(1), default=heads.Training.epochs, help="most epochs per probe (early stopping)")
     p.add_argument("--lr", type=float, default=heads.Training.lr, help="AdamW learning rate of the probes")
-    p.add_argument("--seed", type=int, default=0, help="seed of the holdout split, probe initialisation and order")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed of the holdout split, probe initialisation and order")
     add_device_arg(p)
     add_dtype_arg(p)
     return p.parse_args(argv)

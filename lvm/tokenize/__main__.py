@@ -15,7 +15,7 @@ from pathlib import Path
 
 import weights
 from common.errors import exit_on
-from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least, default_workers
+from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least, default_workers, parse_seed
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import VIDEO_RESIZES, Job, Options, ranks_from_env, run
 
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
                    help="how video frames reach the tokenizer's size: its own resize policy, as images, or 'release': "
                         "as the LVM release tokenized video (OpenCV's bilinear resize to the square, no antialiasing), "
                         "for video the released LVM-7B is to read as it was trained")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inpainting masks (each drawn from seed + key)")
+    p.add_argument("--seed", type=parse_seed, default=0, help="seed of the inpainting masks (each drawn from seed + key)")
     p.add_argument("--images-per-shard", type=at_least(1), default=1000, help="images of a folder per output shard")
     p.add_argument("--videos-per-shard", type=at_least(1), default=8, help="video files per output shard")
     p.add_argument("--max-shards", type=at_least(1), default=None,
