@@ -123,7 +123,7 @@ def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[
 
 
 Scores = dict[tuple[int, int], torch.Tensor]
-"""Per-token NLLs [T] already computed, by (id of the Sentence, context images): figures that score the same
+"""Per-token NLLs [T] (float32) already computed, by (id of the Sentence, context images): figures that score the same
 sentence at the same context (the headline and the curves' longest context, the curve and the token split) share
 them instead of scoring it again."""
 
@@ -154,11 +154,11 @@ def target_token_nlls(
         logits = model(tokens[:, :-1])[:, -T:].float()  # the target's last token is never an input
         # [B*T, V] rows, not the [B, V, T] view: cross-entropy over a strided class dimension is a few e-6 off
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, -T:].flatten(), reduction="none")
-        for i, row in zip(indices, nll.view(len(indices), T).double().cpu()):
-            scores[keys[todo[i]]] = row
+        for i, row in zip(indices, nll.view(len(indices), T).cpu()):
+            scores[keys[todo[i]]] = row  # float32 as computed: the cache of a large set holds half the bytes
         bar.update(len(indices))
     bar.close()
-    return torch.stack([scores[key] for key in keys])
+    return torch.stack([scores[key] for key in keys]).double()  # summed in float64
 
 
 def target_nlls(
