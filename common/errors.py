@@ -134,6 +134,16 @@ def lightning_worker_init(worker_id: int, rank: int) -> None:
         pl_worker_init_function(worker_id, rank=rank)
 
 
+def one_line(error: BaseException) -> str | None:
+    """The `error:` line of a failure meant for the user: a `UserError`, or an OSError of PATH_ERRNOS naming its
+    path; None for anything else, a bug, whose traceback is wanted. `exit_on` and the Lightning CLI both use it."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, OSError) and error.filename is not None and error.errno in PATH_ERRNOS:
+        return f"{error.filename}: {error.strerror.lower()}"
+    return None
+
+
 def exit_on(main: Main) -> Main:
     """Decorate a command's `main`: a `UserError`, or an OSError of PATH_ERRNOS naming its path, becomes one line
     `error: <message>` on stderr and exit status 2 instead of a traceback; Ctrl-C is `interrupted`, status 130
@@ -148,13 +158,11 @@ def exit_on(main: Main) -> Main:
         except Terminated:
             print("terminated", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except OSError as error:
-            if error.filename is None or error.errno not in PATH_ERRNOS:
+        except (UserError, OSError) as error:
+            message = one_line(error)
+            if message is None:
                 raise
-            print(f"error: {error.filename}: {error.strerror.lower()}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:  # Ctrl-C is the user's choice, not a bug: no traceback (the resumable jobs resume)
             print("interrupted", file=sys.stderr)

@@ -20,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import weights
-from common.errors import UserError
+from common.errors import UserError, one_line
 from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
 
@@ -116,27 +116,32 @@ class CLI(LightningCLI):
             raise ConfigError(f"--ckpt_path: {ckpt_path} was saved by {saved_class}; this config trains {wanted_class}")
 
 
-def user_error(exc: BaseException) -> UserError | None:
-    """The project error behind `exc`, if any: jsonargparse re-raises errors from a class's
-    __init__ as its own ValueError, with ours as the cause."""
+def user_error(exc: BaseException) -> str | None:
+    """The `error:` line of the failure behind `exc`, if it is meant for the user (`common.errors.one_line`): the
+    project error, however deep jsonargparse wrapped it (it re-raises errors from a class's __init__ as its own
+    ValueError, with ours as the cause), or a path OSError raised as it is (a logger folder under a file, a full
+    disk while a checkpoint is written)."""
+    message = one_line(exc)
+    if message is not None:
+        return message
     while exc is not None:
         if isinstance(exc, UserError):
-            return exc
+            return str(exc)
         exc = exc.__cause__ or exc.__context__
     return None
 
 
 @contextmanager
 def config_errors_as_one_line() -> Iterator[None]:
-    """A project error raised while a config is parsed or built, however deep jsonargparse wrapped it, becomes
-    one `error:` line and exit status 2 (`common.errors.exit_on` for the Lightning commands)."""
+    """A project error raised while a config is parsed or built, or a path error while it runs, becomes one
+    `error:` line and exit status 2, as `common.errors.exit_on` does for the `python -m` commands."""
     try:
         yield
     except Exception as exc:
-        cause = user_error(exc)
-        if cause is None:
+        message = user_error(exc)
+        if message is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

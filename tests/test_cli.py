@@ -11,6 +11,7 @@ from PIL import Image
 from lvm.cli import CLI, main
 from lvm.errors import ConfigError
 from lvm.train import main as dry_run
+from test_data import write_sentence_shards
 
 
 def test_invalid_config_is_one_line_error(tmp_path, capsys):
@@ -19,13 +20,14 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "error: model.lr: must be > 0, got -1.0"
+    shards = write_sentence_shards(tmp_path / "sentences", shards=1, sentences=4)
     assert not any("Traceback" in line for line in err)
     # and what only the trainer and data settings show, which it printed a normal summary for (review 42 #5)
     for args, message in ((["--model.warmup_steps", "5000"], "model.warmup_steps: 5000 must be below trainer.max_steps"),
                           (["--data.seq_len", "8192"], "data.seq_len: 8192 exceeds the model's context"),
                           (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches: must be >= 1")):
         with pytest.raises(SystemExit) as exit_info:
-            dry_run(["-c", "configs/lvm_tiny.yaml", *args])
+            main(["fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(shards), *args])
         assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
@@ -146,6 +148,21 @@ def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_pa
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: data.image_size: 32, but model.tokenizer.resolution is 64; set both to the same size")
+
+
+def test_a_path_error_while_training_is_one_line_as_in_every_command(tmp_path, capsys):
+    """A log folder under a file was a NotADirectoryError traceback from Lightning's logger, though every `python -m`
+    command says it in one line (review 56 #1): both use common.errors.one_line."""
+    (tmp_path / "img").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (64, 64)).save(tmp_path / "img" / name)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", "configs/vqgan_tiny.yaml", f"--data.init_args.train={tmp_path / 'img'}",
+              f"--data.init_args.val={tmp_path / 'img'}", f"--trainer.default_root_dir={tmp_path / 'file' / 'run'}",
+              "--trainer.max_steps=1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'file' / 'run'}")
 
 
 def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path, capsys):
