@@ -186,6 +186,19 @@ def test_demo_takes_only_a_seed(capsys):
     assert steps["annotate-edges"][:4] == [sys.executable, "-m", "lvm.annotate", "--tasks"]
 
 
+def test_a_file_where_the_demo_writes_is_one_line(tmp_path, monkeypatch, capsys):
+    """shutil.rmtree's NotADirectoryError traceback before (review 56 #12); the file is left alone."""
+    from lvm.demo.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo_out").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2 and (tmp_path / "demo_out").read_text() == "mine"
+    assert capsys.readouterr().err == "error: demo_out: is a file; the demo writes its outputs into a folder of that " \
+                                      "name (move the file)\n"
+
+
 def test_data_step_refuses_a_folder_holding_another_run(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "left_over.png").write_bytes(b"")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from common.errors import UserError, exit_on
 from common.options import HelpFormatter, parse_seed
 from lvm.demo import report
 from lvm.demo.data import analogy_files
@@ -119,12 +120,15 @@ def run_step(name: str, argv: list[str], logs: Path) -> float:
     return elapsed
 
 
+@exit_on
 def main(argv: list[str] | None = None) -> None:
     # Every path is fixed (demo_out/ in the working directory) so the printed commands can be copied as they
     # are; the seed is the one choice: every random draw of every step follows from it.
     parser = argparse.ArgumentParser(prog="python -m lvm.demo", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--seed", type=parse_seed, default=0, help="seed of the data, the sentences and both trainings")
     args = parser.parse_args(argv)
+    if OUT.exists() and not OUT.is_dir():
+        raise UserError(OUT, "is a file; the demo writes its outputs into a folder of that name (move the file)")
     if OUT.exists():
         shutil.rmtree(OUT)  # the miniature always starts from scratch
     logs, specs = OUT / "logs", OUT / "specs"
