@@ -23,7 +23,8 @@ from scipy.ndimage import gaussian_filter
 import tokenizer
 from common.errors import UserError, lightning_worker_init
 from conftest import next_batch_after_stop_signals_to_the_worker, tiny_vqgan_config
-from tokenizer.data import ImageDataModule, TrainingDataError, make_transform, webdataset_images
+from lvm.tokenize.sources import find_units
+from tokenizer.data import ImageDataModule, TrainingDataError, image_files, make_transform, webdataset_images
 from tokenizer.evaluate import MAX_PSNR, image_psnr
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
@@ -109,6 +110,21 @@ def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -
         assert float(torch.cat(batches).min()) >= 0 and float(torch.cat(batches).max()) <= 1
         train_batch = next(iter(data.train_dataloader()))
         assert train_batch.shape == (3, 3, 32, 32)
+
+
+def test_training_and_evaluation_list_a_folder_as_tokenize_does(tmp_path: Path, deny_listing) -> None:
+    """Hidden files and folders (thumbnails, macOS's `._x.png`) were training and evaluation images, though no
+    later stage tokenizes them (review 56 #5); a folder that cannot be listed is an error, not an empty folder."""
+    for name in ("cats/a.png", "cats/b10.png", "cats/.a.thumb.png", "cats/._a.png", ".thumbs/a.png", "top.png"):
+        (tmp_path / "img" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "img" / name, format="PNG")
+    expected = [tmp_path / "img" / name for name in ("cats/a.png", "cats/b10.png", "top.png")]
+    assert image_files(tmp_path / "img") == expected
+    units, _ = find_units([str(tmp_path / "img")])
+    assert sorted(Path(item.path) for unit in units for item in unit.items) == expected  # lvm.tokenize's listing
+    deny_listing(tmp_path / "img" / "cats")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'img' / 'cats'}: cannot be listed \\(permission denied\\)$"):
+        image_files(tmp_path / "img")
 
 
 def test_shards_convert_transparency_and_16_bit_as_folders_do(tmp_path: Path) -> None:

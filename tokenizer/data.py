@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import v2
 
 from common.errors import UserError, lightning_worker_init
-from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards
+from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards, walk
 from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, to_rgb_float
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,13 @@ WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # th
 
 
 def image_files(root: str | Path) -> list[Path]:
-    """Image files under `root`, recursively, in a stable order."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files under `root`, recursively, sorted, as every command lists a folder (`common.files.walk`: hidden
+    files and folders, a `.thumbs/` or macOS's `._x.jpg`, are none; a folder that cannot be listed is an error)."""
+    errors: list[OSError] = []
+    files = sorted(Path(p) for p in walk(str(root), errors) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    if errors:
+        raise UserError(errors[0].filename, f"cannot be listed ({errors[0].strerror.lower()})")
+    return files
 
 
 def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
@@ -203,7 +208,7 @@ class ImageDataModule(LightningDataModule):
             return webdataset_images(source, transform, train)
         folder = Path(source).is_dir()
         if folder and image_files(source):
-            tars = sorted(Path(source).rglob("*.tar"))
+            tars = [p for p in walk(source, []) if p.endswith(".tar")]
             if tars:  # read as images only, the shards would be left out without a word
                 raise TrainingDataError(source, f"holds both image files and {len(tars)} .tar shards; name one kind "
                                                 f"(a glob such as {Path(source) / '*.tar'}, or a folder of images)")

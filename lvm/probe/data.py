@@ -24,12 +24,12 @@ from tqdm import tqdm
 
 import tokenizer
 from common.errors import leave_stop_signals_to_main
-from common.files import IMAGE_SUFFIXES, expand_pattern
+from common.files import IMAGE_SUFFIXES, expand_pattern, walk
 from lvm.probe import ProbeError
 from lvm.probe.cache import Cache
 from lvm.tokenize.decode import MEMBERS_ONLY
 from lvm.tokenize.pipeline import Encoder, Options, Resize, UnitBatches
-from lvm.tokenize.sources import TAR_SUFFIX, Unit, find_units, walk
+from lvm.tokenize.sources import TAR_SUFFIX, Unit, find_units
 
 IMAGES_PER_UNIT = 256  # images of a folder per DataLoader work unit: enough units to keep every worker busy
 

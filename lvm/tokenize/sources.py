@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key, within
+from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key, walk, within
 from lvm.tokenize import TokenizeError
 
 VIDEO_SUFFIXES = frozenset({".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ogv", ".ts", ".m2ts",
@@ -155,45 +155,6 @@ def default_out(specs: list[str]) -> Path:
     single_file = _MAGIC.search(spec) is None and not os.path.isdir(spec)
     name = Path(spec).stem if single_file else Path(_root_of(spec)).resolve().name
     return Path("tokens") / (name or "tokens")
-
-
-def walk(folder: str, errors: list[OSError]) -> Iterator[str]:
-    """Every non-hidden file under a folder, recursively, in sorted order, yielded as found (a list of ten million
-    paths would cost every rank a gigabyte), with the errors of the folders that could not be listed appended to
-    `errors` (`os.walk` would leave them out silently).
-
-    Links to folders are followed, but each real folder is entered once: `os.walk` keeps no record of visited
-    folders, so a link back to an ancestor (`up -> ..`) would list every image again under ever longer keys,
-    and two such links would double the listing at every level, never finishing.
-    """
-    entered = {_folder_id(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, onerror=errors.append, followlinks=True):
-        dirnames[:] = _unentered(dirpath, sorted(d for d in dirnames if not d.startswith(".")), entered)
-        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
-
-
-def _folder_id(path: str) -> tuple[int, int] | None:
-    """(device, inode) of the folder a path names, links followed; None when it cannot be stat'ed."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
-def _unentered(dirpath: str, names: list[str], entered: set[tuple[int, int]]) -> list[str]:
-    """The subfolders of `dirpath` (sorted names) whose real folder is not yet in `entered`, now added to it.
-
-    A folder that cannot be stat'ed is kept, so that `os.walk` reports it through its error handler.
-    """
-    kept = []
-    for name in names:
-        ident = _folder_id(os.path.join(dirpath, name))
-        if ident is None or ident not in entered:
-            kept.append(name)
-            if ident is not None:
-                entered.add(ident)
-    return kept
 
 
 def _listing(paths: list[str], root: str, unlisted: list[Item]) -> Iterator[str]:
