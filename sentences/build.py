@@ -39,6 +39,7 @@ from sentences.formats import (
     SPEC_NAME,
     SentenceIndex,
     one_tokenizer,
+    read_build_record,
     read_report,
     tar_writer,
     token_report,
@@ -191,9 +192,9 @@ def _prepare_out(spec: MixSpec, out: Path) -> None:
     """Claim ``out`` for this spec, or check that an earlier run of the same spec and inputs owns it."""
     out.mkdir(parents=True, exist_ok=True)
     record = {"fingerprint": _fingerprint(spec), "spec": spec.to_json()}
-    marker = out / SPEC_NAME
-    if marker.exists():
-        if json.loads(marker.read_text()).get("fingerprint") != record["fingerprint"]:
+    marker, earlier = out / SPEC_NAME, read_build_record(out)
+    if earlier is not None:
+        if earlier.get("fingerprint") != record["fingerprint"]:
             raise SentenceError(
                 f"{out}: holds a build of another spec or other inputs; remove it or choose another --out"
             )

@@ -184,6 +184,21 @@ class SentenceIndex:
             f.write("\n")
 
 
+def read_build_record(folder: str | Path) -> dict | None:
+    """The ``spec.json`` a sentences.build wrote in ``folder`` when it began (None when there is none): the
+    fingerprint of its spec and inputs, which a rerun must match to resume the build."""
+    path = Path(folder) / SPEC_NAME
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exn:
+        raise SentenceError(path, f"unreadable ({exn}); remove {folder} or choose another --out") from None
+    if not isinstance(record, dict):
+        raise SentenceError(path, f"unreadable (not a json object); remove {folder} or choose another --out")
+    return record
+
+
 def _read_index(folder: str) -> dict:
     """The ``index.json`` in ``folder`` ({} when there is none: shards other tools wrote). A build that has not
     finished (killed, or still running) is an error: its shards are a part of the mixture, without its tail."""

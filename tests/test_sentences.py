@@ -819,6 +819,10 @@ def test_an_output_folder_with_shards_of_unknown_origin_is_refused(tmp_path: Pat
     )
     with pytest.raises(SentenceError, match="holds sentence shards without spec.json; remove them or choose another"):
         build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
+    for damaged, problem in (("[]", "not a json object"), ("not json", "Expecting value")):  # review 56 #7: tracebacks
+        (tmp_path / "out" / "spec.json").write_text(damaged)
+        with pytest.raises(SentenceError, match=f"^{tmp_path / 'out' / 'spec.json'}: unreadable \\({problem}"):
+            build(load_spec(tmp_path / "mix.yaml"), tmp_path / "out")
 
 
 def test_another_spec_cannot_reuse_an_output_folder(tmp_path: Path, tokens: Path) -> None:
