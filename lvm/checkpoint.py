@@ -32,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 import weights
 from common.errors import UserError
+from common.vocab import NUM_RESERVED
 from lvm import hf
 from lvm.model import LVM, LVMConfig, rope_tables
 from sentences.formats import other_tokenizer
@@ -39,6 +40,21 @@ from sentences.formats import other_tokenizer
 
 class CheckpointError(UserError):
     """A model file or directory that cannot be loaded: `CheckpointError(path, problem)`."""
+
+
+def check_codebook(model: LVM, codebook_size: int, tokenizer_path: str | Path) -> None:
+    """A tokenizer's codes must be among the model's code ids (its vocabulary minus the reserved ids); every command
+    that pairs a model with a tokenizer checks it.
+
+    A smaller codebook (the miniature's 1000 FSQ codes) uses the first ids and keeps the special ids where
+    every LVM has them (BOS 8192); the ids above it are never sampled (`sample(num_codes=...)`)."""
+    codes = model.cfg.vocab_size - NUM_RESERVED
+    if codebook_size > codes:
+        raise CheckpointError(
+            tokenizer_path,
+            f"codebook of {codebook_size} codes does not fit the model's {codes} code ids "
+            f"(vocabulary {model.cfg.vocab_size} = codes + {NUM_RESERVED} reserved)",
+        )
 
 
 RELEASED_TOKENIZER = {"name": weights.DEFAULT_TOKENIZER, "digest": None, "tokens_per_image": 256, "codebook_size": 8192}

@@ -52,10 +52,9 @@ from common.options import (
 )
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
-from lvm.checkpoint import check_tokenizer, load_lvm, trained_layout
+from lvm.checkpoint import check_codebook, check_tokenizer, load_lvm, trained_layout
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
-from lvm.prompt import check_compatible
 from sentences import formats
 
 PAIR_KINDS = ("pairs", "colorization", "inpainting")  # sentences [x1, y1, ..., xn, yn] (sentences/kinds.py)
@@ -379,12 +378,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     shards = expand_shards(args.sentences)
+    spec = args.tokenizer
+    tok = tokenizer.load(spec, device=args.device) if spec else None  # before the model: a typo costs no model load
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
     trained = model.tokenizer_info or {}
-    spec = args.tokenizer or (weights.DEFAULT_TOKENIZER if trained.get("name") == weights.DEFAULT_TOKENIZER else None)
-    tok = tokenizer.load(spec, device=args.device) if spec else None
+    if tok is None and trained.get("name") == weights.DEFAULT_TOKENIZER:  # the release's, which it names
+        spec = weights.DEFAULT_TOKENIZER
+        tok = tokenizer.load(spec, device=args.device)
     if tok:
-        check_compatible(model, tok, spec)  # a codebook larger than the model's code ids, as prompt and probe refuse
+        check_codebook(model, tok.codebook_size, spec)  # a codebook larger than the model's code ids, as prompt and probe refuse
         check_tokenizer(model, args.model, tok.identity(spec))
     recorded = trained.get("tokens_per_image")
     if args.tokens_per_image and recorded and args.tokens_per_image != recorded:

@@ -38,9 +38,8 @@ from common.options import (
     parse_seed,
     torch_dtype,
 )
-from common.vocab import NUM_RESERVED
 from lvm import metrics
-from lvm.checkpoint import check_tokenizer, load_lvm
+from lvm.checkpoint import check_codebook, check_tokenizer, load_lvm
 from lvm.generate import GREEDY, Sampling, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
 from lvm.tokenize.sources import VIDEO_SUFFIXES
@@ -100,20 +99,6 @@ def read_image(path: Path) -> Image.Image:
                               "`ffmpeg -i clip.mp4 -vf fps=4 frames/%04d.png`, then --frames frames/)") from e
         raise PromptError(path, f"not a readable image ({e})") from e
     return turned
-
-
-def check_compatible(model: LVM, tok: tokenizer.VQTokenizer, tokenizer_path: str | Path) -> None:
-    """The tokenizer's codes must be among the model's code ids (its vocabulary minus the reserved ids).
-
-    A smaller codebook (the miniature's 1000 FSQ codes) uses the first ids and keeps the special ids where
-    every LVM has them (BOS 8192); the ids above it are never sampled (`sample(num_codes=...)`)."""
-    codes = model.cfg.vocab_size - NUM_RESERVED
-    if tok.codebook_size > codes:
-        raise PromptError(
-            tokenizer_path,
-            f"codebook of {tok.codebook_size} codes does not fit the model's {codes} code ids "
-            f"(vocabulary {model.cfg.vocab_size} = codes + {NUM_RESERVED} reserved)",
-        )
 
 
 def check_fits(model: LVM, tok: tokenizer.VQTokenizer, num_frames: int, option: str) -> None:
@@ -244,7 +229,7 @@ def run(args: argparse.Namespace) -> None:
 
     tok = tokenizer.load(args.tokenizer, device=args.device)
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
-    check_compatible(model, tok, args.tokenizer)
+    check_codebook(model, tok.codebook_size, args.tokenizer)
     check_tokenizer(model, args.model, tok.identity(args.tokenizer))
     check_fits(model, tok, len(images[0]), option)
 

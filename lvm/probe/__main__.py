@@ -34,10 +34,9 @@ from common.options import (
     parse_seed,
     torch_dtype,
 )
-from lvm.checkpoint import check_tokenizer, load_lvm
+from lvm.checkpoint import check_codebook, check_tokenizer, load_lvm
 from lvm.probe import ProbeError, data, features, heads, report
 from lvm.probe.cache import Cache, module_fingerprint
-from lvm.prompt import check_compatible
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -79,7 +78,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     tok = tokenizer.load(args.tokenizer, device=device)
     model = load_lvm(args.model, device=device, dtype=torch_dtype(args.dtype, args.device))
-    check_compatible(model, tok, args.tokenizer)
+    check_codebook(model, tok.codebook_size, args.tokenizer)
     check_tokenizer(model, args.model, tok.identity(args.tokenizer))
     if tok.tokens_per_image + model.cfg.prefix_len > model.cfg.max_seq_len:
         raise ProbeError(args.model, f"context of {model.cfg.max_seq_len} tokens cannot hold one image "
