@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -72,6 +72,22 @@ def parse_seed(text: str) -> int:
     if not 0 <= value < SEEDS:
         raise argparse.ArgumentTypeError(f"{value} is not in [0, 2**32)")
     return value
+
+
+def names_of(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, ...]]:
+    """An argparse `type` for a comma-separated list of `choices` (`--tasks edges,depth`): at least one, each known,
+    returned in the order of `choices` without repeats."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = sorted(set(names) - set(choices))
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none)'} "
+                                             f"(choose from {', '.join(choices)})")
+        return tuple(name for name in choices if name in names)
+
+    parse.__name__ = f"list of {what}s"
+    return parse
 
 
 def parse_device(text: str) -> str:

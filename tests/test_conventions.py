@@ -29,7 +29,7 @@ import tokenizer
 from common import files
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import ShardPatternError, expand_shards, pattern_names
-from common.options import HelpFormatter, default_workers, usable_cores
+from common.options import HelpFormatter, default_workers, names_of, usable_cores
 from common.vocab import BOS_ID, EOS_ID
 from lvm.prompt import main as prompt_main
 from lvm.tokenize.__main__ import main as tokenize_main
@@ -552,6 +552,21 @@ def test_every_seed_flag_takes_what_every_seeded_library_takes(command, value, p
         importlib.import_module(command).main(["--seed", value])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument --seed: {problem}")
+
+
+@pytest.mark.parametrize(("command", "flag", "value", "problem"), [
+    ("lvm.tokenize.__main__", "--derive", "depth", "unknown variant depth (choose from gray, masked)"),
+    ("lvm.tokenize.__main__", "--derive", ",", "unknown variant (none) (choose from gray, masked)"),  # was no variant
+    ("lvm.annotate.__main__", "--tasks", "edges,normal", "unknown task normal (choose from edges, depth, normals, "
+                                                        "segmentation)"),
+])
+def test_list_flags_name_what_is_unknown_by_one_rule(command, flag, value, problem, capsys) -> None:
+    """`--derive` and `--tasks` were two hand copies, `--derive ,` silently nothing (review 56 #11)."""
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main([flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {problem}")
+    assert names_of(("gray", "masked"), "variant")(" masked,gray,masked ") == ("gray", "masked")
 
 
 def test_unset_dtype_is_bfloat16_on_cuda_float32_on_cpu_and_kept_without_a_device() -> None:

@@ -16,18 +16,10 @@ import sys
 from pathlib import Path
 
 from common.errors import exit_on
-from common.options import HelpFormatter, add_rank_device_arg, at_least, default_workers
+from common.options import HelpFormatter, add_rank_device_arg, at_least, default_workers, names_of
 from lvm.annotate import TASKS
 from lvm.annotate.pipeline import Job, run
 from lvm.tokenize.pipeline import ranks_from_env
-
-
-def _tasks(text: str) -> tuple[str, ...]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(TASKS))
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown task {', '.join(unknown) or '(none)'} (choose from {', '.join(TASKS)})")
-    return tuple(t for t in TASKS if t in names)
 
 
 def parse_args(argv: list[str] | None = None) -> Job:
@@ -35,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p = argparse.ArgumentParser(prog="python -m lvm.annotate", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--images", nargs="+", required=True, metavar="SRC",
                    help="image folders (recursive), img2dataset tars, globs or brace patterns: what lvm.tokenize takes")
-    p.add_argument("--tasks", type=_tasks, required=True, metavar=",".join(TASKS), help="annotations to make")
+    p.add_argument("--tasks", type=names_of(TASKS, "task"), required=True, metavar=",".join(TASKS), help="annotations to make")
     p.add_argument("--out", type=Path, required=True, help="output folder: one subfolder per task (created)")
     p.add_argument("--depth-model", help="transformers depth model (local folder or hub id), for depth and normals, "
                                          "e.g. depth-anything/Depth-Anything-V2-Large-hf")

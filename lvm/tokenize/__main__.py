@@ -15,17 +15,17 @@ from pathlib import Path
 
 import weights
 from common.errors import exit_on
-from common.options import HelpFormatter, add_rank_device_arg, add_tokenizer_arg, at_least, default_workers, parse_seed
+from common.options import (
+    HelpFormatter,
+    add_rank_device_arg,
+    add_tokenizer_arg,
+    at_least,
+    default_workers,
+    names_of,
+    parse_seed,
+)
 from lvm.tokenize.derive import VARIANTS
 from lvm.tokenize.pipeline import VIDEO_RESIZES, Job, Options, ranks_from_env, run
-
-
-def _variants(text: str) -> tuple[str, ...]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
-    return tuple(v for v in VARIANTS if v in names)
 
 
 def parse_args(argv: list[str] | None = None) -> Job:
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> Job:
     p.add_argument("--frame-folders", action="store_true",
                    help="every image folder is a sequence of frames (seq/<name>/*.png): record the folder as `video` "
                         "and the position in natural file-name order as `frame`, for video and sequence sentences")
-    p.add_argument("--derive", type=_variants, default=(), metavar="gray,masked",
+    p.add_argument("--derive", type=names_of(VARIANTS, "variant"), default=(), metavar="gray,masked",
                    help="also tokenize derived images: gray (colorization input), masked (inpainting input)")
     p.add_argument("--label-palette", action="store_true",
                    help="inputs are single-channel segmentation label maps: colour them through the fixed "
