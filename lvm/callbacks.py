@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import weights
 from common.files import atomic_write
 from common.vocab import BOS_ID
+from lvm.checkpoint import describe, tokenizer_mismatch
 from lvm.errors import ConfigError
 from lvm.generate import Decoder, Sampling
 from lvm.parallelize import gather
@@ -252,6 +253,12 @@ class SampleImages(Callback):
             import tokenizer  # only runs that sample need the VQGAN
 
             self._tokenizer = tokenizer.load(self.tokenizer_path)
+            # Another tokenizer than the one that made the sentences cut their images wrong (other tokens per image)
+            # and decoded noise, or found no sentence within its codebook and wrote nothing, without a word.
+            made, given = getattr(trainer.datamodule, "tokenizer", None), self._tokenizer.identity(self.tokenizer_path)
+            if tokenizer_mismatch(made, given):
+                raise ConfigError(f"SampleImages.tokenizer: {describe(given)} is not the tokenizer that made the "
+                                  f"training sentences, {describe(made)}: give that one, or drop the callback")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         step = trainer.global_step

@@ -963,6 +963,22 @@ def test_sample_images_skips_sentences_too_short_for_the_window(tiny_tokenizer):
     assert torch.equal(images[0], context) and torch.equal(images[2], true)
 
 
+def test_sample_images_refuses_another_tokenizer_than_the_sentences_one(tiny_tokenizer_dir, tiny_tokenizer):
+    """A 16-token tokenizer cut 64-token images into noise, and a smaller codebook never found a sentence to
+    sample, silently for the whole run (review 56 #3)."""
+    given = tiny_tokenizer.identity(str(tiny_tokenizer_dir))
+    for made, refused in ((None, False), (given, False), ({**given, "digest": "0" * 40}, True)):
+        trainer = types.SimpleNamespace(is_global_zero=True, datamodule=types.SimpleNamespace(tokenizer=made))
+        callback = SampleImages(tokenizer=str(tiny_tokenizer_dir))
+        if refused:
+            with pytest.raises(ConfigError, match=r"^SampleImages.tokenizer: .* is not the tokenizer that made the "
+                                                  r"training sentences, .*digest 000000000000.*: give that one"):
+                callback.setup(trainer, None, "fit")
+        else:
+            callback.setup(trainer, None, "fit")
+            assert callback._tokenizer.codebook_size == tiny_tokenizer.codebook_size
+
+
 def test_sample_images_writes_a_png_during_training(tiny_tokenizer_dir, tiny_tokenizer, shards, tmp_path):
     dm = LVMDataModule(str(shards), seq_len=64, batch_size=1, num_workers=0)
     callback = SampleImages(tokenizer=str(tiny_tokenizer_dir), every_n_steps=3)
