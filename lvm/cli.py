@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import weights
 from common.errors import UserError, one_line
+from common.files import natural_key
 from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
 
@@ -59,20 +60,42 @@ def check_accelerator(config: Namespace) -> None:
     raise ConfigError(f"{source} trains on {gpus} (accelerator {accelerator}) and this machine has {have}; {advice}")
 
 
-def check_fresh_start(config: Namespace) -> None:
-    """A fit without --ckpt_path starts at step 0. Into a checkpoint folder of an earlier run (our configs name a
-    fixed one, with no version counter, so that resumes keep one `last.ckpt`), it would overwrite that run's
-    checkpoints of the same steps and move `last.ckpt` to itself: a rerun of the first command after a preemption
-    would lose the run it meant to continue."""
+def _checkpointers(config: Namespace) -> list[dict]:
+    """The init_args of the config's ModelCheckpoint callbacks."""
     callbacks = config.trainer.get("callbacks") or []
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:  # one mapping is one callback
-        if not isinstance(callback, Namespace) or not str(callback.get("class_path", "")).endswith("ModelCheckpoint"):
+    return [dict(callback.get("init_args") or {}) for callback in (callbacks if isinstance(callbacks, list) else [callbacks])
+            if isinstance(callback, Namespace) and str(callback.get("class_path", "")).endswith("ModelCheckpoint")]
+
+
+def check_start(config: Namespace) -> None:
+    """Where a fit starts must be the run's own checkpoint, never a silent step 0 over an earlier run.
+
+    Without --ckpt_path it starts at step 0. Into a checkpoint folder of an earlier run (our configs name a fixed
+    one, with no version counter, so that resumes keep one `last.ckpt`), it would overwrite that run's checkpoints
+    of the same steps and move `last.ckpt` to itself: a rerun of the first command after a preemption would lose the
+    run it meant to continue. `--ckpt_path last` with checkpoints but no `last.ckpt` (a copy that drops links, a kill
+    while Lightning relinked it) did the same: Lightning only warns and starts at step 0. `best` needs a monitor.
+    A `.ckpt.tmp` left by a kill during a save is removed: no writer runs before training starts, and a stop's
+    checkpoint is named after a step that never comes again, so nothing would overwrite it."""
+    ckpt_path = config.get("ckpt_path")
+    for args in _checkpointers(config):
+        folder = Path(args["dirpath"]) if args.get("dirpath") else None
+        if folder is None:
             continue
-        folder = (callback.get("init_args") or {}).get("dirpath")
-        if folder and any(Path(folder).glob("*.ckpt")):
+        for partial in folder.glob("*.ckpt.tmp"):
+            partial.unlink(missing_ok=True)
+        found = sorted(folder.glob("*.ckpt"), key=natural_key)  # step=00000150.ckpt: the newest last
+        if found and not ckpt_path:
             raise ConfigError(f"{folder} holds the checkpoints of an earlier run, which a fresh start would overwrite "
                               "(last.ckpt included): continue it with --ckpt_path last, or start anew in another folder "
                               "(move this one away, or change the run's paths)")
+        if found and ckpt_path == "last" and not (folder / "last.ckpt").exists():
+            raise ConfigError(f"--ckpt_path last: {folder} holds checkpoints but no last.ckpt (a copy that dropped "
+                              f"links, or a kill while it was moved on), and Lightning would start at step 0 over them: "
+                              f"continue from the newest, --ckpt_path {found[-1]}")
+    if ckpt_path == "best" and not any(args.get("monitor") for args in _checkpointers(config)):
+        raise ConfigError("--ckpt_path best: no ModelCheckpoint of this config has a monitor, so none is best; give "
+                          "'last' or a .ckpt file")
 
 
 class CLI(LightningCLI):
@@ -81,8 +104,8 @@ class CLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_accelerator(config)
-        if self.subcommand == "fit" and not config.get("ckpt_path"):
-            check_fresh_start(config)
+        if self.subcommand == "fit":
+            check_start(config)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's step that reads the model's hyperparameters from `--ckpt_path` into the config, replaced: the

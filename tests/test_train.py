@@ -209,6 +209,23 @@ def test_a_fresh_fit_into_an_earlier_runs_checkpoints_is_refused(shards, tmp_pat
     assert (checkpoints / "step=00000002.ckpt").read_bytes() == kept
     lvm_cli.main([*command[:-1], "3", "--ckpt_path", "last"])  # the resume goes on
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+    # without last.ckpt (a copy without links), `--ckpt_path last` started at step 0 over every checkpoint, exit 0
+    # (review 55 #1); `best` without a monitor was a traceback (#9); a save killed midway left its .tmp for good (#6)
+    (checkpoints / "last.ckpt").unlink()
+    (checkpoints / "step=00000003.ckpt.tmp").write_bytes(b"cut short")
+    kept = {p.name: p.read_bytes() for p in checkpoints.glob("*.ckpt")}
+    capsys.readouterr()
+    for path, message in (("last", f"--ckpt_path last: runs/lvm_tiny/checkpoints holds checkpoints but no last.ckpt (a "
+                                   f"copy that dropped links, or a kill while it was moved on), and Lightning would "
+                                   f"start at step 0 over them: continue from the newest, --ckpt_path "
+                                   f"runs/lvm_tiny/checkpoints/step=00000003.ckpt"),
+                          ("best", "--ckpt_path best: no ModelCheckpoint of this config has a monitor, so none is "
+                                   "best; give 'last' or a .ckpt file")):
+        with pytest.raises(SystemExit) as exit_info:
+            lvm_cli.main([*command[:-1], "4", "--ckpt_path", path])
+        assert exit_info.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+    assert {p.name: p.read_bytes() for p in checkpoints.glob("*.ckpt")} == kept
+    assert not list(checkpoints.glob("*.tmp"))
     single = tmp_path / "single.yaml"  # `callbacks:` as one mapping, which Lightning takes too (review 42 #3)
     single.write_text("trainer:\n  callbacks:\n    class_path: lvm.callbacks.ModelCheckpoint\n    init_args:\n"
                       "      dirpath: runs/lvm_tiny/checkpoints\n")
