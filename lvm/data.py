@@ -220,7 +220,10 @@ class LVMDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position, refusing one counted in another layout, where the count would point
-        elsewhere in the stream: the run would repeat and skip data silently."""
+        elsewhere in the stream: the run would repeat and skip data silently. Only a fit reads the training stream:
+        `lightning validate` of a checkpoint takes any layout (one device for a run of eight)."""
+        if self.trainer is not None and self.trainer.state.fn != "fit":
+            return
         for key, now in self._layout().items():
             saved = state.get(key, now)  # checkpoints from before a key was recorded lack it
             if saved != now:

@@ -476,6 +476,12 @@ def test_resume_from_a_periodic_checkpoint_with_gradient_accumulation_and_valida
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
     assert logged(tmp_path / "b", key="val/loss")[15] == pytest.approx(val_loss[15], rel=1e-5)
 
+    # Validation reads no training stream: a checkpoint validates in another layout (review 55 #3: it was refused)
+    enter(tmp_path / "c", monkeypatch)
+    cli = tiny_cli(shards, *args[:-2], "--data.num_workers", "0", "--data.batch_size", "1")
+    (result,) = cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt"))
+    assert math.isfinite(result["val/loss"])
+
 
 class RecordBatches(L.Callback):
     """Saves each rank's input_ids per optimizer step to `out`, and a checkpoint `out/step_<save_at>.ckpt` after
