@@ -52,7 +52,9 @@ def check_accelerator(config: Namespace) -> None:
     source = " + ".join(str(path) for path in config.get("config") or []) or "this run"
     gpus = f"{wanted} GPU{'s' * (wanted != 1)}" if wanted else "GPUs"
     if found == 0:
-        advice = "on a CPU use a tiny config (configs/lvm_tiny.yaml, configs/vqgan_tiny.yaml) or override --trainer.accelerator"
+        advice = ("on a CPU use a tiny config (configs/lvm_tiny.yaml, configs/vqgan_tiny.yaml); a paper size on CPUs holds "
+                  "a float32 copy of the model per device (--trainer.accelerator cpu --trainer.devices 1 "
+                  "--trainer.precision 32-true, and the memory for it)")
         have = "none"
     else:
         advice = f"override --trainer.devices {found}"

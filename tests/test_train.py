@@ -215,10 +215,10 @@ def test_a_fresh_fit_into_an_earlier_runs_checkpoints_is_refused(shards, tmp_pat
     (checkpoints / "step=00000003.ckpt.tmp").write_bytes(b"cut short")
     kept = {p.name: p.read_bytes() for p in checkpoints.glob("*.ckpt")}
     capsys.readouterr()
-    for path, message in (("last", f"--ckpt_path last: runs/lvm_tiny/checkpoints holds checkpoints but no last.ckpt (a "
-                                   f"copy that dropped links, or a kill while it was moved on), and Lightning would "
-                                   f"start at step 0 over them: continue from the newest, --ckpt_path "
-                                   f"runs/lvm_tiny/checkpoints/step=00000003.ckpt"),
+    for path, message in (("last", "--ckpt_path last: runs/lvm_tiny/checkpoints holds checkpoints but no last.ckpt (a "
+                                   "copy that dropped links, or a kill while it was moved on), and Lightning would "
+                                   "start at step 0 over them: continue from the newest, --ckpt_path "
+                                   "runs/lvm_tiny/checkpoints/step=00000003.ckpt"),
                           ("best", "--ckpt_path best: no ModelCheckpoint of this config has a monitor, so none is "
                                    "best; give 'last' or a .ckpt file")):
         with pytest.raises(SystemExit) as exit_info:
