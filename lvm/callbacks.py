@@ -181,6 +181,13 @@ class TrainingProgress(Callback):
         print(f"step {done:,}/{total:,}{share} | loss {self._loss(trainer)} | {per_step:.2f} s/step | ETA {eta}",
               file=sys.stderr, flush=True)
 
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resume of a finished run trains nothing (Lightning skips its loop, and this callback's summary) after a
+        line that says it is resuming: say why."""
+        if trainer.is_global_zero and not self._start and 0 < trainer.max_steps <= trainer.global_step:
+            print(f"nothing to train: the checkpoint is at step {trainer.global_step:,}, trainer.max_steps; raise "
+                  "--trainer.max_steps to continue (a wsd schedule extends: docs/training.md)", file=sys.stderr, flush=True)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return

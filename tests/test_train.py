@@ -209,6 +209,11 @@ def test_a_fresh_fit_into_an_earlier_runs_checkpoints_is_refused(shards, tmp_pat
     assert (checkpoints / "step=00000002.ckpt").read_bytes() == kept
     lvm_cli.main([*command[:-1], "3", "--ckpt_path", "last"])  # the resume goes on
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 3
+    capsys.readouterr()
+    lvm_cli.main([*command[:-1], "3", "--ckpt_path", "last"])  # finished: it said "resuming" and nothing more (review 55 #8)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "nothing to train: the checkpoint is at step 3, trainer.max_steps; raise --trainer.max_steps to continue "
+        "(a wsd schedule extends: docs/training.md)")
     # without last.ckpt (a copy without links), `--ckpt_path last` started at step 0 over every checkpoint, exit 0
     # (review 55 #1); `best` without a monitor was a traceback (#9); a save killed midway left its .tmp for good (#6)
     (checkpoints / "last.ckpt").unlink()
