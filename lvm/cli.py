@@ -7,16 +7,18 @@ as one line, not a traceback, and so is a config asking for GPUs this machine do
 have (checked before Lightning builds its Trainer).
 """
 
+import re
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import weights
@@ -100,6 +102,38 @@ def check_start(config: Namespace) -> None:
                           "'last' or a .ckpt file")
 
 
+def concise(message: str) -> str:
+    """jsonargparse's nested report of a bad config value (a Union of subtypes, each with its own errors, the value's
+    type and repr) as the one reason that matters: `model.lr: expected a float, got abc`, `model.lrr: not an option of
+    lvm.train.LVMModule`. Anything else is kept as it is."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    owner = re.search(r"Problem with given class_path '([^']+)'", message)
+    for line in (line.strip() for line in message.splitlines()):
+        if option := re.fullmatch(r"Option '([^']+)' is not accepted", line):
+            where = ".".join([*keys, option[1]])
+            return f"{where}: not an option of {owner[1]}" if owner else f"{where}: not an option"
+        if (expected := re.fullmatch(r"Expected a (.+)\. Got value: (.*)", line)) and keys:
+            wanted = re.sub(r"<class '([\w.]+)'>", r"\1", expected[1])
+            wanted = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", wanted)
+            article = "" if wanted.startswith("one of") else "an " if wanted[0] in "aeiou" else "a "
+            return f"{'.'.join(keys)}: expected {article}{wanted}, got {expected[2]}"
+    if single := re.fullmatch(r'Parser key "([^"]+)": ([^\n]*)', message):
+        return f"{single[1]}: {single[2]}"
+    return message
+
+
+class ConciseParser(LightningArgumentParser):
+    """Config errors in one line: jsonargparse printed the 47-line usage and a dump of its type checks around the one
+    reason (`Option 'lrr' is not accepted`)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        prog = self.prog.replace(" [options]", "")
+        print(f"error: {concise(message)} (`{prog} --help` lists the options)", file=sys.stderr)
+        self.exit(2)
+
+
 class CLI(LightningCLI):
     """LightningCLI that checks the machine can run the config before building the Trainer."""
 
@@ -179,6 +213,7 @@ def main(args: list[str] | None = None) -> None:
     try:
         with config_errors_as_one_line():
             CLI(
+                parser_class=ConciseParser,
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 auto_configure_optimizers=False,  # LVMModule builds its optimizer groups and schedule itself

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from lvm.cli import config_errors_as_one_line, requested_devices
+from lvm.cli import ConciseParser, config_errors_as_one_line, requested_devices
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
 from lvm.parallelize import parallelize
@@ -418,7 +418,7 @@ def summary(cli: LightningCLI) -> str:
 def main(argv: list[str] | None = None) -> None:
     """`python -m lvm.train -c CONFIG [--model.size 1b ...]`: print the summary of a training config."""
     with config_errors_as_one_line():
-        cli = _DryRunCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
+        cli = _DryRunCLI(parser_class=ConciseParser, subclass_mode_model=True, subclass_mode_data=True, run=False, args=argv,
                          auto_configure_optimizers=False,
                          parser_kwargs={"prog": "python -m lvm.train"})
         trainer = cli.config["trainer"]  # what `lightning fit` would refuse, refused here too

@@ -31,6 +31,21 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
         assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.lrr", "1e-3"], "model.lrr: not an option of lvm.train.LVMModule"),
+    (["--data.batch_size", "eight"], "data.batch_size: expected an int, got eight"),
+    (["--model.size", "huge"], "model.size: expected one of 'tiny', '300m', '600m', '1b', '3b', '7b', got huge"),
+    (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+])
+def test_a_mistyped_key_or_value_is_one_line_with_its_reason(tmp_path, capsys, args, message):
+    """jsonargparse printed the 47-line usage and a dump of its Union checks around the reason (review 55 #4)."""
+    for run, prog in ((lambda a: main(["fit", *a]), "python -m lvm.cli fit"), (dry_run, "python -m lvm.train")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), *args])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: {message} (`{prog} --help` lists the options)\n"
+
+
 def test_impossible_tokenizer_architecture_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", "lvm/demo/configs/vqgan.yaml", "--model.tokenizer.hidden_channels", "16",
