@@ -121,6 +121,15 @@ class StopOnSignal(Callback):
             trainer._signal_connector.received_sigterm = True
 
 
+class LearningRateMonitor(callbacks.LearningRateMonitor):
+    """Lightning's LearningRateMonitor, logging once per optimizer step: under gradient accumulation Lightning's wrote
+    each rate once per micro-batch of a logged step (4 identical rows in metrics.csv at accumulation 4)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:  # the step's first micro-batch
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
 class ModelCheckpoint(callbacks.ModelCheckpoint):
     """Lightning's ModelCheckpoint, which also saves the final step. Lightning's writes `last.ckpt` at the end of
     training only if it saved nothing before: a 650-step run with a checkpoint every 100 steps ended with

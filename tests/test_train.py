@@ -399,6 +399,16 @@ def test_a_resume_trains_with_this_runs_optimizer_settings(shards, tmp_path, mon
     assert [(g["lr"], g["initial_lr"], g["weight_decay"], tuple(g["betas"])) for g in groups] == [(1e-3, 1e-3, 0.0, (0.8, 0.9))] * 2
 
 
+def test_the_learning_rate_is_logged_once_per_optimizer_step(shards, tmp_path, monkeypatch):
+    """Lightning's monitor wrote each rate once per micro-batch: 3 identical rows a step at accumulation 3 (review
+    55 #10)."""
+    enter(tmp_path / "a", monkeypatch)
+    cli = tiny_cli(shards, "--trainer.max_steps", "4", "--trainer.accumulate_grad_batches", "3", "--model.warmup_steps", "1")
+    cli.trainer.fit(cli.model, cli.datamodule)
+    rows = csv.DictReader((tmp_path / "a/runs/lvm_tiny/logs/version_0/metrics.csv").open())
+    assert [int(row["step"]) for row in rows if row.get("lr-AdamW/pg1")] == [0, 1, 2, 3]
+
+
 def test_a_stop_is_saved_even_when_its_step_is_not_among_the_best_of_a_monitored_metric(shards, tmp_path, monkeypatch):
     """Through the top-k rotation alone, a stop that a monitored metric ranks out saved nothing and last.ckpt stayed
     behind (review 43 #3)."""
