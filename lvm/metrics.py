@@ -5,6 +5,11 @@ scored tokens), and the headline is the arithmetic mean of those; exp(mean NLL)
 over all examples is reported beside it because it is the usual LM figure and is
 less dominated by a few hard examples. Pixel metrics are on [0, 1] intensities,
 as the release's MSE is. Both are one-liners in torch, so no metrics library.
+
+The PSNR here is that of a mean MSE (finite unless every prediction is exact). `tokenizer.evaluate` reports
+instead the mean of per-image PSNRs, capped at 100 dB, as tokenizer papers do: on the same images the two
+differ (by ~9 dB for one good and one poor image), so compare a predicted frame's PSNR with the tokenizer's
+reconstruction through `lvm.evaluate`'s own `copy_last_psnr` and `model_psnr`, not across the two reports.
 """
 
 from __future__ import annotations
