@@ -113,7 +113,7 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
 
 def add_rank_device_arg(parser: argparse.ArgumentParser) -> None:
     """`--device` of the commands that run one process per GPU (torchrun, Slurm): unset, each rank picks
-    its own (`lvm.tokenize.pipeline.pick_device`)."""
+    its own (`common.ranks.pick_device`)."""
     parser.add_argument("--device", type=parse_device, default=None,
                         help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
 

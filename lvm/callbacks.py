@@ -21,13 +21,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import weights
 from common.files import atomic_write
+from common.progress import clock
 from common.vocab import BOS_ID
 from lvm.checkpoint import describe, tokenizer_mismatch
 from lvm.errors import ConfigError
 from lvm.generate import Decoder, Sampling
 from lvm.parallelize import gather
 from lvm.peaks import dense_bf16_peak
-from lvm.tokenize.progress import clock
 
 
 def _rows(batch: dict[str, torch.Tensor]) -> int:

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader
 
 from common.errors import lightning_worker_init
 from common.files import expand_shards
+from common.progress import clock
 from lvm.errors import ConfigError
-from lvm.tokenize.progress import clock
 from sentences.errors import SentenceError
 from sentences.formats import check_folders_whole, has_lengths, sentences_tokenizer, tokens_per_image
 from sentences.stream import PackedStream, shard_tokens

@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageOps
 
 import tokenizer
+from common.errors import UserError
+from common.ranks import ranks_from_env
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError, pipeline
 from lvm.tokenize.__main__ import main, parse_args
@@ -824,27 +826,27 @@ def test_a_tokenizer_with_other_weights_redoes_complete_shards(inputs, tiny_toke
 
 
 def test_ranks_come_from_torchrun_else_slurm(inputs, tiny_tokenizer_dir, tmp_path, monkeypatch):
-    assert pipeline.ranks_from_env() == (0, 1, 0)
+    assert ranks_from_env() == (0, 1, 0)
     monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    assert pipeline.ranks_from_env() == (1, 2, 1)
+    assert ranks_from_env() == (1, 2, 1)
     assert _run(tiny_tokenizer_dir, tmp_path / "out", inputs / "laion") == 0
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00001.tar"]  # task 1 of 2: the middle shard
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    assert pipeline.ranks_from_env() == (0, 3, 0)  # torchrun's variables win
+    assert ranks_from_env() == (0, 3, 0)  # torchrun's variables win
     for rank, world, message in (("3", "2", "RANK=3, WORLD_SIZE=2: need 0 <= RANK < WORLD_SIZE"),  # did nothing, exit 0
                                  ("0", "0", "RANK=0, WORLD_SIZE=0: need 0 <= RANK < WORLD_SIZE"),
                                  ("x", "2", "RANK='x', WORLD_SIZE='2', LOCAL_RANK='0': not whole numbers")):
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setenv("WORLD_SIZE", world)
-        with pytest.raises(TokenizeError, match=f"^{re.escape(message)}$"):
-            pipeline.ranks_from_env()
+        with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+            ranks_from_env()
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "-1")
-    with pytest.raises(TokenizeError, match="^LOCAL_RANK=-1: need 0 or more$"):
-        pipeline.ranks_from_env()
+    with pytest.raises(UserError, match="^LOCAL_RANK=-1: need 0 or more$"):
+        ranks_from_env()
 
 
 def test_jpeg_draft_decodes_large_jpegs_smaller_and_keeps_the_displayed_size(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from common.errors import exit_on
 from common.options import HelpFormatter, add_rank_device_arg, at_least, default_workers, names_of
+from common.ranks import ranks_from_env
 from lvm.annotate import TASKS
 from lvm.annotate.pipeline import Job, run
-from lvm.tokenize.pipeline import ranks_from_env
 
 
 def parse_args(argv: list[str] | None = None) -> Job:

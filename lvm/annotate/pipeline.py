@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, IterableDataset
 from common.errors import leave_stop_signals_to_main
 from common.files import spec_holding
 from common.options import default_workers, usable_cores
+from common.progress import Progress, log, skipped_text, wall_text
+from common.ranks import pick_device, ranks_from_env, worker_share
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, model_flag, predict, preprocess
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import MEMBERS_ONLY, DecodeOptions, Picture, Skip, read_batches
-from lvm.tokenize.pipeline import pick_device, ranks_from_env, worker_share
-from lvm.tokenize.progress import Progress, log, skipped_text, wall_text
 from lvm.tokenize.sources import Item, Unit, find_units, folder_within, safe_key
 from lvm.tokenize.writer import recorded, shard_paths
 

@@ -24,8 +24,9 @@ from common.options import (
     names_of,
     parse_seed,
 )
+from common.ranks import ranks_from_env
 from lvm.tokenize.derive import VARIANTS
-from lvm.tokenize.pipeline import VIDEO_RESIZES, Job, Options, ranks_from_env, run
+from lvm.tokenize.pipeline import VIDEO_RESIZES, Job, Options, run
 
 
 def parse_args(argv: list[str] | None = None) -> Job:

@@ -20,18 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 import tokenizer
 import weights
 from common.errors import leave_stop_signals_to_main
 from common.files import spec_holding, within
 from common.options import default_workers, usable_cores
+from common.progress import Progress, Summary, log
+from common.ranks import pick_device, ranks_from_env, worker_share
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
-from lvm.tokenize.progress import Progress, Summary, log
 from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
 from lvm.tokenize.writer import ShardWriter, recorded, shard_paths, shard_state
 from sentences.formats import ORIGINAL, token_report
@@ -177,47 +178,6 @@ class UnitBatches(IterableDataset):
         else:
             pixels = torch.empty(0, 3, self.resize.size, self.resize.size)
         return Batch(index, [r[0] for r in rows], [r[1] for r in rows], pixels, skips, last)
-
-
-def worker_share(count: int) -> range:
-    """The indices of `count` units this DataLoader worker reads: w, w + W, ... (all of them outside a worker).
-
-    Whole units per worker, so each unit's output is written by one process (also used by `lvm.annotate`).
-    """
-    info = get_worker_info()
-    worker, workers = (info.id, info.num_workers) if info else (0, 1)
-    return range(worker, count, workers)
-
-
-def ranks_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM; (0, 1, 0) alone.
-
-    Checked: a rank at or past the world size would do nothing and exit 0, leaving its share undone unnoticed."""
-    env = os.environ
-    for names in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        rank_name, world_name, local_name = names
-        if rank_name in env and world_name in env:
-            try:
-                rank, world, local = int(env[rank_name]), int(env[world_name]), int(env.get(local_name, 0))
-            except ValueError:
-                raise TokenizeError(f"{rank_name}={env[rank_name]!r}, {world_name}={env[world_name]!r}, "
-                                    f"{local_name}={env.get(local_name, '0')!r}: not whole numbers") from None
-            if not 0 <= rank < world:
-                raise TokenizeError(f"{rank_name}={rank}, {world_name}={world}: need 0 <= {rank_name} < {world_name}")
-            if local < 0:
-                raise TokenizeError(f"{local_name}={local}: need 0 or more")
-            return rank, world, local
-    return 0, 1, 0
-
-
-def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """The requested device, or cuda:LOCAL_RANK when CUDA is available, else the CPU (also used by `lvm.annotate`)."""
-    if requested is None:
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(requested)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
 
 
 def _load_tokenizer(path: str, device: torch.device) -> tokenizer.VQTokenizer:

@@ -1,4 +1,5 @@
-"""Progress lines while a tokenize job runs, and its one-line summary (whose parts `lvm.annotate` shares).
+"""Progress lines of the long file jobs (`lvm.tokenize`, `lvm.annotate`) and their one-line summaries; `clock`
+also times training's progress lines.
 
 Plain log lines rather than a redrawn bar: jobs run for days under SLURM or torchrun, where
 logs are files and every rank writes its own lines.
