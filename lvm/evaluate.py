@@ -292,22 +292,17 @@ def pixel_metrics(
 
 def plot_curve(curve: dict[int, dict], unigram: float, path: Path, xlabel: str, title: str) -> None:
     """Perplexity (mean per-example and exp(mean NLL)) against the amount of context, with the unigram line."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from lvm.plots import new_figure, save_figure  # matplotlib only where a plot is made
 
     ks = list(curve)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = new_figure((6, 4))
     ax.plot(ks, [curve[k]["mean_perplexity"] for k in ks], "o-", label="mean per-example perplexity")
     ax.plot(ks, [curve[k]["perplexity_of_mean_nll"] for k in ks], "s--", label="exp(mean NLL)")
     ax.axhline(unigram, color="gray", linestyle=":", label="unigram baseline")
     ax.set(xlabel=xlabel, ylabel="perplexity (log scale)", title=title, xticks=ks, yscale="log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(report: dict) -> str:

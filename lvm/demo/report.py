@@ -12,19 +12,16 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import tokenizer  # noqa: E402
-from common.files import json_number, json_text, write_atomic  # noqa: E402
-from lvm.checkpoint import load_lvm  # noqa: E402
-from lvm.demo.data import analogy_files, read_frames  # noqa: E402
+import tokenizer
+from common.files import json_number, json_text, write_atomic
+from lvm.checkpoint import load_lvm
+from lvm.demo.data import analogy_files, read_frames
 from lvm.generate import GREEDY, rollout  # noqa: E402
 from lvm.metrics import pixel_mse  # noqa: E402
+from lvm.plots import new_figure, save_figure
 from lvm.prompt import CHUNK, grid, predict_frames  # noqa: E402
 
 
@@ -107,12 +104,10 @@ def loss_curve(metrics_csv: Path, out: Path) -> dict:
             if row.get("train/loss"):
                 steps.append(int(row["step"]))
                 losses.append(float(row["train/loss"]))
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig, ax = new_figure((5, 3.2))
     ax.plot(steps, losses)
     ax.set(xlabel="optimizer step", ylabel="train loss (nats/token)", title="tiny LVM on the miniature mixture")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)
     return {"first": losses[0], "last": losses[-1], "steps": steps[-1]}
 
 

@@ -36,13 +36,10 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    from lvm.plots import new_figure, save_figure  # matplotlib only where a plot is made
 
     depths = [row["depth"] for row in report["results"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = new_figure((6, 4))
     for kind, style in zip(PROBES, ("o-", "s--")):
         ax.plot(depths, [row[kind]["top1"] for row in report["results"]], style, label=f"{kind} probe")
     ax.axhline(report["chance"], color="gray", linestyle=":", label="chance")
@@ -50,9 +47,7 @@ def plot(report: dict, path: Path) -> None:
            xticks=depths, title=f"{Path(report['model']).name}: {len(report['classes'])} classes")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write(report: dict, out: Path) -> None:
