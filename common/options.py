@@ -123,10 +123,14 @@ def add_dtype_arg(parser: argparse.ArgumentParser, default: str = "bfloat16 on C
     parser.add_argument("--dtype", choices=DTYPES, help=f"default: {default}")
 
 
-def add_model_arg(parser: argparse.ArgumentParser, default: str) -> None:
-    """`--model`: our Lightning `.ckpt`, a Hugging Face Llama folder or a hub id (`weights.resolve` reads each)."""
-    parser.add_argument("--model", default=default,
-                        help=f"our Lightning .ckpt, a Hugging Face Llama folder or hub id (default: {default})")
+def add_model_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """`--model`: our Lightning `.ckpt`, a Hugging Face Llama folder or a hub id (`weights.resolve` reads each);
+    required when `default` is None."""
+    what = "our Lightning .ckpt, a Hugging Face Llama folder or hub id"
+    if default is None:
+        parser.add_argument("--model", required=True, help=what)
+    else:
+        parser.add_argument("--model", default=default, help=f"{what} (default: {default})")
 
 
 def add_tokenizer_arg(parser: argparse.ArgumentParser, default: str | None, unset: str | None = None) -> None:

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 
 import weights
 from common.errors import UserError
-from common.vocab import NUM_RESERVED
+from common.vocab import CODEBOOK_SIZE, NUM_RESERVED
 from lvm import hf
 from lvm.model import LVM, LVMConfig, rope_tables
 from sentences.formats import other_tokenizer
@@ -57,7 +57,8 @@ def check_codebook(model: LVM, codebook_size: int, tokenizer_path: str | Path) -
         )
 
 
-RELEASED_TOKENIZER = {"name": weights.DEFAULT_TOKENIZER, "digest": None, "tokens_per_image": 256, "codebook_size": 8192}
+RELEASED_TOKENIZER = {"name": weights.DEFAULT_TOKENIZER, "digest": None, "tokens_per_image": 256,
+                      "codebook_size": CODEBOOK_SIZE}
 """What the released LVM-7B (`weights.DEFAULT_MODEL`) was trained on: the released tokenizer, 256 tokens per
 image from 8192 codes. Its digest needs the weights (`tokenizer.load(weights.DEFAULT_TOKENIZER).digest()`);
 until it is filled in, that tokenizer is recognised by its hub id and its shape."""

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from common.errors import UserError, exit_on
-from common.options import HelpFormatter, add_dtype_arg, at_least, torch_dtype
+from common.options import HelpFormatter, add_dtype_arg, add_model_arg, at_least, torch_dtype
 from common.vocab import EOS_ID, PAD_ID
 from lvm.checkpoint import load_lvm, trained_layout
 from lvm.hf import save_hf
@@ -57,7 +57,7 @@ def check_out(out: Path, model: Path) -> None:
 @exit_on
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lvm.export", description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="our Lightning .ckpt, or an HF Llama directory to re-export")
+    add_model_arg(parser, None)
     parser.add_argument("--to-hf", required=True, metavar="OUT", help="output directory")
     add_dtype_arg(parser, "as stored")
     parser.add_argument("--tokens-per-image", type=at_least(1),

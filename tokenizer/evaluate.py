@@ -29,7 +29,7 @@ import tokenizer
 import weights
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import json_text, output_file, write_atomic
-from common.options import HelpFormatter, add_device_arg, add_tokenizer_arg, at_least
+from common.options import HelpFormatter, add_device_arg, add_tokenizer_arg, at_least, default_workers
 from tokenizer.data import image_files
 from tokenizer.preprocess import UNREADABLE_IMAGE, from_value_range
 from tokenizer.quantizer import codebook_stats
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="yaml of a taming .ckpt when not beside it")
     parser.add_argument("--images", required=True, type=Path, help="folder of held-out images (searched recursively)")
     parser.add_argument("--batch-size", type=at_least(1), default=32, help="images per encode/decode pass")
-    parser.add_argument("--workers", type=at_least(0), default=2, help="DataLoader worker processes (decoding)")
+    parser.add_argument("--workers", type=at_least(0), default=default_workers(), help="DataLoader worker processes (decoding)")
     parser.add_argument("--limit", type=at_least(1), default=None, help="evaluate only the first N images (sorted by path)")
     add_device_arg(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this file")
