@@ -84,7 +84,8 @@ class SaveCodebook(Callback):
 
 
 def test_dead_code_restarts_keep_the_ddp_replicas_codebooks_equal(tmp_path: Path) -> None:
-    """Two CPU processes see different batches; the codes they restart must still be the same on both."""
+    """Two CPU processes see different batches; the codes they restart must still be the same on both. With
+    validation and image logs: rank 0 alone waited in the log folder's broadcast, forever (review 54 #1)."""
     write_images(tmp_path / "train", 8, size=64, seed=0)
     write_images(tmp_path / "val", 2, size=64, seed=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
@@ -92,7 +93,7 @@ def test_dead_code_restarts_keep_the_ddp_replicas_codebooks_equal(tmp_path: Path
         sys.executable, "-m", "lvm.cli", "fit", "-c", str(CONFIG),
         f"--data.init_args.train={tmp_path / 'train'}", f"--data.init_args.val={tmp_path / 'val'}",
         "--data.init_args.batch_size=2", "--trainer.max_steps=2", "--trainer.log_every_n_steps=1", "--trainer.devices=2",
-        "--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.num_sanity_val_steps=0",
+        "--trainer.strategy=ddp_find_unused_parameters_true", "--model.init_args.image_log_every_n_steps=1",
         f"--trainer.default_root_dir={tmp_path / 'run'}", "--model.init_args.restart_dead_codes=true",
         "--trainer.callbacks+=test_tokenizer_training.SaveCodebook", f"--trainer.callbacks.out={tmp_path / 'books'}",
     ]
@@ -101,6 +102,8 @@ def test_dead_code_restarts_keep_the_ddp_replicas_codebooks_equal(tmp_path: Path
     rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
     assert any(float(row.get("train/restarted_codes") or 0) > 0 for row in rows), "no code was restarted"
     assert torch.equal(torch.load(tmp_path / "books" / "rank0.pt"), torch.load(tmp_path / "books" / "rank1.pt"))
+    grids = sorted(p.name for p in (tmp_path / "run").rglob("reconstructions/*.png"))
+    assert "train_step0000001.png" in grids and any(name.startswith("val_") for name in grids), grids
 
 
 class _FirstBatch(Callback):

@@ -12,6 +12,8 @@ import functools
 import glob
 import io
 import logging
+import os
+import random
 import tarfile
 from pathlib import Path
 from typing import Callable
@@ -21,7 +23,7 @@ import webdataset as wds
 from lightning.pytorch import LightningDataModule
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchvision.transforms import v2
 
 from common.errors import UserError, lightning_worker_init
@@ -29,6 +31,8 @@ from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards, walk
 from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, to_rgb_float
 
 log = logging.getLogger(__name__)
+RESUME_SEED_STRIDE = 1_000_003  # a resumed start's order seed is the run's + this x its step (a prime: no overlap with
+# the seed + epoch that DistributedSampler draws each epoch from, for runs of fewer epochs than this)
 WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # the tar members lvm.tokenize reads
 
 
@@ -118,22 +122,26 @@ class _CheckedPass:
 
 
 def webdataset_images(
-    urls: str | list[str], transform: Callable[[Image.Image], Tensor], train: bool
+    urls: str | list[str], transform: Callable[[Image.Image], Tensor], train: bool, seed: int = 0
 ) -> IterableDataset:
     """Images from webdataset shards: a list of local shards (checked to hold images: shards that give no image
     would leave training waiting on an empty stream, with no step ever run) or a remote URL pattern.
-    Bad samples are warned about and skipped."""
+    Bad samples are warned about and skipped. For training, each rank's and worker's shards in an order drawn from
+    `seed` and the pass (webdataset's `detshuffle`), then samples mixed in a buffer of 1000 drawn from `seed`: left to
+    webdataset, every pass and every start took the same shard order and the buffer was seeded by the clock."""
     if isinstance(urls, list):
         _check_holds_images(urls[0])
     dataset = wds.WebDataset(
         urls,
         shardshuffle=100 if train else False,
+        detshuffle=True,
+        seed=seed,
         nodesplitter=wds.split_by_node,
         handler=_skip_with_warning,
         empty_check=False,
     )
     if train:
-        dataset = dataset.shuffle(1000)
+        dataset = dataset.shuffle(1000, rng=random.Random(seed))
     return dataset.map(functools.partial(_decode_sample, transform=transform), handler=_skip_with_warning)
 
 
@@ -205,7 +213,7 @@ class ImageDataModule(LightningDataModule):
         (`expand_shards`: a folder of tars, a glob, a brace pattern), or is a remote webdataset URL."""
         transform = make_transform(self.image_size, train)
         if any(marker in source for marker in ("://", "pipe:")):
-            return webdataset_images(source, transform, train)
+            return webdataset_images(source, transform, train, self._order_seed())
         folder = Path(source).is_dir()
         if folder and image_files(source):
             tars = [p for p in walk(source, []) if p.endswith(".tar")]
@@ -220,7 +228,24 @@ class ImageDataModule(LightningDataModule):
                 raise  # names the pattern, or the shard of a brace pattern that does not exist
             raise TrainingDataError(
                 source, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .tar shards") from None
-        return webdataset_images(shards, transform, train)
+        return webdataset_images(shards, transform, train, self._order_seed())
+
+    def _order_seed(self) -> int:
+        """The seed of the training order of this start: the run's (`seed_everything`, which Lightning passes on as
+        PL_GLOBAL_SEED) from step 0, another for each step a run resumes at. Lightning restarts the data of an
+        interrupted epoch from its beginning; drawn again from the run's seed, every resume replayed the run's first
+        batches and never reached the rest of the data."""
+        start = self.trainer.global_step if self.trainer is not None else 0
+        return (int(os.environ.get("PL_GLOBAL_SEED", 0)) + RESUME_SEED_STRIDE * start) % 2**63
+
+    def _sampler(self, dataset: Dataset) -> DistributedSampler | None:
+        """A folder's training order for a resumed or multi-device run (`_order_seed`; Lightning calls `set_epoch`);
+        None for a fresh single-device run, which keeps the DataLoader's own shuffle (what made the demo's
+        tokenizer, which its recorded figures come from)."""
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        if world == 1 and (self.trainer is None or self.trainer.global_step == 0):
+            return None
+        return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self._order_seed())
 
     def _loader(self, source: str, train: bool) -> DataLoader:
         dataset = self._dataset(source, train)
@@ -228,11 +253,13 @@ class ImageDataModule(LightningDataModule):
         if train and is_map and len(dataset) < self.batch_size:  # Lightning would train 0 steps and exit 0
             raise TrainingDataError(source, f"{len(dataset)} images, fewer than data.batch_size {self.batch_size} "
                                             "(training drops the last, partial batch)")
+        sampler = self._sampler(dataset) if train and is_map else None
         return _BatchesOrError(
             source,
             dataset,
             batch_size=self.batch_size,
-            shuffle=train and is_map,
+            shuffle=train and is_map and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

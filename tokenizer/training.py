@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_only
 from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from torch import Tensor
 from torch.func import functional_call
@@ -232,12 +231,15 @@ class VQGANTraining(LightningModule):
         usage, perplexity = codebook_stats(self.trainer.strategy.reduce(self._code_counts, reduce_op="sum"))
         self.log_dict({"val/codebook_usage": usage, "val/perplexity": perplexity})
 
-    @rank_zero_only
     def _log_grid(self, images: Tensor, reconstructions: Tensor, split: str) -> None:
-        """Inputs (top row) over reconstructions, as a PNG in the run's log dir (and TensorBoard if used)."""
+        """Inputs (top row) over reconstructions, as a PNG in the run's log dir (and TensorBoard if used), by rank 0.
+        Every rank calls it: `trainer.log_dir` is a broadcast, which rank 0 alone waited in forever under DDP."""
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        if not self.trainer.is_global_zero:
+            return
         n = min(8, images.shape[0])
         grid = torchvision.utils.make_grid(torch.cat([images[:n], reconstructions[:n].clamp(0, 1)]).float().cpu(), nrow=n)
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "reconstructions"
+        out_dir = Path(log_dir) / "reconstructions"
         out_dir.mkdir(parents=True, exist_ok=True)
         torchvision.utils.save_image(grid, out_dir / f"{split}_step{self.global_step:07d}.png")
         experiment = getattr(self.logger, "experiment", None)
