@@ -198,7 +198,7 @@ def test_training_workers_leave_sigterm_and_ctrl_c_to_the_trainer(tmp_path: Path
     same augmentations on all of them."""
     write_images(tmp_path / "images", 6, size=40, seed=0)
     data = ImageDataModule(train=str(tmp_path / "images"), image_size=32, batch_size=2, num_workers=1)
-    data.trainer = types.SimpleNamespace(global_rank=3)
+    data.trainer = types.SimpleNamespace(global_rank=3, world_size=1, global_step=0)
     loader = data.train_dataloader()
     assert loader.worker_init_fn.func is lightning_worker_init and loader.worker_init_fn.keywords == {"rank": 3}
     assert next_batch_after_stop_signals_to_the_worker(loader).shape == (2, 3, 32, 32)
