@@ -140,6 +140,11 @@ def test_a_resumed_or_next_pass_draws_a_new_order_reproducibly(tmp_path: Path, m
     first, second = passes(7)
     assert sorted(first) == sorted(second) == sorted(10 * s + j for s in range(8) for j in range(2))
     assert first != second and passes(7) == [first, second] and passes(8)[0] != first
+    data = ImageDataModule(train=urls[0], image_size=8, batch_size=1, num_workers=0)
+    data.trainer = types.SimpleNamespace(global_step=0, world_size=2, global_rank=1)
+    with pytest.raises(TrainingDataError, match=r"00.tar: 1 shard for 2 devices: each device reads whole shards; give "
+                                                 r"at least 2, or a folder of images$"):  # was "no readable image" (#3)
+        data.train_dataloader()
     # folders: a fresh single-device run keeps the DataLoader's shuffle; a resumed start, or a DDP rank, draws from
     # the run's seed and the step it starts at
     write_images(tmp_path / "img", 8, size=16, seed=0)

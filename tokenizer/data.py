@@ -228,6 +228,10 @@ class ImageDataModule(LightningDataModule):
                 raise  # names the pattern, or the shard of a brace pattern that does not exist
             raise TrainingDataError(
                 source, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .tar shards") from None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if len(shards) < world:  # the devices without one stopped saying their shards held no readable image
+            raise TrainingDataError(source, f"{len(shards)} shard{'s' * (len(shards) != 1)} for {world} devices: each "
+                                            f"device reads whole shards; give at least {world}, or a folder of images")
         return webdataset_images(shards, transform, train, self._order_seed())
 
     def _order_seed(self) -> int:
