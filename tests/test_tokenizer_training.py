@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 import tokenizer
+from common.errors import UserError
 from conftest import tiny_vqgan_config
 from lvm.cli import main as lightning_cli
 from tokenizer.data import ImageDataModule, ImageFolder, make_transform
@@ -221,6 +222,22 @@ def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     ema, raw = first.ema.module.state_dict(), first.tokenizer.state_dict()
     assert all(torch.equal(value, ema[key]) for key, value in exported.state_dict().items())
     assert any(not torch.equal(value, raw[key]) for key, value in exported.state_dict().items())
+    # another model than the checkpoint's is one line naming the setting, not a state-dict traceback (review 54 #4)
+    checkpoint = torch.load(tmp_path / "step4.ckpt", weights_only=True)
+    other_codes = tiny_vqgan_config()
+    other_codes.codebook_size *= 2
+    for module, message in (
+        (VQGANTraining(other_codes, **options), rf"^--ckpt_path: the checkpoint's tokenizer has codebook_size "
+                                                rf"{other_codes.codebook_size // 2} \(now {other_codes.codebook_size}\)"),
+        (VQGANTraining(tiny_vqgan_config(), **{**options, "ema_decay": None}),
+         r"^--ckpt_path: the checkpoint was trained with EMA weights; resume with its model.init_args.ema_decay$"),
+        (VQGANTraining(tiny_vqgan_config(), **{**options, "disc_channels": 16}),
+         r"^--ckpt_path: the checkpoint's weights do not fit this model \(0 missing, 0 extra, \d+ of another shape; "
+         r"discriminator\..* is \(8, .*\) there, \(16, .*\) here\): resume with its discriminator"),
+    ):
+        with pytest.raises(UserError, match=message):
+            module.on_load_checkpoint(copy.deepcopy(checkpoint))
+    resumed.on_load_checkpoint(copy.deepcopy(checkpoint))  # its own model: no refusal
 
 
 def test_validation_scores_the_ema_weights(tmp_path: Path) -> None:
