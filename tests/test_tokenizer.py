@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 
 import tokenizer
 from conftest import tiny_vqgan_config
+from lvm.tokenize.decode import DecodeOptions, decode_image
 from tokenizer.preprocess import resize_square
 
 F16_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_f16_8192.yaml"
@@ -69,6 +70,24 @@ def test_image_modes_convert_cleanly(tiny_tokenizer: tokenizer.VQTokenizer) -> N
         x = tiny_tokenizer.preprocess(image)
         assert x.shape == (3, 64, 64), name
         torch.testing.assert_close(x, reference, rtol=0, atol=lossy.get(name, 0), msg=name)
+
+
+def test_images_without_a_known_range_are_refused_not_white(tiny_tokenizer: tokenizer.VQTokenizer, tmp_path) -> None:
+    """A float TIFF of 0..255 or a 32-bit one past 16 bits became a flat white picture in training, tokenize and
+    prompt (clipped to [0, 1]); in range, they read as before (review 54 #6)."""
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    unit = tiny_tokenizer.preprocess(Image.fromarray(ramp, mode="F"))
+    torch.testing.assert_close(unit[0], torch.from_numpy(ramp), rtol=0, atol=1e-6)
+    deep = Image.fromarray((ramp * 65535).round().astype(np.int32), mode="I")
+    torch.testing.assert_close(tiny_tokenizer.preprocess(deep)[0], torch.from_numpy(ramp), rtol=0, atol=1e-5)
+    for image, problem in ((Image.fromarray(ramp * 255, mode="F"), r"float image with values in \[0, 255\], not \[0, 1\]"),
+                           (Image.fromarray((ramp * 2**31 - 1).astype(np.int32), mode="I"), "32-bit integer image")):
+        with pytest.raises(ValueError, match=problem):
+            tiny_tokenizer.preprocess(image)
+    # and lvm.tokenize skips such a file, saying why
+    Image.fromarray(ramp * 255, mode="F").save(tmp_path / "depth.tif")
+    (skip,) = decode_image((tmp_path / "depth.tif").read_bytes(), "depth.tif", "depth", {}, DecodeOptions()),
+    assert skip.reason == "corrupt_image" and "not [0, 1]" in skip.detail
 
 
 def test_sixteen_bit_images_keep_their_low_bytes(tiny_tokenizer: tokenizer.VQTokenizer) -> None:

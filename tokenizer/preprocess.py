@@ -32,11 +32,21 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG 16-bit gray
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
-    """PIL image -> HxWxC float32 in [0, 1], C in {1, 2, 3, 4} (alpha last)."""
+    """PIL image -> HxWxC float32 in [0, 1], C in {1, 2, 3, 4} (alpha last). A 32-bit integer image past 16 bits or
+    a float image outside [0, 1] (a depth map in metres, a float export) has no range to read it in: a ValueError,
+    which every reader skips and reports, rather than the flat white picture clipping made of it."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        return np.clip(np.asarray(image, dtype=np.float32) / 65535.0, 0.0, 1.0)[..., None]
+        array = np.asarray(image, dtype=np.float32)
+        if array.size and (array.min() < 0 or array.max() > 65535):
+            raise ValueError(f"32-bit integer image with values in [{array.min():g}, {array.max():g}]: no known range; "
+                             "save it with 8 or 16 bits")
+        return (array / 65535.0)[..., None]
     if image.mode == "F":
-        return np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0)[..., None]
+        array = np.asarray(image, dtype=np.float32)
+        if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):
+            raise ValueError(f"float image with values in [{np.nanmin(array):g}, {np.nanmax(array):g}], not [0, 1]: "
+                             "save it with 8 or 16 bits")
+        return array[..., None]
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha and image.mode not in ("RGBA", "LA"):
         image = image.convert("RGBA")  # palette/premultiplied alpha -> straight RGBA
