@@ -39,11 +39,22 @@ WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # th
 def image_files(root: str | Path) -> list[Path]:
     """Image files under `root`, recursively, sorted, as every command lists a folder (`common.files.walk`: hidden
     files and folders, a `.thumbs/` or macOS's `._x.jpg`, are none; a folder that cannot be listed is an error)."""
+    return _listing(root)[0]
+
+
+def _listing(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """The image files (sorted) and the .tar shards under `root`, in one walk: a folder of a million images on a
+    network filesystem takes minutes to list, on every rank."""
     errors: list[OSError] = []
-    files = sorted(Path(p) for p in walk(str(root), errors) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+    images, tars = [], []
+    for path in map(Path, walk(str(root), errors)):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        elif path.suffix == ".tar":
+            tars.append(path)
     if errors:
         raise UserError(errors[0].filename, f"cannot be listed ({errors[0].strerror.lower()})")
-    return files
+    return sorted(images), tars
 
 
 def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
@@ -56,14 +67,15 @@ def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
 
 
 class ImageFolder(Dataset):
-    """Every image file under a folder; an unreadable file is warned about and replaced by the next readable one,
-    so batches keep their size."""
+    """Every image file under a folder (`files`, when the caller listed them already); an unreadable file is warned
+    about once (per DataLoader worker) and replaced by the next readable one, so batches keep their size."""
 
-    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor]) -> None:
-        self.root, self.files = root, image_files(root)
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor], files: list[Path] | None = None) -> None:
+        self.root, self.files = root, image_files(root) if files is None else files
         if not self.files:
             raise TrainingDataError(root, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.transform = transform
+        self.warned: set[Path] = set()  # an ImageNet-size folder with 0.1% bad files warned 1,300 times an epoch
 
     def __len__(self) -> int:
         return len(self.files)
@@ -75,7 +87,9 @@ class ImageFolder(Dataset):
                 with Image.open(path) as image:
                     return self.transform(image)
             except UNREADABLE_IMAGE as err:
-                log.warning("skipping unreadable image %s: %s", path, err)
+                if path not in self.warned:
+                    self.warned.add(path)
+                    log.warning("skipping unreadable image %s (told once; the next image takes its place): %s", path, err)
         raise TrainingDataError(self.root, f"no readable image among its {len(self.files)} image files")
 
 
@@ -215,12 +229,12 @@ class ImageDataModule(LightningDataModule):
         if any(marker in source for marker in ("://", "pipe:")):
             return webdataset_images(source, transform, train, self._order_seed())
         folder = Path(source).is_dir()
-        if folder and image_files(source):
-            tars = [p for p in walk(source, []) if p.endswith(".tar")]
+        images, tars = _listing(source) if folder else ([], [])
+        if images:
             if tars:  # read as images only, the shards would be left out without a word
                 raise TrainingDataError(source, f"holds both image files and {len(tars)} .tar shards; name one kind "
                                                 f"(a glob such as {Path(source) / '*.tar'}, or a folder of images)")
-            return ImageFolder(source, transform)
+            return ImageFolder(source, transform, images)
         try:
             shards = expand_shards(source)
         except ShardPatternError:
