@@ -67,6 +67,8 @@ class EvaluationError(UserError):
 
 @dataclass
 class Sentence:
+    """One evaluation sentence: its key, its json's kind, and its images' codes."""
+
     key: str
     kind: str
     images: torch.Tensor  # [n_images, tokens_per_image] code ids
@@ -306,6 +308,7 @@ def plot_curve(curve: dict[int, dict], unigram: float, path: Path, xlabel: str, 
 
 
 def markdown(report: dict) -> str:
+    """report.md (also printed): the tables of report.json."""
     def row(name: str, s: dict, *extra: str) -> str:
         return f"| {name} | {s['count']} | {s['mean_perplexity']:.2f} | {s['perplexity_of_mean_nll']:.2f} |" + \
             "".join(f" {x} |" for x in extra)
@@ -372,6 +375,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Load, check and score; write report.json, report.md and the plots into --out; return the report."""
     shards = expand_shards(args.sentences)
     spec = args.tokenizer
     tok = tokenizer.load(spec, device=args.device) if spec else None  # before the model: a typo costs no model load

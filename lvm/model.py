@@ -81,16 +81,19 @@ class LVMConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> LVMConfig:
+        """A named size (SIZES), with fields overridden."""
         if name not in SIZES:
             raise ValueError(f"unknown LVM size {name!r}; choose one of {', '.join(SIZES)}")
         return cls(**{**SIZES[name], **overrides})
 
     @classmethod
     def from_dict(cls, values: dict) -> LVMConfig:
+        """The config a checkpoint records; fields this version does not know are left out."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
     def to_dict(self) -> dict:
+        """The fields, as checkpoints record them."""
         return asdict(self)
 
     @property
@@ -166,19 +169,24 @@ class Embedding(nn.Embedding):
 class KVCache(nn.Module):
     """Static key/value cache [B, H, max_len, D]: written in place at the given positions."""
 
-    def __init__(self, batch_size: int, max_len: int, n_heads: int, head_dim: int, dtype, device) -> None:
+    def __init__(
+        self, batch_size: int, max_len: int, n_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str
+    ) -> None:
         super().__init__()
         shape = (batch_size, n_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write keys and values [B, H, T, D] at positions `input_pos`; return the whole cache."""
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k, self.v
 
 
 class Attention(nn.Module):
+    """Multi-head causal self-attention with RoPE, through torch's SDPA; a KV cache when one is attached."""
+
     def __init__(self, cfg: LVMConfig) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
@@ -234,7 +242,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cos, sin, mask, input_pos) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Pre-norm residual block: attention, then the SwiGLU MLP."""
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, input_pos))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 

@@ -55,6 +55,7 @@ def parallelize(
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 sharded the model (its parameters are DTensors)."""
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 

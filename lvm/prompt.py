@@ -200,6 +200,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> None:
+    """Check every input, then continue the prompts and write the predictions, their grid and GIFs."""
     if args.out.is_dir():
         raise PromptError(args.out, "--out is a folder; give a file name")
     if args.out.suffix.lower() != ".png":  # before output_file makes its folder
@@ -263,6 +264,7 @@ def ground_truth_mse(preds: torch.Tensor, truth: list[list[Image.Image]]) -> tor
 
 
 def grid_path(out: Path) -> Path:
+    """Where the grid of prompts and predictions goes: `<out stem>_grid` beside `out`."""
     return out.with_name(f"{out.stem}_grid{out.suffix}")
 
 

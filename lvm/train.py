@@ -278,7 +278,7 @@ class LVMModule(L.LightningModule):
             schedule=hp.schedule, decay_fraction=hp.decay_fraction, decay_shape=hp.decay_shape,
         )
 
-    def on_before_optimizer_step(self, optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Log the loss of the optimizer step about to be taken, and stop or drop the step if a loss was not finite.
 
         The loss is the mean over the step's micro-batches and the ranks (equal token counts); logged per
@@ -310,7 +310,10 @@ class LVMModule(L.LightningModule):
         self.skipped_batches += 1
         self.log("train/skipped_batches", float(self.skipped_batches))
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Clip by global norm (`trainer.gradient_clip_val`) and log that norm every step.
 
         Replaces Lightning's clipping, which does not return the norm. Under FSDP2 the gradients are DTensor
@@ -361,6 +364,7 @@ def check_fit(warmup_steps: int, max_steps: int | None, limit_train_batches: flo
 
 
 def check_seq_len(seq_len: int | None, cfg: LVMConfig) -> None:
+    """Rows longer than the model's context have no positions for their tail: refused when the config is built."""
     if seq_len is not None and seq_len > cfg.max_seq_len:
         raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's context (max_seq_len {cfg.max_seq_len})")
 

@@ -123,6 +123,7 @@ class PackedStream(IterableDataset):
         self.epoch, self.batches_consumed = epoch, 0
 
     def state_dict(self) -> dict:
+        """Where this rank's stream stands, as checkpoints carry it: the pass and the batches it has given in it."""
         return {"epoch": self.epoch, "batches_consumed": self.batches_consumed}
 
     def load_state_dict(self, state: dict) -> None:

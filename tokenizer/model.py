@@ -137,6 +137,8 @@ class Decoder(nn.Module):
 
 
 class VQOutput(NamedTuple):
+    """A tokenizer's forward: the reconstruction and what the quantizer gave on the way."""
+
     reconstruction: Tensor  # [B, C, S, S] in the model's value range (unclamped)
     quantized: QuantizerOutput
 

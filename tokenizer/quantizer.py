@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 
 class QuantizerOutput(NamedTuple):
+    """What a quantizer's forward gives the training loop."""
+
     z_q: Tensor  # [B, C, h, w], straight-through estimator (gradients flow to the encoder)
     indices: Tensor  # [B, h*w] int64, row-major over the code grid
     loss: Tensor  # codebook + beta * commitment, scalar
@@ -148,10 +150,12 @@ class FiniteScalarQuantizer(nn.Module):
         return (flat / (self._constants(flat.device)[0] // 2)).view(b, h, w, self.embed_dim).permute(0, 3, 1, 2).contiguous()
 
     def codes(self, z: Tensor) -> Tensor:
+        """Token id of each latent position, its rounded levels read as digits: [B, C, h, w] -> LongTensor[B, h*w]."""
         with torch.autocast(z.device.type, enabled=False):
             return self._rounded(z)[1].view(z.shape[0], -1)
 
     def lookup(self, indices: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Quantized latents for token ids, the digits back to levels: LongTensor[B, h*w] -> [B, C, h, w] (float32)."""
         levels, radix = self._constants(indices.device)
         digits = (indices.reshape(-1, 1) // radix) % levels.long() - levels.long() // 2
         return self._to_grid(digits.float(), indices.shape[0], grid[0], grid[1])

@@ -19,10 +19,11 @@ import tokenizer
 from common.files import json_number, json_text, write_atomic
 from lvm.checkpoint import load_lvm
 from lvm.demo.data import analogy_files, read_frames
-from lvm.generate import GREEDY, rollout  # noqa: E402
-from lvm.metrics import pixel_mse  # noqa: E402
+from lvm.generate import GREEDY, rollout
+from lvm.metrics import pixel_mse
+from lvm.model import LVM
 from lvm.plots import new_figure, save_figure
-from lvm.prompt import CHUNK, grid, predict_frames  # noqa: E402
+from lvm.prompt import CHUNK, grid, predict_frames
 
 
 def resized(paths: list[Path], tok: tokenizer.VQTokenizer) -> torch.Tensor:
@@ -43,7 +44,7 @@ def reconstructions(tok: tokenizer.VQTokenizer, paths: list[Path], out: Path) ->
 CONTEXT = 8  # frames the greedy next-frame prediction is given
 
 
-def video_prediction(model, tok, heldout: Path) -> list[dict]:
+def video_prediction(model: LVM, tok: tokenizer.VQTokenizer, heldout: Path) -> list[dict]:
     """Greedy next frame at every place of each held-out clip that has CONTEXT frames before it, against copying
     the last context frame, as mean pixel MSE over those places (one place alone is mostly luck: a clip may
     repeat a frame exactly there, or cut).
@@ -77,7 +78,7 @@ def video_prediction(model, tok, heldout: Path) -> list[dict]:
     return rows
 
 
-def analogies(model, tok, prompts: Path) -> list[dict]:
+def analogies(model: LVM, tok: tokenizer.VQTokenizer, prompts: Path) -> list[dict]:
     """[x1, y1, ..., x7, y7, query] -> answer on held-out photos, against the query itself."""
     rows = []
     for task in ("inpainting", "colorization"):

@@ -74,6 +74,8 @@ class Training:
 
 @dataclass
 class Result:
+    """One probe's accuracies at one depth."""
+
     top1: float  # on the val split, with the chosen epoch's weights
     holdout_top1: float
     best_epoch: int  # 1-based

@@ -36,6 +36,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """accuracy_vs_depth.png: val top-1 of both probes against depth, with the chance level."""
     from lvm.plots import new_figure, save_figure  # matplotlib only where a plot is made
 
     depths = [row["depth"] for row in report["results"]]
@@ -51,6 +52,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def write(report: dict, out: Path) -> None:
+    """report.json, report.md and the plot into `out`."""
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "report.json", json_text(report))
     write_atomic(out / "report.md", markdown(report))
