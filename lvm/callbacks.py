@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,11 @@ class LearningRateMonitor(callbacks.LearningRateMonitor):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:  # the step's first micro-batch
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+# A resume writes into the folder of its run's checkpoints, which Lightning warns about at every start; a fresh start
+# into such a folder is refused before that (`lvm.cli.check_start`), so the warning only ever told of a resume.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 class ModelCheckpoint(callbacks.ModelCheckpoint):
