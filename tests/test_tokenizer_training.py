@@ -227,17 +227,25 @@ def test_vqgan_training_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     other_codes = tiny_vqgan_config()
     other_codes.codebook_size *= 2
     for module, message in (
-        (VQGANTraining(other_codes, **options), rf"^--ckpt_path: the checkpoint's tokenizer has codebook_size "
-                                                rf"{other_codes.codebook_size // 2} \(now {other_codes.codebook_size}\)"),
+        (VQGANTraining(other_codes, **options), rf"^--ckpt_path: the checkpoint's weights do not fit this model \(0 "
+                                                rf"missing, 0 extra, \d+ of another shape; .*; its tokenizer differs: "
+                                                rf"codebook_size {other_codes.codebook_size // 2} \(now "
+                                                rf"{other_codes.codebook_size}\)\): resume with its model settings$"),
         (VQGANTraining(tiny_vqgan_config(), **{**options, "ema_decay": None}),
          r"^--ckpt_path: the checkpoint was trained with EMA weights; resume with its model.init_args.ema_decay$"),
         (VQGANTraining(tiny_vqgan_config(), **{**options, "disc_channels": 16}),
          r"^--ckpt_path: the checkpoint's weights do not fit this model \(0 missing, 0 extra, \d+ of another shape; "
-         r"discriminator\..* is \(8, .*\) there, \(16, .*\) here\): resume with its discriminator"),
+         r"discriminator\..* is \(8, .*\) there, \(16, .*\) here\): resume with its model settings$"),
     ):
         with pytest.raises(UserError, match=message):
             module.on_load_checkpoint(copy.deepcopy(checkpoint))
     resumed.on_load_checkpoint(copy.deepcopy(checkpoint))  # its own model: no refusal
+    fsq = tiny_vqgan_config()
+    fsq.fsq_levels = [8, 5, 5, 5]
+    fsq_module = VQGANTraining(fsq, **{**options, "restart_dead_codes": False})
+    older = {"state_dict": {k: v for k, v in fsq_module.state_dict().items() if k != "_code_usage"}}
+    fsq_module.on_load_checkpoint(older)  # an FSQ checkpoint from before the usage was saved (review 57 #4)
+    assert "_code_usage" in older["state_dict"]
 
 
 def test_validation_scores_the_ema_weights(tmp_path: Path) -> None:

@@ -136,7 +136,7 @@ class VQGANTraining(LightningModule):
         state-dict traceback (hundreds of key names on one line); here one line names the setting. Checkpoints
         written before the usage was saved resume with every code given its grace period."""
         state = checkpoint.get("state_dict", {})
-        if "_code_usage" not in state and "tokenizer.quantize.embedding.weight" in state:
+        if "_code_usage" not in state and "_code_usage" in self.state_dict():
             state["_code_usage"] = torch.full((self.config.codebook_size,), 10 * DEAD_CODE_USAGE)
         own = self.state_dict()
         if any(key.startswith("ema.") for key in state) != (self.ema is not None):
@@ -146,16 +146,14 @@ class VQGANTraining(LightningModule):
         missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
         reshaped = [k for k in own if k in state and own[k].shape != state[k].shape]
         if missing or unexpected or reshaped:
-            saved, now = (checkpoint.get(LIGHTNING_KEY) or {}).get("config") or {}, self.config.to_dict()
-            changed = [f"{key} {value} (now {now[key]})" for key, value in saved.items() if key in now and value != now[key]]
-            if changed:  # the settings that made the weights differ (a resolution alone changes none)
-                raise UserError("--ckpt_path", f"the checkpoint's tokenizer has {', '.join(changed)}; resume with its "
-                                               "model.init_args.tokenizer settings")
             first = (f"{reshaped[0]} is {tuple(state[reshaped[0]].shape)} there, {tuple(own[reshaped[0]].shape)} "
                      "here" if reshaped else f"{(missing or unexpected)[0]} is {'missing' if missing else 'extra'} there")
+            saved, now = (checkpoint.get(LIGHTNING_KEY) or {}).get("config") or {}, self.config.to_dict()
+            changed = [f"{key} {value} (now {now[key]})" for key, value in saved.items() if key in now and value != now[key]]
+            settings = f"; its tokenizer differs: {', '.join(changed)}" if changed else ""  # a cause, or a harmless change
             raise UserError("--ckpt_path", f"the checkpoint's weights do not fit this model ({len(missing)} missing, "
-                                           f"{len(unexpected)} extra, {len(reshaped)} of another shape; {first}): "
-                                           "resume with its discriminator and loss settings")
+                                           f"{len(unexpected)} extra, {len(reshaped)} of another shape; {first}"
+                                           f"{settings}): resume with its model settings")
 
     # -- losses ---------------------------------------------------------------------
     def _rec_loss(self, x: Tensor, xrec: Tensor) -> Tensor:
