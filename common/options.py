@@ -82,8 +82,8 @@ def names_of(choices: Sequence[str], what: str) -> Callable[[str], tuple[str, ..
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = sorted(set(names) - set(choices))
         if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none)'} "
-                                             f"(choose from {', '.join(choices)})")
+            problem = f"unknown {what} {', '.join(unknown)}" if unknown else f"no {what} given"
+            raise argparse.ArgumentTypeError(f"{problem} (choose from {', '.join(choices)})")
         return tuple(name for name in choices if name in names)
 
     parse.__name__ = f"list of {what}s"

@@ -556,7 +556,7 @@ def test_every_seed_flag_takes_what_every_seeded_library_takes(command, value, p
 
 @pytest.mark.parametrize(("command", "flag", "value", "problem"), [
     ("lvm.tokenize.__main__", "--derive", "depth", "unknown variant depth (choose from gray, masked)"),
-    ("lvm.tokenize.__main__", "--derive", ",", "unknown variant (none) (choose from gray, masked)"),  # was no variant
+    ("lvm.tokenize.__main__", "--derive", ",", "no variant given (choose from gray, masked)"),  # was no variant
     ("lvm.annotate.__main__", "--tasks", "edges,normal", "unknown task normal (choose from edges, depth, normals, "
                                                         "segmentation)"),
 ])

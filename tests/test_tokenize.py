@@ -509,18 +509,19 @@ def test_an_image_stored_as_a_tar_link_is_reported_once_not_lost_silently(tmp_pa
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for name, kind in [("b.jpg", tarfile.LNKTYPE), ("c.jpg", tarfile.SYMTYPE)]:
+        for name, kind in [("b.jpg", tarfile.LNKTYPE), ("c.jpg", tarfile.SYMTYPE), ("d.v2.jpg", tarfile.SYMTYPE)]:
             info = tarfile.TarInfo(name)
             info.type, info.linkname = kind, "a.jpg"
             tar.addfile(info)
         info = tarfile.TarInfo("b.json")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"{}"))
-    assert _tar_entries(tmp_path / "s.tar") == [("a", ""), ("b.jpg", "tar_link"), ("c.jpg", "tar_link")]
+    assert _tar_entries(tmp_path / "s.tar") == [("a", ""), ("b.jpg", "tar_link"), ("c.jpg", "tar_link"),
+                                                ("d.v2.jpg", "tar_link")]  # a dotted name too (review 57 #7)
     (unit,), _ = find_units([str(tmp_path / "s.tar")])
     details = [s.detail for _, skips, _ in read_batches(unit, DecodeOptions(), 8, str) for s in skips]
-    assert details == ["a hard link to a.jpg: links are not read (tar -h / --hard-dereference stores the file)",
-                       "a symbolic link to a.jpg: links are not read (tar -h / --hard-dereference stores the file)"]
+    assert details == ["a hard link to a.jpg: links are not read (tar -h / --hard-dereference stores the file)"] + [
+        "a symbolic link to a.jpg: links are not read (tar -h / --hard-dereference stores the file)"] * 2
 
 
 @pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])

@@ -10,6 +10,7 @@ and each model's pixel_values; the main process runs the models on whole batches
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import leave_stop_signals_to_main
 from common.files import spec_holding
-from common.options import default_workers, usable_cores
+from common.options import default_workers, names_of, usable_cores
 from common.progress import Progress, log, skipped_text, wall_text
 from common.ranks import pick_device, ranks_from_env, worker_share
 from lvm.annotate import TASKS, AnnotateError, render
@@ -204,9 +205,10 @@ def plan(
 
 
 def _check(job: Job) -> None:
-    unknown = sorted(set(job.tasks) - set(TASKS))
-    if unknown or not job.tasks:
-        raise AnnotateError(f"--tasks: unknown task {', '.join(unknown) or '(none)'} (choose from {', '.join(TASKS)})")
+    try:  # the command line's rule, for a Job made in code
+        names_of(TASKS, "task")(",".join(job.tasks))
+    except argparse.ArgumentTypeError as error:
+        raise AnnotateError(f"--tasks: {error}") from None
     if job.batch_size < 1 or job.workers < 0 or job.max_size < 0:
         raise AnnotateError("--batch-size must be at least 1, --workers and --max-size at least 0")
     if job.out.exists() and not job.out.is_dir():

@@ -222,7 +222,7 @@ def read_tar(path: str, opts: DecodeOptions) -> Iterator[Picture | Skip]:
     linked = {}  # key -> its image member that is a link
     for link in links:
         key, ext = base_plus_ext(link.name)
-        if ext in _IMAGE_EXTS and key not in seen:
+        if ext and ext.rsplit(".", 1)[-1] in _IMAGE_EXTS and key not in seen:  # `b.v2.jpg`: ext `v2.jpg`
             linked[key] = link
     for key, link in linked.items():
         kind = "hard" if link.islnk() else "symbolic"
