@@ -82,21 +82,27 @@ def check_start(config: Namespace) -> None:
     A `.ckpt.tmp` left by a kill during a save is removed: no writer runs before training starts, and a stop's
     checkpoint is named after a step that never comes again, so nothing would overwrite it."""
     ckpt_path = config.get("ckpt_path")
+    held, lasts = [], []  # (folder, its checkpoints in natural order, keeps a last); the `last` ones Lightning takes
     for args in _checkpointers(config):
         folder = Path(args["dirpath"]) if args.get("dirpath") else None
         if folder is None:
             continue
         for partial in folder.glob("*.ckpt.tmp"):
             partial.unlink(missing_ok=True)
-        found = sorted(folder.glob("*.ckpt"), key=natural_key)  # step=00000150.ckpt: the newest last
-        if found and not ckpt_path:
-            raise ConfigError(f"{folder} holds the checkpoints of an earlier run, which a fresh start would overwrite "
-                              "(last.ckpt included): continue it with --ckpt_path last, or start anew in another folder "
-                              "(move this one away, or change the run's paths)")
-        if found and ckpt_path == "last" and not (folder / "last.ckpt").exists():
-            raise ConfigError(f"--ckpt_path last: {folder} holds checkpoints but no last.ckpt (a copy that dropped "
-                              f"links, or a kill while it was moved on), and Lightning would start at step 0 over them: "
-                              f"continue from the newest, --ckpt_path {found[-1]}")
+        checkpoints = sorted(folder.glob("*.ckpt"), key=natural_key)  # step=00000150.ckpt: the newest last
+        lasts += [path for path in checkpoints if path.stem.startswith("last") and path.exists()]  # Lightning's match
+        if checkpoints:
+            held.append((folder, checkpoints, bool(args.get("save_last"))))
+    if held and not ckpt_path:
+        raise ConfigError(f"{held[0][0]} holds the checkpoints of an earlier run, which a fresh start would overwrite "
+                          "(last.ckpt included): continue it with --ckpt_path last, or start anew in another folder "
+                          "(move this one away, or change the run's paths)")
+    if held and ckpt_path == "last" and not lasts:  # as Lightning looks: a last*.ckpt in any checkpointer's folder
+        folder, checkpoints, _ = next((entry for entry in held if entry[2]), held[0])  # the folder that keeps a last
+        newest = [path for path in checkpoints if not path.name.startswith("last")] or checkpoints
+        raise ConfigError(f"--ckpt_path last: {folder} holds checkpoints but no last.ckpt (a copy that dropped "
+                          f"links, or a kill while it was moved on), and Lightning would start at step 0 over them: "
+                          f"continue from the newest, --ckpt_path {newest[-1]}")
     if ckpt_path == "best" and not any(args.get("monitor") for args in _checkpointers(config)):
         raise ConfigError("--ckpt_path best: no ModelCheckpoint of this config has a monitor, so none is best; give "
                           "'last' or a .ckpt file")

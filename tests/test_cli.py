@@ -6,9 +6,10 @@ import types
 
 import pytest
 import torch
+from jsonargparse import Namespace
 from PIL import Image
 
-from lvm.cli import CLI, main
+from lvm.cli import CLI, check_start, main
 from lvm.errors import ConfigError
 from lvm.train import main as dry_run
 from test_data import write_sentence_shards
@@ -178,6 +179,31 @@ def test_a_path_error_while_training_is_one_line_as_in_every_command(tmp_path, c
               "--trainer.max_steps=1"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'file' / 'run'}")
+
+
+def test_resume_last_follows_lightnings_rule_over_every_checkpointer(tmp_path):
+    """`--ckpt_path last` takes the newest last*.ckpt of any ModelCheckpoint: a second checkpointer keeping the best
+    checkpoints and no last was refused, and so was Lightning's versioned `last-v1.ckpt` (review 57 #2)."""
+    periodic, best = tmp_path / "checkpoints", tmp_path / "best"
+    for folder, names in ((periodic, ["step=00000002.ckpt", "last.ckpt"]), (best, ["best-step=00000001.ckpt"])):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"")
+
+    def config(ckpt_path: str | None) -> Namespace:
+        callbacks = [Namespace(class_path="lvm.callbacks.ModelCheckpoint", init_args=Namespace(dirpath=str(periodic), save_last="link")),
+                     Namespace(class_path="lvm.callbacks.ModelCheckpoint", init_args=Namespace(dirpath=str(best), monitor="x"))]
+        return Namespace(trainer=Namespace(callbacks=callbacks), ckpt_path=ckpt_path)
+
+    check_start(config("last"))
+    (periodic / "last.ckpt").rename(periodic / "last-v1.ckpt")
+    check_start(config("last"))
+    (periodic / "last-v1.ckpt").unlink()
+    with pytest.raises(ConfigError, match=f"--ckpt_path last: {periodic} holds checkpoints but no last.ckpt .* "
+                                          f"--ckpt_path {periodic / 'step=00000002.ckpt'}$"):
+        check_start(config("last"))
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run"):
+        check_start(config(None))
 
 
 def test_a_sharded_checkpoint_folder_is_left_to_lightning(tmp_path, capsys):
