@@ -248,19 +248,21 @@ def expand_pattern(pattern: str) -> Iterator[tuple[str, list[str]]]:
 
 
 def pattern_names(pattern: str, path: str | Path) -> bool:
-    """Whether the glob or brace pattern `pattern` would name `path` once it exists (both taken absolute): a
-    command checks that the pattern names none of its own outputs before it writes the first. `*` and `?` stay
-    within one folder as in glob; `**` may cross folders."""
-    target = os.path.abspath(path)
-    for name in braceexpand(pattern):
-        name = os.path.abspath(name)
-        if "**" in name:  # `**/` is also no folder at all
-            if fnmatch.fnmatchcase(target, name) or fnmatch.fnmatchcase(target, name.replace("/**/", "/")):
-                return True
-        elif len(name.split("/")) == len(target.split("/")) and all(
-                fnmatch.fnmatchcase(part, glob_part) for part, glob_part in zip(target.split("/"), name.split("/"))):
-            return True
-    return False
+    """Whether the shard pattern `pattern` (a path, glob or brace pattern) would name `path` once it exists, or a
+    folder above it, which `expand_shards` reads every .tar of: a command checks that its inputs name none of its own
+    outputs before it writes the first. Glob's rules, segment by segment: `*` and `?` stay within one folder, `**`
+    spans any number of folders, none included; paths are taken absolute."""
+    target = os.path.abspath(path).split("/")
+    return any(_names(os.path.abspath(name).split("/"), target[:depth])
+               for name in braceexpand(pattern) for depth in range(1, len(target) + 1))
+
+
+def _names(pattern: list[str], parts: list[str]) -> bool:
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_names(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _names(pattern[1:], parts[1:])
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:

@@ -12,7 +12,6 @@ keeps the finished shards and writes only the rest.
 from __future__ import annotations
 
 import argparse
-import glob
 import hashlib
 import json
 import math
@@ -259,16 +258,20 @@ def _earlier_shards(out: Path) -> dict[str, dict]:
 def _check_out_outside_inputs(spec: MixSpec, out: Path) -> None:
     """Refuse an `out` among the inputs: a rerun, the resume after a crash included, would read the sentence
     shards as token shards. Checked by name, before the first run writes anything: `out` inside a folder pattern,
-    or a glob or brace pattern that names the first shard `out` would hold. Inputs in a folder below `out` are fine:
-    a build writes only `out/sentences-*.tar`."""
-    first_shard = out / SENTENCE_SHARD.format(0)
+    or a pattern that names the first shard `out` would hold or a folder above it (`tok/*` with `--out tok/mix`);
+    and, for what names cannot show (links), by the shards found: one in `out` itself. Inputs in a folder below
+    `out` are fine: a build writes only `out/sentences-*.tar`."""
+    first_shard, resolved = out / SENTENCE_SHARD.format(0), out.resolve()
     for i, src in enumerate(spec.sources):
         folder = spec_holding(out, src.patterns)
-        pattern = next((p for p in src.patterns if glob.has_magic(p) and pattern_names(p, first_shard)), None)
-        if folder or pattern:
-            raise SentenceError(f"{out}: --out is {f'inside the input folder {folder}' if folder else f'matched by {pattern}'}"
-                                f" (sources[{i}], {src.name}); a rerun would read its sentence shards as token shards: "
-                                "choose an --out outside the inputs")
+        pattern = next((p for p in src.patterns if pattern_names(p, first_shard)), None)
+        found = next((p for p in [*src.shards, *(q for v in src.annotations.values() for q in v)]
+                      if Path(p).resolve().parent == resolved), None)
+        where = f"inside the input folder {folder}" if folder else f"matched by {pattern}" if pattern else \
+            f"where {found} lies"
+        if folder or pattern or found:
+            raise SentenceError(f"{out}: --out is {where} (sources[{i}], {src.name}); a rerun would read its sentence "
+                                "shards as token shards: choose an --out outside the inputs")
 
 
 def build(spec: MixSpec, out: str | Path) -> tuple[SentenceIndex, int]:

@@ -457,6 +457,9 @@ def test_a_pattern_names_a_path_as_glob_would_find_it() -> None:
     assert pattern_names("data/{in,out}/*.tar", out) and pattern_names(os.path.abspath("data/o?t/*.tar"), out)
     assert not pattern_names("data/*.tar", out)  # `*` stays within one folder
     assert not pattern_names("data/in/*.tar", out) and not pattern_names("data/out/a*.tar", out)
+    # a folder a pattern names stands for every .tar below it (review 57 #3)
+    assert pattern_names("data/*", out) and pattern_names("data/o*", out) and pattern_names("data", out)
+    assert not pattern_names("data/**/x*.tar", "data/sentences-000000.tar") and pattern_names("data/**", out)
 
 
 def test_one_sentence_reader_raises_for_training_and_counts_for_evaluation(tmp_path) -> None:

@@ -924,7 +924,7 @@ def test_an_out_holding_the_inputs_builds_and_one_a_pattern_names_is_refused(tmp
         assert "(1 already done)" in capsys.readouterr().out
         for output in (tmp_path / "proj").glob("*.*"):
             output.unlink()
-    for pattern in (str(tmp_path / "proj" / "**" / "*.tar"),):
+    for pattern in (str(tmp_path / "proj" / "**" / "*.tar"), str(tmp_path / "proj" / "*")):  # `*`: the folder too
         spec.write_text(yaml.safe_dump({"sources": [{"name": "s", "kind": "single", "shards": pattern}]}))
         with pytest.raises(SystemExit):
             main(["--spec", str(spec), "--out", str(tmp_path / "proj")])
