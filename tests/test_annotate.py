@@ -799,6 +799,20 @@ def test_a_redone_folder_unit_removes_the_maps_of_images_gone_since(photos, tmp_
         f"{name}.png" for name in sorted(set(PHOTOS) - {"cat/coffee"})]
 
 
+def test_an_image_that_moved_to_another_unit_keeps_its_map(tmp_path, capsys):
+    """Units are chunks of one sorted listing: deleting b moved d into the first unit, and the second unit, whose
+    earlier report listed d, removed the map the first had just written (review 57 #1)."""
+    (tmp_path / "img").mkdir()
+    for name in "abcdef":
+        Image.fromarray(np.full((16, 16, 3), ord(name), np.uint8)).save(tmp_path / "img" / f"{name}.png")
+    out = tmp_path / "annot"
+    args = ("--images", tmp_path / "img", "--out", out, "--tasks", "edges", "--images-per-shard", "3", "--workers", "0")
+    assert _run(*args) == 0
+    (tmp_path / "img" / "b.png").unlink()
+    assert _run(*args) == 0
+    assert sorted(p.stem for p in (out / "edges").glob("*.png")) == ["a", "c", "d", "e", "f"]
+
+
 def test_a_json_after_its_image_is_no_skipped_image(tmp_path, capsys):
     """`tar cf s.tar *.png *.json`: annotate reads no json and wrote every map, yet said "skipped 2: split_sample 2"
     (review 52 #6)."""

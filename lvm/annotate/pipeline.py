@@ -34,10 +34,10 @@ from common.progress import Progress, log, skipped_text, wall_text
 from common.ranks import pick_device, ranks_from_env, worker_share
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, model_flag, predict, preprocess
-from lvm.annotate.writer import UnitOutput, is_done
+from lvm.annotate.writer import UnitOutput, is_done, map_keys
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import MEMBERS_ONLY, DecodeOptions, Picture, Skip, read_batches
-from lvm.tokenize.sources import Item, Unit, find_units, folder_within, safe_key
+from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key
 from lvm.tokenize.writer import recorded, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
@@ -251,16 +251,26 @@ def _check_out(job: Job, units: list[Unit]) -> None:
                             "annotated as images; choose an --out outside the inputs")
 
 
+class ListedKeys:
+    """The map keys of every folder image of this run's listing, gathered at the first question only: a unit asks
+    when its earlier report lists a map it no longer writes, whose image may have moved to another unit."""
+
+    def __init__(self, units: list[Unit]) -> None:
+        self.units, self.keys = units, None
+
+    def __contains__(self, key: str) -> bool:
+        if self.keys is None:
+            self.keys = {key for unit in self.units for key in map_keys(unit)}
+        return key in self.keys
+
+
 def _check_keys(units: list[Unit]) -> None:
     """Refuse two folder images of different units with one key (two roots with the same relative paths, or
     `x.jpg` and `x.png` cut into two units): their maps are one file, the later overwriting the earlier. In one
     unit the second is a `duplicate_key` skip, as for tokenize."""
     first: dict[str, int] = {}  # key -> index of its unit: no Item or path per file (ten million files on every rank)
     for index, unit in enumerate(units):
-        for entry in unit.entries if unit.kind == "images" else ():
-            if isinstance(entry, Item) and entry.error:  # an unreadable folder, no image
-                continue
-            key = safe_key(entry.rel if isinstance(entry, Item) else entry)
+        for key in map_keys(unit):
             if first.setdefault(key, index) != index:
                 earlier, this = (next(item.path for item in units[i].items if not item.error and safe_key(item.rel) == key)
                                  for i in (first[key], index))
@@ -280,6 +290,7 @@ def run(job: Job) -> Summary:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     models = {role: load(role, name, device) for role, name in roles.items()}
     works, done, complete, earlier = plan(job, units, models, rank, world)
+    listed = ListedKeys(units)
     log(
         prefix,
         f"annotate: {len(units)} units in all, {len(units[rank::world])} for this rank; {done} task outputs already "
@@ -300,7 +311,7 @@ def run(job: Job) -> Summary:
             work = works[batch.work]
             if batch.work not in outputs:
                 outputs[batch.work] = {
-                    task: UnitOutput(job.out / task, task, work.unit, fp, pool) for task, fp in work.tasks.items()
+                    task: UnitOutput(job.out / task, task, work.unit, fp, pool, listed) for task, fp in work.tasks.items()
                 }
             _write(batch, outputs[batch.work], models)
             summary.images += len(batch.keys)

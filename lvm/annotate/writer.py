@@ -13,17 +13,24 @@ that the new run does not write (an image deleted or become unreadable since). P
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 from common.files import atomic_write, sync_files, within
-from lvm.tokenize.sources import Unit
+from lvm.tokenize.sources import Item, Unit, safe_key
 from lvm.tokenize.writer import UnitReport, shard_paths
 from sentences.formats import read_report, tar_writer
 
 Encode = Callable[[], bytes]
+
+
+def map_keys(unit: Unit) -> Iterator[str]:
+    """The map keys of a folder unit's images (none for a tar unit: its maps are one tar)."""
+    for entry in unit.entries if unit.kind == "images" else ():
+        if not (isinstance(entry, Item) and entry.error):  # an unreadable folder, no image
+            yield safe_key(entry.rel if isinstance(entry, Item) else entry)
 
 
 def is_done(root: Path, unit: Unit, fingerprint: str) -> bool:
@@ -51,9 +58,12 @@ def _write_png(path: Path, encode: Encode) -> Path:
 class UnitOutput(UnitReport):
     """Collects one task's annotations of one unit and commits them with the report."""
 
-    def __init__(self, root: Path, task: str, unit: Unit, fingerprint: str, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, root: Path, task: str, unit: Unit, fingerprint: str, pool: ThreadPoolExecutor, listed: Container[str] = (),
+    ) -> None:
         super().__init__()
         self.root, self.task, self.unit, self.fingerprint, self.pool = root, task, unit, fingerprint, pool
+        self.listed = listed  # the keys of the run's whole listing: an earlier map whose image moved to a unit before
         self.tar_path, self.report_path = shard_paths(root, unit.name)
         self.tar_path.parent.mkdir(parents=True, exist_ok=True)
         # Not complete under any settings from here until commit: a run killed while redoing the unit with other
@@ -97,8 +107,10 @@ class UnitOutput(UnitReport):
         self._commit.close()
         sync_files(self.written)
         maps = [path.relative_to(self.root).with_suffix("").as_posix() for path in self.written]
+        mine = set(map_keys(self.unit))
         for key in set(self.earlier_maps) - set(maps):
-            if within(str(self.root / f"{key}.png"), self.root.resolve()):  # a report edited by hand deletes nothing else
+            gone = key in mine or key not in self.listed  # unreadable now, or deleted (not moved to another unit)
+            if gone and within(str(self.root / f"{key}.png"), self.root.resolve()):  # a report edited by hand: nothing else
                 (self.root / f"{key}.png").unlink(missing_ok=True)
         fields = {
             "task": self.task,
