@@ -110,22 +110,33 @@ def check_start(config: Namespace) -> None:
 
 def concise(message: str) -> str:
     """jsonargparse's nested report of a bad config value (a Union of subtypes, each with its own errors, the value's
-    type and repr) as the one reason that matters: `model.lr: expected a float, got abc`, `model.lrr: not an option of
-    lvm.train.LVMModule`. Anything else is kept as it is."""
+    type and repr) as the one reason that matters: `model.lr: expected a float, got abc`, `model.grad_clip: expected a
+    float or null, got abc`, `model.lrr: not an option of lvm.train.LVMModule`, `model: no class lvm.train.LVMModul`.
+    Anything else is kept as it is."""
     keys = re.findall(r'Parser key "([^"]+)"', message)
+    where = ".".join(keys)
     owner = re.search(r"Problem with given class_path '([^']+)'", message)
-    for line in (line.strip() for line in message.splitlines()):
-        if option := re.fullmatch(r"Option '([^']+)' is not accepted", line):
-            where = ".".join([*keys, option[1]])
-            return f"{where}: not an option of {owner[1]}" if owner else f"{where}: not an option"
-        if (expected := re.fullmatch(r"Expected a (.+)\. Got value: (.*)", line)) and keys:
-            wanted = re.sub(r"<class '([\w.]+)'>", r"\1", expected[1])
-            wanted = re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", wanted)
-            article = "" if wanted.startswith("one of") else "an " if wanted[0] in "aeiou" else "a "
-            return f"{'.'.join(keys)}: expected {article}{wanted}, got {expected[2]}"
-    if single := re.fullmatch(r'Parser key "([^"]+)": ([^\n]*)', message):
+    if option := re.search(r"Option '([^']+)' is not accepted", message):
+        return f"{where}.{option[1]}: not an option of {owner[1]}" if owner else f"{where}.{option[1]}: not an option"
+    if owner and (missing := re.search(r"has no attribute '[^']+'", message)):
+        return f"{where}: no class {owner[1]} ({missing[0]})"
+    inner = message[message.rfind('Parser key "'):]  # the innermost key's report
+    if expected := re.search(r"Expected a (.+)\. Got value: (.*)", inner):
+        wanted, value = _type_names(expected[1]), expected[2]
+    elif (subtypes := re.search(r"Subtypes: \[(.*)\]", inner)) and (given := re.search(r"Given value: (.*)", inner)):
+        wanted, value = " or ".join(_type_names(t) for t in re.findall(r"<class '[\w.]+'>|typing\.\w+\[.*?\]", subtypes[1])), given[1]
+    elif single := re.fullmatch(r'Parser key "([^"]+)": ([^\n]*)', message):
         return f"{single[1]}: {single[2]}"
-    return message
+    else:
+        return message
+    article = "" if wanted.startswith("one of") else "an " if wanted[0] in "aeiou" else "a "
+    return f"{where}: expected {article}{wanted}, got {value}"
+
+
+def _type_names(text: str) -> str:
+    """`<class 'int'>` -> int, `<class 'NoneType'>` -> null, `typing.Literal['a', 'b']` -> one of 'a', 'b'."""
+    text = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", text).replace("NoneType", "null")
+    return re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", text)
 
 
 class ConciseParser(LightningArgumentParser):

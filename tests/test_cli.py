@@ -37,6 +37,8 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     (["--data.batch_size", "eight"], "data.batch_size: expected an int, got eight"),
     (["--model.size", "huge"], "model.size: expected one of 'tiny', '300m', '600m', '1b', '3b', '7b', got huge"),
     (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
+    (["--trainer.max_epochs", "1.5"], "trainer.max_epochs: expected an int or null, got 1.5"),  # a Union (review 57 #5)
+    (["--model", "lvm.train.LVMModul"], "model: no class lvm.train.LVMModul (has no attribute 'LVMModul')"),
 ])
 def test_a_mistyped_key_or_value_is_one_line_with_its_reason(tmp_path, capsys, args, message):
     """jsonargparse printed the 47-line usage and a dump of its Union checks around the reason (review 55 #4)."""
