@@ -64,6 +64,35 @@ def test_decoder_feeds_only_new_tokens(model):
     assert fed == [10, 1, 1, 1, 1, 6, 1, 1, 9, 1]
 
 
+def test_a_decoder_whose_cache_another_replaced_says_so(model):
+    """The cache lives on the model: a second Decoder replaced it, and the first reused what it thought it held,
+    returning other tokens without a word (review 58 #1)."""
+    prompt, other = torch.randint(0, CODEBOOK_SIZE, (2, 1, 10))
+    first = Decoder(model, 1, 64)
+    tokens = first.generate(prompt, 5)
+    with Decoder(model, 1, 64) as second:
+        second.generate(other, 5)
+    with pytest.raises(ValueError, match="the model's KV cache is no longer this Decoder's"):
+        first.generate(torch.cat([prompt, tokens], 1), 5)
+
+
+def test_a_rollout_caches_what_its_longest_prompt_needs(model, monkeypatch):
+    """The cache was the whole context for any prompt, and every decode step reads all of it: 2 GiB a row for
+    LVM-7B where a one-frame prompt needs 0.37 (review 58 #3). The tokens are those of the full cache."""
+    sizes, setup = [], LVM.setup_cache
+    monkeypatch.setattr(LVM, "setup_cache", lambda self, b, n: (sizes.append(n), setup(self, b, n))[1])
+    frames = torch.randint(0, CODEBOOK_SIZE, (2, 2, 8))
+    short = rollout(model, frames, num_frames=3)
+    long = rollout(model, torch.randint(0, CODEBOOK_SIZE, (2, 11, 8)), num_frames=2)
+    assert sizes == [1 + (2 + 2 + 1) * 8 - 1, 96]  # BOS + 4 frames + the last but one token; capped at the context
+    expected, seq = [], frames
+    for _ in range(3):
+        prompt = torch.cat([torch.full((2, 1), BOS_ID), seq.reshape(2, -1)], 1)
+        expected.append(recompute(model, prompt, 8))
+        seq = torch.cat([seq, expected[-1][:, None]], 1)
+    assert torch.equal(short, torch.stack(expected, 1)) and long.shape == (2, 2, 8)
+
+
 def test_a_generate_interrupted_after_its_prefill_leaves_no_stale_cache(model, monkeypatch):
     """The cache held the interrupted prompt's keys while `cached` still described the earlier one: the next call
     reused them and returned other tokens, without an error (review 50 #2)."""
@@ -136,6 +165,8 @@ def test_temperature_sharpens_as_softmax_of_logits_over_t():
     assert (drawn == 1).float().mean().item() == pytest.approx(expected, abs=0.03)  # T applied twice: 0.88
     nearly_greedy = sample(probs.log().expand(8, 4), Sampling(temperature=1e-40, top_k=None), num_codes=4)
     assert nearly_greedy.tolist() == [1] * 8  # logits / 1e-40 overflowed to inf, and softmax to NaN
+    below_float32 = sample(probs.log().expand(8, 4), Sampling(temperature=1e-46, top_k=None), num_codes=4)
+    assert below_float32.tolist() == [1] * 8  # the temperature rounded to 0 in float32: 0/0 (review 58 #2)
 
 
 def test_seeded_sampling_is_reproducible_and_candidates_differ(model):
