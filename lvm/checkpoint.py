@@ -116,7 +116,7 @@ def _lightning_source(path: Path) -> tuple[LVMConfig, Iterator[tuple[str, torch.
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"invalid lvm_config: {e}") from e
     tensors = ((k.removeprefix("model."), v) for k, v in ckpt["state_dict"].items() if k.startswith("model."))
-    return cfg, tensors, ckpt.get("tokenizer")
+    return cfg, tensors, _tokenizer_record(ckpt.get("tokenizer"), path)
 
 
 def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[str, torch.Tensor]], dict | None]:
@@ -134,7 +134,24 @@ def _hf_source(path: Path, released: bool) -> tuple[LVMConfig, Iterator[tuple[st
     if not shards:
         raise CheckpointError(path, "no *.safetensors or pytorch_model*.bin weight files")
     info = config.get(hf.TOKENIZER_KEY) or (RELEASED_TOKENIZER if released or hf.is_released(config) else None)
-    return cfg, _hf_tensors(shards), info
+    return cfg, _hf_tensors(shards), _tokenizer_record(info, path / "config.json")
+
+
+def _tokenizer_record(record: object, path: Path) -> dict | None:
+    """The record of the tokenizer a model was trained on, checked where it is read: every command compares it with
+    the tokenizer it is given and export writes its counts into generation_config.json, so a hand edit that made it
+    a string (or a count a string) was an AttributeError traceback, or a config transformers' generate rejects."""
+    if record is None:
+        return None
+    counts_ok = isinstance(record, dict) and all(
+        record.get(key) is None or (isinstance(record[key], int) and not isinstance(record[key], bool) and record[key] > 0)
+        for key in ("tokens_per_image", "codebook_size"))
+    names_ok = isinstance(record, dict) and all(record.get(key) is None or isinstance(record[key], str)
+                                                for key in ("name", "digest"))
+    if not (counts_ok and names_ok):
+        raise CheckpointError(path, f"its tokenizer record is not a mapping of name and digest (text) and "
+                                    f"tokens_per_image and codebook_size (positive integers): {str(record)[:200]}")
+    return record
 
 
 def _weight_files(path: Path) -> list[Path]:

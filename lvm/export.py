@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from common.errors import UserError, exit_on
@@ -28,8 +29,8 @@ def shard_size(text: str) -> int:
         size = float(number) * SIZE_UNITS[unit]
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 2GB or 500MB (units: KB, MB, GB, TB)") from None
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    if not 1 <= size < math.inf:  # infGB passed, then int() raised OverflowError
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite size")
     return int(size)
 
 

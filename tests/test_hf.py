@@ -318,6 +318,24 @@ def test_config_numbers_and_flags_are_checked_when_loading(tmp_path, exported):
             load_lvm(folder)
 
 
+def test_a_tokenizer_record_that_is_no_mapping_of_counts_is_one_line(tmp_path, exported, ours):
+    """A hand-edited record (a string, a count written as text) was an AttributeError traceback in prompt and export,
+    or a generation_config.json transformers' generate rejects (review 58 #4)."""
+    for name, record in (("text", "vqgan/"), ("count", {"name": "t", "tokens_per_image": "16"})):
+        folder = tmp_path / name
+        shutil.copytree(exported, folder)
+        config = json.loads((exported / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "lvm_tokenizer": record}))
+        with pytest.raises(CheckpointError, match=r"config.json: its tokenizer record is not a mapping of name and "
+                                                  r"digest \(text\) and tokens_per_image and codebook_size"):
+            load_lvm(folder)
+    save_ckpt(ours, tmp_path / "list.ckpt")
+    checkpoint = torch.load(tmp_path / "list.ckpt", weights_only=True)
+    torch.save({**checkpoint, "tokenizer": ["a", "list"]}, tmp_path / "list.ckpt")
+    with pytest.raises(CheckpointError, match=r"list.ckpt: its tokenizer record is not a mapping"):
+        load_lvm(tmp_path / "list.ckpt")
+
+
 def test_exported_weights_are_readable_as_the_umask_lets_them_be(tiny_tokenizer, tmp_path):
     """safetensors wrote the shards 0600 whatever the umask: others could not read a model on shared storage."""
     mask = os.umask(0o027)  # the group may read, others not
@@ -375,3 +393,8 @@ def test_export_cli_error_is_one_line(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         "error: argument --max-shard-size: '5XB' is not a size such as 2GB or 500MB (units: KB, MB, GB, TB)")
+    with pytest.raises(SystemExit) as exit_info:  # an OverflowError traceback (review 58 #5)
+        export_main(["--model", str(tmp_path / "x.ckpt"), "--to-hf", str(tmp_path / "o"), "--max-shard-size", "infGB"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        "error: argument --max-shard-size: 'infGB' is not a positive finite size")
