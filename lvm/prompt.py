@@ -127,6 +127,8 @@ def predict_frames(
     """Continue each prompt (equal frame counts) by `num_frames` frames, `candidates` samples each.
     Returns uint8 images [P, candidates, num_frames, 3, S, S]."""
     P, F, T = len(prompts), len(prompts[0]), tok.tokens_per_image
+    if len({len(prompt) for prompt in prompts}) > 1:  # one batch of equal rows: prompts are never padded
+        raise ValueError(f"prompts of {sorted({len(prompt) for prompt in prompts})} frames: give equal frame counts")
     flat = [image for prompt in prompts for image in prompt]
     # The VQGAN's activations at full resolution are large: encode and decode a chunk at a time.
     frames = torch.cat([tok.encode(flat[i : i + CHUNK]) for i in range(0, len(flat), CHUNK)])
@@ -183,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_tokenizer_arg(p, weights.DEFAULT_TOKENIZER)
     p.add_argument("--out", default=Path("prediction.png"), type=Path,
                    help="output PNG (default: prediction.png here); more images get _p/_c/_f suffixes")
-    p.add_argument("--num-frames", type=at_least(1), default=1, help="frames to generate; the context slides over the last 15")
+    p.add_argument("--num-frames", type=at_least(1), default=1, help="frames to generate; the context slides over the last 15, or what fits the model")
     p.add_argument("--candidates", type=at_least(1), default=1, help="samples per prompt")
     p.add_argument("--ground-truth", nargs="+", help="true next frames (files, or directories matching --frames)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (ignores temperature/top-k/top-p)")
@@ -192,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest codes; 0 disables")
     p.add_argument("--top-p", type=_number(0.0, 1.0, "in (0, 1]", open_low=True), default=1.0,
                    help="sample among the likeliest codes holding this much probability (nucleus); 1 disables")
-    p.add_argument("--seed", type=parse_seed, default=0, help="of the sampling generator: the same seed gives the same frames")
+    p.add_argument("--seed", type=parse_seed, default=0, help="of the sampling generator: the same seed, prompts and candidates give the same frames")
     add_device_arg(p)
     add_dtype_arg(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on GPU)")
