@@ -119,7 +119,7 @@ class Decoder:
         self.cached = self.cached[:, :start]
         # All positions made on the device up front: no host-to-device copy (and sync) inside the loop.
         positions = torch.arange(T + num_tokens - 1, device=prompt.device)
-        logits = self.model(prompt[:, start:], input_pos=positions[start:T])[:, -1]
+        logits = self.model(prompt[:, start:], input_pos=positions[start:T], last_only=True)[:, -1]
         out = []
         for i in range(num_tokens):
             out.append(sample(logits, sampling, num_codes, generator))

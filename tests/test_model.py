@@ -152,3 +152,14 @@ def test_residual_projections_are_scaled_at_init():
     o_std = model.layers[0].attn.o_proj.weight.std().item()
     assert q_std == pytest.approx(0.02, rel=0.05)
     assert o_std == pytest.approx(0.02 / 4, rel=0.05)  # 0.02 / sqrt(2 * 8)
+
+
+def test_last_only_gives_the_last_positions_logits_alone():
+    """A prefill keeps only the last position: the head over every position was memory spent for nothing."""
+    torch.manual_seed(0)
+    model = LVM(LVMConfig(dim=32, mlp_dim=64, n_layers=1, n_heads=2, max_seq_len=32)).eval()
+    tokens = torch.randint(0, 8192, (2, 12))
+    with torch.no_grad():
+        last = model(tokens, last_only=True)
+        assert last.shape == (2, 1, model.cfg.vocab_size)
+        torch.testing.assert_close(last, model(tokens)[:, -1:], rtol=1e-5, atol=1e-5)  # BLAS may round M=1 otherwise
