@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import webdataset as wds
 
-from common.files import atomic_write, tar_is_complete
+from common.files import atomic_write, tar_is_complete, walk
 from common.vocab import BOS_ID, EOS_ID, VOCAB_SIZE
 from sentences.errors import SentenceError
 
@@ -226,16 +226,20 @@ def indexed_shards(folder: str) -> dict[str, dict]:
 
 
 def check_folders_whole(patterns: str | Sequence[str], paths: Sequence[str]) -> None:
-    """Refuse a sentence folder, named as a folder, that lacks shards its ``index.json`` lists (`paths`: what the
-    patterns found): a copy that lost files would train on the rest without a word, where one shard cut short is
-    refused (``sentences.stream.shard_tokens``). A glob or brace pattern may pick a subset."""
+    """Refuse a sentence folder, named as a folder or below one (the paper-scale layout names the parent of its
+    builds), that lacks shards its ``index.json`` lists (`paths`: what the patterns found): a copy that lost files
+    would train on the rest without a word, where one shard cut short is refused (``sentences.stream.shard_tokens``).
+    A glob or brace pattern may pick a subset."""
     found = {os.path.normpath(path) for path in paths}
     for pattern in [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns:
-        if os.path.isdir(pattern):
-            listed = indexed_shards(str(pattern))
-            missing = sorted(name for name in listed if os.path.normpath(os.path.join(pattern, name)) not in found)
+        if not os.path.isdir(pattern):
+            continue
+        builds = sorted({os.path.dirname(path) for path in walk(str(pattern), []) if os.path.basename(path) == INDEX_NAME})
+        for folder in builds:
+            listed = indexed_shards(folder)
+            missing = sorted(name for name in listed if os.path.normpath(os.path.join(folder, name)) not in found)
             if missing:
-                raise SentenceError(os.path.join(pattern, missing[0]), f"listed in index.json but not there ({len(missing)} "
+                raise SentenceError(os.path.join(folder, missing[0]), f"listed in index.json but not there ({len(missing)} "
                                     f"of {len(listed)} shards missing): copy them again, or rebuild")
 
 
