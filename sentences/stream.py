@@ -69,10 +69,11 @@ def shard_tokens(paths: list[str]) -> np.ndarray:
     return np.array(counts, dtype=np.int64)
 
 
-@functools.lru_cache(maxsize=1 << 17)
+@functools.cache
 def _tokens_read(path: str, size: int, mtime_ns: int) -> int:
     """Tokens in a shard without an index, read in full once for the file as it is (its size and modification
-    time): a training run asks for them several times (the resume checks, the stream of each epoch)."""
+    time): a training run asks for them several times (the resume checks, the stream of each epoch). Unbounded
+    (~100 B a shard): a bounded LRU scanned in shard order missed every time past its size, re-reading them all."""
     return sum(len(sentence.tokens) for sentence in read_sentences(path))
 
 
