@@ -176,6 +176,15 @@ def test_video_clips_from_every_start_are_each_window_once(tmp_path: Path, token
                                       "starts": "every", "epochs": 2}])
 
 
+def test_a_plan_that_cannot_fit_in_memory_is_refused_before_it_grows(tmp_path: Path, tokens: Path) -> None:
+    """`epochs: 100000` (or tokens far past the sources) planned every sentence in memory, silently, until the OOM
+    killer came (review 59 #2)."""
+    with pytest.raises(SentenceError, match=r"source 'vid' asks for 1e\+09 passes of \d+ sentences: the plan alone "
+                                            r"would take ~\d+ GB, more than this machine's \d+ GB"):
+        run_build(tmp_path, [{"name": "vid", "kind": "video", "shards": str(tokens / "videos"), "frames": 4,
+                              "epochs": 1e9}])
+
+
 def test_an_option_added_later_at_its_old_behaviour_leaves_earlier_builds_resumable(tmp_path: Path, tokens: Path) -> None:
     """`starts` joined every video source's recorded options: a build begun before it was "another spec" after an
     upgrade, though `starts: random` writes the same bytes (review 53 #1). At that value it is not recorded."""
