@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import weights
 from common.errors import UserError, one_line
 from common.files import natural_key
+from common.options import SEEDS
 from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
 
@@ -153,6 +154,13 @@ class ConciseParser(LightningArgumentParser):
 
 class CLI(LightningCLI):
     """LightningCLI that checks the machine can run the config before building the Trainer."""
+
+    def _set_seed(self) -> None:
+        """Lightning's seeding, after a range check: a seed past numpy's (2**32) was a ValueError traceback."""
+        seed = self._get(self.config, "seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < SEEDS:
+            raise ConfigError(f"seed_everything: {seed} is not in [0, 2**32) (the seeds numpy and Lightning take)")
+        super()._set_seed()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
