@@ -260,8 +260,11 @@ def pattern_names(pattern: str, path: str | Path) -> bool:
 def _names(pattern: list[str], parts: list[str]) -> bool:
     if not pattern:
         return not parts
-    if pattern[0] == "**":
-        return any(_names(pattern[1:], parts[i:]) for i in range(len(parts) + 1))
+    if pattern[0] == "**":  # glob's `**` enters no hidden folder
+        return any(_names(pattern[1:], parts[i:]) for i in range(len(parts) + 1)
+                   if not any(part.startswith(".") for part in parts[:i]))
+    if parts and parts[0].startswith(".") and not pattern[0].startswith("."):  # nor does a wildcard match one
+        return parts[0] == pattern[0]
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _names(pattern[1:], parts[1:])
 
 

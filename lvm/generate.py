@@ -173,6 +173,8 @@ def rollout(
         raise ValueError(too_small_for_one_frame(model, T))
     if F > window:
         raise ValueError(f"{F} context frames given; the model's context fits at most {window}")
+    if num_frames == 0:
+        return frames[:, F:]
     # The cache holds what the longest prompt of this rollout needs, not the whole context: each decode step reads
     # all of it (a one-frame prompt to LVM-7B: 0.37 GiB a row, not 2 GiB; 1.6x faster per token on a CPU).
     longest = model.cfg.prefix_len + (min(F + num_frames - 1, window) + 1) * T - 1

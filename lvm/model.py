@@ -290,7 +290,8 @@ class LVM(nn.Module):
         The one place prompting, scoring and probing prepend it."""
         if self.cfg.bos_id is None:
             return tokens
-        return torch.cat([torch.full_like(tokens[:, :1], self.cfg.bos_id), tokens], 1)
+        bos = torch.full((tokens.shape[0], 1), self.cfg.bos_id, dtype=tokens.dtype, device=tokens.device)
+        return torch.cat([bos, tokens], 1)  # full_like(tokens[:, :1]) was empty for no tokens: BOS alone was lost
 
     def setup_cache(self, batch_size: int, max_len: int) -> None:
         """Allocate a static KV cache for generation of up to `max_len` positions, in the weights' dtype."""

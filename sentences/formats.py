@@ -230,14 +230,14 @@ def check_folders_whole(patterns: str | Sequence[str], paths: Sequence[str]) -> 
     builds), that lacks shards its ``index.json`` lists (`paths`: what the patterns found): a copy that lost files
     would train on the rest without a word, where one shard cut short is refused (``sentences.stream.shard_tokens``).
     A glob or brace pattern may pick a subset."""
-    found = {os.path.normpath(path) for path in paths}
+    found = {os.path.realpath(path) for path in paths}  # real paths: a link to a build names its shards another way
     for pattern in [patterns] if isinstance(patterns, (str, os.PathLike)) else patterns:
         if not os.path.isdir(pattern):
             continue
         builds = sorted({os.path.dirname(path) for path in walk(str(pattern), []) if os.path.basename(path) == INDEX_NAME})
         for folder in builds:
             listed = indexed_shards(folder)
-            missing = sorted(name for name in listed if os.path.normpath(os.path.join(folder, name)) not in found)
+            missing = sorted(name for name in listed if os.path.realpath(os.path.join(folder, name)) not in found)
             if missing:
                 raise SentenceError(os.path.join(folder, missing[0]), f"listed in index.json but not there ({len(missing)} "
                                     f"of {len(listed)} shards missing): copy them again, or rebuild")

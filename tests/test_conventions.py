@@ -460,6 +460,9 @@ def test_a_pattern_names_a_path_as_glob_would_find_it() -> None:
     # a folder a pattern names stands for every .tar below it (review 57 #3)
     assert pattern_names("data/*", out) and pattern_names("data/o*", out) and pattern_names("data", out)
     assert not pattern_names("data/**/x*.tar", "data/sentences-000000.tar") and pattern_names("data/**", out)
+    # nor a hidden folder, which glob never enters unless named (review 60 #7)
+    assert not pattern_names("tok/*", "tok/.mix/sentences-000000.tar") and not pattern_names("tok/**/*.tar", "tok/.m/a.tar")
+    assert pattern_names("tok/.mix", "tok/.mix/sentences-000000.tar")
 
 
 def test_one_sentence_reader_raises_for_training_and_counts_for_evaluation(tmp_path) -> None:

@@ -236,6 +236,9 @@ def test_a_folder_missing_shards_and_validation_of_another_tokenizer_are_refused
     LVMDataModule(train_shards=f"{whole}/0000[013].tar", seq_len=32)  # a glob may pick a subset
     with pytest.raises(ConfigError, match=r"whole/00002\.tar: listed in index\.json but not there"):  # review 59 #1
         LVMDataModule(train_shards=str(tmp_path), seq_len=32)  # the paper-scale layout: the parent of the builds
+    (tmp_path / "whole" / "00002.tar").write_bytes((shards / "00002.tar").read_bytes())
+    (tmp_path / "zz_stable").symlink_to(tmp_path / "whole")  # a link to a build, named after it (review 60 #1)
+    LVMDataModule(train_shards=str(tmp_path), seq_len=32)
     train = _indexed(shards, tmp_path / "train", tokenizer={"name": "a", "digest": "aa" * 16})
     val = _indexed(shards, tmp_path / "val", tokenizer={"name": "b", "digest": "bb" * 16})
     with pytest.raises(ConfigError, match=r"^data\.train_shards, data\.val_shards: .*val: made by tokenizer b"):

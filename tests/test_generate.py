@@ -64,6 +64,17 @@ def test_decoder_feeds_only_new_tokens(model):
     assert fed == [10, 1, 1, 1, 1, 6, 1, 1, 9, 1]
 
 
+def test_a_rollout_from_no_frames_starts_after_bos_and_zero_frames_are_none(model):
+    """BOS alone was dropped (an "empty prompt"), and 0 frames without BOS asked for a cache of -1 (review 60 #4, #5)."""
+    nothing = torch.empty(2, 0, 8, dtype=torch.long)
+    assert model.with_bos(torch.empty(2, 0, dtype=torch.long)).tolist() == [[BOS_ID], [BOS_ID]]
+    first = rollout(model, nothing, num_frames=1)
+    assert torch.equal(first[:, 0], recompute(model, torch.full((2, 1), BOS_ID), 8))
+    no_bos = copy.deepcopy(model)
+    no_bos.cfg.bos_id = None
+    assert rollout(no_bos, nothing, num_frames=0).shape == (2, 0, 8)
+
+
 def test_a_decoder_whose_cache_another_replaced_says_so(model):
     """The cache lives on the model: a second Decoder replaced it, and the first reused what it thought it held,
     returning other tokens without a word (review 58 #1)."""
