@@ -113,19 +113,33 @@ def concise(message: str) -> str:
     """jsonargparse's nested report of a bad config value (a Union of subtypes, each with its own errors, the value's
     type and repr) as the one reason that matters: `model.lr: expected a float, got abc`, `model.grad_clip: expected a
     float or null, got abc`, `model.lrr: not an option of lvm.train.LVMModule`, `model: no class lvm.train.LVMModul`.
-    Anything else is kept as it is."""
-    keys = re.findall(r'Parser key "([^"]+)"', message)
-    where = ".".join(keys)
-    owner = re.search(r"Problem with given class_path '([^']+)'", message)
-    if option := re.search(r"Option '([^']+)' is not accepted", message):
+    It reads the innermost key's report (the first alternative's: the class given); anything else is kept as it is."""
+    lines = message.splitlines()
+    keyed = [i for i, line in enumerate(lines) if re.search(r'Parser key "[^"]+"', line)]
+    if not keyed:
+        return message
+    keys = [re.search(r'Parser key "([^"]+)"', lines[i])[1] for i in keyed]
+    where, last = ".".join(keys), keyed[-1]
+    indent = len(lines[last]) - len(lines[last].lstrip())
+    block = [lines[last]]  # the innermost key's report: the lines indented below it
+    for line in lines[last + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        block.append(line.strip())
+    report = "\n".join(block)
+    owner = re.search(r"Problem with given class_path '([^']+)'", report)
+    if option := re.search(r"Option '([^']+)' is not accepted", report):
         return f"{where}.{option[1]}: not an option of {owner[1]}" if owner else f"{where}.{option[1]}: not an option"
-    if owner and (missing := re.search(r"has no attribute '[^']+'", message)):
+    if owner and (missing := re.search(r"has no attribute '[^']+'", report)):
         return f"{where}: no class {owner[1]} ({missing[0]})"
-    inner = message[message.rfind('Parser key "'):]  # the innermost key's report
-    if expected := re.search(r"Expected a (.+)\. Got value: (.*)", inner):
+    reasons = [line[2:] for line in block if line.startswith("- ") and not line.startswith(("- Expected a", "- Does not"))
+               and "Problem with given class_path" not in line]
+    if reasons:  # a reason of its own ("Multiple subclasses with name ...: give the full class path")
+        return f"{where}: {reasons[0]}"
+    if expected := re.search(r"Expected a (.+)\. Got value: (.*)", report):
         wanted, value = _type_names(expected[1]), expected[2]
-    elif (subtypes := re.search(r"Subtypes: \[(.*)\]", inner)) and (given := re.search(r"Given value: (.*)", inner)):
-        wanted, value = " or ".join(_type_names(t) for t in re.findall(r"<class '[\w.]+'>|typing\.\w+\[.*?\]", subtypes[1])), given[1]
+    elif (subtypes := re.search(r"Subtypes: \[(.*)\]", report)) and (given := re.search(r"Given value: (.*)", report)):
+        wanted, value = " or ".join(_type_names(t) for t in _top_level(subtypes[1])), given[1]
     elif single := re.fullmatch(r'Parser key "([^"]+)": ([^\n]*)', message):
         return f"{single[1]}: {single[2]}"
     else:
@@ -134,10 +148,28 @@ def concise(message: str) -> str:
     return f"{where}: expected {article}{wanted}, got {value}"
 
 
+def _top_level(text: str) -> list[str]:
+    """The items of a printed list, split at the commas outside brackets: `dict[str, Any], <class 'int'>`."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char in "[(":
+            depth += 1
+        elif char in "])":
+            depth -= 1
+        if char == "," and depth == 0:
+            items, current = [*items, current.strip()], ""
+        else:
+            current += char
+    return [*items, current.strip()] if current.strip() else items
+
+
 def _type_names(text: str) -> str:
-    """`<class 'int'>` -> int, `<class 'NoneType'>` -> null, `typing.Literal['a', 'b']` -> one of 'a', 'b'."""
-    text = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", text).replace("NoneType", "null")
-    return re.sub(r"typing\.Literal\[(.*)\]", r"one of \1", text)
+    """`<class 'int'>` -> int, `<class 'NoneType'>` -> null, `dict[str, typing.Any]` -> dict,
+    `typing.Literal['a', 'b']` -> one of 'a', 'b'."""
+    if literal := re.fullmatch(r"typing\.Literal\[(.*)\]", text.strip()):
+        return f"one of {literal[1]}"
+    text = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", text).replace("NoneType", "null")
+    return re.sub(r"\[.*\]$", "", text.strip()).rsplit(".", 1)[-1]
 
 
 class ConciseParser(LightningArgumentParser):

@@ -39,6 +39,11 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
     (["--trainer.max_epochs", "1.5"], "trainer.max_epochs: expected an int or null, got 1.5"),  # a Union (review 57 #5)
     (["--model", "lvm.train.LVMModul"], "model: no class lvm.train.LVMModul (has no attribute 'LVMModul')"),
+    (["--model.overrides", "abc"], "model.overrides: expected a dict or null, got abc"),  # review 60 #2, #3
+    (["--trainer.callbacks+=ModelCheckpoint"], "trainer.callbacks: Multiple subclasses with name ModelCheckpoint. Give "
+     "the full class path to avoid ambiguity: lightning.pytorch.callbacks.ModelCheckpoint, lvm.callbacks.ModelCheckpoint."),
+    (["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "abc"],
+     "trainer.callbacks.every_n_train_steps: expected an int or null, got abc"),
 ])
 def test_a_mistyped_key_or_value_is_one_line_with_its_reason(tmp_path, capsys, args, message):
     """jsonargparse printed the 47-line usage and a dump of its Union checks around the reason (review 55 #4)."""
