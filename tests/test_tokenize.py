@@ -308,28 +308,48 @@ def test_equally_named_videos_of_two_roots_stay_two_videos(inputs, tiny_tokenize
     assert videos == {"clips/a", "clips/b", "other/a"}
 
 
-def test_a_rotated_video_is_tokenized_upright(tiny_tokenizer_dir, tmp_path):
-    """A phone video stored sideways with a display matrix turning it 90 degrees clockwise, as players show it."""
+U = 0x10000  # 1.0 in the display matrix's 16.16 fixed point
+
+
+@pytest.mark.parametrize(
+    "matrix, shown",
+    [
+        ((0, U, -U, 0), ("top", "right")),  # a phone held upright: a clockwise turn (PyAV's rotation -90)
+        ((-U, 0, 0, U), ("right", "top")),  # a front camera's mirror (PyAV's rotation -180: not a turn)
+        ((U, 0, 0, -U), ("left", "bottom")),  # a vertical mirror (PyAV's rotation 0)
+        ((0, U, U, 0), ("top", "left")),  # a clockwise turn and a mirror
+    ],
+)
+def test_a_turned_or_mirrored_video_is_tokenized_as_players_show_it(matrix, shown, tiny_tokenizer_dir, tmp_path):
+    """Stored: red on the left half, green on the top half; the track header's display matrix says how to show it
+    (a display point is [x y] @ [[a, b], [c, d]])."""
     (tmp_path / "phone").mkdir()
     with av.open(str(tmp_path / "phone" / "v.mp4"), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
         pixels = np.zeros((32, 64, 3), np.uint8)
-        pixels[:, :32] = (255, 0, 0)  # stored: red on the left; shown: red on top
+        pixels[:, :32, 0] = 255
+        pixels[:16, :, 1] = 255
         for packet in [*stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")), *stream.encode()]:
             container.mux(packet)
     data = bytearray((tmp_path / "phone" / "v.mp4").read_bytes())
-    matrix = data.find(b"tkhd") - 4 + 48  # the track header's 3x3 matrix (version 0 layout)
-    data[matrix : matrix + 36] = struct.pack(">9i", 0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000)
+    at = data.find(b"tkhd") - 4 + 48  # the track header's 3x3 matrix (version 0 layout)
+    a, b, c, d = matrix
+    data[at : at + 36] = struct.pack(">9i", a, b, 0, c, d, 0, 0, 0, 0x40000000)
     (tmp_path / "phone" / "v.mp4").write_bytes(data)
-    with av.open(str(tmp_path / "phone" / "v.mp4")) as check:
-        assert next(check.decode(video=0)).rotation == -90
     (frame,) = read_video(str(tmp_path / "phone" / "v.mp4"), "v.mp4", 1, "phone")
-    red = frame.pixels[0]  # [64 rows, 32 columns]
-    assert red.shape == (64, 32) and red[:28].mean() > 0.9 and red[36:].mean() < 0.1  # red on top
-    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "phone") == 0
-    meta = json.loads(_samples(tmp_path / "out" / "phone-vid-000000.tar")["v/000000"]["json"])
-    assert (meta["width"], meta["height"]) == (32, 64)
+    height, width = frame.pixels.shape[1:]
+    sides = {"top": np.s_[: height // 4], "bottom": np.s_[-height // 4 :],
+             "left": np.s_[:, : width // 4], "right": np.s_[:, -width // 4 :]}
+    for channel, side in zip((0, 1), shown):
+        assert frame.pixels[channel][sides[side]].mean() > 0.9, (channel, side)
+        opposite = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}[side]
+        assert frame.pixels[channel][sides[opposite]].mean() < 0.1, (channel, opposite)
+    assert (width, height) == ((32, 64) if matrix[0] == 0 else (64, 32))
+    if matrix == (0, U, -U, 0):
+        assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "phone") == 0
+        meta = json.loads(_samples(tmp_path / "out" / "phone-vid-000000.tar")["v/000000"]["json"])
+        assert (meta["width"], meta["height"]) == (32, 64)
 
 
 def test_corrupt_inputs_are_skipped_counted_and_reported(tmp_path, tiny_tokenizer_dir, capsys):

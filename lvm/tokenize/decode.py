@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import struct
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -389,12 +390,26 @@ def _cut_short(container: av.container.InputContainer, stream: av.VideoStream, e
     return f"ends at {end - start:.1f} s of {duration:.1f} s" if duration - (end - start) > 2.5 / fps else ""
 
 
+def _as_displayed(frame: av.VideoFrame, rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` [H, W, 3] as players show the frame: its display matrix turns and mirrors it.
+
+    PyAV's ``frame.rotation`` alone reads a mirrored matrix as a turn (a horizontal mirror is -180, a vertical one
+    0), so the matrix itself is read: a display point is ``[x y] @ [[a, b], [c, d]]`` (FFmpeg's libavutil/display.h).
+    A matrix of an angle other than a multiple of 90 degrees (no phone writes one) is turned by the nearest."""
+    matrix = frame.side_data.get("DISPLAYMATRIX")
+    if matrix is None:
+        return rgb
+    a, b, _, c, d, *_ = struct.unpack("=9i", bytes(matrix))
+    if b == c == 0 and a and d:
+        return np.ascontiguousarray(rgb[:: -1 if d < 0 else 1, :: -1 if a < 0 else 1])
+    if a == d == 0 and b and c:  # the stored rows become the shown columns
+        return np.ascontiguousarray(rgb.transpose(1, 0, 2)[:: -1 if b < 0 else 1, :: -1 if c < 0 else 1])
+    return np.ascontiguousarray(np.rot90(rgb, k=round(frame.rotation / 90)))
+
+
 def _video_frame(frame: av.VideoFrame, path: str, key: str, video: str, index: int, fps: float | None) -> Picture:
-    """One decoded frame, upright as players show it (FFmpeg's autorotate: rotation -90 is a clockwise turn)."""
-    rgb = frame.to_ndarray(format="rgb24")
-    if frame.rotation:
-        rgb = np.ascontiguousarray(np.rot90(rgb, k=round(frame.rotation / 90)))
-    pixels = to_rgb_float(rgb)
+    """One decoded frame, upright and unmirrored as players show it."""
+    pixels = to_rgb_float(_as_displayed(frame, frame.to_ndarray(format="rgb24")))
     meta = {
         "source": path,
         "key": key,
