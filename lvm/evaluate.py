@@ -71,7 +71,7 @@ class Sentence:
 
     key: str
     kind: str
-    images: torch.Tensor  # [n_images, tokens_per_image] code ids
+    images: torch.Tensor  # [n_images, tokens_per_image] code ids, int16 where the codebook allows (a quarter of int64)
 
 
 def read_sentences(
@@ -105,11 +105,11 @@ def _parse(key: str, tokens: np.ndarray, info: bytes | None, T: int, codebook_si
     if len(tokens) < 2 or tokens[0] != BOS_ID or tokens[-1] != EOS_ID or (len(tokens) - 2) % T:
         skipped[f"not [BOS, k x {T} tokens, EOS]"] += 1
         return None
-    images = torch.from_numpy(tokens[1:-1].astype(np.int64)).view(-1, T)
+    images = tokens[1:-1].reshape(-1, T)
     if len(images) < 2 or images.max() >= codebook_size:
         skipped["fewer than 2 images" if len(images) < 2 else f"codes past the tokenizer's {codebook_size}"] += 1
         return None
-    return Sentence(key, kind, images)
+    return Sentence(key, kind, torch.from_numpy(images.astype(np.int16 if codebook_size <= 2**15 else np.int32)))
 
 
 def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[int], torch.Tensor]]:
@@ -120,7 +120,7 @@ def _batches(items: list[torch.Tensor], batch_size: int) -> Iterator[tuple[list[
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            yield chunk, torch.stack([items[i] for i in chunk])
+            yield chunk, torch.stack([items[i] for i in chunk]).long()
 
 
 Scores = dict[tuple[int, int], torch.Tensor]
@@ -255,7 +255,7 @@ def unigram_perplexity(sentences: list[Sentence], codebook_size: int) -> dict:
     for s in sentences:
         counts += torch.bincount(s.images.flatten(), minlength=codebook_size).double()
     logp = (counts / counts.sum()).log()
-    return metrics.perplexities(torch.stack([-logp[s.images[-1]].mean() for s in sentences]))
+    return metrics.perplexities(torch.stack([-logp[s.images[-1].long()].mean() for s in sentences]))
 
 
 def unigram_by_kind(sentences: list[Sentence], codebook_size: int) -> dict:
@@ -280,7 +280,7 @@ def pixel_metrics(
     model_mse, copy_mse = (torch.empty(len(sentences), dtype=torch.float64) for _ in range(2))
     for indices, frames in _batches(contexts, batch_size):
         predicted = rollout(model, frames.to(device), 1, GREEDY, tok.codebook_size)[:, 0]
-        truth = tok.decode(torch.stack([sentences[i].images[-1] for i in indices]))
+        truth = tok.decode(torch.stack([sentences[i].images[-1] for i in indices]).long())
         model_mse[indices] = metrics.pixel_mse(tok.decode(predicted), truth).cpu()
         copy_mse[indices] = metrics.pixel_mse(tok.decode(frames[:, -1]), truth).cpu()
     return {

@@ -84,6 +84,7 @@ def test_reading_skips_and_counts_broken_items(sentences):
     assert [s.key for s in found] == ["v0", "v1", "v2", "p0", "p1"]
     assert [s.kind for s in found] == ["video"] * 3 + ["pairs"] * 2
     assert found[0].images.shape == (8, T)
+    assert found[0].images.dtype == torch.int16  # held as 2-byte codes: int64 took four times the host memory
     assert skipped == {"fewer than 2 images": 1, f"not [BOS, k x {T} tokens, EOS]": 1, "missing tokens.npy or json": 1}
 
 
