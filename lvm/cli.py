@@ -184,15 +184,18 @@ class ConciseParser(LightningArgumentParser):
         self.exit(2)
 
 
-class CLI(LightningCLI):
-    """LightningCLI that checks the machine can run the config before building the Trainer."""
+class SeedCheckedCLI(LightningCLI):
+    """LightningCLI whose `seed_everything` is range-checked: a seed past numpy's (2**32) was a ValueError traceback."""
 
     def _set_seed(self) -> None:
-        """Lightning's seeding, after a range check: a seed past numpy's (2**32) was a ValueError traceback."""
         seed = self._get(self.config, "seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed < SEEDS:
             raise ConfigError(f"seed_everything: {seed} is not in [0, 2**32) (the seeds numpy and Lightning take)")
         super()._set_seed()
+
+
+class CLI(SeedCheckedCLI):
+    """The training CLI: checks the machine can run the config before building the Trainer."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -32,7 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from lvm.cli import ConciseParser, config_errors_as_one_line, requested_devices
+from lvm.cli import ConciseParser, SeedCheckedCLI, config_errors_as_one_line, requested_devices
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
 from lvm.parallelize import parallelize
@@ -386,7 +386,7 @@ def _lvm_config(size: str, overrides: dict[str, Any]) -> LVMConfig:
         raise ConfigError(f"model.{'size' if 'unknown LVM size' in str(e) else 'overrides'}: {e}") from None
 
 
-class _DryRunCLI(LightningCLI):
+class _DryRunCLI(SeedCheckedCLI):
     """Parses a config exactly as `lightning fit` does, then builds only the LightningModule, which holds
     the model's shape but no weights: no Trainer, device, or data is touched."""
 

@@ -54,13 +54,15 @@ def test_a_mistyped_key_or_value_is_one_line_with_its_reason(tmp_path, capsys, a
         assert capsys.readouterr().err == f"error: {message} (`{prog} --help` lists the options)\n"
 
 
-def test_a_seed_past_numpys_is_one_line(tmp_path, capsys):
-    """`--seed_everything 4294967296` was Lightning's ValueError traceback (review 56 #2)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), "--seed_everything", str(2**32)])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"error: seed_everything: {2**32} is not in [0, 2**32) (the seeds numpy and Lightning take)")
+@pytest.mark.parametrize("seed", [2**32, -1])
+def test_a_seed_past_numpys_is_one_line_in_the_fit_and_the_dry_run(seed, tmp_path, capsys):
+    """`--seed_everything 4294967296` was Lightning's ValueError traceback (review 56 #2), in the dry run too."""
+    for run in (lambda a: main(["fit", *a]), dry_run):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), "--seed_everything", str(seed)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"error: seed_everything: {seed} is not in [0, 2**32) (the seeds numpy and Lightning take)")
 
 
 def test_impossible_tokenizer_architecture_is_one_line_error(tmp_path, capsys):
