@@ -119,7 +119,7 @@ class Decoder:
         self.cached = self.cached[:, :start]
         # All positions made on the device up front: no host-to-device copy (and sync) inside the loop.
         positions = torch.arange(T + num_tokens - 1, device=prompt.device)
-        logits = self.model(prompt[:, start:], input_pos=positions[start:T], last_only=True)[:, -1]
+        logits = self._prefill(prompt, start, positions[start:T])
         out = []
         for i in range(num_tokens):
             out.append(sample(logits, sampling, num_codes, generator))
@@ -128,6 +128,18 @@ class Decoder:
         new = torch.stack(out, 1)
         self.cached = torch.cat([prompt, new[:, :-1]], 1)  # the last token was sampled, never fed
         return new
+
+    def _prefill(self, prompt: torch.Tensor, start: int, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] after the prompt, feeding it from `start`. Identical rows fed from the start (the candidates
+        of one prompt) are computed once and their cache rows copied: LVM-7B's prefill of 15 frames is ~50 TFLOP."""
+        if start == 0 and len(prompt) > 1:
+            unique, rows = torch.unique(prompt, dim=0, return_inverse=True)
+            if len(unique) < len(prompt):
+                logits = self.model(unique, input_pos=positions, last_only=True)[:, -1]
+                for cache in self.caches:
+                    cache.take_rows(rows)
+                return logits[rows]
+        return self.model(prompt[:, start:], input_pos=positions, last_only=True)[:, -1]
 
     def _reusable(self, prompt: torch.Tensor) -> int:
         n = min(self.cached.shape[1], prompt.shape[1] - 1)

@@ -178,10 +178,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write keys and values [B, H, T, D] at positions `input_pos`; return the whole cache."""
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        """Write keys and values [B, H, T, D] at positions `input_pos`; return the cache of those B rows. A batch of
+        fewer rows than the cache (a prompt's candidates prefilled once, `take_rows` after) uses its leading rows."""
+        rows = k.shape[0]
+        self.k[:rows].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:rows].index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k[:rows], self.v[:rows]
+
+    def take_rows(self, rows: torch.Tensor) -> None:
+        """Row i of the cache becomes a copy of row ``rows[i]``."""
+        self.k.copy_(self.k[rows])
+        self.v.copy_(self.v[rows])
 
 
 class Attention(nn.Module):

@@ -64,6 +64,21 @@ def test_decoder_feeds_only_new_tokens(model):
     assert fed == [10, 1, 1, 1, 1, 6, 1, 1, 9, 1]
 
 
+def test_identical_rows_are_prefilled_once_and_decode_as_if_each_were(model):
+    """The candidates of one prompt share their prefill (once per distinct row, its cache rows copied)."""
+    a, b = torch.randint(0, CODEBOOK_SIZE, (2, 1, 20))
+    prompt = torch.cat([a, b, a, a])
+    fed = []
+    hook = model.register_forward_pre_hook(lambda m, args: fed.append(tuple(args[0].shape)))
+    try:
+        with Decoder(model, batch_size=4, max_len=64) as decoder:
+            cached = decoder.generate(prompt, 30)
+    finally:
+        hook.remove()
+    assert fed[0] == (2, 20) and set(fed[1:]) == {(4, 1)}
+    assert torch.equal(cached, recompute(model, prompt, 30))
+
+
 def test_a_rollout_from_no_frames_starts_after_bos_and_zero_frames_are_none(model):
     """BOS alone was dropped (an "empty prompt"), and 0 frames without BOS asked for a cache of -1 (review 60 #4, #5)."""
     nothing = torch.empty(2, 0, 8, dtype=torch.long)
