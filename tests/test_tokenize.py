@@ -677,6 +677,18 @@ def test_same_inputs_give_byte_identical_shards_with_worker_processes(inputs, re
     assert _tree(out) == _tree(reference)  # tars and reports, byte for byte
 
 
+def test_a_batch_is_written_while_the_next_one_encodes(inputs, tiny_tokenizer_dir, tmp_path, monkeypatch):
+    """The loop queues batch i+1 on the encoder before it writes batch i's codes, so a GPU never waits for the
+    writing; every batch is still written, in order."""
+    order = []
+    start, finish, add = pipeline.Encoder.start, pipeline.Encoder.finish, ShardWriter.add
+    monkeypatch.setattr(pipeline.Encoder, "start", lambda self, pixels: (order.append("encode"), start(self, pixels))[1])
+    monkeypatch.setattr(pipeline.Encoder, "finish", staticmethod(lambda started: (order.append("codes"), finish(started))[1]))
+    monkeypatch.setattr(ShardWriter, "add", lambda self, *args: (order.append("write"), add(self, *args))[1])
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", inputs / "laion" / "00000.tar") == 0  # 3 images, batches of 2
+    assert order == ["encode", "encode", "codes", "write", "write", "codes", "write"]
+
+
 def test_crash_mid_shard_then_rerun_equals_an_uninterrupted_run(inputs, reference, tiny_tokenizer_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     add = ShardWriter.add

@@ -191,7 +191,11 @@ def _load_tokenizer(path: str, device: torch.device) -> tokenizer.VQTokenizer:
 
 
 class Encoder:
-    """Batched encoding on the tokenizer's device: bf16 autocast and channels_last on CUDA."""
+    """Batched encoding on the tokenizer's device: bf16 autocast and channels_last on CUDA.
+
+    `start` queues a batch and returns at once on a GPU, `finish` waits for that batch's codes only: the tokenize loop
+    writes one batch's codes while the GPU encodes the next (writing costs ~66 us an image on one core, 11-14% of
+    the GPU's time at the rates docs/scaling.md plans for, if the GPU waited for it)."""
 
     def __init__(self, tok: tokenizer.VQTokenizer) -> None:
         self.tok = tok
@@ -199,10 +203,28 @@ class Encoder:
         if self.cuda:
             tok.to(memory_format=torch.channels_last)  # encode_pixels follows the module's memory format
 
-    def __call__(self, pixels: Tensor) -> np.ndarray:
+    def start(self, pixels: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+        """The batch's codes on the host once its event has passed (on a CPU: already)."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             codes = self.tok.encode_pixels(pixels.to(self.tok.device, non_blocking=True))
-        return codes.cpu().numpy().astype(np.uint16)
+        if not self.cuda:
+            return codes, None
+        # Copied before the next batch's kernels are queued on the stream, so waiting for it does not wait for them.
+        host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
+        host.copy_(codes, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def finish(started: tuple[Tensor, torch.cuda.Event | None]) -> np.ndarray:
+        codes, done = started
+        if done is not None:
+            done.synchronize()
+        return codes.numpy().astype(np.uint16)
+
+    def __call__(self, pixels: Tensor) -> np.ndarray:
+        return self.finish(self.start(pixels))
 
 
 @dataclass
@@ -306,15 +328,16 @@ def run(job: Job) -> Summary:
     progress = Progress(len(todo.units), prefix)
     writers: dict[int, ShardWriter] = {}  # one open shard per worker at most
     variants = (ORIGINAL, *job.options.derive)
-    for batch in loader:
+
+    def write(batch: Batch, started: tuple | None) -> None:
         if batch.unit not in writers:
             unit = todo.units[batch.unit]
             writers[batch.unit] = ShardWriter(
                 job.out, unit.name, [i.path for i in unit.items], todo.fingerprints[batch.unit], todo.tokenizer
             )
         writer = writers[batch.unit]
-        if batch.keys:
-            codes = encode(batch.pixels).reshape(len(variants), len(batch.keys), -1)
+        if started is not None:
+            codes = encode.finish(started).reshape(len(variants), len(batch.keys), -1)
             for row, (key, meta) in enumerate(zip(batch.keys, batch.metas)):
                 writer.add(key, meta, {variant: codes[v, row] for v, variant in enumerate(variants)})
             summary.images += len(batch.keys)
@@ -327,5 +350,14 @@ def run(job: Job) -> Summary:
             writers.pop(batch.unit).commit()
             summary.shards_written += 1
         progress.update(images=len(batch.keys), shards=int(batch.last))
+
+    held = None  # a batch being encoded, written once the next one is queued (in order: shards commit as before)
+    for batch in loader:
+        started = encode.start(batch.pixels) if batch.keys else None
+        if held is not None:
+            write(*held)
+        held = (batch, started)
+    if held is not None:
+        write(*held)
     summary.wall_s = progress.elapsed()
     return summary
