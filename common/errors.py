@@ -39,6 +39,12 @@ class UserError(Exception):
         self.what = what
 
 
+def warn(message: str, prefix: str = "") -> None:
+    """A warning a user should read, on stderr as one line: `warning: <where>: <what>` (`prefix`: a job's rank,
+    when there are several). Every command warns through this, so warnings look alike and can be grepped."""
+    print(f"{prefix}warning: {message}", file=sys.stderr, flush=True)
+
+
 _FROM_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
 
 

@@ -23,7 +23,6 @@ memory stays near the model's size; HF shards are streamed one at a time.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 import weights
-from common.errors import UserError
+from common.errors import UserError, warn
 from common.vocab import CODEBOOK_SIZE, NUM_RESERVED
 from lvm import hf
 from lvm.model import LVM, LVMConfig, rope_tables
@@ -265,6 +264,6 @@ def check_tokenizer(model: LVM, model_name: str | Path, given: dict) -> bool:
     trained = getattr(model, "tokenizer_info", None)
     if not tokenizer_mismatch(trained, given):
         return False
-    print(f"warning: tokenizer {describe(given)} is not the one {model_name} was trained on, {describe(trained)}: "
-          "its predictions will be noise; pass that tokenizer with --tokenizer", file=sys.stderr)
+    warn(f"tokenizer {describe(given)} is not the one {model_name} was trained on, {describe(trained)}: "
+         "its predictions will be noise; pass that tokenizer with --tokenizer")
     return True

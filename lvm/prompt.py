@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +25,7 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 import tokenizer
 import weights
-from common.errors import UserError, exit_on
+from common.errors import UserError, exit_on, warn
 from common.files import IMAGE_SUFFIXES, atomic_write, natural_key, output_file
 from common.options import (
     HelpFormatter,
@@ -250,8 +249,8 @@ def run(args: argparse.Namespace) -> None:
     )
     print("wrote " + ", ".join(map(str, written)))
     if any(f.parent.resolve() == args.out.resolve().parent for files in prompts for f in files):
-        print(f"warning: the outputs lie beside the prompt images: a rerun over their folder (`{args.out.parent}/*.png`) "
-              "would read them as frames", file=sys.stderr)
+        warn(f"the outputs lie beside the prompt images: a rerun over their folder (`{args.out.parent}/*.png`) "
+             "would read them as frames")
     if truth_seen:
         mse = ground_truth_mse(preds, truth_seen)
         psnr = metrics.psnr(mse.mean())  # of the mean MSE: finite even if one frame is exact (as in lvm.evaluate)

@@ -677,6 +677,12 @@ def test_same_inputs_give_byte_identical_shards_with_worker_processes(inputs, re
     assert _tree(out) == _tree(reference)  # tars and reports, byte for byte
 
 
+def test_missing_shards_of_a_brace_pattern_are_one_warning_naming_the_first(inputs, tiny_tokenizer_dir, tmp_path, capsys):
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", f"{inputs}/laion/{{00000..00004}}.tar") == 0  # 3 of 5 exist
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {inputs}/laion/00003.tar: named by --shards, does not exist (1 more such)"]
+
+
 def test_a_batch_is_written_while_the_next_one_encodes(inputs, tiny_tokenizer_dir, tmp_path, monkeypatch):
     """The loop queues batch i+1 on the encoder before it writes batch i's codes, so a GPU never waits for the
     writing; every batch is still written, in order."""

@@ -228,7 +228,7 @@ def test_psnr_is_per_image_and_capped_so_one_exact_image_cannot_make_the_mean_in
     assert image_psnr(recon, target).tolist() == pytest.approx([MAX_PSNR, 10 * math.log10(1 / mse)], rel=1e-5)
 
 
-def test_training_data_that_gives_no_batch_is_one_error_not_endless_empty_epochs(tmp_path: Path, caplog) -> None:
+def test_training_data_that_gives_no_batch_is_one_error_not_endless_empty_epochs(tmp_path: Path, capsys) -> None:
     """Shards of failed downloads (HTML saved as .jpg) gave empty epochs for ever, deaf to SIGTERM; fewer images than
     a batch trained 0 steps and exited 0; tars beside an image in one folder were ignored (review 41 #1, #3, #6)."""
     with tarfile.open(tmp_path / "failed.tar", "w") as tar:
@@ -241,7 +241,8 @@ def test_training_data_that_gives_no_batch_is_one_error_not_endless_empty_epochs
     with pytest.raises(TrainingDataError, match=r"failed.tar: a pass gave no batch of 2: no readable image in its shards"):
         list(data.train_dataloader())
     assert time.perf_counter() - start < 1.0  # webdataset's own handler slept 0.5 s per bad member
-    assert f"skipping {tmp_path / 'failed.tar'}: 000000.jpg: unreadable image" in caplog.text  # shard and member named
+    told = capsys.readouterr().err  # shard and member named
+    assert f"warning: {tmp_path / 'failed.tar'}: 000000.jpg: unreadable image (" in told and told.endswith("(skipped)\n")
     write_images(tmp_path / "few", 3, size=40, seed=0)
     data = ImageDataModule(train=str(tmp_path / "few"), image_size=32, batch_size=8, num_workers=0)
     with pytest.raises(TrainingDataError, match=r"few: 3 images, fewer than data.batch_size 8"):
@@ -423,7 +424,7 @@ def test_training_folders_skip_an_image_too_large_to_open(tmp_path: Path, monkey
     assert batch.shape == (3, 3, 8, 8)  # the huge image replaced by a readable one, as any unreadable file
 
 
-def test_an_unreadable_training_image_is_told_once(tmp_path: Path, caplog) -> None:
+def test_an_unreadable_training_image_is_told_once(tmp_path: Path, capsys) -> None:
     """Warned at every access: an ImageNet-size folder with 0.1% bad files printed ~1,300 lines an epoch (review 54
     #7); and the folder is listed once for its kind and its files (review 54 #10)."""
     write_images(tmp_path / "images", 3, size=8, seed=3)
@@ -432,7 +433,8 @@ def test_an_unreadable_training_image_is_told_once(tmp_path: Path, caplog) -> No
     loader = data.train_dataloader()
     for _ in range(3):  # three epochs
         assert len(list(loader)) == 2
-    assert caplog.text.count("skipping unreadable image") == 1 and "broken.png (told once" in caplog.text
+    told = capsys.readouterr().err
+    assert told.count("unreadable image skipped") == 1 and "warning: " + str(tmp_path / "images" / "broken.png") in told
 
 
 def test_evaluate_skips_an_image_too_large_to_open(tiny_tokenizer_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import glob
 import io
-import logging
 import os
 import random
 import tarfile
@@ -26,11 +25,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchvision.transforms import v2
 
-from common.errors import UserError, lightning_worker_init
+from common.errors import UserError, lightning_worker_init, warn
 from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards, walk
 from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, to_rgb_float
 
-log = logging.getLogger(__name__)
 RESUME_SEED_STRIDE = 1_000_003  # a resumed start's order seed is the run's + this x its step (a prime: no overlap with
 # the seed + epoch that DistributedSampler draws each epoch from, for runs of fewer epochs than this)
 WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # the tar members lvm.tokenize reads
@@ -89,7 +87,7 @@ class ImageFolder(Dataset):
             except UNREADABLE_IMAGE as err:
                 if path not in self.warned:
                     self.warned.add(path)
-                    log.warning("skipping unreadable image %s (told once; the next image takes its place): %s", path, err)
+                    warn(f"{path}: unreadable image skipped (told once; the next image takes its place): {err}")
         raise TrainingDataError(self.root, f"no readable image among its {len(self.files)} image files")
 
 
@@ -162,7 +160,7 @@ def webdataset_images(
 def _skip_with_warning(error: Exception) -> bool:
     """webdataset's handler for a bad sample or shard: log it and go on. Its own `warn_and_continue` sleeps half a
     second per bad sample and names only a BytesIO object."""
-    log.warning("skipping %s", error)
+    warn(f"{error} (skipped)")
     return True
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from common.errors import leave_stop_signals_to_main
+from common.errors import leave_stop_signals_to_main, warn
 from common.files import spec_holding
 from common.options import default_workers, names_of, usable_cores
 from common.progress import Progress, log, skipped_text, wall_text
@@ -222,11 +222,12 @@ def _units(job: Job, prefix: str) -> list[Unit]:
     except TokenizeError as error:
         raise AnnotateError(str(error)) from None
     if missing:
-        log(prefix, f"warning: {len(missing)} paths named by --images do not exist (first: {missing[0]})")
+        warn(f"{missing[0]}: named by --images, does not exist"
+             + (f" ({len(missing) - 1} more such)" if len(missing) > 1 else ""), prefix)
     _check_out(job, units)
     videos = [u for u in units if u.kind == "videos"]
     if videos:
-        log(prefix, f"warning: {sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)")
+        warn(f"{sum(len(u.items) for u in videos)} video files left out (annotate takes images and tars)", prefix)
     units = [u for u in units if u.kind != "videos"]
     if not units:
         raise AnnotateError(f"{job.images[0]}: no images or tar shards to annotate")

@@ -21,7 +21,7 @@ import torch
 
 import tokenizer
 import weights
-from common.errors import exit_on
+from common.errors import exit_on, warn
 from common.files import spec_holding
 from common.options import (
     HelpFormatter,
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
     classes, y_train, y_val = data.class_indices(splits["train"], splits["val"], "--val")
     seen_in_training = {codes.tobytes() for codes in splits["train"].tokens}
     if shared := sum(codes.tobytes() in seen_in_training for codes in splits["val"].tokens):
-        _log(f"warning: {shared} of the {len(y_val)} --val images have the tokens of a --train image (the same "
+        warn(f"{shared} of the {len(y_val)} --val images have the tokens of a --train image (the same "
              "images in both splits?): their scores measure memory, not features")
     _log(f"probe: {len(y_train)} train / {len(y_val)} val images in {len(classes)} classes; depths {depths} "
          f"of {model.cfg.n_layers} on {device}")

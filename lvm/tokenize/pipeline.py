@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 import tokenizer
 import weights
-from common.errors import leave_stop_signals_to_main
+from common.errors import leave_stop_signals_to_main, warn
 from common.files import spec_holding, within
 from common.options import default_workers, usable_cores
 from common.progress import Progress, Summary, log
@@ -299,7 +299,8 @@ def run(job: Job) -> Summary:
         raise TokenizeError(f"{job.out}: --out exists and is not a folder")
     units, missing = find_units(job.shards, job.images_per_shard, job.videos_per_shard, job.frame_folders)
     if missing:
-        log(prefix, f"warning: {len(missing)} paths named by --shards do not exist (first: {missing[0]})")
+        warn(f"{missing[0]}: named by --shards, does not exist"
+             + (f" ({len(missing) - 1} more such)" if len(missing) > 1 else ""), prefix)
     _check_out(job.out, job.shards, units)
     leftovers = leftover_shards(job.out, units)
     if leftovers:
