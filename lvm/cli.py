@@ -18,8 +18,9 @@ from typing import NoReturn
 import torch
 from jsonargparse import Namespace
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 import weights
 from common.errors import UserError, one_line
@@ -63,6 +64,13 @@ def check_accelerator(config: Namespace) -> None:
         advice = f"override --trainer.devices {found}"
         have = f"only {found}"
     raise ConfigError(f"{source} trains on {gpus} (accelerator {accelerator}) and this machine has {have}; {advice}")
+
+
+def check_val_interval(interval: object) -> None:
+    """`val_check_interval 0` passes Lightning's checks and divides by zero after the first step, leaving a checkpoint
+    that refuses the corrected rerun."""
+    if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
+        raise ConfigError(f"trainer.val_check_interval: must be > 0 (batches, or a fraction of an epoch), got {interval}")
 
 
 def _checkpointers(config: Namespace) -> list[dict]:
@@ -200,8 +208,17 @@ class CLI(SeedCheckedCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_accelerator(config)
+        check_val_interval(config.trainer.val_check_interval)
         if self.subcommand == "fit":
             check_start(config)
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's Trainer, whose refusals of a trainer value (`max_steps -5`, `devices abc`, `num_nodes 0`, a
+        strategy or accelerator it lacks) are one line here: they were 30-line tracebacks."""
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
+            raise ConfigError(f"trainer: {str(error).strip().splitlines()[0]}") from None
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's step that reads the model's hyperparameters from `--ckpt_path` into the config, replaced: the

@@ -3,6 +3,7 @@
 import io
 import tarfile
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,26 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["fit", "-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(shards), *args])
         assert exit_info.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--trainer.max_steps", "-5"], "trainer: `max_steps` must be a non-negative integer or -1"),
+    (["--trainer.num_nodes", "0"], "trainer: `num_nodes` must be a positive integer, but got 0."),
+    (["--trainer.strategy", "nope"], "trainer: You selected an invalid strategy name: `strategy='nope'`"),
+    (["--trainer.devices", "abc"], "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
+    (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: must be > 0 (batches, or a fraction of an epoch)"),
+])
+def test_trainer_values_lightning_refuses_are_one_line_before_any_step(args, message, tmp_path, monkeypatch, capsys):
+    """They were 28-54 line tracebacks; `val_check_interval 0` divided by zero after step 1 and left a checkpoint that
+    refused the corrected rerun (review 61 #1)."""
+    shards = write_sentence_shards(tmp_path / "sentences", shards=1, sentences=4)
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "lvm_tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", config, "--data.train_shards", str(shards), *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
