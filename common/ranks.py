@@ -43,10 +43,13 @@ def ranks_from_env() -> tuple[int, int, int]:
 
 
 def pick_device(requested: str | None, local_rank: int) -> torch.device:
-    """The requested device, or cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    """The requested device, or cuda:LOCAL_RANK when CUDA is available, else the CPU. A GPU becomes the current one
+    too: work that names no device (events, streams, allocations) then lands on it, not on cuda:0."""
     if requested is None:
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(requested)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device

@@ -213,7 +213,7 @@ class Encoder:
         host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
         host.copy_(codes, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.tok.device))  # the encoder's GPU: not the current one's by default
         return host, done
 
     @staticmethod
