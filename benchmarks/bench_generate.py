@@ -18,13 +18,13 @@ tokens_per_image * (weight bytes + batch * cache bytes) / bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 
 import torch
 
+from common.files import json_text, write_atomic
 from common.options import HelpFormatter
 from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm.generate import GREEDY, Decoder, context_frames, rollout, rollout_cache_len
@@ -118,10 +118,9 @@ def throughput(args: argparse.Namespace) -> None:
               f"{batch * T / per_frame:.0f} tokens/s; bandwidth floor {floor:.3f} s per frame "
               f"({100 * floor / per_frame:.0f}% of the limit)")
         rows.append(dict(batch=batch, seconds_per_frame=per_frame, images_per_s=batch / per_frame, floor_seconds=floor))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "size": args.size, "compile": args.compile, "bandwidth_bytes_per_s": bw,
-                       "context_frames": window, "rows": rows}, f, indent=2)
+        if args.json:  # after every row: a run cut by its time limit keeps what it measured
+            write_atomic(args.json, json_text({"device": name, "size": args.size, "compile": args.compile,
+                                               "bandwidth_bytes_per_s": bw, "context_frames": window, "rows": rows}))
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import multiprocessing
 import os
 import random
 import tarfile
@@ -51,24 +52,31 @@ def make_tokenizer(gpu: bool, folder: Path) -> Path:
 
 
 def make_shards(folder: Path, images: int, side: int, per_tar: int) -> Path:
-    """img2dataset-layout tars of JPEG crops of real photos (key.jpg + key.json + key.txt)."""
-    rng = random.Random(0)
-    photos = [Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB") for name in PHOTOS]
+    """img2dataset-layout tars of JPEG crops of real photos (key.jpg + key.json + key.txt), one process per core:
+    8,000 JPEGs of 512 px took ~64 s on one, of the GPU run's few minutes."""
     out = folder / "shards"
     out.mkdir()
-    for shard in range(0, images, per_tar):
-        with tarfile.open(out / f"{shard // per_tar:05d}.tar", "w") as tar:
-            for i in range(shard, min(shard + per_tar, images)):
-                photo = rng.choice(photos)
-                crop = rng.randint(min(photo.size) // 3, min(photo.size))
-                x, y = rng.randint(0, photo.width - crop), rng.randint(0, photo.height - crop)
-                buffer = io.BytesIO()
-                photo.crop((x, y, x + crop, y + crop)).resize((side, side), Image.BICUBIC).save(buffer, "JPEG", quality=90)
-                for ext, data in (("jpg", buffer.getvalue()), ("json", b'{"caption": "a photo"}'), ("txt", b"a photo")):
-                    info = tarfile.TarInfo(f"{i:09d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+    firsts = range(0, images, per_tar)
+    with multiprocessing.Pool(min(len(firsts), os.cpu_count() or 1)) as pool:
+        pool.starmap(_write_shard, [(out, first, min(per_tar, images - first), side) for first in firsts])
     return out
+
+
+def _write_shard(out: Path, first: int, count: int, side: int) -> None:
+    """The tar of images first .. first + count - 1, drawn from a generator of its own (the same whatever the pool)."""
+    rng = random.Random(first)
+    photos = [Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB") for name in PHOTOS]
+    with tarfile.open(out / f"{first:09d}.tar", "w") as tar:
+        for i in range(first, first + count):
+            photo = rng.choice(photos)
+            crop = rng.randint(min(photo.size) // 3, min(photo.size))
+            x, y = rng.randint(0, photo.width - crop), rng.randint(0, photo.height - crop)
+            buffer = io.BytesIO()
+            photo.crop((x, y, x + crop, y + crop)).resize((side, side), Image.BICUBIC).save(buffer, "JPEG", quality=90)
+            for ext, data in (("jpg", buffer.getvalue()), ("json", b'{"caption": "a photo"}'), ("txt", b"a photo")):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 def encoder_only(tok_path: Path, device: str, batch_size: int, variants: int, seconds: float) -> float:

@@ -15,7 +15,6 @@ is peak_tflops / GFLOP-per-image, and the ratio is measured/limit.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from contextlib import nullcontext
@@ -25,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.files import json_text, write_atomic
 from common.options import HelpFormatter
 from lvm.peaks import dense_bf16_peak
 from tokenizer import VQGANConfig, VQTokenizer
@@ -96,9 +96,8 @@ def main() -> None:
             line += f"; limit {limit:.0f} images/s at {peak:.0f} TFLOP/s -> {100 * rate / limit:.1f}% of limit"
         print(line)
         rows.append({"batch": batch, "images_per_s": rate, "tflops": achieved, "limit_images_per_s": limit})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "gflop_per_image": gflop, "dtype": args.dtype, "rows": rows}, f, indent=2)
+        if args.json:  # after every row: a run cut by its time limit keeps what it measured
+            write_atomic(args.json, json_text({"device": name, "gflop_per_image": gflop, "dtype": args.dtype, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ do (one replica, no recomputation). MFU counts the model's FLOPs only, not the r
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
+from common.files import json_text, write_atomic
 from common.options import HelpFormatter
 from common.vocab import CODEBOOK_SIZE
 from lvm.hf import config_to_hf, hf_name
@@ -167,9 +167,8 @@ def gpu(args: argparse.Namespace) -> None:
               f"MFU {f'{mfu:.1%}' if mfu else 'n/a'}" + (f"  (peak memory {memory:.1f} GiB)" if memory else ""))
         rows.append(dict(size=size, batch=batch, accumulate=accumulate, seq=args.seq, compile=args.compile, sharded=sharded,
                          tokens_per_s=rate, mfu=mfu, peak_memory_gib=memory))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": name, "peak_flops": peak, "rows": rows}, f, indent=2)
+        if args.json:  # after every row: a run cut by its time limit keeps what it measured
+            write_atomic(args.json, json_text({"device": name, "peak_flops": peak, "rows": rows}))
 
 
 def main() -> None:

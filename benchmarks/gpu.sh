@@ -9,9 +9,11 @@
 #                                       # BENCHMARKS.md) and one log per stage
 #   benchmarks/gpu.sh --dry-run [OUT]   # the same stages on CPU with tiny shapes (a test runs this)
 #
-# Runs with the project's .venv (what `make install` makes; PYTHON=... to choose another). Each stage runs under
-# a time limit cut to what is left of the 8 minutes; a stage that fails or runs out of time is reported as such,
-# the others still run, and the exit status is 1.
+# Runs with the project's .venv (what `make install` makes; PYTHON=... to choose another). On a GPU node that cannot
+# install (no internet): run benchmarks/device_wheels.sh where pip can download and take .whl/ along; this script
+# installs those wheels into a temporary folder for its own run. Each stage runs under a time limit cut to what is
+# left of the 8 minutes; a stage that fails or runs out of time is reported as such (the benchmarks write their
+# rows as they go, so a stage cut short keeps what it measured), the others still run, and the exit status is 1.
 set -uo pipefail
 usage="usage: benchmarks/gpu.sh [--dry-run] [OUT]"
 dry=0
@@ -21,8 +23,25 @@ out=$(realpath -m "${1:-$(dirname "$0")/../runs/gpu_bench}")  # relative to wher
 cd "$(dirname "$0")/.."
 if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if ! "$PY" -c "import torch, pytest" 2> /dev/null; then
-  echo "error: $PY: cannot import torch and pytest; run make install first (or set PYTHON)" >&2; exit 2
+if compgen -G ".whl/*.whl" > /dev/null; then  # benchmarks/device_wheels.sh's, for a node that cannot install
+  site=$(mktemp -d)
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl; then
+    echo "error: .whl: $PY -m pip could not install the wheels there" >&2; exit 2
+  fi
+  export PYTHONPATH="$PYTHONPATH:$site"
+fi
+# Every stage's imports, checked before the first: without one, each stage failed at import in turn.
+if ! missing=$("$PY" -c "
+import importlib
+for name in ('torch', 'pytest', 'skimage', 'transformers', 'tokenizer', 'lvm.train', 'lvm.tokenize.pipeline',
+             'lvm.generate', 'lvm.annotate.pipeline', 'lvm.probe.data'):
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        raise SystemExit(f'{name} ({error})')
+" 2>&1); then
+  echo "error: $PY: cannot import $missing; run make install first (or set PYTHON; on a node that cannot install, benchmarks/device_wheels.sh)" >&2
+  exit 2
 fi
 if ((!dry)) && ! "$PY" -c "import torch; assert torch.cuda.is_available()" 2> /dev/null; then
   echo "error: no CUDA device (torch.cuda.is_available() is False); on a CPU, --dry-run runs the stages small" >&2
@@ -74,9 +93,9 @@ else
   stage pytest_gpu 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu --junitxml "$out/pytest_gpu.xml"
   stage encode 60 "$PY" benchmarks/bench_tokenizer_encode.py --json "$out/encode.json"
   stage tokenize 120 "$PY" benchmarks/bench_tokenize.py --gpu --images 8000 --json "$out/tokenize.json"
-  stage train 90 "$PY" benchmarks/bench_train.py --gpu --steps 20 --warmup 5 --json "$out/train.json"
-  stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --compile --json "$out/decode.json"
-  stage train_compiled 210 "$PY" benchmarks/bench_train.py --gpu --compile --steps 20 --warmup 8 \
+  stage train 90 "$PY" benchmarks/bench_train.py --gpu --steps 10 --warmup 3 --json "$out/train.json"
+  stage decode 120 "$PY" benchmarks/bench_generate.py --throughput --compile --frames 1 --json "$out/decode.json"
+  stage train_compiled 210 "$PY" benchmarks/bench_train.py --gpu --compile --steps 10 --warmup 5 \
     --json "$out/train_compiled.json"
 fi
 

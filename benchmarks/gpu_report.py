@@ -32,18 +32,22 @@ def _read(path: Path) -> dict | None:
 
 
 def _pytest(path: Path) -> dict | None:
+    """Counts of pytest's junit XML and the ids of the tests that failed (the XML is whole when tests fail)."""
     if not path.is_file():
         return None
     suite = ET.parse(path).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    counts["failed_tests"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                              if case.find("failure") is not None or case.find("error") is not None]
     return counts
 
 
 def collect(out: Path, dry_run: bool) -> dict:
-    """Each stage's status and result; a result only where the stage finished (`ok`), and GPU tests that all
-    skipped on a GPU run (a driver torch cannot use) are no `ok`."""
+    """Each stage's status and result: a result where the stage finished (`ok`), the rows it wrote before its time
+    limit cut it (`timeout`: the benchmarks write their JSON after every row), and the GPU tests' counts and failures
+    however they ended. GPU tests that all skipped on a GPU run (a driver torch cannot use) are no `ok`."""
     if not (out / "stages.tsv").is_file():
         raise SystemExit(f"error: {out / 'stages.tsv'}: not found (run benchmarks/gpu.sh first)")
     stages = {}
@@ -52,7 +56,8 @@ def collect(out: Path, dry_run: bool) -> dict:
         result = _pytest(out / f"{name}.xml") if name == "pytest_gpu" else _read(out / f"{name}.json")
         if name == "pytest_gpu" and status == "ok" and not dry_run and not (result and result["passed"]):
             status = "no GPU test ran"
-        stages[name] = {"status": status, "seconds": int(seconds), "result": result if status == "ok" else None}
+        kept = status == "ok" or (status == "timeout" and result is not None) or name == "pytest_gpu"
+        stages[name] = {"status": status, "seconds": int(seconds), "result": result if kept else None}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
     return {
         "machine": device,
@@ -74,7 +79,9 @@ def rows(report: dict) -> list[tuple[str, str, str, str, str]]:
 
     def missing(name: str, figure: str, command: str) -> bool:
         stage = stages.get(name)
-        if stage and stage["status"] == "ok" and stage["result"] is not None:
+        if stage and stage["result"] is not None and stage["status"] in ("ok", "timeout"):
+            if stage["status"] == "timeout":
+                table.append((figure, command, "timeout: the rows below were measured before the time limit", "", ""))
             return False
         table.append((figure, command, stage["status"] if stage else "not run", "", ""))
         return True
@@ -115,9 +122,13 @@ def rows(report: dict) -> list[tuple[str, str, str, str, str]]:
                           f"{r['floor_seconds']:.3f} s per frame (bandwidth floor)",
                           _pct(r["floor_seconds"] / r["seconds_per_frame"])))
     cmd = "`benchmarks/gpu.sh` (`pytest -m gpu`)"
-    if not missing("pytest_gpu", "GPU tests", cmd):
-        r = stages["pytest_gpu"]["result"]
-        table.append(("GPU tests", cmd, f"{r['passed']} passed, {r['failures'] + r['errors']} failed, {r['skipped']} skipped", "", ""))
+    r = stages.get("pytest_gpu", {}).get("result")
+    if r is None:  # no XML: pytest did not start, or was killed before it wrote one
+        missing("pytest_gpu", "GPU tests", cmd)
+    else:
+        failed = f" ({', '.join(r['failed_tests'])})" if r["failed_tests"] else ""
+        table.append(("GPU tests", cmd, f"{stages['pytest_gpu']['status']}: {r['passed']} passed, "
+                      f"{r['failures'] + r['errors']} failed{failed}, {r['skipped']} skipped", "", ""))
     return table
 
 

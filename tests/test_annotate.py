@@ -825,3 +825,22 @@ def test_a_json_after_its_image_is_no_skipped_image(tmp_path, capsys):
             tar.addfile(info, io.BytesIO(data))
     assert _run("--images", tmp_path / "laion", "--out", tmp_path / "annot", "--tasks", "edges") == 0
     assert "annotate: 2 images annotated (edges 2) in 1 units (0 already complete); skipped 0;" in capsys.readouterr().out
+
+
+def test_tf32_for_the_models_does_not_outlive_the_run(monkeypatch):
+    """The run turns TF32 matmuls on for its models on a GPU; the process's later work (the GPU tests after it, a
+    tokenize in the same script) kept it (review 63 #5)."""
+    import lvm.annotate.pipeline as pipeline
+
+    def annotate(job):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        return "summary"
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(pipeline, "_annotate", annotate)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert pipeline.run(None) == "summary"
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

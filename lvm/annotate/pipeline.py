@@ -281,6 +281,15 @@ def _check_keys(units: list[Unit]) -> None:
 
 def run(job: Job) -> Summary:
     """Annotate this rank's share; every option, input or model problem raises AnnotateError before any work."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        return _annotate(job)
+    finally:  # TF32 for the models' matmuls on a GPU, not for what the calling process runs next
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _annotate(job: Job) -> Summary:
+    """`run`'s work, with TF32 matmuls on a GPU."""
     rank, world, local_rank = ranks_from_env()
     prefix = f"[rank {rank}/{world}] " if world > 1 else ""
     _check(job)
