@@ -237,14 +237,22 @@ def perplexity_vs_pairs(
     model: LVM, sentences: list[Sentence], batch_size: int = 8, progress: bool = False, scores: Scores | None = None
 ) -> dict[int, dict]:
     """Perplexity of the answer (each pairs sentence's last image) given the query and the n example pairs
-    before it, n = 0..K (K = min(7, what fits, shortest sentence's pairs - 1)): the paper's in-context
-    analogy measure. Sentences must be [x1, y1, ..., xn, yn]; n = 0 scores the answer given the query alone."""
+    before it, n = 0..K (`pairs_depth`), on the sentences of more than K pairs: the paper's in-context analogy
+    measure. Sentences must be [x1, y1, ..., xn, yn]; n = 0 scores the answer given the query alone."""
     if not sentences:
         return {}
-    T = sentences[0].images.shape[1]
-    K = min(MAX_EXAMPLE_PAIRS, (context_frames(model, T) - 1) // 2, min(len(s.images) for s in sentences) // 2 - 1)
-    return _perplexity_curve(model, sentences, {n: 2 * n + 1 for n in range(K + 1)}, batch_size,
+    K = pairs_depth(model, sentences)
+    deep = [s for s in sentences if len(s.images) // 2 > K]
+    return _perplexity_curve(model, deep, {n: 2 * n + 1 for n in range(K + 1)}, batch_size,
                              "example pairs" if progress else None, scores)
+
+
+def pairs_depth(model: LVM, sentences: list[Sentence]) -> int:
+    """K of the analogy curve: at most 7 example pairs (the release's 8-pair sentences), what the context fits, and
+    fewer than at least half the sentences hold. A builder ends each pass and each `group_by` group with a shorter
+    sentence; taken from the shortest, one 1-pair leftover cut the whole curve to n = 0."""
+    held = sorted(len(s.images) // 2 for s in sentences)
+    return min(MAX_EXAMPLE_PAIRS, (context_frames(model, sentences[0].images.shape[1]) - 1) // 2, held[len(held) // 2] - 1)
 
 
 def unigram_perplexity(sentences: list[Sentence], codebook_size: int) -> dict:
@@ -343,9 +351,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"## {kind}: answer perplexity against example pairs before the query", "",
                   head.format("example pairs")]
         lines += [row(str(n), s) for n, s in curve.items()]
-        if report.get("vs_pairs_left_out", {}).get(kind):
-            lines += ["", f"{report['vs_pairs_left_out'][kind]} {kind} sentences of odd length (not [x1, y1, ..., xn, "
-                      "yn]) are left out of this table."]
+        if left := report.get("vs_pairs_left_out", {}).get(kind):
+            lines += ["", "Left out of this table: " + ", ".join(f"{n} {kind} sentences {why}" for why, n in left.items())
+                      + "."]
     if report.get("pixels"):
         p = report["pixels"]
         lines += ["", f"## Last-image pixels (greedy, the first {p['count']} sentences of any kind, vs decoded true "
@@ -402,8 +410,16 @@ def run(args: argparse.Namespace) -> dict:
     if not sentences:
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
     video = [s for s in sentences if s.kind == "video"]
-    pairs = {kind: [s for s in sentences if s.kind == kind and len(s.images) % 2 == 0] for kind in PAIR_KINDS}
-    odd = {kind: n for kind in PAIR_KINDS if (n := sum(s.kind == kind and len(s.images) % 2 == 1 for s in sentences))}
+    pairs, left_out = {}, {}
+    for kind in PAIR_KINDS:
+        found = [s for s in sentences if s.kind == kind]
+        even = [s for s in found if len(s.images) % 2 == 0]
+        reasons = Counter({"of odd length (not [x1, y1, ..., xn, yn])": len(found) - len(even)})
+        if even:
+            pairs[kind], depth = even, pairs_depth(model, even)
+            reasons[f"of fewer than {depth + 1} pairs (most have more)"] = sum(len(s.images) // 2 <= depth for s in even)
+        if +reasons:
+            left_out[kind] = dict(+reasons)
     scores: Scores = {}  # each sentence scored once per context length, whichever figures read it
     report = {
         "model": str(args.model),
@@ -416,7 +432,7 @@ def run(args: argparse.Namespace) -> dict:
         "context_gain": context_gain_by_token(model, video, batch_size=args.batch_size, scores=scores) if video else None,
         "vs_pairs": {kind: perplexity_vs_pairs(model, found, batch_size=args.batch_size, progress=True, scores=scores)
                      for kind, found in pairs.items() if found},
-        "vs_pairs_left_out": odd,  # pairs sentences of odd length: no [x1, y1, ..., xn, yn] to cut
+        "vs_pairs_left_out": left_out,  # by kind and reason: pairs sentences the analogy curves do not score
     }
     if tok and args.pixel_sentences:
         report["pixels"] = pixel_metrics(model, tok, sentences[: args.pixel_sentences], args.batch_size)

@@ -16,6 +16,7 @@ from lvm.evaluate import (
     Sentence,
     context_gain_by_token,
     main,
+    pairs_depth,
     parse_args,
     perplexity_by_kind,
     perplexity_vs_context,
@@ -169,6 +170,19 @@ def test_perplexity_vs_example_pairs(model):
         assert curve[n]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
     long = [Sentence("p", "inpainting", torch.randint(0, CODEBOOK_SIZE, (16, T), generator=g))]
     assert list(perplexity_vs_pairs(model, long)) == [0, 1, 2]  # 6 context images fit: 2 pairs and the query
+
+
+def test_a_short_leftover_sentence_does_not_cut_the_analogy_curve(model):
+    """A pass of a pairs source ends with a shorter sentence; the curve came from the shortest one, so a 1-pair
+    leftover cut it to n = 0 for the whole kind (review 62 #1). It now spans what most sentences hold, on those."""
+    g = torch.Generator().manual_seed(2)
+    found = [Sentence(f"p{i}", "inpainting", torch.randint(0, CODEBOOK_SIZE, (2 * n, T), generator=g))
+             for i, n in enumerate([1, 3, 3, 3])]
+    assert pairs_depth(model, found) == 2  # 6 context images fit: 2 pairs and the query
+    curve = perplexity_vs_pairs(model, found)
+    assert list(curve) == [0, 1, 2] and all(point["count"] == 3 for point in curve.values())
+    expected = [direct_nll(model, s.images) for s in found[1:]]  # n = 2: the whole 3-pair sentence
+    assert curve[2]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
 
 
 @pytest.mark.parametrize("codebook", [CODEBOOK_SIZE, 1000])
@@ -334,7 +348,8 @@ def test_cli_smooths_the_unigram_over_the_models_codebook_and_skips_codes_past_i
     report = run(parse_args(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(tmp_path), "--out", str(tmp_path / "eval")]))
     assert seen == [1000, 1000, 1000]  # all, colorization, video
     assert report["sentences"] == 4 and report["skipped"] == {"codes past the tokenizer's 1000": 1}
-    assert report["vs_pairs"] == {} and report["vs_pairs_left_out"] == {"colorization": 1}
+    assert report["vs_pairs"] == {}
+    assert report["vs_pairs_left_out"] == {"colorization": {"of odd length (not [x1, y1, ..., xn, yn])": 1}}
 
 
 def test_each_sentence_is_scored_once_per_context_length(tmp_path, shards, model, monkeypatch):
