@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import tokenizer
 import weights
-from common.errors import UserError, exit_on
+from common.errors import UserError, exit_on, warn
 from common.files import expand_shards, json_text, write_atomic
 from common.options import (
     HelpFormatter,
@@ -52,7 +52,7 @@ from common.options import (
 )
 from common.vocab import BOS_ID, CODEBOOK_SIZE, EOS_ID
 from lvm import metrics
-from lvm.checkpoint import check_codebook, check_tokenizer, load_lvm, trained_layout
+from lvm.checkpoint import check_codebook, check_tokenizer, describe, load_lvm, tokenizer_mismatch, trained_layout
 from lvm.generate import GREEDY, MAX_CONTEXT_FRAMES, context_frames, rollout, too_small_for_one_frame
 from lvm.model import LVM
 from sentences import formats
@@ -395,6 +395,13 @@ def run(args: argparse.Namespace) -> dict:
     if tok:
         check_codebook(model, tok.codebook_size, spec)  # a codebook larger than the model's code ids, as prompt and probe refuse
         check_tokenizer(model, args.model, tok.identity(spec))
+    # As training does: a build that has not finished or lost shards is refused, and its tokenizer is the one that
+    # matters for perplexity (another's tokens score in the hundred thousands, with nothing to say why).
+    formats.check_folders_whole(args.sentences, shards)
+    made_by = formats.sentences_tokenizer(shards)
+    if made_by and tokenizer_mismatch(model.tokenizer_info, made_by):
+        warn(f"{args.sentences[0]}: sentences made by tokenizer {describe(made_by)}, not the one {args.model} was "
+             f"trained on, {describe(model.tokenizer_info)}: their perplexities measure tokens it never learnt")
     recorded = trained.get("tokens_per_image")
     if args.tokens_per_image and recorded and args.tokens_per_image != recorded:
         raise EvaluationError("--tokens-per-image", f"{args.tokens_per_image}, but the model was trained on "

@@ -365,3 +365,31 @@ def test_each_sentence_is_scored_once_per_context_length(tmp_path, shards, model
     assert len(scored) == 3 * 7 + 2 * 2
     assert report["perplexity"]["video"]["mean_perplexity"] == report["vs_context"][6]["mean_perplexity"]
     assert report["perplexity"]["pairs"]["mean_perplexity"] == report["vs_pairs"]["pairs"][1]["mean_perplexity"]
+
+
+def test_sentences_of_another_tokenizer_warn_and_an_unfinished_build_is_refused(tmp_path, shards, model, capsys):
+    """Sentences another tokenizer made scored perplexity in the hundred thousands without a word, and a build that
+    had not finished was scored as a whole held-out set; training refuses both (review 62 #2, #9)."""
+    folder = tmp_path / "held-out"
+    folder.mkdir()
+    for shard in shards.glob("*.tar"):
+        (folder / shard.name).write_bytes(shard.read_bytes())
+    record = {"tokens_per_image": T, "codebook_size": CODEBOOK_SIZE}
+    index = {"format": "lvm-sentences/1", "tokenizer": {"name": "theirs", "digest": "b" * 64, **record},
+             "shards": {shard.name: {} for shard in folder.glob("*.tar")}}
+    (folder / "index.json").write_text(json.dumps(index))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "lvm_config": model.cfg.to_dict(),
+                "tokenizer": {"name": "mine", "digest": "a" * 64, **record}}, tmp_path / "m.ckpt")
+    args = ["--model", str(tmp_path / "m.ckpt"), "--sentences", str(folder), "--out", str(tmp_path / "eval")]
+    main(args)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {folder}: sentences made by tokenizer theirs (digest bbbbbbbbbbbb, {T} tokens per "
+                        f"image, {CODEBOOK_SIZE} codes), not the one {tmp_path / 'm.ckpt'} was trained on, mine (digest "
+                        f"aaaaaaaaaaaa, {T} tokens per image, {CODEBOOK_SIZE} codes): their perplexities measure tokens "
+                        "it never learnt"]
+    (folder / "index.json").rename(folder / "spec.json")  # what a build killed before its end leaves
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: {folder}: a sentences.build that has not finished (spec.json but no "
+                                       "index.json); run it again with the same --spec and --out to complete it\n")
