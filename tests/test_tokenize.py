@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -29,6 +30,7 @@ from PIL import Image, ImageOps
 import tokenizer
 from common.errors import UserError
 from common.ranks import ranks_from_env
+from conftest import tiny_vqgan_config
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize import TokenizeError, pipeline
 from lvm.tokenize.__main__ import main, parse_args
@@ -1171,3 +1173,12 @@ def test_a_pattern_that_climbs_out_of_its_root_is_refused(tmp_path, tiny_tokeniz
     assert _run(tiny_tokenizer_dir, tmp_path / "out", pattern) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path}/a/../b/b.png: lies outside {tmp_path}/a, where its "
                                               "pattern starts: its output would be written outside --out")
+
+
+def test_a_tokenizer_of_more_codes_than_the_lvm_has_ids_is_refused_before_any_work(inputs, tmp_path, capsys):
+    """16,384 codes tokenized for hours, and sentences.build then refused ids past 8191 (review 62 #3)."""
+    big = tokenizer.VQTokenizer(replace(tiny_vqgan_config(), codebook_size=16384)).save(tmp_path / "vqgan_16k")
+    assert _run(big, tmp_path / "out", inputs / "laion") == 2
+    assert capsys.readouterr().err == (f"error: {big}: codebook of 16384 codes does not fit the LVM's 8192 code ids "
+                                       "(ids from 8192 are BOS, EOS and reserved: common/vocab.py)\n")
+    assert not list((tmp_path / "out").glob("*.tar"))

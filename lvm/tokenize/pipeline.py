@@ -29,6 +29,7 @@ from common.files import spec_holding, within
 from common.options import default_workers, usable_cores
 from common.progress import Progress, Summary, log
 from common.ranks import pick_device, ranks_from_env, worker_share
+from common.vocab import CODEBOOK_SIZE
 from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
@@ -185,8 +186,9 @@ def _load_tokenizer(path: str, device: torch.device) -> tokenizer.VQTokenizer:
         tok = tokenizer.load(path, device=device)
     except tokenizer.TokenizerLoadError as error:
         raise TokenizeError(str(error)) from None
-    if tok.codebook_size > np.iinfo(np.uint16).max + 1:
-        raise TokenizeError(f"{path}: {tok.codebook_size} codes do not fit the uint16 token format")
+    if tok.codebook_size > CODEBOOK_SIZE:  # found by sentences.build otherwise, after the whole job
+        raise TokenizeError(path, f"codebook of {tok.codebook_size} codes does not fit the LVM's {CODEBOOK_SIZE} code "
+                            f"ids (ids from {CODEBOOK_SIZE} are BOS, EOS and reserved: common/vocab.py)")
     return tok
 
 
