@@ -1182,3 +1182,18 @@ def test_a_tokenizer_of_more_codes_than_the_lvm_has_ids_is_refused_before_any_wo
     assert capsys.readouterr().err == (f"error: {big}: codebook of 16384 codes does not fit the LVM's 8192 code ids "
                                        "(ids from 8192 are BOS, EOS and reserved: common/vocab.py)\n")
     assert not list((tmp_path / "out").glob("*.tar"))
+
+
+@pytest.mark.parametrize("names", [("x.jpg", "x.png"), ("x.y.png", "x_y.png")])
+def test_two_images_of_one_key_in_two_shards_are_refused_before_any_work(names, tiny_tokenizer_dir, tmp_path, capsys):
+    """In one shard the second is a duplicate_key skip; cut into two shards, the key was written twice without a
+    word and a pairs build refused the set later (review 62 #5)."""
+    (tmp_path / "bad" / "b").mkdir(parents=True)
+    for name in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / "bad" / "b" / name)
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "bad", extra=("--images-per-shard", "1")) == 2
+    first, second = (tmp_path / "bad" / "b" / name for name in names)
+    assert capsys.readouterr().err == (f"error: {second}: has the key b/{Path(names[1]).stem} of {first}, which another "
+                                       "shard holds (keys drop the suffix): the key would be written twice; rename one\n")
+    assert _run(tiny_tokenizer_dir, tmp_path / "out", tmp_path / "bad") == 0  # one shard: a skip, as before
+    assert "duplicate_key 1" in capsys.readouterr().out

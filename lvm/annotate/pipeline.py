@@ -34,10 +34,10 @@ from common.progress import Progress, log, skipped_text, wall_text
 from common.ranks import pick_device, ranks_from_env, worker_share
 from lvm.annotate import TASKS, AnnotateError, render
 from lvm.annotate.models import Model, load, model_flag, predict, preprocess
-from lvm.annotate.writer import UnitOutput, is_done, map_keys
+from lvm.annotate.writer import UnitOutput, is_done
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import MEMBERS_ONLY, DecodeOptions, Picture, Skip, read_batches
-from lvm.tokenize.sources import Unit, find_units, folder_within, safe_key
+from lvm.tokenize.sources import Unit, find_units, folder_within, image_keys, repeated_key
 from lvm.tokenize.writer import recorded, shard_paths
 
 MAX_PRINTED_SKIPS = 10  # per rank on stderr; every skip is in the unit reports
@@ -261,7 +261,7 @@ class ListedKeys:
 
     def __contains__(self, key: str) -> bool:
         if self.keys is None:
-            self.keys = {key for unit in self.units for key in map_keys(unit)}
+            self.keys = {key for unit in self.units for key in image_keys(unit)}
         return key in self.keys
 
 
@@ -269,14 +269,10 @@ def _check_keys(units: list[Unit]) -> None:
     """Refuse two folder images of different units with one key (two roots with the same relative paths, or
     `x.jpg` and `x.png` cut into two units): their maps are one file, the later overwriting the earlier. In one
     unit the second is a `duplicate_key` skip, as for tokenize."""
-    first: dict[str, int] = {}  # key -> index of its unit: no Item or path per file (ten million files on every rank)
-    for index, unit in enumerate(units):
-        for key in map_keys(unit):
-            if first.setdefault(key, index) != index:
-                earlier, this = (next(item.path for item in units[i].items if not item.error and safe_key(item.rel) == key)
-                                 for i in (first[key], index))
-                raise AnnotateError(f"{earlier}: writes the same map <task>/{key}.png as {this}; annotate them "
-                                    "into different --out folders, or rename one")
+    if found := repeated_key(units):
+        key, earlier, this = found
+        raise AnnotateError(f"{earlier}: writes the same map <task>/{key}.png as {this}; annotate them "
+                            "into different --out folders, or rename one")
 
 
 def run(job: Job) -> Summary:

@@ -13,24 +13,17 @@ that the new run does not write (an image deleted or become unreadable since). P
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 from common.files import atomic_write, sync_files, within
-from lvm.tokenize.sources import Item, Unit, safe_key
+from lvm.tokenize.sources import Unit, image_keys
 from lvm.tokenize.writer import UnitReport, shard_paths
 from sentences.formats import read_report, tar_writer
 
 Encode = Callable[[], bytes]
-
-
-def map_keys(unit: Unit) -> Iterator[str]:
-    """The map keys of a folder unit's images (none for a tar unit: its maps are one tar)."""
-    for entry in unit.entries if unit.kind == "images" else ():
-        if not (isinstance(entry, Item) and entry.error):  # an unreadable folder, no image
-            yield safe_key(entry.rel if isinstance(entry, Item) else entry)
 
 
 def is_done(root: Path, unit: Unit, fingerprint: str) -> bool:
@@ -107,7 +100,7 @@ class UnitOutput(UnitReport):
         self._commit.close()
         sync_files(self.written)
         maps = [path.relative_to(self.root).with_suffix("").as_posix() for path in self.written]
-        mine = set(map_keys(self.unit))
+        mine = set(image_keys(self.unit))  # a folder image's map is named by its key
         for key in set(self.earlier_maps) - set(maps):
             gone = key in mine or key not in self.listed  # unreadable now, or deleted (not moved to another unit)
             if gone and within(str(self.root / f"{key}.png"), self.root.resolve()):  # a report edited by hand: nothing else

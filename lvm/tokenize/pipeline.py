@@ -34,7 +34,7 @@ from lvm.palette import PALETTE_SEED
 from lvm.tokenize import TokenizeError
 from lvm.tokenize.decode import DecodeOptions, Picture, Skip, read_batches
 from lvm.tokenize.derive import MASK_RECIPE, VARIANTS, apply_mask, gray, mask_params
-from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards
+from lvm.tokenize.sources import Unit, default_out, find_units, leftover_shards, repeated_key
 from lvm.tokenize.writer import ShardWriter, recorded, shard_paths, shard_state
 from sentences.formats import ORIGINAL, token_report
 from tokenizer.preprocess import finish_preprocessing
@@ -272,6 +272,20 @@ def plan(job: Job, units: list[Unit], tok: tokenizer.VQTokenizer, rank: int, wor
     return Plan([mine[i] for i in todo], [fingerprints[i] for i in todo], states.count("done"), identity, images, skipped)
 
 
+def _check_keys(units: list[Unit]) -> None:
+    """Refuse two images of one folder with one key in two shards (`x.jpg` and `x.png` cut apart): the key would be
+    written twice, and a `pairs` build would refuse the set. In one shard the second is a `duplicate_key` skip."""
+    roots: dict[str, list[Unit]] = {}
+    for unit in units:
+        if unit.kind == "images":
+            roots.setdefault(unit.root, []).append(unit)
+    for root_units in roots.values():
+        if found := repeated_key(root_units):
+            key, earlier, this = found
+            raise TokenizeError(this, f"has the key {key} of {earlier}, which another shard holds (keys drop the "
+                                "suffix): the key would be written twice; rename one")
+
+
 def _check_out(out: Path, specs: list[str], units: list[Unit]) -> None:
     """Refuse token shards among the inputs: every rerun, the documented resume included, would read the
     earlier shards as img2dataset tars, write a nested empty shard and count their images as skipped."""
@@ -304,6 +318,7 @@ def run(job: Job) -> Summary:
         warn(f"{missing[0]}: named by --shards, does not exist"
              + (f" ({len(missing) - 1} more such)" if len(missing) > 1 else ""), prefix)
     _check_out(job.out, job.shards, units)
+    _check_keys(units)
     leftovers = leftover_shards(job.out, units)
     if leftovers:
         raise TokenizeError(

@@ -27,11 +27,14 @@ import glob
 import hashlib
 import os
 import re
+from array import array
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
+
+import numpy as np
 
 from common.files import IMAGE_SUFFIXES, expand_pattern, natural_key, walk, within
 from lvm.tokenize import TokenizeError
@@ -95,6 +98,35 @@ def safe_key(rel: str) -> str:
     """A relative path without suffix whose file-name part has no dots (webdataset splits keys at the first dot)."""
     path = PurePosixPath(rel)
     return str(path.with_name(path.stem.replace(".", "_")))
+
+
+def image_keys(unit: Unit) -> Iterator[str]:
+    """The keys of a folder unit's images (none for a tar unit: its keys are its members')."""
+    for entry in unit.entries if unit.kind == "images" else ():
+        if not (isinstance(entry, Item) and entry.error):  # an unreadable folder, no image
+            yield safe_key(entry.rel if isinstance(entry, Item) else entry)
+
+
+def repeated_key(units: Sequence[Unit]) -> tuple[str, str, str] | None:
+    """(key, earlier path, later path) of two folder images of different units with one key (`x.jpg` and `x.png`
+    cut apart, `x.y.png` and `x_y.png`), or None. In one unit the second is a `duplicate_key` skip.
+
+    Keys are compared by their 64-bit hash first, 12 bytes a file: every rank checks, and a folder may hold ten
+    million images."""
+    hashes, owners = array("q"), array("i")
+    for index, unit in enumerate(units):
+        for key in image_keys(unit):
+            hashes.append(hash(key))
+            owners.append(index)
+    order = np.argsort(np.frombuffer(hashes, np.int64), kind="stable")
+    hashed, owner = np.frombuffer(hashes, np.int64)[order], np.frombuffer(owners, np.int32)[order]
+    for at in np.flatnonzero((hashed[1:] == hashed[:-1]) & (owner[1:] != owner[:-1])):  # then compared as text
+        a, b = int(owner[at]), int(owner[at + 1])
+        for key in (key for key in image_keys(units[a]) if hash(key) == hashed[at]):
+            if key in set(image_keys(units[b])):
+                return key, *(next(item.path for item in units[i].items if not item.error and safe_key(item.rel) == key)
+                              for i in (a, b))
+    return None
 
 
 def _joined(root: str, rel: str) -> str:
