@@ -336,6 +336,9 @@ def markdown(report: dict) -> str:
     if report["vs_context"]:
         lines += ["", "## Video: last-frame perplexity against context frames", "", head.format("context frames")]
         lines += [row(str(k), s) for k, s in report["vs_context"].items()]
+    elif "sequence" in report["perplexity"]:
+        lines += ["", "No context curve: it reads `kind: video` sentences, and these frames are `sequence` ones; build "
+                  "held-out frame folders as a `video` source for it."]
     if report.get("context_gain"):
         gain = report["context_gain"]
         stay = gain["stay_fraction"]

@@ -392,7 +392,11 @@ class _DryRunCLI(SeedCheckedCLI):
 
     def instantiate_classes(self) -> None:
         module, _, name = self.config["model"].class_path.rpartition(".")
-        self.model = getattr(importlib.import_module(module), name)(**self.config["model"].init_args.as_dict())
+        model_class = getattr(importlib.import_module(module), name)
+        if not issubclass(model_class, LVMModule):  # the summary reads an LVM's shape and schedule
+            raise ConfigError(f"model: python -m lvm.train summarises LVM configs (lvm.train.LVMModule); this one trains "
+                              f"{self.config['model'].class_path}: run it with lightning fit")
+        self.model = model_class(**self.config["model"].init_args.as_dict())
 
 
 def summary(cli: LightningCLI) -> str:

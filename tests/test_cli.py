@@ -75,6 +75,16 @@ def test_a_mistyped_key_or_value_is_one_line_with_its_reason(tmp_path, capsys, a
         assert capsys.readouterr().err == f"error: {message} (`{prog} --help` lists the options)\n"
 
 
+def test_the_dry_run_of_a_tokenizer_config_is_one_line(capsys):
+    """It was an AttributeError traceback: the summary reads an LVM's shape (review 61 #3, review 62 #6)."""
+    with pytest.raises(SystemExit) as exit_info:
+        dry_run(["-c", "configs/vqgan_tiny.yaml"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: model: python -m lvm.train summarises LVM configs (lvm.train.LVMModule); this one trains "
+        "tokenizer.training.VQGANTraining: run it with lightning fit")
+
+
 @pytest.mark.parametrize("seed", [2**32, -1])
 def test_a_seed_past_numpys_is_one_line_in_the_fit_and_the_dry_run(seed, tmp_path, capsys):
     """`--seed_everything 4294967296` was Lightning's ValueError traceback (review 56 #2), in the dry run too."""

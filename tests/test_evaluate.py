@@ -393,3 +393,18 @@ def test_sentences_of_another_tokenizer_warn_and_an_unfinished_build_is_refused(
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"error: {folder}: a sentences.build that has not finished (spec.json but no "
                                        "index.json); run it again with the same --spec and --out to complete it\n")
+
+
+def test_sequence_sentences_alone_say_why_there_is_no_context_curve(tmp_path, model):
+    """The curve reads `kind: video` sentences; held-out frame folders built as `sequence` got none, unexplained
+    (review 62 #7)."""
+    g = torch.Generator().manual_seed(3)
+    with wds.TarWriter(str(tmp_path / "sentences-000000.tar")) as tar:
+        for i in range(2):
+            tar.write({"__key__": f"s{i}", "tokens.npy": sentence(4, g), "json": {"kind": "sequence"}})
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "lvm_config": model.cfg.to_dict()},
+               tmp_path / "m.ckpt")
+    main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(tmp_path), "--out", str(tmp_path / "eval"),
+          "--tokens-per-image", str(T)])
+    assert "No context curve: it reads `kind: video` sentences" in (tmp_path / "eval" / "report.md").read_text()
+    assert not (tmp_path / "eval" / "perplexity_vs_context.png").exists()
