@@ -32,11 +32,11 @@ from common.options import HelpFormatter
 from common.vocab import BOS_ID, EOS_ID
 from sentences.errors import SentenceError
 from sentences.formats import (
-    INDEX_NAME,
     ORIGINAL,
     SENTENCE_SHARD,
     SPEC_NAME,
     SentenceIndex,
+    indexed_shards,
     one_tokenizer,
     read_build_record,
     read_report,
@@ -274,10 +274,11 @@ def write_shards(
 
 
 def _earlier_shards(out: Path) -> dict[str, dict]:
-    """The shards the ``index.json`` of an earlier, finished run in ``out`` lists ({} when there is none)."""
+    """The shards the ``index.json`` of an earlier, finished run in ``out`` lists ({} when there is none: a first
+    run, a run killed before its end, or an index this version cannot read)."""
     try:
-        shards = json.loads((out / INDEX_NAME).read_text()).get("shards", {})
-    except (OSError, ValueError, AttributeError):
+        shards = indexed_shards(str(out))
+    except SentenceError:
         return {}
     return shards if isinstance(shards, dict) else {}
 
