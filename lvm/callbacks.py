@@ -48,6 +48,8 @@ class TokenThroughput(ThroughputMonitor):
     """
 
     def __init__(self, window_size: int = 20) -> None:
+        if window_size < 2:  # Lightning asserts it, with no message, when training starts
+            raise ConfigError(f"TokenThroughput.window_size: must be >= 2 (a rate needs two batches), got {window_size}")
         super().__init__(batch_size_fn=_rows, length_fn=_tokens, window_size=window_size)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -122,12 +124,23 @@ class StopOnSignal(Callback):
             trainer._signal_connector.received_sigterm = True
 
 
+def align_log_steps(trainer: L.Trainer) -> None:
+    """Lightning labels logged metrics with its own counter of stepped batches. After a resume from a checkpoint saved
+    inside a step (a second Ctrl-C, an error) or on an epoch's last batch, its restore adds one too many, and the
+    resumed log runs one step ahead of the optimizer steps it describes. With one optimizer the two counters are the
+    same thing (Lightning's checkpoint migration equates them too). Called before anything logs in a batch: by the
+    module's batch hook, and by `LearningRateMonitor`, whose hook runs before the module's."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+
 class LearningRateMonitor(callbacks.LearningRateMonitor):
     """Lightning's LearningRateMonitor, logging once per optimizer step: under gradient accumulation Lightning's wrote
-    each rate once per micro-batch of a logged step (4 identical rows in metrics.csv at accumulation 4)."""
+    each rate once per micro-batch of a logged step (4 identical rows in metrics.csv at accumulation 4); and under
+    the step the rate belongs to after a resume (`align_log_steps`)."""
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:  # the step's first micro-batch
+            align_log_steps(trainer)
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
 

@@ -91,6 +91,12 @@ def check_start(config: Namespace) -> None:
     A `.ckpt.tmp` left by a kill during a save is removed: no writer runs before training starts, and a stop's
     checkpoint is named after a step that never comes again, so nothing would overwrite it."""
     ckpt_path = config.get("ckpt_path")
+    if ckpt_path is not None and not str(ckpt_path).strip():  # `--ckpt_path "$CKPT"` with the variable unset
+        raise ConfigError("--ckpt_path: empty; give 'last' or a .ckpt file, or leave it out to start anew")
+    root = Path(config.trainer.get("default_root_dir") or ".")
+    if ckpt_path == "hpc" and not any(root.glob("hpc_ckpt_*.ckpt")):  # what Lightning's SLURM requeue (SIGUSR1) saves
+        raise ConfigError(f"--ckpt_path hpc: {root} holds no hpc_ckpt_*.ckpt (Lightning saves one when SLURM sends "
+                          "SIGUSR1 before requeueing); give 'last' or a .ckpt file")
     held, lasts = [], []  # (folder, its checkpoints in natural order, keeps a last); the `last` ones Lightning takes
     for args in _checkpointers(config):
         folder = Path(args["dirpath"]) if args.get("dirpath") else None

@@ -174,6 +174,8 @@ class LVMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
+            if self.trainer is not None and self.trainer.state.fn == "validate":  # it validated nothing, exit 0
+                raise ConfigError("data.val_shards: not set; lightning validate measures val/loss on it")
             return []
         return self._loader(self._stream("val_shards"), lambda: {"epoch": 0, "batches_consumed": 0})
 

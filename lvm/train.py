@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from lvm.callbacks import align_log_steps
 from lvm.cli import ConciseParser, SeedCheckedCLI, config_errors_as_one_line, requested_devices
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
@@ -184,7 +185,10 @@ class LVMModule(L.LightningModule):
         stop with a 20-60 line traceback from the state dict or AdamW's group sizes. (Under FSDP2 Lightning restores
         the model and optimizer before this hook, and its own error comes first.)"""
         saved = checkpoint.get("lvm_config")
-        if saved is not None:
+        if saved is None:  # a tokenizer's checkpoint (which records no class to refuse it by): 23 KB of missing keys
+            raise ConfigError("--ckpt_path: the checkpoint holds no LVM (no lvm_config): it was saved by another kind "
+                              "of model; give an LVM training checkpoint")
+        if saved:
             shape = {key: (value, getattr(self.cfg, key)) for key, value in saved.items() if hasattr(self.cfg, key)
                      and key not in ("dropout", "init_std") and value != getattr(self.cfg, key)}  # those two may change
             if shape:
@@ -219,11 +223,7 @@ class LVMModule(L.LightningModule):
         self._apply_optimizer_settings()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Lightning labels logged metrics with its own counter of stepped batches. After a resume from a checkpoint
-        # saved inside a step (a second Ctrl-C, an error) or on an epoch's last batch, its restore adds one too many,
-        # and the resumed log runs one step ahead of the optimizer steps it describes. With one optimizer the two
-        # counters are the same thing (Lightning's checkpoint migration equates them too).
-        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.trainer.global_step
+        align_log_steps(self.trainer)
 
     # -- steps ----------------------------------------------------------------------------------------------
 

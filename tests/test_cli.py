@@ -277,3 +277,19 @@ def test_an_optimizer_of_the_cli_is_refused_by_the_fit_and_the_dry_run_alike(tmp
         assert "nrecognized arguments: --optimizer torch.optim.SGD" in capsys.readouterr().err
     dry_run(["-c", "configs/lvm_300m.yaml"])
     assert "weight decay 0.1 (matrices; norms and embedding 0)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("ckpt_path", "message"), [
+    ("", "--ckpt_path: empty; give 'last' or a .ckpt file, or leave it out to start anew"),
+    ("hpc", "--ckpt_path hpc: runs/lvm_tiny holds no hpc_ckpt_*.ckpt (Lightning saves one when SLURM sends SIGUSR1"),
+])
+def test_an_empty_or_hpc_ckpt_path_without_its_checkpoint_is_one_line(ckpt_path, message, tmp_path, monkeypatch, capsys):
+    """Both were 29-line ValueError tracebacks; an empty one is what `--ckpt_path "$CKPT"` gives with the variable
+    unset (review 61 #6)."""
+    shards = write_sentence_shards(tmp_path / "sentences", shards=1, sentences=4)
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "lvm_tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", config, "--data.train_shards", str(shards), "--ckpt_path", ckpt_path])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")

@@ -337,6 +337,9 @@ def test_ctrl_c_stops_after_the_step_or_at_once_and_resumes_the_same_loss_curve(
     assert cli.trainer.global_step == 14 and sorted(resumed) == list(range(stopped, 14))
     for step in resumed:  # exactly the uninterrupted run's losses, under the same step labels
         assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6), step
+    # and the learning rate too: the first resumed row was labelled a step ahead (review 61 #8)
+    rates, reference_rates = (logged(tmp_path / run, version=v, key="lr-AdamW/pg1") for run, v in (("b", 1), ("a", 0)))
+    assert rates and rates == {step: reference_rates[step] for step in rates} and min(rates) == stopped
 
 
 def test_a_stops_checkpoint_joins_the_rotation_of_the_newest_kept(shards, tmp_path, monkeypatch):
@@ -378,6 +381,13 @@ def test_a_resume_with_another_shape_or_decay_groups_is_one_line_and_a_signal_in
     cli = tiny_cli(shards, "--trainer.max_steps", "14", "--model.decay_norms_and_embeddings", "true")
     with pytest.raises(ConfigError, match=r"^model.decay_norms_and_embeddings: the checkpoint was trained with False"):
         cli.trainer.fit(cli.model, cli.datamodule, ckpt_path="last")
+    # a tokenizer's checkpoint records no class to refuse it by: it was 23 KB of missing keys (review 61 #5)
+    other = torch.load(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt", weights_only=False)
+    del other["lvm_config"]
+    torch.save(other, tmp_path / "vqgan.ckpt")
+    cli = tiny_cli(shards, "--trainer.max_steps", "14")
+    with pytest.raises(ConfigError, match=r"^--ckpt_path: the checkpoint holds no LVM \(no lvm_config\)"):
+        cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(tmp_path / "vqgan.ckpt"))
 
 
 @pytest.mark.parametrize("named", [False, True])
@@ -496,6 +506,10 @@ def test_resume_from_a_periodic_checkpoint_with_gradient_accumulation_and_valida
     cli = tiny_cli(shards, *args[:-2], "--data.num_workers", "0", "--data.batch_size", "1")
     (result,) = cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt"))
     assert math.isfinite(result["val/loss"])
+    # without val_shards it validated nothing and exited 0 (review 61 #7)
+    cli = tiny_cli(shards, "--data.num_workers", "0")
+    with pytest.raises(ConfigError, match=r"^data.val_shards: not set; lightning validate measures val/loss on it$"):
+        cli.trainer.validate(cli.model, cli.datamodule, ckpt_path=str(tmp_path / "a/runs/lvm_tiny/checkpoints/last.ckpt"))
 
 
 class RecordBatches(L.Callback):
@@ -1034,6 +1048,8 @@ def test_sample_images_settings_are_checked_before_the_first_step(shards, tmp_pa
     interval of 0 was a ZeroDivisionError (review 42 #7)."""
     with pytest.raises(ConfigError, match=r"^SampleImages.every_n_steps: must be >= 1, got 0$"):
         SampleImages(tokenizer="t", every_n_steps=0)
+    with pytest.raises(ConfigError, match=r"^TokenThroughput.window_size: must be >= 2 \(a rate needs two batches\), got 1$"):
+        TokenThroughput(window_size=1)  # Lightning's bare AssertionError once training started (review 61 #4)
     module = LVMModule(overrides=MINI, warmup_steps=1)
     with pytest.raises(UserError, match=r"nope: no such file or directory"):
         quick_trainer(max_steps=3, callbacks=[SampleImages(tokenizer=str(tmp_path / "nope"), every_n_steps=3)]).fit(
