@@ -304,7 +304,8 @@ class LVMModule(L.LightningModule):
             what = here if world == 1 else f"non-finite on {bad} of {world} ranks (this rank: {here})"
             raise NonFiniteLossError(
                 f"loss is {what} at step {self.global_step} (batch {batch} of epoch {self.current_epoch}); "
-                "lower model.lr, or set model.on_nonfinite_loss=skip to drop such batches"
+                "resume from the checkpoint before this stop's (its weights gave it) with a lower model.lr, or set "
+                "model.on_nonfinite_loss=skip to drop such batches"
             )
         self._drop_step = True
         self.skipped_batches += 1
@@ -336,8 +337,9 @@ class LVMModule(L.LightningModule):
             # A finite loss with an overflow in the backward: clipped, it would write NaN into every weight it reaches.
             if self.hparams.on_nonfinite_loss == "stop":
                 raise NonFiniteLossError(
-                    f"gradient norm is {full.item()} at step {self.global_step} (the loss was finite); lower model.lr, "
-                    "or set model.on_nonfinite_loss=skip to drop such steps"
+                    f"gradient norm is {full.item()} at step {self.global_step} (the loss was finite); resume from the "
+                    "checkpoint before this stop's (its weights gave it) with a lower model.lr, or set "
+                    "model.on_nonfinite_loss=skip to drop such steps"
                 )
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
