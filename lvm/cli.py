@@ -150,10 +150,12 @@ def concise(message: str) -> str:
                and "Problem with given class_path" not in line]
     if reasons:  # a reason of its own ("Multiple subclasses with name ...: give the full class path")
         return f"{where}: {reasons[0]}"
-    if expected := re.search(r"Expected a (.+)\. Got value: (.*)", report):
-        wanted, value = _type_names(expected[1]), expected[2]
-    elif (subtypes := re.search(r"Subtypes: \[(.*)\]", report)) and (given := re.search(r"Given value: (.*)", report)):
+    # A Union first: its report also holds one "Expected a" line per subtype, with the value as YAML read it
+    # (`--seed_everything 1e3` said "expected a bool, got 1000.0").
+    if (subtypes := re.search(r"Subtypes: \[(.*)\]", report)) and (given := re.search(r"Given value: (.*)", report)):
         wanted, value = " or ".join(_type_names(t) for t in _top_level(subtypes[1])), given[1]
+    elif expected := re.search(r"Expected a (.+)\. Got value: (.*)", report):
+        wanted, value = _type_names(expected[1]), expected[2]
     elif single := re.fullmatch(r'Parser key "([^"]+)": ([^\n]*)', message):
         return f"{single[1]}: {single[2]}"
     else:

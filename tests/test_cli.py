@@ -55,6 +55,7 @@ def test_trainer_values_lightning_refuses_are_one_line_before_any_step(args, mes
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--model.lrr", "1e-3"], "model.lrr: not an option of lvm.train.LVMModule"),
+    (["--seed_everything", "1e3"], "seed_everything: expected a bool or int, got 1e3"),  # not "a bool, got 1000.0"
     (["--data.batch_size", "eight"], "data.batch_size: expected an int, got eight"),
     (["--model.size", "huge"], "model.size: expected one of 'tiny', '300m', '600m', '1b', '3b', '7b', got huge"),
     (["--trainer.max_stepz", "3"], "unrecognized arguments: --trainer.max_stepz 3"),
