@@ -22,6 +22,7 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Callable, TypeVar
 
 Main = TypeVar("Main", bound=Callable)
@@ -37,6 +38,16 @@ class UserError(Exception):
         super().__init__(what if where is None else f"{where}: {what}")
         self.where = None if where is None else str(where)
         self.what = what
+
+
+def check_settings(section: str, checks: Iterable[tuple[str, object, bool, str]],
+                   error: Callable[[str], UserError]) -> None:
+    """Refuse the first setting whose check fails, `(field, value, ok, problem)`, as one line
+    `<section>.<field>: <problem>, got <value>`: before any work, where torch or Lightning would fail later in a
+    long traceback (AdamW's "Invalid learning rate"), or not at all (an EMA decay of 2 freezes the average)."""
+    for field, value, ok, problem in checks:
+        if not ok:
+            raise error(f"{section}.{field}: {problem}, got {value!r}")
 
 
 def warn(message: str, prefix: str = "") -> None:

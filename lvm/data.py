@@ -28,7 +28,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from common.errors import lightning_worker_init
+from common.errors import check_settings, lightning_worker_init
 from common.files import expand_shards
 from common.progress import clock
 from lvm.errors import ConfigError
@@ -101,10 +101,9 @@ class LVMDataModule(L.LightningDataModule):
         doc_ids: bool = False,
     ) -> None:
         super().__init__()
-        for field, value, low in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                  ("seed", seed, 0)):
-            if value < low:
-                raise ConfigError(f"data.{field}: must be >= {low}, got {value}")
+        check_settings("data", ((field, value, value >= low, f"must be >= {low}") for field, value, low in (
+            ("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0))),
+            ConfigError)
         # Listed once here and reused (stream, resume checks): a glob over a million shards takes seconds.
         self._paths: dict[str, list[str]] = {}
         for field, shards in (("train_shards", train_shards), ("val_shards", val_shards)):

@@ -32,6 +32,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from common.errors import check_settings
 from lvm.callbacks import align_log_steps
 from lvm.cli import ConciseParser, SeedCheckedCLI, config_errors_as_one_line, requested_devices
 from lvm.errors import ConfigError, NonFiniteLossError
@@ -124,21 +125,18 @@ class LVMModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = _lvm_config(size, overrides or {})
-        checks = (
-            ("lr", lr > 0, "must be > 0"),
-            ("min_lr", 0 <= min_lr <= lr, f"must be in [0, lr={lr}]"),
-            ("warmup_steps", warmup_steps >= 0, "must be >= 0"),
-            ("schedule", schedule in ("cosine", "wsd", "constant"), "must be 'cosine', 'wsd' or 'constant'"),
-            ("decay_fraction", 0 < decay_fraction <= 1, "must be in (0, 1]"),
-            ("decay_shape", decay_shape in ("linear", "1-sqrt"), "must be 'linear' or '1-sqrt'"),
-            ("betas", all(0 <= b < 1 for b in betas), "must be in [0, 1)"),
-            ("eps", eps > 0, "must be > 0"),
-            ("weight_decay", weight_decay >= 0, "must be >= 0"),
-            ("on_nonfinite_loss", on_nonfinite_loss in ("stop", "skip"), "must be 'stop' or 'skip'"),
-        )
-        for field, ok, problem in checks:
-            if not ok:
-                raise ConfigError(f"model.{field}: {problem}, got {self.hparams[field]!r}")
+        check_settings("model", (
+            ("lr", lr, lr > 0, "must be > 0"),
+            ("min_lr", min_lr, 0 <= min_lr <= lr, f"must be in [0, lr={lr}]"),
+            ("warmup_steps", warmup_steps, warmup_steps >= 0, "must be >= 0"),
+            ("schedule", schedule, schedule in ("cosine", "wsd", "constant"), "must be 'cosine', 'wsd' or 'constant'"),
+            ("decay_fraction", decay_fraction, 0 < decay_fraction <= 1, "must be in (0, 1]"),
+            ("decay_shape", decay_shape, decay_shape in ("linear", "1-sqrt"), "must be 'linear' or '1-sqrt'"),
+            ("betas", self.hparams.betas, all(0 <= b < 1 for b in betas), "must be in [0, 1)"),
+            ("eps", eps, eps > 0, "must be > 0"),
+            ("weight_decay", weight_decay, weight_decay >= 0, "must be >= 0"),
+            ("on_nonfinite_loss", on_nonfinite_loss, on_nonfinite_loss in ("stop", "skip"), "must be 'stop' or 'skip'"),
+        ), ConfigError)
         self.model: LVM | None = None
         self.flops_per_batch = 0.0  # read by ThroughputMonitor for tokens/s and MFU
         self.skipped_batches = 0

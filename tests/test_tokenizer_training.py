@@ -343,3 +343,19 @@ def test_a_minus_one_to_one_tokenizer_trains_on_its_range_and_lpips_on_minus_one
     assert float(expected.min()) < -0.5
     torch.testing.assert_close(seen["tokenizer"], expected)
     torch.testing.assert_close(seen["lpips"], expected)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"learning_rate": -1.0}, "model.learning_rate: must be > 0, got -1.0"),
+    ({"betas": (1.5, 0.9)}, "model.betas: must be two numbers in [0, 1), got (1.5, 0.9)"),
+    ({"ema_decay": 2.0}, "model.ema_decay: must be in [0, 1) or null, got 2.0"),  # it trained, the average frozen
+    ({"disc_channels": 0}, "model.disc_channels: must be >= 1, got 0"),
+])
+def test_impossible_training_settings_are_one_line_before_any_step(settings, message):
+    """AdamW's own checks were 43-80 line tracebacks once training began, and an EMA decay of 2 trained silently
+    (review 61 #10), where the LVM's module refuses the same values in one line."""
+    with pytest.raises(UserError) as error:
+        tokenizer.training.VQGANTraining(tiny_vqgan_config(), lpips_weight=0.0, **settings)
+    assert str(error.value) == message
+    with pytest.raises(UserError, match=r"^data.batch_size: must be >= 1, got 0$"):
+        ImageDataModule(train="unused", batch_size=0)

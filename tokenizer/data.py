@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 from torchvision.transforms import v2
 
-from common.errors import UserError, lightning_worker_init, warn
+from common.errors import UserError, check_settings, lightning_worker_init, warn
 from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards, walk
 from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, to_rgb_float
 
@@ -214,6 +214,9 @@ class ImageDataModule(LightningDataModule):
         num_workers: int = 4,
     ) -> None:
         super().__init__()
+        check_settings("data", (("image_size", image_size, image_size >= 1, "must be >= 1"),
+                                ("batch_size", batch_size, batch_size >= 1, "must be >= 1"),
+                                ("num_workers", num_workers, num_workers >= 0, "must be >= 0")), TrainingDataError)
         for source in (train, val):
             if source is not None:
                 _check_source(source)

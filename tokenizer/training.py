@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.optim.swa_utils import AveragedModel
 
-from common.errors import UserError
+from common.errors import UserError, check_settings
 from tokenizer.config import VQGANConfig, VQGANConfigError
 from tokenizer.evaluate import image_psnr
 from tokenizer.loading import LIGHTNING_KEY
@@ -97,6 +97,19 @@ class VQGANTraining(LightningModule):
         restart_dead_codes: bool = False,
     ) -> None:
         super().__init__()
+        check_settings("model", (
+            ("learning_rate", learning_rate, learning_rate > 0, "must be > 0"),
+            ("betas", betas, len(betas) == 2 and all(0 <= b < 1 for b in betas), "must be two numbers in [0, 1)"),
+            ("weight_decay", weight_decay, weight_decay >= 0, "must be >= 0"),
+            ("grad_clip", grad_clip, grad_clip is None or grad_clip > 0, "must be > 0 or null"),
+            ("lpips_weight", lpips_weight, lpips_weight >= 0, "must be >= 0"),
+            ("disc_start", disc_start, disc_start >= 0, "must be >= 0"),
+            ("disc_weight", disc_weight, disc_weight >= 0, "must be >= 0"),
+            ("disc_channels", disc_channels, disc_channels >= 1, "must be >= 1"),
+            ("disc_layers", disc_layers, disc_layers >= 1, "must be >= 1"),
+            ("ema_decay", ema_decay, ema_decay is None or 0 <= ema_decay < 1, "must be in [0, 1) or null"),
+            ("image_log_every_n_steps", image_log_every_n_steps, image_log_every_n_steps >= 0, "must be >= 0 (0: none)"),
+        ), VQGANConfigError)
         self.automatic_optimization = False
         self.config = tokenizer or VQGANConfig()
         if restart_dead_codes and self.config.fsq_levels:
