@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info
 
 import weights
+from common.errors import UserError
 from common.files import atomic_write
 from common.progress import clock
 from common.vocab import BOS_ID
@@ -213,7 +214,8 @@ class TrainingProgress(Callback):
         """A resume of a finished run trains nothing (Lightning skips its loop, and this callback's summary) after a
         line that says it is resuming: say why."""
         if trainer.is_global_zero and not self._start and 0 < trainer.max_steps <= trainer.global_step:
-            print(f"nothing to train: the checkpoint is at step {trainer.global_step:,}, trainer.max_steps; raise "
+            print(f"nothing to train: the checkpoint is at step {trainer.global_step:,} >= trainer.max_steps "
+                  f"{trainer.max_steps:,}; raise "
                   "--trainer.max_steps to continue (a wsd schedule extends: docs/training.md)", file=sys.stderr, flush=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -287,7 +289,10 @@ class SampleImages(Callback):
         if self.tokenizer_path is not None and self._tokenizer is None and trainer.is_global_zero:
             import tokenizer  # only runs that sample need the VQGAN
 
-            self._tokenizer = tokenizer.load(self.tokenizer_path)
+            try:
+                self._tokenizer = tokenizer.load(self.tokenizer_path)
+            except UserError as error:  # named by the option, as its other checks are
+                raise ConfigError(f"SampleImages.tokenizer: {error}") from None
             # Another tokenizer than the one that made the sentences cut their images wrong (other tokens per image)
             # and decoded noise, or found no sentence within its codebook and wrote nothing, without a word.
             made, given = getattr(trainer.datamodule, "tokenizer", None), self._tokenizer.identity(self.tokenizer_path)

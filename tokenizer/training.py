@@ -43,6 +43,9 @@ from tokenizer.quantizer import codebook_stats
 # Checkpoints during manual optimization hold the state after the step, which is what a resume continues from;
 # Lightning warns (12 lines, with code to paste into training_step) that they do not hold the state before it.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+# A resume mid-epoch draws a new image order by design (the seed and the start step: tokenizer.data), which Lightning
+# warns at every resume "can cause unreliable results".
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def hinge_d_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
