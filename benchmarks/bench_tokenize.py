@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import tokenizer
-from common.options import HelpFormatter
+from common.options import HelpFormatter, usable_cores
 from lvm.tokenize.pipeline import Encoder, Job, Options, run
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "vqgan_tiny.yaml"
@@ -57,7 +57,7 @@ def make_shards(folder: Path, images: int, side: int, per_tar: int) -> Path:
     out = folder / "shards"
     out.mkdir()
     firsts = range(0, images, per_tar)
-    with multiprocessing.Pool(min(len(firsts), os.cpu_count() or 1)) as pool:
+    with multiprocessing.Pool(min(len(firsts), usable_cores())) as pool:
         pool.starmap(_write_shard, [(out, first, min(per_tar, images - first), side) for first in firsts])
     return out
 

@@ -25,6 +25,7 @@ if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PY=.venv/bin/python; else P
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then  # benchmarks/device_wheels.sh's, for a node that cannot install
   site=$(mktemp -d)
+  trap 'rm -rf "$site"' EXIT
   if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl; then
     echo "error: .whl: $PY -m pip could not install the wheels there" >&2; exit 2
   fi

@@ -70,7 +70,7 @@ def check_val_interval(interval: object) -> None:
     """`val_check_interval 0` passes Lightning's checks and divides by zero after the first step, leaving a checkpoint
     that refuses the corrected rerun."""
     if isinstance(interval, int | float) and not isinstance(interval, bool) and interval <= 0:
-        raise ConfigError(f"trainer.val_check_interval: must be > 0 (batches, or a fraction of an epoch), got {interval}")
+        raise ConfigError(f"trainer.val_check_interval: must be > 0 (a number of batches), got {interval}")
 
 
 def _checkpointers(config: Namespace) -> list[dict]:
@@ -80,8 +80,9 @@ def _checkpointers(config: Namespace) -> list[dict]:
             if isinstance(callback, Namespace) and str(callback.get("class_path", "")).endswith("ModelCheckpoint")]
 
 
-def check_start(config: Namespace) -> None:
-    """Where a fit starts must be the run's own checkpoint, never a silent step 0 over an earlier run.
+def check_start(config: Namespace, subcommand: str = "fit") -> None:
+    """Where a fit starts must be the run's own checkpoint, never a silent step 0 over an earlier run; what a
+    validate reads must be a checkpoint, never the fresh random weights Lightning falls back to.
 
     Without --ckpt_path it starts at step 0. Into a checkpoint folder of an earlier run (our configs name a fixed
     one, with no version counter, so that resumes keep one `last.ckpt`), it would overwrite that run's checkpoints
@@ -92,7 +93,11 @@ def check_start(config: Namespace) -> None:
     checkpoint is named after a step that never comes again, so nothing would overwrite it."""
     ckpt_path = config.get("ckpt_path")
     if ckpt_path is not None and not str(ckpt_path).strip():  # `--ckpt_path "$CKPT"` with the variable unset
-        raise ConfigError("--ckpt_path: empty; give 'last' or a .ckpt file, or leave it out to start anew")
+        raise ConfigError("--ckpt_path: empty; give 'last' or a .ckpt file" +
+                          (", or leave it out to start anew" if subcommand == "fit" else ""))
+    if subcommand == "validate" and ckpt_path is None:
+        raise ConfigError("lightning validate: give --ckpt_path ('last' or a .ckpt file); without one it validates "
+                          "the model's fresh random weights")
     root = Path(config.trainer.get("default_root_dir") or ".")
     if ckpt_path == "hpc" and not any(root.glob("hpc_ckpt_*.ckpt")):  # what Lightning's SLURM requeue (SIGUSR1) saves
         raise ConfigError(f"--ckpt_path hpc: {root} holds no hpc_ckpt_*.ckpt (Lightning saves one when SLURM sends "
@@ -102,17 +107,22 @@ def check_start(config: Namespace) -> None:
         folder = Path(args["dirpath"]) if args.get("dirpath") else None
         if folder is None:
             continue
-        for partial in folder.glob("*.ckpt.tmp"):
-            partial.unlink(missing_ok=True)
+        if subcommand == "fit":  # a validate may run beside a fit that is writing one
+            for partial in folder.glob("*.ckpt.tmp"):
+                partial.unlink(missing_ok=True)
         checkpoints = sorted(folder.glob("*.ckpt"), key=natural_key)  # step=00000150.ckpt: the newest last
         lasts += [path for path in checkpoints if path.stem.startswith("last") and path.exists()]  # Lightning's match
         if checkpoints:
             held.append((folder, checkpoints, bool(args.get("save_last"))))
-    if held and not ckpt_path:
+    if subcommand == "validate" and ckpt_path == "last" and not lasts:  # Lightning validated the fresh weights, exit 0
+        folders = [str(args["dirpath"]) for args in _checkpointers(config) if args.get("dirpath")]
+        raise ConfigError(f"--ckpt_path last: no last*.ckpt in {' or '.join(folders) or 'a checkpoint folder'}; "
+                          "give a .ckpt file")
+    if held and not ckpt_path and subcommand == "fit":
         raise ConfigError(f"{held[0][0]} holds the checkpoints of an earlier run, which a fresh start would overwrite "
                           "(last.ckpt included): continue it with --ckpt_path last, or start anew in another folder "
                           "(move this one away, or change the run's paths)")
-    if held and ckpt_path == "last" and not lasts:  # as Lightning looks: a last*.ckpt in any checkpointer's folder
+    if held and ckpt_path == "last" and not lasts and subcommand == "fit":  # Lightning's rule: a last*.ckpt anywhere
         folder, checkpoints, _ = next((entry for entry in held if entry[2]), held[0])  # the folder that keeps a last
         newest = [path for path in checkpoints if not path.name.startswith("last")] or checkpoints
         raise ConfigError(f"--ckpt_path last: {folder} holds checkpoints but no last.ckpt (a copy that dropped "
@@ -217,8 +227,8 @@ class CLI(SeedCheckedCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_accelerator(config)
         check_val_interval(config.trainer.val_check_interval)
-        if self.subcommand == "fit":
-            check_start(config)
+        if self.subcommand in ("fit", "validate"):
+            check_start(config, self.subcommand)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """Lightning's Trainer, whose refusals of a trainer value (`max_steps -5`, `devices abc`, `num_nodes 0`, a

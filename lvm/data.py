@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
-from common.errors import check_settings, lightning_worker_init
+from common.errors import check_settings, lightning_worker_init, warn
 from common.files import expand_shards
 from common.progress import clock
 from lvm.errors import ConfigError
@@ -126,7 +126,7 @@ class LVMDataModule(L.LightningDataModule):
         except SentenceError as e:
             raise ConfigError(f"data.{'train_shards, data.val_shards' if val_shards is not None else 'train_shards'}: {e}") from None
         if image and seq_len < 2 * image:  # a row is seq_len + 1 tokens: inputs and the label after them
-            rank_zero_warn(f"data.seq_len {seq_len} holds no two images of {image} tokens (BOS + 2 x {image}): no row "
+            rank_zero_only(warn)(f"data.seq_len {seq_len} holds no two images of {image} tokens (BOS + 2 x {image}): no row "
                            "shows the model an image after another, so it learns single images only; give it a context "
                            f"of several images (--data.seq_len and --model.overrides max_seq_len, e.g. {8 * image})")
         self.save_hyperparameters()

@@ -388,6 +388,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     """Load, check and score; write report.json, report.md and the plots into --out; return the report."""
     shards = expand_shards(args.sentences)
+    # As training does, before any model loads: a build that has not finished or lost shards is refused, and its
+    # tokenizer is the one that matters for perplexity (another's tokens score in the hundred thousands, unexplained).
+    formats.check_folders_whole(args.sentences, shards)
+    made_by = formats.sentences_tokenizer(shards)
     spec = args.tokenizer
     tok = tokenizer.load(spec, device=args.device) if spec else None  # before the model: a typo costs no model load
     model = load_lvm(args.model, device=args.device, dtype=torch_dtype(args.dtype, args.device))
@@ -398,13 +402,12 @@ def run(args: argparse.Namespace) -> dict:
     if tok:
         check_codebook(model, tok.codebook_size, spec)  # a codebook larger than the model's code ids, as prompt and probe refuse
         check_tokenizer(model, args.model, tok.identity(spec))
-    # As training does: a build that has not finished or lost shards is refused, and its tokenizer is the one that
-    # matters for perplexity (another's tokens score in the hundred thousands, with nothing to say why).
-    formats.check_folders_whole(args.sentences, shards)
-    made_by = formats.sentences_tokenizer(shards)
     if made_by and tokenizer_mismatch(model.tokenizer_info, made_by):
         warn(f"{args.sentences[0]}: sentences made by tokenizer {describe(made_by)}, not the one {args.model} was "
              f"trained on, {describe(model.tokenizer_info)}: their perplexities measure tokens it never learnt")
+    elif made_by and tok and tokenizer_mismatch(made_by, tok.identity(spec)):  # decoding them for the pixel figures
+        warn(f"{args.sentences[0]}: sentences made by tokenizer {describe(made_by)}, not by {describe(tok.identity(spec))}: "
+             "the pixel figures decode them with the wrong tokenizer")
     recorded = trained.get("tokens_per_image")
     if args.tokens_per_image and recorded and args.tokens_per_image != recorded:
         raise EvaluationError("--tokens-per-image", f"{args.tokens_per_image}, but the model was trained on "

@@ -133,9 +133,11 @@ class Decoder:
         """Logits [B, V] after the prompt, feeding it from `start`. Identical rows fed from the start (the candidates
         of one prompt) are computed once and their cache rows copied: LVM-7B's prefill of 15 frames is ~50 TFLOP."""
         if start == 0 and len(prompt) > 1:
-            unique, rows = torch.unique(prompt, dim=0, return_inverse=True)
+            # On the host: a few thousand ids, and unique over rows has no kernel on every device (MPS).
+            unique, rows = torch.unique(prompt.cpu(), dim=0, return_inverse=True)
             if len(unique) < len(prompt):
-                logits = self.model(unique, input_pos=positions, last_only=True)[:, -1]
+                rows = rows.to(prompt.device)
+                logits = self.model(unique.to(prompt.device), input_pos=positions, last_only=True)[:, -1]
                 for cache in self.caches:
                     cache.take_rows(rows)
                 return logits[rows]

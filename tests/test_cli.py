@@ -38,7 +38,7 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     (["--trainer.num_nodes", "0"], "trainer: `num_nodes` must be a positive integer, but got 0."),
     (["--trainer.strategy", "nope"], "trainer: You selected an invalid strategy name: `strategy='nope'`"),
     (["--trainer.devices", "abc"], "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
-    (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: must be > 0 (batches, or a fraction of an epoch)"),
+    (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: must be > 0 (a number of batches)"),
 ])
 def test_trainer_values_lightning_refuses_are_one_line_before_any_step(args, message, tmp_path, monkeypatch, capsys):
     """They were 28-54 line tracebacks; `val_check_interval 0` divided by zero after step 1 and left a checkpoint that
@@ -294,3 +294,20 @@ def test_an_empty_or_hpc_ckpt_path_without_its_checkpoint_is_one_line(ckpt_path,
         main(["fit", "-c", config, "--data.train_shards", str(shards), "--ckpt_path", ckpt_path])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "lightning validate: give --ckpt_path ('last' or a .ckpt file); without one it validates the model's fresh "
+         "random weights"),
+    (["--ckpt_path", "last"], "--ckpt_path last: no last*.ckpt in runs/lvm_tiny/checkpoints; give a .ckpt file"),
+    (["--ckpt_path", ""], "--ckpt_path: empty; give 'last' or a .ckpt file"),
+])
+def test_validate_without_a_checkpoint_is_one_line(args, message, tmp_path, monkeypatch, capsys):
+    """Lightning validated the fresh random weights (val/loss 9.05) and exited 0 (review 64 #4)."""
+    shards = write_sentence_shards(tmp_path / "sentences", shards=1, sentences=4)
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "lvm_tiny.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", "-c", config, "--data.train_shards", str(shards), "--data.val_shards", str(shards), *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"

@@ -367,7 +367,8 @@ def test_each_sentence_is_scored_once_per_context_length(tmp_path, shards, model
     assert report["perplexity"]["pairs"]["mean_perplexity"] == report["vs_pairs"]["pairs"][1]["mean_perplexity"]
 
 
-def test_sentences_of_another_tokenizer_warn_and_an_unfinished_build_is_refused(tmp_path, shards, model, capsys):
+def test_sentences_of_another_tokenizer_warn_and_an_unfinished_build_is_refused(tmp_path, shards, model, capsys,
+                                                                                   tiny_tokenizer_dir):
     """Sentences another tokenizer made scored perplexity in the hundred thousands without a word, and a build that
     had not finished was scored as a whole held-out set; training refuses both (review 62 #2, #9)."""
     folder = tmp_path / "held-out"
@@ -387,6 +388,14 @@ def test_sentences_of_another_tokenizer_warn_and_an_unfinished_build_is_refused(
                         f"image, {CODEBOOK_SIZE} codes), not the one {tmp_path / 'm.ckpt'} was trained on, mine (digest "
                         f"aaaaaaaaaaaa, {T} tokens per image, {CODEBOOK_SIZE} codes): their perplexities measure tokens "
                         "it never learnt"]
+    # a model that records no tokenizer, and --tokenizer another than the sentences': the pixels decode wrong (review 64 #1)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "lvm_config": model.cfg.to_dict()},
+               tmp_path / "bare.ckpt")
+    main(["--model", str(tmp_path / "bare.ckpt"), "--sentences", str(folder), "--out", str(tmp_path / "eval2"),
+          "--tokenizer", str(tiny_tokenizer_dir), "--pixel-sentences", "1"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {folder}: sentences made by tokenizer theirs (digest ")
+    assert warnings[0].endswith("the pixel figures decode them with the wrong tokenizer")
     (folder / "index.json").rename(folder / "spec.json")  # what a build killed before its end leaves
     with pytest.raises(SystemExit) as exit_info:
         main(args)

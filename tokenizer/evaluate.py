@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import tokenizer
 import weights
-from common.errors import UserError, exit_on, leave_stop_signals_to_main
+from common.errors import UserError, exit_on, leave_stop_signals_to_main, warn
 from common.files import json_text, output_file, write_atomic
 from common.options import HelpFormatter, add_device_arg, add_tokenizer_arg, at_least, default_workers
 from tokenizer.data import image_files
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(args.images, "no image files found")
     result = evaluate(tok, files[: args.limit], args.batch_size, args.workers)
     for path in result["skipped"]:
-        print(f"skipped unreadable image: {path}", file=sys.stderr)
+        warn(f"{path}: unreadable image skipped")
     if not result["images"]:
         raise UserError(args.images, f"none of its {len(result['skipped'])} image files could be read")
     if args.json:

@@ -13,12 +13,12 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 from torchvision.models.vgg import cfgs, make_layers
 
 import weights
-from common.errors import UserError
+from common.errors import UserError, warn
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's ImageNet VGG16, as cached by torch.hub
 LINEAR_FILE = "vgg.pth"  # LPIPS v0.1 linear heads (lpips package / taming)
@@ -88,6 +88,6 @@ def load_lpips(vgg16: str | Path | None = None, linear: str | Path | None = None
             raise UserError(given, "no such file (LPIPS weights); leave it unset to look in the torch hub cache")
     missing = [str(p) for p in (vgg16_path, linear_path) if not p.is_file()]
     if missing:
-        rank_zero_warn(f"LPIPS weights not found ({', '.join(missing)}); training without the perceptual loss")
+        rank_zero_only(warn)(f"LPIPS weights not found ({', '.join(missing)}); training without the perceptual loss")
         return None
     return LPIPS().load_weights(vgg16_path, linear_path)

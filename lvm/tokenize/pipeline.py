@@ -210,7 +210,7 @@ class Encoder:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda):
             codes = self.tok.encode_pixels(pixels.to(self.tok.device, non_blocking=True))
         if not self.cuda:
-            return codes, None
+            return codes.cpu(), None  # already there on a CPU; an MPS tensor has no .numpy()
         # Copied before the next batch's kernels are queued on the stream, so waiting for it does not wait for them.
         host = torch.empty(codes.shape, dtype=codes.dtype, pin_memory=True)
         host.copy_(codes, non_blocking=True)
