@@ -357,6 +357,9 @@ def markdown(report: dict) -> str:
         if left := report.get("vs_pairs_left_out", {}).get(kind):
             lines += ["", "Left out of this table: " + ", ".join(f"{n} {kind} sentences {why}" for why, n in left.items())
                       + "."]
+    for kind, left in report.get("vs_pairs_left_out", {}).items():
+        if kind not in report.get("vs_pairs", {}):  # nothing left to draw a curve from
+            lines += ["", f"No {kind} curve: " + ", ".join(f"{n} sentences {why}" for why, n in left.items()) + "."]
     if report.get("pixels"):
         p = report["pixels"]
         lines += ["", f"## Last-image pixels (greedy, the first {p['count']} sentences of any kind, vs decoded true "

@@ -350,6 +350,7 @@ def test_cli_smooths_the_unigram_over_the_models_codebook_and_skips_codes_past_i
     assert report["sentences"] == 4 and report["skipped"] == {"codes past the tokenizer's 1000": 1}
     assert report["vs_pairs"] == {}
     assert report["vs_pairs_left_out"] == {"colorization": {"of odd length (not [x1, y1, ..., xn, yn])": 1}}
+    assert "No colorization curve: 1 sentences of odd length" in (tmp_path / "eval" / "report.md").read_text()
 
 
 def test_each_sentence_is_scored_once_per_context_length(tmp_path, shards, model, monkeypatch):
