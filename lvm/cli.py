@@ -274,13 +274,17 @@ def user_error(exc: BaseException) -> str | None:
     """The `error:` line of the failure behind `exc`, if it is meant for the user (`common.errors.one_line`): the
     project error, however deep jsonargparse wrapped it (it re-raises errors from a class's __init__ as its own
     ValueError, with ours as the cause), or a path OSError raised as it is (a logger folder under a file, a full
-    disk while a checkpoint is written)."""
+    disk while a checkpoint is written). So is Lightning's own word for a bad setting, `MisconfigurationException`,
+    wherever it comes from (a callback's `every_n_train_steps -5`, a `val_check_interval` fraction over the LVM's
+    stream, which has no length): its first line."""
     message = one_line(exc)
     if message is not None:
         return message
     while exc is not None:
         if isinstance(exc, UserError):
             return str(exc)
+        if isinstance(exc, MisconfigurationException):
+            return str(exc).strip().splitlines()[0]
         exc = exc.__cause__ or exc.__context__
     return None
 

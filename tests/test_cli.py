@@ -39,6 +39,8 @@ def test_invalid_config_is_one_line_error(tmp_path, capsys):
     (["--trainer.strategy", "nope"], "trainer: You selected an invalid strategy name: `strategy='nope'`"),
     (["--trainer.devices", "abc"], "trainer: `devices` selected with `CPUAccelerator` should be an int > 0."),
     (["--trainer.val_check_interval", "0"], "trainer.val_check_interval: must be > 0 (a number of batches)"),
+    (["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.every_n_train_steps",
+      "-5"], "Invalid value for every_n_train_steps=-5. Must be >= 0"),  # Lightning's MisconfigurationException
 ])
 def test_trainer_values_lightning_refuses_are_one_line_before_any_step(args, message, tmp_path, monkeypatch, capsys):
     """They were 28-54 line tracebacks; `val_check_interval 0` divided by zero after step 1 and left a checkpoint that
