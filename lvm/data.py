@@ -74,6 +74,13 @@ class _PositionedLoader(DataLoader):
         return super().__iter__()
 
 
+def check_data_settings(seq_len: int, batch_size: int, num_workers: int, seed: int) -> None:
+    """The data module's numbers, checked when it is built and by the dry run (which lists no shards)."""
+    check_settings("data", ((field, value, value >= low, f"must be >= {low}") for field, value, low in (
+        ("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0))),
+        ConfigError)
+
+
 class LVMDataModule(L.LightningDataModule):
     """Packed visual sentences for training (and optionally validation).
 
@@ -101,9 +108,7 @@ class LVMDataModule(L.LightningDataModule):
         doc_ids: bool = False,
     ) -> None:
         super().__init__()
-        check_settings("data", ((field, value, value >= low, f"must be >= {low}") for field, value, low in (
-            ("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("seed", seed, 0))),
-            ConfigError)
+        check_data_settings(seq_len, batch_size, num_workers, seed)
         # Listed once here and reused (stream, resume checks): a glob over a million shards takes seconds.
         self._paths: dict[str, list[str]] = {}
         for field, shards in (("train_shards", train_shards), ("val_shards", val_shards)):

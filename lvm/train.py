@@ -35,6 +35,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from common.errors import check_settings
 from lvm.callbacks import align_log_steps
 from lvm.cli import ConciseParser, SeedCheckedCLI, config_errors_as_one_line, requested_devices
+from lvm.data import check_data_settings
 from lvm.errors import ConfigError, NonFiniteLossError
 from lvm.model import LVM, SIZES, LVMConfig
 from lvm.parallelize import parallelize
@@ -393,7 +394,9 @@ class _DryRunCLI(SeedCheckedCLI):
     def instantiate_classes(self) -> None:
         module, _, name = self.config["model"].class_path.rpartition(".")
         model_class = getattr(importlib.import_module(module), name)
-        if not issubclass(model_class, LVMModule):  # the summary reads an LVM's shape and schedule
+        # The summary reads an LVM's shape and schedule. By its importable name: run as `python -m lvm.train`, this
+        # file's own LVMModule is __main__'s, another class than the config's lvm.train.LVMModule.
+        if not issubclass(model_class, importlib.import_module("lvm.train").LVMModule):
             raise ConfigError(f"model: python -m lvm.train summarises LVM configs (lvm.train.LVMModule); this one trains "
                               f"{self.config['model'].class_path}: run it with lightning fit")
         self.model = model_class(**self.config["model"].init_args.as_dict())
@@ -432,7 +435,9 @@ def main(argv: list[str] | None = None) -> None:
         trainer = cli.config["trainer"]  # what `lightning fit` would refuse, refused here too
         check_fit(cli.model.hparams.warmup_steps, trainer.max_steps, trainer.limit_train_batches,
                   trainer.accumulate_grad_batches, trainer.gradient_clip_algorithm)
-        check_seq_len(cli.config["data"].init_args.seq_len, cli.model.cfg)
+        data = cli.config["data"].init_args
+        check_data_settings(data.seq_len, data.batch_size, data.num_workers, data.seed)
+        check_seq_len(data.seq_len, cli.model.cfg)
     print(summary(cli))
 
 

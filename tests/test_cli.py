@@ -1,6 +1,9 @@
 """The `lightning` console script prints project errors as one line."""
 
 import io
+import os
+import subprocess
+import sys
 import tarfile
 import types
 from pathlib import Path
@@ -76,6 +79,20 @@ def test_a_mistyped_key_or_value_is_one_line_with_its_reason(tmp_path, capsys, a
             run(["-c", "configs/lvm_tiny.yaml", "--data.train_shards", str(tmp_path), *args])
         assert exit_info.value.code == 2
         assert capsys.readouterr().err == f"error: {message} (`{prog} --help` lists the options)\n"
+
+
+def test_the_dry_run_runs_as_its_module(tmp_path):
+    """As a user runs it: under `python -m lvm.train` the file's classes are __main__'s, and a check by class refused
+    every LVM config (the in-process tests import it as lvm.train and could not see it)."""
+    root = Path(__file__).parents[1]
+    done = subprocess.run([sys.executable, "-m", "lvm.train", "-c", str(root / "configs/lvm_tiny.yaml")], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("model      tiny: dim 128, mlp 352, layers 4, heads 4")
+    done = subprocess.run([sys.executable, "-m", "lvm.train", "-c", str(root / "configs/lvm_tiny.yaml"),
+                           "--data.batch_size", "0"], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == "error: data.batch_size: must be >= 1, got 0"
 
 
 def test_the_dry_run_of_a_tokenizer_config_is_one_line(capsys):
