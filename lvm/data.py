@@ -33,7 +33,7 @@ from common.files import expand_shards
 from common.progress import clock
 from lvm.errors import ConfigError
 from sentences.errors import SentenceError
-from sentences.formats import check_folders_whole, has_lengths, sentences_tokenizer, tokens_per_image
+from sentences.formats import check_folders_whole, has_lengths, longest_sentence, sentences_tokenizer, tokens_per_image
 from sentences.stream import PackedStream, shard_tokens
 
 # val_dataloader() returns [] when there are no val_shards, which is how a datamodule turns validation off;
@@ -128,9 +128,14 @@ class LVMDataModule(L.LightningDataModule):
             # validation sentences must come from it too, or val/loss measures tokens the model never learnt.
             self.tokenizer: dict | None = sentences_tokenizer(every)
             image = tokens_per_image(every)
+            longest = longest_sentence(every)
         except SentenceError as e:
             raise ConfigError(f"data.{'train_shards, data.val_shards' if val_shards is not None else 'train_shards'}: {e}") from None
-        if image and seq_len < 2 * image:  # a row is seq_len + 1 tokens: inputs and the label after them
+        if longest and seq_len + 1 < longest:  # a row is seq_len + 1 tokens
+            rank_zero_only(warn)(f"data.seq_len {seq_len}: the longest sentence has {longest} tokens (lengths.npy), and "
+                                 f"rows of {seq_len + 1} cut it and those like it, so the model never sees them whole; "
+                                 "train with a longer context, or build the sentences for this one")
+        elif image and seq_len < 2 * image:  # a row is seq_len + 1 tokens: inputs and the label after them
             rank_zero_only(warn)(f"data.seq_len {seq_len} holds no two images of {image} tokens (BOS + 2 x {image}): no row "
                            "shows the model an image after another, so it learns single images only; give it a context "
                            f"of several images (--data.seq_len and --model.overrides max_seq_len, e.g. {8 * image})")

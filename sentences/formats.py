@@ -331,8 +331,9 @@ def one_tokenizer(records: Iterable[tuple[str, dict | None]]) -> dict | None:
                 f" under other preprocessing ({record['preprocessing']} against {found[1]['preprocessing']})"
             raise SentenceError(
                 path,
-                f"made by tokenizer {record.get('name')} (digest {record['digest'][:12]}), but {found[0]} by "
-                f"{found[1].get('name')} (digest {found[1]['digest'][:12]}){how}; tokenize everything with one tokenizer",
+                f"made by tokenizer {record.get('name')} (digest {str(record['digest'])[:12]}), but {found[0]} by "
+                f"{found[1].get('name')} (digest {str(found[1]['digest'])[:12]}){how}; tokenize everything with one "
+                "tokenizer",
             )
     return None if found is None else found[1]
 
@@ -357,6 +358,13 @@ def tokens_per_image(paths: Sequence[str]) -> int | None:
         raise SentenceError(second, f"{b} tokens per image, but {first} holds {a}: sentences of two tokenizers; "
                                     "tokenize everything with one tokenizer")
     return next(iter(sizes), None)
+
+
+def longest_sentence(paths: Sequence[str]) -> int | None:
+    """The tokens of the longest sentence of these shards' folders, from their ``LENGTHS_NAME`` (None when none has
+    one): what a training row must hold to show every sentence whole."""
+    lengths = [_lengths_of(folder)[0] for folder in sorted({os.path.dirname(p) for p in paths})]
+    return max((int(found.max()) for found in lengths if len(found)), default=None)
 
 
 def sentences_tokenizer(paths: Sequence[str]) -> dict | None:

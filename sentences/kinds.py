@@ -135,7 +135,8 @@ class Video(Builder):
             except TypeError:  # values that do not compare (a number and a null): name one that differs from the first
                 kinds = [str if isinstance(order, tuple) else type(order) if not isinstance(order, (int, float)) else float
                          for order, _ in members]
-                row = next(row for (_, row), kind in zip(members, kinds) if kind != kinds[0])
+                row = next((row for (_, row), kind in zip(members, kinds) if kind != kinds[0]), members[-1][1])  # or
+                # values of one type that has no order at all (a json object)
                 raise SentenceError(f"{_where(images, row)}: json field '{order_by}' is "
                                     f"{images.meta[row][order_by]!r}, which cannot order it among its video's frames "
                                     f"(such as {images.meta[members[0][1]][order_by]!r})") from None
@@ -217,7 +218,10 @@ class MultiView(Sequence):
             (task, found), = annotations.items()
             self.annotated = found
             self.partner = _annotation_of_each_view(images, found)
-            if missing := len(images) - len(self.partner):
+            fields = [options.get(name, self.options[name]) for name in ("group_by", "order_by")]
+            # views without those fields are counted once, as such, by Video
+            if missing := sum(row not in self.partner and all(f in meta for f in fields)
+                              for row, meta in enumerate(images.meta)):
                 notes[f"views without a {task} image beside them"] += missing
         super().__init__(images, annotations, options, notes)
 

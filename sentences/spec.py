@@ -182,12 +182,14 @@ def load_spec(path: str | Path) -> MixSpec:
     """Parse and validate a mixing spec; raises SentenceError(``<path>: <field>: <problem>``)."""
     path = str(path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             raw = yaml.load(f, Loader=_UniqueKeyLoader)
     except OSError as exn:
         raise SentenceError(f"{path}: cannot read ({exn.strerror})") from None
     except yaml.YAMLError as exn:
         raise SentenceError(f"{path}: not valid YAML ({str(exn).splitlines()[0]})") from None
+    except UnicodeDecodeError as exn:  # a comment saved in Latin-1
+        raise SentenceError(f"{path}: not UTF-8 text (byte {exn.start}: {exn.reason})") from None
     except SentenceError as exn:
         raise SentenceError(f"{path}: {exn}") from None
     try:

@@ -110,8 +110,9 @@ def load_token_set(name: str, paths: Sequence[str], variants: Sequence[str], ski
                     skipped[f"unreadable {token_member(variant)}"] += 1
                     break
                 where = f"{path}: sample '{key}': {token_member(variant)}"
-                if array.ndim != 1 or array.dtype.kind not in "iu":
-                    raise SentenceError(f"{where}: expected a 1-D integer array, got {array.dtype} {array.shape}")
+                if array.ndim != 1 or array.dtype.kind not in "iu" or not array.size:
+                    raise SentenceError(f"{where}: expected a 1-D integer array of an image's tokens, got {array.dtype} "
+                                        f"{array.shape}")
                 if length is None:
                     length = array.size
                 if array.size != length:

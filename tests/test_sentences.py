@@ -309,6 +309,13 @@ def test_a_json_that_cannot_group_or_order_names_its_shard_and_sample(tmp_path: 
     with pytest.raises(SentenceError, match=r"1\.tar: sample 'bad': json field 'frame' is None, which cannot order it "
                                             r"among its video's frames \(such as 0\)$"):
         run_build(tmp_path / "b", [{"name": "v", "kind": "video", "shards": str(tmp_path / "v"), "frames": 2}])
+    # every value an object: no two compare, and the search for one of another type found none (review 65 #4)
+    write_tokens(tmp_path / "o" / "0.tar", [{"__key__": f"f{f}", "tokens.npy": codes(VIDEO + f * N),
+                                             "json": {"video": "v", "frame": {"t": f}}} for f in range(3)])
+    (tmp_path / "c").mkdir()
+    with pytest.raises(SentenceError, match=r"0\.tar: sample 'f\d': json field 'frame' is \{'t': \d\}, which cannot "
+                                            r"order it among its video's frames"):
+        run_build(tmp_path / "c", [{"name": "v", "kind": "video", "shards": str(tmp_path / "o"), "frames": 2}])
 
 
 def test_category_groups_k_images_of_n_different_categories(tmp_path: Path, tokens: Path) -> None:
@@ -803,7 +810,11 @@ def test_bad_spec_is_one_line_naming_the_field(tmp_path: Path, tokens: Path, cap
         ),
         (
             {"__key__": "x", "tokens.npy": np.zeros((4, 4), dtype=np.uint16)},
-            "sample 'x': tokens.npy: expected a 1-D integer array, got uint16 (4, 4)",
+            "sample 'x': tokens.npy: expected a 1-D integer array of an image's tokens, got uint16 (4, 4)",
+        ),
+        (  # it built sentences of BOS and EOS alone (review 65 #1)
+            {"__key__": "x", "tokens.npy": np.zeros(0, dtype=np.uint16)},
+            "sample 'x': tokens.npy: expected a 1-D integer array of an image's tokens, got uint16 (0,)",
         ),
     ],
 )
@@ -940,3 +951,13 @@ def test_an_out_holding_the_inputs_builds_and_one_a_pattern_names_is_refused(tmp
         assert capsys.readouterr().err.strip().splitlines()[-1] == (
             f"error: {tmp_path / 'proj'}: --out is matched by {pattern} (sources[0], s); a rerun would read its "
             "sentence shards as token shards: choose an --out outside the inputs")
+
+
+def test_a_spec_that_is_not_utf8_or_not_yaml_is_one_line(tmp_path: Path) -> None:
+    """A comment saved in Latin-1 was a UnicodeDecodeError traceback (review 65)."""
+    (tmp_path / "latin1.yaml").write_bytes(b"# caf\xe9 photos\nseed: 0\n")
+    with pytest.raises(SentenceError, match=r"latin1\.yaml: not UTF-8 text \(byte 5: invalid continuation byte\)$"):
+        load_spec(tmp_path / "latin1.yaml")
+    (tmp_path / "bad.yaml").write_text("sources: [\n")
+    with pytest.raises(SentenceError, match=r"bad\.yaml: not valid YAML \("):
+        load_spec(tmp_path / "bad.yaml")
