@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +289,27 @@ def test_commitment_cost_weights_the_encoder_term_not_the_codebook_term():
     expected_codes = torch.zeros_like(vq.embedding.weight).index_add_(0, indices, 2 * (chosen - flat) / numel)
     assert torch.allclose(vq.embedding.weight.grad, expected_codes, atol=1e-7)
     assert len(indices.unique()) > 1  # several codes chosen, so the per-code sums are checked
+
+
+@pytest.mark.parametrize(("field", "value", "problem"), [
+    ("l2_normalized_codes", "false", "must be true or false, got 'false'"),  # a true string: the cosine lookup went on
+    ("codebook_size", 8192.0, "must be a whole number, got 8192.0"),  # a traceback from torch
+    ("channel_mult", None, "must be a list of whole numbers, got None"),
+])
+def test_a_hand_edited_config_json_of_the_wrong_types_is_one_line(tiny_tokenizer_dir, tmp_path, field, value, problem):
+    """Review 66 #2: config.json's JSON types are checked against the fields'."""
+    folder = Path(shutil.copytree(tiny_tokenizer_dir, tmp_path / "tok"))
+    config = json.loads((folder / "config.json").read_text())
+    config["config"][field] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(tokenizer.TokenizerLoadError, match=rf"config\.json: .*{field} {problem.replace('(', '.').replace(')', '.')}"):
+        tokenizer.load(folder)
+
+
+def test_encode_takes_only_what_it_can_encode(tiny_tokenizer):
+    """A taller batch gave twice an image's tokens, which decode refused; an empty one was a RuntimeError (review 66 #4)."""
+    S, T = tiny_tokenizer.image_size, tiny_tokenizer.tokens_per_image
+    for bad in (torch.zeros(1, 3, 2 * S, S), torch.zeros(1, 3, S, S, dtype=torch.uint8), torch.zeros(3, S, S)):
+        with pytest.raises(ValueError, match=rf"expected preprocessed pixels, a float batch \[B, 3, {S}, {S}\]"):
+            tiny_tokenizer.encode_pixels(bad)
+    assert tiny_tokenizer.encode_pixels(torch.zeros(0, 3, S, S)).shape == (0, T) == tiny_tokenizer.encode([]).shape

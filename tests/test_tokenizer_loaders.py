@@ -294,6 +294,9 @@ def test_a_taming_run_copied_flat_finds_its_project_yaml(tmp_path: Path) -> None
     project.rename(flat / project.name)
     (flat / "2021-01-01T00-00-00-lightning.yaml").write_text(yaml.safe_dump({"lightning": {"trainer": {"gpus": 1}}}))
     assert tokenizer.load(flat / "last.ckpt").tokens_per_image == 64
+    # any other yaml that sorts first holds no model either: it was taken, and the load refused (review 66 #1)
+    (flat / "000-environment.yaml").write_text(yaml.safe_dump({"name": "env", "channels": ["conda-forge"]}))
+    assert tokenizer.load(flat / "last.ckpt").tokens_per_image == 64
 
 
 def test_an_open_muse_class_other_than_vqganmodel_is_named(tmp_path: Path) -> None:

@@ -58,6 +58,19 @@ class VQGANConfig:
     resize: ResizeMode = "stretch"  # LVM: straight to SxS (no crop); taming: shorter side to S + centre crop
 
     def __post_init__(self) -> None:
+        # A hand-edited config.json: "false" is a true string (it switched the cosine lookup on, tokens changed) and
+        # 8192.0 a float (a traceback from torch): the JSON types are checked against the fields'.
+        for spec in dataclasses.fields(self):
+            value, wanted = getattr(self, spec.name), {"bool": bool, "int": int, "float": (int, float)}.get(spec.type)
+            if wanted is None:
+                continue
+            if isinstance(value, bool) != (spec.type == "bool") or not isinstance(value, wanted):
+                kind = {"bool": "true or false", "int": "a whole number", "float": "a number"}[spec.type]
+                raise VQGANConfigError(f"VQGANConfig: {spec.name} must be {kind}, got {value!r}")
+        for name in ("channel_mult", "attn_resolutions", "fsq_levels"):
+            items = getattr(self, name)
+            if not isinstance(items, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                raise VQGANConfigError(f"VQGANConfig: {name} must be a list of whole numbers, got {items!r}")
         self.channel_mult = [int(m) for m in self.channel_mult]
         self.attn_resolutions = [int(r) for r in self.attn_resolutions]
         self.fsq_levels = [int(level) for level in self.fsq_levels]

@@ -91,7 +91,10 @@ def _key_summary(missing: list[str], unexpected: list[str]) -> str:
 def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        raise TokenizerLoadError(path, f"no {CONFIG_NAME} (expected a tokenizer directory saved by this project or open-muse)")
+        checkpoints = sorted(p.name for p in path.glob("*.ckpt"))  # a run's checkpoints folder, a taming download
+        hint = f"; it holds {', '.join(checkpoints[:3])}: give one of those files" if checkpoints else ""
+        raise TokenizerLoadError(path, f"no {CONFIG_NAME} (expected a tokenizer directory saved by this project or "
+                                 f"open-muse){hint}")
     try:
         meta = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -185,9 +188,15 @@ def _find_taming_yaml(ckpt: Path) -> Path:
     configs = ckpt.parent.parent / "configs"
     beside = [y for y in sorted(ckpt.parent.glob("*.yaml")) if not y.name.endswith("-lightning.yaml")]
     candidates = [ckpt.with_suffix(".yaml"), *beside, *sorted(configs.glob("*project.yaml")), configs / "model.yaml"]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    found = [candidate for candidate in candidates if candidate.is_file()]
+    for candidate in found:  # the first that holds a VQModel (an environment.yaml that sorts first holds none) ...
+        try:
+            if "ddconfig" in OmegaConf.to_container(OmegaConf.load(candidate))["model"]["params"]:
+                return candidate
+        except Exception:  # noqa: BLE001 - a yaml of any other shape is not the model's
+            continue
+    if found:
+        return found[0]  # ... else the first, whose reading says what it lacks
     raise TokenizerLoadError(ckpt, "taming checkpoint without its yaml (put it beside the .ckpt or pass config=PATH)")
 
 

@@ -224,6 +224,12 @@ class VQTokenizer(nn.Module):
         Runs in the module's dtype, or under whatever autocast the caller opened
         (bf16 on CUDA for throughput); the nearest-code search is always float32.
         """
+        S = self.config.resolution
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, S, S) or not pixels.is_floating_point():
+            raise ValueError(f"expected preprocessed pixels, a float batch [B, 3, {S}, {S}] (tok.preprocess), got "
+                             f"{pixels.dtype} {list(pixels.shape)}")  # another size gave more tokens than an image has
+        if not len(pixels):
+            return torch.empty(0, self.tokens_per_image, dtype=torch.long, device=self.device)
         weight = self.encoder.conv_in.weight
         channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
         memory_format = torch.channels_last if channels_last else torch.contiguous_format  # follow the module
@@ -232,6 +238,8 @@ class VQTokenizer(nn.Module):
 
     def encode(self, images: Sequence[ImageLike] | Tensor) -> Tensor:
         """Images (a list of any supported image, or uint8 Tensor[B, C, H, W]) -> LongTensor[B, tokens_per_image]."""
+        if not len(images):
+            return torch.empty(0, self.tokens_per_image, dtype=torch.long, device=self.device)
         return self.encode_pixels(torch.stack([self.preprocess(image) for image in images]))
 
     @torch.no_grad()
