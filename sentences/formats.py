@@ -361,10 +361,17 @@ def tokens_per_image(paths: Sequence[str]) -> int | None:
 
 
 def longest_sentence(paths: Sequence[str]) -> int | None:
-    """The tokens of the longest sentence of these shards' folders, from their ``LENGTHS_NAME`` (None when none has
-    one): what a training row must hold to show every sentence whole."""
-    lengths = [_lengths_of(folder)[0] for folder in sorted({os.path.dirname(p) for p in paths})]
-    return max((int(found.max()) for found in lengths if len(found)), default=None)
+    """The tokens of the longest sentence of these shards, from their folders' ``LENGTHS_NAME`` (None when none says;
+    a damaged file says nothing here: a resume, which needs it, reports it)."""
+    longest = None
+    for path in paths:
+        try:
+            found = indexed_lengths(path)
+        except SentenceError:
+            continue
+        if found is not None and len(found):
+            longest = max(longest or 0, int(found.max()))
+    return longest
 
 
 def sentences_tokenizer(paths: Sequence[str]) -> dict | None:

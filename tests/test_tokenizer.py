@@ -313,3 +313,13 @@ def test_encode_takes_only_what_it_can_encode(tiny_tokenizer):
         with pytest.raises(ValueError, match=rf"expected preprocessed pixels, a float batch \[B, 3, {S}, {S}\]"):
             tiny_tokenizer.encode_pixels(bad)
     assert tiny_tokenizer.encode_pixels(torch.zeros(0, 3, S, S)).shape == (0, T) == tiny_tokenizer.encode([]).shape
+
+
+def test_whole_floats_in_a_configs_lists_still_load():
+    """yamls and open-muse configs write `ch_mult: [1.0, 2.0]`: the type checks refused them (review 67 #2)."""
+    config = tiny_vqgan_config()
+    assert tokenizer.VQGANConfig(**{**config.to_dict(), "channel_mult": [float(m) for m in config.channel_mult]}) == config
+    with pytest.raises(tokenizer.VQGANConfigError, match=r"channel_mult must be a list of whole numbers, got \[1\.5\]"):
+        tokenizer.VQGANConfig(**{**config.to_dict(), "channel_mult": [1.5]})
+    with pytest.raises(tokenizer.VQGANConfigError, match=r"value_range must be two numbers \(low, high\), got '01'"):
+        tokenizer.VQGANConfig(**{**config.to_dict(), "value_range": "01"})

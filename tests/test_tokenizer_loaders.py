@@ -297,6 +297,12 @@ def test_a_taming_run_copied_flat_finds_its_project_yaml(tmp_path: Path) -> None
     # any other yaml that sorts first holds no model either: it was taken, and the load refused (review 66 #1)
     (flat / "000-environment.yaml").write_text(yaml.safe_dump({"name": "env", "channels": ["conda-forge"]}))
     assert tokenizer.load(flat / "last.ckpt").tokens_per_image == 64
+    # the .ckpt's own yaml holding the model at its top level, as taming_config reads it, comes first (review 67 #3)
+    model = yaml.safe_load((flat / project.name).read_text())["model"]
+    (flat / "last.yaml").write_text(yaml.safe_dump(model))
+    model["params"]["n_embed"] *= 2
+    (flat / project.name).write_text(yaml.safe_dump({"model": model}))  # another model's
+    assert tokenizer.load(flat / "last.ckpt").tokens_per_image == 64
 
 
 def test_an_open_muse_class_other_than_vqganmodel_is_named(tmp_path: Path) -> None:

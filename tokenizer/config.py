@@ -67,10 +67,15 @@ class VQGANConfig:
             if isinstance(value, bool) != (spec.type == "bool") or not isinstance(value, wanted):
                 kind = {"bool": "true or false", "int": "a whole number", "float": "a number"}[spec.type]
                 raise VQGANConfigError(f"VQGANConfig: {spec.name} must be {kind}, got {value!r}")
-        for name in ("channel_mult", "attn_resolutions", "fsq_levels"):
+        for name in ("channel_mult", "attn_resolutions", "fsq_levels"):  # whole floats too: yamls write 1.0
             items = getattr(self, name)
-            if not isinstance(items, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            if not isinstance(items, (list, tuple)) or not all(
+                    isinstance(i, (int, float)) and not isinstance(i, bool) and float(i).is_integer() for i in items):
                 raise VQGANConfigError(f"VQGANConfig: {name} must be a list of whole numbers, got {items!r}")
+        value_range = self.value_range
+        if not isinstance(value_range, (list, tuple)) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value_range):
+            raise VQGANConfigError(f"VQGANConfig: value_range must be two numbers (low, high), got {value_range!r}")
         self.channel_mult = [int(m) for m in self.channel_mult]
         self.attn_resolutions = [int(r) for r in self.attn_resolutions]
         self.fsq_levels = [int(level) for level in self.fsq_levels]

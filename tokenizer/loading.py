@@ -91,8 +91,8 @@ def _key_summary(missing: list[str], unexpected: list[str]) -> str:
 def _read_directory(path: Path) -> tuple[VQGANConfig, dict[str, Tensor]]:
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
-        checkpoints = sorted(p.name for p in path.glob("*.ckpt"))  # a run's checkpoints folder, a taming download
-        hint = f"; it holds {', '.join(checkpoints[:3])}: give one of those files" if checkpoints else ""
+        checkpoints = sorted(p.name for p in [*path.glob("*.ckpt"), *path.glob("checkpoints/*.ckpt")])
+        hint = f"; it holds {', '.join(checkpoints[:3])}: a tokenizer's checkpoint is given as the file" if checkpoints else ""
         raise TokenizerLoadError(path, f"no {CONFIG_NAME} (expected a tokenizer directory saved by this project or "
                                  f"open-muse){hint}")
     try:
@@ -191,7 +191,8 @@ def _find_taming_yaml(ckpt: Path) -> Path:
     found = [candidate for candidate in candidates if candidate.is_file()]
     for candidate in found:  # the first that holds a VQModel (an environment.yaml that sorts first holds none) ...
         try:
-            if "ddconfig" in OmegaConf.to_container(OmegaConf.load(candidate))["model"]["params"]:
+            data = OmegaConf.to_container(OmegaConf.load(candidate))
+            if "ddconfig" in data.get("model", data)["params"]:  # where taming_config reads it
                 return candidate
         except Exception:  # noqa: BLE001 - a yaml of any other shape is not the model's
             continue
