@@ -21,8 +21,10 @@ install: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
+# One pytest-xdist worker per core, each with one torch thread (tests/conftest.py): the suite's tensors are too small
+# for a second thread to help, so this halves its time on a 2-core machine. `pytest tests/x.py` runs serially.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 8
 
 demo: $(VENV)/.installed
 	$(PY) -m lvm.demo --seed $(SEED)

@@ -53,7 +53,8 @@ def one_thread() -> Iterator[None]:
 
     The tests' tensors are tiny, so a second thread only adds contention: on a shared 2-core machine
     OpenMP threads spinning against other jobs made a tiny VQGAN step 10x slower (0.25 s vs 2-8 s)
-    and tiny decode steps ~12x slower.
+    and tiny decode steps ~12x slower. The other cores go to more tests: `make test` runs one pytest-xdist worker per
+    core.
     """
     threads, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
