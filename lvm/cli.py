@@ -8,6 +8,7 @@ have (checked before Lightning builds its Trainer).
 """
 
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,10 @@ from common.files import natural_key
 from common.options import SEEDS
 from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
+
+_REFUSED_RUN_FILES = frozenset({"config.yaml", "hparams.yaml"})
+"""What a run refused before its first step leaves in its logger folder: LightningCLI's copy of the config, and the
+hyperparameters a logger writes as it closes."""
 
 
 def requested_devices(devices: object) -> int | None:
@@ -237,6 +242,21 @@ class CLI(SeedCheckedCLI):
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
             raise ConfigError(f"trainer: {str(error).strip().splitlines()[0]}") from None
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Lightning's run, which makes each logger's `version_N` folder before the model and data check their
+        settings: a run refused there, before its first step, leaves no folder holding only its config (the next run
+        would be version_N+1 beside an empty one). A folder that held anything before this run stays."""
+        fresh = [Path(logger.log_dir) for logger in self.trainer.loggers
+                 if getattr(logger, "log_dir", None) and not Path(logger.log_dir).exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        except Exception as exc:
+            if user_error(exc) is not None and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                for folder in fresh:
+                    if folder.is_dir() and {path.name for path in folder.iterdir()} <= _REFUSED_RUN_FILES:
+                        shutil.rmtree(folder)
+            raise
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's step that reads the model's hyperparameters from `--ckpt_path` into the config, replaced: the

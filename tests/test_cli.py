@@ -233,6 +233,8 @@ def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_pa
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: data.image_size: 32, but model.tokenizer.resolution is 64; set both to the same size")
+    # refused in the data's setup, after Lightning made the logger's folder: none is left (review 61)
+    assert [path.name for path in (tmp_path / "run").rglob("*")] == ["lightning_logs"]
 
 
 def test_a_path_error_while_training_is_one_line_as_in_every_command(tmp_path, capsys):
