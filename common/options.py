@@ -9,6 +9,7 @@ release's hub ids live in `weights` (a layer above this one), so commands pass t
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 
@@ -39,6 +40,16 @@ def usable_cores() -> int:
 def default_workers() -> int:
     """Decoding processes per rank when none are asked for: one per usable core, at most 8."""
     return min(8, usable_cores())
+
+
+def decoding_start_method(workers: int) -> str | None:
+    """How the decoding workers of tokenize, annotate and probe start: from a fork server, never forked from the
+    command's process. FFmpeg (PyAV) keeps thread pools between calls; a fork copies a live pool's condition variables
+    with waiters that do not exist in the child, and the child's first frame conversion then blocks forever in
+    pthread_cond_destroy. That happened to a process that had decoded video itself (`--workers 0`, or an earlier
+    call of the same function) and then forked workers. None where there are no workers (the DataLoader's rule) or
+    no fork server (Windows)."""
+    return "forkserver" if workers > 0 and "forkserver" in multiprocessing.get_all_start_methods() else None
 
 
 def at_least(minimum: int) -> Callable[[str], int]:

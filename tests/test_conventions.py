@@ -271,7 +271,7 @@ def test_every_commands_loader_leaves_stop_signals_to_main(command, tmp_path, ti
 
     def recording(*args, **kwargs):
         given.append(kwargs)
-        return real(*args, **{**kwargs, "num_workers": 0})
+        return real(*args, **{**kwargs, "num_workers": 0, "multiprocessing_context": None})
 
     monkeypatch.setattr(module, "DataLoader", recording)
     write_images(tmp_path / "images", 2, size=40)
@@ -283,6 +283,9 @@ def test_every_commands_loader_leaves_stop_signals_to_main(command, tmp_path, ti
     assert main([*argv[command], "--workers", "1"]) == 0
     assert given and all(kwargs["num_workers"] == 1 for kwargs in given)
     assert all(kwargs.get("worker_init_fn") is leave_stop_signals_to_main for kwargs in given)
+    # video decoders start from a fork server: forked from a process with live FFmpeg thread pools, one hung
+    assert all(kwargs.get("multiprocessing_context") == ("forkserver" if command != "tokenizer.evaluate" else None)
+               for kwargs in given)
 
 
 def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, tiny_tokenizer_dir, capsys,

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import leave_stop_signals_to_main, warn
 from common.files import spec_holding
-from common.options import default_workers, names_of, usable_cores
+from common.options import decoding_start_method, default_workers, names_of, usable_cores
 from common.progress import Progress, log, skipped_text, wall_text
 from common.ranks import pick_device, ranks_from_env, worker_share
 from lvm.annotate import TASKS, AnnotateError, render
@@ -309,7 +309,8 @@ def _annotate(job: Job) -> Summary:
     processors = {role: m.processor for role, m in models.items()}
     dataset = UnitBatches(works, job.max_size, job.batch_size, processors)
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=device.type == "cuda",
-                        worker_init_fn=leave_stop_signals_to_main)
+                        worker_init_fn=leave_stop_signals_to_main,
+                        multiprocessing_context=decoding_start_method(job.workers))
     progress = Progress(len(works), prefix)
     outputs: dict[int, dict[str, UnitOutput]] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:

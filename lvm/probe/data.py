@@ -25,6 +25,7 @@ from tqdm import tqdm
 import tokenizer
 from common.errors import leave_stop_signals_to_main
 from common.files import IMAGE_SUFFIXES, expand_pattern, walk
+from common.options import decoding_start_method
 from lvm.probe import ProbeError
 from lvm.probe.cache import Cache
 from lvm.tokenize.decode import MEMBERS_ONLY
@@ -113,7 +114,8 @@ def read_split(
     encode = Encoder(tok)
     resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range)
     loader = DataLoader(UnitBatches(units, Options(), resize, batch_size), batch_size=None, num_workers=workers,
-                        pin_memory=encode.cuda, worker_init_fn=leave_stop_signals_to_main)
+                        pin_memory=encode.cuda, worker_init_fn=leave_stop_signals_to_main,
+                        multiprocessing_context=decoding_start_method(workers))
     rows: list[tuple[str, str, np.ndarray]] = []
     skipped: Counter = Counter()
     total = None if any(u.kind == "tar" for u in units) else sum(len(u.items) for u in units)

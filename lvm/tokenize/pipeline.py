@@ -26,7 +26,7 @@ import tokenizer
 import weights
 from common.errors import leave_stop_signals_to_main, warn
 from common.files import spec_holding, within
-from common.options import default_workers, usable_cores
+from common.options import decoding_start_method, default_workers, usable_cores
 from common.progress import Progress, Summary, log
 from common.ranks import pick_device, ranks_from_env, worker_share
 from common.vocab import CODEBOOK_SIZE
@@ -342,7 +342,8 @@ def run(job: Job) -> Summary:
     resize = Resize(tok.image_size, tok.config.resize, tok.config.value_range, video_mode)
     dataset = UnitBatches(todo.units, job.options, resize, job.batch_size)
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=encode.cuda,
-                        worker_init_fn=leave_stop_signals_to_main)
+                        worker_init_fn=leave_stop_signals_to_main,
+                        multiprocessing_context=decoding_start_method(job.workers))
     progress = Progress(len(todo.units), prefix)
     writers: dict[int, ShardWriter] = {}  # one open shard per worker at most
     variants = (ORIGINAL, *job.options.derive)
