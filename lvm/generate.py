@@ -139,7 +139,7 @@ class Decoder:
                 rows = rows.to(prompt.device)
                 logits = self.model(unique.to(prompt.device), input_pos=positions, last_only=True)[:, -1]
                 for cache in self.caches:
-                    cache.take_rows(rows)
+                    cache.take_rows(rows, prompt.shape[1])
                 return logits[rows]
         return self.model(prompt[:, start:], input_pos=positions, last_only=True)[:, -1]
 

@@ -185,10 +185,11 @@ class KVCache(nn.Module):
         self.v[:rows].index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[:rows], self.v[:rows]
 
-    def take_rows(self, rows: torch.Tensor) -> None:
-        """Row i of the cache becomes a copy of row ``rows[i]``."""
-        self.k.copy_(self.k[rows])
-        self.v.copy_(self.v[rows])
+    def take_rows(self, rows: torch.Tensor, length: int) -> None:
+        """Row i's first `length` positions become a copy of row ``rows[i]``'s. Only those: indexing copies what it
+        reads, and the whole cache was LVM-7B's 4096 positions of every row and layer for a 15-frame prompt."""
+        self.k[:, :, :length] = self.k[rows, :, :length]
+        self.v[:, :, :length] = self.v[rows, :, :length]
 
 
 class Attention(nn.Module):

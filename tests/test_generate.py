@@ -7,7 +7,7 @@ import torch
 
 from common.vocab import BOS_ID, CODEBOOK_SIZE
 from lvm.generate import GREEDY, Decoder, Sampling, context_frames, rollout, sample
-from lvm.model import LVM, LVMConfig
+from lvm.model import LVM, KVCache, LVMConfig
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,11 @@ def test_identical_rows_are_prefilled_once_and_decode_as_if_each_were(model):
         hook.remove()
     assert fed[0] == (2, 20) and set(fed[1:]) == {(4, 1)}
     assert torch.equal(cached, recompute(model, prompt, 30))
+    cache = KVCache(3, 8, 1, 2, torch.float32, "cpu")
+    cache.k.copy_(torch.arange(48.0).view(3, 1, 8, 2))
+    cache.take_rows(torch.tensor([2, 2, 0]), 5)  # the prompt's 5 positions only: the rest is not worth copying
+    assert cache.k[:, 0, :5].tolist() == [[[32.0 + i, 33.0 + i] for i in range(0, 10, 2)]] * 2 + [[[i, i + 1.0] for i in range(0, 10, 2)]]
+    assert torch.equal(cache.k[:, :, 5:], torch.arange(48.0).view(3, 1, 8, 2)[:, :, 5:])
 
 
 def test_a_rollout_from_no_frames_starts_after_bos_and_zero_frames_are_none(model):
