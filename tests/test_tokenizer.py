@@ -107,6 +107,13 @@ def test_sixteen_bit_images_keep_their_low_bytes(tiny_tokenizer: tokenizer.VQTok
 def test_transparent_pixels_become_white(tiny_tokenizer: tokenizer.VQTokenizer) -> None:
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # black, fully transparent
     assert torch.allclose(tiny_tokenizer.preprocess(Image.fromarray(rgba)), torch.ones(3, 64, 64))
+    # a 16-bit gray PNG whose tRNS chunk makes one gray value transparent: its left half (black) turns white
+    deep = np.zeros((64, 64), dtype=np.uint16)
+    deep[:, 32:] = 30000
+    png16 = io.BytesIO()
+    Image.fromarray(deep).save(png16, format="PNG", transparency=0)
+    x = tiny_tokenizer.preprocess(Image.open(png16))
+    assert torch.equal(x[:, :, :32], torch.ones(3, 64, 32)) and torch.allclose(x[:, :, 32:], torch.full((3, 64, 32), 30000 / 65535))
 
 
 @pytest.mark.parametrize("resize", ["stretch", "center_crop"])

@@ -28,19 +28,21 @@ UNREADABLE_IMAGE = (OSError, Image.UnidentifiedImageError, ValueError, SyntaxErr
 bomb is no OSError; a damaged EXIF block raises struct.error or TypeError when the orientation is applied): the
 one list every reader of image files skips or reports."""
 
-_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PNG 16-bit grayscale opens as one of these
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})  # PNG 16-bit grayscale opens as one of these
 
 
 def _pil_to_array(image: Image.Image) -> np.ndarray:
     """PIL image -> HxWxC float32 in [0, 1], C in {1, 2, 3, 4} (alpha last). A 32-bit integer image past 16 bits or
     a float image outside [0, 1] (a depth map in metres, a float export) has no range to read it in: a ValueError,
     which every reader skips and reports, rather than the flat white picture clipping made of it."""
-    if image.mode in _SIXTEEN_BIT_MODES:
+    if image.mode in SIXTEEN_BIT_MODES:
         array = np.asarray(image, dtype=np.float32)
         if array.size and (array.min() < 0 or array.max() > 65535):
             raise ValueError(f"32-bit integer image with values in [{array.min():g}, {array.max():g}]: no known range; "
                              "save it with 8 or 16 bits")
-        return (array / 65535.0)[..., None]
+        gray = (array / 65535.0)[..., None]
+        key = image.info.get("transparency")  # a 16-bit gray PNG's tRNS: the one gray value that is transparent
+        return np.concatenate([gray, (array != key)[..., None]], -1, dtype=np.float32) if isinstance(key, int) else gray
     if image.mode == "F":
         array = np.asarray(image, dtype=np.float32)
         if array.size and not (np.isfinite(array).all() and array.min() >= 0 and array.max() <= 1):

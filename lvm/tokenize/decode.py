@@ -27,7 +27,7 @@ from webdataset.tariterators import base_plus_ext, group_by_keys
 from common.files import IMAGE_SUFFIXES, tar_is_complete
 from lvm.palette import colour_labels, label_palette
 from lvm.tokenize.sources import Item, Unit, safe_key
-from tokenizer.preprocess import to_rgb_float
+from tokenizer.preprocess import SIXTEEN_BIT_MODES, to_rgb_float
 
 REASONS = (
     "empty_file",  # a zero-byte image, tar, video or tar member
@@ -53,7 +53,6 @@ REORDER_FRAMES = 16
 """How far, in frame periods, a frame's time may lie before the latest and still be a late frame of the same
 timeline: the most B-frames an encoder reorders (x264 and FFmpeg cap them at 16)."""
 _DURATION_TAG = re.compile(r"(?P<h>\d+):(?P<m>\d\d):(?P<s>\d\d(?:\.\d+)?)")
-_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 PALETTE = label_palette()
 _TRANSPOSING = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
@@ -107,7 +106,7 @@ def to_labels(img: Image.Image) -> np.ndarray | None:
     """
     if img.mode in ("L", "P", "1"):
         return np.asarray(img, dtype=np.uint8)
-    if img.mode in _SIXTEEN_BIT:
+    if img.mode in SIXTEEN_BIT_MODES:
         return (np.asarray(img, dtype=np.int64) % 256).astype(np.uint8)
     rgb = np.asarray(img.convert("RGB"))
     if (rgb[:, :, 0] == rgb[:, :, 1]).all() and (rgb[:, :, 0] == rgb[:, :, 2]).all():
