@@ -183,7 +183,8 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 class TrainingProgress(Callback):
     """Plain progress lines for runs whose logs are files (the configs turn Lightning's redrawn bar off): on rank 0,
     at most every `every_s` seconds, `step N/M (p%) | loss L | s/step | ETA H:MM:SS`, and at the end one summary
-    line with the steps of this run, its wall time, the last loss and the checkpoint folder."""
+    line with the steps of this run, its wall time, the last loss, the checkpoint folder and, for data that can hold
+    unreadable images (the tokenizer's), how many were skipped on all devices."""
 
     def __init__(self, every_s: float = 60.0) -> None:
         self.every_s = every_s
@@ -219,11 +220,16 @@ class TrainingProgress(Callback):
                   "--trainer.max_steps to continue (a wsd schedule extends: docs/training.md)", file=sys.stderr, flush=True)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        unreadable = getattr(trainer.datamodule, "unreadable", None)  # tokenizer.data.UnreadableCount, where counted
+        skipped = ""
+        if unreadable is not None:  # a sum over ranks: every rank takes part
+            count = int(trainer.strategy.reduce(torch.tensor(unreadable.value, device=pl_module.device), reduce_op="sum"))
+            skipped = f"; {count:,} unreadable input{'s' * (count != 1)} skipped (warned above)"
         if not trainer.is_global_zero:
             return
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)  # its final save comes after this line
         print(f"trained steps {self._first_step:,}..{trainer.global_step:,} in {clock(time.monotonic() - self._start)}; "
-              f"last loss {self._loss(trainer)}; checkpoints in {folder or 'none'}", file=sys.stderr, flush=True)
+              f"last loss {self._loss(trainer)}; checkpoints in {folder or 'none'}{skipped}", file=sys.stderr, flush=True)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

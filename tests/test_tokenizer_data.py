@@ -436,6 +436,25 @@ def test_an_unreadable_training_image_is_told_once(tmp_path: Path, capsys) -> No
         assert len(list(loader)) == 2
     told = capsys.readouterr().err
     assert told.count("unreadable image skipped") == 1 and "warning: " + str(tmp_path / "images" / "broken.png") in told
+    assert data.unreadable.value == 1  # the count of the run's last line
+
+
+def test_unreadable_images_are_counted_across_worker_processes(tmp_path: Path) -> None:
+    """Each worker warns about a bad file it meets once; the count of the run's last line sums the workers' (held
+    in a worker, it ended with it), for folders and shards alike."""
+    write_images(tmp_path / "images", 7, size=8, seed=3)
+    for name in ("broken.png", "empty.jpg"):
+        (tmp_path / "images" / name).write_bytes(b"not an image"[: 4 * (name == "broken.png")])
+    folder = ImageDataModule(train=str(tmp_path / "images"), image_size=8, batch_size=3, num_workers=2)
+    loader = folder.train_dataloader()
+    for _ in range(2):
+        assert len(list(loader)) == 3
+    assert 2 <= folder.unreadable.value <= 4  # two bad files, each met by one or both workers, each once
+    (tmp_path / "shards").mkdir()
+    _write_shard(tmp_path / "shards" / "images-000000.tar", sorted((tmp_path / "images").glob("0*.png")))
+    shards = ImageDataModule(train=str(tmp_path / "shards"), image_size=8, batch_size=3, num_workers=2)
+    assert sum(len(batch) for batch in shards.train_dataloader()) == 6  # 7 members, the second unreadable
+    assert shards.unreadable.value == 1  # a shard is read by one worker: its bad member once
 
 
 def test_evaluate_skips_an_image_too_large_to_open(tiny_tokenizer_dir: Path, tmp_path: Path, monkeypatch) -> None:

@@ -37,6 +37,7 @@ def _l1(model: tokenizer.VQTokenizer, images: torch.Tensor) -> float:
 
 def test_tiny_fit_lowers_reconstruction_resumes_and_checkpoint_loads(tmp_path: Path, monkeypatch, capsys) -> None:
     write_images(tmp_path / "train", 16, size=64, seed=0)
+    (tmp_path / "train" / "broken.png").write_bytes(b"not a png")  # skipped, and counted in the last line
     write_images(tmp_path / "val", 4, size=64, seed=1)
     monkeypatch.chdir(tmp_path)  # the config writes runs/vqgan_tiny/ in the working directory
     fit = [
@@ -51,7 +52,8 @@ def test_tiny_fit_lowers_reconstruction_resumes_and_checkpoint_loads(tmp_path: P
     ]
     lightning_cli([*fit, "--trainer.max_steps=12"])
     lightning_cli([*fit, "--trainer.max_steps=16", "--ckpt_path", "last"])  # continues; does not start over
-    assert "trained steps 12..16 in " in capsys.readouterr().err  # the summary line of TrainingProgress
+    last = capsys.readouterr().err.splitlines()[-1]  # the summary line of TrainingProgress
+    assert last.startswith("trained steps 12..16 in ") and last.endswith("; 1 unreadable input skipped (warned above)")
     first, resumed = (list(csv.DictReader((tmp_path / f"runs/vqgan_tiny/lightning_logs/version_{v}/metrics.csv").open()))
                       for v in (0, 1))
     assert [int(row["step"]) for row in resumed if row.get("train/loss")] == [14]  # logged every 5 steps from 12

@@ -813,7 +813,7 @@ def test_training_progress_line_measures_this_runs_steps_and_prints_at_most_ever
     clock = iter([100.0, 110.0, 112.0, 114.0])
     monkeypatch.setattr("lvm.callbacks.time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     trainer = types.SimpleNamespace(global_step=10, max_steps=20, is_global_zero=True, checkpoint_callback=None,
-                                    callback_metrics={"train/loss": torch.tensor(1.23456)})
+                                    callback_metrics={"train/loss": torch.tensor(1.23456)}, datamodule=None)
     progress = TrainingProgress(every_s=5)
     progress.on_train_start(trainer, None)
     trainer.global_step = 15

@@ -3,7 +3,7 @@
 Batches are FloatTensor[B, 3, S, S] in [0, 1]; the LightningModule maps them to its
 checkpoint's value range. Training crops: shorter side to S, random SxS crop,
 random horizontal flip; validation: shorter side to S, centre crop. Unreadable
-images are skipped with a warning naming the file and never stop a run.
+images are skipped with a warning naming the file and never stop a run; the run's last line counts them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import multiprocessing
 import os
 import random
 import tarfile
@@ -64,16 +65,35 @@ def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
     return lambda image: crop(resize(cut_aspect(to_rgb_float(image), train))).clamp(0.0, 1.0)
 
 
+class UnreadableCount:
+    """How many unreadable images a run's loaders warned about, summed over their worker processes: an integer in
+    shared memory, as each worker's own count would end with the worker."""
+
+    def __init__(self) -> None:
+        self._shared = multiprocessing.Value("q", 0)
+
+    def add(self) -> None:
+        with self._shared.get_lock():
+            self._shared.value += 1
+
+    @property
+    def value(self) -> int:
+        return self._shared.value
+
+
 class ImageFolder(Dataset):
     """Every image file under a folder (`files`, when the caller listed them already); an unreadable file is warned
-    about once (per DataLoader worker) and replaced by the next readable one, so batches keep their size."""
+    about once (per DataLoader worker), counted in `unreadable`, and replaced by the next readable one, so batches
+    keep their size."""
 
-    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor], files: list[Path] | None = None) -> None:
+    def __init__(self, root: str | Path, transform: Callable[[Image.Image], Tensor], files: list[Path] | None = None,
+                 unreadable: UnreadableCount | None = None) -> None:
         self.root, self.files = root, image_files(root) if files is None else files
         if not self.files:
             raise TrainingDataError(root, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self.transform = transform
         self.warned: set[Path] = set()  # an ImageNet-size folder with 0.1% bad files warned 1,300 times an epoch
+        self.unreadable = unreadable or UnreadableCount()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -87,6 +107,7 @@ class ImageFolder(Dataset):
             except UNREADABLE_IMAGE as err:
                 if path not in self.warned:
                     self.warned.add(path)
+                    self.unreadable.add()
                     warn(f"{path}: unreadable image skipped (told once; the next image takes its place): {err}")
         raise TrainingDataError(self.root, f"no readable image among its {len(self.files)} image files")
 
@@ -134,33 +155,36 @@ class _CheckedPass:
 
 
 def webdataset_images(
-    urls: str | list[str], transform: Callable[[Image.Image], Tensor], train: bool, seed: int = 0
+    urls: str | list[str], transform: Callable[[Image.Image], Tensor], train: bool, seed: int = 0,
+    unreadable: UnreadableCount | None = None,
 ) -> IterableDataset:
     """Images from webdataset shards: a list of local shards (checked to hold images: shards that give no image
     would leave training waiting on an empty stream, with no step ever run) or a remote URL pattern.
-    Bad samples are warned about and skipped. For training, each rank's and worker's shards in an order drawn from
+    Bad samples are warned about, counted in `unreadable` and skipped. For training, each rank's and worker's shards in an order drawn from
     `seed` and the pass (webdataset's `detshuffle`), then samples mixed in a buffer of 1000 drawn from `seed`: left to
     webdataset, every pass and every start took the same shard order and the buffer was seeded by the clock."""
     if isinstance(urls, list):
         _check_holds_images(urls[0])
+    skip = functools.partial(_skip_with_warning, unreadable=unreadable or UnreadableCount())
     dataset = wds.WebDataset(
         urls,
         shardshuffle=100 if train else False,
         detshuffle=True,
         seed=seed,
         nodesplitter=wds.split_by_node,
-        handler=_skip_with_warning,
+        handler=skip,
         empty_check=False,
     )
     if train:
         dataset = dataset.shuffle(1000, rng=random.Random(seed))
-    return dataset.map(functools.partial(_decode_sample, transform=transform), handler=_skip_with_warning)
+    return dataset.map(functools.partial(_decode_sample, transform=transform), handler=skip)
 
 
-def _skip_with_warning(error: Exception) -> bool:
-    """webdataset's handler for a bad sample or shard: log it and go on. Its own `warn_and_continue` sleeps half a
-    second per bad sample and names only a BytesIO object."""
+def _skip_with_warning(error: Exception, unreadable: UnreadableCount) -> bool:
+    """webdataset's handler for a bad sample or shard: log it, count it and go on. Its own `warn_and_continue`
+    sleeps half a second per bad sample and names only a BytesIO object."""
     warn(f"{error} (skipped)")
+    unreadable.add()
     return True
 
 
@@ -222,20 +246,21 @@ class ImageDataModule(LightningDataModule):
                 _check_source(source)
         self.train, self.val = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.unreadable = UnreadableCount()  # training's and validation's, for the run's last line
 
     def _dataset(self, source: str, train: bool) -> Dataset | IterableDataset:
         """A folder with image files is read as images; anything else names shards as every command does
         (`expand_shards`: a folder of tars, a glob, a brace pattern), or is a remote webdataset URL."""
         transform = make_transform(self.image_size, train)
         if any(marker in source for marker in ("://", "pipe:")):
-            return webdataset_images(source, transform, train, self._order_seed())
+            return webdataset_images(source, transform, train, self._order_seed(), self.unreadable)
         folder = Path(source).is_dir()
         images, tars = _listing(source) if folder else ([], [])
         if images:
             if tars:  # read as images only, the shards would be left out without a word
                 raise TrainingDataError(source, f"holds both image files and {len(tars)} .tar shards; name one kind "
                                                 f"(a glob such as {Path(source) / '*.tar'}, or a folder of images)")
-            return ImageFolder(source, transform, images)
+            return ImageFolder(source, transform, images, self.unreadable)
         try:
             shards = expand_shards(source)
         except ShardPatternError:
@@ -247,7 +272,7 @@ class ImageDataModule(LightningDataModule):
         if len(shards) < world:  # the devices without one stopped saying their shards held no readable image
             raise TrainingDataError(source, f"{len(shards)} shard{'s' * (len(shards) != 1)} for {world} devices: each "
                                             f"device reads whole shards; give at least {world}, or a folder of images")
-        return webdataset_images(shards, transform, train, self._order_seed())
+        return webdataset_images(shards, transform, train, self._order_seed(), self.unreadable)
 
     def _order_seed(self) -> int:
         """The seed of the training order of this start: the run's (`seed_everything`, which Lightning passes on as
