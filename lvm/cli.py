@@ -7,10 +7,12 @@ as one line, not a traceback, and so is a config asking for GPUs this machine do
 have (checked before Lightning builds its Trainer).
 """
 
+import logging
 import re
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +31,11 @@ from common.files import natural_key
 from common.options import SEEDS
 from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
+
+# Two lines of every run's log that say nothing about it: Lightning's advert for its cloud logger, and a deprecation
+# inside Lightning's own pytree helper under this torch (Lightning's to change, not the user's).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 _REFUSED_RUN_FILES = frozenset({"config.yaml", "hparams.yaml"})
 """What a run refused before its first step leaves in its logger folder: LightningCLI's copy of the config, and the
