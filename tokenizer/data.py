@@ -160,9 +160,10 @@ def webdataset_images(
 ) -> IterableDataset:
     """Images from webdataset shards: a list of local shards (checked to hold images: shards that give no image
     would leave training waiting on an empty stream, with no step ever run) or a remote URL pattern.
-    Bad samples are warned about, counted in `unreadable` and skipped. For training, each rank's and worker's shards in an order drawn from
-    `seed` and the pass (webdataset's `detshuffle`), then samples mixed in a buffer of 1000 drawn from `seed`: left to
-    webdataset, every pass and every start took the same shard order and the buffer was seeded by the clock."""
+    Bad samples are warned about, counted in `unreadable` and skipped. For training, each rank's and worker's shards
+    in an order drawn from `seed` and the pass (webdataset's `detshuffle`), then samples mixed in a buffer of 1000
+    drawn from `seed`: left to webdataset, every pass and every start took the same shard order and the buffer was
+    seeded by the clock."""
     if isinstance(urls, list):
         _check_holds_images(urls[0])
     skip = functools.partial(_skip_with_warning, unreadable=unreadable or UnreadableCount())
