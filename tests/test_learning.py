@@ -45,6 +45,19 @@ a time): other models, as the other kernels make them, within the same spread.
 
 There ppl(4)/ppl(1) is 0.11..0.34 (mean 0.21; the fall, 0.79, is 3.5x the spread 0.23), ppl(8)/ppl(0) at most 0.34
 and the control's rise 6.2x..14.6x: every threshold holds with the margins above.
+
+And on an AMD EPYC (family 25 model 17, AVX-512), 2026-12-07, measured the same way:
+
+| seed | k=0 | k=1 | k=4 | k=5..7 | k=8 | ppl(4)/ppl(1) | ppl(8)/ppl(0) | k=8, reversed | reversed / in order |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+| 0 | 417.6 | 364.0 | 52.4 | 51.3..52.7 | 51.5 | 0.144 | 0.123 | 638.1 | 12.4x |
+| 1 | 513.8 | 435.6 | 59.4 | 57.8..62.9 | 63.4 | 0.136 | 0.123 | 717.3 | 11.3x |
+| 2 | 864.9 | 529.4 | 105.0 | 105.0..105.0 | 105.0 | 0.198 | 0.121 | 1393.4 | 13.3x |
+| 3 | 263.3 | 252.9 | 82.9 | 83.3..84.0 | 82.7 | 0.328 | 0.314 | 955.6 | 11.6x |
+| 4 | 834.0 | 533.8 | 74.8 | 76.4..78.1 | 78.3 | 0.140 | 0.094 | 671.5 | 8.6x |
+
+There ppl(4)/ppl(1) is 0.14..0.33 (mean 0.19; the fall, 0.81, is 4.2x the spread 0.19), ppl(8)/ppl(0) at most 0.31
+and the control's rise 8.6x..13.3x.
 """
 
 from __future__ import annotations
