@@ -252,20 +252,30 @@ class LVMDataModule(L.LightningDataModule):
                 print(self._skip_note(), file=sys.stderr, flush=True)
 
     def _skip_note(self) -> str:
-        """The resume's one line: where the shards have no lengths.npy, each reader re-reads what it already gave
-        this epoch before its first batch, which late in an epoch takes long enough to pass for a hang."""
+        """The resume's one line: a reader whose shards have no lengths.npy re-reads what it already gave this epoch
+        before its first batch, which late in an epoch takes long enough to pass for a hang. Each reader decides for
+        its own shards (`PackedStream`), so with some folders built before lengths.npy only some readers re-read."""
         head = f"resuming epoch {self.epoch} after {self.batches_consumed:,} batches per device: "
+        by_folder: dict[str, list[str]] = {}
+        for path in self._paths["train_shards"]:
+            by_folder.setdefault(os.path.dirname(path), []).append(path)
         try:
-            known = has_lengths(self._paths["train_shards"])
+            lacking = [folder for folder, shards in by_folder.items() if not has_lengths(shards)]
         except SentenceError as e:
             raise ConfigError(f"data.train_shards: {e}") from None
-        if known:
+        if not lacking:
             return head + "each reader finds its place from the sentence lengths (lengths.npy) and reads only the shards it still needs"
         readers = max(1, self.num_workers)
         batches = -(-self.batches_consumed // readers)  # the most any worker skips (its share of the round-robin)
         tokens = batches * self.batch_size * (self.seq_len + 1)
+        if len(lacking) == len(by_folder):
+            who = f"each of its readers ({readers} per device)"
+        else:
+            more = f" and {len(lacking) - 1:,} more" if len(lacking) > 1 else ""
+            who = (f"each reader ({readers} per device) with shards of {lacking[0]}{more} (the other folders have "
+                   "lengths.npy)")
         return head + (
-            f"each of its readers ({readers} per device) first re-reads ~{tokens:,} tokens ({batches:,} batches) to skip "
-            f"them, ~{clock(tokens / _SKIP_TOKENS_PER_S)} at the ~{_SKIP_TOKENS_PER_S / 1e6:g}M tokens/s per reader of a "
+            f"{who} first re-reads ~{tokens:,} tokens ({batches:,} batches) to skip them, "
+            f"~{clock(tokens / _SKIP_TOKENS_PER_S)} at the ~{_SKIP_TOKENS_PER_S / 1e6:g}M tokens/s per reader of a "
             "2-core CPU (shards without lengths.npy: run their sentences.build again, which keeps them and adds it)"
         )
