@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import multiprocessing
 import re
 import shutil
 import sys
@@ -29,6 +30,7 @@ from tokenizer.data import (
     RESUME_SEED_STRIDE,
     ImageDataModule,
     TrainingDataError,
+    UnreadableCount,
     image_files,
     make_transform,
     webdataset_images,
@@ -437,6 +439,23 @@ def test_an_unreadable_training_image_is_told_once(tmp_path: Path, capsys) -> No
     told = capsys.readouterr().err
     assert told.count("unreadable image skipped") == 1 and "warning: " + str(tmp_path / "images" / "broken.png") in told
     assert data.unreadable.value == 1  # the count of the run's last line
+
+
+def test_the_unreadable_count_is_shared_with_workers_of_any_start_method_and_fresh_on_each_rank(tmp_path) -> None:
+    """A lock made in the fork context cannot go to forkserver or spawn workers (the start method the decoding
+    commands use); and ranks forked from the process that built the module (ddp_fork) must not share its count,
+    or the sum over ranks counts each image once per rank (review of session 25)."""
+    count = UnreadableCount()
+    for method in ("fork", "forkserver", "spawn"):
+        worker = multiprocessing.get_context(method).Process(target=count.add)
+        worker.start()
+        worker.join()
+    assert count.value == 3
+    write_images(tmp_path / "images", 2, size=8, seed=3)
+    data = ImageDataModule(train=str(tmp_path / "images"), image_size=8, batch_size=2, num_workers=0)
+    built = data.unreadable
+    data.setup("fit")  # on each rank, after the launch
+    assert data.unreadable is not built
 
 
 def test_unreadable_images_are_counted_across_worker_processes(tmp_path: Path) -> None:

@@ -67,10 +67,12 @@ def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
 
 class UnreadableCount:
     """How many unreadable images a run's loaders warned about, summed over their worker processes: an integer in
-    shared memory, as each worker's own count would end with the worker."""
+    shared memory, as each worker's own count would end with the worker. Its lock is made for spawned processes,
+    which fork, forkserver and spawn workers can all share (one made in the default fork context cannot be sent
+    to forkserver or spawn workers)."""
 
     def __init__(self) -> None:
-        self._shared = multiprocessing.Value("q", 0)
+        self._shared = multiprocessing.get_context("spawn").Value("q", 0)
 
     def add(self) -> None:
         with self._shared.get_lock():
@@ -248,6 +250,11 @@ class ImageDataModule(LightningDataModule):
         self.train, self.val = train, val
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.unreadable = UnreadableCount()  # training's and validation's, for the run's last line
+
+    def setup(self, stage: str) -> None:
+        """A count of this rank's own: ranks forked from the process that built this module (`ddp_fork`, Lightning's
+        choice in a notebook) would share its counter, and the sum over ranks would count each image once per rank."""
+        self.unreadable = UnreadableCount()
 
     def _dataset(self, source: str, train: bool) -> Dataset | IterableDataset:
         """A folder with image files is read as images; anything else names shards as every command does
