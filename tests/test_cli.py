@@ -221,18 +221,20 @@ def test_ckpt_path_keeps_the_model_settings_of_the_command_line(tmp_path):
     assert parsed["lr"] == 1e-3 and parsed["min_lr"] == 1e-5  # the yaml's, and the command line's
 
 
-def test_tokenizer_images_of_another_size_than_its_resolution_are_refused(tmp_path, capsys):
-    """The checkpoint records the resolution every later user resizes to: training at another size is a mistake."""
+@pytest.mark.parametrize("setting, problem", [
+    ("--data.init_args.image_size=32", "data.image_size: 32, but model.tokenizer.resolution is 64"),
+    ("--data.init_args.resize=center_crop", "data.resize: center_crop, but model.tokenizer.resize is stretch")])
+def test_tokenizer_images_prepared_otherwise_than_it_encodes_are_refused(tmp_path, capsys, setting, problem):
+    """The checkpoint records the resolution and resize every later user prepares images by: training at another
+    size, or on crops for a tokenizer that will encode squeezed images, is a mistake."""
     (tmp_path / "img").mkdir()
     for name in ("a.png", "b.png"):
         Image.new("RGB", (40, 40)).save(tmp_path / "img" / name)
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "-c", "configs/vqgan_tiny.yaml", f"--data.init_args.train={tmp_path / 'img'}",
-              f"--data.init_args.val={tmp_path / 'img'}", "--data.init_args.image_size=32",
-              f"--trainer.default_root_dir={tmp_path / 'run'}"])
+              f"--data.init_args.val={tmp_path / 'img'}", setting, f"--trainer.default_root_dir={tmp_path / 'run'}"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: data.image_size: 32, but model.tokenizer.resolution is 64; set both to the same size")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {problem}; set both to the same value"
     # refused in the data's setup, after Lightning made the logger's folder: none is left (review 61)
     assert [path.name for path in (tmp_path / "run").rglob("*")] == ["lightning_logs"]
 

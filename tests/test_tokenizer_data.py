@@ -21,6 +21,8 @@ import pytest
 import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 import tokenizer
 from common.errors import UserError, lightning_worker_init
@@ -38,7 +40,7 @@ from tokenizer.data import (
 from tokenizer.evaluate import MAX_PSNR, image_psnr
 from tokenizer.evaluate import main as evaluate_main
 from tokenizer.lpips import load_lpips
-from tokenizer.preprocess import MAX_ASPECT, cut_aspect, preprocess_image
+from tokenizer.preprocess import MAX_ASPECT, cut_aspect, preprocess_image, to_rgb_float
 from tokenizer.synthetic import write_images
 
 
@@ -51,16 +53,36 @@ def _write_shard(path: Path, images: list[Path]) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_training_transform_keeps_the_aspect_and_crops() -> None:
-    """Shorter side to the size, then a crop: a 32x64 image of four vertical bands becomes 16x32, whose centre crop
-    holds the middle two bands undistorted (a stretch to 16x16 would squeeze all four in)."""
+def test_training_images_have_the_geometry_the_tokenizer_encodes_with() -> None:
+    """A 32x64 image of four vertical bands. A `stretch` tokenizer encodes it squeezed to 16x16, all four bands in:
+    training and validation show it the same squeeze, in validation exactly what `encode` gets. A `center_crop`
+    tokenizer encodes the middle two bands undistorted: validation gives that window, training a window of the
+    shorter side at 16 (never a band squeezed), flipped at random."""
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
     bands = np.zeros((32, 64, 3), np.uint8)
-    for k, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]):
+    for k, colour in enumerate(colours):
         bands[:, 16 * k : 16 * (k + 1)] = colour
-    crop = make_transform(16, train=False)(Image.fromarray(bands))
-    assert crop.shape == (3, 16, 16)
-    torch.testing.assert_close(crop[:, :, :6].mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.05, rtol=0)
-    torch.testing.assert_close(crop[:, :, -6:].mean((1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.05, rtol=0)
+    image = Image.fromarray(bands)
+    for resize in ("stretch", "center_crop"):
+        torch.testing.assert_close(make_transform(16, False, resize)(image), preprocess_image(image, 16, resize, (0, 1)))
+    squeezed = make_transform(16, train=False, resize="stretch")(image)
+    torch.testing.assert_close(squeezed[:, :, 1:3].mean((1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(squeezed[:, :, -3:-1].mean((1, 2)), torch.tensor([1.0, 1.0, 0.0]), atol=0.05, rtol=0)
+    window = make_transform(16, train=False, resize="center_crop")(image)
+    torch.testing.assert_close(window[:, :, :6].mean((1, 2)), torch.tensor([0.0, 1.0, 0.0]), atol=0.05, rtol=0)
+    torch.testing.assert_close(window[:, :, -6:].mean((1, 2)), torch.tensor([0.0, 0.0, 1.0]), atol=0.05, rtol=0)
+    stretched = preprocess_image(image, 16, "stretch", (0, 1))
+    shorter_side = TF.resize(to_rgb_float(image), 16, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    windows = [shorter_side[..., left : left + 16].clamp(0, 1) for left in range(17)]
+    torch.manual_seed(0)
+    drawn = {"stretch": set(), "center_crop": set()}  # (window, flipped) of each training image
+    for _ in range(30):
+        for resize, candidates in (("stretch", [stretched]), ("center_crop", windows)):
+            x = make_transform(16, train=True, resize=resize)(image)
+            drawn[resize] |= {(n, flip) for n, window in enumerate(candidates) for flip in (False, True)
+                              if torch.allclose(x, window.flip(-1) if flip else window, atol=1e-6)}
+    assert drawn["stretch"] == {(0, False), (0, True)}
+    assert {flip for _, flip in drawn["center_crop"]} == {False, True} and len(drawn["center_crop"]) > 10
 
 
 def test_a_banner_is_cut_before_it_is_resized() -> None:
@@ -68,8 +90,8 @@ def test_a_banner_is_cut_before_it_is_resized() -> None:
     256) per image, per DataLoader worker, to keep 1/3000 of them. Training, validation and a centre-crop tokenizer's
     preprocessing cut it to 4:1 first; a 4:1 photo keeps every pixel of the plain resize."""
     banner = Image.fromarray(np.full((1, 3000, 3), 128, np.uint8))
-    for convert in (make_transform(64, train=True), make_transform(64, train=False),
-                    lambda image: preprocess_image(image, 64, "center_crop", (0.0, 1.0))):
+    for convert in (make_transform(64, True, "center_crop"), make_transform(64, False, "center_crop"),
+                    make_transform(64, True, "stretch"), lambda image: preprocess_image(image, 64, "center_crop", (0.0, 1.0))):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
             out = convert(banner)
         torch.testing.assert_close(out, torch.full((3, 64, 64), 128 / 255))
@@ -83,22 +105,12 @@ def test_a_banner_is_cut_before_it_is_resized() -> None:
 
 
 def test_training_takes_a_random_window_of_a_banner() -> None:
-    """A 16 x 640 ramp (40:1), dark to light: training sees windows from all along it, not only the centre's."""
+    """A 16 x 640 ramp (40:1), dark to light: training a `center_crop` tokenizer sees windows from all along it, not
+    only the centre's."""
     ramp = np.tile(np.linspace(0, 255, 640).astype(np.uint8)[None, :, None], (16, 1, 3))
     torch.manual_seed(0)
-    means = [float(make_transform(16, train=True)(Image.fromarray(ramp)).mean()) for _ in range(30)]
+    means = [float(make_transform(16, True, "center_crop")(Image.fromarray(ramp)).mean()) for _ in range(30)]
     assert max(means) - min(means) > 0.5  # the central 64-column window alone spans 0.45..0.55
-
-
-def test_training_transform_flips_half_the_images() -> None:
-    """Red left, blue right, already S x S (the crop keeps it whole): training sees both orientations, validation one."""
-    halves = np.zeros((16, 16, 3), np.uint8)
-    halves[:, :8, 0] = halves[:, 8:, 2] = 255
-    image = Image.fromarray(halves)
-    torch.manual_seed(0)
-    red_left = [bool(make_transform(16, train=True)(image)[0, :, :8].mean() > 0.5) for _ in range(20)]
-    assert 0 < sum(red_left) < 20
-    assert float(make_transform(16, train=False)(image)[0, :, :8].mean()) > 0.5
 
 
 def test_folder_and_webdataset_sources_give_unit_range_batches(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """Training images for the VQGAN: a folder of image files or webdataset shards.
 
 Batches are FloatTensor[B, 3, S, S] in [0, 1]; the LightningModule maps them to its
-checkpoint's value range. Training crops: shorter side to S, random SxS crop,
-random horizontal flip; validation: shorter side to S, centre crop. Unreadable
+checkpoint's value range. The geometry is the tokenizer's own (its `resize`): `stretch` squeezes the
+whole image to SxS, `center_crop` takes a random SxS window of the image with its shorter side at S
+(the centre in validation); training also flips at random. Unreadable
 images are skipped with a warning naming the file and never stop a run; the run's last line counts them.
 """
 
@@ -28,7 +29,8 @@ from torchvision.transforms import v2
 
 from common.errors import UserError, check_settings, lightning_worker_init, warn
 from common.files import IMAGE_SUFFIXES, ShardPatternError, expand_shards, walk
-from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, to_rgb_float
+from tokenizer.config import ResizeMode
+from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, resize_square, to_rgb_float
 
 RESUME_SEED_STRIDE = 1_000_003  # a resumed start's order seed is the run's + this x its step (a prime: no overlap with
 # the seed + epoch that DistributedSampler draws each epoch from, for runs of fewer epochs than this)
@@ -56,13 +58,19 @@ def _listing(root: str | Path) -> tuple[list[Path], list[Path]]:
     return sorted(images), tars
 
 
-def make_transform(size: int, train: bool) -> Callable[[Image.Image], Tensor]:
-    """Turned as EXIF says (`to_rgb_float`, as `lvm.tokenize` turns what it encodes), shorter side to `size` (a
-    banner first cut to `MAX_ASPECT`:1), then a random crop and flip (training) or the centre crop (validation):
-    undistorted content, whatever `resize` the config encodes with."""
-    crop = v2.Compose([v2.RandomCrop(size), v2.RandomHorizontalFlip()]) if train else v2.CenterCrop(size)
-    resize = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    return lambda image: crop(resize(cut_aspect(to_rgb_float(image), train))).clamp(0.0, 1.0)
+def make_transform(size: int, train: bool, resize: ResizeMode = "stretch") -> Callable[[Image.Image], Tensor]:
+    """Turned as EXIF says (`to_rgb_float`, as `lvm.tokenize` turns what it encodes), then the geometry `encode` gives
+    images with the tokenizer's `resize` (`resize_square`), so that training shows the model what it will encode:
+    a `stretch` tokenizer (the release's) squeezes every non-square image, and one trained on undistorted crops
+    would meet that squeeze first in use. Training draws where a `center_crop` tokenizer's window falls (its
+    shorter side at `size`; a banner first cut to a random `MAX_ASPECT`:1 part) and flips at random."""
+    if train and resize == "center_crop":
+        shorter_side = v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        geometry = v2.Compose([lambda x: shorter_side(cut_aspect(x, at_random=True)), v2.RandomCrop(size)])
+    else:
+        geometry = functools.partial(resize_square, size=size, mode=resize)
+    flip = v2.RandomHorizontalFlip() if train else v2.Identity()
+    return lambda image: flip(geometry(to_rgb_float(image))).clamp(0.0, 1.0)
 
 
 class UnreadableCount:
@@ -239,16 +247,18 @@ class ImageDataModule(LightningDataModule):
         image_size: int = 256,
         batch_size: int = 16,
         num_workers: int = 4,
+        resize: ResizeMode = "stretch",
     ) -> None:
         super().__init__()
         check_settings("data", (("image_size", image_size, image_size >= 1, "must be >= 1"),
+                                ("resize", resize, resize in ("stretch", "center_crop"), "must be stretch or center_crop"),
                                 ("batch_size", batch_size, batch_size >= 1, "must be >= 1"),
                                 ("num_workers", num_workers, num_workers >= 0, "must be >= 0")), TrainingDataError)
         for source in (train, val):
             if source is not None:
                 _check_source(source)
         self.train, self.val = train, val
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.image_size, self.batch_size, self.num_workers, self.resize = image_size, batch_size, num_workers, resize
         self.unreadable = UnreadableCount()  # training's and validation's, for the run's last line
 
     def setup(self, stage: str) -> None:
@@ -259,7 +269,7 @@ class ImageDataModule(LightningDataModule):
     def _dataset(self, source: str, train: bool) -> Dataset | IterableDataset:
         """A folder with image files is read as images; anything else names shards as every command does
         (`expand_shards`: a folder of tars, a glob, a brace pattern), or is a remote webdataset URL."""
-        transform = make_transform(self.image_size, train)
+        transform = make_transform(self.image_size, train, self.resize)
         if any(marker in source for marker in ("://", "pipe:")):
             return webdataset_images(source, transform, train, self._order_seed(), self.unreadable)
         folder = Path(source).is_dir()

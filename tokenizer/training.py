@@ -140,12 +140,15 @@ class VQGANTraining(LightningModule):
         self.register_buffer("_code_usage", torch.zeros(self.config.codebook_size))
 
     def setup(self, stage: str) -> None:
-        """The data's image size must be the tokenizer's resolution: the checkpoint records the resolution, and every
-        later user (tokenize, evaluate) resizes to it, so training at another size would serve at a scale never seen."""
-        size = getattr(self.trainer.datamodule, "image_size", None)
-        if size is not None and size != self.config.resolution:
-            raise VQGANConfigError(f"data.image_size: {size}, but model.tokenizer.resolution is {self.config.resolution}; "
-                                   "set both to the same size")
+        """The data's image size and resize must be the tokenizer's resolution and resize: the checkpoint records both,
+        and every later user (tokenize, evaluate) prepares images by them, so training another way would serve
+        images of a scale or shape never seen."""
+        data = self.trainer.datamodule
+        for field, setting in (("image_size", "resolution"), ("resize", "resize")):
+            value, want = getattr(data, field, None), getattr(self.config, setting)
+            if value is not None and value != want:
+                raise VQGANConfigError(f"data.{field}: {value}, but model.tokenizer.{setting} is {want}; "
+                                       "set both to the same value")
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """A resume must train the model it saved: another codebook, channels, EMA or discriminator was a 60-line
