@@ -156,7 +156,8 @@ def test_a_resumed_or_next_pass_draws_a_new_order_reproducibly(tmp_path: Path, m
     assert sorted(first) == sorted(second) == sorted(10 * s + j for s in range(8) for j in range(2))
     assert first != second and passes(7) == [first, second] and passes(8)[0] != first
     data = ImageDataModule(train=urls[0], image_size=8, batch_size=1, num_workers=0)
-    data.trainer = types.SimpleNamespace(global_step=0, world_size=2, global_rank=1)
+    data.trainer = types.SimpleNamespace(global_step=0, world_size=2, global_rank=1,
+                                         strategy=first_rank_sends((("shards", urls[:1]), None)))
     with pytest.raises(TrainingDataError, match=r"00.tar: 1 shard for 2 devices: each device reads whole shards; give "
                                                  r"at least 2, or a folder of images$"):  # was "no readable image" (#3)
         data.train_dataloader()
@@ -166,12 +167,37 @@ def test_a_resumed_or_next_pass_draws_a_new_order_reproducibly(tmp_path: Path, m
     monkeypatch.setenv("PL_GLOBAL_SEED", "3")
     data = ImageDataModule(train=str(tmp_path / "img"), image_size=16, batch_size=2, num_workers=0)
     for step, world, rank, seed in ((0, 1, 0, None), (12, 1, 0, 3 + RESUME_SEED_STRIDE * 12), (0, 2, 1, 3)):
-        data.trainer = types.SimpleNamespace(global_step=step, world_size=world, global_rank=rank)
+        data.trainer = types.SimpleNamespace(global_step=step, world_size=world, global_rank=rank,
+                                             strategy=first_rank_sends((("images", image_files(tmp_path / "img")), None)))
         sampler = data.train_dataloader().sampler
         if seed is None:
             assert type(sampler).__name__ == "RandomSampler"
         else:
             assert (sampler.seed, sampler.num_replicas, sampler.rank, sampler.shuffle) == (seed, world, rank, True)
+
+
+def first_rank_sends(outcome: tuple) -> types.SimpleNamespace:
+    """A strategy whose broadcast gives every rank what the first rank sent (a Lightning strategy's `broadcast`)."""
+    return types.SimpleNamespace(broadcast=lambda obj, src: outcome if src == 0 else pytest.fail("not from rank 0"))
+
+
+def test_every_rank_reads_the_first_ranks_listing(tmp_path: Path) -> None:
+    """A folder still being filled (img2dataset writing) gave each rank its own listing: samplers of different lengths
+    (ranks waiting for each other at the epoch's end forever), images read twice or never. Now the first rank lists
+    and the others take its list, or its error, whatever they would have found themselves."""
+    write_images(tmp_path / "img", 8, size=16, seed=0)
+    listed = image_files(tmp_path / "img")
+    data = ImageDataModule(train=str(tmp_path / "img"), image_size=16, batch_size=2, num_workers=0)
+    data.trainer = types.SimpleNamespace(global_step=0, world_size=2, global_rank=1,
+                                         strategy=first_rank_sends((("images", listed[:6]), None)))
+    assert data.train_dataloader().sampler.total_size == 6  # rank 0's six, not the eight this rank sees
+    refused = TrainingDataError(str(tmp_path / "img"), "cannot be listed (permission denied)")
+    data.trainer.strategy = first_rank_sends((None, refused))
+    with pytest.raises(TrainingDataError, match=r"img: cannot be listed \(permission denied\)$"):
+        data.train_dataloader()
+    data.trainer = types.SimpleNamespace(global_step=0, world_size=2, global_rank=0, strategy=types.SimpleNamespace(
+        broadcast=lambda obj, src: obj))  # the first rank lists and sends its own
+    assert data.train_dataloader().sampler.total_size == 8
 
 
 def test_training_and_evaluation_list_a_folder_as_tokenize_does(tmp_path: Path, deny_listing) -> None:

@@ -17,7 +17,7 @@ import os
 import random
 import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, TypeVar
 
 import torch
 import webdataset as wds
@@ -34,6 +34,7 @@ from tokenizer.preprocess import UNREADABLE_IMAGE, cut_aspect, resize_square, to
 
 RESUME_SEED_STRIDE = 1_000_003  # a resumed start's order seed is the run's + this x its step (a prime: no overlap with
 # the seed + epoch that DistributedSampler draws each epoch from, for runs of fewer epochs than this)
+T = TypeVar("T")
 WDS_IMAGE_KEYS = ";".join(sorted(suffix[1:] for suffix in IMAGE_SUFFIXES))  # the tar members lvm.tokenize reads
 
 
@@ -236,6 +237,24 @@ def _check_source(source: str) -> None:
     expand_shards(source)  # a glob or brace pattern naming no shard: one line naming it
 
 
+def _local_inputs(source: str) -> tuple[Literal["images", "shards"], list]:
+    """A folder with image files is read as images (their paths); anything else names shards as every command does
+    (`expand_shards`: a folder of tars, a glob, a brace pattern)."""
+    folder = Path(source).is_dir()
+    images, tars = _listing(source) if folder else ([], [])
+    if images:
+        if tars:  # read as images only, the shards would be left out without a word
+            raise TrainingDataError(source, f"holds both image files and {len(tars)} .tar shards; name one kind "
+                                            f"(a glob such as {Path(source) / '*.tar'}, or a folder of images)")
+        return "images", images
+    try:
+        return "shards", expand_shards(source)
+    except ShardPatternError:
+        if not folder:
+            raise  # names the pattern, or the shard of a brace pattern that does not exist
+        raise TrainingDataError(source, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .tar shards") from None
+
+
 class ImageDataModule(LightningDataModule):
     """`train`/`val`: a folder of images, local webdataset shards named as every command names them (a folder
     of tars, a glob, a brace pattern), or a remote webdataset URL pattern."""
@@ -267,30 +286,36 @@ class ImageDataModule(LightningDataModule):
         self.unreadable = UnreadableCount()
 
     def _dataset(self, source: str, train: bool) -> Dataset | IterableDataset:
-        """A folder with image files is read as images; anything else names shards as every command does
-        (`expand_shards`: a folder of tars, a glob, a brace pattern), or is a remote webdataset URL."""
+        """A remote webdataset URL, or a local source as `_local_inputs` lists it."""
         transform = make_transform(self.image_size, train, self.resize)
         if any(marker in source for marker in ("://", "pipe:")):
             return webdataset_images(source, transform, train, self._order_seed(), self.unreadable)
-        folder = Path(source).is_dir()
-        images, tars = _listing(source) if folder else ([], [])
-        if images:
-            if tars:  # read as images only, the shards would be left out without a word
-                raise TrainingDataError(source, f"holds both image files and {len(tars)} .tar shards; name one kind "
-                                                f"(a glob such as {Path(source) / '*.tar'}, or a folder of images)")
-            return ImageFolder(source, transform, images, self.unreadable)
-        try:
-            shards = expand_shards(source)
-        except ShardPatternError:
-            if not folder:
-                raise  # names the pattern, or the shard of a brace pattern that does not exist
-            raise TrainingDataError(
-                source, f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) and no .tar shards") from None
+        kind, paths = self._listed_by_first_rank(functools.partial(_local_inputs, source))
+        if kind == "images":
+            return ImageFolder(source, transform, paths, self.unreadable)
         world = self.trainer.world_size if self.trainer is not None else 1
-        if len(shards) < world:  # the devices without one stopped saying their shards held no readable image
-            raise TrainingDataError(source, f"{len(shards)} shard{'s' * (len(shards) != 1)} for {world} devices: each "
+        if len(paths) < world:  # the devices without one stopped saying their shards held no readable image
+            raise TrainingDataError(source, f"{len(paths)} shard{'s' * (len(paths) != 1)} for {world} devices: each "
                                             f"device reads whole shards; give at least {world}, or a folder of images")
-        return webdataset_images(shards, transform, train, self._order_seed(), self.unreadable)
+        return webdataset_images(paths, transform, train, self._order_seed(), self.unreadable)
+
+    def _listed_by_first_rank(self, listing: Callable[[], T]) -> T:
+        """`listing()` on the first rank, its result (or its error) sent to the others: every rank must split the same
+        list (a folder still being filled, by img2dataset say, would give each rank its own, and ranks whose
+        samplers differ in length wait for each other at the epoch's end forever), and a network filesystem is then
+        listed once, not once per rank."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return listing()
+        outcome: tuple[T | None, UserError | None] = (None, None)
+        if self.trainer.global_rank == 0:
+            try:
+                outcome = (listing(), None)
+            except UserError as err:  # raised on every rank, not on the first alone while the others wait
+                outcome = (None, err)
+        result, error = self.trainer.strategy.broadcast(outcome, src=0)
+        if error is not None:
+            raise error
+        return result
 
     def _order_seed(self) -> int:
         """The seed of the training order of this start: the run's (`seed_everything`, which Lightning passes on as
