@@ -161,6 +161,25 @@ def one_line(error: BaseException) -> str | None:
     return None
 
 
+def interrupt_quietly_when_started_as_a_command() -> None:
+    """Ctrl-C in a command's first seconds, while it still imports torch and before `exit_on` wraps its `main`,
+    printed a traceback of import machinery; it now says `interrupted`, as Ctrl-C anywhere later does (Python still
+    exits as SIGINT does, status 130). Called by each package's `__init__`, it acts only while a command is being
+    started (`python -m lvm.x`, whose argv[0] is "-m" while the module is looked for, or the `lightning` script),
+    never in a program that imports the package."""
+    if sys.argv[:1] != ["-m"] and os.path.basename(sys.argv[0] if sys.argv else "") != "lightning":
+        return
+    shown_before = sys.excepthook
+
+    def show(kind: type[BaseException], error: BaseException, traceback) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+        else:
+            shown_before(kind, error, traceback)
+
+    sys.excepthook = show
+
+
 def exit_on(main: Main) -> Main:
     """Decorate a command's `main`: a `UserError`, or an OSError of PATH_ERRNOS naming its path, becomes one line
     `error: <message>` on stderr and exit status 2 instead of a traceback; Ctrl-C is `interrupted`, status 130

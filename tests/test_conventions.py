@@ -83,6 +83,22 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_before_a_commands_main_runs_says_interrupted(tmp_path: Path) -> None:
+    """Ctrl-C while a command still imports torch (its first seconds) printed a traceback of import machinery. A
+    package started as a command (`python -m pkg`, whose __init__ imports ours while the module is looked for, as
+    `python -m lvm.prompt` imports lvm) says `interrupted` and dies of SIGINT as Python does; a program that only
+    imports the packages keeps Python's traceback."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("import lvm, sentences, tokenizer\n")
+    (tmp_path / "pkg" / "__main__.py").write_text("raise KeyboardInterrupt  # as Ctrl-C during an import does\n")
+    (tmp_path / "program.py").write_text("import lvm, sentences, tokenizer\nraise KeyboardInterrupt\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    command = subprocess.run([sys.executable, "-m", "pkg"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert (command.returncode, command.stderr) == (-signal.SIGINT, "interrupted\n")
+    program = subprocess.run([sys.executable, "program.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert program.returncode == -signal.SIGINT and program.stderr.startswith("Traceback")
+
+
 def test_exit_ons_sigterm_handler_raises_only_in_its_own_process() -> None:
     """A DataLoader worker forked before its worker_init_fn runs inherits the handler: there the stop is left to the
     main process, not a `Terminated` traceback in the worker."""

@@ -8,8 +8,12 @@
 See docs/tokenizer.md.
 """
 
-from tokenizer.config import VQGANConfig, VQGANConfigError
-from tokenizer.loading import TokenizerLoadError, load
-from tokenizer.model import VQTokenizer
+from common.errors import interrupt_quietly_when_started_as_a_command
+
+interrupt_quietly_when_started_as_a_command()  # first, before torch loads
+
+from tokenizer.config import VQGANConfig, VQGANConfigError  # noqa: E402
+from tokenizer.loading import TokenizerLoadError, load  # noqa: E402
+from tokenizer.model import VQTokenizer  # noqa: E402
 
 __all__ = ["VQGANConfig", "VQGANConfigError", "VQTokenizer", "TokenizerLoadError", "load"]
