@@ -233,6 +233,21 @@ def output_file(path: str | Path, option: str) -> Path:
     return path
 
 
+def output_folder(path: str | Path, option: str) -> Path:
+    """``path`` of the folder a command writes its results into, checked before the work and not made (a refusal
+    later in the checks leaves nothing behind): not a file, and it, or the nearest folder above it that exists,
+    writable. `lvm.evaluate` scored a whole held-out set (hours for LVM-7B) before it found its --out was a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(path, f"{option} exists and is not a folder")
+    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir():  # a file on the way: --out results.json/eval
+        raise UserError(existing, f"{option}: a file, where {path} needs a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(existing, f"{option}: permission denied (cannot write {path} there)")
+    return path
+
+
 class ShardPatternError(UserError, ValueError):
     """A shard pattern that names no shard; the message names the pattern."""
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 import tokenizer
 import weights
 from common.errors import UserError, exit_on, warn
-from common.files import expand_shards, json_text, write_atomic
+from common.files import expand_shards, json_text, output_folder, write_atomic
 from common.options import (
     HelpFormatter,
     add_device_arg,
@@ -390,6 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Load, check and score; write report.json, report.md and the plots into --out; return the report."""
+    output_folder(args.out, "--out")
     shards = expand_shards(args.sentences)
     # As training does, before any model loads: a build that has not finished or lost shards is refused, and its
     # tokenizer is the one that matters for perplexity (another's tokens score in the hundred thousands, unexplained).

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from common.errors import UserError, exit_on
+from common.files import output_folder
 from common.options import HelpFormatter, add_dtype_arg, add_model_arg, at_least, torch_dtype
 from common.vocab import EOS_ID, PAD_ID
 from lvm.checkpoint import load_lvm, trained_layout
@@ -38,9 +39,8 @@ def check_out(out: Path, model: Path) -> None:
     """`--to-hf` must be a new folder or an earlier Llama export, and not the model's own folder: the export replaces
     config.json and the weight files there before the new ones are complete, so it would overwrite another model's
     files (a tokenizer folder holds the same names) or, killed part-way, lose the only copy of its own input."""
-    if out.exists() and not out.is_dir():
-        raise UserError(out, "--to-hf exists and is not a folder")
-    if out.is_dir() and model.is_dir() and out.resolve() == model.resolve():
+    output_folder(out, "--to-hf")
+    if model.is_dir() and out.resolve() == model.resolve():
         raise UserError(out, "--to-hf is the --model folder; export into another folder (then replace this one)")
     config = out / "config.json"
     if config.is_file():

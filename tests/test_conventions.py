@@ -31,6 +31,7 @@ from common.errors import UserError, exit_on, leave_stop_signals_to_main
 from common.files import ShardPatternError, expand_shards, pattern_names
 from common.options import HelpFormatter, default_workers, names_of, usable_cores
 from common.vocab import BOS_ID, EOS_ID
+from lvm.evaluate import main as evaluate_main
 from lvm.prompt import main as prompt_main
 from lvm.tokenize.__main__ import main as tokenize_main
 from lvm.tokenize.sources import find_units
@@ -318,6 +319,10 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
          f"{tmp_path / 'a_folder'}: --json is a folder; give a file name"),
         (evaluate_tokenizer, ["--images", "never_read", "--json", str(tmp_path / "a_file" / "r.json"), *common],
          f"{tmp_path / 'a_file'}: file exists"),  # mkdir of the folder the file would go in
+        (evaluate_main, ["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "a_file")],
+         f"{tmp_path / 'a_file'}: --out exists and is not a folder"),
+        (evaluate_main, ["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "a_file" / "e")],
+         f"{tmp_path / 'a_file'}: --out: a file, where {tmp_path / 'a_file' / 'e'} needs a folder"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -327,6 +332,10 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
     with pytest.raises(SystemExit) as exit_info:                     # run as root, which may write anywhere)
         prompt_main(["--frames", "never_read.png", "--out", str(tmp_path / "p.png"), *common])
     assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write p.png there)\n"
+    with pytest.raises(SystemExit):
+        evaluate_main(["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "new" / "eval")])
+    assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write {tmp_path / 'new' / 'eval'} there)\n"
+    assert not (tmp_path / "new").exists()
 
 
 ROOT = Path(__file__).resolve().parents[1]

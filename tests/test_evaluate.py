@@ -40,6 +40,13 @@ def model():
     return LVM(LVMConfig(dim=64, mlp_dim=96, n_layers=2, n_heads=4, max_seq_len=112)).eval()
 
 
+@pytest.fixture(scope="module")
+def no_bos_model(model):
+    """As the released LVM-7B: no BOS, so every position is one earlier than with one."""
+    torch.manual_seed(1)
+    return LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None})).eval()
+
+
 def sentence(n_images: int, g: torch.Generator) -> np.ndarray:
     images = torch.randint(0, CODEBOOK_SIZE, (n_images * T,), generator=g)
     return np.concatenate([[BOS_ID], images.numpy(), [EOS_ID]]).astype(np.uint16)
@@ -70,7 +77,7 @@ def sentences(shards):
 @torch.no_grad()
 def direct_token_nlls(model: LVM, images: torch.Tensor) -> torch.Tensor:
     """NLL [T] of each token of the last image given the others, written out by hand."""
-    tokens = torch.cat([torch.tensor([BOS_ID]), images.flatten()])[None]
+    tokens = torch.cat([torch.tensor([BOS_ID] if model.cfg.bos_id is not None else []).long(), images.flatten()])[None]
     logp = torch.log_softmax(model(tokens[:, :-1])[0].double(), -1)  # causal: the last token predicts nothing scored
     targets = tokens[0, -T:]
     return -logp[-T:].gather(1, targets[:, None])[:, 0]
@@ -89,7 +96,9 @@ def test_reading_skips_and_counts_broken_items(sentences):
     assert skipped == {"fewer than 2 images": 1, f"not [BOS, k x {T} tokens, EOS]": 1, "missing tokens.npy or json": 1}
 
 
-def test_perplexity_matches_direct_computation(model, sentences):
+@pytest.mark.parametrize("which", ["model", "no_bos_model"])
+def test_perplexity_matches_direct_computation(request, which, sentences):
+    model = request.getfixturevalue(which)
     found, _ = sentences
     # video sentences have 8 images but 6 context frames fit: the last 7 images are used.
     nlls = [direct_nll(model, s.images[-7:]) for s in found[:3]] + [direct_nll(model, s.images) for s in found[3:]]
@@ -109,14 +118,17 @@ def test_perplexities_of_a_broken_model_are_inf_not_an_error():
     assert summary["mean_nll"] == 850.0 and summary["count"] == 2
 
 
-def test_perplexity_vs_context_frames(model, sentences):
+@pytest.mark.parametrize("which", ["model", "no_bos_model"])
+def test_perplexity_vs_context_frames(request, which, sentences):
+    model = request.getfixturevalue(which)
+    bos = model.cfg.bos_id is not None
     video = sentences[0][:3]
     curve = perplexity_vs_context(model, video, batch_size=3)
-    assert list(curve) == [0, 1, 2, 3, 4, 5, 6]  # from no context (BOS alone) to what fits, not 15
-    for k in (0, 1, 4):
+    assert list(curve) == [0, 1, 2, 3, 4, 5, 6][1 - bos :]  # from no context (BOS alone) to what fits, not 15
+    for k in (0, 1, 4)[1 - bos :]:
         expected = [direct_nll(model, s.images[-1 - k :]) for s in video]
         assert curve[k]["perplexity_of_mean_nll"] == pytest.approx(math.exp(np.mean(expected)))
-    assert list(perplexity_vs_context(model, video, max_frames=3)) == [0, 1, 2, 3]
+    assert list(perplexity_vs_context(model, video, max_frames=3)) == [0, 1, 2, 3][1 - bos :]
 
 
 def test_context_gain_splits_tokens_by_whether_their_code_stays(model):
@@ -144,9 +156,9 @@ def test_context_gain_splits_tokens_by_whether_their_code_stays(model):
     assert context_gain_by_token(model, still)["nll"][1]["change"] is None
 
 
-def test_no_context_row_needs_bos(model, sentences):
+def test_no_context_row_needs_bos(no_bos_model, sentences):
     """Without BOS (the released LVM) an image's first token has nothing to be predicted from: start at 1."""
-    no_bos = LVM(LVMConfig(**{**model.cfg.to_dict(), "bos_id": None})).eval()
+    no_bos = no_bos_model
     assert list(perplexity_vs_context(no_bos, sentences[0][:3], max_frames=2)) == [1, 2]
     with pytest.raises(ValueError, match="num_context 0 scores the frame after BOS alone, and this model has no BOS"):
         target_nlls(no_bos, sentences[0][:3], num_context=0)
@@ -273,6 +285,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", "m.ckpt", "--sentences", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
     assert capsys.readouterr().err == f"error: {tmp_path / 'empty'}: no .tar shards found\n"
+    (tmp_path / "afile").write_text("")  # refused before anything loads: it was said after the whole set was scored
+    with pytest.raises(SystemExit):
+        main(["--model", "m.ckpt", "--sentences", str(tmp_path / "none"), "--out", str(tmp_path / "afile")])
+    assert capsys.readouterr().err == f"error: {tmp_path / 'afile'}: --out exists and is not a folder\n"
 
 
 @pytest.mark.parametrize("pattern", ["{}/*.tar", "{}/sentences-{{000000..000001}}.tar"])

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from common.errors import leave_stop_signals_to_main, warn
-from common.files import spec_holding
+from common.files import output_folder, spec_holding
 from common.options import decoding_start_method, default_workers, names_of, usable_cores
 from common.progress import Progress, log, skipped_text, wall_text
 from common.ranks import pick_device, ranks_from_env, worker_share
@@ -211,8 +211,7 @@ def _check(job: Job) -> None:
         raise AnnotateError(f"--tasks: {error}") from None
     if job.batch_size < 1 or job.workers < 0 or job.max_size < 0:
         raise AnnotateError("--batch-size must be at least 1, --workers and --max-size at least 0")
-    if job.out.exists() and not job.out.is_dir():
-        raise AnnotateError(f"{job.out}: --out exists and is not a folder")
+    output_folder(job.out, "--out")
 
 
 def _units(job: Job, prefix: str) -> list[Unit]:

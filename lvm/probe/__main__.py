@@ -22,7 +22,7 @@ import torch
 import tokenizer
 import weights
 from common.errors import exit_on, warn
-from common.files import spec_holding
+from common.files import output_folder, spec_holding
 from common.options import (
     HelpFormatter,
     add_device_arg,
@@ -69,11 +69,10 @@ def run(args: argparse.Namespace) -> dict:
     """Tokenize, extract features, train and score the probes, write the report; returns it."""
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise ProbeError("--lr", f"must be positive, got {args.lr}")
-    if args.out.exists() and not args.out.is_dir():
-        raise ProbeError(args.out, "--out exists and is not a folder")
     if spec := spec_holding(args.out, [*args.train, *args.val]):
         raise ProbeError(args.out, f"--out is inside the input folder {spec}; a rerun would read its plot as an image "
                                    "of a new class: choose an --out outside the inputs")
+    output_folder(args.out, "--out")
     settings = heads.Training(epochs=args.epochs, lr=args.lr, seed=args.seed)
     device = torch.device(args.device)
     tok = tokenizer.load(args.tokenizer, device=device)
