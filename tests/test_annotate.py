@@ -574,6 +574,9 @@ def test_nearness_inverts_metric_depth_and_keeps_disparity():
     values = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
     torch.testing.assert_close(nearness(values, metric=True), torch.tensor([[1.0, 3 / 7], [1 / 7, 0.0]]))
     torch.testing.assert_close(nearness(values, metric=False), torch.tensor([[0.0, 1 / 7], [3 / 7, 1.0]]))
+    holes = torch.tensor([[1.0, 2.0], [0.0, 4.0]])  # no estimate at one pixel: farthest, and the rest keeps its range
+    torch.testing.assert_close(nearness(holes, metric=True), torch.tensor([[1.0, 1 / 3], [0.0, 0.0]]))
+    assert nearness(torch.zeros(2, 2), metric=True).eq(0).all()
 
 
 
