@@ -301,11 +301,14 @@ class LVMModule(L.LightningModule):
             here, batch = local[first].item(), batches[first]
             world = self.trainer.world_size
             what = here if world == 1 else f"non-finite on {bad} of {world} ranks (this rank: {here})"
-            raise NonFiniteLossError(
-                f"loss is {what} at step {self.global_step} (batch {batch} of epoch {self.current_epoch}); "
-                "resume from the checkpoint before this stop's (its weights gave it) with a lower model.lr, or set "
-                "model.on_nonfinite_loss=skip to drop such batches"
-            )
+            # a fresh run that has saved nothing yet has no checkpoint to go back to: only a new start helps
+            earlier = self.trainer.ckpt_path or any(callback.best_model_path or callback.last_model_path
+                                                    for callback in self.trainer.checkpoint_callbacks)
+            lower = ("resume from the checkpoint before this stop's (its weights gave it) with a lower model.lr" if earlier
+                     else "no checkpoint comes before this stop's (its weights gave it): start anew with a lower model.lr "
+                          "in another folder (move this run's away)")
+            raise NonFiniteLossError(f"loss is {what} at step {self.global_step} (batch {batch} of epoch "
+                                     f"{self.current_epoch}); {lower}, or set model.on_nonfinite_loss=skip to drop such batches")
         self._drop_step = True
         self.skipped_batches += 1
         self.log("train/skipped_batches", float(self.skipped_batches))

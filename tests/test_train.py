@@ -584,10 +584,15 @@ class NaNAtStep3(LVMModule):
         return loss * float("nan") if self.global_step == 3 else loss
 
 
-def test_nonfinite_loss_stops_naming_the_step(shards):
+def test_nonfinite_loss_stops_naming_the_step(shards, tmp_path):
     dm = LVMDataModule(str(shards), seq_len=32, batch_size=2, num_workers=0)
-    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 3 \(batch 3 of epoch 0\)"):
-        quick_trainer().fit(NaNAtStep3(overrides=MINI, warmup_steps=1), dm)
+    with pytest.raises(NonFiniteLossError, match=r"^loss is nan at step 3 \(batch 3 of epoch 0\); no checkpoint comes "
+                                                 r"before this stop's \(its weights gave it\): start anew"):
+        quick_trainer().fit(NaNAtStep3(overrides=MINI, warmup_steps=1), dm)  # a fresh run that saved nothing yet
+    saving = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"\(batch 3 of epoch 0\); resume from the checkpoint before this "
+                                                 r"stop's \(its weights gave it\) with a lower model.lr, or set"):
+        quick_trainer(enable_checkpointing=True, callbacks=[saving]).fit(NaNAtStep3(overrides=MINI, warmup_steps=1), dm)
 
 
 class Snapshots(L.Callback):
