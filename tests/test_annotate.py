@@ -138,7 +138,7 @@ def test_one_edge_map_per_good_photo_and_the_corrupt_one_reported(photos, tmp_pa
     report = json.loads((out / "edges" / "photos-img-000000.report.json").read_text())
     assert report["skipped_items"][0]["item"] == str(photos / "broken.jpg") and report["images"] == 4
     assert _run("--images", photos, "--out", out, "--tasks", "edges") == 0  # a rerun: all done, skips remembered
-    assert "(1 already complete); skipped 1: corrupt_image 1 (1 of them in units completed by earlier runs)" in \
+    assert "(1 already complete, 4 images); skipped 1: corrupt_image 1 (1 of them in units completed by earlier runs)" in \
         capsys.readouterr().out
     for name, (height, width) in PHOTOS.items():
         edges = np.asarray(Image.open(out / "edges" / f"{name}.png"))
@@ -159,7 +159,7 @@ def test_a_rerun_counts_the_skips_of_every_unit_already_complete(tmp_path, capsy
     for _ in range(2):
         assert _run("--images", *folders, "--out", tmp_path / "out", "--tasks", "edges") == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert "(2 already complete); skipped 2: corrupt_image 2 (2 of them in units completed by earlier runs);" in last
+    assert "(2 already complete, 2 images); skipped 2: corrupt_image 2 (2 of them in units completed by earlier runs);" in last
 
 
 def test_normals_of_a_tilted_plane_are_constant_and_of_a_sphere_point_outward():
@@ -284,10 +284,10 @@ def test_normals_from_another_depth_model_are_redone(photos, models, tmp_path, c
     out = tmp_path / "annot"
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", models["depth"]) == 0
-    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert "(1 already complete, " in capsys.readouterr().out.splitlines()[-1]
     copy = shutil.copytree(models["depth"], tmp_path / "moved" / "depth")  # the same model found elsewhere
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", copy) == 0
-    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert "(1 already complete, " in capsys.readouterr().out.splitlines()[-1]
     # A report of a version before 2026-12-07, whose fingerprint held the model's path as given: still complete
     from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
@@ -303,7 +303,7 @@ def test_normals_from_another_depth_model_are_redone(photos, models, tmp_path, c
     report["fingerprint"] = hashlib.sha1(f"{text}\n{unit.inputs_digest()}".encode()).hexdigest()
     report_path.write_text(json.dumps(report))
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", copy) == 0
-    assert "(1 already complete)" in capsys.readouterr().out.splitlines()[-1]
+    assert "(1 already complete, " in capsys.readouterr().out.splitlines()[-1]
     assert _run("--images", photos, "--out", out, "--tasks", "normals", "--depth-model", tmp_path / "depth2") == 0
     assert "(0 already complete)" in capsys.readouterr().out.splitlines()[-1]
 
@@ -316,7 +316,7 @@ def test_rerun_keeps_complete_outputs_and_redoes_partial_ones(photos, tmp_path, 
     (out / "edges" / "chelsea.png").unlink()
     capsys.readouterr()
     assert _run("--images", photos, "--out", out, "--tasks", "edges", "--images-per-shard", "2") == 0
-    assert "in 1 units (2 already complete)" in capsys.readouterr().out
+    assert "in 1 units (2 already complete, " in capsys.readouterr().out
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert set(after) == set(before)
     redone = {p.name for p in after if after[p] != before.get(p)}
@@ -490,7 +490,7 @@ def test_inputs_under_out_but_outside_its_map_folders_are_fine(tmp_path, capsys)
     assert _run(*args) == 0 and (tmp_path / "annot" / "edges" / "coffee.png").is_file()
     capsys.readouterr()
     assert _run(*args) == 0
-    assert "(1 already complete)" in capsys.readouterr().out
+    assert "(1 already complete, " in capsys.readouterr().out
 
 
 def test_frame_folders_tokenize_into_sequence_sentences(tmp_path, tiny_tokenizer_dir, tiny_tokenizer):

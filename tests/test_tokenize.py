@@ -440,6 +440,7 @@ def test_duplicate_keys_corrupt_frames_and_unreadable_files_are_skipped(tmp_path
     assert (images["images"], images["skipped"]) == (2, {"duplicate_key": 1, "unreadable_file": 1})
     assert [(s["item"], s["reason"]) for s in images["skipped_items"]] == [
         (f"{src}/img/x_v2.png:img/x_v2", "duplicate_key"), (str(src / "img" / "z.png"), "unreadable_file")]
+    assert images["skipped_items"][0]["detail"] == f"{src}/img/x.v2.png has the key"  # the other file, named
     videos = reports["src-vid-000000.report.json"]
     assert videos["skipped"] == {"corrupt_video": 1}
     assert [s["item"] for s in videos["skipped_items"]] == [f"{src}/vid/cut.mkv#frame=1"]

@@ -96,6 +96,7 @@ class Summary:
     written: Counter = field(default_factory=Counter)  # task -> annotations written
     units_written: int = 0
     units_done_before: int = 0
+    images_earlier: int = 0  # in the units already complete, as their reports say
     skipped: Counter = field(default_factory=Counter)
     skipped_earlier: Counter = field(default_factory=Counter)  # in the reports of units already complete
     wall_s: float = 0.0
@@ -105,7 +106,8 @@ class Summary:
         tasks = ", ".join(f"{task} {n:,}" for task, n in self.written.items()) or "nothing new"
         return (
             f"annotate: {self.images:,} images annotated ({tasks}) in {self.units_written} units "
-            f"({self.units_done_before} already complete); {skipped_text(self.skipped, self.skipped_earlier, 'units')}; "
+            f"({self.units_done_before} already complete"
+            f"{f', {self.images_earlier:,} images' if self.units_done_before else ''}); {skipped_text(self.skipped, self.skipped_earlier, 'units')}; "
             f"{wall_text(self.images, self.wall_s)}"
         )
 
@@ -182,12 +184,13 @@ def _square(rgb: np.ndarray) -> np.ndarray:
 
 def plan(
     job: Job, units: list[Unit], models: dict[str, Model], rank: int, world: int
-) -> tuple[list[Work], int, int, Counter]:
+) -> tuple[list[Work], int, int, int, Counter]:
     """This rank's units with the tasks they lack, how many (unit, task) outputs were complete already, how many
-    units were complete in every task, and what those units left out (as their first task's report records it)."""
+    units were complete in every task, and the images those units hold and left out (as their first task's report
+    records them)."""
     settings = {task: [json.dumps(_settings(task, job, models, legacy), sort_keys=True, default=str)
                        for legacy in (False, True)] for task in job.tasks}
-    works, done, complete, earlier = [], 0, 0, Counter()
+    works, done, complete, images_earlier, earlier = [], 0, 0, 0, Counter()
     for unit in units[rank::world]:
         lacking, inputs = {}, unit.inputs_digest()  # one stat per input
         for task in job.tasks:
@@ -200,8 +203,9 @@ def plan(
             works.append(Work(unit, lacking))
         else:
             complete += 1
-            earlier += recorded(shard_paths(job.out / job.tasks[0], unit.name)[1])[1]
-    return works[: job.max_shards], done, complete, earlier
+            images, skipped = recorded(shard_paths(job.out / job.tasks[0], unit.name)[1])
+            images_earlier, earlier = images_earlier + images, earlier + skipped
+    return works[: job.max_shards], done, complete, images_earlier, earlier
 
 
 def _check(job: Job) -> None:
@@ -294,7 +298,7 @@ def _annotate(job: Job) -> Summary:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     models = {role: load(role, name, device) for role, name in roles.items()}
-    works, done, complete, earlier = plan(job, units, models, rank, world)
+    works, done, complete, images_earlier, earlier = plan(job, units, models, rank, world)
     listed = ListedKeys(units)
     log(
         prefix,
@@ -304,7 +308,7 @@ def _annotate(job: Job) -> Summary:
     )
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, usable_cores() - job.workers))  # leave the workers their cores
-    summary = Summary(units_done_before=complete, skipped_earlier=earlier)
+    summary = Summary(units_done_before=complete, images_earlier=images_earlier, skipped_earlier=earlier)
     processors = {role: m.processor for role, m in models.items()}
     dataset = UnitBatches(works, job.max_size, job.batch_size, processors)
     loader = DataLoader(dataset, batch_size=None, num_workers=job.workers, pin_memory=device.type == "cuda",

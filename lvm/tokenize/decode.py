@@ -450,16 +450,16 @@ def read_batches(
     unit among them (`duplicate_key`: one output per key). The final batch, perhaps empty, has `last` True
     so the caller commits the unit after it.
     """
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # key -> the input it was read from, which the skip names
     rows: list[Row] = []
     skips: list[Skip] = []
     for entry in read_unit(unit, opts):
         if isinstance(entry, Skip):
             skips.append(entry)
         elif entry.key in seen:
-            skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key"))
+            skips.append(Skip(f"{entry.meta['source']}:{entry.key}", "duplicate_key", f"{seen[entry.key]} has the key"))
         else:
-            seen.add(entry.key)
+            seen[entry.key] = entry.meta["source"]
             rows.append(prepare(entry))
             if len(rows) == size:
                 yield rows, skips, False
