@@ -224,7 +224,8 @@ class TrainingProgress(Callback):
         skipped = ""
         if unreadable is not None:  # a sum over ranks: every rank takes part
             count = int(trainer.strategy.reduce(torch.tensor(unreadable.value, device=pl_module.device), reduce_op="sum"))
-            skipped = f"; {count:,} unreadable input{'s' * (count != 1)} skipped (warned above)"
+            skipped = f"; {count:,} unreadable input{'s' * (count != 1)} skipped (warned above)" if count else \
+                "; no unreadable inputs"
         if not trainer.is_global_zero:
             return
         folder = getattr(trainer.checkpoint_callback, "dirpath", None)  # its final save comes after this line

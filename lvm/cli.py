@@ -32,10 +32,12 @@ from common.options import SEEDS
 from lvm.callbacks import StopOnSignal
 from lvm.errors import ConfigError
 
-# Two lines of every run's log that say nothing about it: Lightning's advert for its cloud logger, and a deprecation
-# inside Lightning's own pytree helper under this torch (Lightning's to change, not the user's).
+# Lines of a run's log that say nothing about it: Lightning's advert for its cloud logger, a deprecation inside
+# Lightning's own pytree helper under this torch (Lightning's to change, not the user's), and, where a config names no
+# logger (the VQGAN configs: logs under trainer.default_root_dir), five lines on why the default is CSV, not TensorBoard.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: not str(record.msg).startswith("💡 Tip"))
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed")
 
 _REFUSED_RUN_FILES = frozenset({"config.yaml", "hparams.yaml"})
 """What a run refused before its first step leaves in its logger folder: LightningCLI's copy of the config, and the
