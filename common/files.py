@@ -227,9 +227,8 @@ def output_file(path: str | Path, option: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(path, f"{option} is a folder; give a file name")
+    _check_can_make(path.parent, path, option)
     path.parent.mkdir(parents=True, exist_ok=True)  # an OSError here names the folder (exit_on prints it)
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(path.parent, f"{option}: permission denied (cannot write {path.name} there)")
     return path
 
 
@@ -240,12 +239,19 @@ def output_folder(path: str | Path, option: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(path, f"{option} exists and is not a folder")
-    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
-    if not existing.is_dir():  # a file on the way: --out results.json/eval
-        raise UserError(existing, f"{option}: a file, where {path} needs a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(existing, f"{option}: permission denied (cannot write {path} there)")
+    _check_can_make(path, path, option)
     return path
+
+
+def _check_can_make(folder: Path, wanted: Path, option: str) -> None:
+    """`wanted` (`folder` or a file in it) can be written: the nearest of `folder` and the folders above it that
+    exists is a folder, and writable."""
+    existing = next(place for place in (folder, *folder.absolute().parents) if place.exists())
+    rest = wanted.absolute().relative_to(existing.absolute())
+    if not existing.is_dir():  # a file on the way: --out results.json/eval
+        raise UserError(existing, f"{option}: not a folder, so {rest} cannot be made in it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(existing, f"{option}: permission denied (cannot write {rest} there)")
 
 
 class ShardPatternError(UserError, ValueError):

@@ -425,7 +425,9 @@ def run(args: argparse.Namespace) -> dict:
     codebook_size = tok.codebook_size if tok else trained_layout(model)[1]
     sentences, skipped = read_sentences(shards, T, args.max_sentences, codebook_size)
     if not sentences:
-        raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'})")
+        hint = ("; token shards of lvm.tokenize are not sentences: build sentences from them with python -m "
+                "sentences.build" if f"not [BOS, k x {T} tokens, EOS]" in skipped else "")
+        raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'}){hint}")
     video = [s for s in sentences if s.kind == "video"]
     pairs, left_out = {}, {}
     for kind in PAIR_KINDS:

@@ -318,11 +318,11 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
         (evaluate_tokenizer, ["--images", "never_read", "--json", str(tmp_path / "a_folder"), *common],
          f"{tmp_path / 'a_folder'}: --json is a folder; give a file name"),
         (evaluate_tokenizer, ["--images", "never_read", "--json", str(tmp_path / "a_file" / "r.json"), *common],
-         f"{tmp_path / 'a_file'}: file exists"),  # mkdir of the folder the file would go in
+         f"{tmp_path / 'a_file'}: --json: not a folder, so r.json cannot be made in it"),
         (evaluate_main, ["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "a_file")],
          f"{tmp_path / 'a_file'}: --out exists and is not a folder"),
         (evaluate_main, ["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "a_file" / "e")],
-         f"{tmp_path / 'a_file'}: --out: a file, where {tmp_path / 'a_file' / 'e'} needs a folder"),
+         f"{tmp_path / 'a_file'}: --out: not a folder, so e cannot be made in it"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -334,7 +334,7 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
     assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write p.png there)\n"
     with pytest.raises(SystemExit):
         evaluate_main(["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "new" / "eval")])
-    assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write {tmp_path / 'new' / 'eval'} there)\n"
+    assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write {Path('new', 'eval')} there)\n"
     assert not (tmp_path / "new").exists()
 
 

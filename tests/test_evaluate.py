@@ -291,6 +291,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'afile'}: --out exists and is not a folder\n"
 
 
+def test_token_shards_given_as_sentences_are_named_for_what_they_are(tmp_path, model, capsys):
+    """lvm.tokenize's shards hold one image per sample, no BOS: training says they are not sentences, evaluation
+    only counted them skipped."""
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lvm_config": model.cfg.to_dict()}, tmp_path / "m.ckpt")
+    with wds.TarWriter(str(tmp_path / "photos.tar")) as tar:
+        for i in range(2):
+            tar.write({"__key__": f"img{i}", "tokens.npy": np.arange(T, dtype=np.uint16), "json": {}})
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "m.ckpt"), "--sentences", str(tmp_path / "photos.tar"), "--tokens-per-image",
+              str(T), "--out", str(tmp_path / "eval")])
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'photos.tar'}: no usable sentences (skipped: {{'not [BOS, k x {T} tokens, EOS]': 2}}); "
+        "token shards of lvm.tokenize are not sentences: build sentences from them with python -m sentences.build\n")
+
+
 @pytest.mark.parametrize("pattern", ["{}/*.tar", "{}/sentences-{{000000..000001}}.tar"])
 def test_cli_takes_the_shard_patterns_training_takes(tmp_path, shards, model, pattern):
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
