@@ -161,13 +161,29 @@ def one_line(error: BaseException) -> str | None:
     return None
 
 
+COMMAND_PACKAGES = frozenset({"lvm", "tokenizer", "sentences"})
+
+
+def _started_command() -> str | None:
+    """The top package of the module this interpreter was started with by `python -m` (None for a script, `-c`,
+    or an interactive session), read from the original command line: the module being imported now may be any."""
+    args = getattr(sys, "orig_argv", [])[1:]
+    for at, arg in enumerate(args):
+        if arg.startswith("-m"):  # interpreter options come before -m; the module's own arguments after it
+            module = arg[2:] or (args[at + 1] if at + 1 < len(args) else "")
+            return module.split(".")[0]
+        if not arg.startswith("-"):  # a script: no -m
+            return None
+    return None
+
+
 def interrupt_quietly_when_started_as_a_command() -> None:
     """Ctrl-C in a command's first seconds, while it still imports torch and before `exit_on` wraps its `main`,
     printed a traceback of import machinery; it now says `interrupted`, as Ctrl-C anywhere later does (Python still
-    exits as SIGINT does, status 130). Called by each package's `__init__`, it acts only while a command is being
-    started (`python -m lvm.x`, whose argv[0] is "-m" while the module is looked for, or the `lightning` script),
-    never in a program that imports the package."""
-    if sys.argv[:1] != ["-m"] and os.path.basename(sys.argv[0] if sys.argv else "") != "lightning":
+    exits as SIGINT does, status 130). Called by each package's `__init__`, it acts only when the program is one of
+    the project's commands (`python -m lvm.x`, `python -m sentences.build`, ..., or the `lightning` script), never in
+    another program that imports the packages, whose Ctrl-C tracebacks are its own."""
+    if _started_command() not in COMMAND_PACKAGES and os.path.basename(sys.argv[0] if sys.argv else "") != "lightning":
         return
     shown_before = sys.excepthook
 

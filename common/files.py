@@ -232,26 +232,30 @@ def output_file(path: str | Path, option: str) -> Path:
     return path
 
 
-def output_folder(path: str | Path, option: str) -> Path:
+def output_folder(path: str | Path, option: str, error: type[UserError] = UserError) -> Path:
     """``path`` of the folder a command writes its results into, checked before the work and not made (a refusal
     later in the checks leaves nothing behind): not a file, and it, or the nearest folder above it that exists,
-    writable. `lvm.evaluate` scored a whole held-out set (hours for LVM-7B) before it found its --out was a file."""
+    writable. `lvm.evaluate` scored a whole held-out set (hours for LVM-7B) before it found its --out was a file.
+    `error`: the command's own UserError class, which its callers catch."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise UserError(path, f"{option} exists and is not a folder")
-    _check_can_make(path, path, option)
+        raise error(path, f"{option} exists and is not a folder")
+    _check_can_make(path, path, option, error)
     return path
 
 
-def _check_can_make(folder: Path, wanted: Path, option: str) -> None:
+def _check_can_make(folder: Path, wanted: Path, option: str, error: type[UserError] = UserError) -> None:
     """`wanted` (`folder` or a file in it) can be written: the nearest of `folder` and the folders above it that
-    exists is a folder, and writable."""
-    existing = next(place for place in (folder, *folder.absolute().parents) if place.exists())
+    exists (or is a link) is a folder, and writable."""
+    existing = next(place for place in (folder, *folder.absolute().parents) if place.exists() or place.is_symlink())
     rest = wanted.absolute().relative_to(existing.absolute())
+    if not existing.exists():  # mkdir would fail on it after the work
+        made = "" if rest == Path(".") else f", so {rest} cannot be made there"
+        raise error(existing, f"{option}: a link to nothing ({os.readlink(existing)}){made}")
     if not existing.is_dir():  # a file on the way: --out results.json/eval
-        raise UserError(existing, f"{option}: not a folder, so {rest} cannot be made in it")
+        raise error(existing, f"{option}: not a folder, so {rest} cannot be made in it")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(existing, f"{option}: permission denied (cannot write {rest} there)")
+        raise error(existing, f"{option}: permission denied (cannot write {rest} there)")
 
 
 class ShardPatternError(UserError, ValueError):

@@ -390,7 +390,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     """Load, check and score; write report.json, report.md and the plots into --out; return the report."""
-    output_folder(args.out, "--out")
+    output_folder(args.out, "--out", EvaluationError)
     shards = expand_shards(args.sentences)
     # As training does, before any model loads: a build that has not finished or lost shards is refused, and its
     # tokenizer is the one that matters for perplexity (another's tokens score in the hundred thousands, unexplained).
@@ -425,8 +425,9 @@ def run(args: argparse.Namespace) -> dict:
     codebook_size = tok.codebook_size if tok else trained_layout(model)[1]
     sentences, skipped = read_sentences(shards, T, args.max_sentences, codebook_size)
     if not sentences:
-        hint = ("; token shards of lvm.tokenize are not sentences: build sentences from them with python -m "
-                "sentences.build" if f"not [BOS, k x {T} tokens, EOS]" in skipped else "")
+        hint = (f"; sentences are BOS, images of {T} tokens, EOS, as python -m sentences.build makes them from the "
+                "model's tokenizer (token shards of lvm.tokenize are not sentences)"
+                if f"not [BOS, k x {T} tokens, EOS]" in skipped else "")
         raise EvaluationError(args.sentences[0], f"no usable sentences (skipped: {dict(skipped) or 'none'}){hint}")
     video = [s for s in sentences if s.kind == "video"]
     pairs, left_out = {}, {}

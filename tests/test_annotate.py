@@ -27,7 +27,14 @@ from PIL import Image
 from lvm.annotate import AnnotateError
 from lvm.annotate.__main__ import main
 from lvm.annotate.pipeline import Batch, Job, model_roles, source
-from lvm.annotate.render import RELIEF, encode_normals, nearness, normals_from_depth, normals_from_nearness
+from lvm.annotate.render import (
+    RELIEF,
+    encode_normals,
+    fill_depth_holes,
+    nearness,
+    normals_from_depth,
+    normals_from_nearness,
+)
 from lvm.annotate.writer import UnitOutput, is_done
 from lvm.palette import label_palette
 from lvm.tokenize.__main__ import main as tokenize
@@ -574,9 +581,20 @@ def test_nearness_inverts_metric_depth_and_keeps_disparity():
     values = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
     torch.testing.assert_close(nearness(values, metric=True), torch.tensor([[1.0, 3 / 7], [1 / 7, 0.0]]))
     torch.testing.assert_close(nearness(values, metric=False), torch.tensor([[0.0, 1 / 7], [3 / 7, 1.0]]))
-    holes = torch.tensor([[1.0, 2.0], [0.0, 4.0]])  # no estimate at one pixel: farthest, and the rest keeps its range
-    torch.testing.assert_close(nearness(holes, metric=True), torch.tensor([[1.0, 1 / 3], [0.0, 0.0]]))
-    assert nearness(torch.zeros(2, 2), metric=True).eq(0).all()
+
+
+
+def test_places_without_a_depth_estimate_are_farthest_also_after_a_resize():
+    """Planes at 2 m and 4 m with a 2x2 hole of zeros (no estimate), upsampled as `predict` does: the hole smeared into
+    small distances at its edge made them the nearest things, and the near plane came out at 0.07, not 1."""
+    depth = torch.full((1, 8, 8), 4.0)
+    depth[:, :, :4] = 2.0
+    depth[:, 3:5, 6:8] = 0.0
+    for raw, want_near in ((depth, False), (fill_depth_holes(depth), True)):
+        big = nearness(torch.nn.functional.interpolate(raw[None], size=(32, 32), mode="bilinear")[0, 0], metric=True)
+        assert (big[:, :8].mean().item() == pytest.approx(1.0)) == want_near
+    filled = fill_depth_holes(depth)
+    assert filled[0, 3, 6] == 4.0 and torch.equal(filled[depth > 0], depth[depth > 0])
 
 
 

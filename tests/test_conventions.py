@@ -28,7 +28,7 @@ from PIL import Image
 import tokenizer
 from common import files
 from common.errors import UserError, exit_on, leave_stop_signals_to_main
-from common.files import ShardPatternError, expand_shards, pattern_names
+from common.files import ShardPatternError, expand_shards, output_folder, pattern_names
 from common.options import HelpFormatter, default_workers, names_of, usable_cores
 from common.vocab import BOS_ID, EOS_ID
 from lvm.evaluate import main as evaluate_main
@@ -85,19 +85,30 @@ def test_exit_on_prints_user_errors_as_one_line_and_leaves_bugs_alone(capsys) ->
 
 
 def test_ctrl_c_before_a_commands_main_runs_says_interrupted(tmp_path: Path) -> None:
-    """Ctrl-C while a command still imports torch (its first seconds) printed a traceback of import machinery. A
-    package started as a command (`python -m pkg`, whose __init__ imports ours while the module is looked for, as
-    `python -m lvm.prompt` imports lvm) says `interrupted` and dies of SIGINT as Python does; a program that only
-    imports the packages keeps Python's traceback."""
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("import lvm, sentences, tokenizer\n")
-    (tmp_path / "pkg" / "__main__.py").write_text("raise KeyboardInterrupt  # as Ctrl-C during an import does\n")
-    (tmp_path / "program.py").write_text("import lvm, sentences, tokenizer\nraise KeyboardInterrupt\n")
+    """Ctrl-C while a command still imports torch (its first seconds) printed a traceback of import machinery. Here the
+    import of torch raises as Ctrl-C would (a sitecustomize's import hook). One of the project's commands says
+    `interrupted` and dies of SIGINT as Python does; another program that imports the packages, a script or a
+    `python -m` of its own package, keeps Python's traceback."""
+    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
+        import sys
+
+        class CtrlCDuringTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, CtrlCDuringTorch())
+    """))
+    (tmp_path / "mytool").mkdir()
+    (tmp_path / "mytool" / "__init__.py").write_text("import lvm, sentences, tokenizer\n")
+    (tmp_path / "mytool" / "__main__.py").write_text("")
+    (tmp_path / "program.py").write_text("import lvm, sentences, tokenizer\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
-    command = subprocess.run([sys.executable, "-m", "pkg"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert (command.returncode, command.stderr) == (-signal.SIGINT, "interrupted\n")
-    program = subprocess.run([sys.executable, "program.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert program.returncode == -signal.SIGINT and program.stderr.startswith("Traceback")
+    runs = {argv[-1]: subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, capture_output=True, text=True)
+            for argv in (["-m", "lvm.prompt", "--help"], ["-m", "mytool"], ["program.py"])}
+    assert (runs["--help"].returncode, runs["--help"].stderr) == (-signal.SIGINT, "interrupted\n")
+    for other in ("mytool", "program.py"):
+        assert runs[other].returncode == -signal.SIGINT and runs[other].stderr.startswith("Traceback"), other
 
 
 def test_exit_ons_sigterm_handler_raises_only_in_its_own_process() -> None:
@@ -332,6 +343,16 @@ def test_outputs_that_cannot_be_written_are_one_line_before_any_work(tmp_path, t
     with pytest.raises(SystemExit) as exit_info:                     # run as root, which may write anywhere)
         prompt_main(["--frames", "never_read.png", "--out", str(tmp_path / "p.png"), *common])
     assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write p.png there)\n"
+    class CommandError(UserError):
+        """A command's own error class, which callers of its `run` catch."""
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, message in ((tmp_path / "dangling", f"{tmp_path / 'dangling'}: --out: a link to nothing ({tmp_path / 'nowhere'})"),
+                         (tmp_path / "dangling" / "eval", f"{tmp_path / 'dangling'}: --out: a link to nothing "
+                                                          f"({tmp_path / 'nowhere'}), so eval cannot be made there"),
+                         (tmp_path / "a_file", f"{tmp_path / 'a_file'}: --out exists and is not a folder")):
+        with pytest.raises(CommandError, match=f"^{re.escape(message)}$"):
+            output_folder(out, "--out", CommandError)
     with pytest.raises(SystemExit):
         evaluate_main(["--model", "never_read", "--sentences", "never_read", "--out", str(tmp_path / "new" / "eval")])
     assert capsys.readouterr().err == f"error: {tmp_path}: --out: permission denied (cannot write {Path('new', 'eval')} there)\n"

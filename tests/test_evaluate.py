@@ -304,7 +304,8 @@ def test_token_shards_given_as_sentences_are_named_for_what_they_are(tmp_path, m
               str(T), "--out", str(tmp_path / "eval")])
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'photos.tar'}: no usable sentences (skipped: {{'not [BOS, k x {T} tokens, EOS]': 2}}); "
-        "token shards of lvm.tokenize are not sentences: build sentences from them with python -m sentences.build\n")
+        f"sentences are BOS, images of {T} tokens, EOS, as python -m sentences.build makes them from the model's "
+        "tokenizer (token shards of lvm.tokenize are not sentences)\n")
 
 
 @pytest.mark.parametrize("pattern", ["{}/*.tar", "{}/sentences-{{000000..000001}}.tar"])

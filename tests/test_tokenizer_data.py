@@ -13,6 +13,7 @@ import sys
 import tarfile
 import time
 import types
+import unittest.mock
 import warnings
 from pathlib import Path
 
@@ -198,6 +199,11 @@ def test_every_rank_reads_the_first_ranks_listing(tmp_path: Path) -> None:
     data.trainer = types.SimpleNamespace(global_step=0, world_size=2, global_rank=0, strategy=types.SimpleNamespace(
         broadcast=lambda obj, src: obj))  # the first rank lists and sends its own
     assert data.train_dataloader().sampler.total_size == 8
+    sent = []  # a bug in the first rank's listing: it still sends, and the others raise instead of waiting for it
+    data.trainer.strategy = types.SimpleNamespace(broadcast=lambda obj, src: sent.append(obj) or obj)
+    with unittest.mock.patch("tokenizer.data._listing", side_effect=KeyError("boom")), pytest.raises(KeyError):
+        data.train_dataloader()
+    assert str(sent[0][1]) == "the first rank failed to list it: KeyError: 'boom'"
 
 
 def test_training_and_evaluation_list_a_folder_as_tokenize_does(tmp_path: Path, deny_listing) -> None:

@@ -307,12 +307,17 @@ class ImageDataModule(LightningDataModule):
         if self.trainer is None or self.trainer.world_size == 1:
             return listing()
         outcome: tuple[T | None, UserError | None] = (None, None)
+        failure: Exception | None = None
         if self.trainer.global_rank == 0:
             try:
                 outcome = (listing(), None)
-            except UserError as err:  # raised on every rank, not on the first alone while the others wait
-                outcome = (None, err)
+            except Exception as err:  # raised on every rank, not on the first alone while the others wait for it
+                failure = err
+                outcome = (None, err if isinstance(err, UserError) else UserError(f"the first rank failed to list it: "
+                                                                                   f"{type(err).__name__}: {err}"))
         result, error = self.trainer.strategy.broadcast(outcome, src=0)
+        if failure is not None:
+            raise failure  # the first rank's own error, with its traceback where it is a bug
         if error is not None:
             raise error
         return result

@@ -24,7 +24,7 @@ from torch import Tensor
 
 import weights
 from lvm.annotate import AnnotateError
-from lvm.annotate.render import nearness
+from lvm.annotate.render import fill_depth_holes, nearness
 from weights import module_digest
 
 Role = Literal["depth", "normals", "segmentation"]
@@ -161,6 +161,8 @@ def predict(model: Model, pixel_values: Tensor, sizes: list[tuple[int, int]]) ->
         results = post(outputs, target_sizes=sizes, **extra)
         return [F.normalize(r["normals"].float(), dim=0) for r in results]
     metric = is_metric(model.model.config, model.name)
+    if metric:
+        outputs.predicted_depth = fill_depth_holes(outputs.predicted_depth)
     post = getattr(model.processor, "post_process_depth_estimation", None)
     if post is not None and "source_sizes" in inspect.signature(post).parameters:
         # Processors that pad (ZoeDepth's reflect padding) crop it only when told the size they were given.

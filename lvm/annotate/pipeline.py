@@ -215,7 +215,7 @@ def _check(job: Job) -> None:
         raise AnnotateError(f"--tasks: {error}") from None
     if job.batch_size < 1 or job.workers < 0 or job.max_size < 0:
         raise AnnotateError("--batch-size must be at least 1, --workers and --max-size at least 0")
-    output_folder(job.out, "--out")
+    output_folder(job.out, "--out", AnnotateError)
 
 
 def _units(job: Job, prefix: str) -> list[Unit]:

@@ -55,18 +55,23 @@ def nearness(depth: Tensor, metric: bool) -> Tensor:
     """A depth model's output [H, W] -> nearness in [0, 1] (1 = closest), normalised per image (min -> 0, max -> 1).
 
     Relative models (Depth Anything, DPT) predict inverse depth (disparity) up to scale and shift, which
-    is already nearness; metric models predict distance, which is inverted first, and a distance of 0 or less (no
-    estimate: sky, an invalid pixel) is farthest, 0, and left out of the range (1 / 1e-6 made the rest of the map
-    flat black). A constant map gives 0.
+    is already nearness; metric models predict distance, which is inverted first. A constant map gives 0.
     """
     depth = depth.float()
-    valid = depth > 0 if metric else torch.ones_like(depth, dtype=torch.bool)
     if metric:
-        depth = 1.0 / depth.where(valid, 1.0)
-    if not valid.any():
-        return torch.zeros_like(depth)
-    low, high = depth[valid].min(), depth[valid].max()
-    return ((depth - low) / (high - low).clamp_min(1e-12)).where(valid, 0.0)
+        depth = 1.0 / depth.clamp_min(1e-6)
+    low, high = depth.min(), depth.max()
+    return (depth - low) / (high - low).clamp_min(1e-12)
+
+
+def fill_depth_holes(depth: Tensor) -> Tensor:
+    """A metric model's distances [B, ..., H, W] with each image's places of no estimate (0 or less: sky, an invalid
+    pixel) set to its farthest distance, at the model's own resolution, before any resize: 1 / 1e-6 made the rest of
+    the map flat black in `nearness`, and a bilinear resize first smears the zeros into small distances at a hole's
+    edge, which would pass for the nearest things in view."""
+    flat = depth.flatten(1)
+    farthest = flat.amax(1).clamp_min(0).view(-1, *[1] * (depth.dim() - 1))
+    return depth.where(depth > 0, farthest)
 
 
 def normals_from_depth(depth: Tensor) -> Tensor:

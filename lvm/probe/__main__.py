@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
     if spec := spec_holding(args.out, [*args.train, *args.val]):
         raise ProbeError(args.out, f"--out is inside the input folder {spec}; a rerun would read its plot as an image "
                                    "of a new class: choose an --out outside the inputs")
-    output_folder(args.out, "--out")
+    output_folder(args.out, "--out", ProbeError)
     settings = heads.Training(epochs=args.epochs, lr=args.lr, seed=args.seed)
     device = torch.device(args.device)
     tok = tokenizer.load(args.tokenizer, device=device)
